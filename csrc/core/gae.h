@@ -1,0 +1,53 @@
+// Generalised advantage estimation over one row, in reverse time order.
+//
+// Carry-through masking (verl semantics): a position with mask 0 is skipped,
+// it neither bootstraps nor resets the running advantage; its output repeats
+// the advantage of the next valid position.  Selection (not multiplication by
+// the mask) keeps NaN or junk in skipped slots out of valid outputs.
+// done[t] = 1 ends an episode after step t: nothing after t flows into t.
+#pragma once
+#include "common.h"
+
+namespace rlk {
+
+template <typename in_t, typename out_t, typename acc = acc_t<in_t>>
+RLK_INLINE void gae_row(const in_t* rewards, const in_t* values,
+                        const uint8_t* mask, const uint8_t* dones,
+                        acc last_value, int64_t T, acc gamma, acc lam,
+                        out_t* advantages, out_t* returns) {
+  acc next_value = last_value;
+  acc carry = acc(0);
+  const acc gl = gamma * lam;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const acc r = cast<acc>(rewards[t]);
+    const acc v = cast<acc>(values[t]);
+    if (dones != nullptr && dones[t]) {
+      next_value = acc(0);
+      carry = acc(0);
+    }
+    const acc delta = r + gamma * next_value - v;
+    const acc a = delta + gl * carry;
+    const bool valid = mask == nullptr || mask[t] != 0;
+    next_value = valid ? v : next_value;
+    carry = valid ? a : carry;
+    advantages[t] = cast<out_t>(carry);
+    returns[t] = cast<out_t>(carry + v);
+  }
+}
+
+// Discounted reward-to-go with the same carry-through mask rule.
+template <typename in_t, typename out_t, typename acc = acc_t<in_t>>
+RLK_INLINE void discounted_returns_row(const in_t* rewards, const uint8_t* mask,
+                                       const uint8_t* dones, int64_t T,
+                                       acc gamma, out_t* returns) {
+  acc carry = acc(0);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    if (dones != nullptr && dones[t]) carry = acc(0);
+    const acc g = cast<acc>(rewards[t]) + gamma * carry;
+    const bool valid = mask == nullptr || mask[t] != 0;
+    carry = valid ? g : carry;
+    returns[t] = cast<out_t>(carry);
+  }
+}
+
+}  // namespace rlk

@@ -1,0 +1,83 @@
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include "../core/gae.h"
+#include "../torch_common.h"
+
+namespace rlk {
+namespace {
+
+// Keep small problems on one thread: splitting sub-millisecond work across
+// cores costs more in wake-ups than it saves.
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(T, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const c10::optional<at::Tensor>& mask,
+                                           const c10::optional<at::Tensor>& dones,
+                                           const c10::optional<at::Tensor>& last_values,
+                                           double gamma, double lam) {
+  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  check_rows(rewards, "rewards", B, T);
+  check_rows(values, "values", B, T);
+  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "values must have the dtype of rewards");
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  const uint8_t* dones_p = optional_bool_ptr(dones, "dones", B, T);
+  const auto out_dtype = out_dtype_for(rewards.scalar_type());
+  if (last_values.has_value()) {
+    TORCH_CHECK(last_values->dim() == 1 && last_values->size(0) == B && last_values->is_contiguous(),
+                "last_values must be a contiguous [B] tensor");
+    TORCH_CHECK(last_values->scalar_type() == out_dtype, "last_values must be ", out_dtype);
+  }
+  auto advantages = at::empty({B, T}, rewards.options().dtype(out_dtype));
+  auto returns = at::empty({B, T}, rewards.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "gae_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    const acc* lv = last_values.has_value() ? last_values->data_ptr<acc>() : nullptr;
+    acc* adv = advantages.data_ptr<acc>();
+    acc* ret = returns.data_ptr<acc>();
+    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t o = b * T;
+        gae_row<scalar_t, acc>(r + o, v + o, mask_p ? mask_p + o : nullptr,
+                               dones_p ? dones_p + o : nullptr, lv ? lv[b] : acc(0), T,
+                               acc(gamma), acc(lam), adv + o, ret + o);
+      }
+    });
+  });
+  return {advantages, returns};
+}
+
+at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const c10::optional<at::Tensor>& mask,
+                                  const c10::optional<at::Tensor>& dones, double gamma) {
+  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  check_rows(rewards, "rewards", B, T);
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  const uint8_t* dones_p = optional_bool_ptr(dones, "dones", B, T);
+  auto returns = at::empty({B, T}, rewards.options().dtype(out_dtype_for(rewards.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "discounted_returns_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    acc* ret = returns.data_ptr<acc>();
+    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t o = b * T;
+        discounted_returns_row<scalar_t, acc>(r + o, mask_p ? mask_p + o : nullptr,
+                                              dones_p ? dones_p + o : nullptr, T, acc(gamma), ret + o);
+      }
+    });
+  });
+  return returns;
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("gae", &rlk::gae_cpu);
+  m.impl("discounted_returns", &rlk::discounted_returns_cpu);
+}

@@ -1,0 +1,56 @@
+"""Backend choice shared by every op: "auto" | "cpu" | "cuda" | "triton" | "reference"."""
+from __future__ import annotations
+
+import torch
+
+from ._library import has_compiled, triton_interpreting, triton_status
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+
+def resolve(op: str, backend: str, device: torch.device, *, auto_cuda: tuple[str, ...] = ("cuda", "triton"),
+            available: tuple[str, ...] = ("cpu", "cuda", "triton", "reference")) -> str:
+    """Returns the backend that runs `op` on `device`, or raises ValueError saying why
+    the requested one cannot.  `auto_cuda` is the op's preference order on GPUs (the
+    faster first); `available` lists the backends the op implements."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if "cpu" in available and has_compiled("cpu") else "reference"
+        if device.type == "cuda":
+            for candidate in auto_cuda:
+                if candidate in available and _usable(candidate, device) is None:
+                    return candidate
+        return "reference"
+    if backend not in available:
+        raise ValueError(f"{op}: backend={backend!r} is not implemented for this op; available: {available}")
+    why = _usable(backend, device)
+    if why is not None:
+        raise ValueError(f"{op}: backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+def _usable(backend: str, device: torch.device) -> str | None:
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"it needs CPU tensors, the inputs are on {device}"
+        return None if has_compiled("cpu") else "rlkernels._C is not built"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"it needs CUDA tensors, the inputs are on {device}"
+        if not has_compiled("cuda"):
+            return "this build of rlkernels has no CUDA kernels (torch without CUDA or RLKERNELS_CUDA=0 at build time)"
+        return None
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return why
+        if device.type == "cpu" and not triton_interpreting():
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton does not support device {device}"
+        return None
+    return f"unknown backend {backend!r}"

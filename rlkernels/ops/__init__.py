@@ -1,0 +1,6 @@
+"""One public function per op; each validates its arguments, picks a backend and
+registers the fake kernel (and autograd where the op has a gradient)."""
+from .discounted_returns import discounted_returns
+from .gae import gae
+
+__all__ = ["gae", "discounted_returns"]

@@ -1,0 +1,55 @@
+"""rlkernels.gae: generalised advantage estimation (Schulman et al., 2016) with
+verl's carry-through masking and episode boundaries."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _validate as V, reference
+from ._rollout import out_dtype, rollout
+
+_OP = "gae"
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *,
+        dones: torch.Tensor | None = None, last_values: torch.Tensor | None = None,
+        gamma: float = 1.0, lam: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns for rollouts `[B, T]`.
+
+    For t = T-1 .. 0, starting from next_value = last_values (or 0) and carry = 0::
+
+        delta = r_t + gamma * next_value - v_t
+        a     = delta + gamma * lam * carry
+        next_value = v_t if mask_t else next_value
+        carry      = a   if mask_t else carry
+        advantages_t = carry;  returns_t = advantages_t + v_t
+
+    mask: 1 where the policy acted (a response token), 0 for padding or observation
+    tokens in multi-turn rollouts; masked steps pass the running values through, and
+    NaN or junk in them never reaches valid outputs.  dones[b, t] = 1 ends an episode
+    after step t (no bootstrap, no carry across).  last_values `[B]` bootstraps
+    truncated rows.  Accumulates in float32 (float64 input stays float64); outputs
+    are float32 (float64).  Advantages are constants: no gradient flows.
+    """
+    rewards, values, mask, dones, gamma, lam, device = rollout(
+        _OP, rewards, mask, dones, values=values, gamma=gamma, lam=lam)
+    if last_values is not None:
+        V.float_tensor(_OP, "last_values", last_values, ndim=1)
+        if last_values.shape[0] != rewards.shape[0]:
+            raise ValueError(f"{_OP}: last_values must have shape [{rewards.shape[0]}], got {tuple(last_values.shape)}")
+        if last_values.device != device:
+            raise ValueError(f"{_OP}: last_values is on {last_values.device} but rewards is on {device}")
+        last_values = last_values.to(out_dtype(rewards.dtype)).contiguous()
+    chosen = _backend.resolve(_OP, backend, device)
+    with torch.no_grad():
+        if chosen == "reference":
+            return reference.gae(rewards, values, mask, dones=dones, last_values=last_values, gamma=gamma, lam=lam)
+        fn = torch.ops.rlkernels.gae_triton if chosen == "triton" else torch.ops.rlkernels.gae
+        return fn(rewards, values, mask, dones, last_values, gamma, lam)
+
+
+@torch.library.register_fake("rlkernels::gae")
+def _gae_fake(rewards, values, mask, dones, last_values, gamma, lam):
+    torch._check(rewards.dim() == 2, lambda: "rewards must be [B, T]")
+    torch._check(values.shape == rewards.shape, lambda: "values must match rewards")
+    dtype = out_dtype(rewards.dtype)
+    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)

@@ -1,0 +1,5 @@
+"""Pure-PyTorch definitions of every rlkernels op: the truth that tests and
+benchmarks compare against, and the `backend="reference"` path."""
+from .advantages import discounted_returns, gae
+
+__all__ = ["gae", "discounted_returns"]

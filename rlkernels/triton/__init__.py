@@ -1,0 +1,4 @@
+"""Triton kernels, each registered as its own op (rlkernels::<op>_triton).
+Imported by rlkernels when triton is importable; on CPU tensors they run under
+TRITON_INTERPRET=1 (how CI checks them)."""
+from . import gae  # noqa: F401

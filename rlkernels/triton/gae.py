@@ -1,0 +1,129 @@
+"""GAE and discounted returns in Triton: a block of rows per program, the rows in
+the lanes, a reverse loop over time.  Registered with torch.library.custom_op (an
+opaque op with a fake kernel) so it behaves the same under the interpreter."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, register_fake
+
+
+@triton.jit
+def _gae_kernel(r_ptr, v_ptr, m_ptr, d_ptr, lv_ptr, adv_ptr, ret_ptr, B, T, coef_ptr,
+                HAS_MASK: tl.constexpr, HAS_DONES: tl.constexpr, HAS_LAST: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = rows < B
+    base = rows.to(tl.int64) * T
+    if HAS_LAST:
+        next_value = tl.load(lv_ptr + rows, mask=live, other=0.0).to(ACC)
+    else:
+        next_value = tl.zeros([BLOCK_B], dtype=ACC)
+    carry = tl.zeros([BLOCK_B], dtype=ACC)
+    gamma = tl.load(coef_ptr)
+    gl = gamma * tl.load(coef_ptr + 1)
+    for i in range(0, T):
+        t = T - 1 - i
+        r = tl.load(r_ptr + base + t, mask=live, other=0.0).to(ACC)
+        v = tl.load(v_ptr + base + t, mask=live, other=0.0).to(ACC)
+        if HAS_DONES:
+            done = tl.load(d_ptr + base + t, mask=live, other=0) != 0
+            next_value = tl.where(done, 0.0, next_value).to(ACC)
+            carry = tl.where(done, 0.0, carry).to(ACC)
+        a = r + gamma * next_value - v + gl * carry
+        if HAS_MASK:
+            valid = tl.load(m_ptr + base + t, mask=live, other=0) != 0
+            next_value = tl.where(valid, v, next_value)
+            carry = tl.where(valid, a, carry)
+        else:
+            next_value = v
+            carry = a
+        tl.store(adv_ptr + base + t, carry, mask=live)
+        tl.store(ret_ptr + base + t, carry + v, mask=live)
+
+
+@triton.jit
+def _returns_kernel(r_ptr, m_ptr, d_ptr, ret_ptr, B, T, coef_ptr,
+                    HAS_MASK: tl.constexpr, HAS_DONES: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_B: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = rows < B
+    base = rows.to(tl.int64) * T
+    carry = tl.zeros([BLOCK_B], dtype=ACC)
+    gamma = tl.load(coef_ptr)
+    for i in range(0, T):
+        t = T - 1 - i
+        r = tl.load(r_ptr + base + t, mask=live, other=0.0).to(ACC)
+        if HAS_DONES:
+            done = tl.load(d_ptr + base + t, mask=live, other=0) != 0
+            carry = tl.where(done, 0.0, carry).to(ACC)
+        g = r + gamma * carry
+        if HAS_MASK:
+            valid = tl.load(m_ptr + base + t, mask=live, other=0) != 0
+            carry = tl.where(valid, g, carry)
+        else:
+            carry = g
+        tl.store(ret_ptr + base + t, carry, mask=live)
+
+
+def _coefficients(device, dtype, *values):
+    # Scalars travel in a tensor of the accumulation dtype: Triton would round a
+    # float argument to float32, which a float64 computation must not see.
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _acc(dtype: torch.dtype):
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _bytes(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # Bool tensors go to the kernel as uint8 (same storage); absent ones as a dummy.
+    return like if t is None else t.view(torch.uint8)
+
+
+_BLOCK_B = 32
+
+
+@custom_op("rlkernels::gae_triton", mutates_args=())
+def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               dones: torch.Tensor | None, last_values: torch.Tensor | None, gamma: float,
+               lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T = rewards.shape
+    out_dtype, acc = _acc(rewards.dtype)
+    advantages = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
+    returns = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
+    if B > 0 and T > 0:
+        grid = (triton.cdiv(B, _BLOCK_B),)
+        _gae_kernel[grid](
+            rewards, values, _bytes(mask, rewards), _bytes(dones, rewards),
+            last_values if last_values is not None else advantages, advantages, returns, B, T,
+            _coefficients(rewards.device, out_dtype, gamma, lam), HAS_MASK=mask is not None, HAS_DONES=dones is not None,
+            HAS_LAST=last_values is not None, ACC=acc, BLOCK_B=_BLOCK_B)
+    return advantages, returns
+
+
+@custom_op("rlkernels::discounted_returns_triton", mutates_args=())
+def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
+                              dones: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    B, T = rewards.shape
+    out_dtype, acc = _acc(rewards.dtype)
+    returns = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
+    if B > 0 and T > 0:
+        grid = (triton.cdiv(B, _BLOCK_B),)
+        _returns_kernel[grid](
+            rewards, _bytes(mask, rewards), _bytes(dones, rewards), returns, B, T,
+            _coefficients(rewards.device, out_dtype, gamma),
+            HAS_MASK=mask is not None, HAS_DONES=dones is not None, ACC=acc, BLOCK_B=_BLOCK_B)
+    return returns
+
+
+@register_fake("rlkernels::gae_triton")
+def _gae_triton_fake(rewards, values, mask, dones, last_values, gamma, lam):
+    dtype = _acc(rewards.dtype)[0]
+    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
+
+
+@register_fake("rlkernels::discounted_returns_triton")
+def _returns_triton_fake(rewards, mask, dones, gamma):
+    return rewards.new_empty(rewards.shape, dtype=_acc(rewards.dtype)[0])

@@ -1,0 +1,63 @@
+"""Builds rlkernels._C: the C++ CPU kernels always, the CUDA kernels when torch
+has CUDA and a CUDA toolkit is found (RLKERNELS_CUDA=0|1|auto).
+
+Build with `pip install --no-build-isolation .` so the installed torch is used.
+Set RLKERNELS_NATIVE=1 to add -march=native for a local, non-portable build.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    mode = os.environ.get("RLKERNELS_CUDA", "auto").lower()
+    if mode not in ("0", "1", "auto"):
+        raise RuntimeError(f"RLKERNELS_CUDA must be 0, 1 or auto, got {mode!r}")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if mode == "1" and not available:
+        raise RuntimeError(
+            "RLKERNELS_CUDA=1 but this torch has no CUDA (torch.version.cuda="
+            f"{torch.version.cuda!r}) or no CUDA toolkit was found (CUDA_HOME={CUDA_HOME!r})"
+        )
+    return mode != "0" and available
+
+
+def _extension():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    use_cuda = _want_cuda()
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    if os.environ.get("RLKERNELS_NATIVE") == "1":
+        cxx.append("-march=native")
+    extra = {"cxx": cxx}
+    macros = []
+    if use_cuda:
+        # With no GPU visible torch would guess the arch list; pin a default.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        macros += [("RLK_WITH_CUDA", None), ("RLK_CUDA_ARCHS", f'"{archs}"')]
+        return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros)
+    return CppExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros)
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": _build_ext()})
