@@ -5,6 +5,8 @@ Every op is one function with backend="auto" | "cpu" | "cuda" | "triton" |
 from __future__ import annotations
 
 from . import _library
+
+_library.require_compiled()
 from ._backend import BACKENDS
 
 HAS_TRITON, _TRITON_WHY = _library.triton_status()
