@@ -2,5 +2,7 @@
 registers the fake kernel (and autograd where the op has a gradient)."""
 from .discounted_returns import discounted_returns
 from .gae import gae
+from .group_advantages import group_advantages
+from .masked import masked_mean, masked_whiten
 
-__all__ = ["gae", "discounted_returns"]
+__all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
