@@ -4,7 +4,8 @@
 - A word-level tokenizer over a ~70-word review language (`build_tokenizer`).
 - A tiny GPT-2 built from a config (`build_model`), optionally warmed up on grammatical
   reviews of random sentiment (`pretrain`), so RL starts from a fluent "base model".
-- Prompts that ask for a positive or a negative review of a subject (`sample_prompts`).
+- Prompts that ask for a review of a subject (`sample_prompts`): positive by default,
+  optionally a fraction asking for a negative one.
 - A rule-based reward (`sentiment_score`): +1/2 per sentiment word of the requested
   polarity, -1/2 per word of the opposite one, clipped to [-1, 1].  A base model that
   ignores the request scores about 0; one that follows it scores up to 1.
@@ -70,13 +71,16 @@ def build_model(config=None, *, seed: int = 0):
 
 
 # ---------------------------------------------------------------- the language
-def sample_prompt(rng: random.Random) -> str:
-    mood = rng.choice(("positive", "negative"))
+def sample_prompt(rng: random.Random, negative_fraction: float = 0.0) -> str:
+    """'write a positive review of the movie :'; a `negative_fraction` of the prompts ask
+    for a negative review instead (a harder, prompt-conditional task: a 2-layer model
+    needs far more than a few CPU minutes of RL to learn it, so the default is 0)."""
+    mood = "negative" if negative_fraction > 0 and rng.random() < negative_fraction else "positive"
     return f"write a {mood} review of the {rng.choice(SUBJECTS)} :"
 
 
-def sample_prompts(n: int, rng: random.Random) -> list[str]:
-    return [sample_prompt(rng) for _ in range(n)]
+def sample_prompts(n: int, rng: random.Random, negative_fraction: float = 0.0) -> list[str]:
+    return [sample_prompt(rng, negative_fraction) for _ in range(n)]
 
 
 def sample_clause(rng: random.Random, polarity: int | None = None) -> list[str]:
@@ -127,10 +131,10 @@ def score_batch(prompts: Sequence[str], responses: Sequence[str]) -> list[float]
 def sft_corpus(n: int, rng: random.Random) -> list[tuple[str, str]]:
     """(prompt, review) pairs whose sentiment ignores the prompt: a fluent base model
     that has not yet learnt to follow the request."""
-    return [(sample_prompt(rng), sample_review(rng)) for _ in range(n)]
+    return [(sample_prompt(rng, 0.5), sample_review(rng)) for _ in range(n)]
 
 
-def preference_pairs(n: int, *, seed: int = 0, noise: float = 0.0) -> list[dict]:
+def preference_pairs(n: int, *, seed: int = 0, noise: float = 0.0, negative_fraction: float = 0.0) -> list[dict]:
     """n {prompt, chosen, rejected} dicts from the simulated annotator.  Two reviews
     are drawn for a prompt; with noise = 0 the one the rule scores higher is chosen
     (ties are redrawn); with noise > 0 the annotator follows Bradley-Terry,
@@ -138,7 +142,7 @@ def preference_pairs(n: int, *, seed: int = 0, noise: float = 0.0) -> list[dict]
     rng = random.Random(seed)
     pairs = []
     while len(pairs) < n:
-        prompt = sample_prompt(rng)
+        prompt = sample_prompt(rng, negative_fraction)
         first, second = sample_review(rng), sample_review(rng)
         s1, s2 = sentiment_score(prompt, first), sentiment_score(prompt, second)
         if s1 == s2:
