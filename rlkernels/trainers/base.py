@@ -56,8 +56,26 @@ def resolve_device(name: str) -> torch.device:
 
 def _scalar(value):
     if isinstance(value, torch.Tensor):
+        value = value.detach()
         return value.item() if value.numel() == 1 else value.tolist()
     return value
+
+
+def stat(stats, key: str):
+    """A scalar from an op's stats (a dict or a named tuple), or None when absent."""
+    if stats is None:
+        return None
+    value = stats.get(key) if isinstance(stats, dict) else getattr(stats, key, None)
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        return None
+    return value
+
+
+def accumulate(sums: dict, values: dict) -> None:
+    """Adds scalar metrics (tensors or numbers; None skipped) into running sums."""
+    for key, value in values.items():
+        if value is not None:
+            sums[key] = sums.get(key, 0.0) + float(_scalar(value))
 
 
 class Trainer:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import TrainConfig, Trainer
+from .base import TrainConfig, Trainer, accumulate, stat
 from .config import ConfigError
 from .envs import make_env
 
@@ -179,11 +179,8 @@ class PPOTrainer(Trainer):
                 self.optimizer.step()
                 self.after_optimizer_step()
                 updates += 1
-                for key, value in (("loss", loss), ("pg_loss", pg_loss), ("vf_loss", vf_loss),
-                                   ("entropy", entropy_mean), ("kl", _get(pg_stats, "approx_kl")),
-                                   ("clipfrac", _get(pg_stats, "clipfrac"))):
-                    if value is not None:
-                        sums[key] = sums.get(key, 0.0) + float(value)
+                accumulate(sums, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": entropy_mean,
+                                  "kl": stat(pg_stats, "approx_kl"), "clipfrac": stat(pg_stats, "clipfrac")})
         metrics = {k: v / updates for k, v in sums.items()}
         recent = list(self.recent_returns)
         # reward: mean return of the episodes that ended in this rollout (the last
@@ -214,9 +211,3 @@ class PPOTrainer(Trainer):
             obs, _, _, finished = env.step(action.to(self.device))
             returns.extend(finished.tolist())
         return sum(returns[:episodes]) / episodes
-
-
-def _get(stats, key):
-    if isinstance(stats, dict):
-        return stats.get(key)
-    return getattr(stats, key, None)

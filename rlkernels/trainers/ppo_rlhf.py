@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import TrainConfig, Trainer
+from .base import TrainConfig, Trainer, accumulate, stat
 from .config import ConfigError
 from .data import Prompts
 from .lm import ModelConfig, RuleScorer, build_lm, freeze, hidden_size, rollout_forward, sample
@@ -173,24 +173,8 @@ class PPORLHFTrainer(Trainer):
                     list(self.policy.parameters()) + list(self.value_head.parameters()), cfg.max_grad_norm)
                 self.optimizer.step()
                 updates += 1
-                for key, value in (("loss", loss), ("pg_loss", pg_loss), ("vf_loss", vf_loss),
-                                   ("entropy", entropy_mean), ("grad_norm", grad_norm),
-                                   ("clipfrac", _stat(pg_stats, "clipfrac")),
-                                   ("approx_kl", _stat(pg_stats, "approx_kl")),
-                                   ("vf_clipfrac", _stat(vf_stats, "clipfrac"))):
-                    if value is not None:
-                        sums[key] = sums.get(key, 0.0) + float(value)
+                accumulate(sums, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": entropy_mean,
+                                  "grad_norm": grad_norm, "clipfrac": stat(pg_stats, "clipfrac"),
+                                  "approx_kl": stat(pg_stats, "approx_kl"), "vf_clipfrac": stat(vf_stats, "clipfrac")})
         return {**stats, **{k: v / updates for k, v in sums.items()}}
 
-
-def _stat(stats, key: str):
-    """A scalar from an op's stats (a dict or a named tuple), or None when absent."""
-    if stats is None:
-        return None
-    if isinstance(stats, dict):
-        value = stats.get(key)
-    else:
-        value = getattr(stats, key, None)
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
-        return None
-    return value

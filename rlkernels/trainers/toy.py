@@ -180,7 +180,7 @@ def pretrain(model, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
