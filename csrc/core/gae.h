@@ -37,10 +37,11 @@ RLK_INLINE void gae_row(const in_t* rewards, const in_t* values,
 // The same recurrence over R rows at once (row stride `stride`): R independent
 // dependency chains keep the core busy where one row would wait on each
 // multiply-add.  Used by the CPU kernel; results are identical to gae_row.
-template <int R, typename in_t, typename out_t, typename acc = acc_t<in_t>>
-inline void gae_rows(const in_t* rewards, const in_t* values, const uint8_t* mask, const uint8_t* dones,
+template <int R, bool kMask, bool kDones, typename in_t, typename out_t, typename acc = acc_t<in_t>>
+inline void gae_rows(const in_t* __restrict__ rewards, const in_t* __restrict__ values,
+                     const uint8_t* __restrict__ mask, const uint8_t* __restrict__ dones,
                      const acc* last_values, int64_t T, int64_t stride, acc gamma, acc lam,
-                     out_t* advantages, out_t* returns) {
+                     out_t* __restrict__ advantages, out_t* __restrict__ returns) {
   acc next_value[R], carry[R];
   for (int r = 0; r < R; ++r) {
     next_value[r] = last_values ? last_values[r] : acc(0);
@@ -55,18 +56,25 @@ inline void gae_rows(const in_t* rewards, const in_t* values, const uint8_t* mas
         __builtin_prefetch(values + r * stride + t - kAhead);
       }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int64_t o = r * stride + t;
       const acc rw = cast<acc>(rewards[o]);
       const acc v = cast<acc>(values[o]);
-      if (dones != nullptr && dones[o]) {
-        next_value[r] = acc(0);
-        carry[r] = acc(0);
+      if (kDones) {
+        const bool done = dones[o] != 0;
+        next_value[r] = done ? acc(0) : next_value[r];
+        carry[r] = done ? acc(0) : carry[r];
       }
       const acc a = rw + gamma * next_value[r] - v + gl * carry[r];
-      const bool valid = mask == nullptr || mask[o] != 0;
-      next_value[r] = valid ? v : next_value[r];
-      carry[r] = valid ? a : carry[r];
+      if (kMask) {
+        const bool valid = mask[o] != 0;
+        next_value[r] = valid ? v : next_value[r];
+        carry[r] = valid ? a : carry[r];
+      } else {
+        next_value[r] = v;
+        carry[r] = a;
+      }
       advantages[o] = cast<out_t>(carry[r]);
       returns[o] = cast<out_t>(carry[r] + v);
     }

@@ -46,9 +46,18 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
         const int64_t b = blk * R;
         const int64_t o = b * T;
         if (b + R <= B) {
-          gae_rows<R, scalar_t, acc>(r + o, v + o, mask_p ? mask_p + o : nullptr,
-                                     dones_p ? dones_p + o : nullptr, lv ? lv + b : nullptr, T, T,
-                                     acc(gamma), acc(lam), adv + o, ret + o);
+          const uint8_t* m = mask_p ? mask_p + o : nullptr;
+          const uint8_t* d = dones_p ? dones_p + o : nullptr;
+          const acc* l = lv ? lv + b : nullptr;
+          // Branch-free inner loops for each combination of optional inputs.
+          if (m && d)
+            gae_rows<R, true, true, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
+          else if (m)
+            gae_rows<R, true, false, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
+          else if (d)
+            gae_rows<R, false, true, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
+          else
+            gae_rows<R, false, false, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
           continue;
         }
         for (int64_t row = b; row < B; ++row) {
