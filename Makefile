@@ -23,7 +23,7 @@ $(STAMP): $(VENV)/bin/python $(SOURCES)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m rlkernels demo
+	$(PY) -m benchmarks --quick --ops advantages
 
 bench: $(STAMP)
 	$(PY) -m rlkernels bench --quick

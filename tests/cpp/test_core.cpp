@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "../../csrc/core/gae.h"
+#include "../../csrc/core/group_advantages.h"
+#include "../../csrc/core/masked_stats.h"
 
 namespace {
 
@@ -65,9 +67,37 @@ void test_dones_cut_the_episode() {
   for (int i = 0; i < 4; ++i) expect_near(out[i], want[i], 1e-15, "returns with dones", i);
 }
 
+void test_group_advantage_formulas() {
+  // Group {1, 2, 4}: mean 7/3, unbiased std sqrt(7/3).
+  const double mean = 7.0 / 3.0, std = std::sqrt(7.0 / 3.0);
+  expect_near(rlk::group_advantage<double>(1.0, mean, std, 0.0, 3, rlk::kBaselineMean, rlk::kScaleGroup, 0.0),
+              (1.0 - mean) / std, 1e-14, "grpo", 0);
+  expect_near(rlk::group_advantage<double>(1.0, mean, std, 0.0, 3, rlk::kBaselineLeaveOneOut, rlk::kScaleNone, 0.0),
+              1.0 - (2.0 + 4.0) / 2.0, 1e-14, "rloo", 0);
+  expect_near(rlk::group_advantage<double>(5.0, 5.0, 0.0, 0.0, 1, rlk::kBaselineMean, rlk::kScaleGroup, 1e-6),
+              0.0, 0.0, "group of one", 0);
+  expect_near(rlk::unbiased_std<double>(14.0 / 3.0, 3), std, 1e-14, "unbiased std", 0);
+}
+
+void test_masked_stats_skip_nan() {
+  const float nan = std::nanf("");
+  std::vector<float> x = {1, nan, 3, nan, 5};
+  std::vector<uint8_t> mask = {1, 0, 1, 0, 1};
+  const auto sums = rlk::masked_sums<float, float>(x.data(), mask.data(), 5);
+  expect_near(sums.sum, 9.0, 0.0, "masked sum", 0);
+  expect_near(double(sums.count), 3.0, 0.0, "masked count", 0);
+  const float sq = rlk::masked_sq_dev<float, float>(x.data(), mask.data(), 5, 3.0f);
+  expect_near(sq, 8.0, 0.0, "masked squared deviations", 0);
+  const auto c = rlk::whiten_coefficients<float>(3.0f, sq, 3, true, 0.0f);
+  expect_near(rlk::whiten_value<float>(5.0f, true, c), 1.0, 1e-6, "whitened", 0);
+  expect_near(rlk::whiten_value<float>(nan, false, c), 0.0, 0.0, "masked whitened", 0);
+}
+
 }  // namespace
 
 int main() {
+  test_group_advantage_formulas();
+  test_masked_stats_skip_nan();
   test_gae_matches_definition();
   test_gae_mask_selects();
   test_dones_cut_the_episode();
