@@ -71,6 +71,12 @@ def stat(stats, key: str):
     return value
 
 
+def clip_fraction(stats):
+    """Share of tokens where the PPO clip binds (upper + lower side), from ppo_loss stats."""
+    parts = [stat(stats, k) for k in ("clip_frac_upper", "clip_frac_lower")]
+    return None if any(p is None for p in parts) else parts[0] + parts[1]
+
+
 def accumulate(sums: dict, values: dict) -> None:
     """Adds scalar metrics (tensors or numbers; None skipped) into running sums."""
     for key, value in values.items():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import TrainConfig, Trainer, accumulate, stat
+from .base import TrainConfig, Trainer, accumulate, clip_fraction, stat
 from .config import ConfigError
 from .data import Prompts
 from .lm import ModelConfig, freeze, rollout_forward, sample
@@ -59,7 +59,7 @@ class GRPOConfig(TrainConfig):
             raise ConfigError("minibatch_size", f"minibatch_size={self.minibatch_size} must divide "
                                                 f"prompts_per_step * group_size = {samples}")
         self._one_of("loss_type", LOSS_TYPES)
-        self._one_of("kl", ("k1", "k2", "mse", "k3", "low_var_kl", "abs"))
+        self._one_of("kl", ("k1", "k2", "k3"))
         self._one_of("baseline", ("mean", "loo"))
         self._one_of("scale", ("group", "batch", "none"))
 
@@ -99,9 +99,9 @@ class GRPOTrainer(Trainer):
         scores = self.scorer(rollout.prompts, rollout.responses).to(self.device).float()
         advantages, all_equal = ops.group_advantages(scores, cfg.group_size, baseline=cfg.baseline, scale=cfg.scale)
         N = len(prompts)
-        single_pass = cfg.iterations == 1 and cfg.minibatch_size == N
+        on_policy = cfg.iterations == 1 and cfg.minibatch_size == N  # ratio 1: no old log-probs needed
         with torch.no_grad():
-            old_logprobs = None if single_pass else self._logprobs(self.policy, rollout)
+            old_logprobs = None if on_policy else self._logprobs(self.policy, rollout)
             ref_logprobs = self._logprobs(self.reference, rollout) if self.reference is not None else None
         sums: dict[str, float] = {}
         updates = 0
@@ -111,9 +111,8 @@ class GRPOTrainer(Trainer):
                 index = order[start:start + cfg.minibatch_size]
                 part = rollout.select(index)
                 logprobs, entropy = self._logprobs(self.policy, part, entropy=True)
-                old = logprobs.detach() if old_logprobs is None else old_logprobs[index]
-                token_advantages = advantages[index][:, None].expand_as(logprobs)
-                loss, stats = ops.grpo_loss(logprobs, old, token_advantages, part.mask,
+                loss, stats = ops.grpo_loss(logprobs, None if old_logprobs is None else old_logprobs[index],
+                                            advantages[index], part.mask,
                                             ref_logprobs=None if ref_logprobs is None else ref_logprobs[index],
                                             beta=cfg.beta, kl=cfg.kl, loss_type=cfg.loss_type,
                                             clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -123,12 +122,9 @@ class GRPOTrainer(Trainer):
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 updates += 1
-                row = {"loss": loss, "entropy": ops.masked_mean(entropy.detach(), part.mask), "grad_norm": grad_norm}
-                if ref_logprobs is not None:
-                    kl = ops.kl_penalty(logprobs.detach(), ref_logprobs[index], kind=cfg.kl)
-                    row["kl"] = ops.masked_mean(kl, part.mask)
-                row["clipfrac"] = stat(stats, "clipfrac")
-                accumulate(sums, row)
+                accumulate(sums, {"loss": loss, "entropy": ops.masked_mean(entropy.detach(), part.mask),
+                                  "grad_norm": grad_norm, "clipfrac": clip_fraction(stats),
+                                  "kl": stat(stats, "kl") if ref_logprobs is not None else None})
         metrics = {k: v / updates for k, v in sums.items()}
         metrics.update(reward=scores.mean(), score_std=scores.std(), zero_variance_groups=all_equal.float().mean(),
                        response_length=rollout.mask.float().sum(-1).mean())

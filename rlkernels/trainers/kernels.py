@@ -27,6 +27,14 @@ class Kernels:
     def __repr__(self) -> str:
         return f"Kernels({self.name!r})"
 
+    def has(self, op: str) -> bool:
+        """Whether this build provides `op` (for optional fast paths)."""
+        try:
+            getattr(self, op)
+        except AttributeError:
+            return False
+        return True
+
     def __getattr__(self, op: str):
         if op.startswith("_"):
             raise AttributeError(op)

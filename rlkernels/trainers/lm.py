@@ -25,7 +25,8 @@ class ModelConfig(Config):
     n_head: int = 4
     n_positions: int = 64
     pretrain_steps: int = 150    # language-model warm-up of the toy base model (0: random init)
-    fused_head: bool = True      # log-probs from hidden states via linear_logprobs (no [N, V] logits)
+    fused_head: bool | None = None  # log-probs from hidden states via linear_logprobs (no [N, V] logits);
+                                    # None: when the build has linear_logprobs
 
     def check(self) -> None:
         super().check()
@@ -88,12 +89,15 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 def token_logprobs(ops, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                   entropy: bool = False, fused: bool = True):
+                   entropy: bool = False, fused: bool | None = None):
     """Log-probs of labels `[B, T]` (IGNORE_INDEX where not scored) given the hidden
     states `[B, T, H]` that predict them; with entropy=True also the per-token entropy.
     fused=True goes from hidden states through the lm_head weight in one op
-    (`linear_logprobs`), so the [B*T, V] logits never exist."""
+    (`linear_logprobs`), so the [B*T, V] logits never exist; None picks it when the
+    build has that op."""
     B, T, H = hidden.shape
+    if fused is None:
+        fused = ops.has("linear_logprobs")
     head = model.get_output_embeddings()
     flat_hidden, flat_labels = hidden.reshape(B * T, H), labels.reshape(B * T)
     if fused:
@@ -165,7 +169,7 @@ def sample(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: i
 
 
 def rollout_forward(ops, model: nn.Module, rollout: Rollout, *, temperature: float = 1.0, entropy: bool = False,
-                    fused: bool = True, value_head: nn.Module | None = None):
+                    fused: bool | None = None, value_head: nn.Module | None = None):
     """Per-response-token log-probs `[B, R]` (and entropies, and values from
     `value_head` on the same hidden states) of a rollout under `model`."""
     hidden = hidden_states(model, rollout.sequences, rollout.attention_mask)
@@ -208,7 +212,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_len
     return input_ids.to(device), attention.to(device), labels.to(device)
 
 
-def sequence_logprobs(ops, model: nn.Module, input_ids, attention_mask, labels, *, fused: bool = True):
+def sequence_logprobs(ops, model: nn.Module, input_ids, attention_mask, labels, *, fused: bool | None = None):
     """Summed response log-probs per row `[B]` (the DPO quantity), through the ops."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
     token = token_logprobs(ops, model, hidden, labels, fused=fused)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import TrainConfig, Trainer, accumulate, stat
+from .base import TrainConfig, Trainer, accumulate, clip_fraction, stat
 from .config import ConfigError
 from .envs import make_env
 
@@ -180,7 +180,7 @@ class PPOTrainer(Trainer):
                 self.after_optimizer_step()
                 updates += 1
                 accumulate(sums, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": entropy_mean,
-                                  "kl": stat(pg_stats, "approx_kl"), "clipfrac": stat(pg_stats, "clipfrac")})
+                                  "kl": stat(pg_stats, "approx_kl_k1"), "clipfrac": clip_fraction(pg_stats)})
         metrics = {k: v / updates for k, v in sums.items()}
         recent = list(self.recent_returns)
         # reward: mean return of the episodes that ended in this rollout (the last

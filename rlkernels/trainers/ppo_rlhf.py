@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import TrainConfig, Trainer, accumulate, stat
+from .base import TrainConfig, Trainer, accumulate, clip_fraction, stat
 from .config import ConfigError
 from .data import Prompts
 from .lm import ModelConfig, RuleScorer, build_lm, freeze, hidden_size, rollout_forward, sample
@@ -174,7 +174,7 @@ class PPORLHFTrainer(Trainer):
                 self.optimizer.step()
                 updates += 1
                 accumulate(sums, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": entropy_mean,
-                                  "grad_norm": grad_norm, "clipfrac": stat(pg_stats, "clipfrac"),
-                                  "approx_kl": stat(pg_stats, "approx_kl"), "vf_clipfrac": stat(vf_stats, "clipfrac")})
+                                  "grad_norm": grad_norm, "clipfrac": clip_fraction(pg_stats),
+                                  "approx_kl": stat(pg_stats, "approx_kl_k1"), "vf_clipfrac": stat(vf_stats, "clip_frac")})
         return {**stats, **{k: v / updates for k, v in sums.items()}}
 
