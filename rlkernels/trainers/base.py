@@ -9,6 +9,7 @@ its modules and optimisers (environments, data cursors), `extra_state()` /
 extra state, so the next step equals the one an uninterrupted run would take."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -36,10 +37,13 @@ class TrainConfig(Config):
     save_every: int = 0         # checkpoint every k steps (0: only at the end; needs an output dir)
     progress: bool = True       # tqdm progress bar with live metrics
     plot: bool = True           # write curves.png at the end (needs matplotlib)
+    threads: int = 1            # torch CPU threads while training (0: leave torch's setting); the embedded
+                                # models are too small to gain from more, and on busy cores
+                                # multi-threaded small ops stall for whole scheduler slices
 
     def check(self) -> None:
         super().check()
-        self._non_negative("steps", "save_every")
+        self._non_negative("steps", "save_every", "threads")
         self._one_of("kernels", KERNEL_SETS)
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
@@ -108,7 +112,20 @@ class Trainer:
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
-        self.setup()
+        with self.cpu_threads():
+            self.setup()
+
+    @contextlib.contextmanager
+    def cpu_threads(self):
+        """Runs the block with config.threads torch threads, restoring the caller's."""
+        previous = torch.get_num_threads()
+        if self.config.threads and self.config.threads != previous:
+            torch.set_num_threads(self.config.threads)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != previous:
+                torch.set_num_threads(previous)
 
     # -------------------------------------------------------------- to override
     def setup(self) -> None:
@@ -147,7 +164,10 @@ class Trainer:
             callback: Callable[[dict], None] | None = None) -> list[dict]:
         """Trains until `steps` (default config.steps) steps are done; returns the metrics
         of the steps run now.  resume=True continues from the checkpoint in `out`."""
-        total = self.config.steps if steps is None else steps
+        with self.cpu_threads():
+            return self._run(self.config.steps if steps is None else steps, resume, callback)
+
+    def _run(self, total: int, resume: bool, callback) -> list[dict]:
         if resume:
             self.load_checkpoint()
         elif self.step == 0 and self.out:

@@ -39,11 +39,10 @@ class DecentralizedConfig(PPOConfig):
     average_optimizer_state: bool = False
     dist_backend: str = "gloo"
     timeout: float = 900.0           # seconds: the whole local run, and each collective
-    threads_per_agent: int = 1
 
     def check(self) -> None:
         super().check()
-        self._positive("agents", "average_every", "alpha", "timeout", "threads_per_agent")
+        self._positive("agents", "average_every", "alpha", "timeout")
         self._one_of("mode", MODES)
         self._one_of("dist_backend", ("gloo", "nccl"))
         if self.mode == "gossip" and self.alpha > 1:
@@ -179,7 +178,7 @@ def train_decentralized(config: DecentralizedConfig, out: str | None = None, *, 
 
     results = run_ranks(_agent, config.agents, args=(config.to_dict(), out, resume, steps),
                         timeout_s=config.timeout, pg_timeout_s=min(config.timeout, 300.0),
-                        backend=config.dist_backend, threads=config.threads_per_agent)
+                        backend=config.dist_backend, threads=max(1, config.threads))
     failed = [r for r in results if not r.ok]
     if failed:
         report = "\n".join(f"--- agent {r.rank} ---\n{r.error}" for r in failed)

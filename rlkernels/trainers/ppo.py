@@ -195,19 +195,22 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, episodes: int = 100, *, greedy: bool = False, seed: int | None = None) -> float:
         """Mean return of `episodes` fresh episodes with the current policy (sampled
-        actions, or the most likely ones with greedy=True)."""
+        actions, or the most likely ones with greedy=True): one environment per
+        episode, each counted once, so short episodes are not over-represented."""
         cfg = self.config
-        env = make_env(cfg.env, min(cfg.num_envs, episodes), 10_000 + (cfg.seed if seed is None else seed),
-                       self.device, **self.env_options)
+        seed = 10_000 + (cfg.seed if seed is None else seed)
+        env = make_env(cfg.env, episodes, seed, self.device, **self.env_options)
         obs = env.reset()
-        returns: list[float] = []
-        generator = torch.Generator().manual_seed(10_000 + cfg.seed)
-        while len(returns) < episodes:
+        returns = torch.full((episodes,), float("nan"))
+        generator = torch.Generator().manual_seed(seed)
+        while bool(returns.isnan().any()):
             logits = self.net.policy(obs).float()
             if greedy:
                 action = logits.argmax(-1)
             else:
                 action = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator).squeeze(-1)
-            obs, _, _, finished = env.step(action.to(self.device))
-            returns.extend(finished.tolist())
-        return sum(returns[:episodes]) / episodes
+            episode_return = env.episode_return.clone().cpu()
+            obs, rewards, dones, _ = env.step(action.to(self.device))
+            done = dones.cpu() & returns.isnan()
+            returns[done] = (episode_return + rewards.cpu())[done]
+        return float(returns.mean())
