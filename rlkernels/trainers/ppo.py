@@ -197,6 +197,10 @@ class PPOTrainer(Trainer):
         """Mean return of `episodes` fresh episodes with the current policy (sampled
         actions, or the most likely ones with greedy=True): one environment per
         episode, each counted once, so short episodes are not over-represented."""
+        with self.cpu_threads():
+            return self._evaluate(episodes, greedy, seed)
+
+    def _evaluate(self, episodes: int, greedy: bool, seed: int | None) -> float:
         cfg = self.config
         seed = 10_000 + (cfg.seed if seed is None else seed)
         env = make_env(cfg.env, episodes, seed, self.device, **self.env_options)
