@@ -31,7 +31,7 @@ class GRPOConfig(TrainConfig):
     negative_prompts: float = 0.0   # generated prompts: fraction asking for a negative review
     prompts_per_step: int = 8
     group_size: int = 4             # samples per prompt
-    minibatch_size: int = 32        # samples per optimiser step
+    minibatch_size: int = 8         # samples per optimiser step
     iterations: int = 1             # passes over each batch (GRPO's mu)
     max_new_tokens: int = 12
     temperature: float = 1.0
