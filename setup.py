@@ -6,6 +6,7 @@ Set RLKERNELS_NATIVE=1 to add -march=native for a local, non-portable build.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -43,6 +44,12 @@ def _extension():
         cxx.append("-march=native")
     # The C++ standard is left to torch.utils.cpp_extension, which picks the one
     # its headers need (C++17 up to torch 2.13, C++20 from 2.14).
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is inline: without OpenMP in our own build it runs on one
+        # thread.  The loader reuses torch's already loaded libgomp.so.1.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     extra = {"cxx": cxx}
     macros = []
     if use_cuda:
@@ -52,8 +59,10 @@ def _extension():
         extra["nvcc"] = ["-O3", "-lineinfo"]
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("RLK_WITH_CUDA", None), ("RLK_CUDA_ARCHS", f'"{archs}"')]
-        return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros)
-    return CppExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros)
+        return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, extra_link_args=link,
+                             define_macros=macros)
+    return CppExtension("rlkernels._C", sources, extra_compile_args=extra, extra_link_args=link,
+                        define_macros=macros)
 
 
 def _build_ext():

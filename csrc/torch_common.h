@@ -34,3 +34,52 @@ inline void check_same_device(const at::Tensor& ref, const c10::optional<at::Ten
 }
 
 }  // namespace rlk
+
+// ---- rows of [..., V] tensors (logprobs family) ----------------------------------------------
+#include <ATen/ops/empty.h>
+#include "core/rows.h"
+
+namespace rlk {
+
+// Rows of `t` (last dim V with unit stride) as a RowIndex, merging leading dims
+// whose strides allow it; false when more than two leading dims remain.
+inline bool row_index_of(const at::Tensor& t, RowIndex* out) {
+  const int64_t lead = t.dim() - 1;
+  TORCH_CHECK(lead >= 0, "expected a tensor with a last (vocabulary) dimension");
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  int64_t sizes[2] = {1, 1}, strides[2] = {0, 0};
+  int count = 0;
+  for (int64_t d = lead - 1; d >= 0; --d) {  // innermost first
+    const int64_t size = t.size(d), stride = t.stride(d);
+    if (size == 1) continue;
+    if (count > 0 && stride == strides[count - 1] * sizes[count - 1]) {
+      sizes[count - 1] *= size;
+      continue;
+    }
+    if (count == 2) return false;
+    sizes[count] = size;
+    strides[count] = stride;
+    ++count;
+  }
+  const int64_t V = t.size(-1);
+  if (count == 0) *out = RowIndex{1, V, V};
+  else if (count == 1) *out = RowIndex{sizes[0], strides[0] * sizes[0], strides[0]};
+  else *out = RowIndex{sizes[0], strides[1], strides[0]};
+  return true;
+}
+
+// `t` itself when its rows can be addressed in place, else a contiguous copy.
+inline at::Tensor rows_readable(const at::Tensor& t, RowIndex* rows) {
+  if (row_index_of(t, rows)) return t;
+  at::Tensor copy = t.contiguous();
+  TORCH_CHECK(row_index_of(copy, rows), "internal: contiguous tensor without a row layout");
+  return copy;
+}
+
+inline int64_t leading_numel(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+}  // namespace rlk

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from . import _C  # registers every rlkernels:: op with the dispatcher
 

@@ -3,4 +3,7 @@ registers the fake kernel (and autograd where the op has a gradient)."""
 from .discounted_returns import discounted_returns
 from .gae import gae
 
-__all__ = ["gae", "discounted_returns"]
+from .kl_from_logits import kl_from_logits
+from .logprobs import logprobs
+
+__all__ = ["gae", "discounted_returns", "logprobs", "kl_from_logits"]

@@ -3,3 +3,6 @@ benchmarks compare against, and the `backend="reference"` path."""
 from .advantages import discounted_returns, gae
 
 __all__ = ["gae", "discounted_returns"]
+from .logprobs import kl_from_logits, kl_penalty, linear_logprobs, logprobs, logprobs_per_row  # noqa: E402
+
+__all__ += ["logprobs", "logprobs_per_row", "kl_from_logits", "kl_penalty", "linear_logprobs"]
