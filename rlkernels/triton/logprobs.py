@@ -62,6 +62,17 @@ def _row_base(ptr, row, inner, outer_stride, inner_stride):
 
 
 @triton.jit
+def _to_out(x, out_ptr):
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast
+        # truncates (on a GPU this costs three integer ops and changes nothing).
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
                          ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -123,7 +134,7 @@ def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, sav
     d = (d + tl.where(cols == label, g, 0.0)) * inv_t
     d = tl.where(label == ignore_index, 0.0, d)
     out = _row_base(out_ptr, row, o_inner, o_outer_stride, o_inner_stride)
-    tl.store(out + cols, d.to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(out + cols, _to_out(d, out_ptr), mask=live)
 
 
 def _check_dtype(op: str, t: torch.Tensor) -> None:
@@ -274,11 +285,11 @@ def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, 
     p = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
     if LOGITS_GRAD:
         da = tl.where(p == 0.0, 0.0, g * p * ((a - b) * inv_t - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
-        tl.store(ga_ptr + row * V + cols, da.to(ga_ptr.dtype.element_ty), mask=live)
+        tl.store(ga_ptr + row * V + cols, _to_out(da, ga_ptr), mask=live)
     if REF_GRAD:
         yb = (b - tl.load(saved_ptr + 5 * row + 2)) * scale - tl.load(saved_ptr + 5 * row + 3) * LOG2E
         q = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
-        tl.store(gb_ptr + row * V + cols, (g * (q - p) * inv_t).to(gb_ptr.dtype.element_ty), mask=live)
+        tl.store(gb_ptr + row * V + cols, _to_out(g * (q - p) * inv_t, gb_ptr), mask=live)
 
 
 @custom_op("rlkernels::kl_from_logits_triton", mutates_args=())
