@@ -127,30 +127,13 @@ void dispatch_logits(at::ScalarType dtype, const char* op, F&& f) {
   }
 }
 
-std::vector<int64_t> leading_shape(const at::Tensor& t, int64_t extra = -1) {
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
-  if (extra >= 0) shape.push_back(extra);
-  return shape;
-}
-
 void check_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const char* op) {
-  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have a vocabulary dimension");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.is_contiguous(), op, ": labels must be contiguous");
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), op,
-              ": labels must have the leading shape of logits ", logits.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK(labels.device() == logits.device(), op, ": labels and logits must be on one device");
+  check_labels_shape(logits, labels, op);
   const int64_t V = logits.size(-1);
   const int64_t* l = labels.data_ptr<int64_t>();
   for (int64_t i = 0, n = labels.numel(); i < n; ++i)
     TORCH_CHECK(l[i] == ignore_index || (l[i] >= 0 && l[i] < V), op, ": label ", l[i], " at flat index ", i,
                 " is outside [0, ", V, ") and is not ignore_index");
-}
-
-void check_row_floats(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t per_row) {
-  const int64_t N = leading_numel(logits);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == N * per_row, name,
-              " must be a contiguous float32 tensor with ", per_row, " value(s) per row");
 }
 
 // ---- logprobs forward -----------------------------------------------------------------------
@@ -465,22 +448,6 @@ struct KlBackwardRows {
   }
 };
 
-const bool* optional_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& logits) {
-  if (!mask.has_value()) return nullptr;
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() &&
-                  mask->sizes() == logits.sizes().slice(0, logits.dim() - 1),
-              "kl_from_logits: mask must be a contiguous bool tensor of the leading shape of logits");
-  return mask->data_ptr<bool>();
-}
-
-void check_kl_pair(const at::Tensor& logits, const at::Tensor& ref_logits) {
-  TORCH_CHECK(logits.dim() >= 1, "kl_from_logits: logits must have a vocabulary dimension");
-  TORCH_CHECK(ref_logits.sizes() == logits.sizes(), "kl_from_logits: ref_logits must have the shape of logits ",
-              logits.sizes(), ", got ", ref_logits.sizes());
-  TORCH_CHECK(ref_logits.scalar_type() == logits.scalar_type(),
-              "kl_from_logits: ref_logits must have the dtype of logits");
-}
-
 std::tuple<at::Tensor, at::Tensor> kl_from_logits_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
                                                       const c10::optional<at::Tensor>& mask, double temperature) {
   check_kl_pair(logits, ref_logits);
@@ -491,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_cpu(const at::Tensor& logits, 
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor kl = at::empty(leading_shape(logits), f32);
   at::Tensor saved = at::empty(leading_shape(logits, 5), f32);
-  KlArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_mask(mask, logits),
+  KlArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_row_mask(mask, logits),
               float(kLog2e / temperature), float(1.0 / temperature), kl.data_ptr<float>(), saved.data_ptr<float>()};
   dispatch_logits(a.scalar_type(), "kl_from_logits", [&](auto tag) {
     using T = decltype(tag);
@@ -515,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cpu(const at::Tensor&
   const int64_t N = leading_numel(logits), V = logits.size(-1);
   at::Tensor ga = at::empty(logits_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
   at::Tensor gb = at::empty(ref_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
-  KlBackwardArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_mask(mask, logits),
+  KlBackwardArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_row_mask(mask, logits),
                       grad_kl.data_ptr<float>(), saved.data_ptr<float>(), float(kLog2e / temperature),
                       float(1.0 / temperature), logits_grad ? ga.data_ptr() : nullptr,
                       ref_grad ? gb.data_ptr() : nullptr};
