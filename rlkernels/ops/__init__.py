@@ -4,6 +4,7 @@ from .discounted_returns import discounted_returns
 from .gae import gae
 
 from .kl_from_logits import kl_from_logits
+from .kl_penalty import kl_penalty
 from .logprobs import logprobs
 
-__all__ = ["gae", "discounted_returns", "logprobs", "kl_from_logits"]
+__all__ = ["gae", "discounted_returns", "logprobs", "kl_from_logits", "kl_penalty"]

@@ -280,16 +280,19 @@ def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, 
                 other=-float("inf")).to(tl.float32)
     g = tl.load(g_ptr + row)
     if HAS_MASK:
-        g = tl.where(tl.load(mask_ptr + row) != 0, g, 0.0)
+        keep = tl.load(mask_ptr + row) != 0
+    else:
+        keep = True
     ya = (a - tl.load(saved_ptr + 5 * row)) * scale - tl.load(saved_ptr + 5 * row + 1) * LOG2E
     p = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
     if LOGITS_GRAD:
         da = tl.where(p == 0.0, 0.0, g * p * ((a - b) * inv_t - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
+        da = tl.where(keep, da, 0.0)
         tl.store(ga_ptr + row * V + cols, _to_out(da, ga_ptr), mask=live)
     if REF_GRAD:
         yb = (b - tl.load(saved_ptr + 5 * row + 2)) * scale - tl.load(saved_ptr + 5 * row + 3) * LOG2E
         q = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
-        tl.store(gb_ptr + row * V + cols, _to_out(g * (q - p) * inv_t, gb_ptr), mask=live)
+        tl.store(gb_ptr + row * V + cols, _to_out(tl.where(keep, g * (q - p) * inv_t, 0.0), gb_ptr), mask=live)
 
 
 @custom_op("rlkernels::kl_from_logits_triton", mutates_args=())
