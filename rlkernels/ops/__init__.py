@@ -5,6 +5,7 @@ from .gae import gae
 
 from .kl_from_logits import kl_from_logits
 from .kl_penalty import kl_penalty
+from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
 
-__all__ = ["gae", "discounted_returns", "logprobs", "kl_from_logits", "kl_penalty"]
+__all__ = ["gae", "discounted_returns", "logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]

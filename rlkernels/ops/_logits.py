@@ -38,7 +38,7 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
     sync on CUDA) so that no out-of-range index reaches a kernel; it is skipped
     while torch.compile traces."""
     V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES)
-    lead = logits.shape[:-1] if vocab is None else logits.shape
+    lead = logits.shape[:-1]
     if labels.shape != lead:
         raise ValueError(f"{op}: labels must have the leading shape of {logits_name} {tuple(lead)}, "
                          f"got {tuple(labels.shape)}")
