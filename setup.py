@@ -6,7 +6,6 @@ Set RLKERNELS_NATIVE=1 to add -march=native for a local, non-portable build.
 """
 import glob
 import os
-import sys
 
 from setuptools import setup
 
@@ -39,17 +38,13 @@ def _extension():
 
     use_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: ATen's parallel_for is an inline OpenMP region in the header; without
+    # the flag it silently runs on one thread.
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
     if os.environ.get("RLKERNELS_NATIVE") == "1":
         cxx.append("-march=native")
     # The C++ standard is left to torch.utils.cpp_extension, which picks the one
     # its headers need (C++17 up to torch 2.13, C++20 from 2.14).
-    link = []
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        # at::parallel_for is inline: without OpenMP in our own build it runs on one
-        # thread.  The loader reuses torch's already loaded libgomp.so.1.
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
     extra = {"cxx": cxx}
     macros = []
     if use_cuda:
@@ -59,10 +54,11 @@ def _extension():
         extra["nvcc"] = ["-O3", "-lineinfo"]
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("RLK_WITH_CUDA", None), ("RLK_CUDA_ARCHS", f'"{archs}"')]
-        return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, extra_link_args=link,
-                             define_macros=macros)
-    return CppExtension("rlkernels._C", sources, extra_compile_args=extra, extra_link_args=link,
-                        define_macros=macros)
+        extra["nvcc"].append("-Xcompiler=-fopenmp")
+        return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros,
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros,
+                        extra_link_args=["-fopenmp"])
 
 
 def _build_ext():

@@ -13,7 +13,7 @@ HAS_TRITON, _TRITON_WHY = _library.triton_status()
 if HAS_TRITON:
     from . import triton as _triton_ops  # noqa: F401  (registers rlkernels::*_triton)
 
-from .ops import discounted_returns, gae  # noqa: E402
+from .ops import discounted_returns, gae, group_advantages, masked_mean, masked_whiten  # noqa: E402
 from .ops import kl_from_logits, kl_penalty, linear_logprobs, logprobs  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,5 +39,5 @@ def info() -> dict:
     return data
 
 
-__all__ = ["BACKENDS", "info", "gae", "discounted_returns"]
+__all__ = ["BACKENDS", "info", "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
 __all__ += ["logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]

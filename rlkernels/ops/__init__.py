@@ -2,10 +2,13 @@
 registers the fake kernel (and autograd where the op has a gradient)."""
 from .discounted_returns import discounted_returns
 from .gae import gae
+from .group_advantages import group_advantages
+from .masked import masked_mean, masked_whiten
 
 from .kl_from_logits import kl_from_logits
 from .kl_penalty import kl_penalty
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
 
-__all__ = ["gae", "discounted_returns", "logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]
+__all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
+__all__ += ["logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]

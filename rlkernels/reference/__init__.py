@@ -1,8 +1,9 @@
 """Pure-PyTorch definitions of every rlkernels op: the truth that tests and
 benchmarks compare against, and the `backend="reference"` path."""
 from .advantages import discounted_returns, gae
+from .group import group_advantages, masked_mean, masked_whiten
 
-__all__ = ["gae", "discounted_returns"]
+__all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
 from .logprobs import kl_from_logits, kl_penalty, linear_logprobs, logprobs, logprobs_per_row  # noqa: E402
 
 __all__ += ["logprobs", "logprobs_per_row", "kl_from_logits", "kl_penalty", "linear_logprobs"]
