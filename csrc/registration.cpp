@@ -8,4 +8,15 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("gae(Tensor rewards, Tensor values, Tensor? mask, Tensor? dones, Tensor? last_values, "
         "float gamma, float lam) -> (Tensor advantages, Tensor returns)");
   m.def("discounted_returns(Tensor rewards, Tensor? mask, Tensor? dones, float gamma) -> Tensor");
+
+  // Token-level losses (issue 4).  One fused pass returns the loss, its
+  // statistics, the per-token gradient before aggregation (empty unless
+  // need_grad) and the per-row gradient scales; backward only rescales.
+  m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
+        "Tensor? weights, Tensor? ref_logprobs, float clip_low, float clip_high, float? dual_clip, "
+        "float? log_ratio_clamp, float kl_coef, str kl, str agg, float? num_tokens, float? num_seqs, "
+        "float? norm_length, bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float? clip, str agg, "
+        "float? num_tokens, float? num_seqs, float? norm_length, bool need_grad) "
+        "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
 }
