@@ -3,6 +3,7 @@ registers the fake kernel (and autograd where the op has a gradient)."""
 from .discounted_returns import discounted_returns
 from .gae import gae
 from .policy_loss import grpo_loss, ppo_loss
+from .value_loss import value_loss
 
 __all__ = ["gae", "discounted_returns"]
-__all__ += ["ppo_loss", "grpo_loss"]
+__all__ += ["ppo_loss", "grpo_loss", "value_loss"]
