@@ -38,22 +38,29 @@ def _extension():
 
     use_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    # -fno-trapping-math lets GCC if-convert (and so vectorise) loops with
-    # selects around floating-point arithmetic; results are unchanged.
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fno-trapping-math"]
+    # -fopenmp: ATen's parallel_for is an inline OpenMP region in the header; without
+    # the flag it silently runs on one thread.  -fno-trapping-math lets GCC if-convert
+    # (and so vectorise) loops with selects around floating-point arithmetic; results
+    # are unchanged.
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fno-trapping-math"]
     if os.environ.get("RLKERNELS_NATIVE") == "1":
         cxx.append("-march=native")
+    # The C++ standard is left to torch.utils.cpp_extension, which picks the one
+    # its headers need (C++17 up to torch 2.13, C++20 from 2.14).
     extra = {"cxx": cxx}
     macros = []
     if use_cuda:
         # With no GPU visible torch would guess the arch list; pin a default.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo"]
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("RLK_WITH_CUDA", None), ("RLK_CUDA_ARCHS", f'"{archs}"')]
-        return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros)
-    return CppExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros)
+        extra["nvcc"].append("-Xcompiler=-fopenmp")
+        return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros,
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros,
+                        extra_link_args=["-fopenmp"])
 
 
 def _build_ext():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch  # noqa: F401  (loads libc10 and libtorch before the extension)
+
 try:
     from . import _C  # registers every rlkernels:: op with the dispatcher
 

@@ -9,7 +9,7 @@ import rlkernels
 from rlkernels import reference
 from conftest import assert_close, low_precision_bound
 
-SHAPES = [(1, 1), (3, 7), (64, 7), (3, 1024), (64, 129)]
+SHAPES = [(1, 1), (3, 7), (64, 7), (1, 1024), (64, 1024), (64, 129)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 

@@ -25,13 +25,59 @@ RLK_INLINE void gae_row(const in_t* rewards, const in_t* values,
       next_value = acc(0);
       carry = acc(0);
     }
-    const acc delta = r + gamma * next_value - v;
-    const acc a = delta + gl * carry;
+    const acc a = r + gamma * next_value - v + gl * carry;
     const bool valid = mask == nullptr || mask[t] != 0;
     next_value = valid ? v : next_value;
     carry = valid ? a : carry;
     advantages[t] = cast<out_t>(carry);
     returns[t] = cast<out_t>(carry + v);
+  }
+}
+
+// The same recurrence over R rows at once (row stride `stride`): R independent
+// dependency chains keep the core busy where one row would wait on each
+// multiply-add.  Used by the CPU kernel; results are identical to gae_row.
+template <int R, bool kMask, bool kDones, typename in_t, typename out_t, typename acc = acc_t<in_t>>
+inline void gae_rows(const in_t* __restrict__ rewards, const in_t* __restrict__ values,
+                     const uint8_t* __restrict__ mask, const uint8_t* __restrict__ dones,
+                     const acc* last_values, int64_t T, int64_t stride, acc gamma, acc lam,
+                     out_t* __restrict__ advantages, out_t* __restrict__ returns) {
+  acc next_value[R], carry[R];
+  for (int r = 0; r < R; ++r) {
+    next_value[r] = last_values ? last_values[r] : acc(0);
+    carry[r] = acc(0);
+  }
+  const acc gl = gamma * lam;
+  constexpr int64_t kAhead = 256;  // elements: software prefetch ~1 KiB ahead of the backward walk
+  for (int64_t t = T - 1; t >= 0; --t) {
+    if ((t & 15) == 0 && t >= kAhead) {
+      for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(rewards + r * stride + t - kAhead);
+        __builtin_prefetch(values + r * stride + t - kAhead);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t o = r * stride + t;
+      const acc rw = cast<acc>(rewards[o]);
+      const acc v = cast<acc>(values[o]);
+      if (kDones) {
+        const bool done = dones[o] != 0;
+        next_value[r] = done ? acc(0) : next_value[r];
+        carry[r] = done ? acc(0) : carry[r];
+      }
+      const acc a = rw + gamma * next_value[r] - v + gl * carry[r];
+      if (kMask) {
+        const bool valid = mask[o] != 0;
+        next_value[r] = valid ? v : next_value[r];
+        carry[r] = valid ? a : carry[r];
+      } else {
+        next_value[r] = v;
+        carry[r] = a;
+      }
+      advantages[o] = cast<out_t>(carry[r]);
+      returns[o] = cast<out_t>(carry[r] + v);
+    }
   }
 }
 

@@ -39,12 +39,33 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const acc* lv = last_values.has_value() ? last_values->data_ptr<acc>() : nullptr;
     acc* adv = advantages.data_ptr<acc>();
     acc* ret = returns.data_ptr<acc>();
-    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
+    constexpr int64_t R = 4;
+    const int64_t blocks = (B + R - 1) / R;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(T) / R), [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t b = blk * R;
         const int64_t o = b * T;
-        gae_row<scalar_t, acc>(r + o, v + o, mask_p ? mask_p + o : nullptr,
-                               dones_p ? dones_p + o : nullptr, lv ? lv[b] : acc(0), T,
-                               acc(gamma), acc(lam), adv + o, ret + o);
+        if (b + R <= B) {
+          const uint8_t* m = mask_p ? mask_p + o : nullptr;
+          const uint8_t* d = dones_p ? dones_p + o : nullptr;
+          const acc* l = lv ? lv + b : nullptr;
+          // Branch-free inner loops for each combination of optional inputs.
+          if (m && d)
+            gae_rows<R, true, true, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
+          else if (m)
+            gae_rows<R, true, false, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
+          else if (d)
+            gae_rows<R, false, true, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
+          else
+            gae_rows<R, false, false, scalar_t, acc>(r + o, v + o, m, d, l, T, T, acc(gamma), acc(lam), adv + o, ret + o);
+          continue;
+        }
+        for (int64_t row = b; row < B; ++row) {
+          const int64_t ro = row * T;
+          gae_row<scalar_t, acc>(r + ro, v + ro, mask_p ? mask_p + ro : nullptr,
+                                 dones_p ? dones_p + ro : nullptr, lv ? lv[row] : acc(0), T,
+                                 acc(gamma), acc(lam), adv + ro, ret + ro);
+        }
       }
     });
   });

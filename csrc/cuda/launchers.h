@@ -21,3 +21,22 @@ cudaError_t launch_discounted_returns(const in_t* rewards, const uint8_t* mask, 
 
 }  // namespace cuda
 }  // namespace rlk
+
+namespace rlk {
+namespace cuda {
+
+template <typename in_t, typename out_t>
+cudaError_t launch_group_advantages(const in_t* scores, const int64_t* group_index, int64_t N,
+                                    int64_t group_size, int64_t num_groups, int baseline, int scale,
+                                    double eps, out_t* advantages, bool* all_equal, cudaStream_t stream);
+
+template <typename in_t, typename out_t>
+cudaError_t launch_masked_row_mean(const in_t* x, const uint8_t* mask, int64_t R, int64_t C, out_t* out,
+                                   cudaStream_t stream);
+
+template <typename in_t, typename out_t>
+cudaError_t launch_masked_whiten(const in_t* x, const uint8_t* mask, int64_t N, bool shift_mean, double eps,
+                                 out_t* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace rlk

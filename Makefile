@@ -1,0 +1,35 @@
+# Two commands on a fresh clone:
+#   make demo   - create .venv, build rlkernels, run the demo
+#   make test   - create .venv, build rlkernels, run the full test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rlkernels-built
+SOURCES := $(shell find csrc rlkernels -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml requirements-dev.txt
+
+.PHONY: demo test bench env clean
+
+env: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks --quick --ops advantages
+
+bench: $(STAMP)
+	$(PY) -m rlkernels bench --quick
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+
+clean:
+	rm -rf build $(VENV) rlkernels/_C*.so *.egg-info

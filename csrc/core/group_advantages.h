@@ -1,0 +1,32 @@
+// Group-normalised advantages (GRPO, Dr. GRPO, RLOO): the per-element formula,
+// given the statistics of the element's group.
+#pragma once
+#include "common.h"
+
+namespace rlk {
+
+enum GroupBaseline : int { kBaselineMean = 0, kBaselineLeaveOneOut = 1 };
+enum GroupScale : int { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+
+// score s in a group of n members with mean `mean` and (unbiased) std `std`;
+// `batch_std` is the unbiased std of all scores.  A group of one has no
+// baseline to compare against: its advantage is 0.
+template <typename acc>
+RLK_INLINE acc group_advantage(acc s, acc mean, acc std, acc batch_std, int64_t n,
+                               int baseline, int scale, acc eps) {
+  if (n <= 1) return acc(0);
+  acc centred = s - mean;
+  // Leave-one-out: s - (sum - s)/(n - 1) = n/(n - 1) * (s - mean).
+  if (baseline == kBaselineLeaveOneOut) centred *= acc(n) / acc(n - 1);
+  if (scale == kScaleGroup) return centred / (std + eps);
+  if (scale == kScaleBatch) return centred / (batch_std + eps);
+  return centred;
+}
+
+// Unbiased standard deviation from a count and the sum of squared deviations.
+template <typename acc>
+RLK_INLINE acc unbiased_std(acc sq_dev_sum, int64_t n) {
+  return n > 1 ? acc(sqrt(sq_dev_sum / acc(n - 1))) : acc(0);
+}
+
+}  // namespace rlk

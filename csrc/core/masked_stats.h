@@ -1,0 +1,56 @@
+// Masked mean and whitening: sums over the valid entries only (selection, so
+// NaN in masked slots never enters), variance from a second pass over the
+// deviations (no catastrophic cancellation).
+#pragma once
+#include <math.h>
+
+#include "common.h"
+
+namespace rlk {
+
+template <typename acc> struct MaskedSums {
+  acc sum;
+  int64_t count;
+};
+
+template <typename in_t, typename acc>
+RLK_INLINE MaskedSums<acc> masked_sums(const in_t* x, const uint8_t* mask, int64_t n) {
+  acc sum = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = mask == nullptr || mask[i] != 0;
+    sum += valid ? cast<acc>(x[i]) : acc(0);
+    count += valid;
+  }
+  return {sum, count};
+}
+
+template <typename in_t, typename acc>
+RLK_INLINE acc masked_sq_dev(const in_t* x, const uint8_t* mask, int64_t n, acc mean) {
+  acc sq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc d = cast<acc>(x[i]) - mean;
+    sq += (mask == nullptr || mask[i] != 0) ? d * d : acc(0);
+  }
+  return sq;
+}
+
+template <typename acc> struct WhitenCoef {
+  acc mean, inv_std, shift;
+};
+
+// Unbiased variance (count - 1), as TRL's and verl's masked_whiten; fewer than
+// two valid entries leave the variance at 0.
+template <typename acc>
+RLK_INLINE WhitenCoef<acc> whiten_coefficients(acc mean, acc sq_dev_sum, int64_t count, bool shift_mean,
+                                               acc eps) {
+  const acc var = count > 1 ? sq_dev_sum / acc(count - 1) : acc(0);
+  return {mean, acc(1) / acc(sqrt(var + eps)), shift_mean ? acc(0) : mean};
+}
+
+template <typename acc>
+RLK_INLINE acc whiten_value(acc x, bool valid, const WhitenCoef<acc>& c) {
+  return valid ? (x - c.mean) * c.inv_std + c.shift : acc(0);
+}
+
+}  // namespace rlk

@@ -1,0 +1,83 @@
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../core/group_advantages.h"
+#include "../torch_common.h"
+
+namespace rlk {
+namespace {
+
+// Groups are either contiguous runs of `group_size` or given by `group_index`
+// (validated in Python to lie in [0, num_groups)).  Two passes over the scores
+// (mean, then squared deviations) plus one to write; all sequential: these are
+// per-sample scalars, thousands at most.
+std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores,
+                                                        const c10::optional<at::Tensor>& group_index,
+                                                        int64_t group_size, int64_t num_groups,
+                                                        int64_t baseline, int64_t scale, double eps) {
+  TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "scores must be a contiguous 1-D tensor");
+  const int64_t N = scores.size(0);
+  TORCH_CHECK(num_groups >= 0, "num_groups must be >= 0");
+  const int64_t* index = nullptr;
+  if (group_index.has_value()) {
+    TORCH_CHECK(group_index->dim() == 1 && group_index->size(0) == N && group_index->is_contiguous() &&
+                    group_index->scalar_type() == at::kLong,
+                "group_index must be a contiguous int64 tensor of shape [N]");
+    index = group_index->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(group_size > 0 && N % group_size == 0 && N / group_size == num_groups,
+                "group_size must divide N into num_groups groups");
+  }
+  TORCH_CHECK(baseline == kBaselineMean || baseline == kBaselineLeaveOneOut, "bad baseline code");
+  TORCH_CHECK(scale == kScaleGroup || scale == kScaleBatch || scale == kScaleNone, "bad scale code");
+  const auto out_dtype = out_dtype_for(scores.scalar_type());
+  auto advantages = at::empty({N}, scores.options().dtype(out_dtype));
+  auto all_equal = at::empty({num_groups}, scores.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "group_advantages_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    auto group_of = [&](int64_t i) { return index ? index[i] : i / group_size; };
+    std::vector<acc> sum(num_groups, acc(0)), sq(num_groups, acc(0)), lo(num_groups), hi(num_groups);
+    std::vector<int64_t> count(num_groups, 0);
+    acc batch_sum = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t g = group_of(i);
+      const acc x = cast<acc>(s[i]);
+      if (count[g] == 0) lo[g] = hi[g] = x;
+      lo[g] = x < lo[g] ? x : lo[g];
+      hi[g] = x > hi[g] ? x : hi[g];
+      sum[g] += x;
+      count[g] += 1;
+      batch_sum += x;
+    }
+    std::vector<acc> mean(num_groups);
+    for (int64_t g = 0; g < num_groups; ++g) mean[g] = count[g] ? sum[g] / acc(count[g]) : acc(0);
+    const acc batch_mean = N ? batch_sum / acc(N) : acc(0);
+    acc batch_sq = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t g = group_of(i);
+      const acc x = cast<acc>(s[i]);
+      sq[g] += (x - mean[g]) * (x - mean[g]);
+      batch_sq += (x - batch_mean) * (x - batch_mean);
+    }
+    const acc batch_std = unbiased_std(batch_sq, N);
+    acc* adv = advantages.data_ptr<acc>();
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t g = group_of(i);
+      adv[i] = group_advantage<acc>(cast<acc>(s[i]), mean[g], unbiased_std(sq[g], count[g]), batch_std,
+                                    count[g], int(baseline), int(scale), acc(eps));
+    }
+    bool* eq = all_equal.data_ptr<bool>();
+    for (int64_t g = 0; g < num_groups; ++g) eq[g] = count[g] == 0 || lo[g] == hi[g];
+  });
+  return {advantages, all_equal};
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CPU, m) { m.impl("group_advantages", &rlk::group_advantages_cpu); }

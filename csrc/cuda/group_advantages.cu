@@ -1,0 +1,96 @@
+// Group advantages on the GPU: one block per group.  With a group_index each
+// block scans all N scores and keeps its own (N is the number of sampled
+// completions, thousands at most); block reductions make it deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../core/group_advantages.h"
+#include "block_reduce.cuh"
+#include "launchers.h"
+
+namespace rlk {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename in_t, typename acc>
+__global__ void group_advantages_kernel(const in_t* __restrict__ scores, const int64_t* __restrict__ index,
+                                        int64_t N, int64_t group_size, int baseline, int scale, acc eps,
+                                        acc* __restrict__ advantages, bool* __restrict__ all_equal) {
+  __shared__ acc scratch[32];
+  const int64_t g = blockIdx.x;
+  const int64_t begin = index ? 0 : g * group_size;
+  const int64_t end = index ? N : begin + group_size;
+  acc sum = 0, lo = 0, hi = 0, count = 0;
+  bool first = true;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    if (index && index[i] != g) continue;
+    const acc x = cast<acc>(scores[i]);
+    sum += x;
+    count += 1;
+    lo = first || x < lo ? x : lo;
+    hi = first || x > hi ? x : hi;
+    first = false;
+  }
+  sum = block_reduce<Reduce::Sum>(sum, scratch);
+  const acc n = block_reduce<Reduce::Sum>(count, scratch);
+  // Threads that saw no member contribute a neutral element to min/max.
+  const acc big = acc(3.0e38);
+  lo = block_reduce<Reduce::Min>(first ? big : lo, scratch);
+  hi = block_reduce<Reduce::Max>(first ? -big : hi, scratch);
+  const acc mean = n > 0 ? sum / n : acc(0);
+
+  acc sq = 0, batch_sum = 0;
+  if (scale == kScaleBatch)
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) batch_sum += cast<acc>(scores[i]);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    if (index && index[i] != g) continue;
+    const acc d = cast<acc>(scores[i]) - mean;
+    sq += d * d;
+  }
+  sq = block_reduce<Reduce::Sum>(sq, scratch);
+  acc batch_std = 0;
+  if (scale == kScaleBatch) {
+    const acc batch_mean = N > 0 ? block_reduce<Reduce::Sum>(batch_sum, scratch) / acc(N) : acc(0);
+    acc batch_sq = 0;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+      const acc d = cast<acc>(scores[i]) - batch_mean;
+      batch_sq += d * d;
+    }
+    batch_std = unbiased_std(block_reduce<Reduce::Sum>(batch_sq, scratch), N);
+  }
+  const int64_t members = static_cast<int64_t>(n);
+  const acc std = unbiased_std(sq, members);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    if (index && index[i] != g) continue;
+    advantages[i] = group_advantage<acc>(cast<acc>(scores[i]), mean, std, batch_std, members, baseline,
+                                         scale, eps);
+  }
+  if (threadIdx.x == 0) all_equal[g] = members == 0 || lo == hi;
+}
+
+}  // namespace
+
+template <typename in_t, typename out_t>
+cudaError_t launch_group_advantages(const in_t* scores, const int64_t* group_index, int64_t N,
+                                    int64_t group_size, int64_t num_groups, int baseline, int scale,
+                                    double eps, out_t* advantages, bool* all_equal, cudaStream_t stream) {
+  if (num_groups == 0) return cudaSuccess;
+  group_advantages_kernel<in_t, out_t><<<static_cast<unsigned int>(num_groups), kThreads, 0, stream>>>(
+      scores, group_index, N, group_size, baseline, scale, out_t(eps), advantages, all_equal);
+  return cudaGetLastError();
+}
+
+#define RLK_INSTANTIATE(in_t, out_t)                                                                 \
+  template cudaError_t launch_group_advantages<in_t, out_t>(const in_t*, const int64_t*, int64_t,    \
+                                                            int64_t, int64_t, int, int, double,      \
+                                                            out_t*, bool*, cudaStream_t);
+RLK_INSTANTIATE(float, float)
+RLK_INSTANTIATE(double, double)
+RLK_INSTANTIATE(__half, float)
+RLK_INSTANTIATE(__nv_bfloat16, float)
+#undef RLK_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace rlk

@@ -1,0 +1,78 @@
+"""Group-normalised advantages and masked statistics in plain PyTorch."""
+from __future__ import annotations
+
+import torch
+
+from .advantages import _acc_dtype
+
+BASELINES = ("mean", "loo")
+SCALES = ("group", "batch", "none")
+
+
+def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_index: torch.Tensor | None = None,
+                     *, num_groups: int | None = None, baseline: str = "mean", scale: str = "group",
+                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: (s - mean_g) / (std_g + eps) with the unbiased group std; Dr. GRPO:
+    scale="none"; RLOO: baseline="loo" (s - mean of the others = n/(n-1) (s - mean_g));
+    scale="batch" divides by the std of all scores (TRL's scale_rewards="batch").
+    A group of one gets advantage 0.  Also returns, per group, whether all its
+    scores are equal (zero-variance groups that trainers may skip)."""
+    s = scores.to(_acc_dtype(scores.dtype))
+    N = s.shape[0]
+    if group_index is None:
+        idx = torch.arange(N, device=s.device) // group_size
+        G = N // group_size
+    else:
+        idx = group_index.long()
+        G = num_groups if num_groups is not None else (int(idx.max()) + 1 if N else 0)
+    zeros = s.new_zeros(G)
+    count = zeros.index_add(0, idx, torch.ones_like(s))
+    mean = zeros.index_add(0, idx, s) / count.clamp(min=1)
+    dev = s - mean[idx]
+    sq = zeros.index_add(0, idx, dev * dev)
+    std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), zeros)
+    n = count[idx]
+    centred = dev * n / (n - 1).clamp(min=1) if baseline == "loo" else dev
+    if scale == "group":
+        centred = centred / (std[idx] + eps)
+    elif scale == "batch":
+        batch_std = s.std() if N > 1 else s.new_zeros(())
+        centred = centred / (batch_std + eps)
+    advantages = torch.where(n > 1, centred, torch.zeros_like(centred))
+    lo = s.new_full((G,), float("inf")).scatter_reduce(0, idx, s, "amin")
+    hi = s.new_full((G,), -float("inf")).scatter_reduce(0, idx, s, "amax")
+    return advantages, (count == 0) | (lo == hi)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None,
+                keepdim: bool = False) -> torch.Tensor:
+    """Mean over the entries where mask is 1 (selected, so masked NaN never enters);
+    0 where nothing is valid."""
+    acc = x.to(_acc_dtype(x.dtype))
+    if mask is None:
+        mask = torch.ones_like(acc, dtype=torch.bool)
+    mask = mask.bool()
+    total = torch.where(mask, acc, torch.zeros_like(acc))
+    dims = tuple(range(x.dim())) if dim is None else (dim,)
+    count = mask.sum(dim=dims, keepdim=keepdim)
+    total = total.sum(dim=dims, keepdim=keepdim)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the valid entries, unbiased variance (as TRL
+    and verl); shift_mean=False adds the mean back.  Masked entries become 0."""
+    acc = x.to(_acc_dtype(x.dtype))
+    if mask is None:
+        mask = torch.ones_like(acc, dtype=torch.bool)
+    mask = mask.bool()
+    zero = torch.zeros_like(acc)
+    count = mask.sum()
+    mean = torch.where(mask, acc, zero).sum() / count.clamp(min=1)
+    sq = torch.where(mask, (acc - mean) ** 2, zero).sum()
+    var = torch.where(count > 1, sq / (count - 1).clamp(min=1), sq.new_zeros(()))
+    out = (acc - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, zero)

@@ -1,0 +1,185 @@
+"""Group advantages and masked statistics in Triton.  Group advantages: one
+program per group scanning the scores in blocks (members selected by index);
+masked row means: one program per row; whitening: one program, two reductions
+and a write pass."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, register_fake
+
+from .gae import _acc, _coefficients
+
+_BLOCK = 128
+
+
+@triton.jit
+def _members(idx_ptr, offs, live, g, group_size, HAS_INDEX: tl.constexpr):
+    if HAS_INDEX:
+        return live & (tl.load(idx_ptr + offs, mask=live, other=-1) == g)
+    return live & (offs // group_size == g)
+
+
+@triton.jit
+def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coef_ptr,
+                             HAS_INDEX: tl.constexpr, LOO: tl.constexpr, SCALE: tl.constexpr,
+                             ACC: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    eps = tl.load(coef_ptr)
+    total = tl.zeros([BLOCK], dtype=ACC)
+    count = tl.zeros([BLOCK], dtype=ACC)
+    lo = tl.full([BLOCK], float("inf"), dtype=ACC)
+    hi = tl.full([BLOCK], float("-inf"), dtype=ACC)
+    batch_total = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < N
+        x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
+        member = _members(idx_ptr, offs, live, g, group_size, HAS_INDEX)
+        total += tl.where(member, x, 0.0)
+        count += tl.where(member, 1.0, 0.0)
+        lo = tl.where(member & (x < lo), x, lo)
+        hi = tl.where(member & (x > hi), x, hi)
+        batch_total += tl.where(live, x, 0.0)
+    n = tl.sum(count, axis=0)
+    mean = tl.sum(total, axis=0) / tl.maximum(n, 1.0)
+    batch_mean = tl.sum(batch_total, axis=0) / tl.maximum(N, 1).to(ACC)
+    sq = tl.zeros([BLOCK], dtype=ACC)
+    batch_sq = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < N
+        x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
+        member = _members(idx_ptr, offs, live, g, group_size, HAS_INDEX)
+        sq += tl.where(member, (x - mean) * (x - mean), 0.0)
+        batch_sq += tl.where(live, (x - batch_mean) * (x - batch_mean), 0.0)
+    std = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n - 1.0, 1.0))
+    batch_std = tl.sqrt(tl.sum(batch_sq, axis=0) / tl.maximum(N - 1, 1).to(ACC))
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < N
+        x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
+        member = _members(idx_ptr, offs, live, g, group_size, HAS_INDEX)
+        centred = x - mean
+        if LOO:
+            centred = centred * n / tl.maximum(n - 1.0, 1.0)
+        if SCALE == 0:
+            centred = centred / (std + eps)
+        if SCALE == 1:
+            centred = centred / (batch_std + eps)
+        adv = tl.where(n > 1.0, centred, 0.0)
+        tl.store(adv_ptr + offs, adv, mask=member)
+    equal = (n == 0.0) | (tl.min(lo, axis=0) == tl.max(hi, axis=0))
+    tl.store(eq_ptr + g, equal.to(tl.int8))
+
+
+@custom_op("rlkernels::group_advantages_triton", mutates_args=())
+def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | None, group_size: int,
+                            num_groups: int, baseline: int, scale: int, eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    out_dtype, acc = _acc(scores.dtype)
+    N = scores.shape[0]
+    advantages = torch.empty(N, dtype=out_dtype, device=scores.device)
+    all_equal = torch.empty(num_groups, dtype=torch.bool, device=scores.device)
+    if num_groups > 0:
+        _group_advantages_kernel[(num_groups,)](
+            scores, group_index if group_index is not None else scores, advantages, all_equal.view(torch.int8),
+            N, max(group_size, 1), _coefficients(scores.device, out_dtype, eps),
+            HAS_INDEX=group_index is not None, LOO=baseline == 1, SCALE=scale, ACC=acc, BLOCK=_BLOCK)
+    return advantages, all_equal
+
+
+@register_fake("rlkernels::group_advantages_triton")
+def _group_advantages_fake(scores, group_index, group_size, num_groups, baseline, scale, eps):
+    return (scores.new_empty(scores.shape, dtype=_acc(scores.dtype)[0]),
+            scores.new_empty((num_groups,), dtype=torch.bool))
+
+
+@triton.jit
+def _row_mean_kernel(x_ptr, m_ptr, out_ptr, C, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK], dtype=ACC)
+    count = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, C, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < C
+        valid = live
+        if HAS_MASK:
+            valid = live & (tl.load(m_ptr + row * C + offs, mask=live, other=0) != 0)
+        x = tl.load(x_ptr + row * C + offs, mask=valid, other=0.0).to(ACC)
+        total += tl.where(valid, x, 0.0)
+        count += tl.where(valid, 1.0, 0.0)
+    n = tl.sum(count, axis=0)
+    tl.store(out_ptr + row, tl.where(n > 0, tl.sum(total, axis=0) / tl.maximum(n, 1.0), 0.0))
+
+
+@custom_op("rlkernels::masked_row_mean_triton", mutates_args=())
+def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    out_dtype, acc = _acc(x.dtype)
+    R, C = x.shape
+    out = torch.empty(R, dtype=out_dtype, device=x.device)
+    if R > 0:
+        _row_mean_kernel[(R,)](x, mask.view(torch.uint8) if mask is not None else x, out, C,
+                               HAS_MASK=mask is not None, ACC=acc, BLOCK=_BLOCK)
+    return out
+
+
+@register_fake("rlkernels::masked_row_mean_triton")
+def _row_mean_fake(x, mask):
+    return x.new_empty((x.shape[0],), dtype=_acc(x.dtype)[0])
+
+
+@triton.jit
+def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK: tl.constexpr):
+    eps = tl.load(coef_ptr)
+    total = tl.zeros([BLOCK], dtype=ACC)
+    count = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < N
+        if HAS_MASK:
+            valid = valid & (tl.load(m_ptr + offs, mask=offs < N, other=0) != 0)
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
+        total += tl.where(valid, x, 0.0)
+        count += tl.where(valid, 1.0, 0.0)
+    n = tl.sum(count, axis=0)
+    mean = tl.sum(total, axis=0) / tl.maximum(n, 1.0)
+    sq = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < N
+        if HAS_MASK:
+            valid = valid & (tl.load(m_ptr + offs, mask=offs < N, other=0) != 0)
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
+        sq += tl.where(valid, (x - mean) * (x - mean), 0.0)
+    var = tl.where(n > 1.0, tl.sum(sq, axis=0) / tl.maximum(n - 1.0, 1.0), 0.0)
+    inv_std = 1.0 / tl.sqrt(var + eps)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < N
+        valid = live
+        if HAS_MASK:
+            valid = live & (tl.load(m_ptr + offs, mask=live, other=0) != 0)
+        x = tl.load(x_ptr + offs, mask=live, other=0.0).to(ACC)
+        y = (x - mean) * inv_std
+        if not SHIFT_MEAN:
+            y = y + mean
+        tl.store(out_ptr + offs, tl.where(valid, y, 0.0), mask=live)
+
+
+@custom_op("rlkernels::masked_whiten_triton", mutates_args=())
+def masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor | None, shift_mean: bool, eps: float) -> torch.Tensor:
+    out_dtype, acc = _acc(x.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel() > 0:
+        _whiten_kernel[(1,)](x, mask.view(torch.uint8) if mask is not None else x, out, x.numel(),
+                             _coefficients(x.device, out_dtype, eps), SHIFT_MEAN=shift_mean,
+                             HAS_MASK=mask is not None, ACC=acc, BLOCK=1024)
+    return out
+
+
+@register_fake("rlkernels::masked_whiten_triton")
+def _whiten_fake(x, mask, shift_mean, eps):
+    return x.new_empty(x.shape, dtype=_acc(x.dtype)[0])
