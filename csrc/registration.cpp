@@ -8,7 +8,11 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("gae(Tensor rewards, Tensor values, Tensor? mask, Tensor? dones, Tensor? last_values, "
         "float gamma, float lam) -> (Tensor advantages, Tensor returns)");
   m.def("discounted_returns(Tensor rewards, Tensor? mask, Tensor? dones, float gamma) -> Tensor");
-<<<<<<< HEAD
+  // baseline: 0 mean, 1 leave-one-out; scale: 0 group std, 1 batch std, 2 none.
+  m.def("group_advantages(Tensor scores, Tensor? group_index, int group_size, int num_groups, "
+        "int baseline, int scale, float eps) -> (Tensor advantages, Tensor all_equal)");
+  m.def("masked_row_mean(Tensor x, Tensor? mask) -> Tensor");
+  m.def("masked_whiten(Tensor x, Tensor? mask, bool shift_mean, float eps) -> Tensor");
 
   // Token-level losses (issue 4).  One fused pass returns the loss, its
   // statistics, the per-token gradient before aggregation (empty unless
@@ -20,11 +24,4 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float? clip, str agg, "
         "float? num_tokens, float? num_seqs, float? norm_length, bool need_grad) "
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
-=======
-  // baseline: 0 mean, 1 leave-one-out; scale: 0 group std, 1 batch std, 2 none.
-  m.def("group_advantages(Tensor scores, Tensor? group_index, int group_size, int num_groups, "
-        "int baseline, int scale, float eps) -> (Tensor advantages, Tensor all_equal)");
-  m.def("masked_row_mean(Tensor x, Tensor? mask) -> Tensor");
-  m.def("masked_whiten(Tensor x, Tensor? mask, bool shift_mean, float eps) -> Tensor");
->>>>>>> main
 }

@@ -13,12 +13,8 @@ HAS_TRITON, _TRITON_WHY = _library.triton_status()
 if HAS_TRITON:
     from . import triton as _triton_ops  # noqa: F401  (registers rlkernels::*_triton)
 
-<<<<<<< HEAD
-from .ops import discounted_returns, gae  # noqa: E402
-from .ops import grpo_loss, ppo_loss, value_loss  # noqa: E402
-=======
 from .ops import discounted_returns, gae, group_advantages, masked_mean, masked_whiten  # noqa: E402
->>>>>>> main
+from .ops import grpo_loss, ppo_loss, value_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -43,9 +39,5 @@ def info() -> dict:
     return data
 
 
-<<<<<<< HEAD
-__all__ = ["BACKENDS", "info", "gae", "discounted_returns"]
-__all__ += ["ppo_loss", "grpo_loss", "value_loss"]
-=======
 __all__ = ["BACKENDS", "info", "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
->>>>>>> main
+__all__ += ["ppo_loss", "grpo_loss", "value_loss"]

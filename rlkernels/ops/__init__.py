@@ -2,15 +2,10 @@
 registers the fake kernel (and autograd where the op has a gradient)."""
 from .discounted_returns import discounted_returns
 from .gae import gae
-<<<<<<< HEAD
+from .group_advantages import group_advantages
+from .masked import masked_mean, masked_whiten
 from .policy_loss import grpo_loss, ppo_loss
 from .value_loss import value_loss
 
-__all__ = ["gae", "discounted_returns"]
-__all__ += ["ppo_loss", "grpo_loss", "value_loss"]
-=======
-from .group_advantages import group_advantages
-from .masked import masked_mean, masked_whiten
-
 __all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
->>>>>>> main
+__all__ += ["ppo_loss", "grpo_loss", "value_loss"]

@@ -1,13 +1,8 @@
 """Pure-PyTorch definitions of every rlkernels op: the truth that tests and
 benchmarks compare against, and the `backend="reference"` path."""
 from .advantages import discounted_returns, gae
-<<<<<<< HEAD
+from .group import group_advantages, masked_mean, masked_whiten
 from .losses import grpo_loss, ppo_loss, value_loss
 
-__all__ = ["gae", "discounted_returns"]
-__all__ += ["ppo_loss", "grpo_loss", "value_loss"]
-=======
-from .group import group_advantages, masked_mean, masked_whiten
-
 __all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
->>>>>>> main
+__all__ += ["ppo_loss", "grpo_loss", "value_loss"]
