@@ -40,3 +40,29 @@ cudaError_t launch_masked_whiten(const in_t* x, const uint8_t* mask, int64_t N, 
 
 }  // namespace cuda
 }  // namespace rlk
+
+namespace rlk {
+namespace cuda {
+
+// Token-level losses (losses.cu).  Normalisers < 0 mean "count them";
+// dual_clip and log_ratio_clamp are +inf when off; kl_kind is rlk::KLKind and
+// agg rlk::Agg as int.  `workspace` holds token_loss_workspace(B, T, slots)
+// doubles (slots: kPolicySlots or kValueSlots); `grad` may be null.
+int64_t token_loss_workspace(int64_t B, int64_t T, int slots);
+
+template <typename in_t, typename acc>
+cudaError_t launch_policy_loss(const in_t* logprobs, const in_t* old_logprobs, const in_t* advantages,
+                               bool advantages_per_row, const in_t* weights, const in_t* ref_logprobs,
+                               const uint8_t* mask, int64_t B, int64_t T, double clip_low, double clip_high,
+                               double dual_clip, double log_ratio_clamp, double kl_coef, int kl_kind, int agg,
+                               double num_tokens, double num_seqs, double norm_length, acc* grad, acc* row_scale,
+                               acc* loss, acc* stats, double* workspace, cudaStream_t stream);
+
+template <typename in_t, typename acc>
+cudaError_t launch_value_loss(const in_t* values, const in_t* old_values, const in_t* returns, const uint8_t* mask,
+                              int64_t B, int64_t T, bool has_clip, double clip, int agg, double num_tokens,
+                              double num_seqs, double norm_length, acc* grad, acc* row_scale, acc* loss,
+                              acc* stats, double* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace rlk
