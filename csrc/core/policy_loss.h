@@ -83,7 +83,9 @@ RLK_FORCE_INLINE PolicyToken<acc> policy_token(acc logprob, acc old_logprob, acc
   loss = capped > acc(0) ? cap : loss;
   slope = slope * (acc(1) - capped - acc(0.5) * tie);
   out.loss = weight * loss;
-  out.grad = weight * slope * ratio * pass;
+  // A constant branch has slope exactly 0, even where the ratio overflowed to
+  // inf (autograd's 0 * inf would give NaN there).
+  out.grad = weight * (slope == acc(0) ? acc(0) : slope * ratio) * pass;
   out.clip_upper = ((advantage > acc(0)) & (ratio > p.ratio_high)) ? acc(1) : acc(0);
   out.clip_lower = (negative & (ratio < p.ratio_low)) ? acc(1) : acc(0);
   out.clip_dual = capped;

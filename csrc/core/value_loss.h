@@ -2,7 +2,9 @@
 // and CUDA kernels:
 //   L = 0.5 max((v - R)^2, (old + clamp(v - old, -clip, clip) - R)^2)
 // without clip, L = 0.5 (v - R)^2.  Derivatives follow PyTorch's conventions
-// (clamp passes on its closed interval, max splits ties).
+// (clamp passes on its closed interval, max splits ties).  A token counts as
+// clipped when v - old lies outside [-clip, clip] and the clipped term is
+// strictly the larger.
 #pragma once
 #include "common.h"
 #include "vec_math.h"
@@ -33,17 +35,18 @@ RLK_FORCE_INLINE ValueToken<acc> value_token(acc value, acc old_value, acc ret, 
     return out;
   }
   const acc delta = value - old_value;
-  const acc pass = ((delta >= -clip) & (delta <= clip)) ? acc(1) : acc(0);
-  acc d = delta < -clip ? -clip : delta;
-  d = d > clip ? clip : d;
-  const acc err_clipped = old_value + d - ret;
+  // Inside [-clip, clip] both terms are equal in exact arithmetic: take the
+  // plain one rather than let rounding pick (verl's comparison counts such
+  // rounding noise as clipping).  Outside, clamp is constant, so the clipped
+  // term has slope 0; torch.max splits ties.
+  const bool active = !((delta >= -clip) & (delta <= clip));
+  const acc bound = delta < acc(0) ? -clip : clip;
+  const acc err_clipped = old_value + bound - ret;
   const acc sq_clipped = err_clipped * err_clipped;
-  const bool clip_wins = sq_clipped > sq;
-  const bool tie = sq_clipped == sq;
+  const bool clip_wins = active & (sq_clipped > sq);
+  const bool tie = active & (sq_clipped == sq);
   out.loss = acc(0.5) * (clip_wins ? sq_clipped : sq);
-  const acc grad_plain = err;
-  const acc grad_clipped = err_clipped * pass;
-  out.grad = clip_wins ? grad_clipped : (tie ? acc(0.5) * (grad_plain + grad_clipped) : grad_plain);
+  out.grad = clip_wins ? acc(0) : (tie ? acc(0.5) * err : err);
   out.clipped = clip_wins ? acc(1) : acc(0);
   return out;
 }

@@ -175,7 +175,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
                mask: torch.Tensor | None = None, *, clip: float | None = None, agg: str = "token-mean",
                num_tokens: float | None = None, num_seqs: float | None = None,
                norm_length: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """verl's compute_value_loss: 0.5 max((v - R)^2, (old + clamp(v - old, +-clip) - R)^2)."""
+    """verl's compute_value_loss: 0.5 max((v - R)^2, (old + clamp(v - old, +-clip) - R)^2);
+    clip_frac counts tokens where the clamp acts and the clipped term is the larger."""
     acc = _acc_dtype(values.dtype)
     valid = _valid(mask, values)
     zero = values.new_zeros((), dtype=acc)
@@ -187,7 +188,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
         old = torch.where(valid, old_values.to(acc), zero)
         v_clipped = old + torch.clamp(v - old, -clip, clip)
         losses2 = (v_clipped - ret).square()
-        clipped = losses2 > losses1
+        # verl's vf_clipfrac compares the two terms; inside [-clip, clip] they are equal
+        # in exact arithmetic, so only tokens where the clamp acts count.
+        clipped = (losses2 > losses1) & ((v - old).abs() > clip)
         losses1 = torch.maximum(losses1, losses2)
     loss_mat = torch.where(valid, 0.5 * losses1, zero)
     loss = aggregate(loss_mat, valid, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)

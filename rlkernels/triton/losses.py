@@ -66,7 +66,7 @@ def _policy_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, m_ptr, grad_ptr, pa
         tie = negative & (loss == cap)
         loss = tl.where(capped, cap, loss)
         slope = tl.where(capped, 0.0, tl.where(tie, 0.5 * slope, slope))
-    grad = slope * ratio * tl.where(pass_through, 1.0, 0.0)
+    grad = tl.where(slope == 0.0, 0.0, slope * ratio) * tl.where(pass_through, 1.0, 0.0)
     if HAS_WEIGHTS:
         w = tl.where(valid, tl.load(w_ptr + offs, mask=inside, other=0.0).to(ACC), 0.0)
         loss = w * loss
@@ -126,14 +126,13 @@ def _value_kernel(v_ptr, old_ptr, ret_ptr, m_ptr, grad_ptr, part_ptr, T, n_chunk
         clip = tl.load(coef_ptr)
         old = tl.where(valid, tl.load(old_ptr + offs, mask=inside, other=0.0).to(ACC), 0.0)
         delta = value - old
-        pass_through = tl.where((delta >= -clip) & (delta <= clip), 1.0, 0.0)
-        err_clipped = old + tl.minimum(tl.maximum(delta, -clip), clip) - ret
+        active = (delta < -clip) | (delta > clip)
+        err_clipped = old + tl.where(delta < 0.0, -clip, clip) - ret
         sq_clipped = err_clipped * err_clipped
-        clip_wins = sq_clipped > sq
-        tie = sq_clipped == sq
+        clip_wins = active & (sq_clipped > sq)
+        tie = active & (sq_clipped == sq)
         loss = 0.5 * tl.where(clip_wins, sq_clipped, sq)
-        grad_clipped = err_clipped * pass_through
-        grad = tl.where(clip_wins, grad_clipped, tl.where(tie, 0.5 * (err + grad_clipped), err))
+        grad = tl.where(clip_wins, 0.0, tl.where(tie, 0.5 * err, err))
         clipped_flag = tl.where(clip_wins, 1.0, 0.0).to(ACC)
     if NEED_GRAD:
         tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0).to(ACC), mask=inside)
