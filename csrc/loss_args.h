@@ -10,6 +10,7 @@
 
 #include "core/loss_agg.h"
 #include "core/policy_loss.h"
+#include "core/preference.h"
 #include "torch_common.h"
 
 namespace rlk {
@@ -31,6 +32,21 @@ inline KLKind parse_kl(c10::string_view view) {
   if (name == "k2") return KLKind::k2;
   if (name == "k3") return KLKind::k3;
   TORCH_CHECK(false, "unknown kl estimator ", name);
+}
+
+inline PreferenceKind parse_preference_kind(c10::string_view view) {
+  const std::string name(view.data(), view.size());
+  if (name == "sigmoid") return PreferenceKind::sigmoid;
+  if (name == "ipo") return PreferenceKind::ipo;
+  if (name == "hinge") return PreferenceKind::hinge;
+  if (name == "robust") return PreferenceKind::robust;
+  TORCH_CHECK(false, "unknown preference loss kind ", name);
+}
+
+inline void check_pairs(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0) && t.is_contiguous(), name,
+              " must be a contiguous [B] tensor like policy_chosen");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of policy_chosen");
 }
 
 // A missing normaliser travels to the kernels as -1 ("count it").

@@ -24,4 +24,11 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float? clip, str agg, "
         "float? num_tokens, float? num_seqs, float? norm_length, bool need_grad) "
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  // Preference losses over per-sequence log-probs; dlogits (d loss / d z per
+  // pair) is saved for backward.  sequence_logprobs: masked per-row sums (or
+  // means with average) and the rows' valid-token counts.
+  m.def("dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, "
+        "float beta, str kind, float label_smoothing) "
+        "-> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor dlogits)");
+  m.def("sequence_logprobs(Tensor token_logprobs, Tensor? mask, bool average) -> (Tensor logprobs, Tensor num_tokens)");
 }

@@ -66,3 +66,20 @@ cudaError_t launch_value_loss(const in_t* values, const in_t* old_values, const 
 
 }  // namespace cuda
 }  // namespace rlk
+
+namespace rlk {
+namespace cuda {
+
+// Preference losses (preference.cu); kind is rlk::PreferenceKind as int.
+template <typename in_t, typename acc>
+cudaError_t launch_dpo_loss(const in_t* policy_chosen, const in_t* policy_rejected, const in_t* ref_chosen,
+                            const in_t* ref_rejected, int64_t B, int kind, double beta, double label_smoothing,
+                            acc* losses, acc* chosen_rewards, acc* rejected_rewards, acc* dlogits,
+                            cudaStream_t stream);
+
+template <typename in_t, typename acc>
+cudaError_t launch_sequence_logprobs(const in_t* token_logprobs, const uint8_t* mask, int64_t B, int64_t T,
+                                     bool average, acc* out, acc* counts, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace rlk

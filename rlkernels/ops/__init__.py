@@ -6,6 +6,8 @@ from .group_advantages import group_advantages
 from .masked import masked_mean, masked_whiten
 from .policy_loss import grpo_loss, ppo_loss
 from .value_loss import value_loss
+from .dpo_loss import dpo_loss
+from .sequence_logprobs import sequence_logprobs
 
 __all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
-__all__ += ["ppo_loss", "grpo_loss", "value_loss"]
+__all__ += ["ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs"]

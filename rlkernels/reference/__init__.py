@@ -2,7 +2,7 @@
 benchmarks compare against, and the `backend="reference"` path."""
 from .advantages import discounted_returns, gae
 from .group import group_advantages, masked_mean, masked_whiten
-from .losses import grpo_loss, ppo_loss, value_loss
+from .losses import dpo_loss, grpo_loss, ppo_loss, sequence_logprobs, value_loss
 
 __all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
-__all__ += ["ppo_loss", "grpo_loss", "value_loss"]
+__all__ += ["ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs"]

@@ -4,3 +4,4 @@ TRITON_INTERPRET=1 (how CI checks them)."""
 from . import gae  # noqa: F401
 from . import group  # noqa: F401
 from . import losses  # noqa: F401,E402
+from . import preference  # noqa: F401,E402
