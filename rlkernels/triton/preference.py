@@ -19,7 +19,8 @@ def _log1p(x):
     # log1p without a libdevice call: log(u) * x / (u - 1) with u = 1 + x corrects
     # the rounding of u (exact for x = 0, where u - 1 = 0).
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
