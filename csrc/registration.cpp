@@ -27,4 +27,21 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "
         "Tensor saved, float temperature, bool logits_grad, bool ref_grad) -> (Tensor, Tensor)");
   m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str kind, float clamp) -> (Tensor value, Tensor slope)");
+  // Token-level losses (issue 4).  One fused pass returns the loss, its
+  // statistics, the per-token gradient before aggregation (empty unless
+  // need_grad) and the per-row gradient scales; backward only rescales.
+  m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
+        "Tensor? weights, Tensor? ref_logprobs, float clip_low, float clip_high, float? dual_clip, "
+        "float? log_ratio_clamp, float kl_coef, str kl, str agg, float? num_tokens, float? num_seqs, "
+        "float? norm_length, bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float? clip, str agg, "
+        "float? num_tokens, float? num_seqs, float? norm_length, bool need_grad) "
+        "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  // Preference losses over per-sequence log-probs; dlogits (d loss / d z per
+  // pair) is saved for backward.  sequence_logprobs: masked per-row sums (or
+  // means with average) and the rows' valid-token counts.
+  m.def("dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, "
+        "float beta, str kind, float label_smoothing) "
+        "-> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor dlogits)");
+  m.def("sequence_logprobs(Tensor token_logprobs, Tensor? mask, bool average) -> (Tensor logprobs, Tensor num_tokens)");
 }

@@ -77,3 +77,46 @@ cudaError_t launch_masked_whiten(const in_t* x, const uint8_t* mask, int64_t N, 
 
 }  // namespace cuda
 }  // namespace rlk
+
+namespace rlk {
+namespace cuda {
+
+// Token-level losses (losses.cu).  Normalisers < 0 mean "count them";
+// dual_clip and log_ratio_clamp are +inf when off; kl_kind is rlk::KLKind and
+// agg rlk::Agg as int.  `workspace` holds token_loss_workspace(B, T, slots)
+// doubles (slots: kPolicySlots or kValueSlots); `grad` may be null.
+int64_t token_loss_workspace(int64_t B, int64_t T, int slots);
+
+template <typename in_t, typename acc>
+cudaError_t launch_policy_loss(const in_t* logprobs, const in_t* old_logprobs, const in_t* advantages,
+                               bool advantages_per_row, const in_t* weights, const in_t* ref_logprobs,
+                               const uint8_t* mask, int64_t B, int64_t T, double clip_low, double clip_high,
+                               double dual_clip, double log_ratio_clamp, double kl_coef, int kl_kind, int agg,
+                               double num_tokens, double num_seqs, double norm_length, acc* grad, acc* row_scale,
+                               acc* loss, acc* stats, double* workspace, cudaStream_t stream);
+
+template <typename in_t, typename acc>
+cudaError_t launch_value_loss(const in_t* values, const in_t* old_values, const in_t* returns, const uint8_t* mask,
+                              int64_t B, int64_t T, bool has_clip, double clip, int agg, double num_tokens,
+                              double num_seqs, double norm_length, acc* grad, acc* row_scale, acc* loss,
+                              acc* stats, double* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace rlk
+
+namespace rlk {
+namespace cuda {
+
+// Preference losses (preference.cu); kind is rlk::PreferenceKind as int.
+template <typename in_t, typename acc>
+cudaError_t launch_dpo_loss(const in_t* policy_chosen, const in_t* policy_rejected, const in_t* ref_chosen,
+                            const in_t* ref_rejected, int64_t B, int kind, double beta, double label_smoothing,
+                            acc* losses, acc* chosen_rewards, acc* rejected_rewards, acc* dlogits,
+                            cudaStream_t stream);
+
+template <typename in_t, typename acc>
+cudaError_t launch_sequence_logprobs(const in_t* token_logprobs, const uint8_t* mask, int64_t B, int64_t T,
+                                     bool average, acc* out, acc* counts, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace rlk
