@@ -14,6 +14,8 @@ if HAS_TRITON:
     from . import triton as _triton_ops  # noqa: F401  (registers rlkernels::*_triton)
 
 from .ops import discounted_returns, gae, group_advantages, masked_mean, masked_whiten  # noqa: E402
+from .ops import kl_from_logits, kl_penalty, linear_logprobs, logprobs  # noqa: E402
+from .ops import dpo_loss, grpo_loss, ppo_loss, sequence_logprobs, value_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,3 +41,5 @@ def info() -> dict:
 
 
 __all__ = ["BACKENDS", "info", "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
+__all__ += ["logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]
+__all__ += ["ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs"]

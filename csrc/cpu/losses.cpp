@@ -1,0 +1,270 @@
+// Token-level losses on the CPU: the clipped policy surrogate (PPO/GRPO) and
+// the clipped value loss.  One pass over the inputs writes the per-token
+// gradient and accumulates each row's loss sum, token count and statistics;
+// a short serial step over rows applies the aggregation.
+//
+// Rows are processed in chunks of kChunk tokens.  Inputs that are not already
+// in the accumulation type (16-bit floats, per-row advantages) are staged
+// into small buffers, so the arithmetic loop is instantiated per accumulation
+// type only.  Each chunk is an element-wise pass (branch-free, so the
+// compiler vectorises it; setup.py adds -fno-trapping-math for that) into
+// L1-resident arrays, then reductions with kLanes independent partial sums.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../core/loss_agg.h"
+#include "../core/policy_loss.h"
+#include "../core/value_loss.h"
+#include "../loss_args.h"
+#include "../torch_common.h"
+#include "simd_loops.h"
+
+namespace rlk {
+namespace {
+
+using cpu::all_valid;
+using cpu::kChunk;
+using cpu::lane_sum;
+using cpu::max_nonnegative;
+using cpu::prefetch_ahead;
+using cpu::row_grain;
+using cpu::staged;
+
+// Per-token values of one chunk, kept in L1 between the arithmetic pass and
+// the reductions.
+template <typename acc, int kArrays>
+struct ChunkScratch {
+  alignas(64) acc values[kArrays][kChunk];
+  alignas(64) acc grad[kChunk];  // the gradient goes here when nobody wants it
+};
+
+// ---- policy surrogate -------------------------------------------------------------------------
+
+// Arrays of the policy chunk scratch: per-slot values (loss, token, the
+// statistics); the ratio maximum is reduced from the ratio array.
+constexpr int kPolicyArrays = kPolicySlots - 1;
+static_assert(kPolicyRatioMax == kPolicySlots - 2, "the max slot is the one without an array");
+constexpr int policy_array(int slot) { return slot < kPolicyRatioMax ? slot : slot - 1; }
+
+template <int kKL, typename acc>
+RLK_CPU_CLONES void policy_chunk(const acc* __restrict__ logprobs, const acc* __restrict__ old_logprobs,
+                                 const acc* __restrict__ advantages, const acc* __restrict__ weights,
+                                 const acc* __restrict__ ref_logprobs, const uint8_t* __restrict__ valid,
+                                 int64_t n, const PolicyParams<acc> params, acc* __restrict__ grad,
+                                 ChunkScratch<acc, kPolicyArrays>& scratch, double* partial) {
+  acc* __restrict__ loss = scratch.values[policy_array(kSlotLoss)];
+  acc* __restrict__ tokens = scratch.values[policy_array(kSlotTokens)];
+  acc* __restrict__ upper = scratch.values[policy_array(kPolicyClipUpper)];
+  acc* __restrict__ lower = scratch.values[policy_array(kPolicyClipLower)];
+  acc* __restrict__ dual = scratch.values[policy_array(kPolicyClipDual)];
+  acc* __restrict__ k1 = scratch.values[policy_array(kPolicyK1)];
+  acc* __restrict__ k3 = scratch.values[policy_array(kPolicyK3)];
+  acc* __restrict__ ratio = scratch.values[policy_array(kPolicyRatioSum)];
+  acc* __restrict__ kl = scratch.values[policy_array(kPolicyRefKL)];
+  for (int64_t i = 0; i < n; ++i) {
+    // Select, never multiply: NaN or inf in masked slots must not reach
+    // the sums or the gradient.
+    const bool v = valid[i] != 0;
+    const PolicyToken<acc> tok = policy_token<kKL, acc>(
+        keep_if(v, logprobs[i]), keep_if(v, old_logprobs[i]), keep_if(v, advantages[i]),
+        keep_if(v, weights[i]), kKL != 0 ? keep_if(v, ref_logprobs[i]) : acc(0), params);
+    grad[i] = keep_if(v, tok.grad);
+    loss[i] = keep_if(v, tok.loss);
+    tokens[i] = keep_if(v, acc(1));
+    upper[i] = keep_if(v, tok.clip_upper);
+    lower[i] = keep_if(v, tok.clip_lower);
+    dual[i] = keep_if(v, tok.clip_dual);
+    k1[i] = keep_if(v, tok.k1);
+    k3[i] = keep_if(v, tok.k3);
+    ratio[i] = keep_if(v, tok.ratio);
+    kl[i] = keep_if(v, tok.kl);
+  }
+  for (int slot = 0; slot < kPolicySlots; ++slot)
+    if (slot != kPolicyRatioMax) partial[slot] += lane_sum(scratch.values[policy_array(slot)], n);
+  partial[kPolicyRatioMax] = std::max(partial[kPolicyRatioMax], double(max_nonnegative(ratio, n)));
+}
+
+template <typename scalar_t>
+struct PolicyInputs {
+  const scalar_t* logprobs;
+  const scalar_t* old_logprobs;
+  const scalar_t* advantages;
+  bool advantages_per_row;
+  const scalar_t* weights;       // may be null
+  const scalar_t* ref_logprobs;  // may be null
+  const uint8_t* mask;           // may be null
+};
+
+template <int kKL, typename scalar_t>
+void policy_rows(const PolicyInputs<scalar_t>& in, int64_t B, int64_t T,
+                 const PolicyParams<acc_t<scalar_t>>& params, acc_t<scalar_t>* grad, double* rows) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+    alignas(64) acc lp_buf[kChunk], old_buf[kChunk], adv_buf[kChunk], w_buf[kChunk], ref_buf[kChunk];
+    alignas(64) acc ones[kChunk];
+    ChunkScratch<acc, kPolicyArrays> scratch;
+    std::fill(ones, ones + kChunk, acc(1));
+    for (int64_t b = begin; b < end; ++b) {
+      double* partial = rows + b * kPolicySlots;
+      std::fill(partial, partial + kPolicySlots, 0.0);
+      const int64_t o = b * T;
+      if (in.advantages_per_row) std::fill(adv_buf, adv_buf + kChunk, cast<acc>(in.advantages[b]));
+      for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+        const int64_t n = std::min(kChunk, T - t0);
+        const int64_t at = o + t0;
+        prefetch_ahead(in.logprobs + at, n);
+        prefetch_ahead(in.old_logprobs + at, n);
+        if (!in.advantages_per_row) prefetch_ahead(in.advantages + at, n);
+        if (in.weights) prefetch_ahead(in.weights + at, n);
+        if (kKL != 0) prefetch_ahead(in.ref_logprobs + at, n);
+        const acc* lp = staged<acc>(in.logprobs + at, n, lp_buf);
+        const acc* old = staged<acc>(in.old_logprobs + at, n, old_buf);
+        const acc* adv = in.advantages_per_row ? adv_buf : staged<acc>(in.advantages + at, n, adv_buf);
+        const acc* w = in.weights ? staged<acc>(in.weights + at, n, w_buf) : ones;
+        const acc* ref = kKL != 0 ? staged<acc>(in.ref_logprobs + at, n, ref_buf) : lp;
+        const uint8_t* valid = in.mask ? in.mask + at : all_valid();
+        policy_chunk<kKL, acc>(lp, old, adv, w, ref, valid, n, params, grad ? grad + at : scratch.grad,
+                               scratch, partial);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weights,
+    const c10::optional<at::Tensor>& ref_logprobs, double clip_low, double clip_high,
+    c10::optional<double> dual_clip, c10::optional<double> log_ratio_clamp, double kl_coef,
+    c10::string_view kl, c10::string_view agg, c10::optional<double> num_tokens,
+    c10::optional<double> num_seqs, c10::optional<double> norm_length, bool need_grad) {
+  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T], got ", logprobs.sizes());
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  check_rows(logprobs, "logprobs", B, T);
+  check_token_input(old_logprobs, "old_logprobs", logprobs);
+  const bool adv_per_row = check_token_input(advantages, "advantages", logprobs, /*per_row_ok=*/true);
+  if (weights.has_value()) check_token_input(*weights, "weights", logprobs);
+  const KLKind kind = parse_kl(kl);
+  TORCH_CHECK(kind == KLKind::none || ref_logprobs.has_value(), "a KL estimator needs ref_logprobs");
+  if (ref_logprobs.has_value()) check_token_input(*ref_logprobs, "ref_logprobs", logprobs);
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  const Agg mode = parse_agg(agg);
+  TokenLossOutputs out = token_loss_outputs(logprobs, kPolicyStats, need_grad);
+  std::vector<double> rows(size_t(B) * kPolicySlots);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "policy_loss_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    PolicyParams<acc> params;
+    params.ratio_low = acc(1.0 - clip_low);
+    params.ratio_high = acc(1.0 + clip_high);
+    params.dual_clip = dual_clip.has_value() ? acc(*dual_clip) : std::numeric_limits<acc>::infinity();
+    params.log_ratio_clamp = log_ratio_clamp.has_value() ? acc(*log_ratio_clamp) : std::numeric_limits<acc>::infinity();
+    params.kl_coef = acc(kl_coef);
+    PolicyInputs<scalar_t> in{logprobs.data_ptr<scalar_t>(), old_logprobs.data_ptr<scalar_t>(),
+                              advantages.data_ptr<scalar_t>(), adv_per_row,
+                              weights.has_value() ? weights->data_ptr<scalar_t>() : nullptr,
+                              ref_logprobs.has_value() ? ref_logprobs->data_ptr<scalar_t>() : nullptr, mask_p};
+    acc* grad = need_grad ? out.grad.data_ptr<acc>() : nullptr;
+    switch (kind) {
+      case KLKind::none: policy_rows<0>(in, B, T, params, grad, rows.data()); break;
+      case KLKind::k1: policy_rows<1>(in, B, T, params, grad, rows.data()); break;
+      case KLKind::k2: policy_rows<2>(in, B, T, params, grad, rows.data()); break;
+      case KLKind::k3: policy_rows<3>(in, B, T, params, grad, rows.data()); break;
+    }
+    finalize_rows<acc>(rows.data(), B, kPolicySlots, kPolicyRatioMax, mode, given_or_count(num_tokens),
+                       given_or_count(num_seqs), given_or_count(norm_length), T, out.row_scale.data_ptr<acc>(),
+                       out.loss.data_ptr<acc>(), out.stats.data_ptr<acc>());
+  });
+  return {out.loss, out.stats, out.grad, out.row_scale};
+}
+
+// ---- value loss -------------------------------------------------------------------------------
+
+template <bool kClip, typename acc>
+RLK_CPU_CLONES void value_chunk(const acc* __restrict__ values, const acc* __restrict__ old_values,
+                                const acc* __restrict__ returns, const uint8_t* __restrict__ valid, int64_t n,
+                                const acc clip, acc* __restrict__ grad, ChunkScratch<acc, kValueSlots>& scratch,
+                                double* partial) {
+  acc* __restrict__ loss = scratch.values[kSlotLoss];
+  acc* __restrict__ tokens = scratch.values[kSlotTokens];
+  acc* __restrict__ clipped = scratch.values[kValueClipped];
+  for (int64_t i = 0; i < n; ++i) {
+    const bool v = valid[i] != 0;
+    const ValueToken<acc> tok = value_token<kClip, acc>(
+        keep_if(v, values[i]), kClip ? keep_if(v, old_values[i]) : acc(0), keep_if(v, returns[i]), clip);
+    grad[i] = keep_if(v, tok.grad);
+    loss[i] = keep_if(v, tok.loss);
+    tokens[i] = keep_if(v, acc(1));
+    clipped[i] = keep_if(v, tok.clipped);
+  }
+  for (int slot = 0; slot < kValueSlots; ++slot) partial[slot] += lane_sum(scratch.values[slot], n);
+}
+
+template <bool kClip, typename scalar_t>
+void value_rows(const scalar_t* values, const scalar_t* old_values, const scalar_t* returns,
+                const uint8_t* mask, int64_t B, int64_t T, acc_t<scalar_t> clip, acc_t<scalar_t>* grad,
+                double* rows) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+    alignas(64) acc value_buf[kChunk], old_buf[kChunk], ret_buf[kChunk];
+    ChunkScratch<acc, kValueSlots> scratch;
+    for (int64_t b = begin; b < end; ++b) {
+      double* partial = rows + b * kValueSlots;
+      std::fill(partial, partial + kValueSlots, 0.0);
+      for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+        const int64_t n = std::min(kChunk, T - t0);
+        const int64_t at = b * T + t0;
+        prefetch_ahead(values + at, n);
+        prefetch_ahead(returns + at, n);
+        if (kClip) prefetch_ahead(old_values + at, n);
+        const acc* v = staged<acc>(values + at, n, value_buf);
+        const acc* old = kClip ? staged<acc>(old_values + at, n, old_buf) : v;
+        const acc* ret = staged<acc>(returns + at, n, ret_buf);
+        value_chunk<kClip, acc>(v, old, ret, mask ? mask + at : all_valid(), n, clip,
+                                grad ? grad + at : scratch.grad, scratch, partial);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const c10::optional<at::Tensor>& mask, c10::optional<double> clip, c10::string_view agg,
+    c10::optional<double> num_tokens, c10::optional<double> num_seqs, c10::optional<double> norm_length,
+    bool need_grad) {
+  TORCH_CHECK(values.dim() == 2, "values must be [B, T], got ", values.sizes());
+  const int64_t B = values.size(0), T = values.size(1);
+  check_rows(values, "values", B, T);
+  check_token_input(old_values, "old_values", values);
+  check_token_input(returns, "returns", values);
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  const Agg mode = parse_agg(agg);
+  TokenLossOutputs out = token_loss_outputs(values, kValueStats, need_grad);
+  std::vector<double> rows(size_t(B) * kValueSlots);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "value_loss_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    acc* grad = need_grad ? out.grad.data_ptr<acc>() : nullptr;
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    const scalar_t* old = old_values.data_ptr<scalar_t>();
+    const scalar_t* ret = returns.data_ptr<scalar_t>();
+    if (clip.has_value()) {
+      value_rows<true>(v, old, ret, mask_p, B, T, acc(*clip), grad, rows.data());
+    } else {
+      value_rows<false>(v, old, ret, mask_p, B, T, acc(0), grad, rows.data());
+    }
+    finalize_rows<acc>(rows.data(), B, kValueSlots, -1, mode, given_or_count(num_tokens),
+                       given_or_count(num_seqs), given_or_count(norm_length), T, out.row_scale.data_ptr<acc>(),
+                       out.loss.data_ptr<acc>(), out.stats.data_ptr<acc>());
+  });
+  return {out.loss, out.stats, out.grad, out.row_scale};
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("policy_loss", &rlk::policy_loss_cpu);
+  m.impl("value_loss", &rlk::value_loss_cpu);
+}

@@ -1,0 +1,102 @@
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <limits>
+
+#include "../core/common.h"
+#include "../core/loss_agg.h"
+#include "../core/policy_loss.h"
+#include "../core/value_loss.h"
+#include "../loss_args.h"
+#include "../torch_common.h"
+#include "cuda_types.h"
+#include "launchers.h"
+
+namespace rlk {
+namespace {
+
+template <typename T>
+const typename cuda::device_type<T>::type* optional_dptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? cuda::dptr(t->data_ptr<T>()) : nullptr;
+}
+
+at::Tensor workspace_for(const at::Tensor& like, int64_t B, int64_t T, int slots) {
+  return at::empty({cuda::token_loss_workspace(B, T, slots)}, like.options().dtype(at::kDouble));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weights,
+    const c10::optional<at::Tensor>& ref_logprobs, double clip_low, double clip_high,
+    c10::optional<double> dual_clip, c10::optional<double> log_ratio_clamp, double kl_coef,
+    c10::string_view kl, c10::string_view agg, c10::optional<double> num_tokens,
+    c10::optional<double> num_seqs, c10::optional<double> norm_length, bool need_grad) {
+  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T], got ", logprobs.sizes());
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  check_rows(logprobs, "logprobs", B, T);
+  check_token_input(old_logprobs, "old_logprobs", logprobs);
+  const bool adv_per_row = check_token_input(advantages, "advantages", logprobs, /*per_row_ok=*/true);
+  if (weights.has_value()) check_token_input(*weights, "weights", logprobs);
+  const KLKind kind = parse_kl(kl);
+  TORCH_CHECK(kind == KLKind::none || ref_logprobs.has_value(), "a KL estimator needs ref_logprobs");
+  if (ref_logprobs.has_value()) check_token_input(*ref_logprobs, "ref_logprobs", logprobs);
+  check_same_device(logprobs, mask, "mask");
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  const Agg mode = parse_agg(agg);
+  c10::cuda::CUDAGuard guard(logprobs.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  TokenLossOutputs out = token_loss_outputs(logprobs, kPolicyStats, need_grad);
+  at::Tensor workspace = workspace_for(logprobs, B, T, kPolicySlots);
+  const double inf = std::numeric_limits<double>::infinity();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "policy_loss_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    C10_CUDA_CHECK(cuda::launch_policy_loss(
+        cuda::dptr(logprobs.data_ptr<scalar_t>()), cuda::dptr(old_logprobs.data_ptr<scalar_t>()),
+        cuda::dptr(advantages.data_ptr<scalar_t>()), adv_per_row, optional_dptr<scalar_t>(weights),
+        optional_dptr<scalar_t>(ref_logprobs), mask_p, B, T, clip_low, clip_high, dual_clip.value_or(inf),
+        log_ratio_clamp.value_or(inf), kl_coef, int(kind), int(mode), given_or_count(num_tokens),
+        given_or_count(num_seqs), given_or_count(norm_length), need_grad ? out.grad.data_ptr<acc>() : nullptr,
+        out.row_scale.data_ptr<acc>(), out.loss.data_ptr<acc>(), out.stats.data_ptr<acc>(),
+        workspace.data_ptr<double>(), stream));
+  });
+  return {out.loss, out.stats, out.grad, out.row_scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cuda(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const c10::optional<at::Tensor>& mask, c10::optional<double> clip, c10::string_view agg,
+    c10::optional<double> num_tokens, c10::optional<double> num_seqs, c10::optional<double> norm_length,
+    bool need_grad) {
+  TORCH_CHECK(values.dim() == 2, "values must be [B, T], got ", values.sizes());
+  const int64_t B = values.size(0), T = values.size(1);
+  check_rows(values, "values", B, T);
+  check_token_input(old_values, "old_values", values);
+  check_token_input(returns, "returns", values);
+  check_same_device(values, mask, "mask");
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  const Agg mode = parse_agg(agg);
+  c10::cuda::CUDAGuard guard(values.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  TokenLossOutputs out = token_loss_outputs(values, kValueStats, need_grad);
+  at::Tensor workspace = workspace_for(values, B, T, kValueSlots);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "value_loss_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    C10_CUDA_CHECK(cuda::launch_value_loss(
+        cuda::dptr(values.data_ptr<scalar_t>()), cuda::dptr(old_values.data_ptr<scalar_t>()),
+        cuda::dptr(returns.data_ptr<scalar_t>()), mask_p, B, T, clip.has_value(), clip.value_or(0.0), int(mode),
+        given_or_count(num_tokens), given_or_count(num_seqs), given_or_count(norm_length),
+        need_grad ? out.grad.data_ptr<acc>() : nullptr, out.row_scale.data_ptr<acc>(), out.loss.data_ptr<acc>(),
+        out.stats.data_ptr<acc>(), workspace.data_ptr<double>(), stream));
+  });
+  return {out.loss, out.stats, out.grad, out.row_scale};
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) {
+  m.impl("policy_loss", &rlk::policy_loss_cuda);
+  m.impl("value_loss", &rlk::value_loss_cuda);
+}
