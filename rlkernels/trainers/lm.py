@@ -216,7 +216,7 @@ def sequence_logprobs(ops, model: nn.Module, input_ids, attention_mask, labels, 
     """Summed response log-probs per row `[B]` (the DPO quantity), through the ops."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
     token = token_logprobs(ops, model, hidden, labels, fused=fused)
-    return ops.sequence_logprobs(token, labels, labels != IGNORE_INDEX)
+    return ops.sequence_logprobs(token, labels != IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------- reward model
