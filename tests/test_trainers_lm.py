@@ -149,8 +149,6 @@ def test_fused_and_unfused_head_agree(fused):
     from rlkernels.trainers.kernels import Kernels
 
     ops = Kernels("rlkernels")
-    if fused and not ops.has("linear_logprobs"):
-        pytest.skip("this build has no linear_logprobs (rlkernels.linear_logprobs not merged yet)")
     model = toy.build_model(toy.model_config(n_layer=1, n_embd=32, n_head=2), seed=0)
     tokenizer = toy.build_tokenizer()
     rollout = lm.sample(model, tokenizer, toy.sample_prompts(4, random.Random(0)), max_new_tokens=5)

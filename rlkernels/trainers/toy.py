@@ -159,9 +159,12 @@ def preference_pairs(n: int, *, seed: int = 0, noise: float = 0.0, negative_frac
 # ---------------------------------------------------------------- warm start
 def pretrain(model, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> list[float]:
     """A short language-model warm-up on `sft_corpus` so the base model writes grammatical
-    reviews of random sentiment.  Returns the losses.  Leaves global RNG state untouched."""
+    reviews of random sentiment.  Returns the losses.  The loss is the mean negative
+    log-likelihood through `rlkernels.logprobs` (always the compiled kernels, so runs
+    with either kernel set start from the same base model)."""
     import torch
-    import torch.nn.functional as F
+
+    import rlkernels
 
     if steps <= 0:
         return []
@@ -175,8 +178,7 @@ def pretrain(model, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, :-1]
         labels = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-        # plain cross-entropy: warm-up is not part of what rlkernels accelerates
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        loss = -rlkernels.logprobs(logits, labels).sum() / (labels != -100).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
