@@ -14,6 +14,8 @@ if HAS_TRITON:
     from . import triton as _triton_ops  # noqa: F401  (registers rlkernels::*_triton)
 
 from .ops import discounted_returns, gae  # noqa: E402
+from .ops import gossip_mix, pack_tensors, unpack_tensors  # noqa: E402
+from . import distributed  # noqa: E402,F401  (rlkernels.distributed: averaging over torch.distributed)
 
 __version__ = "0.1.0"
 
@@ -39,3 +41,4 @@ def info() -> dict:
 
 
 __all__ = ["BACKENDS", "info", "gae", "discounted_returns"]
+__all__ += ["pack_tensors", "unpack_tensors", "gossip_mix", "distributed"]

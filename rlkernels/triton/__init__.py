@@ -2,3 +2,4 @@
 Imported by rlkernels when triton is importable; on CPU tensors they run under
 TRITON_INTERPRET=1 (how CI checks them)."""
 from . import gae  # noqa: F401
+from . import multi_tensor  # noqa: F401
