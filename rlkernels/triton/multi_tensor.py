@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
+from .._library import triton_interpreting
 from ..reference.multi_tensor import scale_dtype
 
 _BLOCK = 2048
@@ -20,9 +21,20 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.f
 
 
 @triton.jit
+def _bf16_round_nearest_even(x):
+    """float32 -> bfloat16 rounding to nearest even, as the GPU converts.  Used only
+    under TRITON_INTERPRET=1, whose emulated conversion truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+    rounded = tl.where(x == x, rounded, 0x7FC0)
+    return rounded.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _multi_tensor_copy_kernel(addresses_ptr, offsets_ptr, numels_ptr, work_tensor_ptr, work_block_ptr,
                               bucket_ptr, scale_ptr, PACK: tl.constexpr, PLAIN: tl.constexpr,
-                              TENSOR_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                              TENSOR_DTYPE: tl.constexpr, ACC: tl.constexpr, BF16_RNE: tl.constexpr,
+                              BLOCK: tl.constexpr):
     item = tl.program_id(0)
     t = tl.load(work_tensor_ptr + item)
     block = tl.load(work_block_ptr + item).to(tl.int64)
@@ -42,7 +54,9 @@ def _multi_tensor_copy_kernel(addresses_ptr, offsets_ptr, numels_ptr, work_tenso
         out = values
     else:
         out = values.to(ACC) * tl.load(scale_ptr)
-    tl.store(dst, out.to(dst.dtype.element_ty), mask=live)
+        if BF16_RNE:
+            out = _bf16_round_nearest_even(out)
+    tl.store(dst, out, mask=live)
 
 
 def _work_items(tensors, device):
@@ -58,6 +72,10 @@ def _work_items(tensors, device):
     return [x.to(device, non_blocking=True) for x in table], int(work_tensor.numel())
 
 
+def _interpreted_bf16(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
 def _launch(tensors, bucket, scale, pack: bool):
     if bucket.numel() == 0:
         return
@@ -68,7 +86,8 @@ def _launch(tensors, bucket, scale, pack: bool):
     table, items = _work_items(tensors, bucket.device)
     scale_t = torch.tensor([scale], dtype=acc, device=bucket.device)
     _multi_tensor_copy_kernel[(items,)](*table, bucket, scale_t, PACK=pack, PLAIN=plain,
-                                       TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc], BLOCK=_BLOCK)
+                                       TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc],
+                                       BF16_RNE=_interpreted_bf16(dst_dtype), BLOCK=_BLOCK)
 
 
 @custom_op("rlkernels::pack_tensors_triton", mutates_args=("bucket",))
@@ -83,14 +102,16 @@ def unpack_tensors_triton(bucket: torch.Tensor, tensors: list[torch.Tensor], sca
 
 @triton.jit
 def _gossip_mix_kernel(x_ptr, left_ptr, right_ptr, out_ptr, n, weights_ptr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = idx < n
     x = tl.load(x_ptr + idx, mask=live).to(ACC)
     left = tl.load(left_ptr + idx, mask=live).to(ACC)
     right = tl.load(right_ptr + idx, mask=live).to(ACC)
     mixed = tl.load(weights_ptr) * x + tl.load(weights_ptr + 1) * left + tl.load(weights_ptr + 2) * right
-    tl.store(out_ptr + idx, mixed.to(out_ptr.dtype.element_ty), mask=live)
+    if BF16_RNE:
+        mixed = _bf16_round_nearest_even(mixed)
+    tl.store(out_ptr + idx, mixed, mask=live)
 
 
 @custom_op("rlkernels::gossip_mix_triton", mutates_args=("out",))
@@ -101,7 +122,8 @@ def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, 
         return
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     weights = torch.tensor([w_self, w_left, w_right], dtype=acc, device=x.device)
-    _gossip_mix_kernel[(triton.cdiv(n, _BLOCK),)](x, left, right, out, n, weights, ACC=_TL[acc], BLOCK=_BLOCK)
+    _gossip_mix_kernel[(triton.cdiv(n, _BLOCK),)](x, left, right, out, n, weights, ACC=_TL[acc],
+                                                    BF16_RNE=_interpreted_bf16(x.dtype), BLOCK=_BLOCK)
 
 
 @register_fake("rlkernels::pack_tensors_triton")
