@@ -91,7 +91,7 @@ def _describe(tensors: list[torch.Tensor]) -> list[str]:
     return [f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" for t in tensors]
 
 
-def check_same_everywhere(fn: str, tensors: list[torch.Tensor], where: Ring, what: str = "parameters") -> None:
+def check_same_everywhere(fn: str, tensors: list[torch.Tensor], where: Ring, what: str = "params") -> None:
     """Raises ValueError on every rank when the ranks' tensors differ in count, shape
     or dtype.  Cost: one all_gather of 3 int64 per rank; the full descriptions are
     exchanged only when something differs, to name the first difference."""
@@ -117,8 +117,8 @@ def check_same_everywhere(fn: str, tensors: list[torch.Tensor], where: Ring, wha
         if a != b:
             detail = f"{what}[{i}] is {a} on rank 0 but {b} on rank {other}"
             break
-    raise ValueError(f"{_prefix(fn)}: the {what} differ across ranks (shape or dtype): {detail} "
-                     "(group ranks; every rank must pass the same list)")
+    raise ValueError(f"{_prefix(fn)}: {what} differ across ranks (shape or dtype): {detail} "
+                     "(group ranks; every rank must pass the same tensors in the same order)")
 
 
 @dataclass(eq=False)

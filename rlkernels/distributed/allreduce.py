@@ -40,7 +40,13 @@ def reduce_buckets(tensors: list[torch.Tensor], where: Ring, *, average: bool, m
         bucket, flat, work = pending.popleft()
         if work is not None:
             work.wait()
-        unpack_tensors(flat, bucket.tensors, scale=post, backend=backend)
+        scale = post
+        if flat.dtype == torch.float64 and average and wire is None:
+            # float64 has no wider type for the fused scale to round from: divide, so
+            # the mean equals all_reduce(sum) / n bit for bit here too.
+            flat.div_(n)
+            scale = 1.0
+        unpack_tensors(flat, bucket.tensors, scale=scale, backend=backend)
 
     for bucket in make_buckets(tensors, max_bytes, wire):
         flat = pack_tensors(bucket.tensors, dtype=wire or bucket.dtype, scale=pre, backend=backend)

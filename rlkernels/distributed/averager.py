@@ -68,7 +68,7 @@ class DecentralizedAverager:
         self._where = ring(_FN, group)
         self.group = group
         self._params = collect(_FN, module)
-        check_same_everywhere(_FN, self._params, self._where)
+        check_same_everywhere(_FN, self._params, self._where, what="params")
         if self.mode == "gossip":
             base = default_weights(self._where.size) if weights is None else gossip_weights(prefix, weights)
             # theta + alpha * (mix - theta) is the mix with weights scaled by alpha and
@@ -184,6 +184,10 @@ class DecentralizedAverager:
                     continue
                 for key in sorted(state, key=str):
                     value = state[key]
+                    # Step counters are equal on every rank already; mixing them could
+                    # only round them off an integer.
+                    if key == "step":
+                        continue
                     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0:
                         tensors.append(value.detach())
         return tensors
