@@ -396,6 +396,7 @@ def fault_worker(rank: int, world: int, fault: str, call: str, release_path: str
     """The last rank exits or hangs; the others run `call`, which must raise.
     Returns (error text or None, seconds).  The hung rank wakes up once rank 0
     leaves `release_path` (or after a minute)."""
+    dist.barrier()  # every rank is connected before one of them goes away
     if rank == world - 1:
         if fault == "exit":
             os._exit(3)

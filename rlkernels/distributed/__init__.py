@@ -8,9 +8,10 @@ NCCL on GPU; launch with torchrun on one machine or many).  No transport of its 
   k local steps (or gossip), optionally with the optimizer state.
 
 See docs/distributed.md."""
+from ._common import release_buffers
 from .allreduce import average_parameters
 from .averager import DecentralizedAverager
 from .gossip import gossip_average
 from .ring import ring_all_reduce
 
-__all__ = ["average_parameters", "ring_all_reduce", "gossip_average", "DecentralizedAverager"]
+__all__ = ["average_parameters", "ring_all_reduce", "gossip_average", "DecentralizedAverager", "release_buffers"]

@@ -3,6 +3,7 @@ average, the cross-rank signature check and bucketing."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -148,3 +149,29 @@ def make_buckets(tensors: list[torch.Tensor], max_bytes: int, wire_dtype: torch.
         bucket.numel += t.numel()
     done.extend(b for b in open_buckets.values() if b.tensors)
     return done
+
+
+_WORKSPACE = threading.local()
+
+
+def workspace(tag, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D buffer of `numel` elements kept between calls (per thread) for CPU
+    tensors: a fresh one costs a page fault per 4 KiB on first write, which takes
+    longer than the copy into it.  CUDA's caching allocator already recycles
+    memory, so there a plain allocation is returned.  Contents are undefined."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACE.buffers = {}
+    key = (tag, dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
+
+
+def release_buffers() -> None:
+    """Frees the CPU buffers that rlkernels.distributed keeps between calls (about
+    two buckets, plus 2/n of the largest tensor given to ring_all_reduce)."""
+    _WORKSPACE.buffers = {}

@@ -15,12 +15,11 @@ import torch.distributed as dist
 
 from ..ops.multi_tensor import pack_tensors, unpack_tensors
 from ._common import (Ring, bucket_bytes, check_same_everywhere, collect, compress_dtype, make_buckets,
-                      op_name, ring)
-from .ring import ring_reduce_
+                      op_name, ring, workspace)
+from .ring import SEGMENT_BYTES, ring_reduce_
 
 _FN = "average_parameters"
 _IN_FLIGHT = 2  # buckets packed and being reduced at once (bounds the extra memory)
-_RING_SEGMENT_BYTES = 1 << 20
 
 
 def reduce_buckets(tensors: list[torch.Tensor], where: Ring, *, average: bool, max_bytes: int,
@@ -48,10 +47,12 @@ def reduce_buckets(tensors: list[torch.Tensor], where: Ring, *, average: bool, m
             scale = 1.0
         unpack_tensors(flat, bucket.tensors, scale=scale, backend=backend)
 
-    for bucket in make_buckets(tensors, max_bytes, wire):
-        flat = pack_tensors(bucket.tensors, dtype=wire or bucket.dtype, scale=pre, backend=backend)
+    for k, bucket in enumerate(make_buckets(tensors, max_bytes, wire)):
+        # slot k % _IN_FLIGHT: the bucket that used it last has been finished
+        buffer = workspace(("bucket", k % _IN_FLIGHT), bucket.numel, wire or bucket.dtype, bucket.device)
+        flat = pack_tensors(bucket.tensors, out=buffer, scale=pre, backend=backend)
         if mode == "ring":
-            ring_reduce_(flat, where, average=False, segment_elems=max(1, _RING_SEGMENT_BYTES // flat.element_size()))
+            ring_reduce_(flat, where, average=False, segment_elems=max(1, SEGMENT_BYTES // flat.element_size()))
             work = None
         else:
             work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=where.group, async_op=True)

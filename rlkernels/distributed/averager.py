@@ -23,7 +23,7 @@ from ..ops.multi_tensor import gossip_weights, pack_tensors, unpack_tensors
 from ._common import bucket_bytes, check_same_everywhere, collect, make_buckets, ring
 from .allreduce import reduce_buckets
 from .gossip import default_weights, gossip_buckets
-from .ring import ring_reduce_
+from .ring import SEGMENT_BYTES, ring_reduce_
 
 _FN = "DecentralizedAverager"
 _MODES = ("allreduce", "ring", "gossip")
@@ -165,7 +165,7 @@ class DecentralizedAverager:
                     work = None
                 elif self.mode == "ring":
                     ring_reduce_(delta, self._where, average=False,
-                                 segment_elems=max(1, (1 << 20) // delta.element_size()))
+                                 segment_elems=max(1, SEGMENT_BYTES // delta.element_size()))
                     work = None
                 else:
                     work = dist.all_reduce(delta, op=dist.ReduceOp.SUM, group=self.group, async_op=True)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.multi_tensor import gossip_mix, gossip_weights, pack_tensors, unpack_tensors
-from ._common import Ring, bucket_bytes, check_same_everywhere, collect, make_buckets, ring
+from ._common import Ring, bucket_bytes, check_same_everywhere, collect, make_buckets, ring, workspace
 
 _FN = "gossip_average"
 _TAG = 0x4753
@@ -40,21 +40,31 @@ def gossip_buckets(tensors: list[torch.Tensor], where: Ring, weights: tuple[floa
         for work in works:
             work.wait()
         gossip_mix(mine, from_left, from_right, weights, out=mine, backend=backend)
-        unpack_tensors(mine, bucket.tensors, backend=backend)
+        if mine.data_ptr() != bucket.tensors[0].data_ptr() or len(bucket.tensors) > 1:
+            unpack_tensors(mine, bucket.tensors, backend=backend)
 
-    for bucket in make_buckets(tensors, max_bytes):
-        mine = pack_tensors(bucket.tensors, backend=backend)
-        from_left = torch.empty_like(mine)
+    for k, bucket in enumerate(make_buckets(tensors, max_bytes)):
+        slot = k % _IN_FLIGHT  # the bucket that used this slot last has been finished
+
+        def buffer(name: str) -> torch.Tensor:
+            return workspace((name, slot), bucket.numel, bucket.dtype, bucket.device)
+
+        only = bucket.tensors[0]
+        if len(bucket.tensors) == 1 and only.is_contiguous():
+            mine = only.view(-1)  # send and mix the tensor itself: no pack, no unpack
+        else:
+            mine = pack_tensors(bucket.tensors, out=buffer("gossip"), backend=backend)
+        from_left = buffer("from_left")
         if where.size == 2:  # one peer, who is both neighbours: w_left + w_right apply to it
             from_right = from_left
-            ops = [dist.P2POp(dist.isend, mine, where.right, where.group, _TAG),
-                   dist.P2POp(dist.irecv, from_left, where.left, where.group, _TAG)]
+            ops = [dist.P2POp(dist.irecv, from_left, where.left, where.group, _TAG),
+                   dist.P2POp(dist.isend, mine, where.right, where.group, _TAG)]
         else:
-            from_right = torch.empty_like(mine)
-            ops = [dist.P2POp(dist.isend, mine, where.left, where.group, _TAG),
-                   dist.P2POp(dist.isend, mine, where.right, where.group, _TAG),
-                   dist.P2POp(dist.irecv, from_left, where.left, where.group, _TAG),
-                   dist.P2POp(dist.irecv, from_right, where.right, where.group, _TAG)]
+            from_right = buffer("from_right")
+            ops = [dist.P2POp(dist.irecv, from_left, where.left, where.group, _TAG),
+                   dist.P2POp(dist.irecv, from_right, where.right, where.group, _TAG),
+                   dist.P2POp(dist.isend, mine, where.left, where.group, _TAG),
+                   dist.P2POp(dist.isend, mine, where.right, where.group, _TAG)]
         pending.append((bucket, mine, from_left, from_right, dist.batch_isend_irecv(ops)))
         if len(pending) >= _IN_FLIGHT:
             finish()

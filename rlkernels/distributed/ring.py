@@ -19,19 +19,22 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as V
-from ._common import Ring, check_same_everywhere, collect, op_name, ring
+from ._common import Ring, check_same_everywhere, collect, op_name, ring, workspace
 
 _FN = "ring_all_reduce"
 _TAG = 0x524C  # gloo matches point-to-point messages by (peer, tag)
+# Pipelining granularity: smaller segments overlap more but each message costs a
+# rendezvous; 2-4 MiB measured best for 64 MiB over 4 gloo ranks on loopback.
+SEGMENT_BYTES = 4 << 20
 
 
 def _exchange(send: torch.Tensor, recv: torch.Tensor, where: Ring, tag: int) -> list:
     """Posts one send to the right neighbour and one receive from the left, together."""
     ops = []
+    if recv.numel():  # the receive first: gloo's sender waits for it
+        ops.append(dist.P2POp(dist.irecv, recv, where.left, where.group, tag))
     if send.numel():
         ops.append(dist.P2POp(dist.isend, send, where.right, where.group, tag))
-    if recv.numel():
-        ops.append(dist.P2POp(dist.irecv, recv, where.left, where.group, tag))
     return dist.batch_isend_irecv(ops) if ops else []
 
 
@@ -45,7 +48,7 @@ def ring_reduce_(flat: torch.Tensor, where: Ring, *, average: bool, segment_elem
     starts = [c * base + min(c, extra) for c in range(n + 1)]
     longest = base + (1 if extra else 0)
     m = max(1, -(-longest // max(1, segment_elems)))
-    scratch = flat.new_empty((2, longest))
+    scratch = workspace("ring", 2 * longest, flat.dtype, flat.device).view(2, longest)
 
     def bounds(c: int, j: int) -> tuple[int, int]:
         length = starts[c + 1] - starts[c]
@@ -91,7 +94,7 @@ def ring_reduce_(flat: torch.Tensor, where: Ring, *, average: bool, segment_elem
         pending = following
 
 
-def ring_all_reduce(tensor: torch.Tensor, *, group=None, op: str = "mean", segment_mb: float = 1.0,
+def ring_all_reduce(tensor: torch.Tensor, *, group=None, op: str = "mean", segment_mb: float = 4.0,
                     check: bool = True) -> torch.Tensor:
     """Sums (op="sum") or averages (op="mean") `tensor` across the ranks of `group`
     in place, over neighbour-only point-to-point links; returns `tensor`.
