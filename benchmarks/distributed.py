@@ -26,32 +26,36 @@ import torch.distributed as dist
 WORLD = 4
 
 
-def _timed(fn, world: int, warmup: int, repeats: int) -> list[float]:
-    times = []
+def _timed_once(fn) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the round ends when the slowest rank is done
+    return elapsed.item()
+
+
+def _case(name: str, params: dict, bytes_moved: int, impls: list[tuple[str, bool, object]], warmup: int,
+          repeats: int) -> dict:
+    """Times the implementations interleaved (one call of each per repeat), so load
+    from other processes on the machine falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in impls]
     for i in range(warmup + repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the round ends when the slowest rank is done
-        if i >= warmup:
-            times.append(elapsed.item())
-    return times
-
-
-def _case(name: str, params: dict, bytes_moved: int, impls: list[tuple[str, bool, object]], world: int,
-          warmup: int, repeats: int) -> dict:
+        for k, (_, _, fn) in enumerate(impls):
+            elapsed = _timed_once(fn)
+            if i >= warmup:
+                times[k].append(elapsed)
     results = []
-    for label, baseline, fn in impls:
-        median = statistics.median(_timed(fn, world, warmup, repeats))
+    for (label, baseline, _), samples in zip(impls, times):
+        median = statistics.median(samples)
         results.append({"label": label, "baseline": baseline, "median_ms": median * 1e3,
                         "gbps": bytes_moved / median / 1e9 if bytes_moved else None, "roof_fraction": None,
                         "peak_extra_mb": None})
     for row in results:
         row["speedup_vs"] = {b["label"]: b["median_ms"] / row["median_ms"] for b in results if b["baseline"]}
         row["memory_vs"] = {b["label"]: None for b in results if b["baseline"]}
-    return {"family": "distributed", "name": name, "params": params, "bytes_moved": bytes_moved,
-            "results": results}
+    return {"family": "distributed", "name": name, "params": {**params, "repeats": repeats},
+            "bytes_moved": bytes_moved, "results": results}
 
 
 def _flatten_all_reduce(tensors: list[torch.Tensor], world: int, bucket_bytes: int) -> None:
@@ -95,7 +99,7 @@ def _disagreement(x: torch.Tensor, world: int) -> float:
 def bench_rank(rank: int, world: int, quick: bool) -> list[dict]:
     from rlkernels.distributed import average_parameters, gossip_average, ring_all_reduce
 
-    warmup, repeats = (1, 3) if quick else (2, 7)
+    warmup, repeats = (1, 3) if quick else (1, 9)
     count = 256 if quick else 1024
     elems = 64 * 1024 // 4
     torch.manual_seed(rank)
@@ -112,7 +116,7 @@ def bench_rank(rank: int, world: int, quick: bool) -> list[dict]:
          ("torch.cat buckets + all_reduce", False, lambda: _flatten_all_reduce(tensors, world, 25 * 2 ** 20)),
          ("rlkernels average_parameters", False, lambda: average_parameters(tensors)),
          ("rlkernels average_parameters bf16", False, lambda: average_parameters(tensors, compress="bf16"))],
-        world, warmup, repeats))
+        warmup, 3 if quick else 5))
 
     numel = (16 if quick else 64) * 2 ** 20 // 4
     x = torch.randn(numel)
@@ -126,32 +130,27 @@ def bench_rank(rank: int, world: int, quick: bool) -> list[dict]:
         numel * 4,
         [("dist.all_reduce", True, all_reduce_mean),
          ("rlkernels ring_all_reduce", False, lambda: ring_all_reduce(x)),
-         ("ring_all_reduce segment 4 MiB", False, lambda: ring_all_reduce(x, segment_mb=4)),
-         ("ring_all_reduce segment 256 KiB", False, lambda: ring_all_reduce(x, segment_mb=0.25))],
-        world, warmup, repeats))
+         ("ring_all_reduce segment 16 MiB", False, lambda: ring_all_reduce(x, segment_mb=16)),
+         ("ring_all_reduce segment 1 MiB", False, lambda: ring_all_reduce(x, segment_mb=1))],
+        warmup, repeats))
 
     rows.append(_case(
         "gossip_round", {"ranks": world, "mib": numel * 4 // 2 ** 20, "dtype": "float32"}, numel * 4,
         [("dist.all_reduce mean (global average)", True, all_reduce_mean),
          ("rlkernels gossip_average", False, lambda: gossip_average(x))],
-        world, warmup, repeats))
+        warmup, repeats))
     rows.append(_case(
         "gossip_round_many", {"ranks": world, "tensors": count, "tensor_kib": 64, "dtype": "float32"}, nbytes,
         [("rlkernels average_parameters", True, lambda: average_parameters(tensors)),
          ("rlkernels gossip_average", False, lambda: gossip_average(tensors))],
-        world, warmup, repeats))
+        warmup, repeats))
 
     # consensus: disagreement ratio per round, against the spectral prediction
     y = torch.randn(2 ** 20, dtype=torch.float64)
     ratios, times = [], []
     for _ in range(5):
         before = _disagreement(y, world)
-        dist.barrier()
-        start = time.perf_counter()
-        gossip_average(y)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(elapsed.item())
+        times.append(_timed_once(lambda: gossip_average(y)))
         ratios.append(_disagreement(y, world) / before)
     measured = math.exp(sum(math.log(max(r, 1e-300)) for r in ratios) / len(ratios))
     predicted = max(abs(1 / 3 + 2 / 3 * math.cos(2 * math.pi * k / world)) for k in range(1, world))
