@@ -1,6 +1,10 @@
 // Torch-free building blocks shared by the CPU and CUDA kernels.
 #pragma once
 #include <cstdint>
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RLK_HOST_DEVICE __host__ __device__
@@ -20,25 +24,13 @@ template <typename T> using acc_t = typename acc_type<T>::type;
 template <typename To, typename From>
 RLK_INLINE To cast(From x) { return static_cast<To>(x); }
 
-}  // namespace rlk
-
-// torch's nvcc flags define __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit conversions of
-// __half and __nv_bfloat16; kernels convert through these instead.
 #if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-namespace rlk {
+// torch's nvcc flags define __CUDA_NO_HALF_CONVERSIONS__, so the implicit
+// conversions of __half and __nv_bfloat16 are unavailable: convert explicitly.
 template <> RLK_INLINE float cast<float, __half>(__half x) { return __half2float(x); }
-template <> RLK_INLINE double cast<double, __half>(__half x) { return double(__half2float(x)); }
-template <> RLK_INLINE __half cast<__half, float>(float x) { return __float2half_rn(x); }
 template <> RLK_INLINE float cast<float, __nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> RLK_INLINE double cast<double, __nv_bfloat16>(__nv_bfloat16 x) { return double(__bfloat162float(x)); }
+template <> RLK_INLINE __half cast<__half, float>(float x) { return __float2half_rn(x); }
 template <> RLK_INLINE __nv_bfloat16 cast<__nv_bfloat16, float>(float x) { return __float2bfloat16_rn(x); }
-}  // namespace rlk
 #endif
-
-namespace rlk {
 
 }  // namespace rlk

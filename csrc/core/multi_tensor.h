@@ -5,6 +5,14 @@
 
 #include "common.h"
 
+#if defined(__CUDACC__)
+namespace rlk {
+// 16-bit -> float64, for scaled copies into 32/64-bit destinations.
+template <> RLK_INLINE double cast<double, __half>(__half x) { return double(__half2float(x)); }
+template <> RLK_INLINE double cast<double, __nv_bfloat16>(__nv_bfloat16 x) { return double(__bfloat162float(x)); }
+}  // namespace rlk
+#endif
+
 namespace rlk {
 
 // Precision of the scaled copy.  A 32/64-bit destination multiplies in

@@ -2,13 +2,14 @@
 // scale and dtype cast) and the gossip mixing step on the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "../core/multi_tensor.h"
-#include "../torch_common.h"
+#include "../multi_tensor_checks.h"
 
 namespace rlk {
 namespace {

@@ -1,10 +1,11 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <vector>
 
-#include "../torch_common.h"
+#include "../multi_tensor_checks.h"
 #include "cuda_types.h"
 #include "launchers.h"
 
@@ -26,9 +27,10 @@ void pack_tensors_cuda(at::TensorList tensors, const at::Tensor& bucket, double 
     for (const auto& t : tensors) pointers.push_back(reinterpret_cast<const src_t*>(t.const_data_ptr()));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bucket.scalar_type(), "pack_tensors", [&] {
       using dst_t = device_t<scalar_t>;
-      C10_CUDA_CHECK(cuda::launch_pack_tensors<src_t, dst_t>(
+      const cudaError_t err = cuda::launch_pack_tensors<src_t, dst_t>(
           pointers.data(), numels.data(), static_cast<int64_t>(numels.size()),
-          reinterpret_cast<dst_t*>(bucket.data_ptr()), scale, stream));
+          reinterpret_cast<dst_t*>(bucket.data_ptr()), scale, stream);
+      C10_CUDA_CHECK(err);
     });
   });
 }
@@ -45,9 +47,10 @@ void unpack_tensors_cuda(const at::Tensor& bucket, at::TensorList tensors, doubl
     for (const auto& t : tensors) pointers.push_back(reinterpret_cast<dst_t*>(t.data_ptr()));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bucket.scalar_type(), "unpack_tensors", [&] {
       using src_t = device_t<scalar_t>;
-      C10_CUDA_CHECK(cuda::launch_unpack_tensors<src_t, dst_t>(
+      const cudaError_t err = cuda::launch_unpack_tensors<src_t, dst_t>(
           reinterpret_cast<const src_t*>(bucket.const_data_ptr()), pointers.data(), numels.data(),
-          static_cast<int64_t>(numels.size()), scale, stream));
+          static_cast<int64_t>(numels.size()), scale, stream);
+      C10_CUDA_CHECK(err);
     });
   });
 }
@@ -62,10 +65,11 @@ void gossip_mix_cuda(const at::Tensor& x, const at::Tensor& left, const at::Tens
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gossip_mix", [&] {
     using T = device_t<scalar_t>;
-    C10_CUDA_CHECK(cuda::launch_gossip_mix<T>(
+    const cudaError_t err = cuda::launch_gossip_mix<T>(
         reinterpret_cast<const T*>(x.const_data_ptr()), reinterpret_cast<const T*>(left.const_data_ptr()),
         reinterpret_cast<const T*>(right.const_data_ptr()), x.numel(), w_self, w_left, w_right,
-        reinterpret_cast<T*>(out.data_ptr()), stream));
+        reinterpret_cast<T*>(out.data_ptr()), stream);
+    C10_CUDA_CHECK(err);
   });
 }
 
