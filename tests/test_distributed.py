@@ -132,3 +132,22 @@ def test_one_rank_group_is_identity(one_rank_group):
     assert averager.step()
     for p, s in zip(model.parameters(), start):  # theta + 0.5 * delta with one agent
         torch.testing.assert_close(p.detach(), s + 0.5)
+
+
+def test_torchrun_example():
+    """python/decentralized_agents.py under torchrun (2 agents, ring mode): after the
+    last round every agent holds the same parameters."""
+    import ast
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         os.path.join(root, "python", "decentralized_agents.py"), "--mode", "ring", "--steps", "8", "--timeout", "60"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = ast.literal_eval(next(line for line in proc.stdout.splitlines() if line.startswith("{'rank': 0")))
+    assert summary["rounds"] == 2 and summary["world"] == 2
+    assert summary["max_param_spread"] == 0.0
