@@ -44,4 +44,12 @@ TORCH_LIBRARY(rlkernels, m) {
         "float beta, str kind, float label_smoothing) "
         "-> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor dlogits)");
   m.def("sequence_logprobs(Tensor token_logprobs, Tensor? mask, bool average) -> (Tensor logprobs, Tensor num_tokens)");
+
+  // Parameter averaging (rlkernels.distributed): many tensors <-> one flat
+  // bucket with an optional scale and dtype cast, and one gossip mixing step
+  // out = w_self * x + w_left * left + w_right * right (out may alias x).
+  m.def("pack_tensors(Tensor[] tensors, Tensor(a!) bucket, float scale) -> ()");
+  m.def("unpack_tensors(Tensor bucket, Tensor(a!)[] tensors, float scale) -> ()");
+  m.def("gossip_mix(Tensor x, Tensor left, Tensor right, float w_self, float w_left, float w_right, "
+        "Tensor(a!) out) -> ()");
 }
