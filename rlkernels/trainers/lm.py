@@ -24,6 +24,7 @@ class ModelConfig(Config):
     n_embd: int = 64
     n_head: int = 4
     n_positions: int = 64
+    vocab_size: int = 0          # toy: 0 = its ~80 words; larger pads with unused tokens (e.g. 50257, as GPT-2)
     pretrain_steps: int = 150    # language-model warm-up of the toy base model (0: random init)
     fused_head: bool | None = None  # log-probs from hidden states via linear_logprobs (no [N, V] logits);
                                     # None: when the build has linear_logprobs
@@ -31,7 +32,7 @@ class ModelConfig(Config):
     def check(self) -> None:
         super().check()
         self._positive("n_layer", "n_embd", "n_head", "n_positions")
-        self._non_negative("pretrain_steps")
+        self._non_negative("pretrain_steps", "vocab_size")
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd", f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
 
@@ -43,11 +44,13 @@ def build_lm(config: ModelConfig, *, seed: int = 0, device: torch.device | str =
     """(causal LM, tokenizer).  The toy base model is pretrained once per (config, seed)
     in this process and copied after that."""
     if config.name_or_path == "toy":
-        key = (config.n_layer, config.n_embd, config.n_head, config.n_positions, config.pretrain_steps, seed)
+        key = (config.n_layer, config.n_embd, config.n_head, config.n_positions, config.vocab_size,
+               config.pretrain_steps, seed)
         if key not in _BASE_CACHE:
-            tokenizer = toy.build_tokenizer()
+            tokenizer = toy.build_tokenizer(config.vocab_size)
             model = toy.build_model(toy.model_config(n_layer=config.n_layer, n_embd=config.n_embd,
-                                                     n_head=config.n_head, n_positions=config.n_positions), seed=seed)
+                                                     n_head=config.n_head, n_positions=config.n_positions,
+                                                     vocab_size=config.vocab_size), seed=seed)
             toy.pretrain(model, tokenizer, steps=config.pretrain_steps, seed=seed)
             _BASE_CACHE[key] = (model, tokenizer)
         model, tokenizer = _BASE_CACHE[key]

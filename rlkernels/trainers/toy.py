@@ -34,24 +34,32 @@ WORDS = SPECIAL + STRUCTURE + SUBJECTS + ADVERBS + CONNECTORS + NEUTRAL_ADJ + PO
 POLARITY = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
 
 
-def build_tokenizer():
+def vocabulary(vocab_size: int = 0) -> list[str]:
+    """WORDS, padded with never-used tokens '<unused_i>' up to vocab_size (when larger)."""
+    return list(WORDS) + [f"<unused_{i}>" for i in range(max(0, vocab_size - len(WORDS)))]
+
+
+def build_tokenizer(vocab_size: int = 0):
     """A transformers PreTrainedTokenizerFast over WORDS (whitespace-split, word level),
-    left padding for generation."""
+    left padding for generation.  vocab_size > len(WORDS) pads the vocabulary with
+    unused tokens, so the per-token work over the vocabulary (log-probs, entropy, KL)
+    has the size of a real LM's (32k-152k) while the language stays the same."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab = {w: i for i, w in enumerate(vocabulary(vocab_size))}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, padding_side="left")
 
 
-def model_config(*, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 64):
+def model_config(*, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 64,
+                 vocab_size: int = 0):
     """GPT-2 config for the toy language; dropout off (RL and DPO want a deterministic policy)."""
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=len(WORDS), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+    return GPT2Config(vocab_size=len(vocabulary(vocab_size)), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                       n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       bos_token_id=WORDS.index(BOS), eos_token_id=WORDS.index(EOS),
                       pad_token_id=WORDS.index(PAD))
@@ -160,7 +168,7 @@ def preference_pairs(n: int, *, seed: int = 0, noise: float = 0.0, negative_frac
 def pretrain(model, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> list[float]:
     """A short language-model warm-up on `sft_corpus` so the base model writes grammatical
     reviews of random sentiment.  Returns the losses.  The loss is the mean negative
-    log-likelihood through `rlkernels.logprobs` (always the compiled kernels, so runs
+    log-likelihood through `rlkernels.linear_logprobs` (always the compiled kernels, so runs
     with either kernel set start from the same base model)."""
     import torch
 
@@ -176,9 +184,11 @@ def pretrain(model, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 
         enc = tokenizer(texts, padding=True, return_tensors="pt").to(model.device)
         ids, attn = enc["input_ids"], enc["attention_mask"]
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, :-1]
+        hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=positions).last_hidden_state
         labels = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-        loss = -rlkernels.logprobs(logits, labels).sum() / (labels != -100).sum()
+        head = model.get_output_embeddings()
+        logprobs = rlkernels.linear_logprobs(hidden[:, :-1], head.weight, labels, bias=head.bias)
+        loss = -logprobs.sum() / (labels != -100).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
