@@ -195,7 +195,7 @@ def test_dpo_preference_accuracy_rises_above_chance():
     metrics = trainers.train("dpo", {"model": LEARN_MODEL, "steps": 40, "eval_every": 20, "eval_pairs": 128,
                                      "progress": False, "plot": False})
     evals = [m for m in metrics if "eval_accuracy" in m]
-    assert evals[-1]["eval_accuracy"] > 0.7, evals
+    assert evals[-1]["eval_accuracy"] > 0.75, evals
     assert evals[-1]["sample_score"] > evals[0]["sample_score"] - 0.05  # and samples do not get worse
 
 
@@ -203,3 +203,12 @@ def test_reward_model_learns_the_annotator():
     metrics = trainers.train("reward-model", {"model": LEARN_MODEL, "steps": 40, "eval_every": 20,
                                               "eval_pairs": 128, "progress": False, "plot": False})
     assert metrics[-1]["eval_accuracy"] > 0.85
+
+
+def test_padded_vocabulary_keeps_the_language():
+    tokenizer = toy.build_tokenizer(vocab_size=1000)
+    assert len(tokenizer) == 1000
+    assert tokenizer.convert_ids_to_tokens(999) == f"<unused_{999 - len(toy.WORDS)}>"
+    assert tokenizer("the movie was good")["input_ids"] == toy.build_tokenizer()("the movie was good")["input_ids"]
+    metrics = trainers.train("ppo-rlhf", tiny("ppo-rlhf", steps=1, model={**TINY_MODEL, "vocab_size": 1000}))
+    assert torch.isfinite(torch.tensor(metrics[0]["loss"]))
