@@ -4,4 +4,5 @@
 
 FAMILIES = {
     "advantages": "benchmarks.advantages",
+    "logprobs": "benchmarks.logprobs",
 }
