@@ -169,7 +169,8 @@ def _linear_case(device, N, H, V, dtype):
     # three matmuls of 2*N*H*V flops unfused (four fused: the backward recomputes the logits)
     params = {"N": N, "H": H, "V": V, "dtype": _name(dtype),
               "grad_mb": round((N * H + V * H) * dtype.itemsize / 2**20)}
-    return Case("logprobs", "linear_logprobs forward+backward", params, (N * H + 2 * V * H) * dtype.itemsize, impls)
+    return Case("logprobs", "linear_logprobs forward+backward", params, (N * H + 2 * V * H) * dtype.itemsize, impls,
+                repeats=(1, 3))  # seconds per call: three matmuls of 0.2 TFLOP each
 
 
 def cases(device: str, quick: bool) -> list[Case]:
