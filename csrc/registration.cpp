@@ -31,4 +31,6 @@ TORCH_LIBRARY(rlkernels, m) {
         "float beta, str kind, float label_smoothing) "
         "-> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor dlogits)");
   m.def("sequence_logprobs(Tensor token_logprobs, Tensor? mask, bool average) -> (Tensor logprobs, Tensor num_tokens)");
+  m.def("sequence_logprobs_backward(Tensor grad, Tensor? mask, Tensor num_tokens, bool average, int T, "
+        "ScalarType dtype) -> Tensor");
 }

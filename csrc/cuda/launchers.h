@@ -81,5 +81,9 @@ template <typename in_t, typename acc>
 cudaError_t launch_sequence_logprobs(const in_t* token_logprobs, const uint8_t* mask, int64_t B, int64_t T,
                                      bool average, acc* out, acc* counts, cudaStream_t stream);
 
+template <typename out_t, typename acc>
+cudaError_t launch_sequence_logprobs_backward(const acc* grad, const uint8_t* mask, const acc* num_tokens,
+                                              bool average, int64_t B, int64_t T, out_t* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace rlk
