@@ -17,13 +17,17 @@ TORCH_LIBRARY(rlkernels, m) {
   // Token-level losses (issue 4).  One fused pass returns the loss, its
   // statistics, the per-token gradient before aggregation (empty unless
   // need_grad) and the per-row gradient scales; backward only rescales.
-  m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
-        "Tensor? weights, Tensor? ref_logprobs, float clip_low, float clip_high, float? dual_clip, "
-        "float? log_ratio_clamp, float kl_coef, str kl, str agg, float? num_tokens, float? num_seqs, "
-        "float? norm_length, bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
-  m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float? clip, str agg, "
-        "float? num_tokens, float? num_seqs, float? norm_length, bool need_grad) "
+  // Scalars travel in one list (each schema argument costs the Python
+  // autograd wrapper several microseconds per call):
+  //   policy: [clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length]
+  //   value:  [clip, num_tokens, num_seqs, norm_length]
+  // with inf for "off" (dual_clip, log_ratio_clamp, clip) and -1 for "count it"
+  // (num_tokens, num_seqs; norm_length -1 means T).
+  m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, Tensor? weights, "
+        "Tensor? ref_logprobs, float[] coefficients, str kl, str agg, bool need_grad) "
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float[] coefficients, str agg, "
+        "bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
   // Preference losses over per-sequence log-probs; dlogits (d loss / d z per
   // pair) is saved for backward.  sequence_logprobs: masked per-row sums (or
   // means with average) and the rows' valid-token counts.
