@@ -91,7 +91,42 @@ def _fwd_bwd(loss_fn, leaf):
 
 def cases(device: str, quick: bool) -> list[Case]:
     shapes = [(16, 256)] if quick else [(64, 2048), (256, 1024)]
-    return [case for B, T in shapes for case in _cases_for(device, B, T)]
+    out = [case for B, T in shapes for case in _cases_for(device, B, T)]
+    if hasattr(rlkernels, "linear_ppo_loss"):
+        out += _linear_cases(device, *((256, 256, 8192) if quick else (2048, 1024, 50257)))
+    return out
+
+
+def composed_linear_ppo_loss(hidden, weight, labels, old, advantages, mask):
+    """The usual pipeline: full logits, log_softmax, gather, then verl's loss."""
+    logits = hidden @ weight.t()
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return verl_ppo_loss(logprobs, old, advantages, mask)
+
+
+def _linear_cases(device: str, N: int, H: int, V: int) -> list[Case]:
+    hidden = (torch.randn(1, N, H, device=device) * 0.5).requires_grad_()
+    weight = (torch.randn(V, H, device=device) * H ** -0.5).requires_grad_()
+    labels = torch.randint(0, V, (1, N), device=device)
+    with torch.no_grad():
+        old = torch.log_softmax(hidden[0] @ weight.t(), -1).gather(-1, labels[0, :, None]).squeeze(-1)[None]
+        old = old + torch.randn_like(old) * 0.1
+    advantages = torch.randn(1, N, device=device)
+    mask = torch.ones(1, N, dtype=torch.bool, device=device)
+    params = {"N": N, "H": H, "V": V, "dtype": "float32", "pass": "fwd+bwd"}
+
+    def step(fn):
+        def run():
+            loss = fn()[0]
+            return torch.autograd.grad(loss, (hidden, weight))
+        return run
+
+    impls = [Impl(f"rlkernels-{b}", step(lambda b=b: rlkernels.linear_ppo_loss(
+        hidden, weight, labels, old, advantages, mask, dual_clip=3.0, backend=b))) for b in _backends(device)]
+    impls.append(Impl("composed", step(lambda: composed_linear_ppo_loss(hidden, weight, labels, old, advantages,
+                                                                        mask.float())), baseline=True))
+    # Least traffic: read hidden and weight, write their gradients.
+    return [Case("losses", "linear_ppo_loss", params, 2 * 4 * (N * H + V * H), impls)]
 
 
 def _cases_for(device: str, B: int, T: int) -> list[Case]:
