@@ -5,4 +5,5 @@
 FAMILIES = {
     "advantages": "benchmarks.advantages",
     "losses": "benchmarks.losses",
+    "logprobs": "benchmarks.logprobs",
 }

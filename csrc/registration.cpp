@@ -37,4 +37,17 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("sequence_logprobs(Tensor token_logprobs, Tensor? mask, bool average) -> (Tensor logprobs, Tensor num_tokens)");
   m.def("sequence_logprobs_backward(Tensor grad, Tensor? mask, Tensor num_tokens, bool average, int T, "
         "ScalarType dtype) -> Tensor");
+  // Log-probs, entropy and KL from logits (docs/logprobs.md).  `saved` holds per-row
+  // softmax statistics for the backward: [..., 2] for logprobs, [..., 5] for KL.
+  m.def("logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+        "bool with_entropy, bool inplace_backward) -> (Tensor logprobs, Tensor entropy, Tensor saved)");
+  m.def("logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+        "Tensor saved, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  m.def("logprobs_backward_inplace(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, "
+        "Tensor saved, Tensor entropy, float temperature, int ignore_index) -> ()");
+  m.def("kl_from_logits(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "
+        "-> (Tensor kl, Tensor saved)");
+  m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "
+        "Tensor saved, float temperature, bool logits_grad, bool ref_grad) -> (Tensor, Tensor)");
+  m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str kind, float clamp) -> (Tensor value, Tensor slope)");
 }

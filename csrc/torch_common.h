@@ -34,3 +34,93 @@ inline void check_same_device(const at::Tensor& ref, const c10::optional<at::Ten
 }
 
 }  // namespace rlk
+
+// ---- rows of [..., V] tensors (logprobs family) ----------------------------------------------
+#include <ATen/ops/empty.h>
+#include <vector>
+
+#include "core/rows.h"
+
+namespace rlk {
+
+// Rows of `t` (last dim V with unit stride) as a RowIndex, merging leading dims
+// whose strides allow it; false when more than two leading dims remain.
+inline bool row_index_of(const at::Tensor& t, RowIndex* out) {
+  const int64_t lead = t.dim() - 1;
+  TORCH_CHECK(lead >= 0, "expected a tensor with a last (vocabulary) dimension");
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  int64_t sizes[2] = {1, 1}, strides[2] = {0, 0};
+  int count = 0;
+  for (int64_t d = lead - 1; d >= 0; --d) {  // innermost first
+    const int64_t size = t.size(d), stride = t.stride(d);
+    if (size == 1) continue;
+    if (count > 0 && stride == strides[count - 1] * sizes[count - 1]) {
+      sizes[count - 1] *= size;
+      continue;
+    }
+    if (count == 2) return false;
+    sizes[count] = size;
+    strides[count] = stride;
+    ++count;
+  }
+  const int64_t V = t.size(-1);
+  if (count == 0) *out = RowIndex{1, V, V};
+  else if (count == 1) *out = RowIndex{sizes[0], strides[0] * sizes[0], strides[0]};
+  else *out = RowIndex{sizes[0], strides[1], strides[0]};
+  return true;
+}
+
+// `t` itself when its rows can be addressed in place, else a contiguous copy.
+inline at::Tensor rows_readable(const at::Tensor& t, RowIndex* rows) {
+  if (row_index_of(t, rows)) return t;
+  at::Tensor copy = t.contiguous();
+  TORCH_CHECK(row_index_of(copy, rows), "internal: contiguous tensor without a row layout");
+  return copy;
+}
+
+inline int64_t leading_numel(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+// The leading shape of t (all but the last dim), plus `extra` as a last dim when >= 0.
+inline std::vector<int64_t> leading_shape(const at::Tensor& t, int64_t extra = -1) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
+  if (extra >= 0) shape.push_back(extra);
+  return shape;
+}
+
+inline void check_labels_shape(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have a vocabulary dimension");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.is_contiguous(), op, ": labels must be contiguous");
+  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), op,
+              ": labels must have the leading shape of logits ", logits.sizes(), ", got ", labels.sizes());
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels and logits must be on one device");
+}
+
+// A contiguous float32 tensor holding `per_row` values for each row of logits.
+inline void check_row_floats(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t per_row) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == leading_numel(logits) * per_row &&
+                  t.device() == logits.device(),
+              name, " must be a contiguous float32 tensor with ", per_row, " value(s) per row of logits");
+}
+
+inline void check_kl_pair(const at::Tensor& logits, const at::Tensor& ref_logits) {
+  TORCH_CHECK(logits.dim() >= 1, "kl_from_logits: logits must have a vocabulary dimension");
+  TORCH_CHECK(ref_logits.sizes() == logits.sizes(), "kl_from_logits: ref_logits must have the shape of logits ",
+              logits.sizes(), ", got ", ref_logits.sizes());
+  TORCH_CHECK(ref_logits.scalar_type() == logits.scalar_type() && ref_logits.device() == logits.device(),
+              "kl_from_logits: ref_logits must have the dtype and device of logits");
+}
+
+inline const bool* optional_row_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& logits) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->device() == logits.device() &&
+                  mask->sizes() == logits.sizes().slice(0, logits.dim() - 1),
+              "kl_from_logits: mask must be a contiguous bool tensor of the leading shape of logits");
+  return mask->data_ptr<bool>();
+}
+
+}  // namespace rlk

@@ -237,3 +237,18 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         rlkernels.gae(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
+
+
+def test_batch_invariance_and_determinism(backend_device):
+    """A row's advantages do not depend on the other rows of its batch, and repeated
+    calls are bitwise identical (fixed order of operations on every backend)."""
+    backend, device = backend_device
+    rewards, values = rollout(9, 37, torch.float32, device)
+    mask = make_mask(9, 37, "gaps", device)
+    full_adv, full_ret = rlkernels.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=backend)
+    for rows in (slice(0, 1), slice(3, 8), slice(4, 9)):
+        adv, ret = rlkernels.gae(rewards[rows], values[rows], mask[rows], gamma=0.99, lam=0.95, backend=backend)
+        assert torch.equal(adv, full_adv[rows])
+        assert torch.equal(ret, full_ret[rows])
+    again = rlkernels.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=backend)
+    assert torch.equal(again[0], full_adv) and torch.equal(again[1], full_ret)

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "../core/rows.h"
+
 namespace rlk {
 namespace cuda {
 
@@ -18,6 +20,41 @@ template <typename in_t, typename out_t>
 cudaError_t launch_discounted_returns(const in_t* rewards, const uint8_t* mask, const uint8_t* dones,
                                       int64_t B, int64_t T, double gamma, out_t* returns,
                                       cudaStream_t stream);
+
+// ---- logprobs family (logprobs.cu); T is float, __half or __nv_bfloat16 ------------------------
+// Blocks that share one row of the forward pass (split-V for long rows and few of
+// them); the forward needs 3 * N * splits floats of workspace when splits > 1.
+int logprobs_splits(int64_t N, int64_t V, int sm_count);
+
+template <typename T>
+cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, int64_t V, const int64_t* labels,
+                                    int64_t ignore_index, double temperature, bool with_entropy, float* logprobs,
+                                    float* entropy, float* saved, float* workspace, int splits,
+                                    cudaStream_t stream);
+
+// grad may alias logits (in-place backward); grad_entropy and entropy may be null.
+template <typename T>
+cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t N,
+                                     int64_t V, const int64_t* labels, int64_t ignore_index,
+                                     const float* grad_logprobs, const float* grad_entropy, const float* entropy,
+                                     const float* saved, double temperature, cudaStream_t stream);
+
+// KL(pi || pi_ref): 5 * N * splits floats of workspace when splits > 1.
+template <typename T>
+cudaError_t launch_kl_forward(const T* logits, RowIndex rows, const T* ref, RowIndex ref_rows, int64_t N, int64_t V,
+                              const bool* mask, double temperature, float* kl, float* saved, float* workspace,
+                              int splits, cudaStream_t stream);
+
+// grad_logits / grad_ref: dense [N, V] or null.
+template <typename T>
+cudaError_t launch_kl_backward(const T* logits, RowIndex rows, const T* ref, RowIndex ref_rows, int64_t N, int64_t V,
+                               const bool* mask, const float* grad_kl, const float* saved, double temperature,
+                               T* grad_logits, T* grad_ref, cudaStream_t stream);
+
+// kl_penalty (kl_penalty.cu): in_t float, double, __half, __nv_bfloat16; out_t float or double.
+template <typename in_t, typename out_t>
+cudaError_t launch_kl_penalty(const in_t* logprobs, const in_t* ref_logprobs, int64_t n, int kind, double clamp,
+                              out_t* value, out_t* slope, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace rlk

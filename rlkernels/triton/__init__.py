@@ -5,3 +5,5 @@ from . import gae  # noqa: F401
 from . import group  # noqa: F401
 from . import losses  # noqa: F401,E402
 from . import preference  # noqa: F401,E402
+from . import logprobs  # noqa: F401,E402
+from . import kl_penalty  # noqa: F401,E402

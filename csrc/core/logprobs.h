@@ -1,0 +1,182 @@
+// Per-row softmax statistics for log-probs, entropy and full-vocabulary KL,
+// shared by the CPU and CUDA kernels.
+//
+// A row x_0..x_{V-1} of raw logits is read once.  With scale = log2(e) / T
+// and m the largest raw logit seen so far, the kernels keep
+//     s = sum_j 2^{y_j},   t = sum_j y_j 2^{y_j},   y_j = (x_j - m) * scale,
+// i.e. exp and its argument in base 2 (one multiply per element).  Then with
+// ln s the natural log of s,
+//     log p_j = (x_j - m) / T - ln s,   H = -sum_j p_j log p_j = ln s - ln2 * t / s.
+// Differences x_j - m are formed on raw logits before scaling, so logits of
+// magnitude 1e4 keep their float32 precision in the result.  Elements with
+// x_j = -inf contribute 0 to s and t (never 0 * inf).
+//
+// Partial statistics of one row (vector lanes, CUDA threads, blocks of a split
+// row) merge with stats_merge.
+#pragma once
+#include <math.h>
+
+#include "common.h"
+
+namespace rlk {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// exp2 of anything below this underflows to 0 in float32: arguments are clamped
+// here so that y * 2^y stays 0 instead of NaN at y = -inf.
+constexpr float kExp2Floor = -160.0f;
+
+RLK_INLINE float exp2_f(float y) { return exp2f(y); }
+// Lower clamp that lets NaN through (fmaxf would drop it).
+RLK_INLINE float clamp_floor(float y) { return y < kExp2Floor ? kExp2Floor : y; }
+RLK_INLINE float log_f(float x) { return logf(x); }
+
+struct SoftmaxStats {
+  float m;  // largest raw logit
+  float s;  // sum 2^{y_j}
+  float t;  // sum y_j 2^{y_j} (only when entropy is wanted)
+};
+
+RLK_INLINE SoftmaxStats stats_empty() { return SoftmaxStats{-INFINITY, 0.0f, 0.0f}; }
+
+// Adds one raw logit to running statistics (the scalar path: tails, CUDA threads).
+template <bool kEntropy>
+RLK_INLINE void stats_push(SoftmaxStats& st, float x, float scale) {
+  if (x > st.m) {  // a new maximum rescales what came before
+    if (st.m != -INFINITY) {
+      const float dy = (st.m - x) * scale;
+      const float c = exp2_f(dy);
+      if (kEntropy) st.t = c * (st.t + dy * st.s);
+      st.s *= c;
+    }
+    st.m = x;
+  }
+  if (x != x) st.m = x;  // NaN poisons the row, as it does in log_softmax
+  if (st.m == -INFINITY) return;
+  const float y = clamp_floor((x - st.m) * scale);
+  const float e = exp2_f(y);
+  st.s += e;
+  if (kEntropy) st.t += e * y;
+}
+
+template <bool kEntropy>
+RLK_INLINE SoftmaxStats stats_merge(SoftmaxStats a, SoftmaxStats b, float scale) {
+  if (b.m > a.m) {
+    const SoftmaxStats tmp = a;
+    a = b;
+    b = tmp;
+  }
+  if (b.m != b.m) return b;  // NaN
+  if (b.m == -INFINITY) return a;
+  const float dy = (b.m - a.m) * scale;
+  const float c = exp2_f(dy);
+  a.s += c * b.s;
+  if (kEntropy) a.t += c * (b.t + dy * b.s);
+  return a;
+}
+
+RLK_INLINE float entropy_of(const SoftmaxStats& st) { return log_f(st.s) - kLn2 * st.t / st.s; }
+
+RLK_INLINE float logprob_of(float x_label, float m, float log_s, float inv_t) {
+  return (x_label - m) * inv_t - log_s;
+}
+
+// The gradient of one logit.  g: upstream gradient of log p_label, gh: of H.
+//   dlogits_j = (g * (onehot_j - p_j) - gh * p_j * (log p_j + H)) / T
+// With y = log2 p_j clamped at kExp2Floor, p_j = 0 contributes exactly 0.
+RLK_INLINE float logprobs_grad(float x, bool is_label, float m, float scale, float log2_s,
+                               float g, float gh, float entropy, float inv_t) {
+  const float y = clamp_floor((x - m) * scale - log2_s);
+  const float p = exp2_f(y);
+  const float d = (is_label ? g : 0.0f) - p * (g + gh * (y * kLn2 + entropy));
+  return d * inv_t;
+}
+
+// ---- KL(pi || pi_ref) over the whole vocabulary --------------------------------------------
+// Two rows a (logits) and b (ref_logits).  Besides the softmax statistics of each
+// (s_a, s_b with their maxima), the kernels keep w = sum_j 2^{ya_j} (a_j - b_j) / T, so
+//     KL = w / s_a - (m_a - m_b) / T - ln s_a + ln s_b.
+struct KlStats {
+  float ma, sa, w;  // policy row: max, sum 2^{y}, weighted log-ratio sum
+  float mb, sb;     // reference row: max, sum 2^{y}
+};
+
+RLK_INLINE KlStats kl_stats_empty() { return KlStats{-INFINITY, 0.0f, 0.0f, -INFINITY, 0.0f}; }
+
+RLK_INLINE void kl_stats_push(KlStats& st, float a, float b, float scale, float inv_t) {
+  if (a > st.ma) {
+    if (st.ma != -INFINITY) {
+      const float c = exp2_f((st.ma - a) * scale);
+      st.sa *= c;
+      st.w *= c;
+    }
+    st.ma = a;
+  }
+  if (b > st.mb) {
+    if (st.mb != -INFINITY) st.sb *= exp2_f((st.mb - b) * scale);
+    st.mb = b;
+  }
+  if (a != a) st.ma = a;
+  if (b != b) st.mb = b;
+  if (st.ma != -INFINITY) {
+    const float ea = exp2_f((a - st.ma) * scale);
+    st.sa += ea;
+    if (ea > 0.0f) st.w += ea * ((a - b) * inv_t);
+  }
+  if (st.mb != -INFINITY) st.sb += exp2_f((b - st.mb) * scale);
+}
+
+RLK_INLINE KlStats kl_stats_merge(KlStats x, KlStats y, float scale) {
+  KlStats out;
+  // policy part
+  if (y.ma > x.ma || y.ma != y.ma) {
+    const KlStats tmp = x;
+    x = y;
+    y = tmp;
+  }
+  out.ma = x.ma;
+  out.sa = x.sa;
+  out.w = x.w;
+  if (x.ma == x.ma && y.ma != -INFINITY) {
+    const float c = exp2_f((y.ma - x.ma) * scale);
+    out.sa += c * y.sa;
+    out.w += c * y.w;
+  }
+  // reference part (independent of which side held the larger policy max)
+  float mb = x.mb, sb = x.sb, mb2 = y.mb, sb2 = y.sb;
+  if (mb2 > mb || mb2 != mb2) {
+    float tm = mb, ts = sb;
+    mb = mb2, sb = sb2, mb2 = tm, sb2 = ts;
+  }
+  out.mb = mb;
+  out.sb = sb;
+  if (mb == mb && mb2 != -INFINITY) out.sb += exp2_f((mb2 - mb) * scale) * sb2;
+  return out;
+}
+
+// The row's outputs: KL and what the backward needs, [ma, ln s_a, mb, ln s_b, w / s_a].
+RLK_INLINE float kl_finish(const KlStats& st, float inv_t, float* saved) {
+  const float log_sa = log_f(st.sa), log_sb = log_f(st.sb);
+  const float mean_ratio = st.w / st.sa;
+  saved[0] = st.ma;
+  saved[1] = log_sa;
+  saved[2] = st.mb;
+  saved[3] = log_sb;
+  saved[4] = mean_ratio;
+  return mean_ratio - (st.ma - st.mb) * inv_t - log_sa + log_sb;
+}
+
+// dKL/da_j = p_j (log p_j - log q_j - KL) / T = p_j ((a_j - b_j) / T - w / s_a) / T
+// dKL/db_j = (q_j - p_j) / T
+RLK_INLINE float kl_grad_logits(float a, float b, const float* saved, float scale, float inv_t, float g) {
+  const float p = exp2_f(clamp_floor((a - saved[0]) * scale - saved[1] * kLog2e));
+  return p == 0.0f ? 0.0f : g * p * ((a - b) * inv_t - saved[4]) * inv_t;
+}
+
+RLK_INLINE float kl_grad_ref_logits(float a, float b, const float* saved, float scale, float inv_t, float g) {
+  const float p = exp2_f(clamp_floor((a - saved[0]) * scale - saved[1] * kLog2e));
+  const float q = exp2_f(clamp_floor((b - saved[2]) * scale - saved[3] * kLog2e));
+  return g * (q - p) * inv_t;
+}
+
+}  // namespace rlk

@@ -1,0 +1,508 @@
+// Log-probs, entropy and full-vocabulary KL from logits on the CPU.
+//
+// Forward: one streaming pass per row.  The row is read in blocks of kBlock
+// elements that stay in L1: a max pass over the block, a rescale of the running
+// sums when the maximum grew, then the exp pass (sum-exp and, for entropy, the
+// weighted sum, see core/logprobs.h).  Memory traffic is the logits once; no
+// [N, V] temporary exists.  Backward: one more pass that recomputes p from the
+// saved row statistics and writes the gradient in the logits' dtype, into a
+// fresh tensor or into the logits buffer itself.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../core/logprobs.h"
+#include "../torch_common.h"
+#include "simd.h"
+
+namespace rlk {
+namespace {
+
+using simd::hmax;
+using simd::hsum;
+using simd::load;
+using simd::load_partial;
+using simd::splat;
+using simd::store;
+using simd::store_partial;
+using simd::to_float;
+using simd::vf;
+using simd::vmax;
+
+// A block of logits stays in L1 between its max pass and its exp pass.
+constexpr int64_t kBlock = 2048;
+// Software prefetch distance: long rows stream well on the hardware prefetcher,
+// but it restarts at page boundaries and between rows; a few KB ahead covers it.
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <class T>
+RLK_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+  const int64_t bytes = n * int64_t(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 0);
+}
+
+// Keep small problems on one thread: about 64K elements per task.
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1)); }
+
+template <bool kEntropy>
+RLK_ALWAYS_INLINE void rebase(SoftmaxStats& st, float new_m, float scale) {
+  if (new_m > st.m) {
+    if (st.m != -INFINITY) {
+      const float dy = (st.m - new_m) * scale;
+      const float c = std::exp2(dy);
+      if (kEntropy) st.t = c * (st.t + dy * st.s);
+      st.s *= c;
+    }
+    st.m = new_m;
+  }
+}
+
+// Max of the first n elements of a block, vectorised.
+template <int W, class T>
+RLK_ALWAYS_INLINE float block_max(const T* xb, int64_t n) {
+  vf<W> mx0 = splat<W>(-INFINITY), mx1 = mx0;
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    mx0 = vmax<W>(mx0, load<W>(xb + j));
+    mx1 = vmax<W>(mx1, load<W>(xb + j + W));
+  }
+  for (; j + W <= n; j += W) mx0 = vmax<W>(mx0, load<W>(xb + j));
+  if (j < n) mx1 = vmax<W>(mx1, load_partial<W>(xb + j, n - j, -INFINITY));
+  return hmax<W>(vmax<W>(mx0, mx1));
+}
+
+template <int W, class T, bool kEntropy>
+RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale) {
+  SoftmaxStats st = stats_empty();
+  const vf<W> vscale = splat<W>(scale);
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - b0);
+    const T* xb = x + b0;
+    prefetch_ahead(xb, n);
+    rebase<kEntropy>(st, block_max<W>(xb, n), scale);
+    // While every logit so far is -inf, the shift 0 makes every y -inf (so e = 0).
+    const vf<W> vm = splat<W>(st.m == -INFINITY ? 0.0f : st.m);
+    vf<W> s0 = splat<W>(0.0f), s1 = s0, t0 = s0, t1 = s0;
+    int64_t j = 0;
+    for (; j + 2 * W <= n; j += 2 * W) {
+      vf<W> y0, y1;  // the exponents, clamped where e underflows to 0
+      const vf<W> e0 = simd::exp2<W>((load<W>(xb + j) - vm) * vscale, y0);
+      const vf<W> e1 = simd::exp2<W>((load<W>(xb + j + W) - vm) * vscale, y1);
+      s0 += e0;
+      s1 += e1;
+      if (kEntropy) {
+        t0 += e0 * y0;
+        t1 += e1 * y1;
+      }
+    }
+    for (; j < n; j += W) {
+      const vf<W> xv = j + W <= n ? load<W>(xb + j) : load_partial<W>(xb + j, n - j, -INFINITY);
+      vf<W> y;
+      const vf<W> e = simd::exp2<W>((xv - vm) * vscale, y);
+      s1 += e;
+      if (kEntropy) t1 += e * y;
+    }
+    st.s += hsum<W>(s0 + s1);
+    if (kEntropy) st.t += hsum<W>(t0 + t1);
+  }
+  return st;
+}
+
+template <class T> struct storage { using type = T; };
+template <> struct storage<c10::BFloat16> { using type = simd::bf16; };
+template <> struct storage<c10::Half> { using type = simd::fp16; };
+
+// Runs f.template operator()<S>() with S the kernel storage type of `dtype`.
+template <class F>
+void dispatch_logits(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(simd::bf16{});
+    case at::kHalf: return f(simd::fp16{});
+    default: TORCH_CHECK(false, op, ": logits must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+void check_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const char* op) {
+  check_labels_shape(logits, labels, op);
+  const int64_t V = logits.size(-1);
+  const int64_t* l = labels.data_ptr<int64_t>();
+  for (int64_t i = 0, n = labels.numel(); i < n; ++i)
+    TORCH_CHECK(l[i] == ignore_index || (l[i] >= 0 && l[i] < V), op, ": label ", l[i], " at flat index ", i,
+                " is outside [0, ", V, ") and is not ignore_index");
+}
+
+// ---- logprobs forward -----------------------------------------------------------------------
+
+struct ForwardArgs {
+  const void* logits;
+  RowIndex rows;
+  int64_t V;
+  const int64_t* labels;
+  int64_t ignore_index;
+  float scale, inv_t;
+  float* logprobs;
+  float* entropy;
+  float* saved;
+};
+
+template <class T, bool kEntropy>
+struct ForwardRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const ForwardArgs& a, int64_t begin, int64_t end) {
+    const T* base = static_cast<const T*>(a.logits);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t label = a.labels[i];
+      if (label == a.ignore_index) {
+        a.logprobs[i] = 0.0f;
+        if (kEntropy) a.entropy[i] = 0.0f;
+        a.saved[2 * i] = 0.0f;
+        a.saved[2 * i + 1] = 0.0f;
+        continue;
+      }
+      const T* x = base + a.rows.offset(i);
+      const SoftmaxStats st = row_stats<W, T, kEntropy>(x, a.V, a.scale);
+      const float log_s = std::log(st.s);
+      a.logprobs[i] = logprob_of(to_float(x[label]), st.m, log_s, a.inv_t);
+      if (kEntropy) a.entropy[i] = entropy_of(st);
+      a.saved[2 * i] = st.m;
+      a.saved[2 * i + 1] = log_s;
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                            double temperature, int64_t ignore_index,
+                                                            bool with_entropy, bool /*inplace_backward*/) {
+  check_labels(logits, labels, ignore_index, "logprobs");
+  TORCH_CHECK(temperature > 0, "logprobs: temperature must be > 0, got ", temperature);
+  RowIndex rows;
+  const at::Tensor x = rows_readable(logits, &rows);
+  const int64_t N = leading_numel(logits), V = logits.size(-1);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty(leading_shape(logits), f32);
+  at::Tensor entropy = at::empty(with_entropy ? leading_shape(logits) : std::vector<int64_t>{0}, f32);
+  at::Tensor saved = at::empty(leading_shape(logits, 2), f32);
+  ForwardArgs args{x.data_ptr(), rows, V, labels.data_ptr<int64_t>(), ignore_index,
+                   float(kLog2e / temperature), float(1.0 / temperature), logprobs.data_ptr<float>(),
+                   with_entropy ? entropy.data_ptr<float>() : nullptr, saved.data_ptr<float>()};
+  dispatch_logits(x.scalar_type(), "logprobs", [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      if (with_entropy) simd::run_simd<ForwardRows<T, true>>(args, begin, end);
+      else simd::run_simd<ForwardRows<T, false>>(args, begin, end);
+    });
+  });
+  return {logprobs, entropy, saved};
+}
+
+// ---- logprobs backward ----------------------------------------------------------------------
+
+struct BackwardArgs {
+  const void* logits;
+  RowIndex rows;
+  void* grad;
+  RowIndex grad_rows;
+  int64_t V;
+  const int64_t* labels;
+  int64_t ignore_index;
+  const float* grad_logprobs;
+  const float* grad_entropy;
+  const float* entropy;
+  const float* saved;
+  float scale, inv_t;
+};
+
+template <class T, bool kEntropyGrad>
+struct BackwardRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const BackwardArgs& a, int64_t begin, int64_t end) {
+    const T* base = static_cast<const T*>(a.logits);
+    T* grad_base = static_cast<T*>(a.grad);
+    const int64_t V = a.V;
+    for (int64_t i = begin; i < end; ++i) {
+      const T* x = base + a.rows.offset(i);
+      T* out = grad_base + a.grad_rows.offset(i);
+      const int64_t label = a.labels[i];
+      if (label == a.ignore_index) {
+        std::memset(static_cast<void*>(out), 0, size_t(V) * sizeof(T));
+        continue;
+      }
+      const float g = a.grad_logprobs[i];
+      const float gh = kEntropyGrad ? a.grad_entropy[i] : 0.0f;
+      const float entropy = kEntropyGrad ? a.entropy[i] : 0.0f;
+      const float m = a.saved[2 * i], log2_s = a.saved[2 * i + 1] * kLog2e;
+      const float x_label = to_float(x[label]);  // before an in-place write overwrites it
+      // d_j = -p_j (g + gh (log p_j + H)) / T = p_j (c0 + c1 y_j), y_j = log2 p_j
+      const float c0 = -(g + gh * entropy) * a.inv_t, c1 = -gh * kLn2 * a.inv_t;
+      const vf<W> vm = splat<W>(m), vscale = splat<W>(a.scale), vlog2_s = splat<W>(log2_s);
+      for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+        const int64_t n = std::min(kBlock, V - b0);
+        prefetch_ahead(x + b0, n);
+        int64_t j = b0;
+        for (; j < b0 + n; j += W) {
+          const int64_t left = b0 + n - j;
+          const vf<W> xv = left >= W ? load<W>(x + j) : load_partial<W>(x + j, left, -INFINITY);
+          vf<W> y;
+          const vf<W> p = simd::exp2<W>((xv - vm) * vscale - vlog2_s, y);
+          const vf<W> d = kEntropyGrad ? p * (c0 + c1 * y) : p * c0;
+          if (left >= W) store<W>(out + j, d);
+          else store_partial<W>(out + j, d, left);
+        }
+      }
+      out[label] = simd::from_float<T>(logprobs_grad(x_label, true, m, a.scale, log2_s, g, gh, entropy, a.inv_t));
+    }
+  }
+};
+
+void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
+                            const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
+                            const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                            at::Tensor& grad) {
+  check_labels(logits, labels, ignore_index, "logprobs_backward");
+  check_row_floats(grad_logprobs, logits, "grad_logprobs", 1);
+  check_row_floats(saved, logits, "saved", 2);
+  const bool with_entropy = grad_entropy.has_value();
+  if (with_entropy) {
+    check_row_floats(*grad_entropy, logits, "grad_entropy", 1);
+    check_row_floats(entropy, logits, "entropy", 1);
+  }
+  RowIndex rows, grad_rows;
+  const at::Tensor x = rows_readable(logits, &rows);
+  TORCH_CHECK(row_index_of(grad, &grad_rows), "internal: gradient without a row layout");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "internal: gradient dtype");
+  const int64_t N = leading_numel(logits), V = logits.size(-1);
+  BackwardArgs args{x.data_ptr(), rows, grad.data_ptr(), grad_rows, V, labels.data_ptr<int64_t>(), ignore_index,
+                    grad_logprobs.data_ptr<float>(), with_entropy ? grad_entropy->data_ptr<float>() : nullptr,
+                    with_entropy ? entropy.data_ptr<float>() : nullptr, saved.data_ptr<float>(),
+                    float(kLog2e / temperature), float(1.0 / temperature)};
+  dispatch_logits(x.scalar_type(), "logprobs_backward", [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      if (with_entropy) simd::run_simd<BackwardRows<T, true>>(args, begin, end);
+      else simd::run_simd<BackwardRows<T, false>>(args, begin, end);
+    });
+  });
+}
+
+at::Tensor logprobs_backward_cpu(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
+                                 const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
+                                 const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                         grad);
+  return grad;
+}
+
+void logprobs_backward_inplace_cpu(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
+                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
+                                   const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  RowIndex rows;
+  if (row_index_of(logits, &rows)) {
+    at::Tensor out = logits;
+    logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                           out);
+  } else {  // a layout the kernel cannot address: compute aside, then copy in
+    logits.copy_(logprobs_backward_cpu(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
+                                       ignore_index));
+  }
+}
+
+// ---- KL(pi || pi_ref) from logits -----------------------------------------------------------
+
+struct KlArgs {
+  const void* logits;
+  RowIndex rows;
+  const void* ref;
+  RowIndex ref_rows;
+  int64_t V;
+  const bool* mask;
+  float scale, inv_t;
+  float* kl;
+  float* saved;
+};
+
+template <bool kRef>
+RLK_ALWAYS_INLINE void rebase_kl(float& m, float& s, float& w, float new_m, float scale) {
+  if (new_m > m) {
+    if (m != -INFINITY) {
+      const float c = std::exp2((m - new_m) * scale);
+      s *= c;
+      if (!kRef) w *= c;
+    }
+    m = new_m;
+  }
+}
+
+template <class T>
+struct KlRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const KlArgs& a, int64_t begin, int64_t end) {
+    const T* a_base = static_cast<const T*>(a.logits);
+    const T* b_base = static_cast<const T*>(a.ref);
+    const int64_t V = a.V;
+    const vf<W> vscale = splat<W>(a.scale), vinv_t = splat<W>(a.inv_t), zero = splat<W>(0.0f);
+    for (int64_t i = begin; i < end; ++i) {
+      float* saved = a.saved + 5 * i;
+      if (a.mask != nullptr && !a.mask[i]) {
+        a.kl[i] = 0.0f;
+        for (int k = 0; k < 5; ++k) saved[k] = 0.0f;
+        continue;
+      }
+      const T* xa = a_base + a.rows.offset(i);
+      const T* xb = b_base + a.ref_rows.offset(i);
+      KlStats st = kl_stats_empty();
+      float unused = 0.0f;
+      for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+        const int64_t n = std::min(kBlock, V - b0);
+        prefetch_ahead(xa + b0, n);
+        prefetch_ahead(xb + b0, n);
+        rebase_kl<false>(st.ma, st.sa, st.w, block_max<W>(xa + b0, n), a.scale);
+        rebase_kl<true>(st.mb, st.sb, unused, block_max<W>(xb + b0, n), a.scale);
+        const vf<W> vma = splat<W>(st.ma == -INFINITY ? 0.0f : st.ma);
+        const vf<W> vmb = splat<W>(st.mb == -INFINITY ? 0.0f : st.mb);
+        vf<W> sa = zero, sb = zero, w = zero;
+        for (int64_t j = b0; j < b0 + n; j += W) {
+          const int64_t left = b0 + n - j;
+          const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
+          const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
+          const vf<W> ea = simd::exp2<W>((va - vma) * vscale);
+          const vf<W> eb = simd::exp2<W>((vb - vmb) * vscale);
+          sa += ea;
+          sb += eb;
+          // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN)
+          w += ea == 0.0f ? zero : ea * ((va - vb) * vinv_t);
+        }
+        st.sa += hsum<W>(sa);
+        st.sb += hsum<W>(sb);
+        st.w += hsum<W>(w);
+      }
+      a.kl[i] = kl_finish(st, a.inv_t, saved);
+    }
+  }
+};
+
+struct KlBackwardArgs {
+  const void* logits;
+  RowIndex rows;
+  const void* ref;
+  RowIndex ref_rows;
+  int64_t V;
+  const bool* mask;
+  const float* grad_kl;
+  const float* saved;
+  float scale, inv_t;
+  void* grad_logits;  // dense rows or null
+  void* grad_ref;     // dense rows or null
+};
+
+template <class T>
+struct KlBackwardRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const KlBackwardArgs& a, int64_t begin, int64_t end) {
+    const T* a_base = static_cast<const T*>(a.logits);
+    const T* b_base = static_cast<const T*>(a.ref);
+    const int64_t V = a.V;
+    const vf<W> vscale = splat<W>(a.scale), vinv_t = splat<W>(a.inv_t), zero = splat<W>(0.0f);
+    for (int64_t i = begin; i < end; ++i) {
+      T* ga = a.grad_logits ? static_cast<T*>(a.grad_logits) + i * V : nullptr;
+      T* gb = a.grad_ref ? static_cast<T*>(a.grad_ref) + i * V : nullptr;
+      const float g = a.grad_kl[i];
+      if ((a.mask != nullptr && !a.mask[i])) {
+        if (ga) std::memset(static_cast<void*>(ga), 0, size_t(V) * sizeof(T));
+        if (gb) std::memset(static_cast<void*>(gb), 0, size_t(V) * sizeof(T));
+        continue;
+      }
+      const float* saved = a.saved + 5 * i;
+      const T* xa = a_base + a.rows.offset(i);
+      const T* xb = b_base + a.ref_rows.offset(i);
+      const vf<W> vma = splat<W>(saved[0]), vla = splat<W>(saved[1] * kLog2e);
+      const vf<W> vmb = splat<W>(saved[2]), vlb = splat<W>(saved[3] * kLog2e);
+      const vf<W> vmean = splat<W>(saved[4]), vg_t = splat<W>(g * a.inv_t);
+      for (int64_t j = 0; j < V; j += W) {
+        if ((j & (kBlock - 1)) == 0) {
+          prefetch_ahead(xa + j, std::min(kBlock, V - j));
+          prefetch_ahead(xb + j, std::min(kBlock, V - j));
+        }
+        const int64_t left = V - j;
+        const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
+        const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
+        const vf<W> p = simd::exp2<W>((va - vma) * vscale - vla);
+        if (ga) {
+          const vf<W> d = p == 0.0f ? zero : vg_t * p * ((va - vb) * vinv_t - vmean);
+          if (left >= W) store<W>(ga + j, d);
+          else store_partial<W>(ga + j, d, left);
+        }
+        if (gb) {
+          const vf<W> q = simd::exp2<W>((vb - vmb) * vscale - vlb);
+          const vf<W> d = vg_t * (q - p);
+          if (left >= W) store<W>(gb + j, d);
+          else store_partial<W>(gb + j, d, left);
+        }
+      }
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> kl_from_logits_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                                      const c10::optional<at::Tensor>& mask, double temperature) {
+  check_kl_pair(logits, ref_logits);
+  TORCH_CHECK(temperature > 0, "kl_from_logits: temperature must be > 0, got ", temperature);
+  RowIndex rows, ref_rows;
+  const at::Tensor a = rows_readable(logits, &rows), b = rows_readable(ref_logits, &ref_rows);
+  const int64_t N = leading_numel(logits), V = logits.size(-1);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty(leading_shape(logits), f32);
+  at::Tensor saved = at::empty(leading_shape(logits, 5), f32);
+  KlArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_row_mask(mask, logits),
+              float(kLog2e / temperature), float(1.0 / temperature), kl.data_ptr<float>(), saved.data_ptr<float>()};
+  dispatch_logits(a.scalar_type(), "kl_from_logits", [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, N, row_grain(2 * V), [&](int64_t begin, int64_t end) {
+      simd::run_simd<KlRows<T>>(args, begin, end);
+    });
+  });
+  return {kl, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& logits,
+                                                               const at::Tensor& ref_logits,
+                                                               const c10::optional<at::Tensor>& mask,
+                                                               const at::Tensor& saved, double temperature,
+                                                               bool logits_grad, bool ref_grad) {
+  check_kl_pair(logits, ref_logits);
+  check_row_floats(grad_kl, logits, "grad_kl", 1);
+  check_row_floats(saved, logits, "saved", 5);
+  RowIndex rows, ref_rows;
+  const at::Tensor a = rows_readable(logits, &rows), b = rows_readable(ref_logits, &ref_rows);
+  const int64_t N = leading_numel(logits), V = logits.size(-1);
+  at::Tensor ga = at::empty(logits_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
+  at::Tensor gb = at::empty(ref_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
+  KlBackwardArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_row_mask(mask, logits),
+                      grad_kl.data_ptr<float>(), saved.data_ptr<float>(), float(kLog2e / temperature),
+                      float(1.0 / temperature), logits_grad ? ga.data_ptr() : nullptr,
+                      ref_grad ? gb.data_ptr() : nullptr};
+  if (logits_grad || ref_grad) {
+    dispatch_logits(a.scalar_type(), "kl_from_logits_backward", [&](auto tag) {
+      using T = decltype(tag);
+      at::parallel_for(0, N, row_grain(2 * V), [&](int64_t begin, int64_t end) {
+        simd::run_simd<KlBackwardRows<T>>(args, begin, end);
+      });
+    });
+  }
+  return {ga, gb};
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("logprobs", &rlk::logprobs_cpu);
+  m.impl("logprobs_backward", &rlk::logprobs_backward_cpu);
+  m.impl("logprobs_backward_inplace", &rlk::logprobs_backward_inplace_cpu);
+  m.impl("kl_from_logits", &rlk::kl_from_logits_cpu);
+  m.impl("kl_from_logits_backward", &rlk::kl_from_logits_backward_cpu);
+}

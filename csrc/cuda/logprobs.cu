@@ -1,0 +1,420 @@
+// Log-probs, entropy and full-vocabulary KL on the GPU (torch-free).
+//
+// Forward: a block per row, or per part of a row when rows are few and long
+// (split-V: the parts write partial statistics, a second small kernel merges
+// them).  Each thread streams its elements with 16-byte loads, keeping running
+// statistics in float32 (core/logprobs.h); warps and then the block merge them.
+// Backward: a 2-D grid of (row, vocabulary chunk), each element recomputed from
+// the row's saved statistics and written in the logits' dtype, possibly over
+// the logits themselves.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../core/logprobs.h"
+#include "launchers.h"
+
+namespace rlk {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Each part of a split row holds at least this many logits.
+constexpr int64_t kMinSplit = 8192;
+// Backward: logits per block along the vocabulary.
+constexpr int64_t kBackwardChunk = 4096;
+
+template <typename T>
+__device__ __forceinline__ int64_t misalignment(const T* p) {
+  return int64_t(reinterpret_cast<uintptr_t>(p) & 15);
+}
+
+// Calls f(j, a_j, b_j) for j in [0, n) over the block's threads, with 16-byte
+// loads where both rows share their alignment (b may equal a, kTwo = false reads only a).
+template <typename T, bool kTwo, typename F>
+__device__ __forceinline__ void for_each(const T* a, const T* b, int64_t n, F&& f) {
+  constexpr int kPack = 16 / sizeof(T);
+  int64_t head = n;
+  if (!kTwo || misalignment(a) == misalignment(b)) {
+    head = ((16 - misalignment(a)) & 15) / int64_t(sizeof(T));
+    if (head > n) head = n;
+  }
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x)
+    f(j, cast<float>(a[j]), kTwo ? cast<float>(b[j]) : 0.0f);
+  const int64_t packs = (n - head) / kPack;
+  const uint4* av = reinterpret_cast<const uint4*>(a + head);
+  const uint4* bv = reinterpret_cast<const uint4*>(b + head);
+  for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) {
+    const uint4 ra = __ldg(av + k);
+    const uint4 rb = kTwo ? __ldg(bv + k) : ra;
+    const T* va = reinterpret_cast<const T*>(&ra);
+    const T* vb = reinterpret_cast<const T*>(&rb);
+#pragma unroll
+    for (int e = 0; e < kPack; ++e) f(head + k * kPack + e, cast<float>(va[e]), kTwo ? cast<float>(vb[e]) : 0.0f);
+  }
+  for (int64_t j = head + packs * kPack + threadIdx.x; j < n; j += blockDim.x)
+    f(j, cast<float>(a[j]), kTwo ? cast<float>(b[j]) : 0.0f);
+}
+
+template <bool kEntropy>
+__device__ __forceinline__ SoftmaxStats shfl_stats(const SoftmaxStats& st, int offset) {
+  return SoftmaxStats{__shfl_xor_sync(kFullMask, st.m, offset), __shfl_xor_sync(kFullMask, st.s, offset),
+                      kEntropy ? __shfl_xor_sync(kFullMask, st.t, offset) : 0.0f};
+}
+
+// Merged statistics of the whole block, valid in thread 0.
+template <bool kEntropy>
+__device__ SoftmaxStats block_merge(SoftmaxStats st, float scale) {
+  __shared__ SoftmaxStats warp_stats[kWarps];
+  for (int offset = 16; offset > 0; offset >>= 1) st = stats_merge<kEntropy>(st, shfl_stats<kEntropy>(st, offset), scale);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_stats[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < kWarps ? warp_stats[lane] : stats_empty();
+    for (int offset = 16; offset > 0; offset >>= 1)
+      st = stats_merge<kEntropy>(st, shfl_stats<kEntropy>(st, offset), scale);
+  }
+  return st;
+}
+
+__device__ __forceinline__ KlStats shfl_kl(const KlStats& st, int offset) {
+  return KlStats{__shfl_xor_sync(kFullMask, st.ma, offset), __shfl_xor_sync(kFullMask, st.sa, offset),
+                 __shfl_xor_sync(kFullMask, st.w, offset), __shfl_xor_sync(kFullMask, st.mb, offset),
+                 __shfl_xor_sync(kFullMask, st.sb, offset)};
+}
+
+__device__ KlStats block_merge_kl(KlStats st, float scale) {
+  __shared__ KlStats warp_stats[kWarps];
+  for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_stats[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < kWarps ? warp_stats[lane] : kl_stats_empty();
+    for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale);
+  }
+  return st;
+}
+
+// ---- logprobs -----------------------------------------------------------------------------------
+
+template <typename T, bool kEntropy>
+__device__ void finish_logprobs_row(const T* x, int64_t V, int64_t label, const SoftmaxStats& st, float inv_t,
+                                    int64_t row, float* logprobs, float* entropy, float* saved) {
+  const float log_s = log_f(st.s);
+  const bool in_range = label >= 0 && label < V;  // validated by the caller; never read outside the row
+  logprobs[row] = in_range ? logprob_of(cast<float>(x[in_range ? label : 0]), st.m, log_s, inv_t) : NAN;
+  if (kEntropy) entropy[row] = entropy_of(st);
+  saved[2 * row] = st.m;
+  saved[2 * row + 1] = log_s;
+}
+
+template <bool kEntropy>
+__device__ void write_ignored_row(int64_t row, float* logprobs, float* entropy, float* saved) {
+  logprobs[row] = 0.0f;
+  if (kEntropy) entropy[row] = 0.0f;
+  saved[2 * row] = 0.0f;
+  saved[2 * row + 1] = 0.0f;
+}
+
+template <typename T, bool kEntropy>
+__global__ void __launch_bounds__(kThreads)
+    logprobs_forward_kernel(const T* __restrict__ logits, RowIndex rows, int64_t V, int64_t chunk,
+                            const int64_t* __restrict__ labels, int64_t ignore_index, float scale, float inv_t,
+                            float* __restrict__ logprobs, float* __restrict__ entropy, float* __restrict__ saved,
+                            float* __restrict__ partial) {
+  const int64_t row = blockIdx.x;
+  const int64_t label = labels[row];
+  if (label == ignore_index) {  // the whole block leaves together
+    if (partial == nullptr && threadIdx.x == 0) write_ignored_row<kEntropy>(row, logprobs, entropy, saved);
+    return;
+  }
+  const T* x = logits + rows.offset(row);
+  const int64_t begin = int64_t(blockIdx.y) * chunk;
+  const int64_t n = begin < V ? (V - begin < chunk ? V - begin : chunk) : 0;
+  SoftmaxStats st = stats_empty();
+  for_each<T, false>(x + begin, x + begin, n,
+                     [&](int64_t, float v, float) { stats_push<kEntropy>(st, v, scale); });
+  st = block_merge<kEntropy>(st, scale);
+  if (threadIdx.x != 0) return;
+  if (partial != nullptr) {
+    float* out = partial + 3 * (row * gridDim.y + blockIdx.y);
+    out[0] = st.m;
+    out[1] = st.s;
+    out[2] = st.t;
+    return;
+  }
+  finish_logprobs_row<T, kEntropy>(x, V, label, st, inv_t, row, logprobs, entropy, saved);
+}
+
+template <typename T, bool kEntropy>
+__global__ void logprobs_finish_kernel(const T* __restrict__ logits, RowIndex rows, int64_t N, int64_t V,
+                                       const int64_t* __restrict__ labels, int64_t ignore_index, float scale,
+                                       float inv_t, float* __restrict__ logprobs, float* __restrict__ entropy,
+                                       float* __restrict__ saved, const float* __restrict__ partial, int splits) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= N) return;
+  const int64_t label = labels[row];
+  if (label == ignore_index) {
+    write_ignored_row<kEntropy>(row, logprobs, entropy, saved);
+    return;
+  }
+  SoftmaxStats st = stats_empty();
+  for (int k = 0; k < splits; ++k) {
+    const float* p = partial + 3 * (row * splits + k);
+    st = stats_merge<kEntropy>(st, SoftmaxStats{p[0], p[1], p[2]}, scale);
+  }
+  finish_logprobs_row<T, kEntropy>(logits + rows.offset(row), V, label, st, inv_t, row, logprobs, entropy, saved);
+}
+
+template <typename T, bool kEntropyGrad>
+__global__ void __launch_bounds__(kThreads)
+    logprobs_backward_kernel(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t V,
+                             const int64_t* __restrict__ labels, int64_t ignore_index,
+                             const float* __restrict__ grad_logprobs, const float* __restrict__ grad_entropy,
+                             const float* __restrict__ entropy, const float* __restrict__ saved, float scale,
+                             float inv_t) {
+  // logits and grad may be one buffer (in-place): each element is read, then
+  // written, by the same thread, so no __restrict__ on them.
+  const int64_t row = blockIdx.x;
+  const int64_t begin = int64_t(blockIdx.y) * kBackwardChunk;
+  if (begin >= V) return;
+  const int64_t n = V - begin < kBackwardChunk ? V - begin : kBackwardChunk;
+  const T* x = logits + rows.offset(row) + begin;
+  T* out = grad + grad_rows.offset(row) + begin;
+  const int64_t label = labels[row];
+  if (label == ignore_index) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = cast<T>(0.0f);
+    return;
+  }
+  const float g = grad_logprobs[row];
+  const float gh = kEntropyGrad ? grad_entropy[row] : 0.0f;
+  const float h = kEntropyGrad ? entropy[row] : 0.0f;
+  const float m = saved[2 * row], log2_s = saved[2 * row + 1] * kLog2e;
+  const int64_t local_label = label - begin;
+  constexpr int kPack = 16 / sizeof(T);
+  int64_t head = n;
+  if (misalignment(x) == misalignment(out)) {
+    head = ((16 - misalignment(x)) & 15) / int64_t(sizeof(T));
+    if (head > n) head = n;
+  }
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x)
+    out[j] = cast<T>(logprobs_grad(cast<float>(x[j]), j == local_label, m, scale, log2_s, g, gh, h, inv_t));
+  const int64_t packs = (n - head) / kPack;
+  const uint4* xv = reinterpret_cast<const uint4*>(x + head);
+  uint4* ov = reinterpret_cast<uint4*>(out + head);
+  for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) {
+    const uint4 raw = xv[k];
+    const T* vals = reinterpret_cast<const T*>(&raw);
+    uint4 result;
+    T* res = reinterpret_cast<T*>(&result);
+#pragma unroll
+    for (int e = 0; e < kPack; ++e) {
+      const int64_t j = head + k * kPack + e;
+      res[e] = cast<T>(logprobs_grad(cast<float>(vals[e]), j == local_label, m, scale, log2_s, g, gh, h, inv_t));
+    }
+    ov[k] = result;
+  }
+  for (int64_t j = head + packs * kPack + threadIdx.x; j < n; j += blockDim.x)
+    out[j] = cast<T>(logprobs_grad(cast<float>(x[j]), j == local_label, m, scale, log2_s, g, gh, h, inv_t));
+}
+
+// ---- KL(pi || pi_ref) ---------------------------------------------------------------------------
+
+__device__ void write_masked_kl(int64_t row, float* kl, float* saved) {
+  kl[row] = 0.0f;
+  for (int k = 0; k < 5; ++k) saved[5 * row + k] = 0.0f;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    kl_forward_kernel(const T* __restrict__ logits, RowIndex rows, const T* __restrict__ ref, RowIndex ref_rows,
+                      int64_t V, int64_t chunk, const bool* __restrict__ mask, float scale, float inv_t,
+                      float* __restrict__ kl, float* __restrict__ saved, float* __restrict__ partial) {
+  const int64_t row = blockIdx.x;
+  if (mask != nullptr && !mask[row]) {
+    if (partial == nullptr && threadIdx.x == 0) write_masked_kl(row, kl, saved);
+    return;
+  }
+  const int64_t begin = int64_t(blockIdx.y) * chunk;
+  const int64_t n = begin < V ? (V - begin < chunk ? V - begin : chunk) : 0;
+  const T* a = logits + rows.offset(row) + begin;
+  const T* b = ref + ref_rows.offset(row) + begin;
+  KlStats st = kl_stats_empty();
+  for_each<T, true>(a, b, n, [&](int64_t, float va, float vb) { kl_stats_push(st, va, vb, scale, inv_t); });
+  st = block_merge_kl(st, scale);
+  if (threadIdx.x != 0) return;
+  if (partial != nullptr) {
+    float* out = partial + 5 * (row * gridDim.y + blockIdx.y);
+    out[0] = st.ma;
+    out[1] = st.sa;
+    out[2] = st.w;
+    out[3] = st.mb;
+    out[4] = st.sb;
+    return;
+  }
+  kl[row] = kl_finish(st, inv_t, saved + 5 * row);
+}
+
+__global__ void kl_finish_kernel(int64_t N, const bool* __restrict__ mask, float scale, float inv_t,
+                                 float* __restrict__ kl, float* __restrict__ saved,
+                                 const float* __restrict__ partial, int splits) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= N) return;
+  if (mask != nullptr && !mask[row]) {
+    write_masked_kl(row, kl, saved);
+    return;
+  }
+  KlStats st = kl_stats_empty();
+  for (int k = 0; k < splits; ++k) {
+    const float* p = partial + 5 * (row * splits + k);
+    st = kl_stats_merge(st, KlStats{p[0], p[1], p[2], p[3], p[4]}, scale);
+  }
+  kl[row] = kl_finish(st, inv_t, saved + 5 * row);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    kl_backward_kernel(const T* __restrict__ logits, RowIndex rows, const T* __restrict__ ref, RowIndex ref_rows,
+                       int64_t V, const bool* __restrict__ mask, const float* __restrict__ grad_kl,
+                       const float* __restrict__ saved, float scale, float inv_t, T* __restrict__ grad_logits,
+                       T* __restrict__ grad_ref) {
+  const int64_t row = blockIdx.x;
+  const int64_t begin = int64_t(blockIdx.y) * kBackwardChunk;
+  if (begin >= V) return;
+  const int64_t n = V - begin < kBackwardChunk ? V - begin : kBackwardChunk;
+  const float g = (mask != nullptr && !mask[row]) ? 0.0f : grad_kl[row];
+  const bool masked = mask != nullptr && !mask[row];
+  const T* a = logits + rows.offset(row) + begin;
+  const T* b = ref + ref_rows.offset(row) + begin;
+  T* ga = grad_logits ? grad_logits + row * V + begin : nullptr;
+  T* gb = grad_ref ? grad_ref + row * V + begin : nullptr;
+  const float* s = saved + 5 * row;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    if (masked) {
+      if (ga) ga[j] = cast<T>(0.0f);
+      if (gb) gb[j] = cast<T>(0.0f);
+      continue;
+    }
+    const float va = cast<float>(a[j]), vb = cast<float>(b[j]);
+    if (ga) ga[j] = cast<T>(kl_grad_logits(va, vb, s, scale, inv_t, g));
+    if (gb) gb[j] = cast<T>(kl_grad_ref_logits(va, vb, s, scale, inv_t, g));
+  }
+}
+
+int64_t split_chunk(int64_t V, int splits) {
+  const int64_t chunk = (V + splits - 1) / splits;
+  return (chunk + 15) / 16 * 16;  // parts start 16-element aligned relative to the row
+}
+
+unsigned int blocks_for(int64_t count, int per_block) { return static_cast<unsigned int>((count + per_block - 1) / per_block); }
+
+}  // namespace
+
+int logprobs_splits(int64_t N, int64_t V, int sm_count) {
+  if (N <= 0 || V <= 0) return 1;
+  const int64_t want_blocks = int64_t(sm_count > 0 ? sm_count : 1) * 4;
+  if (N >= want_blocks) return 1;
+  int64_t splits = (want_blocks + N - 1) / N;
+  const int64_t most = V / kMinSplit > 1 ? V / kMinSplit : 1;
+  if (splits > most) splits = most;
+  return int(splits > 65535 ? 65535 : splits);
+}
+
+template <typename T>
+cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, int64_t V, const int64_t* labels,
+                                    int64_t ignore_index, double temperature, bool with_entropy, float* logprobs,
+                                    float* entropy, float* saved, float* workspace, int splits,
+                                    cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
+  const int64_t chunk = splits > 1 ? split_chunk(V, splits) : (V > 0 ? V : 1);
+  const dim3 grid(static_cast<unsigned int>(N), static_cast<unsigned int>(splits));
+  float* partial = splits > 1 ? workspace : nullptr;
+  if (with_entropy)
+    logprobs_forward_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, rows, V, chunk, labels, ignore_index, scale,
+                                                                    inv_t, logprobs, entropy, saved, partial);
+  else
+    logprobs_forward_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, rows, V, chunk, labels, ignore_index,
+                                                                     scale, inv_t, logprobs, entropy, saved, partial);
+  if (splits > 1) {
+    if (with_entropy)
+      logprobs_finish_kernel<T, true><<<blocks_for(N, 128), 128, 0, stream>>>(
+          logits, rows, N, V, labels, ignore_index, scale, inv_t, logprobs, entropy, saved, partial, splits);
+    else
+      logprobs_finish_kernel<T, false><<<blocks_for(N, 128), 128, 0, stream>>>(
+          logits, rows, N, V, labels, ignore_index, scale, inv_t, logprobs, entropy, saved, partial, splits);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t N,
+                                     int64_t V, const int64_t* labels, int64_t ignore_index,
+                                     const float* grad_logprobs, const float* grad_entropy, const float* entropy,
+                                     const float* saved, double temperature, cudaStream_t stream) {
+  if (N == 0 || V == 0) return cudaSuccess;
+  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
+  const dim3 grid(static_cast<unsigned int>(N), blocks_for(V, int(kBackwardChunk)));
+  if (grad_entropy != nullptr)
+    logprobs_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, rows, grad, grad_rows, V, labels,
+                                                                     ignore_index, grad_logprobs, grad_entropy,
+                                                                     entropy, saved, scale, inv_t);
+  else
+    logprobs_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, rows, grad, grad_rows, V, labels,
+                                                                      ignore_index, grad_logprobs, grad_entropy,
+                                                                      entropy, saved, scale, inv_t);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_kl_forward(const T* logits, RowIndex rows, const T* ref, RowIndex ref_rows, int64_t N, int64_t V,
+                              const bool* mask, double temperature, float* kl, float* saved, float* workspace,
+                              int splits, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
+  const int64_t chunk = splits > 1 ? split_chunk(V, splits) : (V > 0 ? V : 1);
+  const dim3 grid(static_cast<unsigned int>(N), static_cast<unsigned int>(splits));
+  float* partial = splits > 1 ? workspace : nullptr;
+  kl_forward_kernel<T><<<grid, kThreads, 0, stream>>>(logits, rows, ref, ref_rows, V, chunk, mask, scale, inv_t, kl,
+                                                      saved, partial);
+  if (splits > 1)
+    kl_finish_kernel<<<blocks_for(N, 128), 128, 0, stream>>>(N, mask, scale, inv_t, kl, saved, partial, splits);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_kl_backward(const T* logits, RowIndex rows, const T* ref, RowIndex ref_rows, int64_t N, int64_t V,
+                               const bool* mask, const float* grad_kl, const float* saved, double temperature,
+                               T* grad_logits, T* grad_ref, cudaStream_t stream) {
+  if (N == 0 || V == 0 || (grad_logits == nullptr && grad_ref == nullptr)) return cudaSuccess;
+  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
+  const dim3 grid(static_cast<unsigned int>(N), blocks_for(V, int(kBackwardChunk)));
+  kl_backward_kernel<T><<<grid, kThreads, 0, stream>>>(logits, rows, ref, ref_rows, V, mask, grad_kl, saved, scale,
+                                                       inv_t, grad_logits, grad_ref);
+  return cudaGetLastError();
+}
+
+#define RLK_INSTANTIATE(T)                                                                                       \
+  template cudaError_t launch_logprobs_forward<T>(const T*, RowIndex, int64_t, int64_t, const int64_t*, int64_t, \
+                                                  double, bool, float*, float*, float*, float*, int,             \
+                                                  cudaStream_t);                                                 \
+  template cudaError_t launch_logprobs_backward<T>(const T*, RowIndex, T*, RowIndex, int64_t, int64_t,           \
+                                                   const int64_t*, int64_t, const float*, const float*,          \
+                                                   const float*, const float*, double, cudaStream_t);            \
+  template cudaError_t launch_kl_forward<T>(const T*, RowIndex, const T*, RowIndex, int64_t, int64_t,            \
+                                            const bool*, double, float*, float*, float*, int, cudaStream_t);     \
+  template cudaError_t launch_kl_backward<T>(const T*, RowIndex, const T*, RowIndex, int64_t, int64_t,           \
+                                             const bool*, const float*, const float*, double, T*, T*,            \
+                                             cudaStream_t);
+RLK_INSTANTIATE(float)
+RLK_INSTANTIATE(__half)
+RLK_INSTANTIATE(__nv_bfloat16)
+#undef RLK_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace rlk

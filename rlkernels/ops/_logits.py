@@ -1,0 +1,67 @@
+"""Validation and backend choice shared by the ops over [..., V] logits
+(logprobs, kl_from_logits, linear_logprobs)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend, _validate as V
+
+# Dtypes the compiled and Triton kernels read; float64 runs on the reference.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOGIT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def logits_tensor(op: str, name: str, value) -> torch.Tensor:
+    V.tensor(op, name, value, dtypes=LOGIT_DTYPES, min_ndim=1)
+    return value
+
+
+def temperature(op: str, value) -> float:
+    value = V.number(op, "temperature", value, low=0.0, low_open=True)
+    if math.isinf(value):
+        raise ValueError(f"{op}: temperature must be finite, got {value}")
+    return value
+
+
+def index(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, vocab: int | None = None,
+               logits_name: str = "logits") -> torch.Tensor:
+    """Checks labels of logits' leading shape with values in [0, V) or ignore_index, and
+    returns them as contiguous int64.  The range check reads the labels (a device
+    sync on CUDA) so that no out-of-range index reaches a kernel; it is skipped
+    while torch.compile traces."""
+    V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES)
+    lead = logits.shape[:-1]
+    if labels.shape != lead:
+        raise ValueError(f"{op}: labels must have the leading shape of {logits_name} {tuple(lead)}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"{op}: labels is on {labels.device} but {logits_name} is on {logits.device}")
+    vocab = logits.shape[-1] if vocab is None else vocab
+    if not V._compiling() and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            where = int(bad.flatten().nonzero()[0, 0])
+            value = int(labels.flatten()[where])
+            raise ValueError(f"{op}: labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"got {value} at flat index {where}")
+    return labels.to(torch.int64).contiguous()
+
+
+def choose_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend for logits of `dtype`: float64 runs on the reference (the kernels
+    read float32, bfloat16 and float16), which backend="auto" picks by itself."""
+    chosen = _backend.resolve(op, backend, device)
+    if dtype == torch.float64 and chosen != "reference":
+        if backend != "auto":
+            raise TypeError(f"{op}: backend={backend!r} reads float32, bfloat16 or float16 logits; "
+                            "float64 runs on backend='reference'")
+        return "reference"
+    return chosen

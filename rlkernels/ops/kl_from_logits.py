@@ -1,0 +1,77 @@
+"""rlkernels.kl_from_logits: exact per-token KL(pi || pi_ref) over the whole
+vocabulary, from both models' logits, in one fused pass (verl raises
+NotImplementedError for this "full" KL)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _library, _validate as V, reference
+from . import _logits as L
+
+_OP = "kl_from_logits"
+
+
+def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
+                   mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, with p = softmax(logits / T)
+    and q = softmax(ref_logits / T).
+
+    logits, ref_logits: `[..., V]` of one dtype (float32, bfloat16, float16; float64 on the
+    reference), strided rows accepted.  mask: 0/1 of the leading shape; masked tokens get
+    KL 0 and no gradient, and the kernels skip them.  Returns float32 of the leading shape.
+    Gradients: dKL/dlogits_j = p_j (log p_j - log q_j - KL) / T and, when ref_logits
+    requires grad, dKL/dref_logits_j = (q_j - p_j) / T, in the logits' dtype.
+    """
+    L.logits_tensor(_OP, "logits", logits)
+    L.logits_tensor(_OP, "ref_logits", ref_logits)
+    V.same_shape(_OP, "ref_logits", ref_logits, "logits", logits)
+    V.same_dtype(_OP, "ref_logits", ref_logits, "logits", logits)
+    device = V.same_device(_OP, logits=logits, ref_logits=ref_logits)
+    mask = V.binary_mask(_OP, "mask", mask, logits.shape[:-1], device)
+    temperature = L.temperature(_OP, temperature)
+    chosen = L.choose_backend(_OP, backend, device, logits.dtype)
+    if chosen == "reference":
+        return reference.kl_from_logits(logits, ref_logits, temperature=temperature, mask=mask)
+    op = torch.ops.rlkernels.kl_from_logits_triton if chosen == "triton" else torch.ops.rlkernels.kl_from_logits
+    return op(logits, ref_logits, mask, temperature)[0]
+
+
+def _fake_forward(logits, ref_logits, mask, temperature):
+    torch._check(ref_logits.shape == logits.shape, lambda: "ref_logits must have the shape of logits")
+    lead = logits.shape[:-1]
+    return logits.new_empty(lead, dtype=torch.float32), logits.new_empty((*lead, 5), dtype=torch.float32)
+
+
+def _fake_backward(grad_kl, logits, ref_logits, mask, saved, temperature, logits_grad, ref_grad):
+    return (logits.new_empty(logits.shape if logits_grad else (0,)),
+            logits.new_empty(logits.shape if ref_grad else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    logits, ref_logits, mask, temperature = inputs
+    ctx.save_for_backward(logits, ref_logits, mask, output[1])
+    ctx.temperature = temperature
+
+
+def register_autograd(forward: str, backward) -> None:
+    def grad_fn(ctx, grad_kl, _grad_saved):
+        logits, ref_logits, mask, saved = ctx.saved_tensors
+        logits_grad, ref_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        if not (logits_grad or ref_grad):
+            return None, None, None, None
+        if grad_kl is None:
+            grad_kl = torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+        grad_logits, grad_ref = backward(grad_kl.to(torch.float32).contiguous(), logits, ref_logits, mask, saved,
+                                         ctx.temperature, logits_grad, ref_grad)
+        return (grad_logits if logits_grad else None), (grad_ref if ref_grad else None), None, None
+
+    torch.library.register_autograd(forward, grad_fn, setup_context=_setup_context)
+
+
+torch.library.register_fake("rlkernels::kl_from_logits")(_fake_forward)
+torch.library.register_fake("rlkernels::kl_from_logits_backward")(_fake_backward)
+register_autograd("rlkernels::kl_from_logits", torch.ops.rlkernels.kl_from_logits_backward)
+if _library.triton_status()[0]:
+    from ..triton import logprobs as _triton_logprobs  # noqa: F401  (defines the *_triton ops)
+
+    register_autograd("rlkernels::kl_from_logits_triton", torch.ops.rlkernels.kl_from_logits_backward_triton)

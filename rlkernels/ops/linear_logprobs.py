@@ -1,0 +1,176 @@
+"""rlkernels.linear_logprobs: per-token log-probs (and entropy) straight from
+hidden states and the lm-head, never holding more than one chunk of logits.
+
+Forward: for each chunk of tokens, logits = hidden @ weight.T (+ bias) into one
+reused buffer, then the fused row kernel (one pass: log-prob, entropy and the
+row statistics, which are kept: 8 bytes a token).  Backward: each chunk's
+logits are recomputed, turned into d loss / d logits in place by the fused
+backward kernel, and fed to the matmuls for hidden, weight and bias.  Rows whose
+label is ignore_index are dropped before any matmul."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import custom_op, register_fake
+
+from .. import _validate as V, reference
+from . import _chunked
+from . import _logits as L
+
+_OP = "linear_logprobs"
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                    entropy: bool = False, chunk_size: int | None = None, backend: str = "auto"):
+    """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, without
+    materialising the [N, V] logits.
+
+    hidden: `[..., H]`; weight: the lm-head `[V, H]` of hidden's dtype (float32, bfloat16,
+    float16; float64 runs on the reference); bias: `[V]` or None; labels: int of hidden's
+    leading shape, in [0, V) or ignore_index.  chunk_size: tokens per chunk (default: as
+    many as 64 MiB of float32 logits hold); peak extra memory is about chunk_size x V
+    logits.  Returns float32 log-probs (and entropy with entropy=True) of the leading
+    shape, 0 on ignored tokens; gradients flow to hidden, weight and bias.
+    """
+    V.tensor(_OP, "hidden", hidden, dtypes=L.LOGIT_DTYPES, min_ndim=1)
+    V.tensor(_OP, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{_OP}: weight must have shape [V, {hidden.shape[-1]}] (hidden size last), "
+                         f"got {tuple(weight.shape)}")
+    V.same_dtype(_OP, "weight", weight, "hidden", hidden)
+    if bias is not None:
+        V.tensor(_OP, "bias", bias, dtypes=L.LOGIT_DTYPES, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{_OP}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+        V.same_dtype(_OP, "bias", bias, "hidden", hidden)
+    device = V.same_device(_OP, hidden=hidden, weight=weight, bias=bias)
+    ignore_index = L.index(_OP, "ignore_index", ignore_index)
+    labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
+    temperature = L.temperature(_OP, temperature)
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"{_OP}: chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
+    entropy = bool(entropy)
+    chosen = L.choose_backend(_OP, backend, device, hidden.dtype)
+    if chosen == "reference":
+        return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                         ignore_index=ignore_index, entropy=entropy)
+    lead = hidden.shape[:-1]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    chunk = _chunked.chunk_rows(flat_hidden.shape[0], weight.shape[0], chunk_size)
+    values, entropies, _ = torch.ops.rlkernels.linear_logprobs(flat_hidden, weight, flat_labels, bias, temperature,
+                                                               ignore_index, entropy, chunk, chosen)
+    values = values.reshape(lead)
+    return (values, entropies.reshape(lead)) if entropy else values
+
+
+def _row_ops(backend: str):
+    if backend == "triton":
+        return torch.ops.rlkernels.logprobs_triton, torch.ops.rlkernels.logprobs_backward_inplace_triton
+    return torch.ops.rlkernels.logprobs, torch.ops.rlkernels.logprobs_backward_inplace
+
+
+@custom_op("rlkernels::linear_logprobs", mutates_args=())
+def _linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+                     temperature: float, ignore_index: int, with_entropy: bool, chunk: int,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    forward, _ = _row_ops(backend)
+    N = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    values = torch.zeros(N, **f32)
+    entropies = torch.zeros(N if with_entropy else 0, **f32)
+    saved = torch.zeros(N, 2, **f32)
+    rows = _chunked.kept_rows(labels, ignore_index)
+    kept_hidden, kept_labels = (hidden, labels) if rows is None else (hidden[rows], labels[rows])
+    for start, stop, logits in _chunked.chunked_logits(kept_hidden, weight, bias, chunk):
+        lp, ent, stats = forward(logits, kept_labels[start:stop], temperature, ignore_index, with_entropy, False)
+        span = slice(start, stop) if rows is None else rows[start:stop]
+        values[span] = lp
+        saved[span] = stats
+        if with_entropy:
+            entropies[span] = ent
+    return values, entropies, saved
+
+
+@register_fake("rlkernels::linear_logprobs")
+def _linear_logprobs_fake(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk, backend):
+    N = hidden.shape[0]
+    return (hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N if with_entropy else 0, dtype=torch.float32),
+            hidden.new_empty((N, 2), dtype=torch.float32))
+
+
+@custom_op("rlkernels::linear_logprobs_backward", mutates_args=())
+def _linear_logprobs_backward(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
+                              hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              bias: Optional[torch.Tensor], saved: torch.Tensor, entropies: torch.Tensor,
+                              temperature: float, ignore_index: int, chunk: int, backend: str, needs_hidden: bool,
+                              needs_weight: bool, needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, backward_inplace = _row_ops(backend)
+    rows = _chunked.kept_rows(labels, ignore_index)
+
+    def pick(t):
+        return t if rows is None or t is None or t.shape[0] != hidden.shape[0] else t[rows]
+
+    kept = [pick(t) for t in (hidden, labels, grad_logprobs, grad_entropy, saved, entropies)]
+    kept_hidden, kept_labels, kept_grad, kept_grad_entropy, kept_saved, kept_entropies = kept
+    if kept_grad_entropy is None:
+        kept_entropies = kept_entropies.new_empty(0)
+
+    def grad_logits(start, stop, logits):
+        backward_inplace(kept_grad[start:stop], None if kept_grad_entropy is None else kept_grad_entropy[start:stop],
+                         logits, kept_labels[start:stop], kept_saved[start:stop],
+                         kept_entropies[start:stop] if kept_grad_entropy is not None else kept_entropies,
+                         temperature, ignore_index)
+        return logits
+
+    grad_hidden, grad_weight, grad_bias = _chunked.chunked_linear_backward(
+        kept_hidden, weight, bias, chunk, grad_logits, (needs_hidden, needs_weight, needs_bias and bias is not None))
+    if needs_hidden and rows is not None:
+        full = torch.zeros_like(hidden)
+        full[rows] = grad_hidden
+        grad_hidden = full
+    if needs_weight and kept_hidden.shape[0] == 0:
+        grad_weight = torch.zeros_like(weight)
+    return (grad_hidden if needs_hidden else hidden.new_empty(0), grad_weight if needs_weight else hidden.new_empty(0),
+            grad_bias if grad_bias is not None else hidden.new_empty(0))
+
+
+@register_fake("rlkernels::linear_logprobs_backward")
+def _linear_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies,
+                                   temperature, ignore_index, chunk, backend, needs_hidden, needs_weight, needs_bias):
+    return (hidden.new_empty(hidden.shape if needs_hidden else (0,)),
+            weight.new_empty(weight.shape if needs_weight else (0,)),
+            hidden.new_empty(bias.shape if needs_bias and bias is not None else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk, backend = inputs
+    _, entropies, saved = output
+    ctx.save_for_backward(hidden, weight, labels, bias, saved, entropies)
+    ctx.options = (temperature, ignore_index, chunk, backend)
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved):
+    hidden, weight, labels, bias, saved, entropies = ctx.saved_tensors
+    needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
+    if not (needs_hidden or needs_weight or needs_bias):
+        return None, None, None, None, None, None, None, None, None
+    N = hidden.shape[0]
+    grad_logprobs = (torch.zeros(N, dtype=torch.float32, device=hidden.device) if grad_logprobs is None
+                     else grad_logprobs.to(torch.float32).contiguous())
+    with_entropy = entropies.shape[0] == N and N > 0 and grad_entropy is not None
+    grad_entropy = grad_entropy.to(torch.float32).contiguous() if with_entropy else None
+    temperature, ignore_index, chunk, backend = ctx.options
+    grad_hidden, grad_weight, grad_bias = torch.ops.rlkernels.linear_logprobs_backward(
+        grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature, ignore_index,
+        chunk, backend, bool(needs_hidden), bool(needs_weight), bool(needs_bias))
+    return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
+            grad_bias if needs_bias else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("rlkernels::linear_logprobs", _backward, setup_context=_setup_context)

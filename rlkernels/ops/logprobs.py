@@ -1,0 +1,106 @@
+"""rlkernels.logprobs: per-token log-probs (and entropy) of labels under
+softmax(logits / temperature), in one streaming pass over the vocabulary, with a
+fused backward.  See docs/logprobs.md."""
+from __future__ import annotations
+
+import torch
+
+from .. import _library, reference
+from . import _logits as L
+
+_OP = "logprobs"
+
+
+def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+             entropy: bool = False, inplace_backward: bool = False, backend: str = "auto"):
+    """log p(label) with p = softmax(logits / temperature), per token.
+
+    logits: `[..., V]` float32, bfloat16 or float16 (float64 runs on the reference);
+    rows may be strided (e.g. `logits[:, :-1]`), the last dim must be the vocabulary.
+    labels: int64 or int32 of the leading shape, in [0, V) or equal to ignore_index.
+
+    Returns float32 log-probs of the leading shape, 0 where labels == ignore_index;
+    with entropy=True also the float32 entropy H = -sum_j p_j log p_j per token (0 on
+    ignored tokens, which the kernels skip entirely).  Gradients flow to logits:
+    ``dlogits = (dlogp * (onehot - p) - dH * p * (log p + H)) / temperature``, written
+    in the logits' dtype; inplace_backward=True writes them into the logits buffer
+    (which the backward then overwrites) instead of a fresh tensor.
+    """
+    L.logits_tensor(_OP, "logits", logits)
+    ignore_index = L.index(_OP, "ignore_index", ignore_index)
+    labels = L.labels_for(_OP, labels, logits, ignore_index)
+    temperature = L.temperature(_OP, temperature)
+    entropy, inplace_backward = bool(entropy), bool(inplace_backward)
+    chosen = L.choose_backend(_OP, backend, logits.device, logits.dtype)
+    if chosen == "reference":
+        return reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                  entropy=entropy)
+    op = torch.ops.rlkernels.logprobs_triton if chosen == "triton" else torch.ops.rlkernels.logprobs
+    values, entropies, _ = op(logits, labels, temperature, ignore_index, entropy, inplace_backward)
+    return (values, entropies) if entropy else values
+
+
+# ---- fake kernels and autograd (shared by the compiled and the Triton ops) ---------------------
+
+def _fake_forward(logits, labels, temperature, ignore_index, with_entropy, inplace_backward):
+    torch._check(logits.dim() >= 1, lambda: "logits must have a vocabulary dimension")
+    torch._check(labels.shape == logits.shape[:-1], lambda: "labels must have the leading shape of logits")
+    lead = logits.shape[:-1]
+    f32 = dict(dtype=torch.float32)
+    return (logits.new_empty(lead, **f32), logits.new_empty(lead if with_entropy else (0,), **f32),
+            logits.new_empty((*lead, 2), **f32))
+
+
+def _fake_backward(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _fake_backward_inplace(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, _with_entropy, inplace_backward = inputs
+    _, entropies, saved = output
+    ctx.save_for_backward(logits, labels, saved, entropies)
+    ctx.temperature, ctx.ignore_index, ctx.inplace_backward = temperature, ignore_index, inplace_backward
+
+
+def _row_grad(grad: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    if grad is None:
+        return torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    return grad.to(torch.float32).contiguous()
+
+
+def register_autograd(forward: str, backward, backward_inplace) -> None:
+    """Registers the fake kernels and autograd of a logprobs forward op whose backward
+    ops are `backward` (fresh gradient) and `backward_inplace` (into the logits)."""
+
+    def grad_fn(ctx, grad_logprobs, grad_entropy, _grad_saved):
+        logits, labels, saved, entropies = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        grad_logprobs = _row_grad(grad_logprobs, labels)
+        with_entropy = entropies.shape == labels.shape and grad_entropy is not None
+        grad_entropy = _row_grad(grad_entropy, labels) if with_entropy else None
+        args = (grad_logprobs, grad_entropy, logits, labels, saved, entropies, ctx.temperature, ctx.ignore_index)
+        if ctx.inplace_backward:
+            backward_inplace(*args)
+            grad = logits.detach()  # the logits buffer now holds the gradient
+        else:
+            grad = backward(*args)
+        return grad, None, None, None, None, None
+
+    torch.library.register_autograd(forward, grad_fn, setup_context=_setup_context)
+
+
+torch.library.register_fake("rlkernels::logprobs")(_fake_forward)
+torch.library.register_fake("rlkernels::logprobs_backward")(_fake_backward)
+torch.library.register_fake("rlkernels::logprobs_backward_inplace")(_fake_backward_inplace)
+register_autograd("rlkernels::logprobs", torch.ops.rlkernels.logprobs_backward,
+                  torch.ops.rlkernels.logprobs_backward_inplace)
+if _library.triton_status()[0]:
+    from ..triton import logprobs as _triton_logprobs  # noqa: F401  (defines the *_triton ops)
+
+    register_autograd("rlkernels::logprobs_triton", torch.ops.rlkernels.logprobs_backward_triton,
+                      torch.ops.rlkernels.logprobs_backward_inplace_triton)

@@ -1,0 +1,114 @@
+"""Log-probs, entropy and KL written the way RL frameworks write them: a full
+`log_softmax` over the vocabulary, then `gather`.  Differentiable with torch
+autograd; accumulates in float32 (float64 stays float64).  The truth for tests,
+the baseline for benchmarks and the `backend="reference"` path."""
+from __future__ import annotations
+
+import torch
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    p = logp.exp()
+    # p log p -> 0 where p underflows (also where log p = -inf), with a zero gradient there
+    return -(p * logp.masked_fill(p == 0, 0)).sum(-1)
+
+
+def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+             entropy: bool = False):
+    """log softmax(logits / temperature)[label] per token (0 where labels == ignore_index);
+    with entropy=True also H = -sum_j p_j log p_j (0 on ignored tokens)."""
+    valid = labels != ignore_index
+    # ignored rows may hold anything (NaN padding): keep it out of values and gradients
+    logits = torch.where(valid.unsqueeze(-1), logits, 0).to(_acc(logits.dtype))
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(valid, picked, 0)
+    if not entropy:
+        return picked
+    return picked, torch.where(valid, _entropy(logp), 0)
+
+
+def logprobs_per_row(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                     ignore_index: int = -100, entropy: bool = False):
+    """The memory-saving loop TRL (selective_log_softmax) and verl use: one step per
+    slice of the first dimension (a sequence of a [B, T, V] batch), so only that
+    slice's log-softmax is materialised; float32 takes logsumexp instead."""
+    acc = _acc(logits.dtype)
+    picked, entropies = [], []
+    for row_logits, row_labels in zip(logits, labels):
+        valid = row_labels != ignore_index
+        safe = torch.where(valid, row_labels, 0).long().unsqueeze(-1)
+        scaled = row_logits.to(acc) / temperature if temperature != 1.0 else row_logits.to(acc)
+        if acc == row_logits.dtype and not entropy:
+            row = scaled.gather(-1, safe).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+        else:
+            row_logp = torch.log_softmax(scaled, dim=-1)
+            row = row_logp.gather(-1, safe).squeeze(-1)
+            if entropy:
+                entropies.append(torch.where(valid, _entropy(row_logp), 0))
+        picked.append(torch.where(valid, row, 0))
+    if not picked:
+        empty = logits.new_empty(labels.shape, dtype=acc)
+        return (empty, empty.clone()) if entropy else empty
+    out = torch.stack(picked)
+    return (out, torch.stack(entropies)) if entropy else out
+
+
+def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, p = softmax(logits / T),
+    q = softmax(ref_logits / T); 0 where mask is False."""
+    acc = _acc(logits.dtype)
+    if mask is not None:
+        keep = mask.bool().unsqueeze(-1)
+        logits, ref_logits = torch.where(keep, logits, 0), torch.where(keep, ref_logits, 0)
+    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    logq = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
+    p = logp.exp()
+    kl = (p * (logp - logq).masked_fill(p == 0, 0)).sum(-1)
+    return kl if mask is None else torch.where(mask.bool(), kl, 0)
+
+
+KL_KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs", "k1+", "k3+")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1", *,
+               clamp: float | None = None) -> torch.Tensor:
+    """verl's kl_penalty estimators, written as verl writes them (core_algos.kl_penalty).
+    `clamp` bounds the value to [-clamp, clamp]; None means the kind's default (10 for
+    k3/low_var_kl, none otherwise)."""
+    acc = _acc(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
+    logprobs, ref_logprobs = logprobs.to(acc), ref_logprobs.to(acc)
+    if kind.endswith("+"):
+        value = kl_penalty(logprobs, ref_logprobs, kind[:-1], clamp=clamp)
+        straight = 0.5 * (logprobs - ref_logprobs).square()
+        return straight - straight.detach() + value.detach()
+    if kind in ("k1", "kl"):
+        value = logprobs - ref_logprobs
+    elif kind == "abs":
+        value = (logprobs - ref_logprobs).abs()
+    elif kind in ("k2", "mse"):
+        value = 0.5 * (logprobs - ref_logprobs).square()
+    elif kind in ("k3", "low_var_kl"):
+        kl = torch.clamp(ref_logprobs - logprobs, min=-20, max=20)
+        value = torch.exp(kl) - kl - 1
+        clamp = 10.0 if clamp is None else clamp
+    else:
+        raise ValueError(f"kl_penalty: unknown kind {kind!r}")
+    if clamp is not None:
+        value = torch.clamp(value, min=-clamp, max=clamp)
+    return value
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                    entropy: bool = False):
+    """The unfused lm-head: logits = hidden @ weight.T (+ bias), then logprobs."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, entropy=entropy)

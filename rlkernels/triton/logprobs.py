@@ -1,0 +1,346 @@
+"""Log-probs, entropy and full-vocabulary KL from logits in Triton.
+
+Forward: one program per row, streaming the vocabulary in blocks with an online
+maximum and base-2 sums (the same statistics as csrc/core/logprobs.h).  Backward:
+a 2-D grid (row, vocabulary block), each program recomputing p for its block
+from the saved row statistics.  Registered with torch.library.custom_op (opaque
+ops with fake kernels) so they behave the same under TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, register_fake
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+FLOOR = -160.0  # exp2 below this is 0 in float32; keeps 0 * y finite at y = -inf
+
+
+def row_index(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(inner, outer_stride, inner_stride) addressing the rows of a [..., V] tensor
+    in place (leading dims merged where strides allow), or None; see csrc/core/rows.h."""
+    V = t.shape[-1]
+    if V > 1 and t.stride(-1) != 1:
+        return None
+    dims: list[list[int]] = []  # innermost first: [size, stride]
+    for d in range(t.dim() - 2, -1, -1):
+        size, stride = t.shape[d], t.stride(d)
+        if size == 1:
+            continue
+        if dims and stride == dims[-1][1] * dims[-1][0]:
+            dims[-1][0] *= size
+            continue
+        if len(dims) == 2:
+            return None
+        dims.append([size, stride])
+    if not dims:
+        return 1, V, V
+    if len(dims) == 1:
+        return dims[0][0], dims[0][1] * dims[0][0], dims[0][1]
+    return dims[0][0], dims[1][1], dims[0][1]
+
+
+def readable(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    index = row_index(t)
+    if index is None:
+        t = t.contiguous()
+        index = row_index(t)
+    return t, index
+
+
+def _block(V: int) -> int:
+    return max(16, min(4096, triton.next_power_of_2(max(V, 1))))
+
+
+@triton.jit
+def _row_base(ptr, row, inner, outer_stride, inner_stride):
+    return ptr + (row // inner) * outer_stride + (row % inner) * inner_stride
+
+
+@triton.jit
+def _to_out(x, out_ptr):
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast
+        # truncates (on a GPU this costs three integer ops and changes nothing).
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
+                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(x_ptr, row, inner, outer_stride, inner_stride)
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    n = tl.where(ignored, 0, V)
+    m = tl.zeros([], dtype=tl.float32) - float("inf")
+    s = tl.zeros([], dtype=tl.float32)
+    t = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        new_m = tl.maximum(m, tl.max(x, axis=0))
+        dy = tl.where((new_m == m) | (m == -float("inf")), 0.0, (m - new_m) * scale)
+        c = tl.exp2(dy)
+        if ENTROPY:
+            t = c * (t + dy * s)
+        s = s * c
+        m = new_m
+        shift = tl.where(m == -float("inf"), 0.0, m)
+        y = (x - shift) * scale
+        y = tl.where(y < FLOOR, FLOOR, y)
+        e = tl.exp2(y)
+        s += tl.sum(e, axis=0)
+        if ENTROPY:
+            t += tl.sum(e * y, axis=0)
+    log_s = tl.log(tl.where(ignored, 1.0, s))
+    in_range = (label >= 0) & (label < V)
+    x_label = tl.load(base + tl.where(in_range, label, 0)).to(tl.float32)
+    lp = tl.where(in_range, (x_label - m) * inv_t - log_s, float("nan"))
+    tl.store(lp_ptr + row, tl.where(ignored, 0.0, lp))
+    if ENTROPY:
+        tl.store(ent_ptr + row, tl.where(ignored, 0.0, log_s - LN2 * t / tl.where(ignored, 1.0, s)))
+    tl.store(saved_ptr + 2 * row, tl.where(ignored, 0.0, m))
+    tl.store(saved_ptr + 2 * row + 1, tl.where(ignored, 0.0, log_s))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, saved_ptr, V,
+                         inner, outer_stride, inner_stride, o_inner, o_outer_stride, o_inner_stride,
+                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = cols < V
+    x = tl.load(_row_base(x_ptr, row, inner, outer_stride, inner_stride) + cols, mask=live,
+                other=-float("inf")).to(tl.float32)
+    label = tl.load(labels_ptr + row)
+    g = tl.load(g_ptr + row)
+    m = tl.load(saved_ptr + 2 * row)
+    log2_s = tl.load(saved_ptr + 2 * row + 1) * LOG2E
+    y = (x - m) * scale - log2_s
+    y = tl.where(y < FLOOR, FLOOR, y)
+    p = tl.exp2(y)
+    if ENTROPY:
+        d = -p * (g + tl.load(gh_ptr + row) * (y * LN2 + tl.load(ent_ptr + row)))
+    else:
+        d = -p * g
+    d = (d + tl.where(cols == label, g, 0.0)) * inv_t
+    d = tl.where(label == ignore_index, 0.0, d)
+    out = _row_base(out_ptr, row, o_inner, o_outer_stride, o_inner_stride)
+    tl.store(out + cols, _to_out(d, out_ptr), mask=live)
+
+
+def _check_dtype(op: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+@custom_op("rlkernels::logprobs_triton", mutates_args=())
+def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                    with_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_dtype("logprobs", logits)
+    x, (inner, outer_stride, inner_stride) = readable(logits)
+    lead = logits.shape[:-1]
+    V = logits.shape[-1]
+    N = math.prod(lead)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    values = torch.empty(lead, **f32)
+    entropies = torch.empty(lead if with_entropy else (0,), **f32)
+    saved = torch.empty((*lead, 2), **f32)
+    if N > 0:
+        _logprobs_fwd_kernel[(N,)](
+            x, labels, values, entropies if with_entropy else values, saved, V, inner, outer_stride, inner_stride,
+            ignore_index, LOG2E / temperature, 1.0 / temperature, ENTROPY=with_entropy, BLOCK=_block(V))
+    return values, entropies, saved
+
+
+def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies, temperature, ignore_index,
+                   out):
+    x, (inner, outer_stride, inner_stride) = readable(logits)
+    o_inner, o_outer_stride, o_inner_stride = row_index(out)
+    V = logits.shape[-1]
+    N = math.prod(logits.shape[:-1])
+    if N == 0 or V == 0:
+        return
+    with_entropy = grad_entropy is not None
+    block = _block(V)
+    _logprobs_bwd_kernel[(N, triton.cdiv(V, block))](
+        x, out, labels, grad_logprobs, grad_entropy if with_entropy else grad_logprobs,
+        entropies if with_entropy else grad_logprobs, saved, V, inner, outer_stride, inner_stride,
+        o_inner, o_outer_stride, o_inner_stride, ignore_index, LOG2E / temperature, 1.0 / temperature,
+        ENTROPY=with_entropy, BLOCK=block)
+
+
+@custom_op("rlkernels::logprobs_backward_triton", mutates_args=())
+def logprobs_backward_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
+                             labels: torch.Tensor, saved: torch.Tensor, entropy: torch.Tensor, temperature: float,
+                             ignore_index: int) -> torch.Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index, out)
+    return out
+
+
+@custom_op("rlkernels::logprobs_backward_inplace_triton", mutates_args=("logits",))
+def logprobs_backward_inplace_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
+                                     logits: torch.Tensor, labels: torch.Tensor, saved: torch.Tensor,
+                                     entropy: torch.Tensor, temperature: float, ignore_index: int) -> None:
+    if row_index(logits) is not None:
+        _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                       logits)
+    else:
+        logits.copy_(logprobs_backward_triton(grad_logprobs, grad_entropy, logits, labels, saved, entropy,
+                                              temperature, ignore_index))
+
+
+@register_fake("rlkernels::logprobs_triton")
+def _logprobs_triton_fake(logits, labels, temperature, ignore_index, with_entropy, inplace_backward):
+    lead = logits.shape[:-1]
+    return (logits.new_empty(lead, dtype=torch.float32),
+            logits.new_empty(lead if with_entropy else (0,), dtype=torch.float32),
+            logits.new_empty((*lead, 2), dtype=torch.float32))
+
+
+@register_fake("rlkernels::logprobs_backward_triton")
+def _logprobs_backward_triton_fake(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
+                                   ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+# ---- KL(pi || pi_ref) ----------------------------------------------------------------------------
+
+@triton.jit
+def _kl_fwd_kernel(a_ptr, b_ptr, mask_ptr, kl_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
+                   b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    a_base = _row_base(a_ptr, row, inner, outer_stride, inner_stride)
+    b_base = _row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride)
+    n = V
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+        n = tl.where(keep, V, 0)
+    else:
+        keep = True
+    ma = tl.zeros([], dtype=tl.float32) - float("inf")
+    mb = tl.zeros([], dtype=tl.float32) - float("inf")
+    sa = tl.zeros([], dtype=tl.float32)
+    sb = tl.zeros([], dtype=tl.float32)
+    w = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        live = cols < V
+        a = tl.load(a_base + cols, mask=live, other=-float("inf")).to(tl.float32)
+        b = tl.load(b_base + cols, mask=live, other=-float("inf")).to(tl.float32)
+        new_ma = tl.maximum(ma, tl.max(a, axis=0))
+        ca = tl.exp2(tl.where((new_ma == ma) | (ma == -float("inf")), 0.0, (ma - new_ma) * scale))
+        sa = sa * ca
+        w = w * ca
+        ma = new_ma
+        new_mb = tl.maximum(mb, tl.max(b, axis=0))
+        sb = sb * tl.exp2(tl.where((new_mb == mb) | (mb == -float("inf")), 0.0, (mb - new_mb) * scale))
+        mb = new_mb
+        ya = (a - tl.where(ma == -float("inf"), 0.0, ma)) * scale
+        yb = (b - tl.where(mb == -float("inf"), 0.0, mb)) * scale
+        ea = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
+        eb = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
+        sa += tl.sum(ea, axis=0)
+        sb += tl.sum(eb, axis=0)
+        w += tl.sum(tl.where(ea == 0.0, 0.0, ea * ((a - b) * inv_t)), axis=0)
+    sa = tl.where(keep, sa, 1.0)
+    sb = tl.where(keep, sb, 1.0)
+    log_sa = tl.log(sa)
+    log_sb = tl.log(sb)
+    mean_ratio = w / sa
+    kl = mean_ratio - tl.where(keep, ma - mb, 0.0) * inv_t - log_sa + log_sb
+    tl.store(kl_ptr + row, tl.where(keep, kl, 0.0))
+    tl.store(saved_ptr + 5 * row, tl.where(keep, ma, 0.0))
+    tl.store(saved_ptr + 5 * row + 1, tl.where(keep, log_sa, 0.0))
+    tl.store(saved_ptr + 5 * row + 2, tl.where(keep, mb, 0.0))
+    tl.store(saved_ptr + 5 * row + 3, tl.where(keep, log_sb, 0.0))
+    tl.store(saved_ptr + 5 * row + 4, tl.where(keep, mean_ratio, 0.0))
+
+
+@triton.jit
+def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, inner, outer_stride, inner_stride,
+                   b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
+                   LOGITS_GRAD: tl.constexpr, REF_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = cols < V
+    a = tl.load(_row_base(a_ptr, row, inner, outer_stride, inner_stride) + cols, mask=live,
+                other=-float("inf")).to(tl.float32)
+    b = tl.load(_row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride) + cols, mask=live,
+                other=-float("inf")).to(tl.float32)
+    g = tl.load(g_ptr + row)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    else:
+        keep = True
+    ya = (a - tl.load(saved_ptr + 5 * row)) * scale - tl.load(saved_ptr + 5 * row + 1) * LOG2E
+    p = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
+    if LOGITS_GRAD:
+        da = tl.where(p == 0.0, 0.0, g * p * ((a - b) * inv_t - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
+        da = tl.where(keep, da, 0.0)
+        tl.store(ga_ptr + row * V + cols, _to_out(da, ga_ptr), mask=live)
+    if REF_GRAD:
+        yb = (b - tl.load(saved_ptr + 5 * row + 2)) * scale - tl.load(saved_ptr + 5 * row + 3) * LOG2E
+        q = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
+        tl.store(gb_ptr + row * V + cols, _to_out(tl.where(keep, g * (q - p) * inv_t, 0.0), gb_ptr), mask=live)
+
+
+@custom_op("rlkernels::kl_from_logits_triton", mutates_args=())
+def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: Optional[torch.Tensor],
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_dtype("kl_from_logits", logits)
+    a, (inner, outer_stride, inner_stride) = readable(logits)
+    b, (b_inner, b_outer_stride, b_inner_stride) = readable(ref_logits)
+    lead = logits.shape[:-1]
+    V = logits.shape[-1]
+    N = math.prod(lead)
+    kl = torch.empty(lead, dtype=torch.float32, device=logits.device)
+    saved = torch.empty((*lead, 5), dtype=torch.float32, device=logits.device)
+    if N > 0:
+        _kl_fwd_kernel[(N,)](a, b, mask.view(torch.uint8) if mask is not None else kl, kl, saved, V, inner,
+                             outer_stride, inner_stride, b_inner, b_outer_stride, b_inner_stride,
+                             LOG2E / temperature, 1.0 / temperature, HAS_MASK=mask is not None,
+                             BLOCK=min(_block(V), 2048))
+    return kl, saved
+
+
+@custom_op("rlkernels::kl_from_logits_backward_triton", mutates_args=())
+def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor,
+                                   mask: Optional[torch.Tensor], saved: torch.Tensor, temperature: float,
+                                   logits_grad: bool, ref_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    a, (inner, outer_stride, inner_stride) = readable(logits)
+    b, (b_inner, b_outer_stride, b_inner_stride) = readable(ref_logits)
+    V = logits.shape[-1]
+    N = math.prod(logits.shape[:-1])
+    grad_logits = logits.new_empty(logits.shape if logits_grad else (0,))
+    grad_ref = logits.new_empty(logits.shape if ref_grad else (0,))
+    if N > 0 and V > 0 and (logits_grad or ref_grad):
+        block = _block(V)
+        _kl_bwd_kernel[(N, triton.cdiv(V, block))](
+            a, b, mask.view(torch.uint8) if mask is not None else grad_kl, grad_kl, saved,
+            grad_logits if logits_grad else saved, grad_ref if ref_grad else saved, V, inner, outer_stride,
+            inner_stride, b_inner, b_outer_stride, b_inner_stride, LOG2E / temperature, 1.0 / temperature,
+            HAS_MASK=mask is not None, LOGITS_GRAD=logits_grad, REF_GRAD=ref_grad, BLOCK=block)
+    return grad_logits, grad_ref
+
+
+@register_fake("rlkernels::kl_from_logits_triton")
+def _kl_triton_fake(logits, ref_logits, mask, temperature):
+    lead = logits.shape[:-1]
+    return logits.new_empty(lead, dtype=torch.float32), logits.new_empty((*lead, 5), dtype=torch.float32)
+
+
+@register_fake("rlkernels::kl_from_logits_backward_triton")
+def _kl_backward_triton_fake(grad_kl, logits, ref_logits, mask, saved, temperature, logits_grad, ref_grad):
+    return (logits.new_empty(logits.shape if logits_grad else (0,)),
+            logits.new_empty(logits.shape if ref_grad else (0,)))

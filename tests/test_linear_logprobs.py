@@ -1,0 +1,179 @@
+"""linear_logprobs: against hidden @ weight.T + the reference (values and the
+gradients of hidden, weight and bias), chunk sizes that divide neither N nor V,
+ignored rows, low precision, opcheck, torch.compile and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlkernels
+from rlkernels import reference
+from rlkernels.ops import _chunked
+from conftest import assert_close, low_precision_bound
+
+
+def problem(N=37, H=16, V=101, dtype=torch.float32, bias=True, device="cpu"):
+    hidden = torch.randn(N, H, device=device).to(dtype)
+    weight = (torch.randn(V, H, device=device) / H ** 0.5 * 3).to(dtype)
+    b = torch.randn(V, device=device).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[::5] = -100
+    return hidden, weight, b, labels
+
+
+def run(fn, hidden, weight, bias, labels, g, gh, **kw):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if bias is not None else None
+    lp, ent = fn(h, w, labels, bias=b, entropy=True, **kw)
+    (lp * g + ent * gh).sum().backward()
+    return lp, ent, h.grad, w.grad, (b.grad if b is not None else None)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, None, 1000])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_unfused_reference(backend_device, chunk_size, with_bias):
+    backend, device = backend_device
+    hidden, weight, bias, labels = problem(bias=with_bias, device=device)
+    g, gh = torch.randn(37, device=device), torch.randn(37, device=device)
+    ours = run(rlkernels.linear_logprobs, hidden, weight, bias, labels, g, gh, temperature=0.8,
+               chunk_size=chunk_size, backend=backend)
+    truth = run(reference.linear_logprobs, hidden.double(), weight.double(),
+                bias.double() if bias is not None else None, labels, g.double(), gh.double(), temperature=0.8)
+    for name, a, b in zip(["logprobs", "entropy", "hidden", "weight", "bias"], ours, truth):
+        if b is None:
+            assert a is None
+            continue
+        assert_close(a, b, dtype=torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(backend_device, dtype):
+    backend, device = backend_device
+    hidden, weight, bias, labels = problem(N=41, H=32, V=300, dtype=dtype, device=device)
+    g, gh = torch.randn(41, device=device), torch.randn(41, device=device)
+    ours = run(rlkernels.linear_logprobs, hidden, weight, bias, labels, g, gh, chunk_size=9, backend=backend)
+    truth = run(reference.linear_logprobs, hidden.double(), weight.double(), bias.double(), labels,
+                g.double(), gh.double())
+
+    def torch_same(h, w, lab, bias=None, entropy=True):  # the unfused computation, all in `dtype`
+        logp = torch.log_softmax(h @ w.t() + bias, -1)
+        valid = lab != -100
+        picked = torch.where(valid, logp.gather(-1, torch.where(valid, lab, 0)[:, None])[:, 0], 0)
+        return picked, torch.where(valid, -(logp.exp() * logp).sum(-1), 0)
+
+    same = run(torch_same, hidden, weight, bias, labels, g.to(dtype), gh.to(dtype))
+    for name, a, s, t in zip(["logprobs", "entropy", "hidden", "weight", "bias"], ours, same, truth):
+        assert a.dtype == (torch.float32 if name in ("logprobs", "entropy") else dtype), name
+        low_precision_bound(a, s, t)
+
+
+def test_leading_dims_partial_grads_and_no_grad(backend_device):
+    backend, device = backend_device
+    hidden, weight, bias, labels = problem(N=24, device=device)
+    h3, l3 = hidden.view(2, 12, 16), labels.view(2, 12)
+    lp = rlkernels.linear_logprobs(h3, weight, l3, bias=bias, chunk_size=5, backend=backend)
+    assert lp.shape == (2, 12)
+    assert_close(lp, reference.linear_logprobs(h3.double(), weight.double(), l3, bias=bias.double()),
+                 dtype=torch.float32)
+    # frozen lm-head: only hidden gets a gradient
+    h = hidden.clone().requires_grad_()
+    rlkernels.linear_logprobs(h, weight, labels, chunk_size=5, backend=backend).sum().backward()
+    hr = hidden.double().requires_grad_()
+    reference.linear_logprobs(hr, weight.double(), labels).sum().backward()
+    assert_close(h.grad, hr.grad, dtype=torch.float32)
+    # only the weight
+    w = weight.clone().requires_grad_()
+    rlkernels.linear_logprobs(hidden, w, labels, chunk_size=5, backend=backend).sum().backward()
+    wr = weight.double().requires_grad_()
+    reference.linear_logprobs(hidden.double(), wr, labels).sum().backward()
+    assert_close(w.grad, wr.grad, dtype=torch.float32)
+    with torch.no_grad():
+        out = rlkernels.linear_logprobs(hidden, weight, labels, backend=backend)
+    assert not out.requires_grad
+
+
+def test_all_rows_ignored_and_empty(backend_device):
+    backend, device = backend_device
+    hidden, weight, bias, labels = problem(N=6, device=device)
+    labels[:] = -100
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    lp, ent = rlkernels.linear_logprobs(h, w, labels, bias=b, entropy=True, backend=backend)
+    assert torch.equal(lp, torch.zeros(6)) and torch.equal(ent, torch.zeros(6))
+    (lp.sum() + ent.sum()).backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(b.grad, torch.zeros_like(b))
+    empty = rlkernels.linear_logprobs(hidden[:0], weight, labels[:0], backend=backend)
+    assert empty.shape == (0,)
+
+
+def test_chunk_rows():
+    assert _chunked.chunk_rows(100, 10, 30) == 25  # 4 balanced chunks instead of 30, 30, 30, 10
+    assert _chunked.chunk_rows(100, 10, 1000) == 100
+    assert _chunked.chunk_rows(5, 10, 1) == 1
+    assert _chunked.chunk_rows(10_000, 50_000) * 50_000 * 4 <= _chunked.CHUNK_BYTES
+
+
+def test_shared_chunking_helpers_compose():
+    """The helpers a fused loss builds on: forward chunks and a chunked backward that
+    equals autograd through the full matmul."""
+    hidden, weight, bias, _ = problem(N=23, V=50)
+    seen = []
+    for start, stop, logits in _chunked.chunked_logits(hidden, weight, bias, 6):
+        assert_close(logits, hidden[start:stop] @ weight.t() + bias)
+        seen.append((start, stop))
+    assert seen == [(0, 6), (6, 12), (12, 18), (18, 23)]
+    upstream = torch.randn(23, 50)
+    grads = _chunked.chunked_linear_backward(hidden, weight, bias, 6, lambda s, e, logits: upstream[s:e] * logits)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    logits = h @ w.t() + b
+    (0.5 * upstream * logits.square()).sum().backward()
+    for ours, expected in zip(grads, (h.grad, w.grad, b.grad)):
+        assert_close(ours, expected, dtype=torch.float32)
+
+
+def test_opcheck_and_compile():
+    hidden, weight, bias, labels = problem(N=11, V=29)
+    args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels, bias.clone().requires_grad_(),
+            0.9, -100, True, 4, "cpu")
+    torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
+    if rlkernels.HAS_TRITON:
+        torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args[:-1] + ("triton",))
+    lp, ent, saved = torch.ops.rlkernels.linear_logprobs(hidden, weight, labels, bias, 0.9, -100, True, 4, "cpu")
+    torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
+                          (torch.randn(11), torch.randn(11), hidden, weight, labels, bias, saved, ent, 0.9, -100, 4,
+                           "cpu", True, True, True))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(h, w):
+        lp, ent = rlkernels.linear_logprobs(h, w, labels, bias=bias, entropy=True, chunk_size=4)
+        return (lp + 0.1 * ent).sum()
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    step(h, w).backward()
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp_r, ent_r = reference.linear_logprobs(hr, wr, labels, bias=bias, entropy=True)
+    (lp_r + 0.1 * ent_r).sum().backward()
+    assert_close(h.grad, hr.grad)
+    assert_close(w.grad, wr.grad)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(weight=torch.randn(20, 7)), ValueError, r"weight must have shape \[V, 8\]"),
+    (dict(weight=torch.randn(20, 8, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
+    (dict(weight=torch.randn(20)), ValueError, "weight must be 2-D"),
+    (dict(bias=torch.randn(19)), ValueError, r"bias must have shape \[20\]"),
+    (dict(bias=torch.randn(20, dtype=torch.float16)), TypeError, "bias must have the dtype of hidden"),
+    (dict(labels=torch.tensor([0, 1, 20, 3, 4])), ValueError, r"labels must lie in \[0, 20\)"),
+    (dict(labels=torch.tensor([0, 1, 2])), ValueError, r"labels must have the leading shape of hidden \(5,\)"),
+    (dict(weight=torch.randn(20, 8, device="meta")), ValueError, "weight is on meta but hidden is on cpu"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+    (dict(chunk_size=2.5), TypeError, "chunk_size must be an int"),
+    (dict(temperature=-2.0), ValueError, "temperature must be > 0.0"),
+    (dict(hidden=torch.ones(5, 8, dtype=torch.int64)), TypeError, "hidden must have dtype"),
+])
+def test_bad_input(kwargs, error, match):
+    args = dict(hidden=torch.randn(5, 8), weight=torch.randn(20, 8), labels=torch.tensor([0, 1, 2, 3, -100]))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        rlkernels.linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
