@@ -16,6 +16,7 @@ if HAS_TRITON:
 from .ops import discounted_returns, gae, group_advantages, masked_mean, masked_whiten  # noqa: E402
 from .ops import dpo_loss, grpo_loss, ppo_loss, sequence_logprobs, value_loss  # noqa: E402
 from .ops import kl_from_logits, kl_penalty, linear_logprobs, logprobs  # noqa: E402
+from .ops import linear_ppo_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -43,3 +44,4 @@ def info() -> dict:
 __all__ = ["BACKENDS", "info", "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
 __all__ += ["ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs"]
 __all__ += ["logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]
+__all__ += ["linear_ppo_loss"]

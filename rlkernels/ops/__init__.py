@@ -13,7 +13,9 @@ from .kl_from_logits import kl_from_logits
 from .kl_penalty import kl_penalty
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
+from .linear_ppo_loss import linear_ppo_loss
 
 __all__ = ["gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
 __all__ += ["ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs"]
 __all__ += ["logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]
+__all__ += ["linear_ppo_loss"]
