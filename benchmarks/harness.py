@@ -71,6 +71,8 @@ class Case:
     params: dict
     bytes_moved: int
     impls: list[Impl]
+    # (warm-up, repeats) for cases whose every call takes seconds; None: the default
+    repeats: tuple[int, int] | None = None
 
 
 def _sync(device: str) -> None:
@@ -194,6 +196,8 @@ def environment(device: str) -> dict:
 
 def run_case(case: Case, device: str, roof: float, quick: bool) -> dict:
     warmup, repeats = (1, 5) if quick else (3, 15)
+    if case.repeats is not None and not quick:
+        warmup, repeats = case.repeats
     results = []
     for impl in case.impls:
         times = time_impl(impl, device, warmup, repeats)

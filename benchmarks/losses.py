@@ -90,46 +90,85 @@ def _fwd_bwd(loss_fn, leaf):
 
 
 def cases(device: str, quick: bool) -> list[Case]:
-    out = []
     shapes = [(16, 256)] if quick else [(64, 2048), (256, 1024)]
-    for B, T in shapes:
-        params = {"B": B, "T": T, "dtype": "float32", "mask": True, "pass": "fwd+bwd"}
-        logprobs = (-torch.rand(B, T, device=device) * 3).requires_grad_()
-        old = logprobs.detach() + torch.randn(B, T, device=device) * 0.2
-        ref = logprobs.detach() + torch.randn(B, T, device=device) * 0.2
-        advantages = torch.randn(B, T, device=device)
-        seq_advantages = torch.randn(B, device=device)
-        mask = torch.rand(B, T, device=device) > 0.1
-        maskf = mask.float()
+    out = [case for B, T in shapes for case in _cases_for(device, B, T)]
+    if hasattr(rlkernels, "linear_ppo_loss"):
+        out += _linear_cases(device, *((256, 256, 8192) if quick else (2048, 1024, 50257)))
+    return out
 
-        # Least traffic of a fused fwd+bwd: read logprobs, old, advantages (4 B), mask (1 B); write the gradient (4 B).
-        impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels.ppo_loss(
-            logprobs, old, advantages, mask, dual_clip=3.0, backend=b), logprobs)) for b in _backends(device)]
-        impls.append(Impl("verl-composed", _fwd_bwd(lambda: verl_ppo_loss(logprobs, old, advantages, maskf),
-                                                    logprobs), baseline=True))
-        out.append(Case("losses", "ppo_loss", params, B * T * 17, impls))
 
-        impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels.grpo_loss(
-            logprobs, old, seq_advantages, mask, ref_logprobs=ref, beta=0.04, clip_high=0.28, backend=b), logprobs))
-            for b in _backends(device)]
-        impls.append(Impl("trl-composed", _fwd_bwd(lambda: trl_grpo_loss(logprobs, old, ref, seq_advantages, maskf),
-                                                   logprobs), baseline=True))
-        out.append(Case("losses", "grpo_loss", params, B * T * 17, impls))
+def composed_linear_ppo_loss(hidden, weight, labels, old, advantages, mask):
+    """The usual pipeline: full logits, log_softmax, gather, then verl's loss."""
+    logits = hidden @ weight.t()
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return verl_ppo_loss(logprobs, old, advantages, mask)
 
-        values = torch.randn(B, T, device=device).requires_grad_()
-        old_values = values.detach() + torch.randn(B, T, device=device) * 0.3
-        returns = torch.randn(B, T, device=device)
-        impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels.value_loss(
-            values, old_values, returns, mask, clip=0.2, backend=b), values)) for b in _backends(device)]
-        impls.append(Impl("verl-composed", _fwd_bwd(lambda: verl_value_loss(values, old_values, returns, maskf),
-                                                    values), baseline=True))
-        out.append(Case("losses", "value_loss", params, B * T * 17, impls))
 
-        # DPO from token log-probs: chosen and rejected rows stacked ([2B', T]).
-        pairs = B // 2
-        impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels_dpo(logprobs, ref, mask, pairs, b), logprobs))
-                 for b in _backends(device)]
-        impls.append(Impl("trl-composed", _fwd_bwd(lambda: trl_dpo(logprobs, ref, maskf, pairs), logprobs),
-                          baseline=True))
-        out.append(Case("losses", "dpo_loss+sequence_logprobs", {**params, "pairs": pairs}, B * T * 13, impls))
+def _linear_cases(device: str, N: int, H: int, V: int) -> list[Case]:
+    hidden = (torch.randn(1, N, H, device=device) * 0.5).requires_grad_()
+    weight = (torch.randn(V, H, device=device) * H ** -0.5).requires_grad_()
+    labels = torch.randint(0, V, (1, N), device=device)
+    with torch.no_grad():
+        old = torch.log_softmax(hidden[0] @ weight.t(), -1).gather(-1, labels[0, :, None]).squeeze(-1)[None]
+        old = old + torch.randn_like(old) * 0.1
+    advantages = torch.randn(1, N, device=device)
+    mask = torch.ones(1, N, dtype=torch.bool, device=device)
+    params = {"N": N, "H": H, "V": V, "dtype": "float32", "pass": "fwd+bwd"}
+
+    def step(fn):
+        def run():
+            loss = fn()[0]
+            return torch.autograd.grad(loss, (hidden, weight))
+        return run
+
+    impls = [Impl(f"rlkernels-{b}", step(lambda b=b: rlkernels.linear_ppo_loss(
+        hidden, weight, labels, old, advantages, mask, dual_clip=3.0, backend=b))) for b in _backends(device)]
+    impls.append(Impl("composed", step(lambda: composed_linear_ppo_loss(hidden, weight, labels, old, advantages,
+                                                                        mask.float())), baseline=True))
+    # Least traffic: read hidden and weight, write their gradients.
+    return [Case("losses", "linear_ppo_loss", params, 2 * 4 * (N * H + V * H), impls)]
+
+
+def _cases_for(device: str, B: int, T: int) -> list[Case]:
+    """The cases of one shape (a function of its own, so each closure sees its own tensors)."""
+    out = []
+    params = {"B": B, "T": T, "dtype": "float32", "mask": True, "pass": "fwd+bwd"}
+    logprobs = (-torch.rand(B, T, device=device) * 3).requires_grad_()
+    old = logprobs.detach() + torch.randn(B, T, device=device) * 0.2
+    ref = logprobs.detach() + torch.randn(B, T, device=device) * 0.2
+    advantages = torch.randn(B, T, device=device)
+    seq_advantages = torch.randn(B, device=device)
+    mask = torch.rand(B, T, device=device) > 0.1
+    maskf = mask.float()
+
+    # Least traffic of a fused fwd+bwd: read logprobs, old, advantages (4 B), mask (1 B); write the gradient (4 B).
+    impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels.ppo_loss(
+        logprobs, old, advantages, mask, dual_clip=3.0, backend=b), logprobs)) for b in _backends(device)]
+    impls.append(Impl("verl-composed", _fwd_bwd(lambda: verl_ppo_loss(logprobs, old, advantages, maskf),
+                                                logprobs), baseline=True))
+    out.append(Case("losses", "ppo_loss", params, B * T * 17, impls))
+
+    impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels.grpo_loss(
+        logprobs, old, seq_advantages, mask, ref_logprobs=ref, beta=0.04, clip_high=0.28, backend=b), logprobs))
+        for b in _backends(device)]
+    impls.append(Impl("trl-composed", _fwd_bwd(lambda: trl_grpo_loss(logprobs, old, ref, seq_advantages, maskf),
+                                               logprobs), baseline=True))
+    out.append(Case("losses", "grpo_loss", params, B * T * 17, impls))
+
+    values = torch.randn(B, T, device=device).requires_grad_()
+    old_values = values.detach() + torch.randn(B, T, device=device) * 0.3
+    returns = torch.randn(B, T, device=device)
+    impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels.value_loss(
+        values, old_values, returns, mask, clip=0.2, backend=b), values)) for b in _backends(device)]
+    impls.append(Impl("verl-composed", _fwd_bwd(lambda: verl_value_loss(values, old_values, returns, maskf),
+                                                values), baseline=True))
+    out.append(Case("losses", "value_loss", params, B * T * 17, impls))
+
+    # DPO from token log-probs: chosen and rejected rows stacked ([2B', T]).
+    pairs = B // 2
+    impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels_dpo(logprobs, ref, mask, pairs, b), logprobs))
+             for b in _backends(device)]
+    impls.append(Impl("trl-composed", _fwd_bwd(lambda: trl_dpo(logprobs, ref, maskf, pairs), logprobs),
+                      baseline=True))
+    out.append(Case("losses", "dpo_loss+sequence_logprobs", {**params, "pairs": pairs}, B * T * 13, impls))
     return out

@@ -49,8 +49,23 @@ inline void check_pairs(const at::Tensor& t, const char* name, const at::Tensor&
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of policy_chosen");
 }
 
-// A missing normaliser travels to the kernels as -1 ("count it").
-inline double given_or_count(const c10::optional<double>& v) { return v.has_value() ? *v : -1.0; }
+// The scalar arguments of policy_loss / value_loss (see registration.cpp).
+struct PolicyCoefficients {
+  double clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length;
+};
+struct ValueCoefficients {
+  double clip, num_tokens, num_seqs, norm_length;
+};
+
+inline PolicyCoefficients policy_coefficients(c10::ArrayRef<double> c) {
+  TORCH_CHECK(c.size() == 8, "policy_loss takes 8 coefficients, got ", c.size());
+  return {c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]};
+}
+
+inline ValueCoefficients value_coefficients(c10::ArrayRef<double> c) {
+  TORCH_CHECK(c.size() == 4, "value_loss takes 4 coefficients, got ", c.size());
+  return {c[0], c[1], c[2], c[3]};
+}
 
 // [B, T] input of the loss's dtype, or a per-row [B] input when `per_row_ok`.
 // Returns whether it is per-row.

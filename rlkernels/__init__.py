@@ -15,7 +15,7 @@ if HAS_TRITON:
 
 from .ops import (  # noqa: E402
     discounted_returns, dpo_loss, gae, gossip_mix, group_advantages, grpo_loss, kl_from_logits, kl_penalty,
-    linear_logprobs, logprobs, masked_mean, masked_whiten, pack_tensors, ppo_loss, sequence_logprobs,
+    linear_logprobs, linear_ppo_loss, logprobs, masked_mean, masked_whiten, pack_tensors, ppo_loss, sequence_logprobs,
     unpack_tensors, value_loss,
 )
 from . import distributed  # noqa: E402,F401  (rlkernels.distributed: averaging over torch.distributed)
@@ -50,7 +50,7 @@ __all__ = [
     # log-probs, entropy, KL
     "logprobs", "linear_logprobs", "kl_from_logits", "kl_penalty",
     # losses
-    "ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs",
+    "ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs", "linear_ppo_loss",
     # multi-tensor kernels behind rlkernels.distributed
     "pack_tensors", "unpack_tensors", "gossip_mix",
 ]

@@ -451,12 +451,13 @@ def _policy_samples():
     lp, old, adv = policy_batch(3, 11, torch.float32, "cpu", spread=0.5)
     mask = make_mask(3, 11, "cpu")
     ref = lp + 0.1
-    yield (lp.requires_grad_(), old, adv, mask, torch.rand(3, 11), None, 0.2, 0.28, 3.0, 20.0, 0.0, "none",
-           "token-mean", None, None, None, True)
-    yield (lp.double().detach().requires_grad_(), old.double(), adv[:, 0].double(), None, None, ref.double(), 0.2,
-           0.2, None, None, 0.05, "k3", "seq-mean-token-mean", None, 3.0, None, True)
-    yield (lp.bfloat16().detach(), old.bfloat16(), adv.bfloat16(), mask, None, None, 0.1, 0.3, None, 5.0, 0.0,
-           "none", "seq-mean-token-sum-norm", 7.0, 2.0, 40.0, False)
+    inf = float("inf")
+    yield (lp.requires_grad_(), old, adv, mask, torch.rand(3, 11), None, [0.2, 0.28, 3.0, 20.0, 0.0, -1.0, -1.0, -1.0],
+           "none", "token-mean", True)
+    yield (lp.double().detach().requires_grad_(), old.double(), adv[:, 0].double(), None, None, ref.double(),
+           [0.2, 0.2, inf, inf, 0.05, -1.0, 3.0, -1.0], "k3", "seq-mean-token-mean", True)
+    yield (lp.bfloat16().detach(), old.bfloat16(), adv.bfloat16(), mask, None, None,
+           [0.1, 0.3, inf, 5.0, 0.0, 7.0, 2.0, 40.0], "none", "seq-mean-token-sum-norm", False)
 
 
 @pytest.mark.parametrize("sample", list(_policy_samples()), ids=["weights-dual", "f64-kl", "bf16-nograd"])
@@ -469,9 +470,9 @@ def test_policy_opcheck(sample):
 def test_value_opcheck():
     values, old, returns = (torch.randn(3, 9) for _ in range(3))
     mask = make_mask(3, 9, "cpu")
-    for sample in [(values.requires_grad_(), old, returns, mask, 0.2, "token-mean", None, None, None, True),
-                   (values.double().detach().requires_grad_(), old.double(), returns.double(), None, None,
-                    "seq-mean-token-sum", None, 2.0, None, True)]:
+    for sample in [(values.requires_grad_(), old, returns, mask, [0.2, -1.0, -1.0, -1.0], "token-mean", True),
+                   (values.double().detach().requires_grad_(), old.double(), returns.double(), None,
+                    [float("inf"), -1.0, 2.0, -1.0], "seq-mean-token-sum", True)]:
         torch.library.opcheck(torch.ops.rlkernels.value_loss.default, sample)
         if rlkernels.HAS_TRITON:
             torch.library.opcheck(torch.ops.rlkernels.value_loss_triton.default, sample)

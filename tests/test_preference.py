@@ -177,6 +177,14 @@ def test_opcheck():
         torch.library.opcheck(dpo_op, (*[t.double() for t in inputs], 0.5, "ipo", 0.0))
         torch.library.opcheck(seq_op, (x, mask, True))
         torch.library.opcheck(seq_op, (x.double().detach().requires_grad_(), None, False))
+    counts = mask.sum(-1).float()
+    backward_ops = [torch.ops.rlkernels.sequence_logprobs_backward.default]
+    if rlkernels.HAS_TRITON:
+        backward_ops.append(torch.ops.rlkernels.sequence_logprobs_backward_triton.default)
+    for op in backward_ops:
+        torch.library.opcheck(op, (torch.randn(4), mask, counts, True, 9, torch.bfloat16))
+        torch.library.opcheck(op, (torch.randn(4, dtype=torch.float64), None, counts.double(), False, 9,
+                                   torch.float64))
 
 
 def test_torch_compile_fullgraph():

@@ -20,7 +20,6 @@
 namespace rlk {
 namespace {
 
-using simd::clamp_below;
 using simd::hmax;
 using simd::hsum;
 using simd::load;
@@ -89,9 +88,9 @@ RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale) {
     vf<W> s0 = splat<W>(0.0f), s1 = s0, t0 = s0, t1 = s0;
     int64_t j = 0;
     for (; j + 2 * W <= n; j += 2 * W) {
-      const vf<W> y0 = clamp_below<W>((load<W>(xb + j) - vm) * vscale, kExp2Floor);
-      const vf<W> y1 = clamp_below<W>((load<W>(xb + j + W) - vm) * vscale, kExp2Floor);
-      const vf<W> e0 = simd::exp2<W>(y0), e1 = simd::exp2<W>(y1);
+      vf<W> y0, y1;  // the exponents, clamped where e underflows to 0
+      const vf<W> e0 = simd::exp2<W>((load<W>(xb + j) - vm) * vscale, y0);
+      const vf<W> e1 = simd::exp2<W>((load<W>(xb + j + W) - vm) * vscale, y1);
       s0 += e0;
       s1 += e1;
       if (kEntropy) {
@@ -101,8 +100,8 @@ RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale) {
     }
     for (; j < n; j += W) {
       const vf<W> xv = j + W <= n ? load<W>(xb + j) : load_partial<W>(xb + j, n - j, -INFINITY);
-      const vf<W> y = clamp_below<W>((xv - vm) * vscale, kExp2Floor);
-      const vf<W> e = simd::exp2<W>(y);
+      vf<W> y;
+      const vf<W> e = simd::exp2<W>((xv - vm) * vscale, y);
       s1 += e;
       if (kEntropy) t1 += e * y;
     }
@@ -247,8 +246,8 @@ struct BackwardRows {
         for (; j < b0 + n; j += W) {
           const int64_t left = b0 + n - j;
           const vf<W> xv = left >= W ? load<W>(x + j) : load_partial<W>(x + j, left, -INFINITY);
-          const vf<W> y = clamp_below<W>((xv - vm) * vscale - vlog2_s, kExp2Floor);
-          const vf<W> p = simd::exp2<W>(y);
+          vf<W> y;
+          const vf<W> p = simd::exp2<W>((xv - vm) * vscale - vlog2_s, y);
           const vf<W> d = kEntropyGrad ? p * (c0 + c1 * y) : p * c0;
           if (left >= W) store<W>(out + j, d);
           else store_partial<W>(out + j, d, left);
@@ -370,8 +369,8 @@ struct KlRows {
           const int64_t left = b0 + n - j;
           const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
           const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
-          const vf<W> ea = simd::exp2<W>(clamp_below<W>((va - vma) * vscale, kExp2Floor));
-          const vf<W> eb = simd::exp2<W>(clamp_below<W>((vb - vmb) * vscale, kExp2Floor));
+          const vf<W> ea = simd::exp2<W>((va - vma) * vscale);
+          const vf<W> eb = simd::exp2<W>((vb - vmb) * vscale);
           sa += ea;
           sb += eb;
           // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN)
@@ -431,14 +430,14 @@ struct KlBackwardRows {
         const int64_t left = V - j;
         const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
         const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
-        const vf<W> p = simd::exp2<W>(clamp_below<W>((va - vma) * vscale - vla, kExp2Floor));
+        const vf<W> p = simd::exp2<W>((va - vma) * vscale - vla);
         if (ga) {
           const vf<W> d = p == 0.0f ? zero : vg_t * p * ((va - vb) * vinv_t - vmean);
           if (left >= W) store<W>(ga + j, d);
           else store_partial<W>(ga + j, d, left);
         }
         if (gb) {
-          const vf<W> q = simd::exp2<W>(clamp_below<W>((vb - vmb) * vscale - vlb, kExp2Floor));
+          const vf<W> q = simd::exp2<W>((vb - vmb) * vscale - vlb);
           const vf<W> d = vg_t * (q - p);
           if (left >= W) store<W>(gb + j, d);
           else store_partial<W>(gb + j, d, left);

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -39,16 +40,35 @@ using cpu::staged;
 template <typename acc, int kArrays>
 struct ChunkScratch {
   alignas(64) acc values[kArrays][kChunk];
+  alignas(64) int32_t flags[kChunk];
   alignas(64) acc grad[kChunk];  // the gradient goes here when nobody wants it
 };
 
+// Valid tokens of a chunk (an integer sum over the mask bytes vectorises).
+RLK_FORCE_INLINE int64_t count_valid(const uint8_t* __restrict__ valid, int64_t n) {
+  int32_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += valid[i];
+  return count;
+}
+
+// Sum of flags[0, n) split into its three 10-bit fields (n <= kChunk < 1024).
+RLK_FORCE_INLINE void add_flag_counts(const int32_t* __restrict__ flags, int64_t n, double* upper, double* lower,
+                                      double* dual) {
+  static_assert(kChunk < 1024, "a 10-bit field counts one chunk");
+  int32_t packed = 0;
+  for (int64_t i = 0; i < n; ++i) packed += flags[i];
+  *upper += double(packed & 1023);
+  *lower += double((packed >> 10) & 1023);
+  *dual += double(packed >> 20);
+}
+
 // ---- policy surrogate -------------------------------------------------------------------------
 
-// Arrays of the policy chunk scratch: per-slot values (loss, token, the
-// statistics); the ratio maximum is reduced from the ratio array.
-constexpr int kPolicyArrays = kPolicySlots - 1;
-static_assert(kPolicyRatioMax == kPolicySlots - 2, "the max slot is the one without an array");
-constexpr int policy_array(int slot) { return slot < kPolicyRatioMax ? slot : slot - 1; }
+// Masked tokens enter policy_token as logprob = old = advantage = weight =
+// ref = 0, which gives ratio 1 (exp(0) is exact) and exactly 0 for the loss,
+// the flags, k1, k3 and the KL terms; only the ratio, the token count and
+// k1's constant KL slope need an explicit select.
+enum PolicyArray { kArrLoss, kArrK1, kArrK3, kArrRatio, kArrKL, kPolicyArrays };
 
 template <int kKL, typename acc>
 RLK_CPU_CLONES void policy_chunk(const acc* __restrict__ logprobs, const acc* __restrict__ old_logprobs,
@@ -56,15 +76,12 @@ RLK_CPU_CLONES void policy_chunk(const acc* __restrict__ logprobs, const acc* __
                                  const acc* __restrict__ ref_logprobs, const uint8_t* __restrict__ valid,
                                  int64_t n, const PolicyParams<acc> params, acc* __restrict__ grad,
                                  ChunkScratch<acc, kPolicyArrays>& scratch, double* partial) {
-  acc* __restrict__ loss = scratch.values[policy_array(kSlotLoss)];
-  acc* __restrict__ tokens = scratch.values[policy_array(kSlotTokens)];
-  acc* __restrict__ upper = scratch.values[policy_array(kPolicyClipUpper)];
-  acc* __restrict__ lower = scratch.values[policy_array(kPolicyClipLower)];
-  acc* __restrict__ dual = scratch.values[policy_array(kPolicyClipDual)];
-  acc* __restrict__ k1 = scratch.values[policy_array(kPolicyK1)];
-  acc* __restrict__ k3 = scratch.values[policy_array(kPolicyK3)];
-  acc* __restrict__ ratio = scratch.values[policy_array(kPolicyRatioSum)];
-  acc* __restrict__ kl = scratch.values[policy_array(kPolicyRefKL)];
+  acc* __restrict__ loss = scratch.values[kArrLoss];
+  acc* __restrict__ k1 = scratch.values[kArrK1];
+  acc* __restrict__ k3 = scratch.values[kArrK3];
+  acc* __restrict__ ratio = scratch.values[kArrRatio];
+  acc* __restrict__ kl = scratch.values[kArrKL];
+  int32_t* __restrict__ flags = scratch.flags;
   for (int64_t i = 0; i < n; ++i) {
     // Select, never multiply: NaN or inf in masked slots must not reach
     // the sums or the gradient.
@@ -73,19 +90,21 @@ RLK_CPU_CLONES void policy_chunk(const acc* __restrict__ logprobs, const acc* __
         keep_if(v, logprobs[i]), keep_if(v, old_logprobs[i]), keep_if(v, advantages[i]),
         keep_if(v, weights[i]), kKL != 0 ? keep_if(v, ref_logprobs[i]) : acc(0), params);
     grad[i] = keep_if(v, tok.grad);
-    loss[i] = keep_if(v, tok.loss);
-    tokens[i] = keep_if(v, acc(1));
-    upper[i] = keep_if(v, tok.clip_upper);
-    lower[i] = keep_if(v, tok.clip_lower);
-    dual[i] = keep_if(v, tok.clip_dual);
-    k1[i] = keep_if(v, tok.k1);
-    k3[i] = keep_if(v, tok.k3);
+    loss[i] = tok.loss;
+    k1[i] = tok.k1;
+    k3[i] = tok.k3;
     ratio[i] = keep_if(v, tok.ratio);
-    kl[i] = keep_if(v, tok.kl);
+    if (kKL != 0) kl[i] = tok.kl;
+    flags[i] = int32_t(tok.clip_upper) | (int32_t(tok.clip_lower) << 10) | (int32_t(tok.clip_dual) << 20);
   }
-  for (int slot = 0; slot < kPolicySlots; ++slot)
-    if (slot != kPolicyRatioMax) partial[slot] += lane_sum(scratch.values[policy_array(slot)], n);
+  partial[kSlotLoss] += lane_sum(loss, n);
+  partial[kSlotTokens] += double(count_valid(valid, n));
+  add_flag_counts(flags, n, &partial[kPolicyClipUpper], &partial[kPolicyClipLower], &partial[kPolicyClipDual]);
+  partial[kPolicyK1] += lane_sum(k1, n);
+  partial[kPolicyK3] += lane_sum(k3, n);
+  partial[kPolicyRatioSum] += lane_sum(ratio, n);
   partial[kPolicyRatioMax] = std::max(partial[kPolicyRatioMax], double(max_nonnegative(ratio, n)));
+  if (kKL != 0) partial[kPolicyRefKL] += lane_sum(kl, n);
 }
 
 template <typename scalar_t>
@@ -137,10 +156,9 @@ void policy_rows(const PolicyInputs<scalar_t>& in, int64_t B, int64_t T,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weights,
-    const c10::optional<at::Tensor>& ref_logprobs, double clip_low, double clip_high,
-    c10::optional<double> dual_clip, c10::optional<double> log_ratio_clamp, double kl_coef,
-    c10::string_view kl, c10::string_view agg, c10::optional<double> num_tokens,
-    c10::optional<double> num_seqs, c10::optional<double> norm_length, bool need_grad) {
+    const c10::optional<at::Tensor>& ref_logprobs, c10::ArrayRef<double> coefficients, c10::string_view kl,
+    c10::string_view agg, bool need_grad) {
+  const PolicyCoefficients c = policy_coefficients(coefficients);
   TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T], got ", logprobs.sizes());
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   check_rows(logprobs, "logprobs", B, T);
@@ -157,11 +175,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "policy_loss_cpu", [&] {
     using acc = acc_t<scalar_t>;
     PolicyParams<acc> params;
-    params.ratio_low = acc(1.0 - clip_low);
-    params.ratio_high = acc(1.0 + clip_high);
-    params.dual_clip = dual_clip.has_value() ? acc(*dual_clip) : std::numeric_limits<acc>::infinity();
-    params.log_ratio_clamp = log_ratio_clamp.has_value() ? acc(*log_ratio_clamp) : std::numeric_limits<acc>::infinity();
-    params.kl_coef = acc(kl_coef);
+    params.ratio_low = acc(1.0 - c.clip_low);
+    params.ratio_high = acc(1.0 + c.clip_high);
+    params.dual_clip = acc(c.dual_clip);
+    params.log_ratio_clamp = acc(c.log_ratio_clamp);
+    params.kl_coef = acc(c.kl_coef);
     PolicyInputs<scalar_t> in{logprobs.data_ptr<scalar_t>(), old_logprobs.data_ptr<scalar_t>(),
                               advantages.data_ptr<scalar_t>(), adv_per_row,
                               weights.has_value() ? weights->data_ptr<scalar_t>() : nullptr,
@@ -173,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
       case KLKind::k2: policy_rows<2>(in, B, T, params, grad, rows.data()); break;
       case KLKind::k3: policy_rows<3>(in, B, T, params, grad, rows.data()); break;
     }
-    finalize_rows<acc>(rows.data(), B, kPolicySlots, kPolicyRatioMax, mode, given_or_count(num_tokens),
-                       given_or_count(num_seqs), given_or_count(norm_length), T, out.row_scale.data_ptr<acc>(),
+    finalize_rows<acc>(rows.data(), B, kPolicySlots, kPolicyRatioMax, mode, c.num_tokens, c.num_seqs,
+                       c.norm_length, T, out.row_scale.data_ptr<acc>(),
                        out.loss.data_ptr<acc>(), out.stats.data_ptr<acc>());
   });
   return {out.loss, out.stats, out.grad, out.row_scale};
@@ -182,24 +200,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
 
 // ---- value loss -------------------------------------------------------------------------------
 
+// Masked tokens enter value_token as value = old = return = 0: loss 0,
+// gradient 0, not clipped.
+enum ValueArray { kArrValueLoss, kArrValueClipped, kValueArrays };
+
 template <bool kClip, typename acc>
 RLK_CPU_CLONES void value_chunk(const acc* __restrict__ values, const acc* __restrict__ old_values,
                                 const acc* __restrict__ returns, const uint8_t* __restrict__ valid, int64_t n,
-                                const acc clip, acc* __restrict__ grad, ChunkScratch<acc, kValueSlots>& scratch,
+                                const acc clip, acc* __restrict__ grad, ChunkScratch<acc, kValueArrays>& scratch,
                                 double* partial) {
-  acc* __restrict__ loss = scratch.values[kSlotLoss];
-  acc* __restrict__ tokens = scratch.values[kSlotTokens];
-  acc* __restrict__ clipped = scratch.values[kValueClipped];
+  acc* __restrict__ loss = scratch.values[kArrValueLoss];
+  int32_t* __restrict__ clipped = scratch.flags;
   for (int64_t i = 0; i < n; ++i) {
     const bool v = valid[i] != 0;
     const ValueToken<acc> tok = value_token<kClip, acc>(
         keep_if(v, values[i]), kClip ? keep_if(v, old_values[i]) : acc(0), keep_if(v, returns[i]), clip);
-    grad[i] = keep_if(v, tok.grad);
-    loss[i] = keep_if(v, tok.loss);
-    tokens[i] = keep_if(v, acc(1));
-    clipped[i] = keep_if(v, tok.clipped);
+    grad[i] = tok.grad;
+    loss[i] = tok.loss;
+    clipped[i] = int32_t(tok.clipped);
   }
-  for (int slot = 0; slot < kValueSlots; ++slot) partial[slot] += lane_sum(scratch.values[slot], n);
+  partial[kSlotLoss] += lane_sum(loss, n);
+  partial[kSlotTokens] += double(count_valid(valid, n));
+  int32_t clipped_count = 0;
+  for (int64_t i = 0; i < n; ++i) clipped_count += clipped[i];
+  partial[kValueClipped] += double(clipped_count);
 }
 
 template <bool kClip, typename scalar_t>
@@ -209,7 +233,7 @@ void value_rows(const scalar_t* values, const scalar_t* old_values, const scalar
   using acc = acc_t<scalar_t>;
   at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     alignas(64) acc value_buf[kChunk], old_buf[kChunk], ret_buf[kChunk];
-    ChunkScratch<acc, kValueSlots> scratch;
+    ChunkScratch<acc, kValueArrays> scratch;
     for (int64_t b = begin; b < end; ++b) {
       double* partial = rows + b * kValueSlots;
       std::fill(partial, partial + kValueSlots, 0.0);
@@ -231,9 +255,9 @@ void value_rows(const scalar_t* values, const scalar_t* old_values, const scalar
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const c10::optional<at::Tensor>& mask, c10::optional<double> clip, c10::string_view agg,
-    c10::optional<double> num_tokens, c10::optional<double> num_seqs, c10::optional<double> norm_length,
+    const c10::optional<at::Tensor>& mask, c10::ArrayRef<double> coefficients, c10::string_view agg,
     bool need_grad) {
+  const ValueCoefficients c = value_coefficients(coefficients);
   TORCH_CHECK(values.dim() == 2, "values must be [B, T], got ", values.sizes());
   const int64_t B = values.size(0), T = values.size(1);
   check_rows(values, "values", B, T);
@@ -249,13 +273,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
     const scalar_t* v = values.data_ptr<scalar_t>();
     const scalar_t* old = old_values.data_ptr<scalar_t>();
     const scalar_t* ret = returns.data_ptr<scalar_t>();
-    if (clip.has_value()) {
-      value_rows<true>(v, old, ret, mask_p, B, T, acc(*clip), grad, rows.data());
+    if (std::isfinite(c.clip)) {
+      value_rows<true>(v, old, ret, mask_p, B, T, acc(c.clip), grad, rows.data());
     } else {
       value_rows<false>(v, old, ret, mask_p, B, T, acc(0), grad, rows.data());
     }
-    finalize_rows<acc>(rows.data(), B, kValueSlots, -1, mode, given_or_count(num_tokens),
-                       given_or_count(num_seqs), given_or_count(norm_length), T, out.row_scale.data_ptr<acc>(),
+    finalize_rows<acc>(rows.data(), B, kValueSlots, -1, mode, c.num_tokens, c.num_seqs, c.norm_length, T,
+                       out.row_scale.data_ptr<acc>(),
                        out.loss.data_ptr<acc>(), out.stats.data_ptr<acc>());
   });
   return {out.loss, out.stats, out.grad, out.row_scale};

@@ -96,10 +96,45 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
   return {sums, counts};
 }
 
+// d sequence_logprobs / d token_logprobs: grad[b] (over the row's count with
+// average) on valid tokens, 0 elsewhere, in the input's dtype.
+at::Tensor sequence_logprobs_backward_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& mask,
+                                         const at::Tensor& num_tokens, bool average, int64_t T,
+                                         at::ScalarType dtype) {
+  TORCH_CHECK(grad.dim() == 1 && grad.is_contiguous(), "grad must be a contiguous [B] tensor");
+  const int64_t B = grad.size(0);
+  TORCH_CHECK(num_tokens.dim() == 1 && num_tokens.size(0) == B && num_tokens.scalar_type() == grad.scalar_type() &&
+                  num_tokens.is_contiguous(), "num_tokens must be a contiguous [B] tensor of grad's dtype");
+  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  auto out = at::empty({B, T}, grad.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sequence_logprobs_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* g = grad.data_ptr<acc>();
+    const acc* n = num_tokens.data_ptr<acc>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const acc per_row = average ? (n[b] > acc(0) ? g[b] / n[b] : acc(0)) : g[b];
+        const scalar_t value = static_cast<scalar_t>(per_row), zero = static_cast<scalar_t>(0);
+        scalar_t* row = o + b * T;
+        if (mask_p == nullptr) {
+          std::fill(row, row + T, value);
+        } else {
+          const uint8_t* m = mask_p + b * T;
+          for (int64_t t = 0; t < T; ++t) row[t] = m[t] ? value : zero;
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace rlk
 
 TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("sequence_logprobs_backward", &rlk::sequence_logprobs_backward_cpu);
   m.impl("dpo_loss", &rlk::dpo_loss_cpu);
   m.impl("sequence_logprobs", &rlk::sequence_logprobs_cpu);
 }

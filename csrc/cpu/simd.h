@@ -161,9 +161,6 @@ template <int W, class T> RLK_ALWAYS_INLINE void store_partial(T* p, vf<W> v, in
 // ---- arithmetic -----------------------------------------------------------------------------
 template <int W> RLK_ALWAYS_INLINE vf<W> vmax(vf<W> a, vf<W> b) { return a > b ? a : b; }
 
-// Lower clamp that keeps NaN.
-template <int W> RLK_ALWAYS_INLINE vf<W> clamp_below(vf<W> y, float lo) { return y < lo ? splat<W>(lo) : y; }
-
 template <int W> RLK_ALWAYS_INLINE float hmax(vf<W> v) {
   float m = v[0];
   for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
@@ -180,25 +177,31 @@ template <int W> RLK_ALWAYS_INLINE float hsum(vf<W> v) {
 }
 
 // 2^y for y <= 127, 0 below 2^-125 (callers only need y <= 0); NaN stays NaN.
-// Cody-Waite split y = k + r, |r| <= 1/2, and Cephes' degree-6 polynomial for
-// 2^r (relative error ~2e-7); the exponent is added in the integer domain.
-template <int W> RLK_ALWAYS_INLINE vf<W> exp2(vf<W> y) {
+// `clamped` receives max(y, -125), with which y * 2^y stays 0 (not NaN) at
+// y = -inf.  Split y = k + r with k an integer and |r| <= 1/2, a degree-5
+// minimax polynomial for 2^r (relative error 1.9e-7 in float32), and the
+// exponent k added in the integer domain.
+template <int W> RLK_ALWAYS_INLINE vf<W> exp2(vf<W> y, vf<W>& clamped) {
   typedef vf<W> f;
-  const f yc = y < -125.0f ? splat<W>(-125.0f) : y;
+  const auto tiny = y < -125.0f;
+  clamped = tiny ? splat<W>(-125.0f) : y;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const f t = yc + shifter;
-  const f k = t - shifter;
-  const f r = yc - k;
-  f p = splat<W>(1.535336188319500e-4f);
-  p = p * r + 1.339887440266574e-3f;
-  p = p * r + 9.618437357674640e-3f;
-  p = p * r + 5.550332471162809e-2f;
-  p = p * r + 2.402264791363012e-1f;
-  p = p * r + 6.931472028550421e-1f;
-  p = p * r + 1.0f;
-  const vu<W> ki = bit_cast<vu<W>>(t) - bit_cast<uint32_t>(shifter);
-  const f out = bit_cast<f>(bit_cast<vu<W>>(p) + (ki << 23));
-  return y < -125.0f ? splat<W>(0.0f) : out;
+  const f t = clamped + shifter;
+  const f r = clamped - (t - shifter);
+  f p = splat<W>(1.3264737e-3f);
+  p = p * r + 9.6715130e-3f;
+  p = p * r + 5.5507336e-2f;
+  p = p * r + 2.4022242e-1f;
+  p = p * r + 6.9314700e-1f;
+  p = p * r + 1.0f;  // exactly 1 at r = 0: a one-hot row gets log p = 0 exactly
+  const vu<W> k = bit_cast<vu<W>>(t) - bit_cast<uint32_t>(shifter);
+  const f out = bit_cast<f>(bit_cast<vu<W>>(p) + (k << 23));
+  return tiny ? splat<W>(0.0f) : out;
+}
+
+template <int W> RLK_ALWAYS_INLINE vf<W> exp2(vf<W> y) {
+  vf<W> unused;
+  return exp2<W>(y, unused);
 }
 
 // ---- dispatch -------------------------------------------------------------------------------

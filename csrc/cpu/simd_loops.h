@@ -27,7 +27,6 @@ namespace rlk {
 namespace cpu {
 
 constexpr int64_t kChunk = 512;
-constexpr int kLanes = 16;
 constexpr int64_t kPrefetchBytes = 8192;  // the hardware prefetcher stops at 4 KB pages
 
 // Keep small problems on one thread: splitting sub-millisecond work across
@@ -64,16 +63,26 @@ inline const acc* staged(const scalar_t* row, int64_t n, acc* buffer) {
   }
 }
 
-// Sum of a[0, n) with kLanes independent partial sums: a fixed order the
-// compiler vectorises without reassociating, the same on every ISA clone.
+// lanes[0] += ... += lanes[2 W - 1] by a tree with compile-time widths (each
+// step one vector add).
+template <int W, typename acc>
+RLK_FORCE_INLINE void fold_lanes(acc* lanes) {
+  for (int l = 0; l < W; ++l) lanes[l] += lanes[l + W];
+  if constexpr (W > 1) fold_lanes<W / 2>(lanes);
+}
+
+// Sum of a[0, n) with kLanes independent partial sums (four 64-byte vectors,
+// so the adds do not wait on each other), folded by a fixed tree: an order
+// the compiler vectorises without reassociating, the same on every ISA clone.
 template <typename acc>
 RLK_FORCE_INLINE double lane_sum(const acc* __restrict__ a, int64_t n) {
+  constexpr int kLanes = 4 * 64 / int(sizeof(acc));
   acc lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
-  double total = 0;
-  for (int l = 0; l < kLanes; ++l) total += double(lanes[l]);
+  fold_lanes<kLanes / 2>(lanes);
+  double total = double(lanes[0]);
   for (; i < n; ++i) total += double(a[i]);
   return total;
 }

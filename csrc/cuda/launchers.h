@@ -132,5 +132,9 @@ template <typename T>
 cudaError_t launch_gossip_mix(const T* x, const T* left, const T* right, int64_t n, double w_self,
                               double w_left, double w_right, T* out, cudaStream_t stream);
 
+template <typename out_t, typename acc>
+cudaError_t launch_sequence_logprobs_backward(const acc* grad, const uint8_t* mask, const acc* num_tokens,
+                                              bool average, int64_t B, int64_t T, out_t* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace rlk

@@ -3,7 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <limits>
+#include <cmath>
 
 #include "../core/common.h"
 #include "../core/loss_agg.h"
@@ -29,10 +29,9 @@ at::Tensor workspace_for(const at::Tensor& like, int64_t B, int64_t T, int slots
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weights,
-    const c10::optional<at::Tensor>& ref_logprobs, double clip_low, double clip_high,
-    c10::optional<double> dual_clip, c10::optional<double> log_ratio_clamp, double kl_coef,
-    c10::string_view kl, c10::string_view agg, c10::optional<double> num_tokens,
-    c10::optional<double> num_seqs, c10::optional<double> norm_length, bool need_grad) {
+    const c10::optional<at::Tensor>& ref_logprobs, c10::ArrayRef<double> coefficients, c10::string_view kl,
+    c10::string_view agg, bool need_grad) {
+  const PolicyCoefficients c = policy_coefficients(coefficients);
   TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T], got ", logprobs.sizes());
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   check_rows(logprobs, "logprobs", B, T);
@@ -49,15 +48,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   TokenLossOutputs out = token_loss_outputs(logprobs, kPolicyStats, need_grad);
   at::Tensor workspace = workspace_for(logprobs, B, T, kPolicySlots);
-  const double inf = std::numeric_limits<double>::infinity();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "policy_loss_cuda", [&] {
     using acc = acc_t<scalar_t>;
     C10_CUDA_CHECK(cuda::launch_policy_loss(
         cuda::dptr(logprobs.data_ptr<scalar_t>()), cuda::dptr(old_logprobs.data_ptr<scalar_t>()),
         cuda::dptr(advantages.data_ptr<scalar_t>()), adv_per_row, optional_dptr<scalar_t>(weights),
-        optional_dptr<scalar_t>(ref_logprobs), mask_p, B, T, clip_low, clip_high, dual_clip.value_or(inf),
-        log_ratio_clamp.value_or(inf), kl_coef, int(kind), int(mode), given_or_count(num_tokens),
-        given_or_count(num_seqs), given_or_count(norm_length), need_grad ? out.grad.data_ptr<acc>() : nullptr,
+        optional_dptr<scalar_t>(ref_logprobs), mask_p, B, T, c.clip_low, c.clip_high, c.dual_clip,
+        c.log_ratio_clamp, c.kl_coef, int(kind), int(mode), c.num_tokens, c.num_seqs, c.norm_length,
+        need_grad ? out.grad.data_ptr<acc>() : nullptr,
         out.row_scale.data_ptr<acc>(), out.loss.data_ptr<acc>(), out.stats.data_ptr<acc>(),
         workspace.data_ptr<double>(), stream));
   });
@@ -66,9 +64,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cuda(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const c10::optional<at::Tensor>& mask, c10::optional<double> clip, c10::string_view agg,
-    c10::optional<double> num_tokens, c10::optional<double> num_seqs, c10::optional<double> norm_length,
+    const c10::optional<at::Tensor>& mask, c10::ArrayRef<double> coefficients, c10::string_view agg,
     bool need_grad) {
+  const ValueCoefficients c = value_coefficients(coefficients);
   TORCH_CHECK(values.dim() == 2, "values must be [B, T], got ", values.sizes());
   const int64_t B = values.size(0), T = values.size(1);
   check_rows(values, "values", B, T);
@@ -85,8 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cuda(
     using acc = acc_t<scalar_t>;
     C10_CUDA_CHECK(cuda::launch_value_loss(
         cuda::dptr(values.data_ptr<scalar_t>()), cuda::dptr(old_values.data_ptr<scalar_t>()),
-        cuda::dptr(returns.data_ptr<scalar_t>()), mask_p, B, T, clip.has_value(), clip.value_or(0.0), int(mode),
-        given_or_count(num_tokens), given_or_count(num_seqs), given_or_count(norm_length),
+        cuda::dptr(returns.data_ptr<scalar_t>()), mask_p, B, T, std::isfinite(c.clip), c.clip, int(mode),
+        c.num_tokens, c.num_seqs, c.norm_length,
         need_grad ? out.grad.data_ptr<acc>() : nullptr, out.row_scale.data_ptr<acc>(), out.loss.data_ptr<acc>(),
         out.stats.data_ptr<acc>(), workspace.data_ptr<double>(), stream));
   });

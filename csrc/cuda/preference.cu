@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "../core/preference.h"
 #include "block_reduce.cuh"
 #include "launchers.h"
@@ -52,7 +54,30 @@ __global__ void __launch_bounds__(kRowThreads) sequence_logprobs_kernel(
   }
 }
 
+template <typename out_t, typename acc>
+__global__ void sequence_logprobs_backward_kernel(const acc* __restrict__ grad, const uint8_t* __restrict__ mask,
+                                                  const acc* __restrict__ num_tokens, bool average, int64_t B,
+                                                  int64_t T, out_t* __restrict__ out) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B * T; i += stride) {
+    const int64_t b = i / T;
+    const acc n = num_tokens[b];
+    const acc per_row = average ? (n > acc(0) ? grad[b] / n : acc(0)) : grad[b];
+    out[i] = cast<out_t>(mask == nullptr || mask[i] != 0 ? per_row : acc(0));
+  }
+}
+
 }  // namespace
+
+template <typename out_t, typename acc>
+cudaError_t launch_sequence_logprobs_backward(const acc* grad, const uint8_t* mask, const acc* num_tokens,
+                                              bool average, int64_t B, int64_t T, out_t* out, cudaStream_t stream) {
+  if (B * T == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((B * T + kPairThreads - 1) / kPairThreads, int64_t(1) << 16);
+  sequence_logprobs_backward_kernel<out_t, acc><<<static_cast<unsigned int>(blocks), kPairThreads, 0, stream>>>(
+      grad, mask, num_tokens, average, B, T, out);
+  return cudaGetLastError();
+}
 
 template <typename in_t, typename acc>
 cudaError_t launch_dpo_loss(const in_t* policy_chosen, const in_t* policy_rejected, const in_t* ref_chosen,
@@ -81,7 +106,10 @@ cudaError_t launch_sequence_logprobs(const in_t* token_logprobs, const uint8_t* 
                                                   int64_t, int, double, double, acc*, acc*, acc*, acc*,      \
                                                   cudaStream_t);                                             \
   template cudaError_t launch_sequence_logprobs<in_t, acc>(const in_t*, const uint8_t*, int64_t, int64_t,    \
-                                                           bool, acc*, acc*, cudaStream_t);
+                                                           bool, acc*, acc*, cudaStream_t);   \
+  template cudaError_t launch_sequence_logprobs_backward<in_t, acc>(const acc*, const uint8_t*, const acc*,  \
+                                                                    bool, int64_t, int64_t, in_t*,         \
+                                                                    cudaStream_t);
 RLK_INSTANTIATE(float, float)
 RLK_INSTANTIATE(double, double)
 RLK_INSTANTIATE(__half, float)

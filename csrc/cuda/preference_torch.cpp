@@ -62,10 +62,35 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cuda(const at::Tensor& toke
   return {out, counts};
 }
 
+at::Tensor sequence_logprobs_backward_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& mask,
+                                          const at::Tensor& num_tokens, bool average, int64_t T,
+                                          at::ScalarType dtype) {
+  TORCH_CHECK(grad.dim() == 1 && grad.is_contiguous(), "grad must be a contiguous [B] tensor");
+  const int64_t B = grad.size(0);
+  TORCH_CHECK(num_tokens.dim() == 1 && num_tokens.size(0) == B && num_tokens.scalar_type() == grad.scalar_type() &&
+                  num_tokens.is_contiguous(), "num_tokens must be a contiguous [B] tensor of grad's dtype");
+  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
+  check_same_device(grad, mask, "mask");
+  check_same_device(grad, num_tokens, "num_tokens");
+  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
+  c10::cuda::CUDAGuard guard(grad.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto out = at::empty({B, T}, grad.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sequence_logprobs_backward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    using out_t = typename cuda::device_type<scalar_t>::type;
+    C10_CUDA_CHECK(cuda::launch_sequence_logprobs_backward(
+        grad.data_ptr<acc>(), mask_p, num_tokens.data_ptr<acc>(), average, B, T,
+        reinterpret_cast<out_t*>(out.data_ptr<scalar_t>()), stream));
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace rlk
 
 TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) {
+  m.impl("sequence_logprobs_backward", &rlk::sequence_logprobs_backward_cuda);
   m.impl("dpo_loss", &rlk::dpo_loss_cuda);
   m.impl("sequence_logprobs", &rlk::sequence_logprobs_cuda);
 }

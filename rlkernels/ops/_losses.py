@@ -52,6 +52,19 @@ def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, pe
     return promoted, mask, device
 
 
+INF = float("inf")
+
+
+def off_or(value: float | None) -> float:
+    """An optional limit as an op coefficient: inf when off."""
+    return INF if value is None else float(value)
+
+
+def count_or(value: float | None) -> float:
+    """An optional normaliser as an op coefficient: -1 means "count it"."""
+    return -1.0 if value is None else float(value)
+
+
 def need_grad(tensor: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and tensor.requires_grad
 

@@ -86,7 +86,7 @@ def register_autograd(forward: str, backward, backward_inplace) -> None:
         args = (grad_logprobs, grad_entropy, logits, labels, saved, entropies, ctx.temperature, ctx.ignore_index)
         if ctx.inplace_backward:
             backward_inplace(*args)
-            grad = logits
+            grad = logits.detach()  # the logits buffer now holds the gradient
         else:
             grad = backward(*args)
         return grad, None, None, None, None, None

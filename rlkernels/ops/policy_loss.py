@@ -113,16 +113,17 @@ def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logpro
                                   weights=weights, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                                   kl=kl if kl != "none" else "k3")
     fn = torch.ops.rlkernels.policy_loss_triton if chosen == "triton" else torch.ops.rlkernels.policy_loss
-    loss, stats, _, _ = fn(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low, clip_high,
-                           dual_clip, log_ratio_clamp, kl_coef, kl, agg, num_tokens, num_seqs, norm_length,
+    coefficients = [clip_low, clip_high, _losses.off_or(dual_clip), _losses.off_or(log_ratio_clamp), float(kl_coef),
+                    _losses.count_or(num_tokens), _losses.count_or(num_seqs), _losses.count_or(norm_length)]
+    loss, stats, _, _ = fn(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
                            _losses.need_grad(logprobs))
     return loss, _losses.stats_dict(POLICY_STATS, stats)
 
 
 @torch.library.register_fake(_OP)
-def _policy_loss_fake(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low, clip_high,
-                      dual_clip, log_ratio_clamp, kl_coef, kl, agg, num_tokens, num_seqs, norm_length, need_grad):
+def _policy_loss_fake(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
+                      need_grad):
     return _losses.fake_outputs(logprobs, len(POLICY_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd(_OP, 17)
+_losses.register_token_loss_autograd(_OP, 10)

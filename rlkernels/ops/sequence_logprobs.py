@@ -38,29 +38,31 @@ def _fake(token_logprobs, mask, average):
     return token_logprobs.new_empty((B,), dtype=dtype), token_logprobs.new_empty((B,), dtype=dtype)
 
 
+@torch.library.register_fake("rlkernels::sequence_logprobs_backward")
+def _backward_fake(grad, mask, num_tokens, average, T, dtype):
+    return grad.new_empty((grad.shape[0], T), dtype=dtype)
+
+
 def _setup_context(ctx, inputs, output):
     token_logprobs, mask, average = inputs
     _, counts = output
     ctx.save_for_backward(mask, counts)
     ctx.average = average
-    ctx.shape, ctx.dtype = token_logprobs.shape, token_logprobs.dtype
+    ctx.T, ctx.dtype = token_logprobs.shape[1], token_logprobs.dtype
     ctx.mark_non_differentiable(counts)
 
 
-def _backward(ctx, grad_out, unused):
-    mask, counts = ctx.saved_tensors
-    per_row = grad_out.to(counts.dtype)
-    if ctx.average:
-        per_row = torch.where(counts > 0, per_row / counts.clamp(min=1), 0)
-    grad = per_row.unsqueeze(-1).expand(ctx.shape)
-    if mask is not None:
-        grad = torch.where(mask, grad, 0)
-    return grad.to(ctx.dtype).contiguous(), None, None
+def register(op_name: str, backward_op) -> None:
+    """Fake kernel and autograd of a sequence_logprobs op whose backward is `backward_op`
+    (grad, mask, num_tokens, average, T, dtype) -> [B, T]."""
 
+    def backward(ctx, grad_out, unused):
+        mask, counts = ctx.saved_tensors
+        grad = backward_op(grad_out.to(counts.dtype).contiguous(), mask, counts, ctx.average, ctx.T, ctx.dtype)
+        return grad, None, None
 
-def register(op_name: str) -> None:
     torch.library.register_fake(op_name)(_fake)
-    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(op_name, backward, setup_context=_setup_context)
 
 
-register(_OP)
+register(_OP, torch.ops.rlkernels.sequence_logprobs_backward)

@@ -41,14 +41,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, num_tokens=num_tokens,
                                     num_seqs=num_seqs, norm_length=norm_length)
     fn = torch.ops.rlkernels.value_loss_triton if chosen == "triton" else torch.ops.rlkernels.value_loss
-    loss, stats, _, _ = fn(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, norm_length,
-                           _losses.need_grad(values))
+    coefficients = [_losses.off_or(clip), _losses.count_or(num_tokens), _losses.count_or(num_seqs),
+                    _losses.count_or(norm_length)]
+    loss, stats, _, _ = fn(values, old_values, returns, mask, coefficients, agg, _losses.need_grad(values))
     return loss, _losses.stats_dict(VALUE_STATS, stats)
 
 
 @torch.library.register_fake(_OP)
-def _value_loss_fake(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, norm_length, need_grad):
+def _value_loss_fake(values, old_values, returns, mask, coefficients, agg, need_grad):
     return _losses.fake_outputs(values, len(VALUE_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd(_OP, 10)
+_losses.register_token_loss_autograd(_OP, 7)

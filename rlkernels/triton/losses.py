@@ -5,6 +5,8 @@ sums; one finalising program turns those into the loss, the per-row gradient
 scales (the aggregation of csrc/core/loss_agg.h) and the statistics."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -214,13 +216,9 @@ def _block_t(T: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(T, 1))))
 
 
-def _given(x: float | None) -> float:
-    return -1.0 if x is None else float(x)
-
-
 def _finalize(partials, B, T, n_chunks, slots, max_slot, agg, num_tokens, num_seqs, norm_length, out_dtype, acc,
               loss, stats, row_scale):
-    coef = torch.tensor([_given(num_tokens), _given(num_seqs), float(T) if norm_length is None else norm_length],
+    coef = torch.tensor([num_tokens, num_seqs, float(T) if norm_length < 0 else norm_length],
                         dtype=out_dtype, device=partials.device)
     _finalize_kernel[(1,)](partials, row_scale, loss, stats, B, n_chunks, coef, SLOTS=slots, SLOT_PAD=_SLOT_PAD,
                            MAX_SLOT=max_slot, AGG=_AGG_CODES[agg], ACC=acc, BLOCK_B=64)
@@ -240,10 +238,9 @@ def _outputs(like: torch.Tensor, num_stats: int, need_grad: bool):
 @custom_op("rlkernels::policy_loss_triton", mutates_args=())
 def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                        mask: torch.Tensor | None, weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                       clip_low: float, clip_high: float, dual_clip: float | None, log_ratio_clamp: float | None,
-                       kl_coef: float, kl: str, agg: str, num_tokens: float | None, num_seqs: float | None,
-                       norm_length: float | None, need_grad: bool
+                       coefficients: list[float], kl: str, agg: str, need_grad: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length = coefficients
     B, T = logprobs.shape
     out_dtype, acc, loss, stats, grad, row_scale = _outputs(logprobs, len(POLICY_STATS), need_grad)
     if B == 0 or T == 0:
@@ -252,9 +249,8 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
         if need_grad:
             grad.zero_()
         return loss, stats, grad, row_scale
-    inf = float("inf")
-    coef = torch.tensor([1.0 - clip_low, 1.0 + clip_high, 1.0 if dual_clip is None else dual_clip,
-                         inf if log_ratio_clamp is None else log_ratio_clamp, kl_coef],
+    has_dual = math.isfinite(dual_clip)
+    coef = torch.tensor([1.0 - clip_low, 1.0 + clip_high, dual_clip if has_dual else 1.0, log_ratio_clamp, kl_coef],
                         dtype=out_dtype, device=logprobs.device)
     block = _block_t(T)
     n_chunks = triton.cdiv(T, block)
@@ -264,7 +260,7 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
         ref_logprobs if ref_logprobs is not None else logprobs, _bytes(mask, logprobs),
         grad if need_grad else partials, partials, T, n_chunks, coef,
         HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ADV_PER_ROW=advantages.dim() == 1,
-        KL=_KL_CODES[kl], HAS_DUAL=dual_clip is not None, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block, SLOTS=_POLICY_SLOTS)
+        KL=_KL_CODES[kl], HAS_DUAL=has_dual, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block, SLOTS=_POLICY_SLOTS)
     _finalize(partials, B, T, n_chunks, _POLICY_SLOTS, _POLICY_MAX_SLOT, agg, num_tokens, num_seqs, norm_length,
               out_dtype, acc, loss, stats, row_scale)
     return loss, stats, grad, row_scale
@@ -272,9 +268,9 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
 
 @custom_op("rlkernels::value_loss_triton", mutates_args=())
 def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                      mask: torch.Tensor | None, clip: float | None, agg: str, num_tokens: float | None,
-                      num_seqs: float | None, norm_length: float | None, need_grad: bool
+                      mask: torch.Tensor | None, coefficients: list[float], agg: str, need_grad: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    clip, num_tokens, num_seqs, norm_length = coefficients
     B, T = values.shape
     out_dtype, acc, loss, stats, grad, row_scale = _outputs(values, len(VALUE_STATS), need_grad)
     if B == 0 or T == 0:
@@ -283,13 +279,14 @@ def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: t
         if need_grad:
             grad.zero_()
         return loss, stats, grad, row_scale
-    coef = torch.tensor([0.0 if clip is None else clip], dtype=out_dtype, device=values.device)
+    has_clip = math.isfinite(clip)
+    coef = torch.tensor([clip if has_clip else 0.0], dtype=out_dtype, device=values.device)
     block = _block_t(T)
     n_chunks = triton.cdiv(T, block)
     partials = torch.empty((B * n_chunks, _VALUE_SLOTS), dtype=out_dtype, device=values.device)
     _value_kernel[(B * n_chunks,)](
         values, old_values, returns, _bytes(mask, values), grad if need_grad else partials, partials, T, n_chunks,
-        coef, HAS_MASK=mask is not None, CLIP=clip is not None, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block,
+        coef, HAS_MASK=mask is not None, CLIP=has_clip, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block,
         SLOTS=_VALUE_SLOTS)
     _finalize(partials, B, T, n_chunks, _VALUE_SLOTS, -1, agg, num_tokens, num_seqs, norm_length, out_dtype, acc,
               loss, stats, row_scale)
@@ -297,17 +294,15 @@ def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: t
 
 
 @register_fake("rlkernels::policy_loss_triton")
-def _policy_loss_triton_fake(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low, clip_high,
-                             dual_clip, log_ratio_clamp, kl_coef, kl, agg, num_tokens, num_seqs, norm_length,
+def _policy_loss_triton_fake(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
                              need_grad):
     return _losses.fake_outputs(logprobs, len(POLICY_STATS), need_grad)
 
 
 @register_fake("rlkernels::value_loss_triton")
-def _value_loss_triton_fake(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, norm_length,
-                            need_grad):
+def _value_loss_triton_fake(values, old_values, returns, mask, coefficients, agg, need_grad):
     return _losses.fake_outputs(values, len(VALUE_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 17)
-_losses.register_token_loss_autograd("rlkernels::value_loss_triton", 10)
+_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 10)
+_losses.register_token_loss_autograd("rlkernels::value_loss_triton", 7)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op
+from torch.library import custom_op, register_fake
 
 from ..ops.dpo_loss import register as register_dpo
 from ..ops.sequence_logprobs import register as register_sequence
@@ -90,6 +90,23 @@ def _sequence_kernel(x_ptr, m_ptr, out_ptr, count_ptr, T, HAS_MASK: tl.constexpr
     tl.store(count_ptr + row, n)
 
 
+@triton.jit
+def _sequence_backward_kernel(g_ptr, m_ptr, n_ptr, out_ptr, T, HAS_MASK: tl.constexpr, AVERAGE: tl.constexpr,
+                              BLOCK_T: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inside = cols < T
+    offs = row.to(tl.int64) * T + cols
+    value = tl.load(g_ptr + row)
+    if AVERAGE:
+        n = tl.load(n_ptr + row)
+        value = tl.where(n > 0, value / tl.maximum(n, 1.0), 0.0)
+    out = tl.zeros([BLOCK_T], dtype=value.dtype) + value
+    if HAS_MASK:
+        out = tl.where(tl.load(m_ptr + offs, mask=inside, other=0) != 0, out, 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 def _acc(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -123,5 +140,25 @@ def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | 
     return out, counts
 
 
+@custom_op("rlkernels::sequence_logprobs_backward_triton", mutates_args=())
+def sequence_logprobs_backward_triton(grad: torch.Tensor, mask: torch.Tensor | None, num_tokens: torch.Tensor,
+                                      average: bool, T: int, dtype: torch.dtype) -> torch.Tensor:
+    B = grad.shape[0]
+    # 16-bit gradients are rounded by torch (round to nearest even): the Triton
+    # interpreter truncates when it converts to bfloat16.
+    out = torch.empty((B, T), dtype=grad.dtype, device=grad.device)
+    if B > 0 and T > 0:
+        block = max(16, min(1024, triton.next_power_of_2(T)))
+        _sequence_backward_kernel[(B, triton.cdiv(T, block))](
+            grad, mask.view(torch.uint8) if mask is not None else grad, num_tokens, out, T,
+            HAS_MASK=mask is not None, AVERAGE=average, BLOCK_T=block)
+    return out.to(dtype)
+
+
+@register_fake("rlkernels::sequence_logprobs_backward_triton")
+def _sequence_backward_fake(grad, mask, num_tokens, average, T, dtype):
+    return grad.new_empty((grad.shape[0], T), dtype=dtype)
+
+
 register_dpo("rlkernels::dpo_loss_triton")
-register_sequence("rlkernels::sequence_logprobs_triton")
+register_sequence("rlkernels::sequence_logprobs_triton", torch.ops.rlkernels.sequence_logprobs_backward_triton)
