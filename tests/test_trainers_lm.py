@@ -142,6 +142,19 @@ def test_reference_kernels_give_the_same_first_step(name):
             assert ref[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
+@pytest.mark.parametrize("extra", [{}, {"entropy_coef": 0.01}, {"kl_in_reward": False, "kl_estimator": "k3"},
+                                   {"kl_in_reward": False, "kl_estimator": "abs"}])
+def test_ppo_rlhf_fused_and_unfused_losses_agree(extra):
+    """linear_ppo_loss from hidden states and logprobs + ppo_loss on materialised
+    logits train the same first step (same rollout, same losses)."""
+    fused = trainers.train("ppo-rlhf", tiny("ppo-rlhf", steps=1, **extra,
+                                            model={**TINY_MODEL, "fused_head": True}))[0]
+    unfused = trainers.train("ppo-rlhf", tiny("ppo-rlhf", steps=1, **extra,
+                                              model={**TINY_MODEL, "fused_head": False}))[0]
+    for key in ("reward", "kl", "entropy", "loss", "policy_loss", "vf_loss", "clipfrac", "approx_kl"):
+        assert unfused[key] == pytest.approx(fused[key], rel=1e-3, abs=1e-5), key
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_and_unfused_head_agree(fused):
     """linear_logprobs from hidden states and logprobs from materialised logits give
