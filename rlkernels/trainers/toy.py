@@ -1,7 +1,7 @@
 """The embedded default: everything the language-model trainers need, built in code
 (no downloads, safe under HF_HUB_OFFLINE=1).
 
-- A word-level tokenizer over a ~70-word review language (`build_tokenizer`).
+- A word-level tokenizer over a 62-word review language (`build_tokenizer`).
 - A tiny GPT-2 built from a config (`build_model`), optionally warmed up on grammatical
   reviews of random sentiment (`pretrain`), so RL starts from a fluent "base model".
 - Prompts that ask for a review of a subject (`sample_prompts`): positive by default,
