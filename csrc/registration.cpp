@@ -41,10 +41,12 @@ TORCH_LIBRARY(rlkernels, m) {
   // softmax statistics for the backward: [..., 2] for logprobs, [..., 5] for KL.
   m.def("logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, "
         "bool with_entropy, bool inplace_backward) -> (Tensor logprobs, Tensor entropy, Tensor saved)");
+  // The backwards also take a vocabulary tile: logits holding the columns
+  // [vocab_start, vocab_start + V') of the rows whose statistics `saved` holds.
   m.def("logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
-        "Tensor saved, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+        "Tensor saved, Tensor entropy, float temperature, int ignore_index, int vocab_start=0) -> Tensor");
   m.def("logprobs_backward_inplace(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, "
-        "Tensor saved, Tensor entropy, float temperature, int ignore_index) -> ()");
+        "Tensor saved, Tensor entropy, float temperature, int ignore_index, int vocab_start=0) -> ()");
   m.def("kl_from_logits(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "
         "-> (Tensor kl, Tensor saved)");
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "

@@ -33,9 +33,10 @@ cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, i
                                     cudaStream_t stream);
 
 // grad may alias logits (in-place backward); grad_entropy and entropy may be null.
+// logits may be a vocabulary tile starting at column vocab_start of the rows.
 template <typename T>
 cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t N,
-                                     int64_t V, const int64_t* labels, int64_t ignore_index,
+                                     int64_t V, const int64_t* labels, int64_t ignore_index, int64_t vocab_start,
                                      const float* grad_logprobs, const float* grad_entropy, const float* entropy,
                                      const float* saved, double temperature, cudaStream_t stream);
 
