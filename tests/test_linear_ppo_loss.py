@@ -139,3 +139,14 @@ def test_linear_ppo_loss_opcheck_and_compile():
     (g,) = torch.autograd.grad(expected, hidden)
     close(loss, expected)
     close(h.grad, g)
+
+
+def test_linear_ppo_loss_backward_twice():
+    hidden, weight, bias, labels, old, adv, mask, ref = problem(2, 5, 8, 20, torch.float32, "cpu")
+    x = hidden.clone().requires_grad_()
+    (g,) = torch.autograd.grad(rlkernels.linear_ppo_loss(x, weight, labels, old, adv, mask)[0], x)
+    h = hidden.clone().requires_grad_()
+    loss, _ = rlkernels.linear_ppo_loss(h, weight, labels, old, adv, mask)
+    loss.backward(retain_graph=True)   # grad_loss 1: the stored gradient itself
+    (3.0 * loss).backward()            # scaled, out of place
+    close(h.grad, 4.0 * g)

@@ -89,10 +89,12 @@ def register_token_loss_autograd(op_name: str, num_inputs: int) -> None:
         ctx.save_for_backward(grad, row_scale)
         ctx.input_dtype = inputs[0].dtype
         ctx.mark_non_differentiable(stats, grad, row_scale)
+        # The other outputs get no gradient: do not materialise zeros of their size.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, *unused):
         grad, row_scale = ctx.saved_tensors
-        if grad.dim() != 2:  # the forward was told no gradient was needed
+        if grad_loss is None or grad.dim() != 2:  # no gradient needed
             return (None,) * num_inputs
         scale = (grad_loss.to(row_scale.dtype) * row_scale).unsqueeze(-1)
         return (grad * scale).to(ctx.input_dtype), *((None,) * (num_inputs - 1))

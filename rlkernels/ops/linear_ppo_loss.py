@@ -54,7 +54,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     (no recomputation), so the forward holds grad-sized buffers for them.  Returns
     (loss, stats): ppo_loss's stats plus "entropy" (mean over valid tokens, 0 unless
     entropy_coef is non-zero).  On CUDA the batch's token counts are read to the host
-    once per call.
+    once per call (and the incoming gradient once per backward: when it is 1, the
+    stored gradients are returned as they are, with no second weight-sized buffer).
     """
     op = linear_ppo_loss.__name__
     V.tensor(op, "hidden", hidden, dtypes=L.LOGIT_DTYPES, ndim=3)
@@ -299,12 +300,26 @@ def _setup_context(ctx, inputs, output):
     _, stats, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.mark_non_differentiable(stats, grad_hidden, grad_weight, grad_bias)
+    # The stored gradients get no incoming gradient: no weight-sized zeros for them.
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    # The usual loss.backward() passes grad_loss = 1: hand the stored gradient over as it
+    # is (no second weight-sized buffer, nothing mutated).  Traced (compile, opcheck) or
+    # for any other grad_loss, scale out of place.
+    if (type(saved) is torch.Tensor and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+            and bool(grad_loss == 1)):
+        return saved
+    return saved * grad_loss.to(saved.dtype)
 
 
 def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * 18
     grads = []
     for saved in ctx.saved_tensors:
-        grads.append(None if saved.numel() == 0 else saved * grad_loss.to(saved.dtype))
+        grads.append(None if saved.numel() == 0 else _scaled(saved, grad_loss))
     grad_hidden, grad_weight, grad_bias = grads
     return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 14
 
