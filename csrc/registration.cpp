@@ -52,4 +52,12 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "
         "Tensor saved, float temperature, bool logits_grad, bool ref_grad) -> (Tensor, Tensor)");
   m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str kind, float clamp) -> (Tensor value, Tensor slope)");
+
+  // Parameter averaging (rlkernels.distributed): many tensors <-> one flat
+  // bucket with an optional scale and dtype cast, and one gossip mixing step
+  // out = w_self * x + w_left * left + w_right * right (out may alias x).
+  m.def("pack_tensors(Tensor[] tensors, Tensor(a!) bucket, float scale) -> ()");
+  m.def("unpack_tensors(Tensor bucket, Tensor(a!)[] tensors, float scale) -> ()");
+  m.def("gossip_mix(Tensor x, Tensor left, Tensor right, float w_self, float w_left, float w_right, "
+        "Tensor(a!) out) -> ()");
 }

@@ -122,6 +122,20 @@ cudaError_t launch_dpo_loss(const in_t* policy_chosen, const in_t* policy_reject
 template <typename in_t, typename acc>
 cudaError_t launch_sequence_logprobs(const in_t* token_logprobs, const uint8_t* mask, int64_t B, int64_t T,
                                      bool average, acc* out, acc* counts, cudaStream_t stream);
+// Parameter averaging: many tensors <-> one flat bucket (scale and cast
+// fused), and out = w_self * x + w_left * left + w_right * right.  Host
+// arrays of device pointers; any count of tensors.
+template <typename src_t, typename dst_t>
+cudaError_t launch_pack_tensors(const src_t* const* tensors, const int64_t* numels, int64_t count,
+                                dst_t* bucket, double scale, cudaStream_t stream);
+
+template <typename src_t, typename dst_t>
+cudaError_t launch_unpack_tensors(const src_t* bucket, dst_t* const* tensors, const int64_t* numels,
+                                  int64_t count, double scale, cudaStream_t stream);
+
+template <typename T>
+cudaError_t launch_gossip_mix(const T* x, const T* left, const T* right, int64_t n, double w_self,
+                              double w_left, double w_right, T* out, cudaStream_t stream);
 
 template <typename out_t, typename acc>
 cudaError_t launch_sequence_logprobs_backward(const acc* grad, const uint8_t* mask, const acc* num_tokens,
