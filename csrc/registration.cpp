@@ -28,6 +28,8 @@ TORCH_LIBRARY(rlkernels, m) {
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
   m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float[] coefficients, str agg, "
         "bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  // Their backward: grad[b, t] * grad_loss * row_scale[b], in `dtype`.
+  m.def("scale_rows(Tensor grad, Tensor row_scale, Tensor grad_loss, ScalarType dtype) -> Tensor");
   // Preference losses over per-sequence log-probs; dlogits (d loss / d z per
   // pair) is saved for backward.  sequence_logprobs: masked per-row sums (or
   // means with average) and the rows' valid-token counts.

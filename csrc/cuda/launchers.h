@@ -96,6 +96,11 @@ cudaError_t launch_policy_loss(const in_t* logprobs, const in_t* old_logprobs, c
                                double num_tokens, double num_seqs, double norm_length, acc* grad, acc* row_scale,
                                acc* loss, acc* stats, double* workspace, cudaStream_t stream);
 
+// out[b, t] = grad[b, t] * (*grad_loss * row_scale[b]) in out_t (the token losses' backward).
+template <typename out_t, typename acc>
+cudaError_t launch_scale_rows(const acc* grad, const acc* row_scale, const acc* grad_loss, int64_t B, int64_t T,
+                              out_t* out, cudaStream_t stream);
+
 template <typename in_t, typename acc>
 cudaError_t launch_value_loss(const in_t* values, const in_t* old_values, const in_t* returns, const uint8_t* mask,
                               int64_t B, int64_t T, bool has_clip, double clip, int agg, double num_tokens,
