@@ -6,9 +6,13 @@ calls the rlkernels ops directly (copy and adapt).
 
 Per step: `--group` samples for each of `--prompts` prompts with `generate`; scores
 turned into group-relative advantages (`rlkernels.group_advantages`: (s - mean) / std
-within each prompt's group); the GRPO loss with a k3 KL to the frozen reference
-(`rlkernels.grpo_loss`), whose token log-probs come straight from the last hidden
-states (`rlkernels.linear_logprobs`, no [tokens, vocab] logits).  The reward is a stand-in (the share of even token ids); put your scorer there."""
+within each prompt's group); the sampling policy's and the frozen reference's token
+log-probs from their last hidden states (`rlkernels.linear_logprobs`); then
+`--iterations` updates with `rlkernels.linear_ppo_loss`, which goes from the policy's
+hidden states and lm-head straight to GRPO's loss (clipped surrogate plus beta times the
+k3 KL, averaged per sequence then over sequences as GRPO does) without ever holding the
+[tokens, vocab] logits.  The reward is a stand-in (the share of even token ids); put
+your scorer there."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +55,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--response-len", type=int, default=16)
     p.add_argument("--beta", type=float, default=0.02)
+    p.add_argument("--iterations", type=int, default=2, help="updates per batch (GRPO's mu)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -78,13 +83,16 @@ def main(argv=None) -> list[dict]:
             advantages, _ = rlkernels.group_advantages(scores, args.group)
             ref_states = response_states(reference, sequences, attention, args.prompt_len)
             ref_logprobs = rlkernels.linear_logprobs(ref_states, ref_head.weight, labels, bias=ref_head.bias)
-        states = response_states(policy, sequences, attention, args.prompt_len)
-        logprobs = rlkernels.linear_logprobs(states, head.weight, labels, bias=head.bias)
-        loss, stats = rlkernels.grpo_loss(logprobs, None, advantages, mask, ref_logprobs=ref_logprobs,
-                                          beta=args.beta, kl="k3", loss_type="grpo")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            old_states = response_states(policy, sequences, attention, args.prompt_len)
+            old_logprobs = rlkernels.linear_logprobs(old_states, head.weight, labels, bias=head.bias)
+        for _ in range(args.iterations):
+            states = response_states(policy, sequences, attention, args.prompt_len)
+            loss, stats = rlkernels.linear_ppo_loss(states, head.weight, labels, old_logprobs, advantages, mask,
+                                                    bias=head.bias, ref_logprobs=ref_logprobs, beta=args.beta,
+                                                    kl="k3", agg="seq-mean-token-mean", log_ratio_clamp=None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         row = {"step": step + 1, "score": scores.mean().item(), "loss": loss.item(),
                "kl": float(stats["kl"]) if "kl" in stats else float("nan")}
         history.append(row)

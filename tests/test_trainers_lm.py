@@ -142,6 +142,19 @@ def test_reference_kernels_give_the_same_first_step(name):
             assert ref[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
+@pytest.mark.parametrize("extra", [{}, {"entropy_coef": 0.01}, {"kl_in_reward": False, "kl_estimator": "k3"},
+                                   {"kl_in_reward": False, "kl_estimator": "abs"}])
+def test_ppo_rlhf_fused_and_unfused_losses_agree(extra):
+    """linear_ppo_loss from hidden states and logprobs + ppo_loss on materialised
+    logits train the same first step (same rollout, same losses)."""
+    fused = trainers.train("ppo-rlhf", tiny("ppo-rlhf", steps=1, **extra,
+                                            model={**TINY_MODEL, "fused_head": True}))[0]
+    unfused = trainers.train("ppo-rlhf", tiny("ppo-rlhf", steps=1, **extra,
+                                              model={**TINY_MODEL, "fused_head": False}))[0]
+    for key in ("reward", "kl", "entropy", "loss", "policy_loss", "vf_loss", "clipfrac", "approx_kl"):
+        assert unfused[key] == pytest.approx(fused[key], rel=1e-3, abs=1e-5), key
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_and_unfused_head_agree(fused):
     """linear_logprobs from hidden states and logprobs from materialised logits give
@@ -195,7 +208,7 @@ def test_dpo_preference_accuracy_rises_above_chance():
     metrics = trainers.train("dpo", {"model": LEARN_MODEL, "steps": 40, "eval_every": 20, "eval_pairs": 128,
                                      "progress": False, "plot": False})
     evals = [m for m in metrics if "eval_accuracy" in m]
-    assert evals[-1]["eval_accuracy"] > 0.7, evals
+    assert evals[-1]["eval_accuracy"] > 0.75, evals
     assert evals[-1]["sample_score"] > evals[0]["sample_score"] - 0.05  # and samples do not get worse
 
 
@@ -203,3 +216,12 @@ def test_reward_model_learns_the_annotator():
     metrics = trainers.train("reward-model", {"model": LEARN_MODEL, "steps": 40, "eval_every": 20,
                                               "eval_pairs": 128, "progress": False, "plot": False})
     assert metrics[-1]["eval_accuracy"] > 0.85
+
+
+def test_padded_vocabulary_keeps_the_language():
+    tokenizer = toy.build_tokenizer(vocab_size=1000)
+    assert len(tokenizer) == 1000
+    assert tokenizer.convert_ids_to_tokens(999) == f"<unused_{999 - len(toy.WORDS)}>"
+    assert tokenizer("the movie was good")["input_ids"] == toy.build_tokenizer()("the movie was good")["input_ids"]
+    metrics = trainers.train("ppo-rlhf", tiny("ppo-rlhf", steps=1, model={**TINY_MODEL, "vocab_size": 1000}))
+    assert torch.isfinite(torch.tensor(metrics[0]["loss"]))

@@ -31,7 +31,7 @@ class DPOConfig(TrainConfig):
     annotator_noise: float = 0.0
     negative_prompts: float = 0.0
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     max_grad_norm: float = 1.0
     beta: float = 0.1
     kind: str = "sigmoid"

@@ -24,7 +24,7 @@ class ModelConfig(Config):
     n_embd: int = 64
     n_head: int = 4
     n_positions: int = 64
-    vocab_size: int = 0          # toy: 0 = its ~80 words; larger pads with unused tokens (e.g. 50257, as GPT-2)
+    vocab_size: int = 0          # toy: 0 = its 62 words; larger pads with unused tokens (e.g. 50257, as GPT-2)
     pretrain_steps: int = 150    # language-model warm-up of the toy base model (0: random init)
     fused_head: bool | None = None  # log-probs from hidden states via linear_logprobs (no [N, V] logits);
                                     # None: when the build has linear_logprobs

@@ -22,11 +22,11 @@ from .envs import make_env
 
 @dataclass
 class PPOConfig(TrainConfig):
-    steps: int = 60              # updates; each collects num_envs * rollout_steps transitions
+    steps: int = 30              # updates; each collects num_envs * rollout_steps transitions
     env: str = "cartpole"        # "cartpole", "gridworld" or "gym:<EnvId>"
     grid_size: int = 5
     num_envs: int = 16
-    rollout_steps: int = 128
+    rollout_steps: int = 256
     epochs: int = 4
     minibatches: int = 4
     hidden: int = 64

@@ -6,9 +6,13 @@ and of the frozen reference, and values from the value head (one forward each);
 turn KL to the reference into a per-token penalty (`kl_penalty`) added to the reward,
 or keep it as a loss term; GAE with the response mask (`gae`); whiten advantages
 (`masked_whiten`); then `ppo_epochs` passes over shuffled minibatches with the clipped
-policy loss (`ppo_loss`), the clipped value loss (`value_loss`) and an optional
-entropy bonus.  Every tensor computation past the model's hidden states goes through
-`self.ops` (rlkernels or the reference kernels)."""
+policy loss plus an optional entropy bonus (and the KL when it is a loss term) straight
+from the hidden states (`linear_ppo_loss`: the [tokens, vocab] logits never exist; with
+model.fused_head = false, `logprobs` on the logits then `ppo_loss`), and the clipped
+value loss (`value_loss`).  The entropy bonus and the KL term are aggregated like the
+loss (`agg`) on the fused path and as token means on the unfused one (the same for the
+default agg="token-mean").  Every tensor computation past the model's hidden states
+goes through `self.ops` (rlkernels or the reference kernels)."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +24,8 @@ from torch import nn
 from .base import TrainConfig, Trainer, accumulate, clip_fraction, stat
 from .config import ConfigError
 from .data import Prompts
-from .lm import ModelConfig, RuleScorer, build_lm, freeze, hidden_size, rollout_forward, sample
+from .lm import (ModelConfig, RuleScorer, build_lm, freeze, hidden_size, hidden_states, rollout_forward, sample,
+                 token_logprobs)
 
 KL_ESTIMATORS = ("k1", "k2", "mse", "k3", "low_var_kl", "abs")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -101,6 +106,7 @@ class PPORLHFTrainer(Trainer):
 
     def setup(self) -> None:
         cfg: PPORLHFConfig = self.config
+        self.fused = cfg.model.fused_head if cfg.model.fused_head is not None else self.ops.has("linear_ppo_loss")
         self.policy, self.tokenizer = build_lm(cfg.model, seed=cfg.seed, device=self.device)
         self.reference = freeze(copy.deepcopy(self.policy))
         self.value_head = ValueHead(hidden_size(self.policy)).to(self.device)
@@ -118,7 +124,7 @@ class PPORLHFTrainer(Trainer):
     def _forward(self, model, rollout, *, entropy=False, values=False):
         cfg = self.config
         return rollout_forward(self.ops, model, rollout, temperature=cfg.temperature, entropy=entropy,
-                               fused=cfg.model.fused_head, value_head=self.value_head if values else None)
+                               fused=self.fused, value_head=self.value_head if values else None)
 
     @torch.no_grad()
     def collect(self):
@@ -127,7 +133,7 @@ class PPORLHFTrainer(Trainer):
         ops = self.ops
         rollout = sample(self.policy, self.tokenizer, self.prompts.batch(cfg.batch_size, self.rng),
                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=self.device)
-        old_logprobs, old_values = self._forward(self.policy, rollout, values=True)
+        old_logprobs, entropy, old_values = self._forward(self.policy, rollout, entropy=True, values=True)
         ref_logprobs = self._forward(self.reference, rollout)
         scores = self.scorer(rollout.prompts, rollout.responses).to(self.device).float()
         mask = rollout.mask
@@ -142,8 +148,38 @@ class PPORLHFTrainer(Trainer):
         batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
                      advantages=advantages, returns=returns)
         stats = {"reward": scores.mean(), "kl": ops.masked_mean(kl.sum(-1)), "score_std": scores.std(),
-                 "response_length": mask.float().sum(-1).mean()}
+                 "entropy": ops.masked_mean(entropy, mask), "response_length": mask.float().sum(-1).mean()}
         return rollout, batch, stats
+
+    def policy_loss(self, part, index, batch):
+        """The policy's share of a minibatch loss (clipped surrogate, entropy bonus, KL
+        when it is a loss term) and the values for the value loss."""
+        cfg, ops = self.config, self.ops
+        mask, labels = part.mask, part.labels()
+        states = hidden_states(self.policy, part.sequences, part.attention_mask)[:, part.prompt_length - 1:-1]
+        values = self.value_head(states).squeeze(-1).float()
+        old, advantages = batch["old_logprobs"][index], batch["advantages"][index]
+        kl_term = not cfg.kl_in_reward and cfg.kl_coef > 0
+        clip = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg)
+        if self.fused and (not kl_term or cfg.kl_estimator in ("k1", "k2", "k3")):
+            # hidden states -> loss in one op: the [tokens, vocab] logits never exist
+            head = self.policy.get_output_embeddings()
+            kl_args = dict(ref_logprobs=batch["ref_logprobs"][index], beta=cfg.kl_coef, kl=cfg.kl_estimator) \
+                if kl_term else {}
+            loss, stats = ops.linear_ppo_loss(states, head.weight, labels, old, advantages, mask, bias=head.bias,
+                                              temperature=cfg.temperature, entropy_coef=cfg.entropy_coef,
+                                              **kl_args, **clip)
+            return loss, stats, values
+        out = token_logprobs(ops, self.policy, states, labels, temperature=cfg.temperature,
+                             entropy=cfg.entropy_coef != 0, fused=self.fused)
+        logprobs, entropy = out if cfg.entropy_coef != 0 else (out, None)
+        loss, stats = ops.ppo_loss(logprobs, old, advantages, mask, **clip)
+        if entropy is not None:
+            loss = loss - cfg.entropy_coef * ops.masked_mean(entropy, mask)
+        if kl_term:
+            kl = ops.kl_penalty(logprobs, batch["ref_logprobs"][index], kind=cfg.kl_estimator)
+            loss = loss + cfg.kl_coef * ops.masked_mean(kl, mask)
+        return loss, stats, values
 
     def train_step(self) -> dict:
         cfg = self.config
@@ -151,30 +187,23 @@ class PPORLHFTrainer(Trainer):
         rollout, batch, stats = self.collect()
         sums: dict[str, float] = {}
         updates = 0
+        params = list(self.policy.parameters()) + list(self.value_head.parameters())
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self.generator).to(self.device)
             for start in range(0, cfg.batch_size, cfg.minibatch_size):
                 index = order[start:start + cfg.minibatch_size]
                 part = rollout.select(index)
-                mask = part.mask
-                logprobs, entropy, values = self._forward(self.policy, part, entropy=True, values=True)
-                pg_loss, pg_stats = ops.ppo_loss(logprobs, batch["old_logprobs"][index], batch["advantages"][index],
-                                                 mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg)
-                vf_loss, vf_stats = ops.value_loss(values, batch["old_values"][index], batch["returns"][index], mask,
-                                                   clip=cfg.value_clip, agg=cfg.agg)
-                entropy_mean = ops.masked_mean(entropy, mask)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy_mean
-                if not cfg.kl_in_reward and cfg.kl_coef > 0:
-                    kl = ops.kl_penalty(logprobs, batch["ref_logprobs"][index], kind=cfg.kl_estimator)
-                    loss = loss + cfg.kl_coef * ops.masked_mean(kl, mask)
+                pg_loss, pg_stats, values = self.policy_loss(part, index, batch)
+                vf_loss, vf_stats = ops.value_loss(values, batch["old_values"][index], batch["returns"][index],
+                                                   part.mask, clip=cfg.value_clip, agg=cfg.agg)
+                loss = pg_loss + cfg.vf_coef * vf_loss
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    list(self.policy.parameters()) + list(self.value_head.parameters()), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
                 updates += 1
-                accumulate(sums, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": entropy_mean,
-                                  "grad_norm": grad_norm, "clipfrac": clip_fraction(pg_stats),
-                                  "approx_kl": stat(pg_stats, "approx_kl_k1"), "vf_clipfrac": stat(vf_stats, "clip_frac")})
+                accumulate(sums, {"loss": loss, "policy_loss": pg_loss, "vf_loss": vf_loss, "grad_norm": grad_norm,
+                                  "clipfrac": clip_fraction(pg_stats), "approx_kl": stat(pg_stats, "approx_kl_k1"),
+                                  "vf_clipfrac": stat(vf_stats, "clip_frac")})
         return {**stats, **{k: v / updates for k, v in sums.items()}}
 

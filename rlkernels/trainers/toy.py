@@ -1,7 +1,7 @@
 """The embedded default: everything the language-model trainers need, built in code
 (no downloads, safe under HF_HUB_OFFLINE=1).
 
-- A word-level tokenizer over a ~70-word review language (`build_tokenizer`).
+- A word-level tokenizer over a 62-word review language (`build_tokenizer`).
 - A tiny GPT-2 built from a config (`build_model`), optionally warmed up on grammatical
   reviews of random sentiment (`pretrain`), so RL starts from a fluent "base model".
 - Prompts that ask for a review of a subject (`sample_prompts`): positive by default,
@@ -26,11 +26,12 @@ POSITIVE = ("good", "great", "happy", "lovely", "wonderful", "excellent", "fun",
 NEGATIVE = ("bad", "awful", "sad", "terrible", "boring", "poor", "worst", "dull", "ugly", "horrible")
 NEUTRAL_ADJ = ("long", "short", "new", "old", "loud", "quiet", "big", "small")
 SUBJECTS = ("movie", "film", "book", "song", "food", "hotel", "game", "show", "story", "city")
-ADVERBS = ("very", "really", "quite", "so", "rather")
+ADVERBS = ("very", "really", "quite", "truly", "rather")
 CONNECTORS = ("and", "but", "so")
 STRUCTURE = ("the", "was", "is", "it", "this", "a", "write", "review", "of", ":", "positive", "negative")
 SPECIAL = (PAD, BOS, EOS, UNK)
 WORDS = SPECIAL + STRUCTURE + SUBJECTS + ADVERBS + CONNECTORS + NEUTRAL_ADJ + POSITIVE + NEGATIVE
+assert len(set(WORDS)) == len(WORDS), "every word of the toy language must be unique"
 POLARITY = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
 
 
