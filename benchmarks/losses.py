@@ -126,7 +126,8 @@ def _linear_cases(device: str, N: int, H: int, V: int) -> list[Case]:
     impls.append(Impl("composed", step(lambda: composed_linear_ppo_loss(hidden, weight, labels, old, advantages,
                                                                         mask.float())), baseline=True))
     # Least traffic: read hidden and weight, write their gradients.
-    return [Case("losses", "linear_ppo_loss", params, 2 * 4 * (N * H + V * H), impls)]
+    return [Case("losses", "linear_ppo_loss", params, 2 * 4 * (N * H + V * H), impls,
+                 repeats=(1, 3) if N * V > 2**26 else None)]  # seconds per call at the full shape
 
 
 def _cases_for(device: str, B: int, T: int) -> list[Case]:

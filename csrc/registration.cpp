@@ -28,6 +28,8 @@ TORCH_LIBRARY(rlkernels, m) {
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
   m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float[] coefficients, str agg, "
         "bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  // Their backward: grad[b, t] * grad_loss * row_scale[b], in `dtype`.
+  m.def("scale_rows(Tensor grad, Tensor row_scale, Tensor grad_loss, ScalarType dtype) -> Tensor");
   // Preference losses over per-sequence log-probs; dlogits (d loss / d z per
   // pair) is saved for backward.  sequence_logprobs: masked per-row sums (or
   // means with average) and the rows' valid-token counts.
@@ -41,10 +43,12 @@ TORCH_LIBRARY(rlkernels, m) {
   // softmax statistics for the backward: [..., 2] for logprobs, [..., 5] for KL.
   m.def("logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, "
         "bool with_entropy, bool inplace_backward) -> (Tensor logprobs, Tensor entropy, Tensor saved)");
+  // The backwards also take a vocabulary tile: logits holding the columns
+  // [vocab_start, vocab_start + V') of the rows whose statistics `saved` holds.
   m.def("logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
-        "Tensor saved, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+        "Tensor saved, Tensor entropy, float temperature, int ignore_index, int vocab_start=0) -> Tensor");
   m.def("logprobs_backward_inplace(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, "
-        "Tensor saved, Tensor entropy, float temperature, int ignore_index) -> ()");
+        "Tensor saved, Tensor entropy, float temperature, int ignore_index, int vocab_start=0) -> ()");
   m.def("kl_from_logits(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "
         "-> (Tensor kl, Tensor saved)");
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "

@@ -30,7 +30,7 @@ def run(fn, hidden, weight, bias, labels, g, gh, **kw):
     return lp, ent, h.grad, w.grad, (b.grad if b is not None else None)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, None, 1000])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, None, 1000, (7, 13), (40, 30), (5, 101)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_unfused_reference(backend_device, chunk_size, with_bias):
     backend, device = backend_device
@@ -107,42 +107,66 @@ def test_all_rows_ignored_and_empty(backend_device):
     assert empty.shape == (0,)
 
 
-def test_chunk_rows():
+def test_chunk_rows_and_tiles():
     assert _chunked.chunk_rows(100, 10, 30) == 25  # 4 balanced chunks instead of 30, 30, 30, 10
     assert _chunked.chunk_rows(100, 10, 1000) == 100
     assert _chunked.chunk_rows(5, 10, 1) == 1
     assert _chunked.chunk_rows(10_000, 50_000) * 50_000 * 4 <= _chunked.CHUNK_BYTES
+    # all tokens in one tile when a vocabulary block of MIN_VOCAB_BLOCK fits the budget
+    tokens, block = _chunked.backward_tiles(2048, 50257)
+    assert tokens == 2048 and tokens * block * 4 <= _chunked.CHUNK_BYTES and block >= _chunked.MIN_VOCAB_BLOCK
+    tokens, block = _chunked.backward_tiles(100_000, 50257)
+    assert block == _chunked.MIN_VOCAB_BLOCK and tokens * block * 4 <= _chunked.CHUNK_BYTES
+    assert _chunked.backward_tiles(10, 300) == (10, 300)
 
 
-def test_shared_chunking_helpers_compose():
-    """The helpers a fused loss builds on: forward chunks and a chunked backward that
-    equals autograd through the full matmul."""
-    hidden, weight, bias, _ = problem(N=23, V=50)
+@pytest.mark.parametrize("tiles", [(23, 50), (6, 50), (23, 7), (6, 7), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_chunking_helpers_compose(tiles, dtype):
+    """The helpers a fused loss builds on: forward chunks of full rows, and a tiled
+    backward that equals autograd through the full matmul."""
+    hidden, weight, bias, _ = problem(N=23, V=50, dtype=dtype)
     seen = []
     for start, stop, logits in _chunked.chunked_logits(hidden, weight, bias, 6):
-        assert_close(logits, hidden[start:stop] @ weight.t() + bias)
+        torch.testing.assert_close(logits, torch.addmm(bias, hidden[start:stop], weight.t()))
         seen.append((start, stop))
     assert seen == [(0, 6), (6, 12), (12, 18), (18, 23)]
     upstream = torch.randn(23, 50)
-    grads = _chunked.chunked_linear_backward(hidden, weight, bias, 6, lambda s, e, logits: upstream[s:e] * logits)
-    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    logits = h @ w.t() + b
-    (0.5 * upstream * logits.square()).sum().backward()
-    for ours, expected in zip(grads, (h.grad, w.grad, b.grad)):
-        assert_close(ours, expected, dtype=torch.float32)
+    visited = torch.zeros(23, 50, dtype=torch.int64)
+
+    def grad_logits(t0, t1, v0, v1, logits):
+        visited[t0:t1, v0:v1] += 1
+        return (upstream[t0:t1, v0:v1] * logits.float()).to(dtype)
+
+    grads = _chunked.chunked_linear_backward(hidden, weight, bias, tiles, grad_logits)
+    assert torch.equal(visited, torch.ones_like(visited))  # every logit exactly once
+    def autograd(dt):
+        h, w, b = (t.to(dt).requires_grad_() for t in (hidden, weight, bias))
+        logits = h @ w.t() + b
+        (0.5 * upstream.to(dt) * logits.square()).sum().backward()
+        return h.grad, w.grad, b.grad
+
+    truth = autograd(torch.float64)
+    same = autograd(dtype)
+    for ours, expected, torch_same, name in zip(grads, truth, same, ("hidden", "weight", "bias")):
+        assert ours.dtype == dtype
+        if dtype == torch.float32:
+            assert_close(ours, expected, dtype=torch.float32, msg=name)
+        else:
+            low_precision_bound(ours, torch_same, expected)
 
 
 def test_opcheck_and_compile():
     hidden, weight, bias, labels = problem(N=11, V=29)
     args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels, bias.clone().requires_grad_(),
-            0.9, -100, True, 4, "cpu")
+            0.9, -100, True, 4, 3, 10, 1 << 20, "cpu")
     torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
     if rlkernels.HAS_TRITON:
         torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args[:-1] + ("triton",))
-    lp, ent, saved = torch.ops.rlkernels.linear_logprobs(hidden, weight, labels, bias, 0.9, -100, True, 4, "cpu")
+    lp, ent, saved = torch.ops.rlkernels.linear_logprobs(*args[:-1], "cpu")
     torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
-                          (torch.randn(11), torch.randn(11), hidden, weight, labels, bias, saved, ent, 0.9, -100, 4,
-                           "cpu", True, True, True))
+                          (torch.randn(11), torch.randn(11), hidden, weight, labels, bias, saved.detach(),
+                           ent.detach(), 0.9, -100, 3, 10, 1 << 20, "cpu", True, True, True))
 
     @torch.compile(fullgraph=True, backend="eager")
     def step(h, w):
@@ -169,6 +193,8 @@ def test_opcheck_and_compile():
     (dict(weight=torch.randn(20, 8, device="meta")), ValueError, "weight is on meta but hidden is on cpu"),
     (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
     (dict(chunk_size=2.5), TypeError, "chunk_size must be an int"),
+    (dict(chunk_size=(4, 0)), ValueError, "chunk_size must be >= 1"),
+    (dict(chunk_size=(4, 5, 6)), ValueError, r"chunk_size must be an int or a \(tokens, vocabulary\) pair"),
     (dict(temperature=-2.0), ValueError, "temperature must be > 0.0"),
     (dict(hidden=torch.ones(5, 8, dtype=torch.int64)), TypeError, "hidden must have dtype"),
 ])

@@ -52,16 +52,17 @@ def problem(B, T, H, V, dtype, device):
     return hidden, weight, bias, labels, old, adv, mask, ref
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("beta,entropy_coef", [(0.0, 0.0), (0.05, 0.01)])
-def test_linear_ppo_loss_matches_composed(backend_device, agg, beta, entropy_coef):
+@pytest.mark.parametrize("chunk_size", [5, 16])  # row segments, whole rows
+def test_linear_ppo_loss_matches_composed(backend_device, agg, beta, entropy_coef, chunk_size):
     backend, device = backend_device
     B, T, H, V = 3, 7, 16, 50
     hidden, weight, bias, labels, old, adv, mask, ref = problem(B, T, H, V, torch.float32, device)
     kw = dict(beta=beta, entropy_coef=entropy_coef, temperature=0.7, dual_clip=3.0, agg=agg)
     params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     loss, stats = rlkernels.linear_ppo_loss(params[0], params[1], labels, old, adv, mask, bias=params[2],
-                                            ref_logprobs=ref, chunk_size=5, backend=backend, **kw)
+                                            ref_logprobs=ref, chunk_size=chunk_size, backend=backend, **kw)
     grads = torch.autograd.grad(loss, params)
     truth_params = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     t_loss, t_stats = composed(*truth_params, labels, old.double(), adv.double(), mask, ref=ref.double(), **kw)
@@ -100,3 +101,52 @@ def test_linear_ppo_loss_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         rlkernels.linear_ppo_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"),
                                   args.pop("old_logprobs"), args.pop("advantages"), **args)
+
+
+def test_linear_ppo_loss_without_mask_and_per_sequence_advantages():
+    hidden, weight, bias, labels, old, adv, mask, ref = problem(2, 6, 8, 30, torch.float32, "cpu")
+    labels = labels.clamp(min=0)
+    adv_seq = adv[:, 0]
+    params = [t.clone().requires_grad_() for t in (hidden, weight)]
+    loss, _ = rlkernels.linear_ppo_loss(params[0], params[1], labels, old, adv_seq, dual_clip=2.0)
+    grads = torch.autograd.grad(loss, params)
+    truth = [t.double().requires_grad_() for t in (hidden, weight)]
+    t_loss, _ = composed(truth[0], truth[1], None, labels, old.double(), adv_seq.double(),
+                         torch.ones_like(labels, dtype=torch.bool), dual_clip=2.0)
+    close(loss, t_loss)
+    for g, t_g in zip(grads, torch.autograd.grad(t_loss, truth)):
+        close(g, t_g)
+
+
+def test_linear_ppo_loss_opcheck_and_compile():
+    hidden, weight, bias, labels, old, adv, mask, ref = problem(2, 5, 8, 20, torch.float32, "cpu")
+    valid = labels != -100
+    sample = (hidden.requires_grad_(), weight.requires_grad_(), labels, bias, old, adv, valid, None, ref,
+              [0.2, 0.2, 3.0, 20.0, 0.1, -1.0, -1.0, -1.0], "k3", "token-mean", 0.01, 1.0, -100, 4, "cpu",
+              [True, True, False])
+    torch.library.opcheck(torch.ops.rlkernels.linear_policy_loss.default, sample)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(h, w):
+        return rlkernels.linear_ppo_loss(h, w, labels, old, adv, mask, ref_logprobs=ref, beta=0.1,
+                                         entropy_coef=0.01, chunk_size=4)[0]
+
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = step(h, w)
+    loss.backward()
+    expected, _ = rlkernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, ref_logprobs=ref, beta=0.1,
+                                            entropy_coef=0.01, chunk_size=4)
+    (g,) = torch.autograd.grad(expected, hidden)
+    close(loss, expected)
+    close(h.grad, g)
+
+
+def test_linear_ppo_loss_backward_twice():
+    hidden, weight, bias, labels, old, adv, mask, ref = problem(2, 5, 8, 20, torch.float32, "cpu")
+    x = hidden.clone().requires_grad_()
+    (g,) = torch.autograd.grad(rlkernels.linear_ppo_loss(x, weight, labels, old, adv, mask)[0], x)
+    h = hidden.clone().requires_grad_()
+    loss, _ = rlkernels.linear_ppo_loss(h, weight, labels, old, adv, mask)
+    loss.backward(retain_graph=True)   # grad_loss 1: the stored gradient itself
+    (3.0 * loss).backward()            # scaled, out of place
+    close(h.grad, 4.0 * g)

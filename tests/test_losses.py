@@ -478,6 +478,18 @@ def test_value_opcheck():
             torch.library.opcheck(torch.ops.rlkernels.value_loss_triton.default, sample)
 
 
+def test_scale_rows_opcheck():
+    grad, row_scale = torch.randn(3, 7), torch.rand(3)
+    ops = [torch.ops.rlkernels.scale_rows.default]
+    if rlkernels.HAS_TRITON:
+        ops.append(torch.ops.rlkernels.scale_rows_triton.default)
+    for op in ops:
+        torch.library.opcheck(op, (grad, row_scale, torch.tensor(-2.5), torch.bfloat16))
+        torch.library.opcheck(op, (grad.double(), row_scale.double(), torch.tensor(0.5), torch.float64))
+        out = op(grad, row_scale, torch.tensor(-2.5), torch.float32)
+        close(out, grad * row_scale[:, None] * -2.5)
+
+
 def test_torch_compile_fullgraph():
     lp, old, adv = policy_batch(4, 13, torch.float32, "cpu")
     mask = make_mask(4, 13, "cpu")

@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
+
 #include "../core/kl_penalty.h"
 #include "../torch_common.h"
 
@@ -30,10 +32,21 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& logprobs, co
     acc* v = value.data_ptr<acc>();
     acc* d = slope.data_ptr<acc>();
     const acc c = acc(clamp);
-    at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        kl_penalty_element<acc>(acc(a[i]), acc(b[i]), code, c, v + i, d + i);
-    });
+    // The kind is a template argument, so each loop holds one formula and vectorises.
+    auto run = [&](auto kind) {
+      at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          kl_penalty_element<acc>(acc(a[i]), acc(b[i]), decltype(kind)::value, c, v + i, d + i);
+      });
+    };
+    switch (code) {
+      case kKlK1: return run(std::integral_constant<int, kKlK1>{});
+      case kKlK2: return run(std::integral_constant<int, kKlK2>{});
+      case kKlK3: return run(std::integral_constant<int, kKlK3>{});
+      case kKlAbs: return run(std::integral_constant<int, kKlAbs>{});
+      case kKlK1Plus: return run(std::integral_constant<int, kKlK1Plus>{});
+      default: return run(std::integral_constant<int, kKlK3Plus>{});
+    }
   });
   return {value, slope};
 }

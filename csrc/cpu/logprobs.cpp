@@ -126,6 +126,7 @@ void dispatch_logits(at::ScalarType dtype, const char* op, F&& f) {
   }
 }
 
+// The forward reads logits[label]: labels must lie in [0, V) or be ignore_index.
 void check_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const char* op) {
   check_labels_shape(logits, labels, op);
   const int64_t V = logits.size(-1);
@@ -209,6 +210,7 @@ struct BackwardArgs {
   int64_t V;
   const int64_t* labels;
   int64_t ignore_index;
+  int64_t vocab_start;
   const float* grad_logprobs;
   const float* grad_entropy;
   const float* entropy;
@@ -235,7 +237,9 @@ struct BackwardRows {
       const float gh = kEntropyGrad ? a.grad_entropy[i] : 0.0f;
       const float entropy = kEntropyGrad ? a.entropy[i] : 0.0f;
       const float m = a.saved[2 * i], log2_s = a.saved[2 * i + 1] * kLog2e;
-      const float x_label = to_float(x[label]);  // before an in-place write overwrites it
+      const int64_t local = label - a.vocab_start;  // the label's column in this tile, if any
+      const bool has_label = local >= 0 && local < V;
+      const float x_label = has_label ? to_float(x[local]) : 0.0f;  // before an in-place write
       // d_j = -p_j (g + gh (log p_j + H)) / T = p_j (c0 + c1 y_j), y_j = log2 p_j
       const float c0 = -(g + gh * entropy) * a.inv_t, c1 = -gh * kLn2 * a.inv_t;
       const vf<W> vm = splat<W>(m), vscale = splat<W>(a.scale), vlog2_s = splat<W>(log2_s);
@@ -253,7 +257,8 @@ struct BackwardRows {
           else store_partial<W>(out + j, d, left);
         }
       }
-      out[label] = simd::from_float<T>(logprobs_grad(x_label, true, m, a.scale, log2_s, g, gh, entropy, a.inv_t));
+      if (has_label)
+        out[local] = simd::from_float<T>(logprobs_grad(x_label, true, m, a.scale, log2_s, g, gh, entropy, a.inv_t));
     }
   }
 };
@@ -261,8 +266,10 @@ struct BackwardRows {
 void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index,
-                            at::Tensor& grad) {
-  check_labels(logits, labels, ignore_index, "logprobs_backward");
+                            int64_t vocab_start, at::Tensor& grad) {
+  // The backward reads a label's logit only where it falls inside this (tile of the) row.
+  check_labels_shape(logits, labels, "logprobs_backward");
+  TORCH_CHECK(vocab_start >= 0, "logprobs_backward: vocab_start must be >= 0, got ", vocab_start);
   check_row_floats(grad_logprobs, logits, "grad_logprobs", 1);
   check_row_floats(saved, logits, "saved", 2);
   const bool with_entropy = grad_entropy.has_value();
@@ -276,7 +283,7 @@ void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "internal: gradient dtype");
   const int64_t N = leading_numel(logits), V = logits.size(-1);
   BackwardArgs args{x.data_ptr(), rows, grad.data_ptr(), grad_rows, V, labels.data_ptr<int64_t>(), ignore_index,
-                    grad_logprobs.data_ptr<float>(), with_entropy ? grad_entropy->data_ptr<float>() : nullptr,
+                    vocab_start, grad_logprobs.data_ptr<float>(), with_entropy ? grad_entropy->data_ptr<float>() : nullptr,
                     with_entropy ? entropy.data_ptr<float>() : nullptr, saved.data_ptr<float>(),
                     float(kLog2e / temperature), float(1.0 / temperature)};
   dispatch_logits(x.scalar_type(), "logprobs_backward", [&](auto tag) {
@@ -290,24 +297,26 @@ void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional
 
 at::Tensor logprobs_backward_cpu(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
-                                 const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+                                 const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                 int64_t vocab_start) {
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                         grad);
+                         vocab_start, grad);
   return grad;
 }
 
 void logprobs_backward_inplace_cpu(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
-                                   const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+                                   const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                   int64_t vocab_start) {
   RowIndex rows;
   if (row_index_of(logits, &rows)) {
     at::Tensor out = logits;
     logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                           out);
+                           vocab_start, out);
   } else {  // a layout the kernel cannot address: compute aside, then copy in
     logits.copy_(logprobs_backward_cpu(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
-                                       ignore_index));
+                                       ignore_index, vocab_start));
   }
 }
 

@@ -285,10 +285,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
   return {out.loss, out.stats, out.grad, out.row_scale};
 }
 
+// ---- backward: per-row scaling of the saved per-token gradient ----------------------------------
+
+template <typename out_t, typename acc>
+RLK_CPU_CLONES void scale_row(const acc* __restrict__ grad, acc scale, int64_t n, out_t* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<out_t>(grad[i] * scale);
+}
+
+at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& row_scale, const at::Tensor& grad_loss,
+                          at::ScalarType dtype) {
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "grad must be a contiguous [B, T] tensor");
+  const int64_t B = grad.size(0), T = grad.size(1);
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == B && row_scale.is_contiguous() &&
+                  row_scale.scalar_type() == grad.scalar_type(), "row_scale must be a contiguous [B] tensor like grad");
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value");
+  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
+  auto out = at::empty({B, T}, grad.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_rows_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc g = grad_loss.to(grad.scalar_type()).item<acc>();
+    const acc* in = grad.data_ptr<acc>();
+    const acc* scale = row_scale.data_ptr<acc>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) scale_row<scalar_t, acc>(in + b * T, g * scale[b], T, o + b * T);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace rlk
 
 TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
   m.impl("policy_loss", &rlk::policy_loss_cpu);
   m.impl("value_loss", &rlk::value_loss_cpu);
+  m.impl("scale_rows", &rlk::scale_rows_cpu);
 }

@@ -30,13 +30,19 @@ constexpr int64_t kChunk = 512;
 constexpr int64_t kPrefetchBytes = 8192;  // the hardware prefetcher stops at 4 KB pages
 
 // Keep small problems on one thread: splitting sub-millisecond work across
-// cores costs more in wake-ups than it saves.
-inline int64_t row_grain(int64_t T) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(T, 1)); }
+// cores costs more in wake-ups than it saves, and when the other core is busy
+// an OpenMP barrier can wait a whole scheduler slice (~7 ms).  The loss
+// kernels take about 2 ns a token, so half a million tokens is ~1 ms.
+constexpr int64_t kTokensPerTask = int64_t(1) << 19;
+inline int64_t row_grain(int64_t T, int64_t tokens_per_task = kTokensPerTask) {
+  return std::max<int64_t>(1, tokens_per_task / std::max<int64_t>(T, 1));
+}
 
 struct Ones {
   alignas(64) uint8_t mask[kChunk];
   Ones() { std::fill(mask, mask + kChunk, uint8_t(1)); }
 };
+
 // kChunk ones: the mask of a chunk when there is no mask.
 inline const uint8_t* all_valid() {
   static const Ones ones;

@@ -33,9 +33,10 @@ cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, i
                                     cudaStream_t stream);
 
 // grad may alias logits (in-place backward); grad_entropy and entropy may be null.
+// logits may be a vocabulary tile starting at column vocab_start of the rows.
 template <typename T>
 cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t N,
-                                     int64_t V, const int64_t* labels, int64_t ignore_index,
+                                     int64_t V, const int64_t* labels, int64_t ignore_index, int64_t vocab_start,
                                      const float* grad_logprobs, const float* grad_entropy, const float* entropy,
                                      const float* saved, double temperature, cudaStream_t stream);
 
@@ -94,6 +95,11 @@ cudaError_t launch_policy_loss(const in_t* logprobs, const in_t* old_logprobs, c
                                double dual_clip, double log_ratio_clamp, double kl_coef, int kl_kind, int agg,
                                double num_tokens, double num_seqs, double norm_length, acc* grad, acc* row_scale,
                                acc* loss, acc* stats, double* workspace, cudaStream_t stream);
+
+// out[b, t] = grad[b, t] * (*grad_loss * row_scale[b]) in out_t (the token losses' backward).
+template <typename out_t, typename acc>
+cudaError_t launch_scale_rows(const acc* grad, const acc* row_scale, const acc* grad_loss, int64_t B, int64_t T,
+                              out_t* out, cudaStream_t stream);
 
 template <typename in_t, typename acc>
 cudaError_t launch_value_loss(const in_t* values, const in_t* old_values, const in_t* returns, const uint8_t* mask,

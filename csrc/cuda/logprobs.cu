@@ -174,7 +174,7 @@ __global__ void logprobs_finish_kernel(const T* __restrict__ logits, RowIndex ro
 template <typename T, bool kEntropyGrad>
 __global__ void __launch_bounds__(kThreads)
     logprobs_backward_kernel(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t V,
-                             const int64_t* __restrict__ labels, int64_t ignore_index,
+                             const int64_t* __restrict__ labels, int64_t ignore_index, int64_t vocab_start,
                              const float* __restrict__ grad_logprobs, const float* __restrict__ grad_entropy,
                              const float* __restrict__ entropy, const float* __restrict__ saved, float scale,
                              float inv_t) {
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
   const float gh = kEntropyGrad ? grad_entropy[row] : 0.0f;
   const float h = kEntropyGrad ? entropy[row] : 0.0f;
   const float m = saved[2 * row], log2_s = saved[2 * row + 1] * kLog2e;
-  const int64_t local_label = label - begin;
+  const int64_t local_label = label - vocab_start - begin;  // may lie outside this chunk or tile
   constexpr int kPack = 16 / sizeof(T);
   int64_t head = n;
   if (misalignment(x) == misalignment(out)) {
@@ -354,7 +354,7 @@ cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, i
 
 template <typename T>
 cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t N,
-                                     int64_t V, const int64_t* labels, int64_t ignore_index,
+                                     int64_t V, const int64_t* labels, int64_t ignore_index, int64_t vocab_start,
                                      const float* grad_logprobs, const float* grad_entropy, const float* entropy,
                                      const float* saved, double temperature, cudaStream_t stream) {
   if (N == 0 || V == 0) return cudaSuccess;
@@ -362,11 +362,13 @@ cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, Ro
   const dim3 grid(static_cast<unsigned int>(N), blocks_for(V, int(kBackwardChunk)));
   if (grad_entropy != nullptr)
     logprobs_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, rows, grad, grad_rows, V, labels,
-                                                                     ignore_index, grad_logprobs, grad_entropy,
+                                                                     ignore_index, vocab_start, grad_logprobs,
+                                                                     grad_entropy,
                                                                      entropy, saved, scale, inv_t);
   else
     logprobs_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, rows, grad, grad_rows, V, labels,
-                                                                      ignore_index, grad_logprobs, grad_entropy,
+                                                                      ignore_index, vocab_start, grad_logprobs,
+                                                                      grad_entropy,
                                                                       entropy, saved, scale, inv_t);
   return cudaGetLastError();
 }
@@ -404,7 +406,7 @@ cudaError_t launch_kl_backward(const T* logits, RowIndex rows, const T* ref, Row
                                                   double, bool, float*, float*, float*, float*, int,             \
                                                   cudaStream_t);                                                 \
   template cudaError_t launch_logprobs_backward<T>(const T*, RowIndex, T*, RowIndex, int64_t, int64_t,           \
-                                                   const int64_t*, int64_t, const float*, const float*,          \
+                                                   const int64_t*, int64_t, int64_t, const float*, const float*, \
                                                    const float*, const float*, double, cudaStream_t);            \
   template cudaError_t launch_kl_forward<T>(const T*, RowIndex, const T*, RowIndex, int64_t, int64_t,            \
                                             const bool*, double, float*, float*, float*, int, cudaStream_t);     \

@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& l
 void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index,
-                            const at::Tensor& grad) {
+                            int64_t vocab_start, const at::Tensor& grad) {
+  TORCH_CHECK(vocab_start >= 0, "logprobs_backward: vocab_start must be >= 0, got ", vocab_start);
   check_labels_shape(logits, labels, "logprobs_backward");
   check_row_floats(grad_logprobs, logits, "grad_logprobs", 1);
   check_row_floats(saved, logits, "saved", 2);
@@ -88,7 +89,7 @@ void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional
   dispatch_logits(x.scalar_type(), "logprobs_backward", [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::launch_logprobs_backward<T>(
-        ptr<T>(x), rows, mut_ptr<T>(grad), grad_rows, N, V, labels.data_ptr<int64_t>(), ignore_index,
+        ptr<T>(x), rows, mut_ptr<T>(grad), grad_rows, N, V, labels.data_ptr<int64_t>(), ignore_index, vocab_start,
         grad_logprobs.data_ptr<float>(), with_entropy ? grad_entropy->data_ptr<float>() : nullptr,
         with_entropy ? entropy.data_ptr<float>() : nullptr, saved.data_ptr<float>(), temperature, stream));
   });
@@ -96,23 +97,25 @@ void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional
 
 at::Tensor logprobs_backward_cuda(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
-                                  const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+                                  const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                  int64_t vocab_start) {
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                         grad);
+                         vocab_start, grad);
   return grad;
 }
 
 void logprobs_backward_inplace_cuda(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                                     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
-                                    const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+                                    const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                    int64_t vocab_start) {
   RowIndex rows;
   if (row_index_of(logits, &rows)) {
     logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                           logits);
+                           vocab_start, logits);
   } else {
     logits.copy_(logprobs_backward_cuda(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
-                                        ignore_index));
+                                        ignore_index, vocab_start));
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -177,9 +178,28 @@ void launch_policy_kernel(const in_t* logprobs, const in_t* old_logprobs, const 
       grad, partials);
 }
 
+template <typename out_t, typename acc>
+__global__ void scale_rows_kernel(const acc* __restrict__ grad, const acc* __restrict__ row_scale,
+                                  const acc* __restrict__ grad_loss, int64_t B, int64_t T, out_t* __restrict__ out) {
+  const acc g = *grad_loss;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B * T; i += stride)
+    out[i] = cast<out_t>(grad[i] * (g * row_scale[i / T]));
+}
+
 }  // namespace
 
 int64_t token_loss_workspace(int64_t B, int64_t T, int slots) { return B * chunks_for(T) * slots; }
+
+template <typename out_t, typename acc>
+cudaError_t launch_scale_rows(const acc* grad, const acc* row_scale, const acc* grad_loss, int64_t B, int64_t T,
+                              out_t* out, cudaStream_t stream) {
+  if (B * T == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((B * T + kThreads - 1) / kThreads, int64_t(1) << 16);
+  scale_rows_kernel<out_t, acc><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(grad, row_scale, grad_loss,
+                                                                                              B, T, out);
+  return cudaGetLastError();
+}
 
 template <typename in_t, typename acc>
 cudaError_t launch_policy_loss(const in_t* logprobs, const in_t* old_logprobs, const in_t* advantages,
@@ -251,7 +271,9 @@ cudaError_t launch_value_loss(const in_t* values, const in_t* old_values, const 
       double*, cudaStream_t);                                                                                 \
   template cudaError_t launch_value_loss<in_t, acc>(const in_t*, const in_t*, const in_t*, const uint8_t*,    \
                                                     int64_t, int64_t, bool, double, int, double, double,      \
-                                                    double, acc*, acc*, acc*, acc*, double*, cudaStream_t);
+                                                    double, acc*, acc*, acc*, acc*, double*, cudaStream_t); \
+  template cudaError_t launch_scale_rows<in_t, acc>(const acc*, const acc*, const acc*, int64_t, int64_t, in_t*,  \
+                                                    cudaStream_t);
 RLK_INSTANTIATE(float, float)
 RLK_INSTANTIATE(double, double)
 RLK_INSTANTIATE(__half, float)

@@ -1,19 +1,30 @@
-"""Token-chunked lm-head: the logits ``hidden @ weight.T (+ bias)`` exist one
-chunk of tokens at a time, so extra memory is O(chunk x V) instead of O(N x V).
+"""Chunked lm-head: the logits ``hidden @ weight.T (+ bias)`` exist one tile at a
+time, so extra memory is bounded by the tile instead of O(N x V).
 
-The matmuls go to the platform's BLAS (torch.mm on chunks, cuBLAS on GPU) and
-write into one reused buffer; what happens to each chunk's logits is the
-caller's: a fused row kernel that reduces them (forward), and one that turns
-them into d loss / d logits in place (backward).  linear_logprobs is built on
-these functions; other fused losses over the lm-head (e.g. a PPO loss from
-hidden states) reuse them as they are:
+The matmuls go to the platform's BLAS (torch.mm on tiles, cuBLAS on GPU) and
+write into one reused buffer; what happens to each tile is the caller's: a fused
+row kernel that reduces whole rows (forward, token chunks of full rows), and one
+that turns a tile into d loss / d logits in place (backward).
+
+Backward tiling: vocabulary blocks outside, token chunks inside.  Each weight
+row block then gets its gradient from whole token chunks, in one matmul when the
+token chunk is all tokens (the default whenever the tile fits): no running sum
+over chunks of a [V, H] gradient, which in 16 bits would round once per chunk
+and in float32 would cost twice the weight's memory.  The hidden gradient [N, H]
+(usually much smaller than [V, H]) accumulates over vocabulary blocks, in float32
+for 16-bit inputs, and is rounded once.
+
+linear_logprobs is built on these functions; other fused losses over the
+lm-head (e.g. a PPO loss from hidden states) reuse them as they are:
 
     for start, stop, logits in chunked_logits(hidden, weight, bias, chunk):
-        ...reduce logits (a [stop - start, V] view) to per-token values...
-    grads = chunked_linear_backward(hidden, weight, bias, chunk, grad_logits_fn, needs)
+        ...reduce each full row of logits (a [stop - start, V] view) to per-token values...
+    tiles = backward_tiles(N, V, chunk_size)
+    grads = chunked_linear_backward(hidden, weight, bias, tiles, grad_logits_fn, needs)
 
-where grad_logits_fn(start, stop, logits) returns d loss / d logits for the chunk
-(it may overwrite and return `logits`).
+where grad_logits_fn(t0, t1, v0, v1, logits) returns d loss / d logits for tokens
+[t0, t1) and vocabulary entries [v0, v1) (it may overwrite and return `logits`;
+rlkernels.ops.logprobs' backward ops take `vocab_start=v0` for exactly this).
 """
 from __future__ import annotations
 
@@ -21,13 +32,15 @@ from typing import Callable, Iterator
 
 import torch
 
-# Default budget for one chunk of float32 logits.
+# Default budget for one tile of logits, counted in float32.
 CHUNK_BYTES = 64 << 20
+# Narrowest vocabulary block worth a matmul of its own.
+MIN_VOCAB_BLOCK = 2048
 
 
 def chunk_rows(n: int, vocab: int, chunk_size: int | None = None, budget: int = CHUNK_BYTES) -> int:
-    """Rows per chunk: `chunk_size` when given, else as many as fit `budget` bytes of
-    float32 logits, balanced so that the last chunk is not a sliver."""
+    """Rows per forward chunk: `chunk_size` when given, else as many as fit `budget`
+    bytes of float32 logits, balanced so that the last chunk is not a sliver."""
     if n <= 0:
         return 1
     if chunk_size is None:
@@ -37,8 +50,18 @@ def chunk_rows(n: int, vocab: int, chunk_size: int | None = None, budget: int = 
     return -(-n // count)
 
 
-def _chunk_logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
+def backward_tiles(n: int, vocab: int, budget: int = CHUNK_BYTES) -> tuple[int, int]:
+    """(token chunk, vocabulary block) of the backward tiles within `budget` bytes of
+    float32: all tokens at once when a vocabulary block of MIN_VOCAB_BLOCK (or the whole
+    vocabulary) fits, else token chunks of that block."""
+    n, vocab = max(n, 1), max(vocab, 1)
+    block = min(vocab, max(MIN_VOCAB_BLOCK, budget // (4 * n)))
+    chunk = min(n, max(1, budget // (4 * block)))
+    return chunk_rows(n, block, chunk), block
+
+
+def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
     if bias is None:
         return torch.mm(hidden, weight.t(), out=buffer)
     return torch.addmm(bias, hidden, weight.t(), out=buffer)
@@ -47,42 +70,65 @@ def _chunk_logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch
 def chunked_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yields (start, stop, logits) with logits = hidden[start:stop] @ weight.T (+ bias),
-    a view of one buffer that the next chunk overwrites."""
+    full rows, a view of one buffer that the next chunk overwrites."""
     n, vocab = hidden.shape[0], weight.shape[0]
     if n == 0:
         return
     buffer = hidden.new_empty((min(chunk, n), vocab))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        yield start, stop, _chunk_logits_into(buffer[: stop - start], hidden[start:stop], weight, bias)
+        yield start, stop, _logits_into(buffer[: stop - start], hidden[start:stop], weight, bias)
 
 
-def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int,
-                            grad_logits: Callable[[int, int, torch.Tensor], torch.Tensor],
+def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            tiles: tuple[int, int],
+                            grad_logits: Callable[[int, int, int, int, torch.Tensor], torch.Tensor],
                             needs: tuple[bool, bool, bool] = (True, True, True)):
-    """Recomputes each chunk's logits, asks grad_logits(start, stop, logits) for d loss /
-    d logits, and returns (grad_hidden, grad_weight, grad_bias) (None where `needs` is
-    False).  Gradients of 16-bit weights accumulate over chunks in float32 and are
-    rounded once, as a single unchunked matmul would."""
+    """Recomputes the logits tile by tile, asks grad_logits(t0, t1, v0, v1, logits) for
+    d loss / d logits of each tile, and returns (grad_hidden, grad_weight, grad_bias)
+    (None where `needs` is False)."""
     needs_hidden, needs_weight, needs_bias = needs
-    wide = weight.dtype in (torch.float16, torch.bfloat16)
-    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if wide else weight.dtype,
-                              device=weight.device) if needs_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs_bias else None
-    for start, stop, logits in chunked_logits(hidden, weight, bias, chunk):
-        dlogits = grad_logits(start, stop, logits)
-        if needs_hidden:
-            torch.mm(dlogits, weight, out=grad_hidden[start:stop])
-        if needs_weight:
-            if wide:
-                grad_weight.add_(torch.mm(dlogits.t(), hidden[start:stop]))
-            else:
-                grad_weight.addmm_(dlogits.t(), hidden[start:stop])
-        if needs_bias:
-            grad_bias.add_(dlogits.sum(0, dtype=torch.float32))
-    if needs_weight and wide:
-        grad_weight = grad_weight.to(weight.dtype)
+    chunk, block = tiles
+    n, vocab = hidden.shape[0], weight.shape[0]
+    narrow = hidden.dtype in (torch.float16, torch.bfloat16)
+    wide = torch.float32 if narrow else hidden.dtype
+    grad_hidden = torch.zeros(hidden.shape, dtype=wide, device=hidden.device) if needs_hidden else None
+    grad_weight = (torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)) if needs_weight else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if needs_bias else None
+    whole = chunk >= n  # each weight block's gradient in one matmul
+    block_sum = None
+    if needs_weight and not whole:
+        block_sum = torch.empty((min(block, vocab), weight.shape[1]), dtype=wide, device=weight.device)
+    buffer = hidden.new_empty(min(chunk, n) * min(block, vocab)) if n > 0 else None
+    for v0 in range(0, vocab if n > 0 else 0, block):
+        v1 = min(v0 + block, vocab)
+        weight_block = weight[v0:v1]
+        bias_block = bias[v0:v1] if bias is not None else None
+        if block_sum is not None:
+            block_sum.zero_()
+        for t0 in range(0, n, chunk):
+            t1 = min(t0 + chunk, n)
+            tile = _logits_into(buffer[: (t1 - t0) * (v1 - v0)].view(t1 - t0, v1 - v0), hidden[t0:t1],
+                                weight_block, bias_block)
+            dlogits = grad_logits(t0, t1, v0, v1, tile)
+            if needs_hidden:
+                if narrow:
+                    grad_hidden[t0:t1].add_(torch.mm(dlogits, weight_block))
+                else:
+                    grad_hidden[t0:t1].addmm_(dlogits, weight_block)
+            if needs_weight:
+                if whole:
+                    torch.mm(dlogits.t(), hidden[t0:t1], out=grad_weight[v0:v1])
+                elif narrow:
+                    block_sum[: v1 - v0].add_(torch.mm(dlogits.t(), hidden[t0:t1]))
+                else:
+                    block_sum[: v1 - v0].addmm_(dlogits.t(), hidden[t0:t1])
+            if needs_bias:
+                grad_bias[v0:v1].add_(dlogits.sum(0, dtype=torch.float32))
+        if block_sum is not None:
+            grad_weight[v0:v1].copy_(block_sum[: v1 - v0])
+    if needs_hidden and narrow:
+        grad_hidden = grad_hidden.to(hidden.dtype)
     if needs_bias and bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias

@@ -81,20 +81,29 @@ def fake_outputs(primary: torch.Tensor, num_stats: int, need_grad: bool):
             primary.new_empty((B, T) if need_grad else (0,), dtype=dtype), primary.new_empty((B,), dtype=dtype))
 
 
-def register_token_loss_autograd(op_name: str, num_inputs: int) -> None:
-    """Backward of a token loss op: d loss / d input_0 = grad_loss * row_scale[b] * grad[b, t]."""
+@torch.library.register_fake("rlkernels::scale_rows")
+def _scale_rows_fake(grad, row_scale, grad_loss, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+def register_token_loss_autograd(op_name: str, num_inputs: int, scale_rows=None) -> None:
+    """Backward of a token loss op: d loss / d input_0 = grad_loss * row_scale[b] * grad[b, t],
+    computed by `scale_rows` (grad, row_scale, grad_loss, dtype) -> [B, T]: a kernel op, whose
+    small problems stay on one thread (a torch broadcast multiply would wake a thread pool)."""
+    scale_rows = torch.ops.rlkernels.scale_rows if scale_rows is None else scale_rows
 
     def setup_context(ctx, inputs, output):
         _, stats, grad, row_scale = output
         ctx.save_for_backward(grad, row_scale)
         ctx.input_dtype = inputs[0].dtype
         ctx.mark_non_differentiable(stats, grad, row_scale)
+        # The other outputs get no gradient: do not materialise zeros of their size.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, *unused):
         grad, row_scale = ctx.saved_tensors
-        if grad.dim() != 2:  # the forward was told no gradient was needed
+        if grad_loss is None or grad.dim() != 2:  # no gradient needed
             return (None,) * num_inputs
-        scale = (grad_loss.to(row_scale.dtype) * row_scale).unsqueeze(-1)
-        return (grad * scale).to(ctx.input_dtype), *((None,) * (num_inputs - 1))
+        return scale_rows(grad, row_scale, grad_loss, ctx.input_dtype), *((None,) * (num_inputs - 1))
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)

@@ -23,7 +23,8 @@ _OP = "linear_logprobs"
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                    entropy: bool = False, chunk_size: int | None = None, backend: str = "auto"):
+                    entropy: bool = False, chunk_size: int | tuple[int, int] | None = None,
+                    backend: str = "auto"):
     """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, without
     materialising the [N, V] logits.
 
@@ -31,7 +32,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     float16; float64 runs on the reference); bias: `[V]` or None; labels: int of hidden's
     leading shape, in [0, V) or ignore_index.  chunk_size: tokens per chunk (default: as
     many as 64 MiB of float32 logits hold); peak extra memory is about chunk_size x V
-    logits.  Returns float32 log-probs (and entropy with entropy=True) of the leading
+    logits (the backward uses tiles of the same size, vocabulary blocks times tokens), or
+    a (tokens, vocabulary) pair fixing the backward tile too.  Returns float32 log-probs (and entropy with entropy=True) of the leading
     shape, 0 on ignored tokens; gradients flow to hidden, weight and bias.
     """
     V.tensor(_OP, "hidden", hidden, dtypes=L.LOGIT_DTYPES, min_ndim=1)
@@ -49,11 +51,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
     labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
     temperature = L.temperature(_OP, temperature)
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"{_OP}: chunk_size must be an int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
     entropy = bool(entropy)
     chosen = L.choose_backend(_OP, backend, device, hidden.dtype)
     if chosen == "reference":
@@ -62,11 +59,35 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    chunk = _chunked.chunk_rows(flat_hidden.shape[0], weight.shape[0], chunk_size)
+    N, vocab = flat_hidden.shape[0], weight.shape[0]
+    chunk, tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, vocab)
     values, entropies, _ = torch.ops.rlkernels.linear_logprobs(flat_hidden, weight, flat_labels, bias, temperature,
-                                                               ignore_index, entropy, chunk, chosen)
+                                                               ignore_index, entropy, chunk, tile_tokens, tile_vocab,
+                                                               budget, chosen)
     values = values.reshape(lead)
     return (values, entropies.reshape(lead)) if entropy else values
+
+
+def _tiling(chunk_size, N: int, vocab: int) -> tuple[int, int, int, int]:
+    """(forward rows per chunk, backward tile tokens, backward tile vocabulary, budget);
+    0 tile sizes mean "from the budget" (decided in the backward, after ignored rows
+    are dropped)."""
+    def positive(value, what):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{_OP}: {what} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{_OP}: {what} must be >= 1, got {value}")
+        return value
+
+    if chunk_size is None:
+        return _chunked.chunk_rows(N, vocab), 0, 0, _chunked.CHUNK_BYTES
+    if isinstance(chunk_size, (tuple, list)):
+        if len(chunk_size) != 2:
+            raise ValueError(f"{_OP}: chunk_size must be an int or a (tokens, vocabulary) pair, got {chunk_size!r}")
+        tokens, block = (positive(v, "chunk_size") for v in chunk_size)
+        return _chunked.chunk_rows(N, vocab, tokens), tokens, block, _chunked.CHUNK_BYTES
+    tokens = positive(chunk_size, "chunk_size")
+    return _chunked.chunk_rows(N, vocab, tokens), 0, 0, max(1, min(tokens, max(N, 1))) * max(vocab, 1) * 4
 
 
 def _row_ops(backend: str):
@@ -77,8 +98,8 @@ def _row_ops(backend: str):
 
 @custom_op("rlkernels::linear_logprobs", mutates_args=())
 def _linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-                     temperature: float, ignore_index: int, with_entropy: bool, chunk: int,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     temperature: float, ignore_index: int, with_entropy: bool, chunk: int, tile_tokens: int,
+                     tile_vocab: int, budget: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     forward, _ = _row_ops(backend)
     N = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -98,7 +119,8 @@ def _linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
 
 @register_fake("rlkernels::linear_logprobs")
-def _linear_logprobs_fake(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk, backend):
+def _linear_logprobs_fake(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk, tile_tokens,
+                          tile_vocab, budget, backend):
     N = hidden.shape[0]
     return (hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N if with_entropy else 0, dtype=torch.float32),
             hidden.new_empty((N, 2), dtype=torch.float32))
@@ -108,69 +130,73 @@ def _linear_logprobs_fake(hidden, weight, labels, bias, temperature, ignore_inde
 def _linear_logprobs_backward(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                               hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                               bias: Optional[torch.Tensor], saved: torch.Tensor, entropies: torch.Tensor,
-                              temperature: float, ignore_index: int, chunk: int, backend: str, needs_hidden: bool,
-                              needs_weight: bool, needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              temperature: float, ignore_index: int, tile_tokens: int, tile_vocab: int, budget: int,
+                              backend: str, needs_hidden: bool, needs_weight: bool,
+                              needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, backward_inplace = _row_ops(backend)
     rows = _chunked.kept_rows(labels, ignore_index)
+    N = hidden.shape[0]
 
     def pick(t):
-        return t if rows is None or t is None or t.shape[0] != hidden.shape[0] else t[rows]
+        return t if rows is None or t is None or t.shape[0] != N else t[rows]
 
-    kept = [pick(t) for t in (hidden, labels, grad_logprobs, grad_entropy, saved, entropies)]
-    kept_hidden, kept_labels, kept_grad, kept_grad_entropy, kept_saved, kept_entropies = kept
+    kept_hidden, kept_labels, kept_grad, kept_grad_entropy, kept_saved, kept_entropies = (
+        pick(t) for t in (hidden, labels, grad_logprobs, grad_entropy, saved, entropies))
     if kept_grad_entropy is None:
         kept_entropies = kept_entropies.new_empty(0)
 
-    def grad_logits(start, stop, logits):
-        backward_inplace(kept_grad[start:stop], None if kept_grad_entropy is None else kept_grad_entropy[start:stop],
-                         logits, kept_labels[start:stop], kept_saved[start:stop],
-                         kept_entropies[start:stop] if kept_grad_entropy is not None else kept_entropies,
-                         temperature, ignore_index)
+    def grad_logits(t0, t1, v0, v1, logits):
+        with_entropy = kept_grad_entropy is not None
+        backward_inplace(kept_grad[t0:t1], kept_grad_entropy[t0:t1] if with_entropy else None, logits,
+                         kept_labels[t0:t1], kept_saved[t0:t1],
+                         kept_entropies[t0:t1] if with_entropy else kept_entropies, temperature, ignore_index, v0)
         return logits
 
+    tiles = _chunked.backward_tiles(kept_hidden.shape[0], weight.shape[0], budget)
+    tiles = (tile_tokens or tiles[0], tile_vocab or tiles[1])
     grad_hidden, grad_weight, grad_bias = _chunked.chunked_linear_backward(
-        kept_hidden, weight, bias, chunk, grad_logits, (needs_hidden, needs_weight, needs_bias and bias is not None))
+        kept_hidden, weight, bias, tiles, grad_logits, (needs_hidden, needs_weight, needs_bias and bias is not None))
     if needs_hidden and rows is not None:
         full = torch.zeros_like(hidden)
         full[rows] = grad_hidden
         grad_hidden = full
-    if needs_weight and kept_hidden.shape[0] == 0:
-        grad_weight = torch.zeros_like(weight)
     return (grad_hidden if needs_hidden else hidden.new_empty(0), grad_weight if needs_weight else hidden.new_empty(0),
             grad_bias if grad_bias is not None else hidden.new_empty(0))
 
 
 @register_fake("rlkernels::linear_logprobs_backward")
 def _linear_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies,
-                                   temperature, ignore_index, chunk, backend, needs_hidden, needs_weight, needs_bias):
+                                   temperature, ignore_index, tile_tokens, tile_vocab, budget, backend, needs_hidden,
+                                   needs_weight, needs_bias):
     return (hidden.new_empty(hidden.shape if needs_hidden else (0,)),
             weight.new_empty(weight.shape if needs_weight else (0,)),
             hidden.new_empty(bias.shape if needs_bias and bias is not None else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk, backend = inputs
+    (hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk, tile_tokens, tile_vocab, budget,
+     backend) = inputs
     _, entropies, saved = output
     ctx.save_for_backward(hidden, weight, labels, bias, saved, entropies)
-    ctx.options = (temperature, ignore_index, chunk, backend)
+    ctx.options = (temperature, ignore_index, tile_tokens, tile_vocab, budget, backend)
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved):
     hidden, weight, labels, bias, saved, entropies = ctx.saved_tensors
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     if not (needs_hidden or needs_weight or needs_bias):
-        return None, None, None, None, None, None, None, None, None
+        return (None,) * 12
     N = hidden.shape[0]
     grad_logprobs = (torch.zeros(N, dtype=torch.float32, device=hidden.device) if grad_logprobs is None
                      else grad_logprobs.to(torch.float32).contiguous())
     with_entropy = entropies.shape[0] == N and N > 0 and grad_entropy is not None
     grad_entropy = grad_entropy.to(torch.float32).contiguous() if with_entropy else None
-    temperature, ignore_index, chunk, backend = ctx.options
+    temperature, ignore_index, tile_tokens, tile_vocab, budget, backend = ctx.options
     grad_hidden, grad_weight, grad_bias = torch.ops.rlkernels.linear_logprobs_backward(
         grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature, ignore_index,
-        chunk, backend, bool(needs_hidden), bool(needs_weight), bool(needs_bias))
+        tile_tokens, tile_vocab, budget, backend, bool(needs_hidden), bool(needs_weight), bool(needs_bias))
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
-            grad_bias if needs_bias else None, None, None, None, None, None)
+            grad_bias if needs_bias else None) + (None,) * 8
 
 
 torch.library.register_autograd("rlkernels::linear_logprobs", _backward, setup_context=_setup_context)

@@ -51,11 +51,13 @@ def _fake_forward(logits, labels, temperature, ignore_index, with_entropy, inpla
             logits.new_empty((*lead, 2), **f32))
 
 
-def _fake_backward(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index):
+def _fake_backward(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                   vocab_start=0):
     return logits.new_empty(logits.shape)
 
 
-def _fake_backward_inplace(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index):
+def _fake_backward_inplace(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                           vocab_start=0):
     return None
 
 

@@ -50,6 +50,7 @@ def _setup_context(ctx, inputs, output):
     ctx.average = average
     ctx.T, ctx.dtype = token_logprobs.shape[1], token_logprobs.dtype
     ctx.mark_non_differentiable(counts)
+    ctx.set_materialize_grads(False)
 
 
 def register(op_name: str, backward_op) -> None:
@@ -57,6 +58,8 @@ def register(op_name: str, backward_op) -> None:
     (grad, mask, num_tokens, average, T, dtype) -> [B, T]."""
 
     def backward(ctx, grad_out, unused):
+        if grad_out is None:
+            return None, None, None
         mask, counts = ctx.saved_tensors
         grad = backward_op(grad_out.to(counts.dtype).contiguous(), mask, counts, ctx.average, ctx.T, ctx.dtype)
         return grad, None, None

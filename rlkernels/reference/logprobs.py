@@ -36,14 +36,14 @@ def logprobs_per_row(logits: torch.Tensor, labels: torch.Tensor, *, temperature:
                      ignore_index: int = -100, entropy: bool = False):
     """The memory-saving loop TRL (selective_log_softmax) and verl use: one step per
     slice of the first dimension (a sequence of a [B, T, V] batch), so only that
-    slice's log-softmax is materialised; float32 takes logsumexp instead."""
-    acc = _acc(logits.dtype)
+    slice's log-softmax is materialised.  As in TRL, float32/float64 take logsumexp and
+    16-bit logits a log_softmax in their own dtype; the result has the logits' dtype."""
     picked, entropies = [], []
     for row_logits, row_labels in zip(logits, labels):
         valid = row_labels != ignore_index
         safe = torch.where(valid, row_labels, 0).long().unsqueeze(-1)
-        scaled = row_logits.to(acc) / temperature if temperature != 1.0 else row_logits.to(acc)
-        if acc == row_logits.dtype and not entropy:
+        scaled = row_logits / temperature if temperature != 1.0 else row_logits
+        if row_logits.dtype in (torch.float32, torch.float64) and not entropy:
             row = scaled.gather(-1, safe).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
         else:
             row_logp = torch.log_softmax(scaled, dim=-1)
@@ -52,7 +52,7 @@ def logprobs_per_row(logits: torch.Tensor, labels: torch.Tensor, *, temperature:
                 entropies.append(torch.where(valid, _entropy(row_logp), 0))
         picked.append(torch.where(valid, row, 0))
     if not picked:
-        empty = logits.new_empty(labels.shape, dtype=acc)
+        empty = logits.new_empty(labels.shape)
         return (empty, empty.clone()) if entropy else empty
     out = torch.stack(picked)
     return (out, torch.stack(entropies)) if entropy else out

@@ -114,7 +114,7 @@ def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner
 @triton.jit
 def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, saved_ptr, V,
                          inner, outer_stride, inner_stride, o_inner, o_outer_stride, o_inner_stride,
-                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+                         ignore_index, vocab_start, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < V
@@ -131,7 +131,7 @@ def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, sav
         d = -p * (g + tl.load(gh_ptr + row) * (y * LN2 + tl.load(ent_ptr + row)))
     else:
         d = -p * g
-    d = (d + tl.where(cols == label, g, 0.0)) * inv_t
+    d = (d + tl.where(cols + vocab_start == label, g, 0.0)) * inv_t
     d = tl.where(label == ignore_index, 0.0, d)
     out = _row_base(out_ptr, row, o_inner, o_outer_stride, o_inner_stride)
     tl.store(out + cols, _to_out(d, out_ptr), mask=live)
@@ -162,7 +162,7 @@ def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 
 def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies, temperature, ignore_index,
-                   out):
+                   vocab_start, out):
     x, (inner, outer_stride, inner_stride) = readable(logits)
     o_inner, o_outer_stride, o_inner_stride = row_index(out)
     V = logits.shape[-1]
@@ -174,29 +174,31 @@ def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies
     _logprobs_bwd_kernel[(N, triton.cdiv(V, block))](
         x, out, labels, grad_logprobs, grad_entropy if with_entropy else grad_logprobs,
         entropies if with_entropy else grad_logprobs, saved, V, inner, outer_stride, inner_stride,
-        o_inner, o_outer_stride, o_inner_stride, ignore_index, LOG2E / temperature, 1.0 / temperature,
-        ENTROPY=with_entropy, BLOCK=block)
+        o_inner, o_outer_stride, o_inner_stride, ignore_index, vocab_start, LOG2E / temperature,
+        1.0 / temperature, ENTROPY=with_entropy, BLOCK=block)
 
 
 @custom_op("rlkernels::logprobs_backward_triton", mutates_args=())
 def logprobs_backward_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
                              labels: torch.Tensor, saved: torch.Tensor, entropy: torch.Tensor, temperature: float,
-                             ignore_index: int) -> torch.Tensor:
+                             ignore_index: int, vocab_start: int = 0) -> torch.Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index, out)
+    _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                   vocab_start, out)
     return out
 
 
 @custom_op("rlkernels::logprobs_backward_inplace_triton", mutates_args=("logits",))
 def logprobs_backward_inplace_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                                      logits: torch.Tensor, labels: torch.Tensor, saved: torch.Tensor,
-                                     entropy: torch.Tensor, temperature: float, ignore_index: int) -> None:
+                                     entropy: torch.Tensor, temperature: float, ignore_index: int,
+                                     vocab_start: int = 0) -> None:
     if row_index(logits) is not None:
         _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                       logits)
+                       vocab_start, logits)
     else:
         logits.copy_(logprobs_backward_triton(grad_logprobs, grad_entropy, logits, labels, saved, entropy,
-                                              temperature, ignore_index))
+                                              temperature, ignore_index, vocab_start))
 
 
 @register_fake("rlkernels::logprobs_triton")
@@ -209,7 +211,7 @@ def _logprobs_triton_fake(logits, labels, temperature, ignore_index, with_entrop
 
 @register_fake("rlkernels::logprobs_backward_triton")
 def _logprobs_backward_triton_fake(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
-                                   ignore_index):
+                                   ignore_index, vocab_start=0):
     return logits.new_empty(logits.shape)
 
 

@@ -204,6 +204,16 @@ def _finalize_kernel(part_ptr, row_scale_ptr, loss_ptr, stats_ptr, B, n_chunks, 
     tl.store(stats_ptr + (SLOTS - 2), counted_tokens)
 
 
+@triton.jit
+def _scale_rows_kernel(g_ptr, s_ptr, gl_ptr, out_ptr, T, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inside = cols < T
+    offs = row.to(tl.int64) * T + cols
+    scale = tl.load(gl_ptr) * tl.load(s_ptr + row)
+    tl.store(out_ptr + offs, tl.load(g_ptr + offs, mask=inside, other=0.0) * scale, mask=inside)
+
+
 def _acc(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -293,6 +303,24 @@ def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: t
     return loss, stats, grad, row_scale
 
 
+@custom_op("rlkernels::scale_rows_triton", mutates_args=())
+def scale_rows_triton(grad: torch.Tensor, row_scale: torch.Tensor, grad_loss: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    B, T = grad.shape
+    # Scaled in the accumulation dtype, rounded by torch (the interpreter truncates bfloat16).
+    out = torch.empty((B, T), dtype=grad.dtype, device=grad.device)
+    if B > 0 and T > 0:
+        block = _block_t(T)
+        _scale_rows_kernel[(B, triton.cdiv(T, block))](grad, row_scale, grad_loss.to(grad.dtype).reshape(1), out, T,
+                                                        BLOCK_T=block)
+    return out.to(dtype)
+
+
+@register_fake("rlkernels::scale_rows_triton")
+def _scale_rows_triton_fake(grad, row_scale, grad_loss, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
 @register_fake("rlkernels::policy_loss_triton")
 def _policy_loss_triton_fake(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
                              need_grad):
@@ -304,5 +332,5 @@ def _value_loss_triton_fake(values, old_values, returns, mask, coefficients, agg
     return _losses.fake_outputs(values, len(VALUE_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 10)
-_losses.register_token_loss_autograd("rlkernels::value_loss_triton", 7)
+_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 10, torch.ops.rlkernels.scale_rows_triton)
+_losses.register_token_loss_autograd("rlkernels::value_loss_triton", 7, torch.ops.rlkernels.scale_rows_triton)
