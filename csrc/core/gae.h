@@ -56,7 +56,9 @@ inline void gae_rows(const in_t* __restrict__ rewards, const in_t* __restrict__ 
         __builtin_prefetch(values + r * stride + t - kAhead);
       }
     }
+#if !defined(__CUDACC__)
 #pragma GCC unroll 8
+#endif
     for (int r = 0; r < R; ++r) {
       const int64_t o = r * stride + t;
       const acc rw = cast<acc>(rewards[o]);
