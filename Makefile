@@ -1,5 +1,5 @@
 # Two commands on a fresh clone:
-#   make demo   - create .venv, build rlkernels, run the demo
+#   make demo   - create .venv, build rlkernels, run the demo (PPO-RLHF + quick benchmark table)
 #   make test   - create .venv, build rlkernels, run the full test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,10 +23,11 @@ $(STAMP): $(VENV)/bin/python $(SOURCES)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m benchmarks --quick --ops advantages
+	$(PY) -m rlkernels demo --out runs/demo
+	$(PY) -m rlkernels bench --quick --ops advantages logprobs losses --out runs/demo/bench
 
 bench: $(STAMP)
-	$(PY) -m rlkernels bench --quick
+	$(PY) -m rlkernels bench
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q

@@ -14,6 +14,31 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("masked_row_mean(Tensor x, Tensor? mask) -> Tensor");
   m.def("masked_whiten(Tensor x, Tensor? mask, bool shift_mean, float eps) -> Tensor");
 
+  // Token-level losses (issue 4).  One fused pass returns the loss, its
+  // statistics, the per-token gradient before aggregation (empty unless
+  // need_grad) and the per-row gradient scales; backward only rescales.
+  // Scalars travel in one list (each schema argument costs the Python
+  // autograd wrapper several microseconds per call):
+  //   policy: [clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length]
+  //   value:  [clip, num_tokens, num_seqs, norm_length]
+  // with inf for "off" (dual_clip, log_ratio_clamp, clip) and -1 for "count it"
+  // (num_tokens, num_seqs; norm_length -1 means T).
+  m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, Tensor? weights, "
+        "Tensor? ref_logprobs, float[] coefficients, str kl, str agg, bool need_grad) "
+        "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float[] coefficients, str agg, "
+        "bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
+  // Their backward: grad[b, t] * grad_loss * row_scale[b], in `dtype`.
+  m.def("scale_rows(Tensor grad, Tensor row_scale, Tensor grad_loss, ScalarType dtype) -> Tensor");
+  // Preference losses over per-sequence log-probs; dlogits (d loss / d z per
+  // pair) is saved for backward.  sequence_logprobs: masked per-row sums (or
+  // means with average) and the rows' valid-token counts.
+  m.def("dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, "
+        "float beta, str kind, float label_smoothing) "
+        "-> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor dlogits)");
+  m.def("sequence_logprobs(Tensor token_logprobs, Tensor? mask, bool average) -> (Tensor logprobs, Tensor num_tokens)");
+  m.def("sequence_logprobs_backward(Tensor grad, Tensor? mask, Tensor num_tokens, bool average, int T, "
+        "ScalarType dtype) -> Tensor");
   // Log-probs, entropy and KL from logits (docs/logprobs.md).  `saved` holds per-row
   // softmax statistics for the backward: [..., 2] for logprobs, [..., 5] for KL.
   m.def("logprobs(Tensor logits, Tensor labels, float temperature, int ignore_index, "
@@ -29,4 +54,12 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "
         "Tensor saved, float temperature, bool logits_grad, bool ref_grad) -> (Tensor, Tensor)");
   m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str kind, float clamp) -> (Tensor value, Tensor slope)");
+
+  // Parameter averaging (rlkernels.distributed): many tensors <-> one flat
+  // bucket with an optional scale and dtype cast, and one gossip mixing step
+  // out = w_self * x + w_left * left + w_right * right (out may alias x).
+  m.def("pack_tensors(Tensor[] tensors, Tensor(a!) bucket, float scale) -> ()");
+  m.def("unpack_tensors(Tensor bucket, Tensor(a!)[] tensors, float scale) -> ()");
+  m.def("gossip_mix(Tensor x, Tensor left, Tensor right, float w_self, float w_left, float w_right, "
+        "Tensor(a!) out) -> ()");
 }

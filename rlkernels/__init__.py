@@ -13,8 +13,12 @@ HAS_TRITON, _TRITON_WHY = _library.triton_status()
 if HAS_TRITON:
     from . import triton as _triton_ops  # noqa: F401  (registers rlkernels::*_triton)
 
-from .ops import discounted_returns, gae, group_advantages, masked_mean, masked_whiten  # noqa: E402
-from .ops import kl_from_logits, kl_penalty, linear_logprobs, logprobs  # noqa: E402
+from .ops import (  # noqa: E402
+    discounted_returns, dpo_loss, gae, gossip_mix, group_advantages, grpo_loss, kl_from_logits, kl_penalty,
+    linear_logprobs, linear_ppo_loss, logprobs, masked_mean, masked_whiten, pack_tensors, ppo_loss, sequence_logprobs,
+    unpack_tensors, value_loss,
+)
+from . import distributed  # noqa: E402,F401  (rlkernels.distributed: averaging over torch.distributed)
 
 __version__ = "0.1.0"
 
@@ -39,5 +43,14 @@ def info() -> dict:
     return data
 
 
-__all__ = ["BACKENDS", "info", "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten"]
-__all__ += ["logprobs", "kl_from_logits", "kl_penalty", "linear_logprobs"]
+__all__ = [
+    "BACKENDS", "info", "distributed",
+    # advantages
+    "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten",
+    # log-probs, entropy, KL
+    "logprobs", "linear_logprobs", "kl_from_logits", "kl_penalty",
+    # losses
+    "ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs", "linear_ppo_loss",
+    # multi-tensor kernels behind rlkernels.distributed
+    "pack_tensors", "unpack_tensors", "gossip_mix",
+]

@@ -73,3 +73,9 @@ def low_precision_bound(ours: torch.Tensor, torch_same_dtype: torch.Tensor, trut
     torch_err = (torch_same_dtype.double().cpu() - truth).abs().max().item()
     assert ours_err <= LOW_PRECISION_FACTOR * torch_err + floor, (
         f"error {ours_err:.3e} exceeds {LOW_PRECISION_FACTOR} x PyTorch's {torch_err:.3e}")
+
+
+# --- trainers (issue 6) ---
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a learning test that takes tens of seconds (runs by default; "
+                                       "deselect with -m 'not slow')")

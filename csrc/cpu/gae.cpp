@@ -3,7 +3,7 @@
 #include <ATen/ops/empty.h>
 
 #include "../core/gae.h"
-#include "../torch_common.h"
+#include "../args/advantages.h"
 
 namespace rlk {
 namespace {
@@ -17,19 +17,12 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
                                            const c10::optional<at::Tensor>& dones,
                                            const c10::optional<at::Tensor>& last_values,
                                            double gamma, double lam) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  const int64_t B = rewards.size(0), T = rewards.size(1);
-  check_rows(rewards, "rewards", B, T);
-  check_rows(values, "values", B, T);
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "values must have the dtype of rewards");
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
-  const uint8_t* dones_p = optional_bool_ptr(dones, "dones", B, T);
-  const auto out_dtype = out_dtype_for(rewards.scalar_type());
-  if (last_values.has_value()) {
-    TORCH_CHECK(last_values->dim() == 1 && last_values->size(0) == B && last_values->is_contiguous(),
-                "last_values must be a contiguous [B] tensor");
-    TORCH_CHECK(last_values->scalar_type() == out_dtype, "last_values must be ", out_dtype);
-  }
+  const RolloutArgs args = check_rollout(rewards, values, mask, dones);
+  check_last_values(args, rewards, last_values);
+  const int64_t B = args.B, T = args.T;
+  const uint8_t* mask_p = args.mask;
+  const uint8_t* dones_p = args.dones;
+  const auto out_dtype = args.out_dtype;
   auto advantages = at::empty({B, T}, rewards.options().dtype(out_dtype));
   auto returns = at::empty({B, T}, rewards.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "gae_cpu", [&] {
@@ -74,12 +67,11 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 
 at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const c10::optional<at::Tensor>& mask,
                                   const c10::optional<at::Tensor>& dones, double gamma) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  const int64_t B = rewards.size(0), T = rewards.size(1);
-  check_rows(rewards, "rewards", B, T);
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
-  const uint8_t* dones_p = optional_bool_ptr(dones, "dones", B, T);
-  auto returns = at::empty({B, T}, rewards.options().dtype(out_dtype_for(rewards.scalar_type())));
+  const RolloutArgs args = check_rollout(rewards, c10::nullopt, mask, dones);
+  const int64_t B = args.B, T = args.T;
+  const uint8_t* mask_p = args.mask;
+  const uint8_t* dones_p = args.dones;
+  auto returns = at::empty({B, T}, rewards.options().dtype(args.out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "discounted_returns_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* r = rewards.data_ptr<scalar_t>();

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "../core/group_advantages.h"
-#include "../torch_common.h"
+#include "../args/advantages.h"
 
 namespace rlk {
 namespace {
@@ -19,21 +19,9 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
                                                         const c10::optional<at::Tensor>& group_index,
                                                         int64_t group_size, int64_t num_groups,
                                                         int64_t baseline, int64_t scale, double eps) {
-  TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "scores must be a contiguous 1-D tensor");
+  check_group_args(scores, group_index, group_size, num_groups, baseline, scale);
   const int64_t N = scores.size(0);
-  TORCH_CHECK(num_groups >= 0, "num_groups must be >= 0");
-  const int64_t* index = nullptr;
-  if (group_index.has_value()) {
-    TORCH_CHECK(group_index->dim() == 1 && group_index->size(0) == N && group_index->is_contiguous() &&
-                    group_index->scalar_type() == at::kLong,
-                "group_index must be a contiguous int64 tensor of shape [N]");
-    index = group_index->data_ptr<int64_t>();
-  } else {
-    TORCH_CHECK(group_size > 0 && N % group_size == 0 && N / group_size == num_groups,
-                "group_size must divide N into num_groups groups");
-  }
-  TORCH_CHECK(baseline == kBaselineMean || baseline == kBaselineLeaveOneOut, "bad baseline code");
-  TORCH_CHECK(scale == kScaleGroup || scale == kScaleBatch || scale == kScaleNone, "bad scale code");
+  const int64_t* index = group_index.has_value() ? group_index->data_ptr<int64_t>() : nullptr;
   const auto out_dtype = out_dtype_for(scores.scalar_type());
   auto advantages = at::empty({N}, scores.options().dtype(out_dtype));
   auto all_equal = at::empty({num_groups}, scores.options().dtype(at::kBool));

@@ -3,18 +3,17 @@
 #include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <vector>
 
 #include "../core/masked_stats.h"
-#include "../torch_common.h"
+#include "../args/advantages.h"
 
 namespace rlk {
 namespace {
 
 at::Tensor masked_row_mean_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(x.dim() == 2, "x must be [R, C], got ", x.sizes());
+  const uint8_t* m = check_row_mean_args(x, mask);
   const int64_t R = x.size(0), C = x.size(1);
-  check_rows(x, "x", R, C);
-  const uint8_t* m = optional_bool_ptr(mask, "mask", R, C);
   auto out = at::empty({R}, x.options().dtype(out_dtype_for(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_row_mean_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -33,24 +32,43 @@ at::Tensor masked_row_mean_cpu(const at::Tensor& x, const c10::optional<at::Tens
 
 at::Tensor masked_whiten_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& mask, bool shift_mean,
                              double eps) {
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  const uint8_t* m = check_whiten_args(x, mask);
   const int64_t N = x.numel();
-  const uint8_t* m = nullptr;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == N,
-                "mask must be a contiguous bool tensor of x's size");
-    m = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
-  }
   auto out = at::empty(x.sizes(), x.options().dtype(out_dtype_for(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_whiten_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const MaskedSums<acc> s = masked_sums<scalar_t, acc>(xp, m, N);
+    // Fixed-size chunks whose partial sums are added in chunk order: the result
+    // does not depend on the number of threads.
+    constexpr int64_t kChunk = int64_t(1) << 15;
+    const int64_t chunks = (N + kChunk - 1) / kChunk;
+    std::vector<MaskedSums<acc>> partial(chunks);
+    std::vector<acc> partial_sq(chunks);
+    at::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t lo = k * kChunk, n = std::min(kChunk, N - lo);
+        partial[k] = masked_sums<scalar_t, acc>(xp + lo, m ? m + lo : nullptr, n);
+      }
+    });
+    MaskedSums<acc> s{acc(0), 0};
+    for (const auto& p : partial) {
+      s.sum += p.sum;
+      s.count += p.count;
+    }
     const acc mean = s.count > 0 ? s.sum / acc(s.count) : acc(0);
-    const acc sq = masked_sq_dev<scalar_t, acc>(xp, m, N, mean);
+    at::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t lo = k * kChunk, n = std::min(kChunk, N - lo);
+        partial_sq[k] = masked_sq_dev<scalar_t, acc>(xp + lo, m ? m + lo : nullptr, n, mean);
+      }
+    });
+    acc sq = 0;
+    for (acc p : partial_sq) sq += p;
     const WhitenCoef<acc> c = whiten_coefficients<acc>(mean, sq, s.count, shift_mean, acc(eps));
     acc* op = out.data_ptr<acc>();
-    for (int64_t i = 0; i < N; ++i) op[i] = whiten_value<acc>(cast<acc>(xp[i]), m == nullptr || m[i], c);
+    at::parallel_for(0, N, 4 * kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) op[i] = whiten_value<acc>(cast<acc>(xp[i]), m == nullptr || m[i], c);
+    });
   });
   return out;
 }

@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../core/common.h"
-#include "../torch_common.h"
+#include "../args/advantages.h"
 #include "cuda_types.h"
 #include "launchers.h"
 
@@ -16,23 +16,12 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
                                             const c10::optional<at::Tensor>& dones,
                                             const c10::optional<at::Tensor>& last_values,
                                             double gamma, double lam) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  const int64_t B = rewards.size(0), T = rewards.size(1);
-  check_rows(rewards, "rewards", B, T);
-  check_rows(values, "values", B, T);
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "values must have the dtype of rewards");
-  check_same_device(rewards, values, "values");
-  check_same_device(rewards, mask, "mask");
-  check_same_device(rewards, dones, "dones");
-  check_same_device(rewards, last_values, "last_values");
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
-  const uint8_t* dones_p = optional_bool_ptr(dones, "dones", B, T);
-  const auto out_dtype = out_dtype_for(rewards.scalar_type());
-  if (last_values.has_value()) {
-    TORCH_CHECK(last_values->dim() == 1 && last_values->size(0) == B && last_values->is_contiguous(),
-                "last_values must be a contiguous [B] tensor");
-    TORCH_CHECK(last_values->scalar_type() == out_dtype, "last_values must be ", out_dtype);
-  }
+  const RolloutArgs args = check_rollout(rewards, values, mask, dones);
+  check_last_values(args, rewards, last_values);
+  const int64_t B = args.B, T = args.T;
+  const uint8_t* mask_p = args.mask;
+  const uint8_t* dones_p = args.dones;
+  const auto out_dtype = args.out_dtype;
   c10::cuda::CUDAGuard guard(rewards.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   auto advantages = at::empty({B, T}, rewards.options().dtype(out_dtype));
@@ -50,16 +39,13 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
 
 at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const c10::optional<at::Tensor>& mask,
                                    const c10::optional<at::Tensor>& dones, double gamma) {
-  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, T], got ", rewards.sizes());
-  const int64_t B = rewards.size(0), T = rewards.size(1);
-  check_rows(rewards, "rewards", B, T);
-  check_same_device(rewards, mask, "mask");
-  check_same_device(rewards, dones, "dones");
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
-  const uint8_t* dones_p = optional_bool_ptr(dones, "dones", B, T);
+  const RolloutArgs args = check_rollout(rewards, c10::nullopt, mask, dones);
+  const int64_t B = args.B, T = args.T;
+  const uint8_t* mask_p = args.mask;
+  const uint8_t* dones_p = args.dones;
   c10::cuda::CUDAGuard guard(rewards.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  auto returns = at::empty({B, T}, rewards.options().dtype(out_dtype_for(rewards.scalar_type())));
+  auto returns = at::empty({B, T}, rewards.options().dtype(args.out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "discounted_returns_cuda", [&] {
     using acc = acc_t<scalar_t>;
     C10_CUDA_CHECK(cuda::launch_discounted_returns(cuda::dptr(rewards.data_ptr<scalar_t>()), mask_p,

@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../core/common.h"
-#include "../torch_common.h"
+#include "../args/advantages.h"
 #include "cuda_types.h"
 #include "launchers.h"
 
@@ -15,20 +15,9 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& score
                                                          const c10::optional<at::Tensor>& group_index,
                                                          int64_t group_size, int64_t num_groups,
                                                          int64_t baseline, int64_t scale, double eps) {
-  TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "scores must be a contiguous 1-D tensor");
+  check_group_args(scores, group_index, group_size, num_groups, baseline, scale);
   const int64_t N = scores.size(0);
-  TORCH_CHECK(num_groups >= 0, "num_groups must be >= 0");
-  check_same_device(scores, group_index, "group_index");
-  if (group_index.has_value()) {
-    TORCH_CHECK(group_index->dim() == 1 && group_index->size(0) == N && group_index->is_contiguous() &&
-                    group_index->scalar_type() == at::kLong,
-                "group_index must be a contiguous int64 tensor of shape [N]");
-  } else {
-    TORCH_CHECK(group_size > 0 && N % group_size == 0 && N / group_size == num_groups,
-                "group_size must divide N into num_groups groups");
-  }
-  TORCH_CHECK(baseline == 0 || baseline == 1, "bad baseline code");
-  TORCH_CHECK(scale >= 0 && scale <= 2, "bad scale code");
+  const int64_t* index = group_index.has_value() ? group_index->data_ptr<int64_t>() : nullptr;
   c10::cuda::CUDAGuard guard(scores.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const auto out_dtype = out_dtype_for(scores.scalar_type());
@@ -38,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& score
     using acc = acc_t<scalar_t>;
     C10_CUDA_CHECK(cuda::launch_group_advantages(
         cuda::dptr(scores.data_ptr<scalar_t>()),
-        group_index.has_value() ? group_index->data_ptr<int64_t>() : nullptr, N, group_size, num_groups,
+        index, N, group_size, num_groups,
         int(baseline), int(scale), eps, advantages.data_ptr<acc>(), all_equal.data_ptr<bool>(), stream));
   });
   return {advantages, all_equal};

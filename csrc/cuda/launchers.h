@@ -78,3 +78,69 @@ cudaError_t launch_masked_whiten(const in_t* x, const uint8_t* mask, int64_t N, 
 
 }  // namespace cuda
 }  // namespace rlk
+
+namespace rlk {
+namespace cuda {
+
+// Token-level losses (losses.cu).  Normalisers < 0 mean "count them";
+// dual_clip and log_ratio_clamp are +inf when off; kl_kind is rlk::KLKind and
+// agg rlk::Agg as int.  `workspace` holds token_loss_workspace(B, T, slots)
+// doubles (slots: kPolicySlots or kValueSlots); `grad` may be null.
+int64_t token_loss_workspace(int64_t B, int64_t T, int slots);
+
+template <typename in_t, typename acc>
+cudaError_t launch_policy_loss(const in_t* logprobs, const in_t* old_logprobs, const in_t* advantages,
+                               bool advantages_per_row, const in_t* weights, const in_t* ref_logprobs,
+                               const uint8_t* mask, int64_t B, int64_t T, double clip_low, double clip_high,
+                               double dual_clip, double log_ratio_clamp, double kl_coef, int kl_kind, int agg,
+                               double num_tokens, double num_seqs, double norm_length, acc* grad, acc* row_scale,
+                               acc* loss, acc* stats, double* workspace, cudaStream_t stream);
+
+// out[b, t] = grad[b, t] * (*grad_loss * row_scale[b]) in out_t (the token losses' backward).
+template <typename out_t, typename acc>
+cudaError_t launch_scale_rows(const acc* grad, const acc* row_scale, const acc* grad_loss, int64_t B, int64_t T,
+                              out_t* out, cudaStream_t stream);
+
+template <typename in_t, typename acc>
+cudaError_t launch_value_loss(const in_t* values, const in_t* old_values, const in_t* returns, const uint8_t* mask,
+                              int64_t B, int64_t T, bool has_clip, double clip, int agg, double num_tokens,
+                              double num_seqs, double norm_length, acc* grad, acc* row_scale, acc* loss,
+                              acc* stats, double* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace rlk
+
+namespace rlk {
+namespace cuda {
+
+// Preference losses (preference.cu); kind is rlk::PreferenceKind as int.
+template <typename in_t, typename acc>
+cudaError_t launch_dpo_loss(const in_t* policy_chosen, const in_t* policy_rejected, const in_t* ref_chosen,
+                            const in_t* ref_rejected, int64_t B, int kind, double beta, double label_smoothing,
+                            acc* losses, acc* chosen_rewards, acc* rejected_rewards, acc* dlogits,
+                            cudaStream_t stream);
+
+template <typename in_t, typename acc>
+cudaError_t launch_sequence_logprobs(const in_t* token_logprobs, const uint8_t* mask, int64_t B, int64_t T,
+                                     bool average, acc* out, acc* counts, cudaStream_t stream);
+// Parameter averaging: many tensors <-> one flat bucket (scale and cast
+// fused), and out = w_self * x + w_left * left + w_right * right.  Host
+// arrays of device pointers; any count of tensors.
+template <typename src_t, typename dst_t>
+cudaError_t launch_pack_tensors(const src_t* const* tensors, const int64_t* numels, int64_t count,
+                                dst_t* bucket, double scale, cudaStream_t stream);
+
+template <typename src_t, typename dst_t>
+cudaError_t launch_unpack_tensors(const src_t* bucket, dst_t* const* tensors, const int64_t* numels,
+                                  int64_t count, double scale, cudaStream_t stream);
+
+template <typename T>
+cudaError_t launch_gossip_mix(const T* x, const T* left, const T* right, int64_t n, double w_self,
+                              double w_left, double w_right, T* out, cudaStream_t stream);
+
+template <typename out_t, typename acc>
+cudaError_t launch_sequence_logprobs_backward(const acc* grad, const uint8_t* mask, const acc* num_tokens,
+                                              bool average, int64_t B, int64_t T, out_t* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace rlk

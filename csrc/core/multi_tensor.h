@@ -1,0 +1,43 @@
+// Element math for parameter averaging: scaled, casting copies between many
+// tensors and one flat bucket (pack/unpack), and the gossip mixing step.
+#pragma once
+#include <type_traits>
+
+#include "common.h"
+
+#if defined(__CUDACC__)
+namespace rlk {
+// 16-bit -> float64, for scaled copies into 32/64-bit destinations.
+template <> RLK_INLINE double cast<double, __half>(__half x) { return double(__half2float(x)); }
+template <> RLK_INLINE double cast<double, __nv_bfloat16>(__nv_bfloat16 x) { return double(__bfloat162float(x)); }
+}  // namespace rlk
+#endif
+
+namespace rlk {
+
+// Precision of the scaled copy.  A 32/64-bit destination multiplies in
+// float64: x * fl64(1/n) then rounds to float32 exactly as x / n would, so a
+// mean taken as sum * (1/n) matches sum / n bit for bit.  16-bit destinations
+// multiply in float32 (the product error stays far below their rounding step).
+template <typename dst_t>
+using scale_acc_t = typename std::conditional<sizeof(dst_t) == 2, float, double>::type;
+
+template <typename src_t, typename dst_t>
+RLK_INLINE dst_t scaled_cast(src_t x, scale_acc_t<dst_t> scale) {
+  using acc = scale_acc_t<dst_t>;
+  return cast<dst_t>(cast<acc>(x) * scale);
+}
+
+template <typename src_t, typename dst_t>
+RLK_INLINE void scaled_copy(const src_t* src, dst_t* dst, int64_t n, scale_acc_t<dst_t> scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = scaled_cast<src_t, dst_t>(src[i], scale);
+}
+
+// One gossip step: w_self * x + w_left * left + w_right * right, in float32
+// for 16/32-bit inputs and float64 for float64.
+template <typename T, typename acc = acc_t<T>>
+RLK_INLINE T gossip_mix_one(T x, T left, T right, acc w_self, acc w_left, acc w_right) {
+  return cast<T>(w_self * cast<acc>(x) + w_left * cast<acc>(left) + w_right * cast<acc>(right));
+}
+
+}  // namespace rlk

@@ -1,0 +1,79 @@
+// Per-pair math of the direct preference losses, shared by the CPU and CUDA
+// kernels.  With z = logits = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+// (TRL's order of operations) and ls the label smoothing:
+//   sigmoid (DPO, Rafailov et al. 2023; cDPO smoothing):
+//            -(1 - ls) logsigmoid(beta z) - ls logsigmoid(-beta z)
+//   robust  (rDPO, Chowdhury et al. 2024):
+//            (-(1 - ls) logsigmoid(beta z) + ls logsigmoid(-beta z)) / (1 - 2 ls)
+//   hinge   (SLiC, Zhao et al. 2023):  relu(1 - beta z)
+//   ipo     (IPO, Azar et al. 2023):    (z - 1 / (2 beta))^2
+// rewards: beta (pi_chosen - ref_chosen) and beta (pi_rejected - ref_rejected).
+#pragma once
+#include <cmath>
+
+#include "common.h"
+#include "vec_math.h"
+
+namespace rlk {
+
+enum class PreferenceKind : int { sigmoid = 0, ipo = 1, hinge = 2, robust = 3 };
+
+RLK_INLINE float log1p_acc(float x) { return ::log1pf(x); }
+RLK_INLINE double log1p_acc(double x) { return ::log1p(x); }
+
+// log(sigmoid(x)) without overflow: min(x, 0) - log1p(exp(-|x|)).
+template <typename acc>
+RLK_INLINE acc log_sigmoid(acc x) {
+  const acc e = exp_acc(x < acc(0) ? x : -x);
+  return (x < acc(0) ? x : acc(0)) - log1p_acc(e);
+}
+
+template <typename acc>
+RLK_INLINE acc sigmoid(acc x) {
+  const acc e = exp_acc(x < acc(0) ? x : -x);
+  return x < acc(0) ? e / (acc(1) + e) : acc(1) / (acc(1) + e);
+}
+
+template <typename acc>
+struct PreferencePair {
+  acc loss;
+  acc dlogits;  // d loss / d z
+  acc chosen_reward, rejected_reward;
+};
+
+template <typename acc>
+RLK_INLINE PreferencePair<acc> preference_pair(PreferenceKind kind, acc beta, acc label_smoothing,
+                                               acc policy_chosen, acc policy_rejected, acc ref_chosen,
+                                               acc ref_rejected) {
+  PreferencePair<acc> out;
+  const acc logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected);
+  const acc z = beta * logits;
+  const acc ls = label_smoothing;
+  switch (kind) {
+    case PreferenceKind::sigmoid:
+      out.loss = -(acc(1) - ls) * log_sigmoid(z) - ls * log_sigmoid(-z);
+      out.dlogits = beta * (-(acc(1) - ls) * sigmoid(-z) + ls * sigmoid(z));
+      break;
+    case PreferenceKind::robust:
+      out.loss = (-(acc(1) - ls) * log_sigmoid(z) + ls * log_sigmoid(-z)) / (acc(1) - acc(2) * ls);
+      out.dlogits = beta * (-(acc(1) - ls) * sigmoid(-z) - ls * sigmoid(z)) / (acc(1) - acc(2) * ls);
+      break;
+    case PreferenceKind::hinge: {
+      const acc margin = acc(1) - z;
+      out.loss = margin > acc(0) ? margin : acc(0);
+      out.dlogits = margin > acc(0) ? -beta : acc(0);  // relu's gradient at 0 is 0
+      break;
+    }
+    case PreferenceKind::ipo: {
+      const acc d = logits - acc(1) / (acc(2) * beta);
+      out.loss = d * d;
+      out.dlogits = acc(2) * d;
+      break;
+    }
+  }
+  out.chosen_reward = beta * (policy_chosen - ref_chosen);
+  out.rejected_reward = beta * (policy_rejected - ref_rejected);
+  return out;
+}
+
+}  // namespace rlk

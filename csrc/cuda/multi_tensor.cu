@@ -1,0 +1,168 @@
+// Multi-tensor pack/unpack and the gossip mixing step on the GPU.
+//
+// Pack/unpack pass the tensor table in the kernel parameters (no device
+// allocation, no host-device copy): one launch covers up to kMaxTensors
+// tensors, blockIdx.y picks the tensor and the x blocks stride over it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../core/multi_tensor.h"
+#include "launchers.h"
+
+namespace rlk {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+// 48 x (8 + 8 + 8) bytes keeps the parameter block well under CUDA's 4 KB.
+constexpr int kMaxTensors = 48;
+constexpr int64_t kMaxBlocksPerTensor = 1024;
+
+struct TensorTable {
+  void* pointers[kMaxTensors];
+  int64_t numels[kMaxTensors];
+  int64_t offsets[kMaxTensors];  // start of each tensor inside the bucket
+};
+
+// kPlain (same dtype, scale 1) copies bits: under --use_fast_math a trip
+// through arithmetic would flush subnormal values to zero.
+template <typename src_t, typename dst_t, bool kPack, bool kPlain>
+__global__ void multi_tensor_copy_kernel(TensorTable table, void* bucket, scale_acc_t<dst_t> scale) {
+  const int t = blockIdx.y;
+  const int64_t n = table.numels[t];
+  const src_t* src;
+  dst_t* dst;
+  if (kPack) {
+    src = static_cast<const src_t*>(table.pointers[t]);
+    dst = static_cast<dst_t*>(bucket) + table.offsets[t];
+  } else {
+    src = static_cast<const src_t*>(bucket) + table.offsets[t];
+    dst = static_cast<dst_t*>(table.pointers[t]);
+  }
+  const int64_t stride = int64_t(gridDim.x) * kThreads * kUnroll;
+  for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll; base < n; base += stride) {
+    // Loads first, then stores: kUnroll independent loads in flight per thread.
+    src_t values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kThreads + threadIdx.x;
+      if (i < n) values[u] = src[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kThreads + threadIdx.x;
+      if (i < n) {
+        if constexpr (kPlain) {
+          dst[i] = values[u];
+        } else {
+          dst[i] = scaled_cast<src_t, dst_t>(values[u], scale);
+        }
+      }
+    }
+  }
+}
+
+template <typename src_t, typename dst_t, bool kPack>
+cudaError_t launch_copy(void* const* pointers, const int64_t* numels, int64_t count, void* bucket,
+                        double scale, cudaStream_t stream) {
+  int64_t offset = 0;
+  for (int64_t first = 0; first < count; first += kMaxTensors) {
+    TensorTable table;
+    const int in_table = static_cast<int>(std::min<int64_t>(kMaxTensors, count - first));
+    int64_t largest = 0;
+    for (int k = 0; k < in_table; ++k) {
+      table.pointers[k] = pointers[first + k];
+      table.numels[k] = numels[first + k];
+      table.offsets[k] = offset;
+      offset += numels[first + k];
+      largest = std::max(largest, numels[first + k]);
+    }
+    if (largest == 0) continue;
+    const int64_t per_block = int64_t(kThreads) * kUnroll;
+    const dim3 grid(static_cast<unsigned int>(std::min(kMaxBlocksPerTensor, (largest + per_block - 1) / per_block)),
+                    static_cast<unsigned int>(in_table));
+    const auto s = static_cast<scale_acc_t<dst_t>>(scale);
+    if constexpr (std::is_same<src_t, dst_t>::value) {
+      if (scale == 1.0) {
+        multi_tensor_copy_kernel<src_t, dst_t, kPack, true><<<grid, kThreads, 0, stream>>>(table, bucket, s);
+      } else {
+        multi_tensor_copy_kernel<src_t, dst_t, kPack, false><<<grid, kThreads, 0, stream>>>(table, bucket, s);
+      }
+    } else {
+      multi_tensor_copy_kernel<src_t, dst_t, kPack, false><<<grid, kThreads, 0, stream>>>(table, bucket, s);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+__global__ void gossip_mix_kernel(const T* __restrict__ x, const T* left, const T* right, int64_t n,
+                                  acc_t<T> w_self, acc_t<T> w_left, acc_t<T> w_right, T* out) {
+  // out may alias x, left or right: each element is read before it is written
+  // by the same thread, so no __restrict__ on the aliased pointers.
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    out[i] = gossip_mix_one<T>(x[i], left[i], right[i], w_self, w_left, w_right);
+}
+
+}  // namespace
+
+template <typename src_t, typename dst_t>
+cudaError_t launch_pack_tensors(const src_t* const* tensors, const int64_t* numels, int64_t count,
+                                dst_t* bucket, double scale, cudaStream_t stream) {
+  return launch_copy<src_t, dst_t, true>(const_cast<void* const*>(reinterpret_cast<const void* const*>(tensors)),
+                                         numels, count, bucket, scale, stream);
+}
+
+template <typename src_t, typename dst_t>
+cudaError_t launch_unpack_tensors(const src_t* bucket, dst_t* const* tensors, const int64_t* numels,
+                                  int64_t count, double scale, cudaStream_t stream) {
+  return launch_copy<src_t, dst_t, false>(reinterpret_cast<void* const*>(tensors), numels, count,
+                                          const_cast<src_t*>(bucket), scale, stream);
+}
+
+template <typename T>
+cudaError_t launch_gossip_mix(const T* x, const T* left, const T* right, int64_t n, double w_self,
+                              double w_left, double w_right, T* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16);
+  gossip_mix_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+      x, left, right, n, acc_t<T>(w_self), acc_t<T>(w_left), acc_t<T>(w_right), out);
+  return cudaGetLastError();
+}
+
+#define RLK_INSTANTIATE_COPY(src_t, dst_t)                                                          \
+  template cudaError_t launch_pack_tensors<src_t, dst_t>(const src_t* const*, const int64_t*,       \
+                                                         int64_t, dst_t*, double, cudaStream_t);    \
+  template cudaError_t launch_unpack_tensors<src_t, dst_t>(const src_t*, dst_t* const*,             \
+                                                           const int64_t*, int64_t, double,         \
+                                                           cudaStream_t);
+#define RLK_INSTANTIATE_FROM(src_t)          \
+  RLK_INSTANTIATE_COPY(src_t, float)         \
+  RLK_INSTANTIATE_COPY(src_t, double)        \
+  RLK_INSTANTIATE_COPY(src_t, __half)        \
+  RLK_INSTANTIATE_COPY(src_t, __nv_bfloat16)
+RLK_INSTANTIATE_FROM(float)
+RLK_INSTANTIATE_FROM(double)
+RLK_INSTANTIATE_FROM(__half)
+RLK_INSTANTIATE_FROM(__nv_bfloat16)
+#undef RLK_INSTANTIATE_FROM
+#undef RLK_INSTANTIATE_COPY
+
+#define RLK_INSTANTIATE_MIX(T)                                                                     \
+  template cudaError_t launch_gossip_mix<T>(const T*, const T*, const T*, int64_t, double, double, \
+                                            double, T*, cudaStream_t);
+RLK_INSTANTIATE_MIX(float)
+RLK_INSTANTIATE_MIX(double)
+RLK_INSTANTIATE_MIX(__half)
+RLK_INSTANTIATE_MIX(__nv_bfloat16)
+#undef RLK_INSTANTIATE_MIX
+
+}  // namespace cuda
+}  // namespace rlk

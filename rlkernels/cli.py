@@ -1,0 +1,49 @@
+"""`rlkernels` command line: `train` and `demo` (rlkernels/trainers/cli.py), `bench`
+(benchmarks/, when installed from a source checkout) and `info`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ImportError as exc:
+        print(f"rlkernels bench: the benchmarks package is not importable ({exc}); run from a source "
+              "checkout of rlkernels", file=sys.stderr)
+        return 2
+    return bench_main(argv) or 0
+
+
+def _info(_args) -> int:
+    import rlkernels
+
+    print(json.dumps(rlkernels.info(), indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .trainers.cli import add_demo_parser, add_train_parser
+
+    parser = argparse.ArgumentParser(prog="rlkernels", description="rlkernels: kernels for RL fine-tuning of LLMs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench,info}")
+    add_train_parser(sub)
+    add_demo_parser(sub)
+    sub.add_parser("bench", help="microbenchmarks against pure-PyTorch baselines (rlkernels bench --help)",
+                   add_help=False)
+    sub.add_parser("info", help="build and runtime facts").set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # everything after `bench` belongs to the benchmark runner
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

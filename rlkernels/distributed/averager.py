@@ -1,0 +1,204 @@
+"""DecentralizedAverager: periodic model averaging for agents that train their own
+copy of a policy (local SGD / "decentralized policy optimization").
+
+allreduce and ring modes keep theta_global, the parameters every agent starts a
+round from.  Each agent runs `every` local optimizer steps, reaching theta_i =
+theta_global + delta_i; the round then sets, on every rank,
+
+    theta_global <- theta_global + alpha * mean_i(delta_i)
+
+and loads theta_global into the module, so all agents start the next round from the
+same parameters (alpha = 1 is plain averaging).  gossip mode keeps no shared state:
+each round mixes every agent with its two ring neighbours,
+theta_i <- theta_i + alpha * (mix_i - theta_i)."""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from .. import _validate as V
+from ..ops.multi_tensor import gossip_weights, pack_tensors, unpack_tensors
+from ._common import bucket_bytes, check_same_everywhere, collect, make_buckets, ring
+from .allreduce import reduce_buckets
+from .gossip import default_weights, gossip_buckets
+from .ring import SEGMENT_BYTES, ring_reduce_
+
+_FN = "DecentralizedAverager"
+_MODES = ("allreduce", "ring", "gossip")
+
+
+class DecentralizedAverager:
+    """Call `.step()` after each local optimizer step; every `every` steps it runs an
+    averaging round (and returns True).
+
+    mode: "allreduce" (dist.all_reduce per bucket), "ring" (neighbour-only ring
+    all-reduce, same result) or "gossip" (one neighbour mixing round, weights as in
+    gossip_average).  alpha > 0 scales the averaged update (0 < alpha <= 1 in gossip
+    mode).  optimizer + average_optimizer_state=True also averages the optimizer's
+    floating-point state (e.g. Adam moments) every round.  broadcast_initial (default:
+    True except in gossip mode) copies group rank 0's parameters to every rank at
+    construction, so all agents share the first theta_global.  Parameters must have the
+    same shapes and dtypes on every rank: checked once here."""
+
+    def __init__(self, module: torch.nn.Module, *, mode: str = "allreduce", every: int = 1, alpha: float = 1.0,
+                 bucket_mb: float = 25, group=None, optimizer: torch.optim.Optimizer | None = None,
+                 average_optimizer_state: bool = False, weights: tuple[float, float, float] | None = None,
+                 broadcast_initial: bool | None = None, backend: str = "auto"):
+        prefix = f"rlkernels.distributed.{_FN}"
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"{prefix}: module must be a torch.nn.Module, got {type(module).__name__}")
+        self.mode = V.choice(prefix, "mode", mode, _MODES)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{prefix}: every must be an integer >= 1, got {every!r}")
+        self.every = every
+        self.alpha = V.number(prefix, "alpha", alpha, low=0.0, low_open=True,
+                              high=1.0 if self.mode == "gossip" else None)
+        self._max_bytes = bucket_bytes(_FN, bucket_mb)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{prefix}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if average_optimizer_state and optimizer is None:
+            raise ValueError(f"{prefix}: average_optimizer_state=True needs optimizer=")
+        if weights is not None and self.mode != "gossip":
+            raise ValueError(f"{prefix}: weights apply to mode='gossip' only, got mode={self.mode!r}")
+        self.optimizer = optimizer
+        self.average_optimizer_state = bool(average_optimizer_state)
+        self.backend = backend
+        self._where = ring(_FN, group)
+        self.group = group
+        self._params = collect(_FN, module)
+        check_same_everywhere(_FN, self._params, self._where, what="params")
+        if self.mode == "gossip":
+            base = default_weights(self._where.size) if weights is None else gossip_weights(prefix, weights)
+            # theta + alpha * (mix - theta) is the mix with weights scaled by alpha and
+            # (1 - alpha) added to the own weight: still non-negative, still summing to 1.
+            self._weights = ((1 - self.alpha) + self.alpha * base[0], self.alpha * base[1], self.alpha * base[2])
+        self._buckets = make_buckets(self._params, self._max_bytes)
+        if broadcast_initial is None:
+            broadcast_initial = self.mode != "gossip"
+        if broadcast_initial:
+            self._broadcast_from_rank0()
+        self._global: list[torch.Tensor] = []
+        self._scratch: list[torch.Tensor] = []
+        if self.mode != "gossip":
+            # theta_global lives in flat buckets; the scratch buckets hold delta_i during a
+            # round and are kept so a round allocates (and page-faults) nothing.
+            self._global = [pack_tensors(b.tensors, backend=backend) for b in self._buckets]
+            self._scratch = [torch.empty_like(g) for g in self._global]
+        self.steps = 0
+        self.rounds = 0
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Counts one local step; every `every` steps runs `average()` and returns True."""
+        self.steps += 1
+        if self.steps % self.every:
+            return False
+        self.average()
+        return True
+
+    def average(self) -> None:
+        """Runs one averaging round now (all ranks must call it together)."""
+        if self.mode == "gossip":
+            gossip_buckets(self._params, self._where, self._weights, max_bytes=self._max_bytes,
+                           backend=self.backend)
+        else:
+            self._global_round()
+        if self.average_optimizer_state:
+            self._average_optimizer_state()
+        self.rounds += 1
+
+    @property
+    def theta_global(self) -> list[torch.Tensor]:
+        """theta_global shaped like the parameters (views of the averager's buffers)."""
+        if self.mode == "gossip":
+            raise AttributeError("DecentralizedAverager: mode='gossip' keeps no theta_global")
+        views = {}
+        for bucket, flat in zip(self._buckets, self._global):
+            offset = 0
+            for t in bucket.tensors:
+                views[id(t)] = flat[offset:offset + t.numel()].view(t.shape)
+                offset += t.numel()
+        return [views[id(p)] for p in self._params]
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "rounds": self.rounds, "theta_global": [g.clone() for g in self._global]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.rounds = int(state["steps"]), int(state["rounds"])
+        if len(state["theta_global"]) != len(self._global):
+            raise ValueError(f"rlkernels.distributed.{_FN}: state holds {len(state['theta_global'])} buckets, "
+                             f"this averager has {len(self._global)}")
+        for g, saved in zip(self._global, state["theta_global"]):
+            g.copy_(saved)
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _broadcast_from_rank0(self) -> None:
+        if self._where.size == 1:
+            return
+        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        for bucket in self._buckets:
+            flat = pack_tensors(bucket.tensors, backend=self.backend)
+            dist.broadcast(flat, src=src, group=self.group)
+            unpack_tensors(flat, bucket.tensors, backend=self.backend)
+
+    def _global_round(self) -> None:
+        n = self._where.size
+        pending: deque = deque()
+
+        def finish() -> None:
+            i, work = pending.popleft()
+            if work is not None:
+                work.wait()
+            # theta_global += alpha * (sum_i delta_i) / n, then every agent restarts from it
+            self._global[i].add_(self._scratch[i], alpha=self.alpha / n)
+            unpack_tensors(self._global[i], self._buckets[i].tensors, backend=self.backend)
+
+        with torch.no_grad():
+            for i, bucket in enumerate(self._buckets):
+                delta = pack_tensors(bucket.tensors, out=self._scratch[i], backend=self.backend)
+                delta.sub_(self._global[i])
+                if n == 1:
+                    work = None
+                elif self.mode == "ring":
+                    ring_reduce_(delta, self._where, average=False,
+                                 segment_elems=max(1, SEGMENT_BYTES // delta.element_size()))
+                    work = None
+                else:
+                    work = dist.all_reduce(delta, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                pending.append((i, work))
+                if len(pending) >= 2:
+                    finish()
+            while pending:
+                finish()
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        tensors = []
+        for param_group in self.optimizer.param_groups:
+            for p in param_group["params"]:
+                state = self.optimizer.state.get(p)
+                if not state:
+                    continue
+                for key in sorted(state, key=str):
+                    value = state[key]
+                    # Step counters are equal on every rank already; mixing them could
+                    # only round them off an integer.
+                    if key == "step":
+                        continue
+                    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0:
+                        tensors.append(value.detach())
+        return tensors
+
+    def _average_optimizer_state(self) -> None:
+        tensors = self._optimizer_tensors()
+        # The state appears lazily (after the first optimizer step), so it is checked
+        # every round: one all_gather of 3 integers.
+        check_same_everywhere(_FN, tensors, self._where, what="optimizer state")
+        if self.mode == "gossip":
+            gossip_buckets(tensors, self._where, self._weights, max_bytes=self._max_bytes, backend=self.backend)
+        else:
+            reduce_buckets(tensors, self._where, average=True, max_bytes=self._max_bytes, mode=self.mode,
+                           backend=self.backend)

@@ -1,0 +1,143 @@
+"""patch_trl(): TRL's log-prob and entropy functions on the rlkernels kernels.
+
+Replaced (in `trl.trainer.utils` and in every loaded `trl` module that imported them by
+name; modules imported later pick the replacement up from `trl.trainer.utils`):
+
+- `selective_log_softmax(logits, index, temperature=1.0, row_mask=None)` ->
+  `rlkernels.logprobs` (one streaming pass, fused backward, no [N, V] temporary).
+- `entropy_from_logits(logits, chunk_size=128)` -> `rlkernels.logprobs(..., entropy=True)`.
+- `selective_log_softmax_and_entropy(...)` -> both from the same pass.
+- `_ChunkedLogProbFunction` (the fused LM head GRPO and RLOO install with
+  `add_fused_lm_head`) -> `rlkernels.linear_logprobs` for log-probs and entropy.
+
+Each replacement keeps TRL's signature and output dtype and falls back to TRL's own
+function for what it does not cover (top-k index tensors, logit soft-capping or
+scaling, the extra fused-head outputs, mixed dtypes or autocast)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+_ORIGINALS: dict[str, object] = {}
+_PATCHED: list[tuple[str, str, object]] = []  # (module name, attribute, original)
+_LOWP = (torch.float16, torch.bfloat16)
+
+
+def _original(name: str):
+    return _ORIGINALS[name]
+
+
+def _as_input_dtype(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    # TRL returns low-precision log-probs for low-precision logits; ours are float32
+    return values.to(logits.dtype) if logits.dtype in _LOWP else values
+
+
+def _covered(logits: torch.Tensor, index: torch.Tensor | None = None) -> bool:
+    if logits.dtype not in (torch.float32,) + _LOWP or logits.dim() < 1 or logits.shape[-1] == 0:
+        return False
+    return index is None or (index.dim() == logits.dim() - 1 and index.shape == logits.shape[:-1])
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0,
+                          row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    import rlkernels
+
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if not _covered(logits, index):
+        return _original("selective_log_softmax")(logits, index, temperature, row_mask)
+    out = _as_input_dtype(rlkernels.logprobs(logits, index, temperature=temperature), logits)
+    return out if row_mask is None else out.masked_fill(row_mask == 0, 0.0)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    import rlkernels
+
+    if not _covered(logits):
+        return _original("entropy_from_logits")(logits, chunk_size)
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    _, entropy = rlkernels.logprobs(logits, labels, entropy=True)
+    return _as_input_dtype(entropy, logits)
+
+
+def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor, entropy_requires_grad: bool = True,
+                                      temperature: float = 1.0, row_mask: torch.Tensor | None = None):
+    import rlkernels
+
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if not _covered(logits, index):
+        return _original("selective_log_softmax_and_entropy")(logits, index, entropy_requires_grad, temperature,
+                                                               row_mask)
+    logprobs, entropy = rlkernels.logprobs(logits, index, temperature=temperature, entropy=True)
+    logprobs, entropy = _as_input_dtype(logprobs, logits), _as_input_dtype(entropy, logits)
+    if not entropy_requires_grad:
+        entropy = entropy.detach()
+    if row_mask is not None:
+        logprobs = logprobs.masked_fill(row_mask == 0, 0.0)
+        entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    return logprobs, entropy
+
+
+class ChunkedLogProbFunction:
+    """Stands in for TRL's `_ChunkedLogProbFunction` (same `.apply` arguments and
+    5-tuple result: log-probs, entropy or None, then TRL's optional extras)."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        import rlkernels
+
+        extras = set(outputs) - {"log_probs", "entropy"}
+        covered = (not extras and final_logit_softcapping is None and logit_scale == 1.0
+                   and hidden.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
+                   and hidden.dtype in (torch.float32,) + _LOWP
+                   and not torch.is_autocast_enabled(hidden.device.type))
+        if not covered:
+            return _original("_ChunkedLogProbFunction").apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                                              final_logit_softcapping, logit_scale, outputs)
+        with_entropy = "entropy" in outputs
+        out = rlkernels.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                        entropy=with_entropy)
+        logprobs, entropy = out if with_entropy else (out, None)
+        return logprobs, entropy, None, None, None
+
+
+_REPLACEMENTS = {
+    "selective_log_softmax": selective_log_softmax,
+    "entropy_from_logits": entropy_from_logits,
+    "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+    "_ChunkedLogProbFunction": ChunkedLogProbFunction,
+}
+
+
+def patch_trl(*, fused_lm_head: bool = True) -> list[str]:
+    """Points TRL's log-prob/entropy functions at rlkernels; returns the patched
+    `module.attribute` names.  Idempotent; `unpatch_trl()` restores TRL's own."""
+    try:
+        import trl.trainer.utils as utils
+    except ImportError as exc:
+        raise ImportError(f"patch_trl needs trl (pip install trl): {exc}") from exc
+    if _PATCHED:
+        return [f"{m}.{a}" for m, a, _ in _PATCHED]
+    names = [n for n in _REPLACEMENTS if hasattr(utils, n) and (fused_lm_head or n != "_ChunkedLogProbFunction")]
+    _ORIGINALS.update({n: getattr(utils, n) for n in names})
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == "trl" or module_name.startswith("trl.")):
+            continue
+        for name in names:
+            if getattr(module, name, None) is _ORIGINALS[name]:
+                setattr(module, name, _REPLACEMENTS[name])
+                _PATCHED.append((module_name, name, _ORIGINALS[name]))
+    return [f"{m}.{a}" for m, a, _ in _PATCHED]
+
+
+def unpatch_trl() -> None:
+    """Restores every attribute patch_trl replaced."""
+    while _PATCHED:
+        module_name, name, original = _PATCHED.pop()
+        module = sys.modules.get(module_name)
+        if module is not None and getattr(module, name, None) is _REPLACEMENTS[name]:
+            setattr(module, name, original)
+    _ORIGINALS.clear()

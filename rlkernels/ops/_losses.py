@@ -1,0 +1,109 @@
+"""Validation and autograd glue shared by the token-level losses (ppo_loss,
+grpo_loss, value_loss).  Their ops return (loss, stats, grad, row_scale): the
+per-token gradient before aggregation and each row's share of the aggregation,
+so backward is one broadcast multiply."""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from ..reference.losses import AGG_MODES
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def optional_positive(op: str, name: str, value) -> float | None:
+    return None if value is None else V.number(op, name, value, low=0.0, low_open=True)
+
+
+def normalisers(op: str, agg: str, num_tokens, num_seqs, norm_length):
+    V.choice(op, "agg", agg, AGG_MODES)
+    return (optional_positive(op, "num_tokens", num_tokens), optional_positive(op, "num_seqs", num_seqs),
+            optional_positive(op, "norm_length", norm_length))
+
+
+def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, per_row: tuple[str, ...] = ()):
+    """Checks a [B, T] primary tensor, same-shape companions (None allowed; names in
+    `per_row` may also be [B] or [B, 1]) and the mask.  Returns the tensors promoted to
+    one float dtype and contiguous, in the order given, then the bool mask and device."""
+    V.float_tensor(op, primary_name, primary, ndim=2)
+    B = primary.shape[0]
+    dtype = primary.dtype
+    for name, value in others.items():
+        if value is None:
+            continue
+        V.float_tensor(op, name, value)
+        if name in per_row and value.shape in ((B,), (B, 1)):
+            pass
+        else:
+            V.same_shape(op, name, value, primary_name, primary)
+        dtype = torch.promote_types(dtype, value.dtype)
+    device = V.same_device(op, **{primary_name: primary}, **others, mask=mask)
+    mask = V.binary_mask(op, "mask", mask, primary.shape, device)
+    promoted = [primary.to(dtype).contiguous()]
+    for name, value in others.items():
+        if value is not None:
+            if name in per_row and value.dim() == 2 and value.shape[1] == 1 and primary.shape[1] != 1:
+                value = value.reshape(B)
+            value = value.to(dtype).contiguous()
+        promoted.append(value)
+    return promoted, mask, device
+
+
+INF = float("inf")
+
+
+def off_or(value: float | None) -> float:
+    """An optional limit as an op coefficient: inf when off."""
+    return INF if value is None else float(value)
+
+
+def count_or(value: float | None) -> float:
+    """An optional normaliser as an op coefficient: -1 means "count it"."""
+    return -1.0 if value is None else float(value)
+
+
+def need_grad(tensor: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
+def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: stats[i] for i, name in enumerate(names)}
+
+
+def fake_outputs(primary: torch.Tensor, num_stats: int, need_grad: bool):
+    torch._check(primary.dim() == 2, lambda: "the loss inputs must be [B, T]")
+    dtype = out_dtype(primary.dtype)
+    B, T = primary.shape
+    return (primary.new_empty((), dtype=dtype), primary.new_empty((num_stats,), dtype=dtype),
+            primary.new_empty((B, T) if need_grad else (0,), dtype=dtype), primary.new_empty((B,), dtype=dtype))
+
+
+@torch.library.register_fake("rlkernels::scale_rows")
+def _scale_rows_fake(grad, row_scale, grad_loss, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+def register_token_loss_autograd(op_name: str, num_inputs: int, scale_rows=None) -> None:
+    """Backward of a token loss op: d loss / d input_0 = grad_loss * row_scale[b] * grad[b, t],
+    computed by `scale_rows` (grad, row_scale, grad_loss, dtype) -> [B, T]: a kernel op, whose
+    small problems stay on one thread (a torch broadcast multiply would wake a thread pool)."""
+    scale_rows = torch.ops.rlkernels.scale_rows if scale_rows is None else scale_rows
+
+    def setup_context(ctx, inputs, output):
+        _, stats, grad, row_scale = output
+        ctx.save_for_backward(grad, row_scale)
+        ctx.input_dtype = inputs[0].dtype
+        ctx.mark_non_differentiable(stats, grad, row_scale)
+        # The other outputs get no gradient: do not materialise zeros of their size.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, *unused):
+        grad, row_scale = ctx.saved_tensors
+        if grad_loss is None or grad.dim() != 2:  # no gradient needed
+            return (None,) * num_inputs
+        return scale_rows(grad, row_scale, grad_loss, ctx.input_dtype), *((None,) * (num_inputs - 1))
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)

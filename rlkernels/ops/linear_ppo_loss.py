@@ -1,0 +1,327 @@
+"""rlkernels.linear_ppo_loss: from the last hidden states and the lm-head straight to
+the PPO/GRPO loss, in one sweep over token chunks that never holds the [N, V]
+logits and computes the gradients on the way.
+
+For each chunk: logits = hidden @ weight.T (+ bias) into one reused buffer; the
+fused log-softmax row kernel (rlkernels::logprobs) gives log-probs, entropies and
+softmax statistics; the fused policy op (rlkernels::policy_loss) gives the chunk's
+share of the loss, its statistics and d loss / d log-prob (the aggregation only
+needs the batch's token and sequence counts, taken from the mask up front); the
+row kernel's in-place backward turns the logits into d loss / d logits, and two
+matmuls add the chunk's gradients for hidden and weight.  Three matmuls in all,
+as many as the composed forward and backward; backward only scales the stored
+gradients by the incoming one.  Chunks are whole rows when a row fits the
+budget, else segments of one row (the loss's per-row normalisers stay exact)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import custom_op, register_fake
+
+from .. import _validate as V, reference
+from ..reference.losses import KL_ESTIMATORS, POLICY_STATS, aggregate
+from . import _chunked, _losses
+from . import _logits as L
+from .policy_loss import _policy
+
+_OP = "linear_ppo_loss"
+STATS = POLICY_STATS + ("entropy",)
+
+
+def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+                    advantages: torch.Tensor, mask: torch.Tensor | None = None, *,
+                    ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, kl: str = "k3",
+                    entropy_coef: float = 0.0, temperature: float = 1.0, bias: torch.Tensor | None = None,
+                    clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None,
+                    log_ratio_clamp: float | None = 20.0, agg: str = "token-mean", num_tokens: float | None = None,
+                    num_seqs: float | None = None, norm_length: float | None = None,
+                    weights: torch.Tensor | None = None, ignore_index: int = -100, chunk_size: int | None = None,
+                    backend: str = "auto") -> tuple[torch.Tensor, dict]:
+    """The loss of ppo_loss (all its options) on logprobs = log softmax((hidden @ weight.T
+    + bias) / temperature)[labels], plus ``beta * KL(pi || pi_ref)`` per token (k1/k2/k3 as
+    in grpo_loss, needs ref_logprobs) minus ``entropy_coef * agg(entropy)`` (the entropy
+    bonus aggregated with the same `agg` and normalisers)::
+
+        loss = agg(weights * L_clip + beta * KL) - entropy_coef * agg(entropy)
+
+    hidden `[B, T, H]`, weight `[V, H]` (the lm-head; float32, bfloat16 or float16 like
+    hidden, float64 runs on the reference), labels `[B, T]` (the sampled tokens),
+    old_logprobs / advantages / mask / ref_logprobs / weights as in ppo_loss.  Masked
+    tokens and labels equal to ignore_index take no part (and skip the lm-head).  At
+    most `chunk_size` tokens of logits exist at a time (default: 64 MiB of float32).
+    Gradients flow to hidden, weight and bias; they are computed in the forward sweep
+    (no recomputation), so the forward holds grad-sized buffers for them.  Returns
+    (loss, stats): ppo_loss's stats plus "entropy" (mean over valid tokens, 0 unless
+    entropy_coef is non-zero).  On CUDA the batch's token counts are read to the host
+    once per call (and the incoming gradient once per backward: when it is 1, the
+    stored gradients are returned as they are, with no second weight-sized buffer).
+    """
+    op = linear_ppo_loss.__name__
+    V.tensor(op, "hidden", hidden, dtypes=L.LOGIT_DTYPES, ndim=3)
+    V.tensor(op, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: weight must have shape [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    V.same_dtype(op, "weight", weight, "hidden", hidden)
+    if bias is not None:
+        V.tensor(op, "bias", bias, dtypes=L.LOGIT_DTYPES, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+        V.same_dtype(op, "bias", bias, "hidden", hidden)
+    beta = V.number(op, "beta", beta, low=0.0)
+    entropy_coef = V.number(op, "entropy_coef", entropy_coef)
+    V.choice(op, "kl", kl, KL_ESTIMATORS)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"{op}: beta > 0 needs ref_logprobs")
+    V.tensor(op, "labels", labels, ndim=2)
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"{op}: labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    device = V.same_device(op, hidden=hidden, weight=weight, bias=bias, labels=labels)
+    ignore_index = L.index(op, "ignore_index", ignore_index)
+    temperature = L.temperature(op, temperature)
+    valid = V.binary_mask(op, "mask", mask, labels.shape, device)
+    if valid is not None:
+        # Masked tokens need no logits: give them the ignored label.
+        labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
+    labels = L.labels_for(op, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
+    valid = labels != ignore_index
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be an int >= 1, got {chunk_size!r}")
+    chosen = L.choose_backend(op, backend, device, hidden.dtype)
+    if chosen == "reference":
+        return _composed(hidden, weight, labels, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs,
+                         beta=beta, kl=kl, entropy_coef=entropy_coef, temperature=temperature, bias=bias,
+                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                         log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                         norm_length=norm_length, weights=weights, ignore_index=ignore_index)
+    # Validate and promote the token tensors the way ppo_loss does (on a float32 stand-in
+    # for the log-probs), and the scalars into the policy op's coefficients.
+    clip_low = V.number(op, "clip_low", clip_low, low=0.0, high=1.0, low_open=True, high_open=True)
+    clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
+    if dual_clip is not None:
+        dual_clip = V.number(op, "dual_clip", dual_clip, low=1.0, low_open=True)
+    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp)
+    num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
+    stand_in = torch.empty(labels.shape, dtype=torch.float32, device=device)
+    (_, old_logprobs, advantages, weights, ref_logprobs), _, _ = _losses.token_tensors(
+        op, "logprobs", stand_in,
+        {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights,
+         "ref_logprobs": ref_logprobs if beta > 0 else None},
+        None, per_row=("advantages",))
+    token_dtype = torch.float32 if old_logprobs.dtype != torch.float64 else torch.float64
+    old_logprobs, advantages, weights, ref_logprobs = (
+        None if t is None else t.to(token_dtype) for t in (old_logprobs, advantages, weights, ref_logprobs))
+    coefficients = [clip_low, clip_high, _losses.off_or(dual_clip), _losses.off_or(log_ratio_clamp), beta,
+                    _losses.count_or(num_tokens), _losses.count_or(num_seqs), _losses.count_or(norm_length)]
+    needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    chunk = _chunked.chunk_rows(labels.numel(), weight.shape[0], chunk_size)
+    loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss(
+        hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
+        ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index,
+        chunk, chosen, needs)
+    return loss, _losses.stats_dict(STATS, stats)
+
+
+def _composed(hidden, weight, labels, old_logprobs, advantages, valid, *, ref_logprobs, beta, kl, entropy_coef,
+              temperature, bias, clip_low, clip_high, dual_clip, log_ratio_clamp, agg, num_tokens, num_seqs,
+              norm_length, weights, ignore_index):
+    """The reference path: linear_logprobs then ppo_loss, composed."""
+    from .linear_logprobs import linear_logprobs
+
+    with_entropy = entropy_coef != 0.0
+    out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                          entropy=with_entropy, backend="reference")
+    logprobs, entropy = out if with_entropy else (out, None)
+    loss, stats = _policy(linear_ppo_loss.__name__, logprobs, old_logprobs, advantages, valid, weights=weights,
+                          ref_logprobs=ref_logprobs if beta > 0 else None, clip_low=clip_low, clip_high=clip_high,
+                          dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, kl_coef=beta,
+                          kl=kl if beta > 0 else "none", agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                          norm_length=norm_length, backend="reference")
+    entropy_mean = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    if with_entropy:
+        entropy = torch.where(valid, entropy.to(loss.dtype), 0)
+        loss = loss - entropy_coef * aggregate(entropy, valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                               norm_length=norm_length)
+        count = valid.sum()
+        entropy_mean = torch.where(count > 0, entropy.detach().sum() / count.clamp(min=1), 0)
+    stats["entropy"] = entropy_mean
+    return loss, stats
+
+
+# ---- the op: one sweep over chunks, gradients included -------------------------------------
+
+def _pieces(valid: torch.Tensor, chunk: int, agg: str, coefficients: list[float]):
+    """Yields (rows, cols, agg, coefficients) pieces of the [B, T] token grid: whole rows
+    when a row fits `chunk` tokens, else segments of one row.  The batch's normalisers are
+    resolved here (counted where not given), so every piece computes its exact share of
+    the loss; a row segment under seq-mean-token-mean uses seq-mean-token-sum with
+    num_seqs = n_s * (the row's valid tokens), the same per-row scale."""
+    B, T = valid.shape
+    coefficients = list(coefficients)
+    if coefficients[5] < 0:
+        coefficients[5] = float(valid.sum())
+    row_tokens = valid.sum(-1)
+    if coefficients[6] < 0:
+        coefficients[6] = float((row_tokens > 0).sum())
+    if coefficients[7] < 0:
+        coefficients[7] = float(T)
+    if T <= chunk:
+        rows = max(1, chunk // max(T, 1))
+        for r0 in range(0, B, rows):
+            yield slice(r0, min(r0 + rows, B)), slice(0, T), agg, coefficients
+        return
+    counts = row_tokens.tolist()
+    for b in range(B):
+        if counts[b] == 0:
+            continue
+        piece_agg, piece_coefficients = agg, coefficients
+        if agg == "seq-mean-token-mean":
+            piece_agg = "seq-mean-token-sum"
+            piece_coefficients = coefficients[:6] + [coefficients[6] * counts[b], coefficients[7]]
+        for c0 in range(0, T, chunk):
+            yield slice(b, b + 1), slice(c0, min(c0 + chunk, T)), piece_agg, piece_coefficients
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        return (torch.ops.rlkernels.logprobs_triton, torch.ops.rlkernels.logprobs_backward_inplace_triton,
+                torch.ops.rlkernels.policy_loss_triton)
+    return (torch.ops.rlkernels.logprobs, torch.ops.rlkernels.logprobs_backward_inplace,
+            torch.ops.rlkernels.policy_loss)
+
+
+def _piece(t: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dim() == 1:  # per-sequence advantages
+        return t[rows]
+    return t[rows, cols].contiguous()
+
+
+@custom_op("rlkernels::linear_policy_loss", mutates_args=())
+def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        bias: Optional[torch.Tensor], old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        valid: torch.Tensor, weights: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor],
+                        coefficients: list[float], kl: str, agg: str, entropy_coef: float, temperature: float,
+                        ignore_index: int, chunk: int, backend: str, needs: list[bool]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_forward, row_backward_inplace, policy = _kernels(backend)
+    B, T, H = hidden.shape
+    vocab = weight.shape[0]
+    needs_hidden, needs_weight, needs_bias = needs[0], needs[1], needs[2] and bias is not None
+    any_grad = needs_hidden or needs_weight or needs_bias
+    with_entropy = entropy_coef != 0.0
+    acc = old_logprobs.dtype
+    wide = weight.dtype in (torch.float16, torch.bfloat16)
+    grad_hidden = torch.zeros_like(hidden) if needs_hidden else hidden.new_empty(0)
+    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32 if wide else weight.dtype, device=weight.device)
+                   if needs_weight else weight.new_empty(0))
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if needs_bias else weight.new_empty(0)
+    flat_hidden = hidden.reshape(B * T, H)
+    flat_grad_hidden = grad_hidden.reshape(B * T, H) if needs_hidden else None
+    token_index = torch.arange(B * T, device=hidden.device).reshape(B, T)
+    buffer = hidden.new_empty((min(chunk, B * T), vocab)) if B * T > 0 else None
+    loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    sums = torch.zeros(len(POLICY_STATS) - 1, dtype=torch.float64, device=hidden.device)  # stats x tokens
+    ratio_max = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    entropy_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for rows, cols, piece_agg, piece_coefficients in _pieces(valid, chunk, agg, coefficients):
+        piece_valid = valid[rows, cols]
+        kept = token_index[rows, cols][piece_valid]
+        logprobs = torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device)
+        entropy = torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device) if with_entropy else None
+        n = kept.numel()
+        if n > 0:
+            logits = buffer[:n]
+            kept_hidden = flat_hidden.index_select(0, kept)
+            if bias is None:
+                torch.mm(kept_hidden, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, kept_hidden, weight.t(), out=logits)
+            kept_labels = labels.reshape(-1).index_select(0, kept)
+            lp, ent, saved = row_forward(logits, kept_labels, temperature, ignore_index, with_entropy, True)
+            logprobs[piece_valid] = lp.to(acc)
+            if with_entropy:
+                entropy[piece_valid] = ent.to(acc)
+        piece_loss, piece_stats, grad, row_scale = policy(
+            logprobs, old_logprobs[rows, cols].contiguous(), _piece(advantages, rows, cols), piece_valid,
+            _piece(weights, rows, cols), _piece(ref_logprobs, rows, cols), piece_coefficients, kl, piece_agg,
+            any_grad)
+        loss += piece_loss.double()
+        count = piece_stats[-1].double()
+        tokens += count
+        sums += piece_stats[:-1].double() * count
+        ratio_max = torch.maximum(ratio_max, piece_stats[POLICY_STATS.index("ratio_max")].double())
+        if with_entropy:
+            loss -= entropy_coef * (row_scale.double() * entropy.double().sum(-1)).sum()
+            entropy_sum += entropy.double().sum()
+        if n == 0 or not any_grad:
+            continue
+        grad_logprobs = (grad * row_scale.unsqueeze(-1))[piece_valid].float()
+        grad_entropy = None
+        if with_entropy:
+            grad_entropy = (-entropy_coef * row_scale.unsqueeze(-1)).expand(piece_valid.shape)[piece_valid].float()
+        row_backward_inplace(grad_logprobs, grad_entropy, logits, kept_labels, saved, ent, temperature,
+                             ignore_index)
+        if needs_hidden:
+            flat_grad_hidden.index_copy_(0, kept, torch.mm(logits, weight))
+        if needs_weight:
+            if wide:
+                grad_weight.add_(torch.mm(logits.t(), kept_hidden))
+            else:
+                grad_weight.addmm_(logits.t(), kept_hidden)
+        if needs_bias:
+            grad_bias.add_(logits.sum(0, dtype=torch.float32))
+    stats = torch.zeros(len(STATS), dtype=acc, device=hidden.device)
+    means = torch.where(tokens > 0, sums / tokens.clamp(min=1), 0)
+    stats[: len(POLICY_STATS) - 1] = means.to(acc)
+    stats[POLICY_STATS.index("ratio_max")] = ratio_max.to(acc)
+    stats[POLICY_STATS.index("num_tokens")] = tokens.to(acc)
+    stats[len(POLICY_STATS)] = torch.where(tokens > 0, entropy_sum / tokens.clamp(min=1), 0).to(acc)
+    if needs_weight and wide:
+        grad_weight = grad_weight.to(weight.dtype)
+    if needs_bias:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss.to(acc), stats, grad_hidden, grad_weight, grad_bias
+
+
+@register_fake("rlkernels::linear_policy_loss")
+def _linear_policy_loss_fake(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs,
+                             coefficients, kl, agg, entropy_coef, temperature, ignore_index, chunk, backend, needs):
+    acc = old_logprobs.dtype
+    needs_bias = needs[2] and bias is not None
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((len(STATS),), dtype=acc),
+            hidden.new_empty(hidden.shape if needs[0] else (0,)), weight.new_empty(weight.shape if needs[1] else (0,)),
+            weight.new_empty(bias.shape if needs_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    _, stats, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.mark_non_differentiable(stats, grad_hidden, grad_weight, grad_bias)
+    # The stored gradients get no incoming gradient: no weight-sized zeros for them.
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    # The usual loss.backward() passes grad_loss = 1: hand the stored gradient over as it
+    # is (no second weight-sized buffer, nothing mutated).  Traced (compile, opcheck) or
+    # for any other grad_loss, scale out of place.
+    if (type(saved) is torch.Tensor and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+            and bool(grad_loss == 1)):
+        return saved
+    return saved * grad_loss.to(saved.dtype)
+
+
+def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * 18
+    grads = []
+    for saved in ctx.saved_tensors:
+        grads.append(None if saved.numel() == 0 else _scaled(saved, grad_loss))
+    grad_hidden, grad_weight, grad_bias = grads
+    return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 14
+
+
+torch.library.register_autograd("rlkernels::linear_policy_loss", _backward, setup_context=_setup_context)

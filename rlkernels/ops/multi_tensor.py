@@ -1,0 +1,176 @@
+"""Fused multi-tensor ops behind parameter averaging (rlkernels.distributed):
+
+- pack_tensors: many tensors -> one flat bucket, optionally scaled and cast
+  (e.g. to bfloat16 for a compressed all-reduce), in one kernel launch;
+- unpack_tensors: the bucket -> back into the tensors, in place, optionally scaled
+  (e.g. by 1/world_size for the mean);
+- gossip_mix: out = w_self * x + w_left * left + w_right * right.
+
+The scaled copy multiplies in float64 for float32/float64 destinations and in float32
+for 16-bit ones, then rounds once: `sum * (1/n)` equals `sum / n` bit for bit for
+float32, float16 and bfloat16 (float64 may differ in the last bit)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .. import _backend, _validate as V, reference
+
+_PACK = "pack_tensors"
+_UNPACK = "unpack_tensors"
+_MIX = "gossip_mix"
+
+
+def _tensor_list(op: str, tensors) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{op}: tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        V.float_tensor(op, f"tensors[{i}]", t)
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(f"{op}: tensors must share one dtype: tensors[0] is {tensors[0].dtype}, "
+                            f"tensors[{i}] is {t.dtype}")
+        if t.device != tensors[0].device:
+            raise ValueError(f"{op}: tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
+    return list(tensors)
+
+
+def _scale(op: str, scale) -> float:
+    scale = V.number(op, "scale", scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return scale
+
+
+def _bucket(op: str, bucket, total: int, device) -> torch.Tensor:
+    V.float_tensor(op, "bucket", bucket, ndim=1)
+    if bucket.numel() != total:
+        raise ValueError(f"{op}: bucket must have {total} elements (the tensors' total), got {bucket.numel()}")
+    if device is not None and bucket.device != device:
+        raise ValueError(f"{op}: bucket is on {bucket.device} but the tensors are on {device}")
+    if not bucket.is_contiguous():
+        raise ValueError(f"{op}: bucket must be contiguous")
+    return bucket
+
+
+def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None, scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """Flattens `tensors` (one dtype, one device) into one 1-D bucket holding
+    `tensors[0].flatten() * scale, tensors[1].flatten() * scale, ...`, cast to `dtype`
+    (default: the tensors' dtype) or written into `out` (a contiguous 1-D tensor of
+    the total element count, whose dtype then decides).  Returns the bucket."""
+    tensors = _tensor_list(_PACK, tensors)
+    scale = _scale(_PACK, scale)
+    total = sum(t.numel() for t in tensors)
+    device = tensors[0].device if tensors else (out.device if isinstance(out, torch.Tensor) else None)
+    if out is None:
+        if dtype is None:
+            dtype = tensors[0].dtype if tensors else torch.float32
+        if dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"{_PACK}: dtype must be one of {V.FLOAT_DTYPES}, got {dtype}")
+        out = torch.empty(total, dtype=dtype, device=device or "cpu")
+    else:
+        _bucket(_PACK, out, total, device)
+        if dtype is not None and dtype != out.dtype:
+            raise TypeError(f"{_PACK}: dtype={dtype} disagrees with out's dtype {out.dtype}")
+    if total == 0:
+        return out
+    contiguous = [t.contiguous() for t in tensors]
+    chosen = _backend.resolve(_PACK, backend, out.device)
+    with torch.no_grad():
+        if chosen == "reference":
+            reference.pack_tensors(contiguous, out, scale)
+        elif chosen == "triton":
+            torch.ops.rlkernels.pack_tensors_triton(contiguous, out, scale)
+        else:
+            torch.ops.rlkernels.pack_tensors(contiguous, out, scale)
+    return out
+
+
+def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, scale: float = 1.0,
+                   backend: str = "auto") -> None:
+    """Writes `bucket[offset_i : offset_i + numel_i] * scale` into `tensors[i]` in place
+    (cast to the tensors' dtype), the inverse of pack_tensors.  Non-contiguous targets
+    are filled through a contiguous copy."""
+    tensors = _tensor_list(_UNPACK, tensors)
+    scale = _scale(_UNPACK, scale)
+    total = sum(t.numel() for t in tensors)
+    _bucket(_UNPACK, bucket, total, tensors[0].device if tensors else None)
+    if total == 0:
+        return
+    targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+               for t in tensors]
+    chosen = _backend.resolve(_UNPACK, backend, bucket.device)
+    with torch.no_grad():
+        if chosen == "reference":
+            reference.unpack_tensors(bucket, targets, scale)
+        elif chosen == "triton":
+            torch.ops.rlkernels.unpack_tensors_triton(bucket, targets, scale)
+        else:
+            torch.ops.rlkernels.unpack_tensors(bucket, targets, scale)
+        for t, target in zip(tensors, targets):
+            if t is not target:
+                t.copy_(target)
+
+
+def gossip_weights(op: str, weights) -> tuple[float, float, float]:
+    """Validates (w_self, w_left, w_right): non-negative numbers summing to 1 (so the
+    mixing keeps the mean)."""
+    if not isinstance(weights, (tuple, list)) or len(weights) != 3:
+        raise TypeError(f"{op}: weights must be a tuple (w_self, w_left, w_right), got {weights!r}")
+    names = ("w_self", "w_left", "w_right")
+    values = tuple(V.number(op, f"weights.{n}", w, low=0.0) for n, w in zip(names, weights))
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"{op}: weights must sum to 1 (so the mixing keeps the mean), got {sum(values)!r}")
+    return values
+
+
+def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+               weights: Sequence[float] = (1 / 3, 1 / 3, 1 / 3), *, out: torch.Tensor | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """One gossip mixing step, `w_self * x + w_left * left + w_right * right` with
+    `weights = (w_self, w_left, w_right)` (non-negative, summing to 1), computed in
+    float32 (float64 stays float64) and rounded once to x's dtype.  `out` may be x
+    itself (in place).  x, left, right and out share shape, dtype and device."""
+    V.float_tensor(_MIX, "x", x)
+    for name, t in (("left", left), ("right", right)) + ((("out", out),) if out is not None else ()):
+        V.tensor(_MIX, name, t)
+        V.same_dtype(_MIX, name, t, "x", x)
+        V.same_shape(_MIX, name, t, "x", x)
+    device = V.same_device(_MIX, x=x, left=left, right=right, out=out)
+    w_self, w_left, w_right = gossip_weights(_MIX, weights)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    chosen = _backend.resolve(_MIX, backend, device)
+    with torch.no_grad():
+        if chosen == "reference":
+            target.copy_(reference.gossip_mix(x, left, right, w_self, w_left, w_right))
+        else:
+            fn = torch.ops.rlkernels.gossip_mix_triton if chosen == "triton" else torch.ops.rlkernels.gossip_mix
+            fn(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
+        if target is not out:
+            out.copy_(target)
+    return out
+
+
+@torch.library.register_fake("rlkernels::pack_tensors")
+def _pack_fake(tensors, bucket, scale):
+    torch._check(bucket.dim() == 1, lambda: "bucket must be 1-D")
+    torch._check(bucket.numel() == sum(t.numel() for t in tensors), lambda: "bucket size must match the tensors")
+    return None
+
+
+@torch.library.register_fake("rlkernels::unpack_tensors")
+def _unpack_fake(bucket, tensors, scale):
+    torch._check(bucket.dim() == 1, lambda: "bucket must be 1-D")
+    torch._check(bucket.numel() == sum(t.numel() for t in tensors), lambda: "bucket size must match the tensors")
+    return None
+
+
+@torch.library.register_fake("rlkernels::gossip_mix")
+def _gossip_mix_fake(x, left, right, w_self, w_left, w_right, out):
+    torch._check(left.shape == x.shape and right.shape == x.shape and out.shape == x.shape,
+                 lambda: "x, left, right and out must share one shape")
+    return None

@@ -1,0 +1,129 @@
+"""rlkernels.ppo_loss and rlkernels.grpo_loss: the clipped policy-gradient surrogate
+in one fused pass (loss, per-token gradient and statistics), on the op
+rlkernels::policy_loss."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend, _validate as V, reference
+from ..reference.losses import GRPO_LOSS_TYPES, KL_ESTIMATORS, POLICY_STATS, grpo_aggregation
+from . import _losses
+
+_OP = "rlkernels::policy_loss"
+
+
+def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+             mask: torch.Tensor | None = None, *, clip_low: float = 0.2, clip_high: float | None = None,
+             dual_clip: float | None = None, log_ratio_clamp: float | None = 20.0, agg: str = "token-mean",
+             num_tokens: float | None = None, num_seqs: float | None = None, norm_length: float | None = None,
+             weights: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate over `[B, T]` tokens, with its gradient w.r.t. `logprobs`.
+
+    Per token (A = advantages, `[B, T]` or per sequence `[B]`)::
+
+        ratio = exp(clamp(logprobs - old_logprobs, -log_ratio_clamp, log_ratio_clamp))
+        L     = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+        L     = min(L, -A * dual_clip)   where A < 0, if dual_clip is given (dual-clip PPO)
+        L     = weights * L              if weights (e.g. importance-sampling corrections)
+
+    aggregated over the mask by `agg` (n_t = valid tokens or `num_tokens`, n_s = rows
+    with a valid token or `num_seqs`, T_norm = T or `norm_length`): "token-mean"
+    sum(L)/n_t, "token-sum", "seq-mean-token-sum" sum(L)/n_s, "seq-mean-token-mean"
+    sum_s(mean_t L)/n_s, "seq-mean-token-sum-norm" sum(L)/(n_s T_norm).  Passing the
+    global counts makes micro-batches and data-parallel ranks add up to the gradient
+    of the whole batch.  NaN or inf in masked slots never reaches the results.
+
+    Returns (loss, stats): loss is a 0-dim float32 tensor (float64 for float64 input);
+    stats holds 0-dim tensors averaged over valid tokens: clip_frac_upper (A > 0 and
+    ratio > 1 + clip_high), clip_frac_lower (A < 0 and ratio < 1 - clip_low),
+    clip_frac_dual (A < 0 and the dual clip binds), approx_kl_k1 (mean of old - new),
+    approx_kl_k3 (mean of ratio - 1 - log ratio), ratio_mean, ratio_max, kl (0 here)
+    and num_tokens (the valid tokens of this batch).  Only `logprobs` gets a gradient.
+    """
+    return _policy(ppo_loss.__name__, logprobs, old_logprobs, advantages, mask, weights=weights, ref_logprobs=None,
+                   clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp,
+                   kl_coef=0.0, kl="none", agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                   norm_length=norm_length, backend=backend)
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor | None = None, *, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+              kl: str = "k3", loss_type: str = "grpo", clip_low: float = 0.2, clip_high: float | None = None,
+              max_completion_length: int | None = None, num_tokens: float | None = None,
+              num_seqs: float | None = None, log_ratio_clamp: float | None = None,
+              backend: str = "auto") -> tuple[torch.Tensor, dict]:
+    """GRPO's loss as TRL's GRPOTrainer computes it, fused like ppo_loss::
+
+        L = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * KL
+
+    with KL the k1/k2/k3 estimator of KL(pi || pi_ref) (k3 = exp(ref - lp) - (ref - lp) - 1,
+    TRL's) and `advantages` per sequence `[B]` or per token `[B, T]`.  old_logprobs=None
+    means on-policy (ratio 1, TRL's `per_token_logps.detach()`).  Normalisation:
+    "grpo" mean over the B rows of the per-row token mean; "bnpo" sum / valid tokens;
+    "dr_grpo" sum / (B * max_completion_length, default T); "dapo" sum / num_tokens
+    (TRL's num_items_in_batch / num_processes; default the valid tokens).  TRL's
+    further division by the gradient accumulation steps is the trainer's business.
+    num_seqs overrides B for grpo/dr_grpo.  No log-ratio clamp unless log_ratio_clamp
+    is given (TRL has none).  Stats as for ppo_loss, with kl the mean KL estimate.
+    """
+    op = grpo_loss.__name__
+    V.choice(op, "loss_type", loss_type, GRPO_LOSS_TYPES)
+    V.choice(op, "kl", kl, KL_ESTIMATORS)
+    beta = V.number(op, "beta", beta, low=0.0)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"{op}: beta > 0 needs ref_logprobs")
+    if max_completion_length is not None:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int):
+            raise TypeError(f"{op}: max_completion_length must be an int, got {type(max_completion_length).__name__}")
+        if max_completion_length <= 0:
+            raise ValueError(f"{op}: max_completion_length must be > 0, got {max_completion_length}")
+    V.float_tensor(op, "logprobs", logprobs, ndim=2)
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
+    norm = grpo_aggregation(loss_type, logprobs.shape[0], logprobs.shape[1],
+                            max_completion_length=max_completion_length, num_tokens=num_tokens, num_seqs=num_seqs)
+    use_kl = beta > 0
+    return _policy(op, logprobs, old_logprobs, advantages, mask, weights=None,
+                   ref_logprobs=ref_logprobs if use_kl else None, clip_low=clip_low, clip_high=clip_high,
+                   dual_clip=None, log_ratio_clamp=log_ratio_clamp, kl_coef=beta, kl=kl if use_kl else "none",
+                   backend=backend, **{"num_tokens": None, "num_seqs": None, "norm_length": None, **norm})
+
+
+def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logprobs, clip_low, clip_high, dual_clip,
+            log_ratio_clamp, kl_coef, kl, agg, num_tokens, num_seqs, norm_length, backend):
+    clip_low = V.number(op, "clip_low", clip_low, low=0.0, high=1.0, low_open=True, high_open=True)
+    clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
+    if dual_clip is not None:
+        dual_clip = V.number(op, "dual_clip", dual_clip, low=1.0, low_open=True)
+    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp)
+    if log_ratio_clamp is not None and math.isinf(log_ratio_clamp):
+        log_ratio_clamp = None
+    num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
+    (logprobs, old_logprobs, advantages, weights, ref_logprobs), mask, device = _losses.token_tensors(
+        op, "logprobs", logprobs,
+        {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights, "ref_logprobs": ref_logprobs},
+        mask, per_row=("advantages",))
+    chosen = _backend.resolve(op, backend, device)
+    if chosen == "reference":
+        return reference.ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                  dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg,
+                                  num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length,
+                                  weights=weights, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+                                  kl=kl if kl != "none" else "k3")
+    fn = torch.ops.rlkernels.policy_loss_triton if chosen == "triton" else torch.ops.rlkernels.policy_loss
+    coefficients = [clip_low, clip_high, _losses.off_or(dual_clip), _losses.off_or(log_ratio_clamp), float(kl_coef),
+                    _losses.count_or(num_tokens), _losses.count_or(num_seqs), _losses.count_or(norm_length)]
+    loss, stats, _, _ = fn(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
+                           _losses.need_grad(logprobs))
+    return loss, _losses.stats_dict(POLICY_STATS, stats)
+
+
+@torch.library.register_fake(_OP)
+def _policy_loss_fake(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
+                      need_grad):
+    return _losses.fake_outputs(logprobs, len(POLICY_STATS), need_grad)
+
+
+_losses.register_token_loss_autograd(_OP, 10)

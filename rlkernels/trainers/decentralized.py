@@ -1,0 +1,186 @@
+"""Decentralized multi-agent PPO: N agents, each a process with its own environment
+seed, run local classic-PPO steps and exchange what they learned through
+`rlkernels.distributed.DecentralizedAverager`: every `average_every` local optimiser
+steps, theta_global <- theta_global + alpha * mean_i(delta_i) (allreduce or ring mode,
+after which every agent holds theta_global), or one gossip mixing round with the ring
+neighbours (gossip mode).
+
+Launch: `rlkernels train decentralized` starts `agents` local processes over gloo; under
+`torchrun` (RANK / WORLD_SIZE set) each torchrun process is one agent, so the same
+command runs across machines (NCCL on GPUs via dist_backend="nccl").
+
+Output: `<out>/agent<i>/` holds each agent's metrics, plot and checkpoint; agent 0 also
+writes `<out>/metrics.jsonl` and `<out>/curves.png` with the mean reward over agents
+and `param_spread`, the largest parameter difference between agents at the end of the
+step (0 in allreduce/ring mode when the step ends on a round)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .base import METRICS_FILE, PLOT_FILE, read_metrics, reset_out
+from .config import ConfigError
+from .ppo import PPOConfig, PPOTrainer
+
+MODES = ("allreduce", "ring", "gossip")
+
+
+@dataclass
+class DecentralizedConfig(PPOConfig):
+    agents: int = 2                  # processes started locally (ignored under torchrun)
+    mode: str = "allreduce"          # "allreduce", "ring" or "gossip"
+    average_every: int = 4           # local optimiser steps per averaging round
+    alpha: float = 1.0               # step size on the averaged update
+    average_optimizer_state: bool = False
+    dist_backend: str = "gloo"
+    timeout: float = 900.0           # seconds: the whole local run, and each collective
+
+    def check(self) -> None:
+        super().check()
+        self._positive("agents", "average_every", "alpha", "timeout")
+        self._one_of("mode", MODES)
+        self._one_of("dist_backend", ("gloo", "nccl"))
+        if self.mode == "gossip" and self.alpha > 1:
+            raise ConfigError("alpha", f"gossip mode needs 0 < alpha <= 1, got {self.alpha}")
+        if self.env.startswith("gym:"):
+            raise ConfigError("env", "the decentralized trainer checkpoints its environments: use cartpole or gridworld")
+
+
+class DecentralizedPPOTrainer(PPOTrainer):
+    """One agent.  The process group must be initialised before construction."""
+
+    name = "decentralized"
+    config_class = DecentralizedConfig
+    plot_keys = ("reward", "loss", "kl", "param_spread")
+
+    def __init__(self, config, out: str | None = None, *, kernels: str | None = None, combined_out: str | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("DecentralizedPPOTrainer needs an initialised torch.distributed process group "
+                               "(use train_decentralized, or launch with torchrun)")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.combined_out = combined_out
+        super().__init__(config, out, kernels=kernels)
+
+    def env_seed(self) -> int:
+        return self.config.seed + 1009 * self.rank
+
+    def setup(self) -> None:
+        from ..distributed import DecentralizedAverager
+
+        cfg: DecentralizedConfig = self.config
+        super().setup()  # every agent builds the same initial networks (same seed) ...
+        self.averager = DecentralizedAverager(
+            self.net, mode=cfg.mode, every=cfg.average_every, alpha=cfg.alpha, optimizer=self.optimizer,
+            average_optimizer_state=cfg.average_optimizer_state,
+            backend="reference" if self.ops.name == "reference" else "auto")
+        # ... and then samples its own actions and minibatches
+        agent_seed = cfg.seed + 7919 * self.rank
+        torch.manual_seed(agent_seed)
+        self.generator.manual_seed(agent_seed)
+        self.rng.seed(agent_seed)
+
+    def after_optimizer_step(self) -> None:
+        self.averager.step()
+
+    def extra_state(self):
+        tensors, values = super().extra_state()
+        state = self.averager.state_dict()
+        for i, flat in enumerate(state["theta_global"]):
+            tensors[f"averager/theta_global/{i}"] = flat
+        values["averager"] = {"steps": state["steps"], "rounds": state["rounds"], "buckets": len(state["theta_global"])}
+        return tensors, values
+
+    def load_extra_state(self, tensors, values):
+        super().load_extra_state(tensors, values)
+        meta = values["averager"]
+        self.averager.load_state_dict({"steps": meta["steps"], "rounds": meta["rounds"],
+                                       "theta_global": [tensors[f"averager/theta_global/{i}"]
+                                                        for i in range(meta["buckets"])]})
+
+    @torch.no_grad()
+    def _spread(self) -> float:
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.net.parameters()])
+        high, low = flat.clone(), flat.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        return float((high - low).max())
+
+    def train_step(self) -> dict:
+        metrics = super().train_step()
+        keys = ("reward", "loss", "kl", "entropy")
+        local = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        table = torch.stack(gathered)
+        metrics.update(agent_rewards=table[:, 0].tolist(), param_spread=self._spread(), rounds=self.averager.rounds)
+        if self.combined_out:
+            combined = {"step": self.step + 1, **{k: float(table[:, i].mean()) for i, k in enumerate(keys)},
+                        "agent_rewards": table[:, 0].tolist(), "param_spread": metrics["param_spread"],
+                        "rounds": self.averager.rounds}
+            with open(os.path.join(self.combined_out, METRICS_FILE), "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(combined) + "\n")
+        return metrics
+
+    def run(self, steps=None, *, resume=False, callback=None):
+        if self.combined_out and not resume and self.step == 0:
+            reset_out(self.combined_out)
+            os.makedirs(self.combined_out, exist_ok=True)
+        out = super().run(steps, resume=resume, callback=callback)
+        if self.combined_out and self.config.plot:
+            from .plot import save_curves
+
+            save_curves(read_metrics(os.path.join(self.combined_out, METRICS_FILE)),
+                        os.path.join(self.combined_out, PLOT_FILE), keys=self.plot_keys,
+                        title=f"{self.name}: mean of {self.world_size} agents")
+        return out
+
+    def load_checkpoint(self, path=None):
+        super().load_checkpoint(path)
+        if self.combined_out:
+            path = os.path.join(self.combined_out, METRICS_FILE)
+            kept = [m for m in read_metrics(path) if m["step"] <= self.step]
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(m) + "\n" for m in kept)
+
+
+def agent_dir(out: str | None, rank: int) -> str | None:
+    return os.path.join(out, f"agent{rank}") if out else None
+
+
+def _agent(rank: int, world_size: int, config: dict, out: str | None, resume: bool, steps: int | None) -> dict:
+    """One agent process (module level so the launcher can import it)."""
+    cfg = DecentralizedConfig.from_dict(config)
+    if rank != 0:
+        cfg = cfg.replace(progress=False)
+    trainer = DecentralizedPPOTrainer(cfg, agent_dir(out, rank), combined_out=out if rank == 0 else None)
+    trainer.run(steps, resume=resume)
+    return {"metrics": trainer.metrics, "summary": trainer.summary()}
+
+
+def train_decentralized(config: DecentralizedConfig, out: str | None = None, *, resume: bool = False,
+                        steps: int | None = None) -> list[dict]:
+    """Runs the agents and returns agent 0's metrics.  Under torchrun (RANK and
+    WORLD_SIZE in the environment) this process is one agent; otherwise `agents`
+    local processes are started over gloo."""
+    if resume and not out:
+        raise ValueError("decentralized: resume needs an output directory")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if not dist.is_initialized():
+            dist.init_process_group(config.dist_backend,
+                                    timeout=datetime.timedelta(seconds=config.timeout))
+        return _agent(dist.get_rank(), dist.get_world_size(), config.to_dict(), out, resume, steps)["metrics"]
+    from ..distributed._launch import run_ranks
+
+    results = run_ranks(_agent, config.agents, args=(config.to_dict(), out, resume, steps),
+                        timeout_s=config.timeout, pg_timeout_s=min(config.timeout, 300.0),
+                        backend=config.dist_backend, threads=max(1, config.threads))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        report = "\n".join(f"--- agent {r.rank} ---\n{r.error}" for r in failed)
+        raise RuntimeError(f"decentralized: {len(failed)} of {config.agents} agents failed\n{report}")
+    return results[0].value["metrics"]

@@ -1,0 +1,141 @@
+"""Pack/unpack between many tensors and one flat bucket, and the gossip mixing step,
+in Triton.  One launch covers every tensor: the tensors' addresses travel in an int64
+table and each program copies one block of one tensor (a flat list of (tensor,
+block) work items, so a single large tensor and a thousand small ones both keep
+every program busy).  Registered with torch.library.custom_op like the other
+Triton kernels."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, register_fake
+
+from .._library import triton_interpreting
+from ..reference.multi_tensor import scale_dtype
+
+_BLOCK = 2048
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+       torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _bf16_round_nearest_even(x):
+    """float32 -> bfloat16 rounding to nearest even, as the GPU converts.  Used only
+    under TRITON_INTERPRET=1, whose emulated conversion truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+    rounded = tl.where(x == x, rounded, 0x7FC0)
+    return rounded.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _multi_tensor_copy_kernel(addresses_ptr, offsets_ptr, numels_ptr, work_tensor_ptr, work_block_ptr,
+                              bucket_ptr, scale_ptr, PACK: tl.constexpr, PLAIN: tl.constexpr,
+                              TENSOR_DTYPE: tl.constexpr, ACC: tl.constexpr, BF16_RNE: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    item = tl.program_id(0)
+    t = tl.load(work_tensor_ptr + item)
+    block = tl.load(work_block_ptr + item).to(tl.int64)
+    numel = tl.load(numels_ptr + t)
+    offset = tl.load(offsets_ptr + t)
+    tensor_ptr = tl.load(addresses_ptr + t).to(tl.pointer_type(TENSOR_DTYPE))
+    idx = block * BLOCK + tl.arange(0, BLOCK)
+    live = idx < numel
+    if PACK:
+        src = tensor_ptr + idx
+        dst = bucket_ptr + offset + idx
+    else:
+        src = bucket_ptr + offset + idx
+        dst = tensor_ptr + idx
+    values = tl.load(src, mask=live)
+    if PLAIN:
+        out = values
+    else:
+        out = values.to(ACC) * tl.load(scale_ptr)
+        if BF16_RNE:
+            out = _bf16_round_nearest_even(out)
+    tl.store(dst, out, mask=live)
+
+
+def _work_items(tensors, device):
+    """Per tensor: its start in the bucket; per work item: (tensor index, block index)."""
+    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    offsets = torch.cumsum(numels, 0) - numels
+    blocks = (numels + _BLOCK - 1) // _BLOCK
+    work_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), blocks)
+    first = torch.cumsum(blocks, 0) - blocks
+    work_block = (torch.arange(work_tensor.numel(), dtype=torch.int64) - first[work_tensor.long()]).to(torch.int32)
+    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    table = [addresses, offsets, numels, work_tensor, work_block]
+    return [x.to(device, non_blocking=True) for x in table], int(work_tensor.numel())
+
+
+def _interpreted_bf16(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
+def _launch(tensors, bucket, scale, pack: bool):
+    if bucket.numel() == 0:
+        return
+    tensor_dtype = tensors[0].dtype
+    dst_dtype = bucket.dtype if pack else tensor_dtype
+    acc = scale_dtype(dst_dtype)
+    plain = scale == 1.0 and tensor_dtype == bucket.dtype
+    table, items = _work_items(tensors, bucket.device)
+    scale_t = torch.tensor([scale], dtype=acc, device=bucket.device)
+    _multi_tensor_copy_kernel[(items,)](*table, bucket, scale_t, PACK=pack, PLAIN=plain,
+                                       TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc],
+                                       BF16_RNE=_interpreted_bf16(dst_dtype), BLOCK=_BLOCK)
+
+
+@custom_op("rlkernels::pack_tensors_triton", mutates_args=("bucket",))
+def pack_tensors_triton(tensors: list[torch.Tensor], bucket: torch.Tensor, scale: float) -> None:
+    _launch(tensors, bucket, scale, pack=True)
+
+
+@custom_op("rlkernels::unpack_tensors_triton", mutates_args=("tensors",))
+def unpack_tensors_triton(bucket: torch.Tensor, tensors: list[torch.Tensor], scale: float) -> None:
+    _launch(tensors, bucket, scale, pack=False)
+
+
+@triton.jit
+def _gossip_mix_kernel(x_ptr, left_ptr, right_ptr, out_ptr, n, weights_ptr, ACC: tl.constexpr,
+                       BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = idx < n
+    x = tl.load(x_ptr + idx, mask=live).to(ACC)
+    left = tl.load(left_ptr + idx, mask=live).to(ACC)
+    right = tl.load(right_ptr + idx, mask=live).to(ACC)
+    mixed = tl.load(weights_ptr) * x + tl.load(weights_ptr + 1) * left + tl.load(weights_ptr + 2) * right
+    if BF16_RNE:
+        mixed = _bf16_round_nearest_even(mixed)
+    tl.store(out_ptr + idx, mixed, mask=live)
+
+
+@custom_op("rlkernels::gossip_mix_triton", mutates_args=("out",))
+def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w_self: float, w_left: float,
+                      w_right: float, out: torch.Tensor) -> None:
+    n = x.numel()
+    if n == 0:
+        return
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weights = torch.tensor([w_self, w_left, w_right], dtype=acc, device=x.device)
+    _gossip_mix_kernel[(triton.cdiv(n, _BLOCK),)](x, left, right, out, n, weights, ACC=_TL[acc],
+                                                    BF16_RNE=_interpreted_bf16(x.dtype), BLOCK=_BLOCK)
+
+
+@register_fake("rlkernels::pack_tensors_triton")
+def _pack_fake(tensors, bucket, scale):
+    return None
+
+
+@register_fake("rlkernels::unpack_tensors_triton")
+def _unpack_fake(bucket, tensors, scale):
+    return None
+
+
+@register_fake("rlkernels::gossip_mix_triton")
+def _gossip_mix_fake(x, left, right, w_self, w_left, w_right, out):
+    return None

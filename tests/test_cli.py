@@ -1,0 +1,113 @@
+"""The `rlkernels` command line: train (with --config, --set, --resume, --kernels,
+--compare), bad configs exiting with a message that names the key, demo, the bench
+delegation and `python -m rlkernels`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlkernels.cli import main
+
+TINY_PPO = ["--set", "num_envs=4", "--set", "rollout_steps=16", "--set", "epochs=1", "--set", "minibatches=2",
+            "--no-progress"]
+
+
+def read_steps(path):
+    with open(path) as fh:
+        return [json.loads(line)["step"] for line in fh]
+
+
+def test_train_then_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "ppo", "--steps", "2", "--out", out, *TINY_PPO]) == 0
+    assert "ppo: 2 steps" in capsys.readouterr().out
+    assert read_steps(os.path.join(out, "metrics.jsonl")) == [1, 2]
+    # --resume takes the saved config; --steps is the step to stop at
+    assert main(["train", "ppo", "--steps", "3", "--out", out, "--resume", "--no-progress"]) == 0
+    assert read_steps(os.path.join(out, "metrics.jsonl")) == [1, 2, 3]
+    with open(os.path.join(out, "checkpoint", "trainer_state.json")) as fh:
+        state = json.load(fh)
+    assert state["step"] == 3 and state["config"]["num_envs"] == 4
+
+
+def test_config_file_and_reference_kernels(tmp_path):
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps({"env": "gridworld", "num_envs": 4, "rollout_steps": 8, "minibatches": 2,
+                                  "epochs": 1, "plot": False}))
+    out = str(tmp_path / "grid")
+    assert main(["train", "ppo", "--config", str(config), "--steps", "1", "--out", out, "--kernels", "reference",
+                 "--no-progress"]) == 0
+    with open(os.path.join(out, "checkpoint", "trainer_state.json")) as fh:
+        saved = json.load(fh)["config"]
+    assert saved["env"] == "gridworld" and saved["kernels"] == "reference"
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--set", "lerning_rate=1"], "lerning_rate"),
+    (["--set", "minibatches=3"], "minibatches"),
+    (["--set", "gamma=2"], "gamma"),
+])
+def test_bad_config_exits_2_naming_the_key(argv, key, tmp_path, capsys):
+    assert main(["train", "ppo", "--out", str(tmp_path / "x"), *argv]) == 2
+    assert f"config key '{key}'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")  # failed before anything ran
+
+
+def test_bad_config_file_key(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text("[model]\nn_layers = 3\n")
+    assert main(["train", "dpo", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert "config key 'model.n_layers'" in capsys.readouterr().err
+    assert main(["train", "dpo", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_unknown_trainer_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "sac"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_compare_reports_both_kernel_sets(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    assert main(["train", "ppo", "--compare", "--steps", "2", "--out", out, *TINY_PPO]) == 0
+    text = capsys.readouterr().out
+    assert "reference / rlkernels" in text
+    with open(os.path.join(out, "compare.json")) as fh:
+        report = json.load(fh)
+    assert [r["kernels"] for r in report["results"]] == ["rlkernels", "reference"]
+    for result in report["results"]:
+        assert len(result["step_times"]) == 2 and result["median_step_s"] > 0
+        if sys.platform.startswith("linux"):
+            assert result["peak_rss_mb"] > 0
+
+
+def test_demo(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--steps", "2", "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "reward per step" in text and "before:" in text and "after:" in text
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+
+
+def test_bench_is_delegated(capsys):
+    pytest.importorskip("benchmarks.__main__")
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0 and "rlkernels bench" in capsys.readouterr().out
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    assert "backends" in json.loads(capsys.readouterr().out)
+
+
+def test_python_dash_m(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "rlkernels", "train", "ppo", "--set", "lr=0"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "config key 'lr'" in proc.stderr

@@ -1,0 +1,119 @@
+"""rlkernels.integrations.patch_trl against the installed TRL's own functions on the
+same inputs (values and gradients), fallbacks, and unpatching.  Runs when trl is
+importable."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed")
+
+from rlkernels.integrations import patch_trl, unpatch_trl  # noqa: E402
+
+ORIGINAL = {name: getattr(trl_utils, name) for name in
+            ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy",
+             "_ChunkedLogProbFunction") if hasattr(trl_utils, name)}
+
+
+@pytest.fixture
+def patched():
+    patch_trl()
+    yield trl_utils
+    unpatch_trl()
+
+
+def _inputs(dtype, B=3, T=5, V=211, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=gen) * 3).to(dtype).requires_grad_(True)
+    index = torch.randint(0, V, (B, T), generator=gen)
+    row_mask = torch.rand(B, T, generator=gen) > 0.3
+    return logits, index, row_mask
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_matches_trl(patched, dtype, temperature):
+    logits, index, row_mask = _inputs(dtype)
+    ours = patched.selective_log_softmax(logits, index, temperature, row_mask)
+    theirs = ORIGINAL["selective_log_softmax"](logits, index, temperature, row_mask)
+    assert patched.selective_log_softmax is not ORIGINAL["selective_log_softmax"]
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours.float(), theirs.float(), **_tol(dtype))
+    if dtype == torch.float32:
+        weights = torch.randn(ours.shape)
+        g_ours, = torch.autograd.grad((ours * weights).sum(), logits)
+        g_theirs, = torch.autograd.grad((theirs * weights).sum(), logits)
+        torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_matches_trl(patched, dtype):
+    logits, index, row_mask = _inputs(dtype, seed=1)
+    ours = patched.entropy_from_logits(logits)
+    theirs = ORIGINAL["entropy_from_logits"](logits)
+    torch.testing.assert_close(ours.float(), theirs.float(), **_tol(dtype))
+    if "selective_log_softmax_and_entropy" in ORIGINAL:
+        lp, ent = patched.selective_log_softmax_and_entropy(logits, index, False, 0.9, row_mask)
+        lp_t, ent_t = ORIGINAL["selective_log_softmax_and_entropy"](logits, index, False, 0.9, row_mask)
+        torch.testing.assert_close(lp.float(), lp_t.float(), **_tol(dtype))
+        torch.testing.assert_close(ent.float(), ent_t.float(), **_tol(dtype))
+        assert not ent.requires_grad and lp.requires_grad
+    if dtype == torch.float32:
+        g_ours, = torch.autograd.grad(ours.sum(), logits)
+        g_theirs, = torch.autograd.grad(theirs.sum(), logits)
+        torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_index_falls_back(patched):
+    logits, _, _ = _inputs(torch.float32)
+    top = logits.topk(3, dim=-1).indices
+    torch.testing.assert_close(patched.selective_log_softmax(logits, top),
+                               ORIGINAL["selective_log_softmax"](logits, top))
+
+
+@pytest.mark.skipif("_ChunkedLogProbFunction" not in ORIGINAL, reason="this trl has no fused LM head")
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+def test_fused_lm_head_matches_trl(patched, outputs):
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(37, 24, generator=gen, requires_grad=True)
+    weight = torch.randn(301, 24, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 301, (37,), generator=gen)
+    ours = patched._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.8, 128, None, 1.0, outputs)
+    theirs = ORIGINAL["_ChunkedLogProbFunction"].apply(hidden, weight, None, targets, 0.8, 128, None, 1.0, outputs)
+    for a, b in zip(ours[:2], theirs[:2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    loss_ours = ours[0].sum() + (ours[1].sum() if ours[1] is not None else 0)
+    loss_theirs = theirs[0].sum() + (theirs[1].sum() if theirs[1] is not None else 0)
+    for a, b in zip(torch.autograd.grad(loss_ours, (hidden, weight)), torch.autograd.grad(loss_theirs, (hidden, weight))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # extras TRL computes and we do not: TRL's own function answers
+    extra = patched._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0,
+                                                  ("log_probs", "mean_logits"))
+    assert extra[3] is not None
+
+
+def test_patch_reaches_modules_that_imported_by_name_and_unpatches():
+    probe = types.ModuleType("trl._rlkernels_probe")
+    probe.selective_log_softmax = ORIGINAL["selective_log_softmax"]  # as `from .utils import ...` leaves it
+    sys.modules[probe.__name__] = probe
+    try:
+        patched_names = patch_trl()
+        assert "trl._rlkernels_probe.selective_log_softmax" in patched_names
+        assert probe.selective_log_softmax is not ORIGINAL["selective_log_softmax"]
+        assert patch_trl() == patched_names  # idempotent
+        unpatch_trl()
+        assert probe.selective_log_softmax is ORIGINAL["selective_log_softmax"]
+        for name, function in ORIGINAL.items():
+            assert getattr(trl_utils, name) is function
+    finally:
+        unpatch_trl()
+        del sys.modules[probe.__name__]
