@@ -89,8 +89,8 @@ def test_kl_from_logits_extremes(backend_device):
     backend, device = backend_device
     V = 300
     a, b = pair(5, V, device=device)
-    a[0] = torch.randn(V) * 1e4
-    b[0] = a[0] + torch.randn(V)
+    a[0] = torch.randn(V, device=device) * 1e4
+    b[0] = a[0] + torch.randn(V, device=device)
     b[1] = a[1]  # identical rows: KL 0
     a[2, : V // 2] = float("-inf")  # p = 0 there: no contribution, even where q = 0 too
     b[2, : V // 3] = float("-inf")
@@ -124,7 +124,7 @@ def test_kl_from_logits_mask_and_strides(backend_device):
     kl = rlkernels.kl_from_logits(x, b, mask=mask.int(), backend=backend)
     truth = reference.kl_from_logits(a.double(), b.double(), mask=mask)
     assert_close(kl, truth)
-    assert torch.equal(kl[~mask], torch.zeros(int((~mask).sum())))
+    assert torch.equal(kl[~mask], torch.zeros(int((~mask).sum()), device=device))
     kl.sum().backward()
     assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
     xr = a.double().requires_grad_()
@@ -191,8 +191,8 @@ def penalty_inputs(n=257, dtype=torch.float32, device="cpu"):
     lp = torch.randn(n, dtype=torch.float64, device=device) * 3 - 2
     ref = lp + torch.randn(n, dtype=torch.float64, device=device)
     # the clamps' edges: |r| beyond 20, exactly 0, values beyond 10
-    lp[:6] = torch.tensor([0.0, 25.0, -25.0, 1.0, -12.0, 14.0])
-    ref[:6] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    lp[:6] = torch.tensor([0.0, 25.0, -25.0, 1.0, -12.0, 14.0], device=device)
+    ref[:6] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0], device=device)
     return lp.to(dtype), ref.to(dtype)
 
 

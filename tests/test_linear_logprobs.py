@@ -99,7 +99,7 @@ def test_all_rows_ignored_and_empty(backend_device):
     labels[:] = -100
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     lp, ent = rlkernels.linear_logprobs(h, w, labels, bias=b, entropy=True, backend=backend)
-    assert torch.equal(lp, torch.zeros(6)) and torch.equal(ent, torch.zeros(6))
+    assert torch.equal(lp, torch.zeros(6, device=device)) and torch.equal(ent, torch.zeros(6, device=device))
     (lp.sum() + ent.sum()).backward()
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
     assert torch.equal(b.grad, torch.zeros_like(b))

@@ -120,7 +120,7 @@ def test_extreme_logits(backend_device, dtype):
     lp_true, H_true = truth(logits, labels, 0.9)
     g = torch.randn(4, device=device)
     (lp * g + H).sum().backward()
-    expected = closed_form_grad(logits, labels, g, torch.ones(4), 0.9)
+    expected = closed_form_grad(logits, labels, g, torch.ones(4, device=device), 0.9)
     assert torch.isfinite(lp).all() and torch.isfinite(H).all() and torch.isfinite(x.grad).all()
     if dtype == torch.float32:
         assert_close(lp, lp_true)
@@ -139,7 +139,7 @@ def test_minus_inf_everywhere_but_the_label(backend_device, dtype):
     V = 200 if backend == "triton" else 40000
     logits = torch.full((3, V), float("-inf"), device=device)
     labels = torch.tensor([0, 123, V - 1], device=device)
-    logits[torch.arange(3), labels] = torch.tensor([0.5, -3.0, 1e4])
+    logits[torch.arange(3, device=device), labels] = torch.tensor([0.5, -3.0, 1e4], device=device)
     logits = logits.to(dtype)
     x = logits.clone().requires_grad_()
     lp, H = rlkernels.logprobs(x, labels, entropy=True, temperature=0.5, backend=backend)
@@ -157,9 +157,10 @@ def test_ignored_rows_skip_nan_and_get_no_gradient(backend_device):
     logits[5] = float("inf")
     x = logits.clone().requires_grad_()
     lp, H = rlkernels.logprobs(x, labels, entropy=True, ignore_index=-1, backend=backend)
-    assert torch.equal(lp[[0, 3, 5]], torch.zeros(3)) and torch.equal(H[[0, 3, 5]], torch.zeros(3))
+    zeros = torch.zeros(3, device=device)
+    assert torch.equal(lp[[0, 3, 5]], zeros) and torch.equal(H[[0, 3, 5]], zeros)
     (lp.sum() + H.sum()).backward()
-    assert torch.equal(x.grad[[0, 3, 5]], torch.zeros(3, 257))
+    assert torch.equal(x.grad[[0, 3, 5]], torch.zeros(3, 257, device=device))
     lp_true, H_true = reference.logprobs(logits.double(), labels, ignore_index=-1, entropy=True)
     assert_close(lp, lp_true)
     assert_close(H, H_true)
@@ -257,7 +258,7 @@ def test_leading_shapes_and_int32_labels(backend_device):
 def test_empty_inputs(backend_device):
     backend, device = backend_device
     x = torch.randn(0, 11, device=device, requires_grad=True)
-    lp, H = rlkernels.logprobs(x, torch.zeros(0, dtype=torch.long), entropy=True, backend=backend)
+    lp, H = rlkernels.logprobs(x, torch.zeros(0, dtype=torch.long, device=device), entropy=True, backend=backend)
     assert lp.shape == (0,) and H.shape == (0,)
     (lp.sum() + H.sum()).backward()
     assert x.grad.shape == (0, 11)

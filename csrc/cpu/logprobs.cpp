@@ -47,19 +47,6 @@ RLK_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t n) {
 // Keep small problems on one thread: about 64K elements per task.
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1)); }
 
-template <bool kEntropy>
-RLK_ALWAYS_INLINE void rebase(SoftmaxStats& st, float new_m, float scale) {
-  if (new_m > st.m) {
-    if (st.m != -INFINITY) {
-      const float dy = (st.m - new_m) * scale;
-      const float c = std::exp2(dy);
-      if (kEntropy) st.t = c * (st.t + dy * st.s);
-      st.s *= c;
-    }
-    st.m = new_m;
-  }
-}
-
 // Max of the first n elements of a block, vectorised.
 template <int W, class T>
 RLK_ALWAYS_INLINE float block_max(const T* xb, int64_t n) {
@@ -82,7 +69,8 @@ RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale) {
     const int64_t n = std::min(kBlock, V - b0);
     const T* xb = x + b0;
     prefetch_ahead(xb, n);
-    rebase<kEntropy>(st, block_max<W>(xb, n), scale);
+    // a block that raises the maximum rescales the sums so far (core/logprobs.h)
+    st = stats_merge<kEntropy>(st, SoftmaxStats{block_max<W>(xb, n), 0.0f, 0.0f}, scale);
     // While every logit so far is -inf, the shift 0 makes every y -inf (so e = 0).
     const vf<W> vm = splat<W>(st.m == -INFINITY ? 0.0f : st.m);
     vf<W> s0 = splat<W>(0.0f), s1 = s0, t0 = s0, t1 = s0;
@@ -334,18 +322,6 @@ struct KlArgs {
   float* saved;
 };
 
-template <bool kRef>
-RLK_ALWAYS_INLINE void rebase_kl(float& m, float& s, float& w, float new_m, float scale) {
-  if (new_m > m) {
-    if (m != -INFINITY) {
-      const float c = std::exp2((m - new_m) * scale);
-      s *= c;
-      if (!kRef) w *= c;
-    }
-    m = new_m;
-  }
-}
-
 template <class T>
 struct KlRows {
   template <int W>
@@ -364,13 +340,12 @@ struct KlRows {
       const T* xa = a_base + a.rows.offset(i);
       const T* xb = b_base + a.ref_rows.offset(i);
       KlStats st = kl_stats_empty();
-      float unused = 0.0f;
       for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
         const int64_t n = std::min(kBlock, V - b0);
         prefetch_ahead(xa + b0, n);
         prefetch_ahead(xb + b0, n);
-        rebase_kl<false>(st.ma, st.sa, st.w, block_max<W>(xa + b0, n), a.scale);
-        rebase_kl<true>(st.mb, st.sb, unused, block_max<W>(xb + b0, n), a.scale);
+        st = kl_stats_merge(st, KlStats{block_max<W>(xa + b0, n), 0.0f, 0.0f, block_max<W>(xb + b0, n), 0.0f},
+                            a.scale);
         const vf<W> vma = splat<W>(st.ma == -INFINITY ? 0.0f : st.ma);
         const vf<W> vmb = splat<W>(st.mb == -INFINITY ? 0.0f : st.mb);
         vf<W> sa = zero, sb = zero, w = zero;
