@@ -244,3 +244,28 @@ def test_sequence_logprobs_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         rlkernels.sequence_logprobs(args.pop("token_logprobs"), args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_from_logits(average):
+    """The logits + labels form equals log_softmax + gather + masked sum, gradient included."""
+    logits = torch.randn(3, 6, 11, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, 2] = -100
+    mask = torch.rand(3, 6) > 0.3
+    mask[2] = False
+    out = rlkernels.sequence_logprobs(logits, mask, labels=labels, average=average)
+    valid = mask & (labels != -100)
+    token = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token = torch.where(valid, token, torch.zeros_like(token))
+    expected = token.sum(1)
+    if average:
+        expected = torch.where(valid.sum(1) > 0, expected / valid.sum(1).clamp(min=1), torch.zeros_like(expected))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(3)
+    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+    (grad_ref,) = torch.autograd.grad((expected * weights.double()).sum(), logits)
+    torch.testing.assert_close(grad.double(), grad_ref.double(), rtol=1e-5, atol=1e-6)
+    assert torch.all(grad[2] == 0)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        rlkernels.sequence_logprobs(logits, mask, labels=labels[:, :5])

@@ -11,13 +11,35 @@ _OP = "rlkernels::sequence_logprobs"
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = None, *, average: bool = False,
+                      labels: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                       backend: str = "auto") -> torch.Tensor:
     """sum_t mask[b, t] * token_logprobs[b, t] for each row of `[B, T]` (the log-prob of
     the whole completion), or with average=True the mean over the row's valid tokens
     (0 for a row without any).  Masked slots are selected away: NaN or -inf there
     never reaches the result.  Returns `[B]` float32 (float64 for float64 input), with
-    gradient w.r.t. token_logprobs."""
+    gradient w.r.t. token_logprobs.
+
+    With `labels` `[B, T]`, the first argument is logits `[B, T, V]`: the token
+    log-probs come from the fused `rlkernels.logprobs` kernel (at `temperature`), and
+    tokens whose label is `ignore_index` count as masked; the gradient flows to the
+    logits."""
     op = sequence_logprobs.__name__
+    if labels is not None:
+        V.float_tensor(op, "logits", token_logprobs, ndim=3)
+        V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES, ndim=2)
+        if labels.shape != token_logprobs.shape[:2]:
+            raise ValueError(f"{op}: labels must have shape {tuple(token_logprobs.shape[:2])}, "
+                             f"got {tuple(labels.shape)}")
+        from .logprobs import logprobs as _token_logprobs
+
+        per_token = _token_logprobs(token_logprobs, labels, temperature=temperature, ignore_index=ignore_index,
+                                    backend=backend)
+        labelled = labels != ignore_index
+        if mask is not None:
+            mask = V.binary_mask(op, "mask", mask, labels.shape, labels.device) & labelled
+        else:
+            mask = labelled
+        return sequence_logprobs(per_token, mask, average=average, backend=backend)
     V.float_tensor(op, "token_logprobs", token_logprobs, ndim=2)
     if not isinstance(average, bool):
         raise TypeError(f"{op}: average must be a bool, got {type(average).__name__}")
