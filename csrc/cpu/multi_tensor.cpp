@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "../core/multi_tensor.h"
-#include "../multi_tensor_checks.h"
+#include "../args/multi_tensor.h"
 
 namespace rlk {
 namespace {

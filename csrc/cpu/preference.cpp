@@ -5,7 +5,7 @@
 #include <ATen/ops/empty.h>
 
 #include "../core/preference.h"
-#include "../loss_args.h"
+#include "../args/losses.h"
 #include "../torch_common.h"
 #include "simd_loops.h"
 
@@ -15,12 +15,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
     const at::Tensor& policy_chosen, const at::Tensor& policy_rejected, const at::Tensor& ref_chosen,
     const at::Tensor& ref_rejected, double beta, c10::string_view kind, double label_smoothing) {
-  TORCH_CHECK(policy_chosen.dim() == 1, "policy_chosen must be [B], got ", policy_chosen.sizes());
-  check_pairs(policy_chosen, "policy_chosen", policy_chosen);
-  check_pairs(policy_rejected, "policy_rejected", policy_chosen);
-  check_pairs(ref_chosen, "ref_chosen", policy_chosen);
-  check_pairs(ref_rejected, "ref_rejected", policy_chosen);
-  const PreferenceKind k = parse_preference_kind(kind);
+  const PreferenceKind k = check_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind);
   const int64_t B = policy_chosen.size(0);
   const auto opts = policy_chosen.options().dtype(out_dtype_for(policy_chosen.scalar_type()));
   auto losses = at::empty({B}, opts), chosen = at::empty({B}, opts), rejected = at::empty({B}, opts);
@@ -57,10 +52,8 @@ RLK_CPU_CLONES void select_valid(const acc* __restrict__ x, const uint8_t* __res
 
 std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token_logprobs,
                                                          const c10::optional<at::Tensor>& mask, bool average) {
-  TORCH_CHECK(token_logprobs.dim() == 2, "token_logprobs must be [B, T], got ", token_logprobs.sizes());
+  const uint8_t* mask_p = check_sequence_logprobs(token_logprobs, mask);
   const int64_t B = token_logprobs.size(0), T = token_logprobs.size(1);
-  check_rows(token_logprobs, "token_logprobs", B, T);
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
   const auto opts = token_logprobs.options().dtype(out_dtype_for(token_logprobs.scalar_type()));
   auto sums = at::empty({B}, opts), counts = at::empty({B}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, token_logprobs.scalar_type(), "sequence_logprobs_cpu",
@@ -101,12 +94,8 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
 at::Tensor sequence_logprobs_backward_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& mask,
                                          const at::Tensor& num_tokens, bool average, int64_t T,
                                          at::ScalarType dtype) {
-  TORCH_CHECK(grad.dim() == 1 && grad.is_contiguous(), "grad must be a contiguous [B] tensor");
+  const uint8_t* mask_p = check_sequence_logprobs_backward(grad, mask, num_tokens, T, dtype);
   const int64_t B = grad.size(0);
-  TORCH_CHECK(num_tokens.dim() == 1 && num_tokens.size(0) == B && num_tokens.scalar_type() == grad.scalar_type() &&
-                  num_tokens.is_contiguous(), "num_tokens must be a contiguous [B] tensor of grad's dtype");
-  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
   auto out = at::empty({B, T}, grad.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sequence_logprobs_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;

@@ -9,7 +9,7 @@
 #include "../core/loss_agg.h"
 #include "../core/policy_loss.h"
 #include "../core/value_loss.h"
-#include "../loss_args.h"
+#include "../args/losses.h"
 #include "../torch_common.h"
 #include "cuda_types.h"
 #include "launchers.h"
@@ -32,18 +32,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
     const c10::optional<at::Tensor>& ref_logprobs, c10::ArrayRef<double> coefficients, c10::string_view kl,
     c10::string_view agg, bool need_grad) {
   const PolicyCoefficients c = policy_coefficients(coefficients);
-  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T], got ", logprobs.sizes());
-  const int64_t B = logprobs.size(0), T = logprobs.size(1);
-  check_rows(logprobs, "logprobs", B, T);
-  check_token_input(old_logprobs, "old_logprobs", logprobs);
-  const bool adv_per_row = check_token_input(advantages, "advantages", logprobs, /*per_row_ok=*/true);
-  if (weights.has_value()) check_token_input(*weights, "weights", logprobs);
-  const KLKind kind = parse_kl(kl);
-  TORCH_CHECK(kind == KLKind::none || ref_logprobs.has_value(), "a KL estimator needs ref_logprobs");
-  if (ref_logprobs.has_value()) check_token_input(*ref_logprobs, "ref_logprobs", logprobs);
-  check_same_device(logprobs, mask, "mask");
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
-  const Agg mode = parse_agg(agg);
+  const PolicyArgs args = check_policy_loss(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, kl, agg);
+  const int64_t B = args.rows.B, T = args.rows.T;
+  const bool adv_per_row = args.advantages_per_row;
+  const KLKind kind = args.kl;
+  const uint8_t* mask_p = args.rows.mask;
+  const Agg mode = args.rows.agg;
   c10::cuda::CUDAGuard guard(logprobs.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   TokenLossOutputs out = token_loss_outputs(logprobs, kPolicyStats, need_grad);
@@ -67,14 +61,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cuda(
     const c10::optional<at::Tensor>& mask, c10::ArrayRef<double> coefficients, c10::string_view agg,
     bool need_grad) {
   const ValueCoefficients c = value_coefficients(coefficients);
-  TORCH_CHECK(values.dim() == 2, "values must be [B, T], got ", values.sizes());
-  const int64_t B = values.size(0), T = values.size(1);
-  check_rows(values, "values", B, T);
-  check_token_input(old_values, "old_values", values);
-  check_token_input(returns, "returns", values);
-  check_same_device(values, mask, "mask");
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
-  const Agg mode = parse_agg(agg);
+  const TokenLossArgs args = check_value_loss(values, old_values, returns, mask, agg);
+  const int64_t B = args.B, T = args.T;
+  const uint8_t* mask_p = args.mask;
+  const Agg mode = args.agg;
   c10::cuda::CUDAGuard guard(values.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   TokenLossOutputs out = token_loss_outputs(values, kValueStats, need_grad);

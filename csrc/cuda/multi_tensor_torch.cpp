@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "../multi_tensor_checks.h"
+#include "../args/multi_tensor.h"
 #include "cuda_types.h"
 #include "launchers.h"
 

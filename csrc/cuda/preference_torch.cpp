@@ -5,7 +5,7 @@
 
 #include "../core/common.h"
 #include "../core/preference.h"
-#include "../loss_args.h"
+#include "../args/losses.h"
 #include "../torch_common.h"
 #include "cuda_types.h"
 #include "launchers.h"
@@ -16,15 +16,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cuda(
     const at::Tensor& policy_chosen, const at::Tensor& policy_rejected, const at::Tensor& ref_chosen,
     const at::Tensor& ref_rejected, double beta, c10::string_view kind, double label_smoothing) {
-  TORCH_CHECK(policy_chosen.dim() == 1, "policy_chosen must be [B], got ", policy_chosen.sizes());
-  check_pairs(policy_chosen, "policy_chosen", policy_chosen);
-  check_pairs(policy_rejected, "policy_rejected", policy_chosen);
-  check_pairs(ref_chosen, "ref_chosen", policy_chosen);
-  check_pairs(ref_rejected, "ref_rejected", policy_chosen);
-  check_same_device(policy_chosen, policy_rejected, "policy_rejected");
-  check_same_device(policy_chosen, ref_chosen, "ref_chosen");
-  check_same_device(policy_chosen, ref_rejected, "ref_rejected");
-  const PreferenceKind k = parse_preference_kind(kind);
+  const PreferenceKind k = check_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind);
   const int64_t B = policy_chosen.size(0);
   c10::cuda::CUDAGuard guard(policy_chosen.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -44,11 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cuda(
 
 std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cuda(const at::Tensor& token_logprobs,
                                                           const c10::optional<at::Tensor>& mask, bool average) {
-  TORCH_CHECK(token_logprobs.dim() == 2, "token_logprobs must be [B, T], got ", token_logprobs.sizes());
+  const uint8_t* mask_p = check_sequence_logprobs(token_logprobs, mask);
   const int64_t B = token_logprobs.size(0), T = token_logprobs.size(1);
-  check_rows(token_logprobs, "token_logprobs", B, T);
-  check_same_device(token_logprobs, mask, "mask");
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
   c10::cuda::CUDAGuard guard(token_logprobs.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const auto opts = token_logprobs.options().dtype(out_dtype_for(token_logprobs.scalar_type()));
@@ -65,14 +54,8 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cuda(const at::Tensor& toke
 at::Tensor sequence_logprobs_backward_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& mask,
                                           const at::Tensor& num_tokens, bool average, int64_t T,
                                           at::ScalarType dtype) {
-  TORCH_CHECK(grad.dim() == 1 && grad.is_contiguous(), "grad must be a contiguous [B] tensor");
+  const uint8_t* mask_p = check_sequence_logprobs_backward(grad, mask, num_tokens, T, dtype);
   const int64_t B = grad.size(0);
-  TORCH_CHECK(num_tokens.dim() == 1 && num_tokens.size(0) == B && num_tokens.scalar_type() == grad.scalar_type() &&
-                  num_tokens.is_contiguous(), "num_tokens must be a contiguous [B] tensor of grad's dtype");
-  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
-  check_same_device(grad, mask, "mask");
-  check_same_device(grad, num_tokens, "num_tokens");
-  const uint8_t* mask_p = optional_bool_ptr(mask, "mask", B, T);
   c10::cuda::CUDAGuard guard(grad.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   auto out = at::empty({B, T}, grad.options().dtype(dtype));
