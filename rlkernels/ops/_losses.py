@@ -7,11 +7,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from .._dtypes import acc_dtype
 from ..reference.losses import AGG_MODES
-
-
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def optional_positive(op: str, name: str, value) -> float | None:
@@ -75,7 +72,7 @@ def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.T
 
 def fake_outputs(primary: torch.Tensor, num_stats: int, need_grad: bool):
     torch._check(primary.dim() == 2, lambda: "the loss inputs must be [B, T]")
-    dtype = out_dtype(primary.dtype)
+    dtype = acc_dtype(primary.dtype)
     B, T = primary.shape
     return (primary.new_empty((), dtype=dtype), primary.new_empty((num_stats,), dtype=dtype),
             primary.new_empty((B, T) if need_grad else (0,), dtype=dtype), primary.new_empty((B,), dtype=dtype))

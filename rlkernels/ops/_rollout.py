@@ -6,11 +6,6 @@ import torch
 from .. import _validate as V
 
 
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Advantages and returns are float32, or float64 for float64 input."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def rollout(op: str, rewards, mask, dones, *, values=None, gamma=1.0, lam=None):
     """Checks a rollout batch and returns (rewards, values, mask, dones, gamma, lam,
     device) ready for a kernel: [B, T] contiguous floats of one dtype, bool masks."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, reference
-from ._rollout import out_dtype, rollout
+from .._dtypes import acc_dtype
+from ._rollout import rollout
 
 _OP = "discounted_returns"
 
@@ -27,4 +28,4 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None, 
 @torch.library.register_fake("rlkernels::discounted_returns")
 def _discounted_returns_fake(rewards, mask, dones, gamma):
     torch._check(rewards.dim() == 2, lambda: "rewards must be [B, T]")
-    return rewards.new_empty(rewards.shape, dtype=out_dtype(rewards.dtype))
+    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))

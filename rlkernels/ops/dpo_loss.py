@@ -6,7 +6,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from ..reference.losses import PREFERENCE_KINDS
-from ._losses import out_dtype
+from .._dtypes import acc_dtype
 
 _OP = "rlkernels::dpo_loss"
 _NAMES = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
@@ -58,7 +58,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def _fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind, label_smoothing):
     torch._check(policy_chosen.dim() == 1, lambda: "policy_chosen must be [B]")
-    dtype = out_dtype(policy_chosen.dtype)
+    dtype = acc_dtype(policy_chosen.dtype)
     return tuple(policy_chosen.new_empty(policy_chosen.shape, dtype=dtype) for _ in range(4))
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate as V, reference
-from ._rollout import out_dtype, rollout
+from .._dtypes import acc_dtype
+from ._rollout import rollout
 
 _OP = "gae"
 
@@ -38,7 +39,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
             raise ValueError(f"{_OP}: last_values must have shape [{rewards.shape[0]}], got {tuple(last_values.shape)}")
         if last_values.device != device:
             raise ValueError(f"{_OP}: last_values is on {last_values.device} but rewards is on {device}")
-        last_values = last_values.to(out_dtype(rewards.dtype)).contiguous()
+        last_values = last_values.to(acc_dtype(rewards.dtype)).contiguous()
     chosen = _backend.resolve(_OP, backend, device)
     with torch.no_grad():
         if chosen == "reference":
@@ -51,5 +52,5 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
 def _gae_fake(rewards, values, mask, dones, last_values, gamma, lam):
     torch._check(rewards.dim() == 2, lambda: "rewards must be [B, T]")
     torch._check(values.shape == rewards.shape, lambda: "values must match rewards")
-    dtype = out_dtype(rewards.dtype)
+    dtype = acc_dtype(rewards.dtype)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate as V, reference
-from ._rollout import out_dtype
+from .._dtypes import acc_dtype
 
 _OP = "group_advantages"
 _BASELINES = {"mean": 0, "loo": 1}
@@ -76,5 +76,5 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
 @torch.library.register_fake("rlkernels::group_advantages")
 def _group_advantages_fake(scores, group_index, group_size, num_groups, baseline, scale, eps):
     torch._check(scores.dim() == 1, lambda: "scores must be 1-D")
-    return (scores.new_empty(scores.shape, dtype=out_dtype(scores.dtype)),
+    return (scores.new_empty(scores.shape, dtype=acc_dtype(scores.dtype)),
             scores.new_empty((num_groups,), dtype=torch.bool))

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import _backend, _library, _validate as V, reference
+from .._dtypes import acc_dtype
 
 _OP = "kl_penalty"
 KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs", "k1+", "k3+")
@@ -48,7 +49,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 
 def _fake(logprobs, ref_logprobs, kind, clamp):
     torch._check(ref_logprobs.shape == logprobs.shape, lambda: "ref_logprobs must have the shape of logprobs")
-    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(logprobs.dtype)
     return logprobs.new_empty(logprobs.shape, dtype=dtype), logprobs.new_empty(logprobs.shape, dtype=dtype)
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch.library import custom_op, register_fake
 
-from .. import _validate as V, reference
+from .. import _validate as V
 from ..reference.losses import KL_ESTIMATORS, POLICY_STATS, aggregate
 from . import _chunked, _losses
 from . import _logits as L

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate as V, reference
-from ._rollout import out_dtype
+from .._dtypes import acc_dtype
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None, *,
@@ -70,7 +70,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_me
 
 def _row_mean_fake(x, mask):
     torch._check(x.dim() == 2, lambda: "x must be [R, C]")
-    return x.new_empty((x.shape[0],), dtype=out_dtype(x.dtype))
+    return x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype))
 
 
 torch.library.register_fake("rlkernels::masked_row_mean", _row_mean_fake)
@@ -78,7 +78,7 @@ torch.library.register_fake("rlkernels::masked_row_mean", _row_mean_fake)
 
 @torch.library.register_fake("rlkernels::masked_whiten")
 def _whiten_fake(x, mask, shift_mean, eps):
-    return x.new_empty(x.shape, dtype=out_dtype(x.dtype))
+    return x.new_empty(x.shape, dtype=acc_dtype(x.dtype))
 
 
 def _row_mean_setup(ctx, inputs, output):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate as V, reference
-from ._losses import out_dtype
+from .._dtypes import acc_dtype
 
 _OP = "rlkernels::sequence_logprobs"
 
@@ -56,7 +56,7 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = 
 def _fake(token_logprobs, mask, average):
     torch._check(token_logprobs.dim() == 2, lambda: "token_logprobs must be [B, T]")
     B = token_logprobs.shape[0]
-    dtype = out_dtype(token_logprobs.dtype)
+    dtype = acc_dtype(token_logprobs.dtype)
     return token_logprobs.new_empty((B,), dtype=dtype), token_logprobs.new_empty((B,), dtype=dtype)
 
 

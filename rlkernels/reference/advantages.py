@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import acc_dtype
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -15,7 +13,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     """For t = T-1..0: delta = r_t + gamma*next_value - v_t; a = delta + gamma*lam*carry;
     a valid step (mask 1) sets next_value = v_t and carry = a, a masked one keeps both;
     adv_t = carry.  dones[t] = 1 zeroes next_value and carry before step t."""
-    acc = _acc_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    acc = acc_dtype(torch.promote_types(rewards.dtype, values.dtype))
     rewards, values = rewards.to(acc), values.to(acc)
     B, T = rewards.shape
     next_value = last_values.to(acc) if last_values is not None else rewards.new_zeros(B)
@@ -42,7 +40,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None, *,
                        dones: torch.Tensor | None = None, gamma: float = 1.0) -> torch.Tensor:
     """G_t = r_t + gamma*G_{t+1} over valid steps; a masked step repeats the next valid G."""
-    rewards = rewards.to(_acc_dtype(rewards.dtype))
+    rewards = rewards.to(acc_dtype(rewards.dtype))
     B, T = rewards.shape
     carry = rewards.new_zeros(B)
     returns = torch.empty_like(rewards)

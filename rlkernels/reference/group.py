@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .advantages import _acc_dtype
+from .._dtypes import acc_dtype
 
 BASELINES = ("mean", "loo")
 SCALES = ("group", "batch", "none")
@@ -17,7 +17,7 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
     scale="batch" divides by the std of all scores (TRL's scale_rewards="batch").
     A group of one gets advantage 0.  Also returns, per group, whether all its
     scores are equal (zero-variance groups that trainers may skip)."""
-    s = scores.to(_acc_dtype(scores.dtype))
+    s = scores.to(acc_dtype(scores.dtype))
     N = s.shape[0]
     if group_index is None:
         idx = torch.arange(N, device=s.device) // group_size
@@ -48,7 +48,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | No
                 keepdim: bool = False) -> torch.Tensor:
     """Mean over the entries where mask is 1 (selected, so masked NaN never enters);
     0 where nothing is valid."""
-    acc = x.to(_acc_dtype(x.dtype))
+    acc = x.to(acc_dtype(x.dtype))
     if mask is None:
         mask = torch.ones_like(acc, dtype=torch.bool)
     mask = mask.bool()
@@ -63,7 +63,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_me
                   eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the valid entries, unbiased variance (as TRL
     and verl); shift_mean=False adds the mean back.  Masked entries become 0."""
-    acc = x.to(_acc_dtype(x.dtype))
+    acc = x.to(acc_dtype(x.dtype))
     if mask is None:
         mask = torch.ones_like(acc, dtype=torch.bool)
     mask = mask.bool()

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import acc_dtype
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -23,7 +21,7 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
     with entropy=True also H = -sum_j p_j log p_j (0 on ignored tokens)."""
     valid = labels != ignore_index
     # ignored rows may hold anything (NaN padding): keep it out of values and gradients
-    logits = torch.where(valid.unsqueeze(-1), logits, 0).to(_acc(logits.dtype))
+    logits = torch.where(valid.unsqueeze(-1), logits, 0).to(acc_dtype(logits.dtype))
     logp = torch.log_softmax(logits / temperature, dim=-1)
     picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
     picked = torch.where(valid, picked, 0)
@@ -62,7 +60,7 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, p = softmax(logits / T),
     q = softmax(ref_logits / T); 0 where mask is False."""
-    acc = _acc(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     if mask is not None:
         keep = mask.bool().unsqueeze(-1)
         logits, ref_logits = torch.where(keep, logits, 0), torch.where(keep, ref_logits, 0)
@@ -81,7 +79,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     """verl's kl_penalty estimators, written as verl writes them (core_algos.kl_penalty).
     `clamp` bounds the value to [-clamp, clamp]; None means the kind's default (10 for
     k3/low_var_kl, none otherwise)."""
-    acc = _acc(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
+    acc = acc_dtype(torch.promote_types(logprobs.dtype, ref_logprobs.dtype))
     logprobs, ref_logprobs = logprobs.to(acc), ref_logprobs.to(acc)
     if kind.endswith("+"):
         value = kl_penalty(logprobs, ref_logprobs, kind[:-1], clamp=clamp)

@@ -9,15 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._dtypes import acc_dtype
+
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 POLICY_STATS = ("clip_frac_upper", "clip_frac_lower", "clip_frac_dual", "approx_kl_k1", "approx_kl_k3",
                 "ratio_mean", "ratio_max", "kl", "num_tokens")
 VALUE_STATS = ("clip_frac", "num_tokens")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -83,7 +81,7 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     ratio = exp(clamp(lp - old, +-log_ratio_clamp)); L = max(-A ratio, -A clip(ratio, 1-cl, 1+ch));
     dual clip for A < 0: L = min(L, -A dual_clip); L = weights L + kl_coef KL(lp, ref)."""
     clip_high = clip_low if clip_high is None else clip_high
-    acc = _acc_dtype(logprobs.dtype)
+    acc = acc_dtype(logprobs.dtype)
     valid = _valid(mask, logprobs)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(logprobs)
@@ -177,7 +175,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
                norm_length: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """verl's compute_value_loss: 0.5 max((v - R)^2, (old + clamp(v - old, +-clip) - R)^2);
     clip_frac counts tokens where the clamp acts and the clipped term is the larger."""
-    acc = _acc_dtype(values.dtype)
+    acc = acc_dtype(values.dtype)
     valid = _valid(mask, values)
     zero = values.new_zeros((), dtype=acc)
     v = torch.where(valid, values.to(acc), zero)
@@ -208,7 +206,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TRL's DPOTrainer.dpo_loss for loss_type sigmoid / ipo / hinge / robust on summed
     sequence log-probs; returns (per-pair losses, chosen_rewards, rejected_rewards)."""
-    acc = _acc_dtype(policy_chosen.dtype)
+    acc = acc_dtype(policy_chosen.dtype)
     pc, pr, rc, rr = (t.to(acc) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
     logits = (pc - pr) - (rc - rr)
     ls = label_smoothing
@@ -230,7 +228,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
                       average: bool = False) -> torch.Tensor:
     """Per-row sum (or mean, 0 for an empty row) of the valid token log-probs."""
-    acc = _acc_dtype(token_logprobs.dtype)
+    acc = acc_dtype(token_logprobs.dtype)
     valid = _valid(mask, token_logprobs)
     sums = torch.where(valid, token_logprobs.to(acc), token_logprobs.new_zeros((), dtype=acc)).sum(-1)
     if not average:

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from .._dtypes import acc_dtype
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -46,6 +48,6 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], scale:
 def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w_self: float, w_left: float,
                w_right: float) -> torch.Tensor:
     """w_self * x + w_left * left + w_right * right, in float32 (float64 stays float64)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     mixed = w_self * x.to(acc) + w_left * left.to(acc) + w_right * right.to(acc)
     return mixed.to(x.dtype)

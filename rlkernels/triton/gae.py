@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
+from ._common import acc_types, coefficients
+
 
 @triton.jit
 def _gae_kernel(r_ptr, v_ptr, m_ptr, d_ptr, lv_ptr, adv_ptr, ret_ptr, B, T, coef_ptr,
@@ -67,16 +69,6 @@ def _returns_kernel(r_ptr, m_ptr, d_ptr, ret_ptr, B, T, coef_ptr,
         tl.store(ret_ptr + base + t, carry, mask=live)
 
 
-def _coefficients(device, dtype, *values):
-    # Scalars travel in a tensor of the accumulation dtype: Triton would round a
-    # float argument to float32, which a float64 computation must not see.
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 def _bytes(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     # Bool tensors go to the kernel as uint8 (same storage); absent ones as a dummy.
     return like if t is None else t.view(torch.uint8)
@@ -90,7 +82,7 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
                dones: torch.Tensor | None, last_values: torch.Tensor | None, gamma: float,
                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, T = rewards.shape
-    out_dtype, acc = _acc(rewards.dtype)
+    out_dtype, acc = acc_types(rewards.dtype)
     advantages = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
     returns = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
     if B > 0 and T > 0:
@@ -98,7 +90,7 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
         _gae_kernel[grid](
             rewards, values, _bytes(mask, rewards), _bytes(dones, rewards),
             last_values if last_values is not None else advantages, advantages, returns, B, T,
-            _coefficients(rewards.device, out_dtype, gamma, lam), HAS_MASK=mask is not None, HAS_DONES=dones is not None,
+            coefficients(rewards.device, out_dtype, gamma, lam), HAS_MASK=mask is not None, HAS_DONES=dones is not None,
             HAS_LAST=last_values is not None, ACC=acc, BLOCK_B=_BLOCK_B)
     return advantages, returns
 
@@ -107,23 +99,23 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
 def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
                               dones: torch.Tensor | None, gamma: float) -> torch.Tensor:
     B, T = rewards.shape
-    out_dtype, acc = _acc(rewards.dtype)
+    out_dtype, acc = acc_types(rewards.dtype)
     returns = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
     if B > 0 and T > 0:
         grid = (triton.cdiv(B, _BLOCK_B),)
         _returns_kernel[grid](
             rewards, _bytes(mask, rewards), _bytes(dones, rewards), returns, B, T,
-            _coefficients(rewards.device, out_dtype, gamma),
+            coefficients(rewards.device, out_dtype, gamma),
             HAS_MASK=mask is not None, HAS_DONES=dones is not None, ACC=acc, BLOCK_B=_BLOCK_B)
     return returns
 
 
 @register_fake("rlkernels::gae_triton")
 def _gae_triton_fake(rewards, values, mask, dones, last_values, gamma, lam):
-    dtype = _acc(rewards.dtype)[0]
+    dtype = acc_types(rewards.dtype)[0]
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 
 @register_fake("rlkernels::discounted_returns_triton")
 def _returns_triton_fake(rewards, mask, dones, gamma):
-    return rewards.new_empty(rewards.shape, dtype=_acc(rewards.dtype)[0])
+    return rewards.new_empty(rewards.shape, dtype=acc_types(rewards.dtype)[0])

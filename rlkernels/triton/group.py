@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
-from .gae import _acc, _coefficients
+from ._common import acc_types, coefficients
 
 _BLOCK = 128
 
@@ -78,21 +78,21 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
 def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | None, group_size: int,
                             num_groups: int, baseline: int, scale: int, eps: float
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    out_dtype, acc = _acc(scores.dtype)
+    out_dtype, acc = acc_types(scores.dtype)
     N = scores.shape[0]
     advantages = torch.empty(N, dtype=out_dtype, device=scores.device)
     all_equal = torch.empty(num_groups, dtype=torch.bool, device=scores.device)
     if num_groups > 0:
         _group_advantages_kernel[(num_groups,)](
             scores, group_index if group_index is not None else scores, advantages, all_equal.view(torch.int8),
-            N, max(group_size, 1), _coefficients(scores.device, out_dtype, eps),
+            N, max(group_size, 1), coefficients(scores.device, out_dtype, eps),
             HAS_INDEX=group_index is not None, LOO=baseline == 1, SCALE=scale, ACC=acc, BLOCK=_BLOCK)
     return advantages, all_equal
 
 
 @register_fake("rlkernels::group_advantages_triton")
 def _group_advantages_fake(scores, group_index, group_size, num_groups, baseline, scale, eps):
-    return (scores.new_empty(scores.shape, dtype=_acc(scores.dtype)[0]),
+    return (scores.new_empty(scores.shape, dtype=acc_types(scores.dtype)[0]),
             scores.new_empty((num_groups,), dtype=torch.bool))
 
 
@@ -116,7 +116,7 @@ def _row_mean_kernel(x_ptr, m_ptr, out_ptr, C, HAS_MASK: tl.constexpr, ACC: tl.c
 
 @custom_op("rlkernels::masked_row_mean_triton", mutates_args=())
 def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    out_dtype, acc = _acc(x.dtype)
+    out_dtype, acc = acc_types(x.dtype)
     R, C = x.shape
     out = torch.empty(R, dtype=out_dtype, device=x.device)
     if R > 0:
@@ -127,7 +127,7 @@ def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.
 
 @register_fake("rlkernels::masked_row_mean_triton")
 def _row_mean_fake(x, mask):
-    return x.new_empty((x.shape[0],), dtype=_acc(x.dtype)[0])
+    return x.new_empty((x.shape[0],), dtype=acc_types(x.dtype)[0])
 
 
 @triton.jit
@@ -171,15 +171,15 @@ def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr,
 
 @custom_op("rlkernels::masked_whiten_triton", mutates_args=())
 def masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor | None, shift_mean: bool, eps: float) -> torch.Tensor:
-    out_dtype, acc = _acc(x.dtype)
+    out_dtype, acc = acc_types(x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() > 0:
         _whiten_kernel[(1,)](x, mask.view(torch.uint8) if mask is not None else x, out, x.numel(),
-                             _coefficients(x.device, out_dtype, eps), SHIFT_MEAN=shift_mean,
+                             coefficients(x.device, out_dtype, eps), SHIFT_MEAN=shift_mean,
                              HAS_MASK=mask is not None, ACC=acc, BLOCK=1024)
     return out
 
 
 @register_fake("rlkernels::masked_whiten_triton")
 def _whiten_fake(x, mask, shift_mean, eps):
-    return x.new_empty(x.shape, dtype=_acc(x.dtype)[0])
+    return x.new_empty(x.shape, dtype=acc_types(x.dtype)[0])

@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
+from .._dtypes import acc_dtype
+
 KIND_CODES = {"k1": 0, "kl": 0, "k2": 1, "mse": 1, "k3": 2, "low_var_kl": 2, "abs": 3, "k1+": 4, "k3+": 5}
 
 
@@ -43,15 +45,11 @@ def _kl_penalty_kernel(lp_ptr, ref_ptr, value_ptr, slope_ptr, n, clamp, KIND: tl
     tl.store(slope_ptr + offs, d, mask=live)
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @custom_op("rlkernels::kl_penalty_triton", mutates_args=())
 def kl_penalty_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
                       clamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
-    dtype = _out_dtype(lp.dtype)
+    dtype = acc_dtype(lp.dtype)
     value = torch.empty(lp.shape, dtype=dtype, device=lp.device)
     slope = torch.empty(lp.shape, dtype=dtype, device=lp.device)
     n = lp.numel()
@@ -65,5 +63,5 @@ def kl_penalty_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: 
 
 @register_fake("rlkernels::kl_penalty_triton")
 def _kl_penalty_triton_fake(logprobs, ref_logprobs, kind, clamp):
-    dtype = _out_dtype(logprobs.dtype)
+    dtype = acc_dtype(logprobs.dtype)
     return logprobs.new_empty(logprobs.shape, dtype=dtype), logprobs.new_empty(logprobs.shape, dtype=dtype)

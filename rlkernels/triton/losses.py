@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
+from ._common import acc_types
+
 from ..ops import _losses
 from ..reference.losses import POLICY_STATS, VALUE_STATS
 
@@ -214,10 +216,6 @@ def _scale_rows_kernel(g_ptr, s_ptr, gl_ptr, out_ptr, T, BLOCK_T: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(g_ptr + offs, mask=inside, other=0.0) * scale, mask=inside)
 
 
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 def _bytes(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like if t is None else t.view(torch.uint8)
 
@@ -235,7 +233,7 @@ def _finalize(partials, B, T, n_chunks, slots, max_slot, agg, num_tokens, num_se
 
 
 def _outputs(like: torch.Tensor, num_stats: int, need_grad: bool):
-    out_dtype, acc = _acc(like.dtype)
+    out_dtype, acc = acc_types(like.dtype)
     B, T = like.shape
     dev = like.device
     loss = torch.zeros((), dtype=out_dtype, device=dev)

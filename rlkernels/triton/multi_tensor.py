@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
+from .._dtypes import acc_dtype
 from .._library import triton_interpreting
 from ..reference.multi_tensor import scale_dtype
 
@@ -120,7 +121,7 @@ def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, 
     n = x.numel()
     if n == 0:
         return
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     weights = torch.tensor([w_self, w_left, w_right], dtype=acc, device=x.device)
     _gossip_mix_kernel[(triton.cdiv(n, _BLOCK),)](x, left, right, out, n, weights, ACC=_TL[acc],
                                                     BF16_RNE=_interpreted_bf16(x.dtype), BLOCK=_BLOCK)

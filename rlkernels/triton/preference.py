@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
+from ._common import acc_types
+
 from ..ops.dpo_loss import register as register_dpo
 from ..ops.sequence_logprobs import register as register_sequence
 
@@ -107,16 +109,12 @@ def _sequence_backward_kernel(g_ptr, m_ptr, n_ptr, out_ptr, T, HAS_MASK: tl.cons
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 @custom_op("rlkernels::dpo_loss_triton", mutates_args=())
 def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float, kind: str, label_smoothing: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B = policy_chosen.shape[0]
-    out_dtype, acc = _acc(policy_chosen.dtype)
+    out_dtype, acc = acc_types(policy_chosen.dtype)
     outs = [torch.empty((B,), dtype=out_dtype, device=policy_chosen.device) for _ in range(4)]
     if B > 0:
         coef = torch.tensor([beta, label_smoothing], dtype=out_dtype, device=policy_chosen.device)
@@ -130,7 +128,7 @@ def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
 def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | None, average: bool
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T = token_logprobs.shape
-    out_dtype, acc = _acc(token_logprobs.dtype)
+    out_dtype, acc = acc_types(token_logprobs.dtype)
     out = torch.zeros((B,), dtype=out_dtype, device=token_logprobs.device)
     counts = torch.zeros((B,), dtype=out_dtype, device=token_logprobs.device)
     if B > 0 and T > 0:

@@ -1,0 +1,19 @@
+"""Helpers shared by the Triton kernels' host code."""
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from .._dtypes import acc_dtype
+
+
+def acc_types(dtype: torch.dtype):
+    """(torch dtype, triton dtype) of the accumulation for inputs of `dtype`."""
+    acc = acc_dtype(dtype)
+    return acc, (tl.float64 if acc == torch.float64 else tl.float32)
+
+
+def coefficients(device, dtype, *values) -> torch.Tensor:
+    # Scalars travel in a tensor of the accumulation dtype: Triton would round a
+    # float argument to float32, which a float64 computation must not see.
+    return torch.tensor(values, dtype=dtype, device=device)
