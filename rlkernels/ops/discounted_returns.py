@@ -25,7 +25,14 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None, 
         return fn(rewards, mask, dones, gamma)
 
 
-@torch.library.register_fake("rlkernels::discounted_returns")
 def _discounted_returns_fake(rewards, mask, dones, gamma):
     torch._check(rewards.dim() == 2, lambda: "rewards must be [B, T]")
     return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
+
+
+def register(op_name: str) -> None:
+    """Fake kernel of an op with the discounted_returns schema."""
+    torch.library.register_fake(op_name)(_discounted_returns_fake)
+
+
+register("rlkernels::discounted_returns")

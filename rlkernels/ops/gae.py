@@ -48,9 +48,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         return fn(rewards, values, mask, dones, last_values, gamma, lam)
 
 
-@torch.library.register_fake("rlkernels::gae")
 def _gae_fake(rewards, values, mask, dones, last_values, gamma, lam):
     torch._check(rewards.dim() == 2, lambda: "rewards must be [B, T]")
     torch._check(values.shape == rewards.shape, lambda: "values must match rewards")
     dtype = acc_dtype(rewards.dtype)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
+
+
+def register(op_name: str) -> None:
+    """Fake kernel of an op with the gae schema (the compiled op and its Triton twin)."""
+    torch.library.register_fake(op_name)(_gae_fake)
+
+
+register("rlkernels::gae")

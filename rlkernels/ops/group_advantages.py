@@ -73,8 +73,15 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
         return fn(scores, index, group_size, groups, _BASELINES[baseline], _SCALES[scale], eps)
 
 
-@torch.library.register_fake("rlkernels::group_advantages")
 def _group_advantages_fake(scores, group_index, group_size, num_groups, baseline, scale, eps):
     torch._check(scores.dim() == 1, lambda: "scores must be 1-D")
     return (scores.new_empty(scores.shape, dtype=acc_dtype(scores.dtype)),
             scores.new_empty((num_groups,), dtype=torch.bool))
+
+
+def register(op_name: str) -> None:
+    """Fake kernel of an op with the group_advantages schema."""
+    torch.library.register_fake(op_name)(_group_advantages_fake)
+
+
+register("rlkernels::group_advantages")

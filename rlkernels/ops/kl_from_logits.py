@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _library, _validate as V, reference
+from .. import _validate as V, reference
 from . import _logits as L
 
 _OP = "kl_from_logits"
@@ -71,7 +71,3 @@ def register_autograd(forward: str, backward) -> None:
 torch.library.register_fake("rlkernels::kl_from_logits")(_fake_forward)
 torch.library.register_fake("rlkernels::kl_from_logits_backward")(_fake_backward)
 register_autograd("rlkernels::kl_from_logits", torch.ops.rlkernels.kl_from_logits_backward)
-if _library.triton_status()[0]:
-    from ..triton import logprobs as _triton_logprobs  # noqa: F401  (defines the *_triton ops)
-
-    register_autograd("rlkernels::kl_from_logits_triton", torch.ops.rlkernels.kl_from_logits_backward_triton)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import _backend, _library, _validate as V, reference
+from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
 
 _OP = "kl_penalty"
@@ -67,9 +67,11 @@ def _backward(ctx, grad_value, _grad_slope):
     return grad_logprobs, grad_ref, None, None
 
 
-torch.library.register_fake("rlkernels::kl_penalty")(_fake)
-torch.library.register_autograd("rlkernels::kl_penalty", _backward, setup_context=_setup_context)
-if _library.triton_status()[0]:
-    from ..triton import kl_penalty as _triton_kl_penalty  # noqa: F401  (defines rlkernels::kl_penalty_triton)
+def register(op_name: str) -> None:
+    """Fake kernel and autograd of an op with the kl_penalty schema (the compiled op
+    and its Triton twin)."""
+    torch.library.register_fake(op_name)(_fake)
+    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
 
-    torch.library.register_autograd("rlkernels::kl_penalty_triton", _backward, setup_context=_setup_context)
+
+register("rlkernels::kl_penalty")

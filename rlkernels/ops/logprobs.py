@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _library, reference
+from .. import reference
 from . import _logits as L
 
 _OP = "logprobs"
@@ -101,8 +101,3 @@ torch.library.register_fake("rlkernels::logprobs_backward")(_fake_backward)
 torch.library.register_fake("rlkernels::logprobs_backward_inplace")(_fake_backward_inplace)
 register_autograd("rlkernels::logprobs", torch.ops.rlkernels.logprobs_backward,
                   torch.ops.rlkernels.logprobs_backward_inplace)
-if _library.triton_status()[0]:
-    from ..triton import logprobs as _triton_logprobs  # noqa: F401  (defines the *_triton ops)
-
-    register_autograd("rlkernels::logprobs_triton", torch.ops.rlkernels.logprobs_backward_triton,
-                      torch.ops.rlkernels.logprobs_backward_inplace_triton)

@@ -73,10 +73,6 @@ def _row_mean_fake(x, mask):
     return x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype))
 
 
-torch.library.register_fake("rlkernels::masked_row_mean", _row_mean_fake)
-
-
-@torch.library.register_fake("rlkernels::masked_whiten")
 def _whiten_fake(x, mask, shift_mean, eps):
     return x.new_empty(x.shape, dtype=acc_dtype(x.dtype))
 
@@ -98,5 +94,16 @@ def _row_mean_backward(ctx, grad):
     return grad_x.to(ctx.x_dtype), None
 
 
-for _name in ("rlkernels::masked_row_mean", "rlkernels::masked_row_mean_triton"):
-    torch.library.register_autograd(_name, _row_mean_backward, setup_context=_row_mean_setup)
+def register_row_mean(op_name: str) -> None:
+    """Fake kernel and autograd of an op with the masked_row_mean schema."""
+    torch.library.register_fake(op_name)(_row_mean_fake)
+    torch.library.register_autograd(op_name, _row_mean_backward, setup_context=_row_mean_setup)
+
+
+def register_whiten(op_name: str) -> None:
+    """Fake kernel of an op with the masked_whiten schema."""
+    torch.library.register_fake(op_name)(_whiten_fake)
+
+
+register_row_mean("rlkernels::masked_row_mean")
+register_whiten("rlkernels::masked_whiten")

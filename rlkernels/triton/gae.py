@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, register_fake
+from torch.library import custom_op
 
+from ..ops.discounted_returns import register as register_discounted_returns
+from ..ops.gae import register as register_gae
 from ._common import acc_types, coefficients
 
 
@@ -110,12 +112,5 @@ def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
     return returns
 
 
-@register_fake("rlkernels::gae_triton")
-def _gae_triton_fake(rewards, values, mask, dones, last_values, gamma, lam):
-    dtype = acc_types(rewards.dtype)[0]
-    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
-
-
-@register_fake("rlkernels::discounted_returns_triton")
-def _returns_triton_fake(rewards, mask, dones, gamma):
-    return rewards.new_empty(rewards.shape, dtype=acc_types(rewards.dtype)[0])
+register_gae("rlkernels::gae_triton")
+register_discounted_returns("rlkernels::discounted_returns_triton")

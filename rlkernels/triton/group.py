@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, register_fake
+from torch.library import custom_op
 
+from ..ops.group_advantages import register as register_group_advantages
+from ..ops.masked import register_row_mean, register_whiten
 from ._common import acc_types, coefficients
 
 _BLOCK = 128
@@ -90,12 +92,6 @@ def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | No
     return advantages, all_equal
 
 
-@register_fake("rlkernels::group_advantages_triton")
-def _group_advantages_fake(scores, group_index, group_size, num_groups, baseline, scale, eps):
-    return (scores.new_empty(scores.shape, dtype=acc_types(scores.dtype)[0]),
-            scores.new_empty((num_groups,), dtype=torch.bool))
-
-
 @triton.jit
 def _row_mean_kernel(x_ptr, m_ptr, out_ptr, C, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -123,11 +119,6 @@ def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.
         _row_mean_kernel[(R,)](x, mask.view(torch.uint8) if mask is not None else x, out, C,
                                HAS_MASK=mask is not None, ACC=acc, BLOCK=_BLOCK)
     return out
-
-
-@register_fake("rlkernels::masked_row_mean_triton")
-def _row_mean_fake(x, mask):
-    return x.new_empty((x.shape[0],), dtype=acc_types(x.dtype)[0])
 
 
 @triton.jit
@@ -180,6 +171,6 @@ def masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor | None, shift_mean:
     return out
 
 
-@register_fake("rlkernels::masked_whiten_triton")
-def _whiten_fake(x, mask, shift_mean, eps):
-    return x.new_empty(x.shape, dtype=acc_types(x.dtype)[0])
+register_group_advantages("rlkernels::group_advantages_triton")
+register_row_mean("rlkernels::masked_row_mean_triton")
+register_whiten("rlkernels::masked_whiten_triton")

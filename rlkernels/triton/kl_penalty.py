@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, register_fake
+from torch.library import custom_op
 
 from .._dtypes import acc_dtype
+from ..ops.kl_penalty import register
 
 KIND_CODES = {"k1": 0, "kl": 0, "k2": 1, "mse": 1, "k3": 2, "low_var_kl": 2, "abs": 3, "k1+": 4, "k3+": 5}
 
@@ -61,7 +62,4 @@ def kl_penalty_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: 
     return value, slope
 
 
-@register_fake("rlkernels::kl_penalty_triton")
-def _kl_penalty_triton_fake(logprobs, ref_logprobs, kind, clamp):
-    dtype = acc_dtype(logprobs.dtype)
-    return logprobs.new_empty(logprobs.shape, dtype=dtype), logprobs.new_empty(logprobs.shape, dtype=dtype)
+register("rlkernels::kl_penalty_triton")

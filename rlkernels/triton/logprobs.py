@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
+from ..ops.kl_from_logits import register_autograd as register_kl_autograd
+from ..ops.logprobs import register_autograd as register_logprobs_autograd
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 FLOOR = -160.0  # exp2 below this is 0 in float32; keeps 0 * y finite at y = -inf
@@ -346,3 +349,10 @@ def _kl_triton_fake(logits, ref_logits, mask, temperature):
 def _kl_backward_triton_fake(grad_kl, logits, ref_logits, mask, saved, temperature, logits_grad, ref_grad):
     return (logits.new_empty(logits.shape if logits_grad else (0,)),
             logits.new_empty(logits.shape if ref_grad else (0,)))
+
+
+# Autograd of the Triton ops: the same formulas as the compiled ops, with the
+# Triton backward kernels.
+register_logprobs_autograd("rlkernels::logprobs_triton", torch.ops.rlkernels.logprobs_backward_triton,
+                           torch.ops.rlkernels.logprobs_backward_inplace_triton)
+register_kl_autograd("rlkernels::kl_from_logits_triton", torch.ops.rlkernels.kl_from_logits_backward_triton)
