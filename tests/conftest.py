@@ -79,3 +79,21 @@ def low_precision_bound(ours: torch.Tensor, torch_same_dtype: torch.Tensor, trut
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a learning test that takes tens of seconds (runs by default; "
                                        "deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "interpreter_heavy(predicate): cases, chosen by predicate(params), that "
+                                       "are too slow for the Triton interpreter; not collected for Triton on "
+                                       "CPU tensors, still run on a GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Drops the interpreter_heavy cases of backend_device=("triton", "cpu")."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("interpreter_heavy")
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if marker and params.get("backend_device") == ("triton", "cpu") and marker.args[0](params):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

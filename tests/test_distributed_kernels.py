@@ -141,13 +141,12 @@ def test_pack_parameters_with_grad(backend_device):
 WEIGHTS = [(1 / 3, 1 / 3, 1 / 3), (0.5, 0.25, 0.25), (0.2, 0.7, 0.1), (1.0, 0.0, 0.0)]
 
 
+@pytest.mark.interpreter_heavy(lambda p: p["n"] > 1000 and p["dtype"] != torch.float32)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("weights", WEIGHTS, ids=lambda w: "-".join(f"{x:.2f}" for x in w))
 @pytest.mark.parametrize("n", [1, 7, 4099])
 def test_gossip_mix_matches_reference(backend_device, dtype, weights, n):
     backend, device = backend_device
-    if backend == "triton" and n > 1000 and dtype != torch.float32:
-        pytest.skip("interpreter time")
     x, left, right = (torch.randn(n, device=device) * 10).to(dtype), (torch.randn(n, device=device) * 10).to(dtype), \
         (torch.randn(n, device=device) * 10).to(dtype)
     ours = rlkernels.gossip_mix(x, left, right, weights, backend=backend)
