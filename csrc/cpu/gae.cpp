@@ -4,13 +4,12 @@
 
 #include "../core/gae.h"
 #include "../args/advantages.h"
+#include "simd_loops.h"
 
 namespace rlk {
 namespace {
 
-// Keep small problems on one thread: splitting sub-millisecond work across
-// cores costs more in wake-ups than it saves.
-int64_t row_grain(int64_t T) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(T, 1)); }
+int64_t row_grain(int64_t T) { return cpu::row_grain(T, cpu::kElementsPerTask); }
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const c10::optional<at::Tensor>& mask,

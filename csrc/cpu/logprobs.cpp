@@ -16,6 +16,7 @@
 #include "../core/logprobs.h"
 #include "../torch_common.h"
 #include "simd.h"
+#include "simd_loops.h"
 
 namespace rlk {
 namespace {
@@ -44,8 +45,7 @@ RLK_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t n) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 0);
 }
 
-// Keep small problems on one thread: about 64K elements per task.
-int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1)); }
+int64_t row_grain(int64_t V) { return cpu::row_grain(V, cpu::kElementsPerTask); }
 
 // Max of the first n elements of a block, vectorised.
 template <int W, class T>

@@ -7,6 +7,7 @@
 
 #include "../core/masked_stats.h"
 #include "../args/advantages.h"
+#include "simd_loops.h"
 
 namespace rlk {
 namespace {
@@ -19,7 +20,7 @@ at::Tensor masked_row_mean_cpu(const at::Tensor& x, const c10::optional<at::Tens
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     acc* op = out.data_ptr<acc>();
-    at::parallel_for(0, R, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1)),
+    at::parallel_for(0, R, cpu::row_grain(C, cpu::kElementsPerTask),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const MaskedSums<acc> s = masked_sums<scalar_t, acc>(xp + r * C, m ? m + r * C : nullptr, C);

@@ -34,6 +34,9 @@ constexpr int64_t kPrefetchBytes = 8192;  // the hardware prefetcher stops at 4 
 // an OpenMP barrier can wait a whole scheduler slice (~7 ms).  The loss
 // kernels take about 2 ns a token, so half a million tokens is ~1 ms.
 constexpr int64_t kTokensPerTask = int64_t(1) << 19;
+// Scans and single-pass reductions do far less work per element, so they use a
+// smaller task (kElementsPerTask) for the same cost.
+constexpr int64_t kElementsPerTask = int64_t(1) << 16;
 inline int64_t row_grain(int64_t T, int64_t tokens_per_task = kTokensPerTask) {
   return std::max<int64_t>(1, tokens_per_task / std::max<int64_t>(T, 1));
 }
