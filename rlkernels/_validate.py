@@ -93,6 +93,6 @@ def binary_mask(op: str, name: str, mask, shape: torch.Size, device: torch.devic
     if mask.is_complex():
         raise TypeError(f"{op}: {name} must be bool, integer or floating, got {mask.dtype}")
     as_bool = mask != 0
-    if not _compiling() and mask.numel() > 0 and bool(((mask != 0) & (mask != 1)).any()):
+    if not _compiling() and mask.numel() > 0 and bool((as_bool & (mask != 1)).any()):
         raise ValueError(f"{op}: {name} must hold only 0 and 1 (or be bool)")
     return as_bool.contiguous()
