@@ -27,10 +27,9 @@ _SLOT_PAD = 16
 
 
 @triton.jit
-def _policy_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, m_ptr, grad_ptr, part_ptr, T, n_chunks, coef_ptr,
-                   HAS_MASK: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ADV_PER_ROW: tl.constexpr,
-                   KL: tl.constexpr, HAS_DUAL: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_T: tl.constexpr, SLOTS: tl.constexpr):
+def _token_chunk(m_ptr, T, n_chunks, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's row, flat offsets of its chunk of tokens, which lie inside the
+    row, and which of those are valid under the mask."""
     pid = tl.program_id(0)
     row = pid // n_chunks
     cols = (pid % n_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -39,6 +38,15 @@ def _policy_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, m_ptr, grad_ptr, pa
     valid = inside
     if HAS_MASK:
         valid = valid & (tl.load(m_ptr + offs, mask=inside, other=0) != 0)
+    return row, offs, inside, valid
+
+
+@triton.jit
+def _policy_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, m_ptr, grad_ptr, part_ptr, T, n_chunks, coef_ptr,
+                   HAS_MASK: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ADV_PER_ROW: tl.constexpr,
+                   KL: tl.constexpr, HAS_DUAL: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_T: tl.constexpr, SLOTS: tl.constexpr):
+    row, offs, inside, valid = _token_chunk(m_ptr, T, n_chunks, HAS_MASK, BLOCK_T)
     # Select, never multiply: NaN or inf in masked slots must not reach the sums.
     lp = tl.where(valid, tl.load(lp_ptr + offs, mask=inside, other=0.0).to(ACC), 0.0)
     old = tl.where(valid, tl.load(old_ptr + offs, mask=inside, other=0.0).to(ACC), 0.0)
@@ -94,7 +102,7 @@ def _policy_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, m_ptr, grad_ptr, pa
     if NEED_GRAD:
         tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0).to(ACC), mask=inside)
     one = tl.where(valid, 1.0, 0.0).to(ACC)
-    base = part_ptr + pid.to(tl.int64) * SLOTS
+    base = part_ptr + tl.program_id(0).to(tl.int64) * SLOTS
     tl.store(base + 0, tl.sum(tl.where(valid, loss, 0.0).to(ACC), axis=0))
     tl.store(base + 1, tl.sum(one, axis=0))
     tl.store(base + 2, tl.sum(tl.where(valid & (adv > 0.0) & (ratio > ratio_high), 1.0, 0.0).to(ACC), axis=0))
@@ -111,14 +119,7 @@ def _policy_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, m_ptr, grad_ptr, pa
 def _value_kernel(v_ptr, old_ptr, ret_ptr, m_ptr, grad_ptr, part_ptr, T, n_chunks, coef_ptr,
                   HAS_MASK: tl.constexpr, CLIP: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_T: tl.constexpr, SLOTS: tl.constexpr):
-    pid = tl.program_id(0)
-    row = pid // n_chunks
-    cols = (pid % n_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    inside = cols < T
-    offs = row.to(tl.int64) * T + cols
-    valid = inside
-    if HAS_MASK:
-        valid = valid & (tl.load(m_ptr + offs, mask=inside, other=0) != 0)
+    row, offs, inside, valid = _token_chunk(m_ptr, T, n_chunks, HAS_MASK, BLOCK_T)
     value = tl.where(valid, tl.load(v_ptr + offs, mask=inside, other=0.0).to(ACC), 0.0)
     ret = tl.where(valid, tl.load(ret_ptr + offs, mask=inside, other=0.0).to(ACC), 0.0)
     err = value - ret
@@ -140,7 +141,7 @@ def _value_kernel(v_ptr, old_ptr, ret_ptr, m_ptr, grad_ptr, part_ptr, T, n_chunk
         clipped_flag = tl.where(clip_wins, 1.0, 0.0).to(ACC)
     if NEED_GRAD:
         tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0).to(ACC), mask=inside)
-    base = part_ptr + pid.to(tl.int64) * SLOTS
+    base = part_ptr + tl.program_id(0).to(tl.int64) * SLOTS
     tl.store(base + 0, tl.sum(tl.where(valid, loss, 0.0).to(ACC), axis=0))
     tl.store(base + 1, tl.sum(tl.where(valid, 1.0, 0.0).to(ACC), axis=0))
     tl.store(base + 2, tl.sum(tl.where(valid, clipped_flag, 0.0).to(ACC), axis=0))
