@@ -8,23 +8,23 @@ from ._library import has_compiled, triton_interpreting, triton_status
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 
-def resolve(op: str, backend: str, device: torch.device, *, auto_cuda: tuple[str, ...] = ("cuda", "triton"),
-            available: tuple[str, ...] = ("cpu", "cuda", "triton", "reference")) -> str:
+# Order in which backend="auto" tries the GPU backends (the faster first).
+_AUTO_CUDA = ("cuda", "triton")
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
     """Returns the backend that runs `op` on `device`, or raises ValueError saying why
-    the requested one cannot.  `auto_cuda` is the op's preference order on GPUs (the
-    faster first); `available` lists the backends the op implements."""
+    the requested one cannot.  Every op implements every backend."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu":
-            return "cpu" if "cpu" in available and has_compiled("cpu") else "reference"
+            return "cpu" if has_compiled("cpu") else "reference"
         if device.type == "cuda":
-            for candidate in auto_cuda:
-                if candidate in available and _usable(candidate, device) is None:
+            for candidate in _AUTO_CUDA:
+                if _usable(candidate, device) is None:
                     return candidate
         return "reference"
-    if backend not in available:
-        raise ValueError(f"{op}: backend={backend!r} is not implemented for this op; available: {available}")
     why = _usable(backend, device)
     if why is not None:
         raise ValueError(f"{op}: backend={backend!r} is unavailable: {why}")
