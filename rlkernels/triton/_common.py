@@ -17,3 +17,9 @@ def coefficients(device, dtype, *values) -> torch.Tensor:
     # Scalars travel in a tensor of the accumulation dtype: Triton would round a
     # float argument to float32, which a float64 computation must not see.
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+def bool_arg(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as the kernel reads it (uint8, same storage); an absent one as
+    `placeholder`, a pointer the kernel never dereferences."""
+    return placeholder if t is None else t.view(torch.uint8)

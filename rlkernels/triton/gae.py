@@ -10,7 +10,7 @@ from torch.library import custom_op
 
 from ..ops.discounted_returns import register as register_discounted_returns
 from ..ops.gae import register as register_gae
-from ._common import acc_types, coefficients
+from ._common import acc_types, bool_arg, coefficients
 
 
 @triton.jit
@@ -71,11 +71,6 @@ def _returns_kernel(r_ptr, m_ptr, d_ptr, ret_ptr, B, T, coef_ptr,
         tl.store(ret_ptr + base + t, carry, mask=live)
 
 
-def _bytes(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    # Bool tensors go to the kernel as uint8 (same storage); absent ones as a dummy.
-    return like if t is None else t.view(torch.uint8)
-
-
 _BLOCK_B = 32
 
 
@@ -90,7 +85,7 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
     if B > 0 and T > 0:
         grid = (triton.cdiv(B, _BLOCK_B),)
         _gae_kernel[grid](
-            rewards, values, _bytes(mask, rewards), _bytes(dones, rewards),
+            rewards, values, bool_arg(mask, rewards), bool_arg(dones, rewards),
             last_values if last_values is not None else advantages, advantages, returns, B, T,
             coefficients(rewards.device, out_dtype, gamma, lam), HAS_MASK=mask is not None, HAS_DONES=dones is not None,
             HAS_LAST=last_values is not None, ACC=acc, BLOCK_B=_BLOCK_B)
@@ -106,7 +101,7 @@ def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
     if B > 0 and T > 0:
         grid = (triton.cdiv(B, _BLOCK_B),)
         _returns_kernel[grid](
-            rewards, _bytes(mask, rewards), _bytes(dones, rewards), returns, B, T,
+            rewards, bool_arg(mask, rewards), bool_arg(dones, rewards), returns, B, T,
             coefficients(rewards.device, out_dtype, gamma),
             HAS_MASK=mask is not None, HAS_DONES=dones is not None, ACC=acc, BLOCK_B=_BLOCK_B)
     return returns

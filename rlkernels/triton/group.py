@@ -11,7 +11,7 @@ from torch.library import custom_op
 
 from ..ops.group_advantages import register as register_group_advantages
 from ..ops.masked import register_row_mean, register_whiten
-from ._common import acc_types, coefficients
+from ._common import acc_types, bool_arg, coefficients
 
 _BLOCK = 128
 
@@ -116,7 +116,7 @@ def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.
     R, C = x.shape
     out = torch.empty(R, dtype=out_dtype, device=x.device)
     if R > 0:
-        _row_mean_kernel[(R,)](x, mask.view(torch.uint8) if mask is not None else x, out, C,
+        _row_mean_kernel[(R,)](x, bool_arg(mask, x), out, C,
                                HAS_MASK=mask is not None, ACC=acc, BLOCK=_BLOCK)
     return out
 
@@ -165,7 +165,7 @@ def masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor | None, shift_mean:
     out_dtype, acc = acc_types(x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() > 0:
-        _whiten_kernel[(1,)](x, mask.view(torch.uint8) if mask is not None else x, out, x.numel(),
+        _whiten_kernel[(1,)](x, bool_arg(mask, x), out, x.numel(),
                              coefficients(x.device, out_dtype, eps), SHIFT_MEAN=shift_mean,
                              HAS_MASK=mask is not None, ACC=acc, BLOCK=1024)
     return out

@@ -17,6 +17,7 @@ from torch.library import custom_op, register_fake
 
 from ..ops.kl_from_logits import register_autograd as register_kl_autograd
 from ..ops.logprobs import register_autograd as register_logprobs_autograd
+from ._common import bool_arg
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -312,7 +313,7 @@ def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: 
     kl = torch.empty(lead, dtype=torch.float32, device=logits.device)
     saved = torch.empty((*lead, 5), dtype=torch.float32, device=logits.device)
     if N > 0:
-        _kl_fwd_kernel[(N,)](a, b, mask.view(torch.uint8) if mask is not None else kl, kl, saved, V, inner,
+        _kl_fwd_kernel[(N,)](a, b, bool_arg(mask, kl), kl, saved, V, inner,
                              outer_stride, inner_stride, b_inner, b_outer_stride, b_inner_stride,
                              LOG2E / temperature, 1.0 / temperature, HAS_MASK=mask is not None,
                              BLOCK=min(_block(V), 2048))
@@ -332,7 +333,7 @@ def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, 
     if N > 0 and V > 0 and (logits_grad or ref_grad):
         block = _block(V)
         _kl_bwd_kernel[(N, triton.cdiv(V, block))](
-            a, b, mask.view(torch.uint8) if mask is not None else grad_kl, grad_kl, saved,
+            a, b, bool_arg(mask, grad_kl), grad_kl, saved,
             grad_logits if logits_grad else saved, grad_ref if ref_grad else saved, V, inner, outer_stride,
             inner_stride, b_inner, b_outer_stride, b_inner_stride, LOG2E / temperature, 1.0 / temperature,
             HAS_MASK=mask is not None, LOGITS_GRAD=logits_grad, REF_GRAD=ref_grad, BLOCK=block)

@@ -12,10 +12,9 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
-from ._common import acc_types
-
 from ..ops import _losses
 from ..reference.losses import POLICY_STATS, VALUE_STATS
+from ._common import acc_types, bool_arg
 
 _AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
               "seq-mean-token-sum-norm": 4}
@@ -217,10 +216,6 @@ def _scale_rows_kernel(g_ptr, s_ptr, gl_ptr, out_ptr, T, BLOCK_T: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(g_ptr + offs, mask=inside, other=0.0) * scale, mask=inside)
 
 
-def _bytes(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return like if t is None else t.view(torch.uint8)
-
-
 def _block_t(T: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(T, 1))))
 
@@ -266,7 +261,7 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     partials = torch.empty((B * n_chunks, _POLICY_SLOTS), dtype=out_dtype, device=logprobs.device)
     _policy_kernel[(B * n_chunks,)](
         logprobs, old_logprobs, advantages, weights if weights is not None else logprobs,
-        ref_logprobs if ref_logprobs is not None else logprobs, _bytes(mask, logprobs),
+        ref_logprobs if ref_logprobs is not None else logprobs, bool_arg(mask, logprobs),
         grad if need_grad else partials, partials, T, n_chunks, coef,
         HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ADV_PER_ROW=advantages.dim() == 1,
         KL=_KL_CODES[kl], HAS_DUAL=has_dual, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block, SLOTS=_POLICY_SLOTS)
@@ -294,7 +289,7 @@ def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: t
     n_chunks = triton.cdiv(T, block)
     partials = torch.empty((B * n_chunks, _VALUE_SLOTS), dtype=out_dtype, device=values.device)
     _value_kernel[(B * n_chunks,)](
-        values, old_values, returns, _bytes(mask, values), grad if need_grad else partials, partials, T, n_chunks,
+        values, old_values, returns, bool_arg(mask, values), grad if need_grad else partials, partials, T, n_chunks,
         coef, HAS_MASK=mask is not None, CLIP=has_clip, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block,
         SLOTS=_VALUE_SLOTS)
     _finalize(partials, B, T, n_chunks, _VALUE_SLOTS, -1, agg, num_tokens, num_seqs, norm_length, out_dtype, acc,

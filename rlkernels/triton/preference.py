@@ -8,10 +8,9 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, register_fake
 
-from ._common import acc_types
-
 from ..ops.dpo_loss import register as register_dpo
 from ..ops.sequence_logprobs import register as register_sequence
+from ._common import acc_types, bool_arg
 
 _KINDS = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}
 
@@ -133,7 +132,7 @@ def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | 
     counts = torch.zeros((B,), dtype=out_dtype, device=token_logprobs.device)
     if B > 0 and T > 0:
         block = max(16, min(1024, triton.next_power_of_2(T)))
-        _sequence_kernel[(B,)](token_logprobs, mask.view(torch.uint8) if mask is not None else token_logprobs,
+        _sequence_kernel[(B,)](token_logprobs, bool_arg(mask, token_logprobs),
                                out, counts, T, HAS_MASK=mask is not None, AVERAGE=average, ACC=acc, BLOCK_T=block)
     return out, counts
 
@@ -148,7 +147,7 @@ def sequence_logprobs_backward_triton(grad: torch.Tensor, mask: torch.Tensor | N
     if B > 0 and T > 0:
         block = max(16, min(1024, triton.next_power_of_2(T)))
         _sequence_backward_kernel[(B, triton.cdiv(T, block))](
-            grad, mask.view(torch.uint8) if mask is not None else grad, num_tokens, out, T,
+            grad, bool_arg(mask, grad), num_tokens, out, T,
             HAS_MASK=mask is not None, AVERAGE=average, BLOCK_T=block)
     return out.to(dtype)
 
