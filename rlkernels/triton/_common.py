@@ -13,7 +13,7 @@ def acc_types(dtype: torch.dtype):
     return acc, (tl.float64 if acc == torch.float64 else tl.float32)
 
 
-def coefficients(device, dtype, *values) -> torch.Tensor:
+def coef_tensor(device, dtype, *values) -> torch.Tensor:
     # Scalars travel in a tensor of the accumulation dtype: Triton would round a
     # float argument to float32, which a float64 computation must not see.
     return torch.tensor(values, dtype=dtype, device=device)

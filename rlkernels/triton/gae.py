@@ -10,7 +10,7 @@ from torch.library import custom_op
 
 from ..ops.discounted_returns import register as register_discounted_returns
 from ..ops.gae import register as register_gae
-from ._common import acc_types, bool_arg, coefficients
+from ._common import acc_types, bool_arg, coef_tensor
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
         _gae_kernel[grid](
             rewards, values, bool_arg(mask, rewards), bool_arg(dones, rewards),
             last_values if last_values is not None else advantages, advantages, returns, B, T,
-            coefficients(rewards.device, out_dtype, gamma, lam), HAS_MASK=mask is not None, HAS_DONES=dones is not None,
+            coef_tensor(rewards.device, out_dtype, gamma, lam), HAS_MASK=mask is not None, HAS_DONES=dones is not None,
             HAS_LAST=last_values is not None, ACC=acc, BLOCK_B=_BLOCK_B)
     return advantages, returns
 
@@ -102,7 +102,7 @@ def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
         grid = (triton.cdiv(B, _BLOCK_B),)
         _returns_kernel[grid](
             rewards, bool_arg(mask, rewards), bool_arg(dones, rewards), returns, B, T,
-            coefficients(rewards.device, out_dtype, gamma),
+            coef_tensor(rewards.device, out_dtype, gamma),
             HAS_MASK=mask is not None, HAS_DONES=dones is not None, ACC=acc, BLOCK_B=_BLOCK_B)
     return returns
 

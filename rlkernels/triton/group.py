@@ -11,7 +11,7 @@ from torch.library import custom_op
 
 from ..ops.group_advantages import register as register_group_advantages
 from ..ops.masked import register_row_mean, register_whiten
-from ._common import acc_types, bool_arg, coefficients
+from ._common import acc_types, bool_arg, coef_tensor
 
 _BLOCK = 128
 
@@ -87,7 +87,7 @@ def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | No
     if num_groups > 0:
         _group_advantages_kernel[(num_groups,)](
             scores, group_index if group_index is not None else scores, advantages, all_equal.view(torch.int8),
-            N, max(group_size, 1), coefficients(scores.device, out_dtype, eps),
+            N, max(group_size, 1), coef_tensor(scores.device, out_dtype, eps),
             HAS_INDEX=group_index is not None, LOO=baseline == 1, SCALE=scale, ACC=acc, BLOCK=_BLOCK)
     return advantages, all_equal
 
@@ -122,6 +122,15 @@ def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.
 
 
 @triton.jit
+def _valid(m_ptr, offs, n, HAS_MASK: tl.constexpr):
+    """Lanes inside [0, n) whose mask entry is 1 (all inside lanes without a mask)."""
+    inside = offs < n
+    if HAS_MASK:
+        return inside & (tl.load(m_ptr + offs, mask=inside, other=0) != 0)
+    return inside
+
+
+@triton.jit
 def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
                    ACC: tl.constexpr, BLOCK: tl.constexpr):
     eps = tl.load(coef_ptr)
@@ -129,9 +138,7 @@ def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr,
     count = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        valid = offs < N
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + offs, mask=offs < N, other=0) != 0)
+        valid = _valid(m_ptr, offs, N, HAS_MASK)
         x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
         total += tl.where(valid, x, 0.0)
         count += tl.where(valid, 1.0, 0.0)
@@ -140,9 +147,7 @@ def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr,
     sq = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        valid = offs < N
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + offs, mask=offs < N, other=0) != 0)
+        valid = _valid(m_ptr, offs, N, HAS_MASK)
         x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
         sq += tl.where(valid, (x - mean) * (x - mean), 0.0)
     var = tl.where(n > 1.0, tl.sum(sq, axis=0) / tl.maximum(n - 1.0, 1.0), 0.0)
@@ -150,9 +155,7 @@ def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr,
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         live = offs < N
-        valid = live
-        if HAS_MASK:
-            valid = live & (tl.load(m_ptr + offs, mask=live, other=0) != 0)
+        valid = _valid(m_ptr, offs, N, HAS_MASK)
         x = tl.load(x_ptr + offs, mask=live, other=0.0).to(ACC)
         y = (x - mean) * inv_std
         if not SHIFT_MEAN:
@@ -166,7 +169,7 @@ def masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor | None, shift_mean:
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() > 0:
         _whiten_kernel[(1,)](x, bool_arg(mask, x), out, x.numel(),
-                             coefficients(x.device, out_dtype, eps), SHIFT_MEAN=shift_mean,
+                             coef_tensor(x.device, out_dtype, eps), SHIFT_MEAN=shift_mean,
                              HAS_MASK=mask is not None, ACC=acc, BLOCK=1024)
     return out
 

@@ -14,7 +14,7 @@ from torch.library import custom_op, register_fake
 
 from ..ops import _losses
 from ..reference.losses import POLICY_STATS, VALUE_STATS
-from ._common import acc_types, bool_arg
+from ._common import acc_types, bool_arg, coef_tensor
 
 _AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
               "seq-mean-token-sum-norm": 4}
@@ -239,6 +239,15 @@ def _outputs(like: torch.Tensor, num_stats: int, need_grad: bool):
     return out_dtype, acc, loss, stats, grad, row_scale
 
 
+def _empty_batch(B, agg, need_grad, loss, stats, grad, row_scale):
+    """The outputs of a token loss over no tokens."""
+    if B > 0 and agg == "token-sum":
+        row_scale.fill_(1.0)
+    if need_grad:
+        grad.zero_()
+    return loss, stats, grad, row_scale
+
+
 @custom_op("rlkernels::policy_loss_triton", mutates_args=())
 def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                        mask: torch.Tensor | None, weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
@@ -248,14 +257,10 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     B, T = logprobs.shape
     out_dtype, acc, loss, stats, grad, row_scale = _outputs(logprobs, len(POLICY_STATS), need_grad)
     if B == 0 or T == 0:
-        if B > 0 and agg == "token-sum":
-            row_scale.fill_(1.0)
-        if need_grad:
-            grad.zero_()
-        return loss, stats, grad, row_scale
+        return _empty_batch(B, agg, need_grad, loss, stats, grad, row_scale)
     has_dual = math.isfinite(dual_clip)
-    coef = torch.tensor([1.0 - clip_low, 1.0 + clip_high, dual_clip if has_dual else 1.0, log_ratio_clamp, kl_coef],
-                        dtype=out_dtype, device=logprobs.device)
+    coef = coef_tensor(logprobs.device, out_dtype, 1.0 - clip_low, 1.0 + clip_high, dual_clip if has_dual else 1.0,
+                        log_ratio_clamp, kl_coef)
     block = _block_t(T)
     n_chunks = triton.cdiv(T, block)
     partials = torch.empty((B * n_chunks, _POLICY_SLOTS), dtype=out_dtype, device=logprobs.device)
@@ -278,13 +283,9 @@ def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: t
     B, T = values.shape
     out_dtype, acc, loss, stats, grad, row_scale = _outputs(values, len(VALUE_STATS), need_grad)
     if B == 0 or T == 0:
-        if B > 0 and agg == "token-sum":
-            row_scale.fill_(1.0)
-        if need_grad:
-            grad.zero_()
-        return loss, stats, grad, row_scale
+        return _empty_batch(B, agg, need_grad, loss, stats, grad, row_scale)
     has_clip = math.isfinite(clip)
-    coef = torch.tensor([clip if has_clip else 0.0], dtype=out_dtype, device=values.device)
+    coef = coef_tensor(values.device, out_dtype, clip if has_clip else 0.0)
     block = _block_t(T)
     n_chunks = triton.cdiv(T, block)
     partials = torch.empty((B * n_chunks, _VALUE_SLOTS), dtype=out_dtype, device=values.device)
