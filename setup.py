@@ -3,6 +3,8 @@ has CUDA and a CUDA toolkit is found (RLKERNELS_CUDA=0|1|auto).
 
 Build with `pip install --no-build-isolation .` so the installed torch is used.
 Set RLKERNELS_NATIVE=1 to add -march=native for a local, non-portable build.
+Set RLKERNELS_SANITIZE=address,undefined (any -fsanitize= list) for a sanitizer
+build of the CPU kernels (see .ci/sanitize.sh; CUDA is left out of such a build).
 """
 import glob
 import os
@@ -32,11 +34,19 @@ def _want_cuda():
     return mode != "0" and available
 
 
+def _sanitizers():
+    value = os.environ.get("RLKERNELS_SANITIZE", "").strip()
+    if value and not all(part in ("address", "undefined", "leak") for part in value.split(",")):
+        raise RuntimeError(f"RLKERNELS_SANITIZE must list address, undefined or leak, got {value!r}")
+    return value
+
+
 def _extension():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    use_cuda = _want_cuda()
+    sanitize = _sanitizers()
+    use_cuda = _want_cuda() and not sanitize
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # -fopenmp: ATen's parallel_for is an inline OpenMP region in the header; without
     # the flag it silently runs on one thread.  -fno-trapping-math lets GCC if-convert
@@ -45,6 +55,14 @@ def _extension():
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fno-trapping-math"]
     if os.environ.get("RLKERNELS_NATIVE") == "1":
         cxx.append("-march=native")
+    link = ["-fopenmp"]
+    if sanitize:
+        # -O1 keeps reports exact; a UB finding aborts instead of printing and going on.
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+        if "undefined" in sanitize:
+            flags.append("-fno-sanitize-recover=undefined")
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + flags
+        link += flags
     # The C++ standard is left to torch.utils.cpp_extension, which picks the one
     # its headers need (C++17 up to torch 2.13, C++20 from 2.14).
     extra = {"cxx": cxx}
@@ -58,9 +76,9 @@ def _extension():
         macros += [("RLK_WITH_CUDA", None), ("RLK_CUDA_ARCHS", f'"{archs}"')]
         extra["nvcc"].append("-Xcompiler=-fopenmp")
         return CUDAExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros,
-                             extra_link_args=["-fopenmp"])
+                             extra_link_args=link)
     return CppExtension("rlkernels._C", sources, extra_compile_args=extra, define_macros=macros,
-                        extra_link_args=["-fopenmp"])
+                        extra_link_args=link)
 
 
 def _build_ext():

@@ -37,6 +37,8 @@ def backends_for(device: str) -> list[str]:
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Triton kernels can run on CPU tensors (opcheck of the *_triton ops uses CPU samples).
+TRITON_ON_CPU = "triton" in backends_for("cpu")
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in backends_for(d)]
 
 

@@ -9,7 +9,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import assert_close, low_precision_bound
+from conftest import TRITON_ON_CPU, assert_close, low_precision_bound
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -138,14 +138,14 @@ def test_kl_from_logits_opcheck_and_compile():
     samples = [(a, b, None, 1.0), (a.bfloat16(), b.bfloat16(), mask, 0.7),
                (torch.randn(2, 4, 33)[:, 1:], torch.randn(2, 3, 33), None, 1.0)]
     ops = [torch.ops.rlkernels.kl_from_logits.default]
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         ops.append(torch.ops.rlkernels.kl_from_logits_triton.default)
     for op in ops:
         for x, y, m, t in samples:
             torch.library.opcheck(op, (x.clone().requires_grad_(), y.clone().requires_grad_(), m, t))
     kl, saved = torch.ops.rlkernels.kl_from_logits(a, b, mask, 1.0)
     back = [torch.ops.rlkernels.kl_from_logits_backward.default]
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         back.append(torch.ops.rlkernels.kl_from_logits_backward_triton.default)
     for op in back:
         torch.library.opcheck(op, (torch.randn(4), a, b, mask, saved, 1.0, True, True))
@@ -250,7 +250,7 @@ def test_kl_penalty_shapes_opcheck_compile():
     empty = rlkernels.kl_penalty(torch.empty(0, 5), torch.empty(0, 5), "k2")
     assert empty.shape == (0, 5)
     ops = [torch.ops.rlkernels.kl_penalty.default]
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         ops.append(torch.ops.rlkernels.kl_penalty_triton.default)
     for op in ops:
         for kind, clamp in [("k3", 10.0), ("k1+", math.inf), ("abs", 0.3)]:

@@ -12,7 +12,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import TOLERANCES, assert_close, low_precision_bound
+from conftest import TOLERANCES, TRITON_ON_CPU, assert_close, low_precision_bound
 
 # (rows, V): large vocabularies only with a few rows, and only on the C++ backend.
 SMALL = [(1, 1), (4, 2), (5, 127), (3, 1000)]
@@ -349,7 +349,7 @@ def test_opcheck(name, args):
     args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)
     ops = [torch.ops.rlkernels.logprobs.default]
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         ops.append(torch.ops.rlkernels.logprobs_triton.default)
     for op in ops:
         torch.library.opcheck(op, args)
@@ -363,7 +363,7 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(torch.ops.rlkernels.logprobs_backward.default, args)
     torch.library.opcheck(torch.ops.rlkernels.logprobs_backward_inplace.default,
                           (g, gh, logits.clone(), labels, saved, H, 1.0, -100))
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         torch.library.opcheck(torch.ops.rlkernels.logprobs_backward_triton.default, args)
         torch.library.opcheck(torch.ops.rlkernels.logprobs_backward_inplace_triton.default,
                               (g, gh, logits.clone(), labels, saved, H, 1.0, -100))

@@ -9,7 +9,7 @@ import torch
 import rlkernels
 from rlkernels import reference
 from rlkernels.reference.losses import AGG_MODES, POLICY_STATS, VALUE_STATS
-from conftest import TOLERANCES
+from conftest import TOLERANCES, TRITON_ON_CPU
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 POISON = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
@@ -463,7 +463,7 @@ def _policy_samples():
 @pytest.mark.parametrize("sample", list(_policy_samples()), ids=["weights-dual", "f64-kl", "bf16-nograd"])
 def test_policy_opcheck(sample):
     torch.library.opcheck(torch.ops.rlkernels.policy_loss.default, sample)
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         torch.library.opcheck(torch.ops.rlkernels.policy_loss_triton.default, sample)
 
 
@@ -474,14 +474,14 @@ def test_value_opcheck():
                    (values.double().detach().requires_grad_(), old.double(), returns.double(), None,
                     [float("inf"), -1.0, 2.0, -1.0], "seq-mean-token-sum", True)]:
         torch.library.opcheck(torch.ops.rlkernels.value_loss.default, sample)
-        if rlkernels.HAS_TRITON:
+        if TRITON_ON_CPU:
             torch.library.opcheck(torch.ops.rlkernels.value_loss_triton.default, sample)
 
 
 def test_scale_rows_opcheck():
     grad, row_scale = torch.randn(3, 7), torch.rand(3)
     ops = [torch.ops.rlkernels.scale_rows.default]
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         ops.append(torch.ops.rlkernels.scale_rows_triton.default)
     for op in ops:
         torch.library.opcheck(op, (grad, row_scale, torch.tensor(-2.5), torch.bfloat16))

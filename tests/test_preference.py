@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import rlkernels
 from rlkernels import reference
-from conftest import TOLERANCES
+from conftest import TOLERANCES, TRITON_ON_CPU
 
 KINDS = [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -170,7 +170,7 @@ def test_opcheck():
     x = torch.randn(4, 9, requires_grad=True)
     mask = torch.rand(4, 9) > 0.3
     ops = [(torch.ops.rlkernels.dpo_loss.default, torch.ops.rlkernels.sequence_logprobs.default)]
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         ops.append((torch.ops.rlkernels.dpo_loss_triton.default, torch.ops.rlkernels.sequence_logprobs_triton.default))
     for dpo_op, seq_op in ops:
         torch.library.opcheck(dpo_op, (*inputs, 0.1, "sigmoid", 0.1))
@@ -179,7 +179,7 @@ def test_opcheck():
         torch.library.opcheck(seq_op, (x.double().detach().requires_grad_(), None, False))
     counts = mask.sum(-1).float()
     backward_ops = [torch.ops.rlkernels.sequence_logprobs_backward.default]
-    if rlkernels.HAS_TRITON:
+    if TRITON_ON_CPU:
         backward_ops.append(torch.ops.rlkernels.sequence_logprobs_backward_triton.default)
     for op in backward_ops:
         torch.library.opcheck(op, (torch.randn(4), mask, counts, True, 9, torch.bfloat16))
