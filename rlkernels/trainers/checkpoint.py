@@ -52,8 +52,24 @@ def load_module_state(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """ValueError naming the file and the first differences unless `state` has exactly
+    the module's keys, shapes and dtypes (checked before anything is copied, so a bad
+    checkpoint never leaves a module half-loaded)."""
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k}: {tuple(state[k].shape)} {state[k].dtype} in the file, {tuple(v.shape)} {v.dtype} in the model"
+                 for k, v in own.items() if k in state and (state[k].shape != v.shape or state[k].dtype != v.dtype)]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"checkpoint {path} does not fit the model: {'; '.join(problems[:5])}{more}")
+
+
 def load_module(module: torch.nn.Module, path: str) -> None:
-    module.load_state_dict(load_module_state(path))
+    state = load_module_state(path)
+    check_module_state(module, state, path)
+    module.load_state_dict(state)
 
 
 def _split_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dict) -> dict:
@@ -130,9 +146,14 @@ def load(path: str, *, trainer: str, modules: dict, optimizers: dict, generator:
         raise ValueError(f"checkpoint at {path} was written by trainer {meta.get('trainer')!r}, not {trainer!r}")
     if sorted(modules) != meta["modules"]:
         raise ValueError(f"checkpoint at {path} holds modules {meta['modules']}, the trainer has {sorted(modules)}")
-    for name, module in modules.items():
-        load_module(module, os.path.join(path, f"{name}.safetensors"))
+    states = {}
+    for name, module in modules.items():  # every file checked before any module changes
+        file = os.path.join(path, f"{name}.safetensors")
+        states[name] = load_module_state(file)
+        check_module_state(module, states[name], file)
     tensors = load_file(os.path.join(path, STATE_TENSORS))
+    for name, module in modules.items():
+        module.load_state_dict(states[name])
     for name, optimizer in optimizers.items():
         _restore_optimizer(name, optimizer, meta["optimizers"][name], tensors)
     torch.set_rng_state(tensors["rng/torch"])

@@ -60,7 +60,9 @@ def build_lm(config: ModelConfig, *, seed: int = 0, device: torch.device | str =
     tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, local_files_only=True, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(config.name_or_path, local_files_only=True)
+    # safetensors only (a pickled pytorch_model.bin is refused), no remote code
+    model = AutoModelForCausalLM.from_pretrained(config.name_or_path, local_files_only=True, use_safetensors=True,
+                                                 trust_remote_code=False)
     model.eval()
     return model.to(device), tokenizer
 
