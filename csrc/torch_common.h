@@ -91,36 +91,4 @@ inline std::vector<int64_t> leading_shape(const at::Tensor& t, int64_t extra = -
   return shape;
 }
 
-inline void check_labels_shape(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
-  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have a vocabulary dimension");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.is_contiguous(), op, ": labels must be contiguous");
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), op,
-              ": labels must have the leading shape of logits ", logits.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK(labels.device() == logits.device(), op, ": labels and logits must be on one device");
-}
-
-// A contiguous float32 tensor holding `per_row` values for each row of logits.
-inline void check_row_floats(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t per_row) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == leading_numel(logits) * per_row &&
-                  t.device() == logits.device(),
-              name, " must be a contiguous float32 tensor with ", per_row, " value(s) per row of logits");
-}
-
-inline void check_kl_pair(const at::Tensor& logits, const at::Tensor& ref_logits) {
-  TORCH_CHECK(logits.dim() >= 1, "kl_from_logits: logits must have a vocabulary dimension");
-  TORCH_CHECK(ref_logits.sizes() == logits.sizes(), "kl_from_logits: ref_logits must have the shape of logits ",
-              logits.sizes(), ", got ", ref_logits.sizes());
-  TORCH_CHECK(ref_logits.scalar_type() == logits.scalar_type() && ref_logits.device() == logits.device(),
-              "kl_from_logits: ref_logits must have the dtype and device of logits");
-}
-
-inline const bool* optional_row_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& logits) {
-  if (!mask.has_value()) return nullptr;
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->device() == logits.device() &&
-                  mask->sizes() == logits.sizes().slice(0, logits.dim() - 1),
-              "kl_from_logits: mask must be a contiguous bool tensor of the leading shape of logits");
-  return mask->data_ptr<bool>();
-}
-
 }  // namespace rlk

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../args/logprobs.h"
 #include "../core/logprobs.h"
 #include "../torch_common.h"
 #include "simd.h"
@@ -114,9 +115,9 @@ void dispatch_logits(at::ScalarType dtype, const char* op, F&& f) {
   }
 }
 
-// The forward reads logits[label]: labels must lie in [0, V) or be ignore_index.
-void check_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const char* op) {
-  check_labels_shape(logits, labels, op);
+// The forward reads logits[label]: labels must lie in [0, V) or be ignore_index
+// (labels already checked for shape).
+void check_label_range(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const char* op) {
   const int64_t V = logits.size(-1);
   const int64_t* l = labels.data_ptr<int64_t>();
   for (int64_t i = 0, n = labels.numel(); i < n; ++i)
@@ -166,15 +167,12 @@ struct ForwardRows {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                             double temperature, int64_t ignore_index,
                                                             bool with_entropy, bool /*inplace_backward*/) {
-  check_labels(logits, labels, ignore_index, "logprobs");
-  TORCH_CHECK(temperature > 0, "logprobs: temperature must be > 0, got ", temperature);
+  at::Tensor logprobs, entropy, saved;
+  std::tie(logprobs, entropy, saved) = logprobs_outputs(logits, labels, temperature, with_entropy);
+  check_label_range(logits, labels, ignore_index, "logprobs");
   RowIndex rows;
   const at::Tensor x = rows_readable(logits, &rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor logprobs = at::empty(leading_shape(logits), f32);
-  at::Tensor entropy = at::empty(with_entropy ? leading_shape(logits) : std::vector<int64_t>{0}, f32);
-  at::Tensor saved = at::empty(leading_shape(logits, 2), f32);
   ForwardArgs args{x.data_ptr(), rows, V, labels.data_ptr<int64_t>(), ignore_index,
                    float(kLog2e / temperature), float(1.0 / temperature), logprobs.data_ptr<float>(),
                    with_entropy ? entropy.data_ptr<float>() : nullptr, saved.data_ptr<float>()};
@@ -254,17 +252,10 @@ struct BackwardRows {
 void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index,
-                            int64_t vocab_start, at::Tensor& grad) {
+                            int64_t vocab_start, const at::Tensor& grad) {
   // The backward reads a label's logit only where it falls inside this (tile of the) row.
-  check_labels_shape(logits, labels, "logprobs_backward");
-  TORCH_CHECK(vocab_start >= 0, "logprobs_backward: vocab_start must be >= 0, got ", vocab_start);
-  check_row_floats(grad_logprobs, logits, "grad_logprobs", 1);
-  check_row_floats(saved, logits, "saved", 2);
+  check_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, saved, entropy, vocab_start);
   const bool with_entropy = grad_entropy.has_value();
-  if (with_entropy) {
-    check_row_floats(*grad_entropy, logits, "grad_entropy", 1);
-    check_row_floats(entropy, logits, "entropy", 1);
-  }
   RowIndex rows, grad_rows;
   const at::Tensor x = rows_readable(logits, &rows);
   TORCH_CHECK(row_index_of(grad, &grad_rows), "internal: gradient without a row layout");
@@ -287,25 +278,20 @@ at::Tensor logprobs_backward_cpu(const at::Tensor& grad_logprobs, const c10::opt
                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                                  const at::Tensor& entropy, double temperature, int64_t ignore_index,
                                  int64_t vocab_start) {
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                         vocab_start, grad);
-  return grad;
+  return logprobs_grad_fresh(logits, [&](const at::Tensor& grad) {
+    logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                           vocab_start, grad);
+  });
 }
 
 void logprobs_backward_inplace_cpu(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                                    const at::Tensor& entropy, double temperature, int64_t ignore_index,
                                    int64_t vocab_start) {
-  RowIndex rows;
-  if (row_index_of(logits, &rows)) {
-    at::Tensor out = logits;
+  logprobs_grad_inplace(logits, [&](const at::Tensor& grad) {
     logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                           vocab_start, out);
-  } else {  // a layout the kernel cannot address: compute aside, then copy in
-    logits.copy_(logprobs_backward_cpu(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
-                                       ignore_index, vocab_start));
-  }
+                           vocab_start, grad);
+  });
 }
 
 // ---- KL(pi || pi_ref) from logits -----------------------------------------------------------
@@ -433,14 +419,11 @@ struct KlBackwardRows {
 
 std::tuple<at::Tensor, at::Tensor> kl_from_logits_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
                                                       const c10::optional<at::Tensor>& mask, double temperature) {
-  check_kl_pair(logits, ref_logits);
-  TORCH_CHECK(temperature > 0, "kl_from_logits: temperature must be > 0, got ", temperature);
+  at::Tensor kl, saved;
+  std::tie(kl, saved) = kl_outputs(logits, ref_logits, temperature);
   RowIndex rows, ref_rows;
   const at::Tensor a = rows_readable(logits, &rows), b = rows_readable(ref_logits, &ref_rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty(leading_shape(logits), f32);
-  at::Tensor saved = at::empty(leading_shape(logits, 5), f32);
   KlArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_row_mask(mask, logits),
               float(kLog2e / temperature), float(1.0 / temperature), kl.data_ptr<float>(), saved.data_ptr<float>()};
   dispatch_logits(a.scalar_type(), "kl_from_logits", [&](auto tag) {
@@ -457,14 +440,11 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cpu(const at::Tensor&
                                                                const c10::optional<at::Tensor>& mask,
                                                                const at::Tensor& saved, double temperature,
                                                                bool logits_grad, bool ref_grad) {
-  check_kl_pair(logits, ref_logits);
-  check_row_floats(grad_kl, logits, "grad_kl", 1);
-  check_row_floats(saved, logits, "saved", 5);
+  at::Tensor ga, gb;
+  std::tie(ga, gb) = kl_grad_outputs(grad_kl, logits, ref_logits, saved, logits_grad, ref_grad);
   RowIndex rows, ref_rows;
   const at::Tensor a = rows_readable(logits, &rows), b = rows_readable(ref_logits, &ref_rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
-  at::Tensor ga = at::empty(logits_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
-  at::Tensor gb = at::empty(ref_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
   KlBackwardArgs args{a.data_ptr(), rows, b.data_ptr(), ref_rows, V, optional_row_mask(mask, logits),
                       grad_kl.data_ptr<float>(), saved.data_ptr<float>(), float(kLog2e / temperature),
                       float(1.0 / temperature), logits_grad ? ga.data_ptr() : nullptr,

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../args/logprobs.h"
 #include "../core/kl_penalty.h"
 #include "../core/logprobs.h"
 #include "../torch_common.h"
@@ -43,17 +44,14 @@ int sm_count() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& logits, const at::Tensor& labels,
                                                              double temperature, int64_t ignore_index,
                                                              bool with_entropy, bool /*inplace_backward*/) {
-  check_labels_shape(logits, labels, "logprobs");
-  TORCH_CHECK(temperature > 0, "logprobs: temperature must be > 0, got ", temperature);
   c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor logprobs, entropy, saved;
+  std::tie(logprobs, entropy, saved) = logprobs_outputs(logits, labels, temperature, with_entropy);
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   RowIndex rows;
   const at::Tensor x = rows_readable(logits, &rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor logprobs = at::empty(leading_shape(logits), f32);
-  at::Tensor entropy = at::empty(with_entropy ? leading_shape(logits) : std::vector<int64_t>{0}, f32);
-  at::Tensor saved = at::empty(leading_shape(logits, 2), f32);
   const int splits = cuda::logprobs_splits(N, V, sm_count());
   at::Tensor workspace = at::empty({splits > 1 ? 3 * N * splits : 0}, f32);
   dispatch_logits(x.scalar_type(), "logprobs", [&](auto tag) {
@@ -70,15 +68,8 @@ void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional
                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index,
                             int64_t vocab_start, const at::Tensor& grad) {
-  TORCH_CHECK(vocab_start >= 0, "logprobs_backward: vocab_start must be >= 0, got ", vocab_start);
-  check_labels_shape(logits, labels, "logprobs_backward");
-  check_row_floats(grad_logprobs, logits, "grad_logprobs", 1);
-  check_row_floats(saved, logits, "saved", 2);
+  check_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, saved, entropy, vocab_start);
   const bool with_entropy = grad_entropy.has_value();
-  if (with_entropy) {
-    check_row_floats(*grad_entropy, logits, "grad_entropy", 1);
-    check_row_floats(entropy, logits, "entropy", 1);
-  }
   c10::cuda::CUDAGuard guard(logits.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   RowIndex rows, grad_rows;
@@ -99,38 +90,34 @@ at::Tensor logprobs_backward_cuda(const at::Tensor& grad_logprobs, const c10::op
                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                                   const at::Tensor& entropy, double temperature, int64_t ignore_index,
                                   int64_t vocab_start) {
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                         vocab_start, grad);
-  return grad;
+  c10::cuda::CUDAGuard guard(logits.device());
+  return logprobs_grad_fresh(logits, [&](const at::Tensor& grad) {
+    logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                           vocab_start, grad);
+  });
 }
 
 void logprobs_backward_inplace_cuda(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                                     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                                     const at::Tensor& entropy, double temperature, int64_t ignore_index,
                                     int64_t vocab_start) {
-  RowIndex rows;
-  if (row_index_of(logits, &rows)) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  logprobs_grad_inplace(logits, [&](const at::Tensor& grad) {
     logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
-                           vocab_start, logits);
-  } else {
-    logits.copy_(logprobs_backward_cuda(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
-                                        ignore_index, vocab_start));
-  }
+                           vocab_start, grad);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_from_logits_cuda(const at::Tensor& logits, const at::Tensor& ref_logits,
                                                        const c10::optional<at::Tensor>& mask, double temperature) {
-  check_kl_pair(logits, ref_logits);
-  TORCH_CHECK(temperature > 0, "kl_from_logits: temperature must be > 0, got ", temperature);
   c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor kl, saved;
+  std::tie(kl, saved) = kl_outputs(logits, ref_logits, temperature);
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   RowIndex rows, ref_rows;
   const at::Tensor a = rows_readable(logits, &rows), b = rows_readable(ref_logits, &ref_rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty(leading_shape(logits), f32);
-  at::Tensor saved = at::empty(leading_shape(logits, 5), f32);
   const int splits = cuda::logprobs_splits(N, V, sm_count());
   at::Tensor workspace = at::empty({splits > 1 ? 5 * N * splits : 0}, f32);
   const bool* mask_p = optional_row_mask(mask, logits);
@@ -148,16 +135,13 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cuda(const at::Tensor
                                                                 const c10::optional<at::Tensor>& mask,
                                                                 const at::Tensor& saved, double temperature,
                                                                 bool logits_grad, bool ref_grad) {
-  check_kl_pair(logits, ref_logits);
-  check_row_floats(grad_kl, logits, "grad_kl", 1);
-  check_row_floats(saved, logits, "saved", 5);
   c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor ga, gb;
+  std::tie(ga, gb) = kl_grad_outputs(grad_kl, logits, ref_logits, saved, logits_grad, ref_grad);
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   RowIndex rows, ref_rows;
   const at::Tensor a = rows_readable(logits, &rows), b = rows_readable(ref_logits, &ref_rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
-  at::Tensor ga = at::empty(logits_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
-  at::Tensor gb = at::empty(ref_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
   const bool* mask_p = optional_row_mask(mask, logits);
   dispatch_logits(a.scalar_type(), "kl_from_logits_backward", [&](auto tag) {
     using T = decltype(tag);
@@ -171,26 +155,18 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cuda(const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> kl_penalty_cuda(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                                                    c10::string_view kind, double clamp) {
-  const int code = kl_kind_code(std::string(kind).c_str());
-  TORCH_CHECK(code >= 0, "kl_penalty: unknown kind '", kind, "'");
-  TORCH_CHECK(clamp > 0, "kl_penalty: clamp must be > 0, got ", clamp);
-  TORCH_CHECK(ref_logprobs.sizes() == logprobs.sizes() && ref_logprobs.scalar_type() == logprobs.scalar_type() &&
-                  ref_logprobs.device() == logprobs.device(),
-              "kl_penalty: ref_logprobs must have the shape, dtype and device of logprobs");
   c10::cuda::CUDAGuard guard(logprobs.device());
+  const KlPenaltyArgs k = kl_penalty_args(logprobs, ref_logprobs, kind, clamp);
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor lp = logprobs.contiguous(), ref = ref_logprobs.contiguous();
-  const auto out_dtype = out_dtype_for(lp.scalar_type());
-  at::Tensor value = at::empty(lp.sizes(), lp.options().dtype(out_dtype));
-  at::Tensor slope = at::empty(lp.sizes(), lp.options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.lp.scalar_type(), "kl_penalty_cuda", [&] {
     using acc = acc_t<scalar_t>;
     using T = typename dev<scalar_t>::type;
-    const cudaError_t status = cuda::launch_kl_penalty<T, acc>(ptr<T>(lp), ptr<T>(ref), lp.numel(), code, clamp,
-                                                               value.data_ptr<acc>(), slope.data_ptr<acc>(), stream);
+    const cudaError_t status = cuda::launch_kl_penalty<T, acc>(ptr<T>(k.lp), ptr<T>(k.ref), k.lp.numel(), k.code,
+                                                               clamp, k.value.data_ptr<acc>(),
+                                                               k.slope.data_ptr<acc>(), stream);
     C10_CUDA_CHECK(status);
   });
-  return {value, slope};
+  return {k.value, k.slope};
 }
 
 }  // namespace
