@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed")
-import verl.utils.torch_functional as verl_F  # noqa: E402
+from conftest import assert_close, import_library, low_precision_bound
+from rlkernels.integrations import patch_verl, unpatch_verl
+from rlkernels.integrations import verl as integration
 
-from conftest import assert_close, low_precision_bound  # noqa: E402
-from rlkernels.integrations import patch_verl, unpatch_verl  # noqa: E402
-from rlkernels.integrations import verl as integration  # noqa: E402
+core_algos = import_library("verl.trainer.ppo.core_algos", "verl")
+verl_F = import_library("verl.utils.torch_functional", "verl")
 
 FUNCTIONAL = ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking")
 CORE = ("kl_penalty", "kl_penalty_forward", "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
