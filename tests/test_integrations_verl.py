@@ -3,6 +3,7 @@ same inputs (values and gradients), its registry, fallbacks, and unpatching.  Ru
 when verl is importable (verl 0.9.1 here; importing it takes about 2.5 s)."""
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 import uuid
@@ -329,6 +330,15 @@ def test_outcome_advantages_match_verl(patched, name, dtype, norm, binary):
     assert bool((ours[singles] == 0).all()) == ("rloo_vectorized" in name)
 
 
+def test_grpo_vectorized_low_precision_rewards(patched):
+    rewards, mask, index = _outcome(torch.bfloat16, seed=13)
+    name = "compute_grpo_vectorized_outcome_advantage"
+    ours, _ = getattr(patched.core, name)(rewards, mask, index)
+    theirs, _ = ORIGINAL[name](rewards, mask, index)
+    assert ours.dtype == theirs.dtype == torch.float32  # verl's float32 statistics promote
+    assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_outcome_advantages_through_the_registry(patched, name):
     rewards, mask, index = _outcome(seed=10)
@@ -372,13 +382,23 @@ def test_outcome_fallbacks(fallbacks):
 
 # ---- patching machinery ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", sorted(ORIGINAL))
+def test_signatures_are_verls(name):
+    # verl calls several of these with keywords (logits=, labels=, inplace_backward=, kl_penalty=)
+    ours, theirs = inspect.signature(getattr(integration, name)), inspect.signature(ORIGINAL[name])
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
 def test_patch_registry_unpatch_and_by_name_imports():
     probe = types.ModuleType("verl._rlkernels_probe")
     probe.kl_penalty = ORIGINAL["kl_penalty"]  # as `from verl.trainer.ppo.core_algos import kl_penalty` leaves it
     probe.logprobs_from_logits = ORIGINAL["logprobs_from_logits"]
     sys.modules[probe.__name__] = probe
+    import verl.workers.utils.losses as worker_losses  # verl's own `from ...core_algos import kl_penalty`
     try:
         names = patch_verl()
+        assert "verl.workers.utils.losses.kl_penalty" in names and worker_losses.kl_penalty is integration.kl_penalty
         for name in FUNCTIONAL:
             assert f"verl.utils.torch_functional.{name}" in names
         for name in CORE:
@@ -392,7 +412,7 @@ def test_patch_registry_unpatch_and_by_name_imports():
             if key not in COVERED_ESTIMATORS:
                 assert core_algos.ADV_ESTIMATOR_REGISTRY[key] is fn
         unpatch_verl()
-        assert probe.kl_penalty is ORIGINAL["kl_penalty"]
+        assert probe.kl_penalty is ORIGINAL["kl_penalty"] and worker_losses.kl_penalty is ORIGINAL["kl_penalty"]
         assert probe.logprobs_from_logits is ORIGINAL["logprobs_from_logits"]
         for name, fn in ORIGINAL.items():
             assert getattr(verl_F if name in FUNCTIONAL else core_algos, name) is fn
