@@ -1,14 +1,16 @@
 # Two commands on a fresh clone:
 #   make demo   - create .venv, build rlkernels, run the demo (PPO-RLHF + quick benchmark table)
-#   make test   - create .venv, build rlkernels, run the full test suite
+#   make test   - create .venv, build rlkernels, add TRL and verl (integration tests), run the full test suite
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlkernels-built
+INTEGRATIONS := $(VENV)/.rlkernels-integrations
+VERL_SPEC ?= verl==0.9.1
 SOURCES := $(shell find csrc rlkernels -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml requirements-dev.txt
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench env integrations clean
 
 env: $(STAMP)
 
@@ -22,6 +24,16 @@ $(STAMP): $(VENV)/bin/python $(SOURCES)
 	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation -e .
 	@touch $(STAMP)
 
+# TRL and verl for tests/test_integrations*.py, with the installed torch and transformers
+# pinned so pip never swaps them; verl without its dependencies (requirements-integrations.txt)
+integrations: $(INTEGRATIONS)
+
+$(INTEGRATIONS): requirements-integrations.txt | $(STAMP)
+	$(PY) -c "import torch, transformers; print('torch==' + torch.__version__); print('transformers==' + transformers.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -r requirements-integrations.txt -c $(VENV)/constraints.txt
+	$(PY) -m pip install -q --no-deps "$(VERL_SPEC)"
+	@touch $(INTEGRATIONS)
+
 demo: $(STAMP)
 	$(PY) -m rlkernels demo --out runs/demo
 	$(PY) -m rlkernels bench --quick --ops advantages logprobs losses --out runs/demo/bench
@@ -29,8 +41,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m rlkernels bench
 
-test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+test: $(STAMP) $(INTEGRATIONS)
+	RLKERNELS_REQUIRE_INTEGRATIONS=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q
 
 clean:
 	rm -rf build $(VENV) rlkernels/_C*.so *.egg-info

@@ -99,3 +99,15 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+# --- integrations (issue 6) ---
+def import_library(module: str, install: str):
+    """The library module an integration test compares against: skipped where it is
+    not installed, an import error where RLKERNELS_REQUIRE_INTEGRATIONS=1 (make test
+    installs TRL and verl, so a broken install fails instead of skipping)."""
+    import importlib
+
+    if os.environ.get("RLKERNELS_REQUIRE_INTEGRATIONS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{install} is not installed")

@@ -9,9 +9,10 @@ import types
 import pytest
 import torch
 
-trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed")
+from conftest import import_library
+from rlkernels.integrations import patch_trl, unpatch_trl
 
-from rlkernels.integrations import patch_trl, unpatch_trl  # noqa: E402
+trl_utils = import_library("trl.trainer.utils", "trl")
 
 ORIGINAL = {name: getattr(trl_utils, name) for name in
             ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy",

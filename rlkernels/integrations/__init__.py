@@ -5,9 +5,15 @@
   and the chunked LM-head log-prob function behind its fused LM head (GRPO, RLOO)
   run on the rlkernels kernels.  TRL 1.x computes its KL terms and (experimental) GAE
   inline, so there is no function of those to replace.
+- `patch_verl()` / `unpatch_verl()`: verl's `logprobs_from_logits`,
+  `entropy_from_logits(_with_chunking)`, `kl_penalty(_forward)`, GAE and the GRPO /
+  RLOO outcome advantages (also in `ADV_ESTIMATOR_REGISTRY`) run on the rlkernels
+  kernels.
 
-verl is not covered: its releases pin transformers < 5.11 and pull ray, so it cannot
-be installed next to this package's transformers 5.x to test against."""
+Both replace the functions wherever the library's loaded modules hold them by name,
+keep the library's signatures and result dtypes, fall back to the library's own
+function for what they do not cover, and are undone exactly by the unpatch call."""
 from .trl import patch_trl, unpatch_trl
+from .verl import patch_verl, unpatch_verl
 
-__all__ = ["patch_trl", "unpatch_trl"]
+__all__ = ["patch_trl", "unpatch_trl", "patch_verl", "unpatch_verl"]

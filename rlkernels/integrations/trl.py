@@ -15,17 +15,13 @@ function for what it does not cover (top-k index tensors, logit soft-capping or
 scaling, the extra fused-head outputs, mixed dtypes or autocast)."""
 from __future__ import annotations
 
-import sys
-
 import torch
 
-_ORIGINALS: dict[str, object] = {}
-_PATCHED: list[tuple[str, str, object]] = []  # (module name, attribute, original)
+from ._patching import FunctionPatch
+
+_PATCH = FunctionPatch("trl")
+_original = _PATCH.original
 _LOWP = (torch.float16, torch.bfloat16)
-
-
-def _original(name: str):
-    return _ORIGINALS[name]
 
 
 def _as_input_dtype(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -119,25 +115,10 @@ def patch_trl(*, fused_lm_head: bool = True) -> list[str]:
         import trl.trainer.utils as utils
     except ImportError as exc:
         raise ImportError(f"patch_trl needs trl (pip install trl): {exc}") from exc
-    if _PATCHED:
-        return [f"{m}.{a}" for m, a, _ in _PATCHED]
     names = [n for n in _REPLACEMENTS if hasattr(utils, n) and (fused_lm_head or n != "_ChunkedLogProbFunction")]
-    _ORIGINALS.update({n: getattr(utils, n) for n in names})
-    for module_name, module in list(sys.modules.items()):
-        if module is None or not (module_name == "trl" or module_name.startswith("trl.")):
-            continue
-        for name in names:
-            if getattr(module, name, None) is _ORIGINALS[name]:
-                setattr(module, name, _REPLACEMENTS[name])
-                _PATCHED.append((module_name, name, _ORIGINALS[name]))
-    return [f"{m}.{a}" for m, a, _ in _PATCHED]
+    return _PATCH.apply({n: getattr(utils, n) for n in names}, _REPLACEMENTS)
 
 
 def unpatch_trl() -> None:
     """Restores every attribute patch_trl replaced."""
-    while _PATCHED:
-        module_name, name, original = _PATCHED.pop()
-        module = sys.modules.get(module_name)
-        if module is not None and getattr(module, name, None) is _REPLACEMENTS[name]:
-            setattr(module, name, original)
-    _ORIGINALS.clear()
+    _PATCH.restore()
