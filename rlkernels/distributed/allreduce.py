@@ -99,7 +99,7 @@ def average_parameters(params_or_module, *, group=None, op: str = "mean", bucket
     device = tensors[0].device if tensors else None
     with Round(_FN, where, limit, "parameters", device) as rnd:
         if check:
-            settings = {"op": op, "bucket_mb": float(bucket_mb), "compress": str(wire).replace("torch.", "")}
+            settings = {"op": op, "bucket_mb": float(bucket_mb), "compress": None if wire is None else str(wire).replace("torch.", "")}
             check_same_everywhere(_FN, tensors, where, settings=settings, rnd=rnd)
         commit = reduce_buckets(tensors, where, rnd, average=average, max_bytes=max_bytes, wire=wire,
                                 backend=backend)
