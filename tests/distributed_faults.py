@@ -127,13 +127,16 @@ def _install_fault(rank: int, world: int, fault: str, trigger: tuple[str, int], 
     return fired
 
 
-def fault_worker(rank: int, world: int, entry: str, fault: str, trigger: tuple[str, int], workdir: str,
+def fault_worker(rank: int, world: int, entry: str, fault: str, trigger: tuple[str, int] | None, workdir: str,
                  timeout, slow_s: float) -> dict:
     subject = Subject(entry, rank, world, timeout)
     before = [t.clone() for t in subject.watched()]
     counters = subject.counters()
-    fired = _install_fault(rank, world, fault, trigger, workdir, slow_s)
+    point = trigger or ("before the call", 0)
+    fired = _install_fault(rank, world, fault, point, workdir, slow_s)
     dist.barrier()
+    if trigger is None:
+        common.fault_point(entry, *point)
     start = time.monotonic()
     report = {"error": None, "type": None, "attrs": None}
     try:

@@ -40,11 +40,12 @@ def run_fault(tmp_path, entry, fault, trigger, *, timeout, pg_timeout_s, slow_s=
                      timeout_s=DEADLINE_S, pg_timeout_s=pg_timeout_s)
 
 
-def check_survivors(results, entry, limit_s, limit_text):
+def check_survivors(results, entry, limit_s, limit_text, mid_round=True):
     for r in results[:-1]:
         assert r.ok, r.error
         report = r.value
-        assert report["hook_fired"], f"rank {r.rank}: the first bucket never completed, so the fault was not mid-round"
+        if mid_round:
+            assert report["hook_fired"], f"rank {r.rank}: the first bucket never completed: the fault was not mid-round"
         assert report["error"] is not None, f"rank {r.rank}: {entry} returned although rank {F.WORLD - 1} is gone"
         assert "AveragingError" in report["type"] and "RuntimeError" in report["type"], report["type"]
         message = report["error"]
@@ -66,6 +67,21 @@ def test_rank_killed_mid_round(tmp_path, entry, trigger):
     results = run_fault(tmp_path, entry, "exit", trigger, timeout=None, pg_timeout_s=pg_timeout_s)
     assert not results[-1].ok and "exited with code 3" in results[-1].error, results[-1].error
     check_survivors(results, entry, pg_timeout_s, "process group's timeout")
+
+
+@pytest.mark.parametrize("entry", F.ENTRIES)
+def test_rank_killed_before_the_call(tmp_path, entry):
+    """The others fail in the check that precedes any data movement."""
+    results = run_fault(tmp_path, entry, "exit", None, timeout=None, pg_timeout_s=5.0)
+    assert not results[-1].ok and "exited with code 3" in results[-1].error, results[-1].error
+    check_survivors(results, entry, 5.0, "the check that every rank passes the same tensors", mid_round=False)
+
+
+def test_rank_absent_from_the_call(tmp_path):
+    """A rank that never arrives: the check's all_gather gives up after timeout=2 s."""
+    results = run_fault(tmp_path, "average_parameters", "slow", None, timeout=2.0, pg_timeout_s=30.0, slow_s=4.0)
+    check_survivors(results, "average_parameters", 2.0, "the check that every rank passes the same tensors",
+                    mid_round=False)
 
 
 @pytest.mark.parametrize("entry", F.ENTRIES)

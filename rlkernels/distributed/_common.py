@@ -278,7 +278,8 @@ def _cause(exc: BaseException) -> str:
     and boilerplate hint."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     text = _GLOO_SOURCE.sub("", text)
-    return text.split(" This is typically caused by")[0].strip()[:300]
+    text = text.split(" This is typically caused by")[0].strip()[:300]
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 class Round:
@@ -330,7 +331,7 @@ class Round:
         else:
             limit = "the process group's timeout"
         raise AveragingError(
-            f"{_prefix(self.fn)}: {me}: {self.stage} failed after {elapsed:.1f} s{peer} ({limit}): {_cause(exc)}.  "
+            f"{_prefix(self.fn)}: {me}: {self.stage} failed after {elapsed:.1f} s{peer} ({limit}): {_cause(exc)}  "
             f"The {self.what} on this rank {'is' if self.what == 'tensor' else 'are'} unchanged (a round is all or nothing on each rank; peers may have "
             "finished or failed it on their own).  The process group is likely unusable now: destroy it and "
             "create a new one before averaging again.",
