@@ -8,9 +8,10 @@ magnitude of its eigenvalue w_self + w_left e^{-2 pi i k/n} + w_right e^{2 pi i 
 With weights 1/3 the disagreement falls by 1/3 per round at 4 ranks and vanishes in
 one round at 3; two ranks mix 1/2 : 1/2 by default.  Each bucket is packed once,
 sent to both neighbours with dist.batch_isend_irecv (sends and receives posted
-together, so no rank blocks in a send) and mixed by the fused gossip_mix kernel in
-its packed buffer.  All or nothing: the mixed buckets are unpacked into the
-parameters only after every exchange of the round has completed."""
+together, so no rank blocks in a send) and mixed by the fused gossip_mix kernel into
+a staging buffer (a bucket holding one contiguous tensor is sent as it is, without
+packing).  All or nothing: the mixed buckets are copied into the parameters only
+after every exchange of the round has completed."""
 from __future__ import annotations
 
 from collections import deque
@@ -40,16 +41,14 @@ def gossip_buckets(tensors: list[torch.Tensor], where: Ring, rnd: Round, weights
     if where.size == 1 or not tensors:
         return lambda: None
     buckets = make_buckets(tensors, max_bytes)
-    # Packed even when a bucket is one contiguous tensor: the sends then read only
-    # buffers of ours, never a parameter the caller may change after a failed round.
-    mine = bucket_buffers(tag, buckets)
+    mixed = bucket_buffers(tag, buckets)  # the round's results, until the commit
     pending: deque = deque()
 
     def finish() -> None:
-        k, from_left, from_right, works = pending.popleft()
+        k, mine, from_left, from_right, works = pending.popleft()
         for work, peer, what in works:
             rnd.wait(work, f"bucket {k + 1} of {len(buckets)}, {what}", peer)
-        gossip_mix(mine[k], from_left, from_right, weights, out=mine[k], backend=backend)
+        gossip_mix(mine, from_left, from_right, weights, out=mixed[k], backend=backend)
         fault_point(rnd.fn, "bucket", k)
 
     for k, bucket in enumerate(buckets):
@@ -58,32 +57,36 @@ def gossip_buckets(tensors: list[torch.Tensor], where: Ring, rnd: Round, weights
         def buffer(name: str) -> torch.Tensor:
             return workspace((tag, name, slot), bucket.numel, bucket.dtype, bucket.device)
 
-        pack_tensors(bucket.tensors, out=mine[k], backend=backend)
+        only = bucket.tensors[0]
+        if len(bucket.tensors) == 1 and only.is_contiguous():
+            mine = only.view(-1)  # sent as it is and mixed into the staging buffer: no pack
+        else:
+            mine = pack_tensors(bucket.tensors, out=mixed[k], backend=backend)  # mixed in place later
         from_left = buffer("from_left")
         left, right = "receiving from the left neighbour", "receiving from the right neighbour"
         if where.size == 2:  # one peer, who is both neighbours: w_left + w_right apply to it
             from_right = from_left
             ops = [dist.P2POp(dist.irecv, from_left, where.left, where.group, _TAG),
-                   dist.P2POp(dist.isend, mine[k], where.right, where.group, _TAG)]
+                   dist.P2POp(dist.isend, mine, where.right, where.group, _TAG)]
             about = [(where.left, "receiving from the peer"), (where.right, "sending to the peer")]
         else:
             from_right = buffer("from_right")
             ops = [dist.P2POp(dist.irecv, from_left, where.left, where.group, _TAG),
                    dist.P2POp(dist.irecv, from_right, where.right, where.group, _TAG),
-                   dist.P2POp(dist.isend, mine[k], where.left, where.group, _TAG),
-                   dist.P2POp(dist.isend, mine[k], where.right, where.group, _TAG)]
+                   dist.P2POp(dist.isend, mine, where.left, where.group, _TAG),
+                   dist.P2POp(dist.isend, mine, where.right, where.group, _TAG)]
             about = [(where.left, left), (where.right, right), (where.left, "sending to the left neighbour"),
                      (where.right, "sending to the right neighbour")]
         works = [(work, peer, what) for work, (peer, what) in zip(dist.batch_isend_irecv(ops), about)]
-        pending.append((k, from_left, from_right, works))
+        pending.append((k, mine, from_left, from_right, works))
         if len(pending) >= _IN_FLIGHT:
             finish()
     while pending:
         finish()
 
     def commit() -> None:
-        for bucket, mixed in zip(buckets, mine):
-            unpack_tensors(mixed, bucket.tensors, backend=backend)
+        for bucket, result in zip(buckets, mixed):
+            unpack_tensors(result, bucket.tensors, backend=backend)
 
     return commit
 

@@ -46,8 +46,8 @@ def ring_reduce_(flat: torch.Tensor, where: Ring, rnd: Round, *, average: bool, 
                  out: torch.Tensor | None = None, tag: int = _TAG, label: str = "") -> torch.Tensor:
     """Sums (or averages) the contiguous 1-D `flat` across the ring into `out` (a
     contiguous 1-D tensor like flat; default flat itself, in place) and returns it.
-    With a separate `out`, flat is only read, locally: every message is sent from
-    and received into `out` or the ring's scratch."""
+    With a separate `out`, flat is only read: every receive lands in `out` or the
+    ring's scratch; only the first step's send reads flat."""
     n, r = where.size, where.rank
     if out is None:
         out = flat
@@ -61,8 +61,6 @@ def ring_reduce_(flat: torch.Tensor, where: Ring, rnd: Round, *, average: bool, 
     longest = base + (1 if extra else 0)
     m = max(1, -(-longest // max(1, segment_elems)))
     scratch = workspace("ring", 2 * longest, flat.dtype, flat.device).view(2, longest)
-    if out is not flat:  # this rank's own chunk goes out first, unchanged: from out, not from flat
-        out[starts[r]:starts[r + 1]].copy_(flat[starts[r]:starts[r + 1]])
 
     def bounds(c: int, j: int) -> tuple[int, int]:
         length = starts[c + 1] - starts[c]
@@ -86,7 +84,8 @@ def ring_reduce_(flat: torch.Tensor, where: Ring, rnd: Round, *, average: bool, 
         a, b = bounds(incoming, j)
         target = scratch_segment(s, incoming, j) if s < n - 1 else out[a:b]
         a, b = bounds(send_chunk(s), j)
-        return _exchange(out[a:b], target, where, tag)
+        # step 0 sends this rank's own chunk as it is; later steps send what arrived
+        return _exchange((flat if s == 0 else out)[a:b], target, where, tag)
 
     pending = [post(0, j) for j in range(m)]
     for s in range(steps):
