@@ -43,13 +43,18 @@ def gossip_buckets(tensors: list[torch.Tensor], where: Ring, rnd: Round, weights
     buckets = make_buckets(tensors, max_bytes)
     mixed = bucket_buffers(tag, buckets)  # the round's results, until the commit
     pending: deque = deque()
+    staged: list[int] = []
+
+    def wait(k: int, works: list) -> None:
+        for work, peer, what in works:
+            rnd.wait(work, f"bucket {k + 1} of {len(buckets)}, {what}", peer)
+        fault_point(rnd.fn, "bucket", k)
 
     def finish() -> None:
         k, mine, from_left, from_right, works = pending.popleft()
-        for work, peer, what in works:
-            rnd.wait(work, f"bucket {k + 1} of {len(buckets)}, {what}", peer)
+        wait(k, works)
         gossip_mix(mine, from_left, from_right, weights, out=mixed[k], backend=backend)
-        fault_point(rnd.fn, "bucket", k)
+        staged.append(k)
 
     for k, bucket in enumerate(buckets):
         slot = k % _IN_FLIGHT  # the bucket that used this slot last has been finished
@@ -81,12 +86,20 @@ def gossip_buckets(tensors: list[torch.Tensor], where: Ring, rnd: Round, weights
         pending.append((k, mine, from_left, from_right, works))
         if len(pending) >= _IN_FLIGHT:
             finish()
-    while pending:
-        finish()
+    # The last buckets in flight: once they have arrived the round is complete, so
+    # they are mixed straight into place at the commit (a one-bucket round then
+    # costs no copy more than an in-place one).
+    last = list(pending)
+    for k, _, _, _, works in last:
+        wait(k, works)
 
     def commit() -> None:
-        for bucket, result in zip(buckets, mixed):
-            unpack_tensors(result, bucket.tensors, backend=backend)
+        for k in staged:
+            unpack_tensors(mixed[k], buckets[k].tensors, backend=backend)
+        for k, mine, from_left, from_right, _ in last:
+            gossip_mix(mine, from_left, from_right, weights, out=mine, backend=backend)
+            if mine.data_ptr() != buckets[k].tensors[0].data_ptr() or len(buckets[k].tensors) > 1:
+                unpack_tensors(mine, buckets[k].tensors, backend=backend)
 
     return commit
 
