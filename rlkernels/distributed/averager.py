@@ -155,7 +155,8 @@ class DecentralizedAverager:
 
     @property
     def theta_global(self) -> list[torch.Tensor]:
-        """theta_global shaped like the parameters (views of the averager's buffers)."""
+        """theta_global shaped like the parameters: views of the averager's buffers,
+        valid until the next round (a round swaps in the buffers it computed)."""
         if self.mode == "gossip":
             raise AttributeError("DecentralizedAverager: mode='gossip' keeps no theta_global")
         views = {}
@@ -192,8 +193,9 @@ class DecentralizedAverager:
         return flats
 
     def _global_round(self, rnd: Round) -> Callable[[], None]:
-        """Reduces sum_i delta_i into the scratch buckets; the returned commit applies
-        theta_global += alpha * sum / n and loads theta_global into the parameters."""
+        """Computes the next theta_global = theta_global + alpha * sum_i(delta_i) / n
+        in the scratch buckets; the returned commit swaps them with theta_global and
+        loads it into the parameters."""
         n = self._where.size
         count = len(self._buckets)
         pending: deque = deque()
@@ -202,6 +204,8 @@ class DecentralizedAverager:
             i, work = pending.popleft()
             if work is not None:
                 rnd.wait(work, f"all_reduce of bucket {i + 1} of {count}")
+            # scratch <- theta_global + alpha * sum / n (rounded as theta_global.add_ would)
+            torch.add(self._global[i], self._scratch[i], alpha=self.alpha / n, out=self._scratch[i])
             fault_point(rnd.fn, "bucket", i)
 
         with torch.no_grad():
@@ -224,10 +228,9 @@ class DecentralizedAverager:
                 finish()
 
         def commit() -> None:
-            for i, bucket in enumerate(self._buckets):
-                # theta_global += alpha * (sum_i delta_i) / n, then every agent restarts from it
-                self._global[i].add_(self._scratch[i], alpha=self.alpha / n)
-                unpack_tensors(self._global[i], bucket.tensors, backend=self.backend)
+            self._global, self._scratch = self._scratch, self._global
+            for flat, bucket in zip(self._global, self._buckets):
+                unpack_tensors(flat, bucket.tensors, backend=self.backend)  # every agent restarts from it
 
         return commit
 
