@@ -66,7 +66,7 @@ def test_rank_killed_mid_round(tmp_path, entry, trigger):
     pg_timeout_s = 5.0
     results = run_fault(tmp_path, entry, "exit", trigger, timeout=None, pg_timeout_s=pg_timeout_s)
     assert not results[-1].ok and "exited with code 3" in results[-1].error, results[-1].error
-    check_survivors(results, entry, pg_timeout_s, "process group's timeout")
+    check_survivors(results, entry, pg_timeout_s, "timeout: the process group's")
 
 
 @pytest.mark.parametrize("entry", F.ENTRIES)
@@ -109,7 +109,7 @@ def test_slow_rank_past_the_process_group_timeout(tmp_path, entry):
     timedelta = datetime.timedelta(seconds=2)
     results = run_fault(tmp_path, entry, "slow", FIRST_STEP[entry], timeout=None, pg_timeout_s=timedelta.seconds,
                         slow_s=4.0)
-    check_survivors(results, entry, timedelta.seconds, "process group's timeout")
+    check_survivors(results, entry, timedelta.seconds, "timeout: the process group's")
 
 
 def test_mismatched_rank_fails_everywhere_before_data_moves():

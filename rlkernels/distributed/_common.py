@@ -323,15 +323,16 @@ class Round:
         me = f"rank {where.rank} of {where.size}"
         if where.group is not None:
             me += f" (global rank {dist.get_rank()})"
-        peer = ""
+        about = []
         if self.peer is not None:
-            peer = f" (peer: {'global ' if where.group is not None else ''}rank {self.peer})"
+            about.append(f"peer: {'global ' if where.group is not None else ''}rank {self.peer}")
         if self.timeout is not None:
-            limit = f"timeout={self.timeout.total_seconds():g} s"
+            about.append(f"timeout={self.timeout.total_seconds():g} s")
         else:
-            limit = "the process group's timeout"
+            about.append("timeout: the process group's")
         raise AveragingError(
-            f"{_prefix(self.fn)}: {me}: {self.stage} failed after {elapsed:.1f} s{peer} ({limit}): {_cause(exc)}  "
+            f"{_prefix(self.fn)}: {me}: {self.stage} failed after {elapsed:.1f} s ({', '.join(about)}): "
+            f"{_cause(exc)}  "
             f"The {self.what} on this rank {'is' if self.what == 'tensor' else 'are'} unchanged (a round is all or nothing on each rank; peers may have "
             "finished or failed it on their own).  The process group is likely unusable now: destroy it and "
             "create a new one before averaging again.",
