@@ -6,8 +6,6 @@ after it would time out."""
 from __future__ import annotations
 
 import math
-import os
-import time
 import traceback
 
 import torch
@@ -418,35 +416,3 @@ def mismatched_shapes_are_reported(rank, world):
     ok = torch.ones(1)
     dist.all_reduce(ok)
     assert ok.item() == world
-
-
-# ---- faults: run in their own groups -------------------------------------------------------------
-
-FAULT_CALLS = {
-    "average_parameters": lambda: average_parameters([torch.randn(1000)]),
-    "ring_all_reduce": lambda: ring_all_reduce(torch.randn(100_000), check=False),
-    "gossip_average": lambda: gossip_average(torch.randn(1000), check=False),
-}
-
-
-def fault_worker(rank: int, world: int, fault: str, call: str, release_path: str):
-    """The last rank exits or hangs; the others run `call`, which must raise.
-    Returns (error text or None, seconds).  The hung rank wakes up once rank 0
-    leaves `release_path` (or after a minute)."""
-    dist.barrier()  # every rank is connected before one of them goes away
-    if rank == world - 1:
-        if fault == "exit":
-            os._exit(3)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(release_path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return None
-    start = time.monotonic()
-    try:
-        FAULT_CALLS[call]()
-        outcome = (None, time.monotonic() - start)
-    except Exception as exc:  # noqa: BLE001 - the point of the test
-        outcome = (f"{type(exc).__name__}: {exc}"[:300], time.monotonic() - start)
-    if rank == 0:
-        open(release_path, "w").close()
-    return outcome

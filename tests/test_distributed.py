@@ -42,24 +42,7 @@ def test_multi_rank(world, name):
     assert not failures, "\n".join(failures)
 
 
-# ---- faults --------------------------------------------------------------------------------------
-
-FAULT_PG_TIMEOUT_S = 3.0
-
-
-@pytest.mark.parametrize("call", list(distributed_checks.FAULT_CALLS))
-@pytest.mark.parametrize("fault", ["exit", "hang"])
-def test_dead_or_hung_rank_makes_the_others_raise(fault, call, tmp_path):
-    world = 3
-    release = os.fspath(tmp_path / "release")
-    results = run_ranks(distributed_checks.fault_worker, world, args=(fault, call, release),
-                        timeout_s=60.0, pg_timeout_s=FAULT_PG_TIMEOUT_S)
-    for r in results[:-1]:
-        assert r.ok, r.error
-        error, seconds = r.value
-        assert error is not None, f"rank {r.rank}: {call} returned although rank {world - 1} is gone"
-        # it gives up within the process-group timeout (plus scheduling slack)
-        assert seconds < FAULT_PG_TIMEOUT_S + 5.0, f"rank {r.rank}: {call} took {seconds:.1f} s"
+# Faults (dead, stalled and mismatched ranks): tests/test_distributed_faults.py.
 
 
 # ---- single process ------------------------------------------------------------------------------

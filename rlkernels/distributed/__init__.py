@@ -7,11 +7,16 @@ NCCL on GPU; launch with torchrun on one machine or many).  No transport of its 
 - DecentralizedAverager: theta_global <- theta_global + alpha * mean_i(delta_i) every
   k local steps (or gossip), optionally with the optimizer state.
 
+Every call is all or nothing on each rank: results are staged and written into the
+caller's tensors only after every exchange of the round has completed; a dead, slow
+or mismatched peer raises AveragingError (a RuntimeError) with them unchanged.
+
 See docs/distributed.md."""
-from ._common import release_buffers
+from ._common import AveragingError, AveragingMismatchError, release_buffers
 from .allreduce import average_parameters
 from .averager import DecentralizedAverager
 from .gossip import gossip_average
 from .ring import ring_all_reduce
 
-__all__ = ["average_parameters", "ring_all_reduce", "gossip_average", "DecentralizedAverager", "release_buffers"]
+__all__ = ["average_parameters", "ring_all_reduce", "gossip_average", "DecentralizedAverager", "release_buffers",
+           "AveragingError", "AveragingMismatchError"]

@@ -1,9 +1,13 @@
 """Shared plumbing for rlkernels.distributed: the process group, the tensors to
-average, the cross-rank signature check and bucketing."""
+average, the cross-rank signature check, bucketing, and the all-or-nothing rounds
+(AveragingError, Round)."""
 from __future__ import annotations
 
+import datetime
 import hashlib
+import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +22,24 @@ COMPRESS = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp1
 
 def _prefix(fn: str) -> str:
     return f"rlkernels.distributed.{fn}"
+
+
+class AveragingError(RuntimeError):
+    """An averaging call failed on this rank: a peer exited, did not answer within
+    the timeout, or passed different tensors.  Every tensor the call would have
+    written (parameters, optimizer state, the averager's theta_global) is exactly
+    as it was before the call.  Attributes: fn, rank (group rank), size, stage,
+    peer (global rank of the peer involved, or None), elapsed_s."""
+
+    def __init__(self, message: str, *, fn: str, rank: int, size: int, stage: str = "",
+                 peer: int | None = None, elapsed_s: float = 0.0):
+        super().__init__(message)
+        self.fn, self.rank, self.size, self.stage, self.peer, self.elapsed_s = fn, rank, size, stage, peer, elapsed_s
+
+
+class AveragingMismatchError(AveragingError, ValueError):
+    """The ranks passed tensors (or settings) that differ: raised on every rank by
+    the check that runs before any data moves."""
 
 
 @dataclass(frozen=True)
@@ -92,34 +114,49 @@ def _describe(tensors: list[torch.Tensor]) -> list[str]:
     return [f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" for t in tensors]
 
 
-def check_same_everywhere(fn: str, tensors: list[torch.Tensor], where: Ring, what: str = "params") -> None:
-    """Raises ValueError on every rank when the ranks' tensors differ in count, shape
-    or dtype.  Cost: one all_gather of 3 int64 per rank; the full descriptions are
-    exchanged only when something differs, to name the first difference."""
+def check_same_everywhere(fn: str, tensors: list[torch.Tensor], where: Ring, what: str = "params",
+                          settings: dict | None = None, rnd: Round | None = None) -> None:
+    """Raises AveragingMismatchError (a ValueError) on every rank when the ranks'
+    tensors differ in count, shape or dtype, or their `settings` (the arguments that
+    decide the message layout, e.g. bucket_mb) differ.  Cost: one all_gather of 3
+    int64 per rank; the full descriptions are exchanged only when something differs,
+    to name the first difference.  Runs before any data moves."""
     if where.size == 1:
         return
     described = _describe(tensors)
-    digest = hashlib.blake2b("|".join(described).encode(), digest_size=8).digest()
+    shown = ", ".join(f"{k}={v!r}" for k, v in (settings or {}).items())
+    digest = hashlib.blake2b("|".join(described + [shown]).encode(), digest_size=8).digest()
     device = tensors[0].device if tensors else torch.device("cpu")
     if dist.get_backend(where.group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     local = torch.tensor([len(tensors), sum(t.numel() for t in tensors),
                           int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(local) for _ in range(where.size)]
-    dist.all_gather(gathered, local, group=where.group)
+    work = dist.all_gather(gathered, local, group=where.group, async_op=True)
+    if rnd is None:
+        work.wait()
+    else:
+        rnd.wait(work, "the check that every rank passes the same tensors")
     if all(torch.equal(g, gathered[0]) for g in gathered):
         return
     everyone: list = [None] * where.size
-    dist.all_gather_object(everyone, described, group=where.group)
+    dist.all_gather_object(everyone, (described, shown), group=where.group)
     other = next(r for r in range(where.size) if everyone[r] != everyone[0])
-    first, theirs = everyone[0], everyone[other]
-    detail = f"rank 0 has {len(first)} tensors, rank {other} has {len(theirs)}"
-    for i, (a, b) in enumerate(zip(first, theirs)):
-        if a != b:
-            detail = f"{what}[{i}] is {a} on rank 0 but {b} on rank {other}"
-            break
-    raise ValueError(f"{_prefix(fn)}: {what} differ across ranks (shape or dtype): {detail} "
-                     "(group ranks; every rank must pass the same tensors in the same order)")
+    (first, first_shown), (theirs, their_shown) = everyone[0], everyone[other]
+    if first == theirs:
+        detail = f"settings differ across ranks: {first_shown} on rank 0 but {their_shown} on rank {other}"
+    else:
+        detail = f"rank 0 has {len(first)} tensors, rank {other} has {len(theirs)}"
+        for i, (a, b) in enumerate(zip(first, theirs)):
+            if a != b:
+                detail = f"{what}[{i}] is {a} on rank 0 but {b} on rank {other}"
+                break
+        detail = f"{what} differ across ranks (shape or dtype): {detail}"
+    raise AveragingMismatchError(
+        f"{_prefix(fn)}: {detail} (group ranks; every rank must pass the same tensors in the same order and "
+        "the same settings).  Raised on every rank before any data moved; nothing was changed.",
+        fn=fn, rank=where.rank, size=where.size, stage="check",
+        peer=other if where.group is None else dist.get_global_rank(where.group, other))
 
 
 @dataclass(eq=False)
@@ -172,6 +209,132 @@ def workspace(tag, numel: int, dtype: torch.dtype, device: torch.device) -> torc
 
 
 def release_buffers() -> None:
-    """Frees the CPU buffers that rlkernels.distributed keeps between calls (about
-    two buckets, plus 2/n of the largest tensor given to ring_all_reduce)."""
+    """Frees the CPU buffers that rlkernels.distributed keeps between calls: the
+    staged results of the largest round (one copy of the tensors averaged, per
+    function), two receive buffers per bucket in flight, and (1 + 2/n) times the
+    largest tensor given to ring_all_reduce."""
     _WORKSPACE.buffers = {}
+
+
+def bucket_buffers(tag, buckets: list[Bucket], wire_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """One flat buffer per bucket (of the bucket's dtype, or `wire_dtype`), carved
+    from one workspace per dtype: the whole round's results stay staged here until
+    they are committed."""
+    totals: dict = {}
+    for b in buckets:
+        key = (wire_dtype or b.dtype, b.device)
+        totals[key] = totals.get(key, 0) + b.numel
+    bases = {key: workspace((tag, str(key[1])), total, key[0], key[1]) for key, total in totals.items()}
+    offsets = dict.fromkeys(totals, 0)
+    out = []
+    for b in buckets:
+        key = (wire_dtype or b.dtype, b.device)
+        out.append(bases[key][offsets[key]:offsets[key] + b.numel])
+        offsets[key] += b.numel
+    return out
+
+
+# ---- all-or-nothing rounds ---------------------------------------------------------------------
+
+def timeout_arg(fn: str, timeout) -> datetime.timedelta | None:
+    """None (the process group's timeout), seconds > 0, or a positive timedelta."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+        if not seconds > 0:
+            raise ValueError(f"{_prefix(fn)}: timeout must be > 0, got {timeout!r}")
+        return timeout
+    seconds = V.number(_prefix(fn), "timeout", timeout, low=0.0, low_open=True)
+    return datetime.timedelta(seconds=seconds)
+
+
+def _group_timeout(group, device: torch.device) -> datetime.timedelta | None:
+    """The process group's own timeout for `device`, or None where torch hides it."""
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        return pg._get_backend(device).options._timeout
+    except Exception:  # noqa: BLE001 - private API: fall back to plain waits
+        return None
+
+
+# Test hook: called as _FAULT_HOOK(fn, stage, index) after each completed step of a
+# round (stage "bucket": bucket `index` has been exchanged; "ring step": ring step
+# `index`; "parameters": the averager's parameter phase).  tests/test_distributed_faults.py
+# uses it to kill or stall a rank between two buckets.
+_FAULT_HOOK = None
+
+
+def fault_point(fn: str, stage: str, index: int) -> None:
+    if _FAULT_HOOK is not None:
+        _FAULT_HOOK(fn, stage, index)
+
+
+_GLOO_SOURCE = re.compile(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of a torch.distributed error without gloo's source location
+    and boilerplate hint."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = _GLOO_SOURCE.sub("", text)
+    text = text.split(" This is typically caused by")[0].strip()[:300]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+class Round:
+    """The communication of one averaging call on this rank.  Used as a context
+    manager around everything that talks to the peers; results are written to
+    scratch buffers inside it and committed to the caller's tensors after it exits
+    cleanly.  A torch.distributed failure inside becomes an AveragingError naming the
+    function, this rank, the stage, the peer (where one is involved) and the cause.
+    After a failure the CPU workspace is dropped: an abandoned gloo operation may
+    still write into it."""
+
+    def __init__(self, fn: str, where: Ring, timeout: datetime.timedelta | None, what: str,
+                 device: torch.device | None = None):
+        self.fn, self.where, self.what = fn, where, what
+        self.timeout = timeout
+        if timeout is None and device is not None and device.type == "cuda":
+            # NCCL's wait() only orders streams; a timeout makes it block until the
+            # operation has completed (or failed), which the commit must know.
+            timeout = _group_timeout(where.group, device)
+        self._kwargs = {} if timeout is None else {"timeout": timeout}
+        self.stage = "starting"
+        self.peer: int | None = None
+        self.start = time.monotonic()
+
+    def wait(self, work, stage: str, peer: int | None = None) -> None:
+        """work.wait() under the round's timeout (if any), recording what is awaited."""
+        self.stage, self.peer = stage, peer
+        work.wait(**self._kwargs)
+
+    def __enter__(self) -> Round:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            return False
+        release_buffers()
+        if isinstance(exc, AveragingError) or not isinstance(exc, RuntimeError):
+            return False
+        elapsed = time.monotonic() - self.start
+        where = self.where
+        me = f"rank {where.rank} of {where.size}"
+        if where.group is not None:
+            me += f" (global rank {dist.get_rank()})"
+        about = []
+        if self.peer is not None:
+            about.append(f"peer: {'global ' if where.group is not None else ''}rank {self.peer}")
+        if self.timeout is not None:
+            about.append(f"timeout={self.timeout.total_seconds():g} s")
+        else:
+            about.append("timeout: the process group's")
+        raise AveragingError(
+            f"{_prefix(self.fn)}: {me}: {self.stage} failed after {elapsed:.1f} s ({', '.join(about)}): "
+            f"{_cause(exc)}  "
+            f"The {self.what} on this rank {'is' if self.what == 'tensor' else 'are'} unchanged (a round is all or nothing on each rank; peers may have "
+            "finished or failed it on their own).  The process group is likely unusable now: destroy it and "
+            "create a new one before averaging again.",
+            fn=self.fn, rank=where.rank, size=where.size, stage=self.stage, peer=self.peer,
+            elapsed_s=elapsed) from exc

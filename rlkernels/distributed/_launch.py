@@ -29,6 +29,7 @@ class RankResult:
 
 
 _CONTEXT = None
+_TEARDOWN_S = 1.0  # how long a rank that has left its result may take to exit before it is killed
 
 
 def _context(start_method: str):
@@ -75,7 +76,9 @@ def run_ranks(fn: Callable, world_size: int, *, args: tuple = (), timeout_s: flo
               start_method: str = "forkserver") -> list[RankResult]:
     """Runs fn(rank, world_size, *args) on `world_size` processes; returns one
     RankResult per rank.  fn must be importable (a module-level function).  Ranks
-    still alive after timeout_s are killed and reported as failed."""
+    still alive after timeout_s are killed and reported as failed; ranks that have
+    left their result are killed if they do not exit within a second.  pg_timeout_s
+    is the process group's timeout (init_process_group(timeout=...))."""
     ctx = _context(start_method)
     workdir = tempfile.mkdtemp(prefix="rlk-dist-")
     store_path = os.path.join(workdir, "store")
@@ -87,12 +90,20 @@ def run_ranks(fn: Callable, world_size: int, *, args: tuple = (), timeout_s: flo
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s
+        # Done once every rank has left its result (or exited): a rank whose peers died
+        # may then sit in destroy_process_group until gloo's own timeout, which no
+        # caller needs to wait for.
+        while time.monotonic() < deadline and not all(os.path.exists(path) or not p.is_alive()
+                                                      for p, path in zip(procs, paths)):
+            time.sleep(0.02)
+        teardown = min(deadline, time.monotonic() + _TEARDOWN_S)
         for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        late = [r for r, p in enumerate(procs) if p.is_alive()]
-        for r in late:
-            procs[r].kill()
-            procs[r].join(5)
+            p.join(max(0.0, teardown - time.monotonic()))
+        late = [r for r, p in enumerate(procs) if p.is_alive() and not os.path.exists(paths[r])]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
         results = []
         for r, path in enumerate(paths):
             if os.path.exists(path):
