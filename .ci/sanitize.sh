@@ -16,9 +16,10 @@ cd "$(dirname "$0")/.."
 PY="${PY:-$PWD/.venv/bin/python}"
 OUT=build/asan
 
+mkdir -p "$OUT"
 RLKERNELS_SANITIZE=address,undefined RLKERNELS_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
-  "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" > build/asan.log 2>&1 \
-  || { tail -n 40 build/asan.log; exit 1; }
+  "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" > "$OUT/build.log" 2>&1 \
+  || { tail -n 40 "$OUT/build.log"; exit 1; }
 rm -rf "$OUT/tree" && mkdir -p "$OUT/tree"
 cp -r rlkernels tests benchmarks python pyproject.toml "$OUT/tree/"
 rm -f "$OUT"/tree/rlkernels/_C*.so
