@@ -24,9 +24,10 @@ rm -rf "$OUT/tree" && mkdir -p "$OUT/tree"
 cp -r rlkernels tests benchmarks python pyproject.toml "$OUT/tree/"
 rm -f "$OUT"/tree/rlkernels/_C*.so
 cp "$OUT"/lib/rlkernels/_C*.so "$OUT/tree/rlkernels/"
-nm -D "$OUT"/tree/rlkernels/_C*.so | grep -q __asan_report_load \
-  && nm -D "$OUT"/tree/rlkernels/_C*.so | grep -q __ubsan_handle \
-  || { echo "build/asan: the library is not instrumented"; exit 1; }
+symbols="$(nm -D "$OUT"/tree/rlkernels/_C*.so)"  # (not piped into grep -q: SIGPIPE under pipefail)
+if [[ "$symbols" != *__asan_report_load* || "$symbols" != *__ubsan_handle* ]]; then
+  echo "build/asan: the library is not instrumented"; exit 1
+fi
 
 # libstdc++ is preloaded too: python itself does not link it, and ASan resolves
 # its __cxa_throw interceptor at start-up (without it, any C++ exception aborts).
