@@ -105,7 +105,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                     entropy: bool = False):
-    """The unfused lm-head: logits = hidden @ weight.T (+ bias), then logprobs."""
+    """The unfused lm-head: logits = hidden @ weight.T (+ bias), then logprobs.  Ignored
+    tokens' hidden states may hold anything (NaN padding): they are zeroed first, so they
+    reach neither the values nor the weight's gradient."""
+    hidden = torch.where((labels != ignore_index).unsqueeze(-1), hidden, 0)
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias

@@ -28,6 +28,8 @@ def row_index(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(inner, outer_stride, inner_stride) addressing the rows of a [..., V] tensor
     in place (leading dims merged where strides allow), or None; see csrc/core/rows.h."""
     V = t.shape[-1]
+    if 0 in t.shape[:-1]:  # no rows: any layout addresses them (and an empty tensor's strides are arbitrary)
+        return 1, V, V
     if V > 1 and t.stride(-1) != 1:
         return None
     dims: list[list[int]] = []  # innermost first: [size, stride]

@@ -1,0 +1,177 @@
+"""Shared pieces of the property-based tests (tests/test_properties_*.py): example
+budgets, backends, value generators with extreme regimes, comparisons against the
+float64 reference, and the check that bad input raises a clear error.
+
+Budgets: RLK_HYPOTHESIS_EXAMPLES examples per property on the compiled backends
+(default 60); the Triton interpreter (Triton on CPU tensors, TRITON_INTERPRET=1) runs
+every program in Python, so it gets RLK_HYPOTHESIS_TRITON_EXAMPLES (default a fifth of
+that, at least 6) and tiny shapes.  Examples are derandomized (a fixed sequence per
+test, so CI is reproducible); RLK_HYPOTHESIS_RANDOM=1 draws fresh ones (bug hunting).
+`pytest --hypothesis-show-statistics` prints how many cases each property tried."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings, strategies as st
+
+from conftest import BACKEND_DEVICE, TOLERANCES, backend_id
+
+EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_EXAMPLES", "60"))
+TRITON_EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_TRITON_EXAMPLES", str(max(6, EXAMPLES // 5))))
+DERANDOMIZE = os.environ.get("RLK_HYPOTHESIS_RANDOM", "0") != "1"
+
+LOW = (torch.bfloat16, torch.float16)
+KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+LOSS_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def interpreted(backend_device) -> bool:
+    """Triton kernels running on CPU tensors in the interpreter."""
+    return tuple(backend_device) == ("triton", "cpu")
+
+
+def budget(backend_device, examples: int | None = None) -> settings:
+    """Hypothesis settings for one property on one backend (`examples` overrides the
+    compiled-backend budget, e.g. for a property whose cases are expensive)."""
+    n = EXAMPLES if examples is None else examples
+    if interpreted(backend_device):
+        n = min(n, TRITON_EXAMPLES)
+    return settings(max_examples=max(1, n), deadline=None, derandomize=DERANDOMIZE, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+backends = pytest.mark.parametrize("backend_device", BACKEND_DEVICE, ids=backend_id)
+
+
+# ---- values ----------------------------------------------------------------------------------
+
+seeds = st.integers(0, 2**31 - 1)
+# How the finite values are spread: ordinary, wide, huge (1e4: exact differences in
+# float32 lose the low bits), tiny (denormal range for float32), ties (many equal
+# values, also at the maximum).
+REGIMES = ("normal", "wide", "huge", "tiny", "ties")
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def fill(shape, g: torch.Generator, regime: str = "normal", dtype=torch.float32) -> torch.Tensor:
+    """Random values of `shape` in the given regime, rounded to `dtype` (so the
+    float64 reference sees exactly the values the kernel reads)."""
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if regime == "wide":
+        x = x * 30
+    elif regime == "huge":
+        x = x * 1e4
+    elif regime == "tiny":
+        x = x * 1e-39
+    elif regime == "ties":
+        x = torch.randint(-2, 3, shape, generator=g).double()
+    return x.to(dtype)
+
+
+def sprinkle(x: torch.Tensor, g: torch.Generator, value: float, fraction: float) -> torch.Tensor:
+    """x with `value` in a random `fraction` of its entries."""
+    hit = torch.rand(x.shape, generator=g) < fraction
+    return torch.where(hit, torch.full_like(x, value), x)
+
+
+def poison_where(x: torch.Tensor, keep: torch.Tensor, poison: float | None) -> torch.Tensor:
+    """x with `poison` (NaN, inf, -inf or None for nothing) where `keep` is False."""
+    if poison is None:
+        return x
+    return torch.where(keep, x, torch.full_like(x, poison))
+
+
+def random_mask(shape, g: torch.Generator, density: float, empty_row: bool = False) -> torch.Tensor:
+    mask = torch.rand(shape, generator=g) < density
+    if empty_row and mask.dim() >= 1 and mask.shape[0] > 0:
+        mask[0] = False
+    return mask
+
+
+def strided_like(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of x in a tensor of another memory layout: "contiguous", "sliced"
+    (rows of a longer buffer, like logits[:, :-1]), "transposed" (leading dims swapped),
+    "vocab_strided" (a step of 2 along the last dim) or "offset" (a storage offset)."""
+    if layout == "contiguous" or x.dim() == 0:
+        return x.contiguous()
+    if layout == "sliced" and x.dim() >= 2:
+        shape = list(x.shape)
+        shape[-2] += 1
+        big = torch.empty(shape, dtype=x.dtype).fill_(float("nan")) if x.dtype.is_floating_point else \
+            torch.zeros(shape, dtype=x.dtype)
+        big[..., :-1, :] = x
+        return big[..., :-1, :]
+    if layout == "transposed" and x.dim() >= 3:
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "vocab_strided":
+        big = torch.zeros((*x.shape[:-1], 2 * x.shape[-1]), dtype=x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    if layout == "offset":
+        flat = torch.zeros(x.numel() + 3, dtype=x.dtype)
+        flat[3:] = x.reshape(-1)
+        return flat[3:].view(x.shape)
+    return x.contiguous()
+
+
+LAYOUTS = ("contiguous", "sliced", "transposed", "vocab_strided", "offset")
+
+
+# ---- comparisons ----------------------------------------------------------------------------
+
+def close(actual: torch.Tensor, expected: torch.Tensor, *, computed_in=torch.float32, what: str = "",
+          elementwise: bool = True) -> None:
+    """actual against the float64 truth with the tolerance of the dtype the op computed
+    in.  elementwise=False scales the absolute tolerance by the largest finite expected
+    magnitude when that exceeds 1 (gradients and losses: float32 arithmetic on O(1)
+    intermediates such as log p errs by ~1e-7 absolutely, whatever the result's size,
+    and a result of size s >> 1 carries errors of ~1e-7 s in its small entries)."""
+    tol = TOLERANCES[computed_in]
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    atol = tol["atol"]
+    if not elementwise:
+        finite = expected[torch.isfinite(expected)]
+        atol = atol * max(1.0, finite.abs().max().item() if finite.numel() else 0.0)
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def rounded_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *, what: str = "") -> None:
+    """A result written in a 16-bit dtype from float32 arithmetic: at most twice the error
+    of rounding the float64 truth to that dtype (the low precision rule with the best
+    same-dtype answer as PyTorch's), plus the float32 tolerance (scaled as in close with
+    elementwise=False) for the arithmetic before the rounding."""
+    expected = expected.detach().double().cpu()
+    actual = actual.detach().double().cpu()
+    assert actual.shape == expected.shape, what
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{what}: NaN pattern differs"
+    if not finite.any():
+        return
+    rounding = (expected.to(dtype).double() - expected)[finite].abs().max().item()
+    scale = expected[finite].abs().max().item()
+    err = (actual - expected)[finite].abs().max().item()
+    bound = 2 * rounding + TOLERANCES[torch.float32]["atol"] * max(1.0, scale)
+    assert err <= bound, f"{what}: error {err:.3e} exceeds {bound:.3e} (rounding {rounding:.3e}, scale {scale:.3e})"
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same values and NaN pattern (-0.0 and 0.0 count as equal)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(torch.isnan(a), torch.isnan(b)) and \
+        torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def raises_naming(fn, names: tuple[str, ...] | str, errors=(ValueError, TypeError)) -> None:
+    """fn() must raise ValueError or TypeError whose message names one of `names`."""
+    names = (names,) if isinstance(names, str) else names
+    with pytest.raises(errors) as info:
+        fn()
+    message = str(info.value)
+    assert any(n in message for n in names), f"error {type(info.value).__name__}({message!r}) names none of {names}"
