@@ -10,13 +10,17 @@ test, so CI is reproducible); RLK_HYPOTHESIS_RANDOM=1 draws fresh ones (bug hunt
 `pytest --hypothesis-show-statistics` prints how many cases each property tried."""
 from __future__ import annotations
 
+import atexit
+import collections
+import functools
+import json
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings, strategies as st
 
-from conftest import BACKEND_DEVICE, TOLERANCES, backend_id
+from conftest import BACKEND_DEVICE, LOW_PRECISION_FACTOR, TOLERANCES, backend_id
 
 EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_EXAMPLES", "60"))
 TRITON_EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_TRITON_EXAMPLES", str(max(6, EXAMPLES // 5))))
@@ -44,6 +48,30 @@ def budget(backend_device, examples: int | None = None) -> settings:
 
 
 backends = pytest.mark.parametrize("backend_device", BACKEND_DEVICE, ids=backend_id)
+
+# Cases run per test (examples, shrinking and replays included).  The @given functions
+# live inside the parametrized tests (one budget per backend), where hypothesis'
+# --hypothesis-show-statistics does not see them: RLK_HYPOTHESIS_REPORT=path writes
+# these counts as JSON at exit.
+COUNTS: collections.Counter = collections.Counter()
+
+
+def counted(fn):
+    """Counts the cases a property function runs, under the current pytest test id."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        COUNTS[os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _write_counts(path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(sorted(COUNTS.items())), f, indent=1)
+
+
+if os.environ.get("RLK_HYPOTHESIS_REPORT"):
+    atexit.register(_write_counts, os.environ["RLK_HYPOTHESIS_REPORT"])
 
 
 # ---- values ----------------------------------------------------------------------------------
@@ -160,6 +188,27 @@ def rounded_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     err = (actual - expected)[finite].abs().max().item()
     bound = 2 * rounding + TOLERANCES[torch.float32]["atol"] * max(1.0, scale)
     assert err <= bound, f"{what}: error {err:.3e} exceeds {bound:.3e} (rounding {rounding:.3e}, scale {scale:.3e})"
+
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def low_precision_close(ours: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor,
+                        dtype: torch.dtype, scale: float, *, what: str = "") -> None:
+    """The low precision rule for results of 16-bit matmuls (the lm-head ops): at most
+    LOW_PRECISION_FACTOR x PyTorch's same-dtype error, plus one unit roundoff of `dtype`
+    times `scale`, the magnitude one rounding perturbs (e.g. max|logit| / T for log-probs).
+    Over a handful of values PyTorch's own error can be accidentally tiny (its roundings
+    happened to cancel), and a factor of it alone is then a coin toss, not a bound."""
+    assert ours.shape == truth.shape, what
+    if truth.numel() == 0:
+        return
+    truth = truth.detach().double().cpu()
+    ours_err = (ours.detach().double().cpu() - truth).abs().max().item()
+    torch_err = (torch_same_dtype.detach().double().cpu() - truth).abs().max().item()
+    bound = LOW_PRECISION_FACTOR * torch_err + UNIT_ROUNDOFF[dtype] * scale + TOLERANCES[torch.float32]["atol"]
+    assert ours_err <= bound, (f"{what}: error {ours_err:.3e} exceeds {LOW_PRECISION_FACTOR} x PyTorch's "
+                               f"{torch_err:.3e} + roundoff x {scale:.3e}")
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

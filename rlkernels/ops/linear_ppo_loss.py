@@ -317,10 +317,9 @@ def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * 18
-    grads = []
-    for saved in ctx.saved_tensors:
-        grads.append(None if saved.numel() == 0 else _scaled(saved, grad_loss))
-    grad_hidden, grad_weight, grad_bias = grads
+    # (an empty batch's hidden gradient is empty but still wanted: ask needs_input_grad)
+    grad_hidden, grad_weight, grad_bias = (_scaled(saved, grad_loss) if ctx.needs_input_grad[i] else None
+                                           for saved, i in zip(ctx.saved_tensors, (0, 1, 3)))
     return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 14
 
 
