@@ -146,7 +146,10 @@ def test_kl_from_logits_property(backend_device):
         r = ref.clone().requires_grad_(ref_grad)
         kl = rlkernels.kl_from_logits(x, r, temperature=kw["temperature"], mask=mask, backend=backend)
         assert kl.dtype == torch.float32 and kl.shape == logits.shape[:-1]
-        close(kl, kl_true, what="kl")
+        # where float64 keeps a p_j that float32 flushes to 0 next to q_j = 0, the truth
+        # is inf and float32 arithmetic (PyTorch's too) gives a finite KL
+        kl_same = reference.kl_from_logits(logits.float(), ref.float(), temperature=kw["temperature"], mask=mask)
+        close(kl, kl_true, what="kl", same_dtype=kl_same)
         if mask is not None:
             assert bool((kl[~mask] == 0).all())
         finite_rows = torch.isfinite(kl_true.detach())
@@ -457,3 +460,21 @@ def test_regression_kl_is_shift_invariant(backend_device, temperature):
         close(kl, truth, what="kl")
         close(grad, grad_true, what="grad", elementwise=False)
         assert float(kl.abs().max()) < 1e-6
+
+
+@backends
+@pytest.mark.parametrize("gap", [10.0, 70.0, 1e4])
+def test_regression_kl_is_inf_where_the_reference_rules_a_token_out(backend_device, gap):
+    """q_j = 0 (ref logit -inf) next to a finite policy logit makes KL inf, however small
+    p_j: the kernels flush p_j below 2^-125 to 0 and used to return a finite KL."""
+    backend, device = backend_device
+    logits = torch.tensor([[gap, 0.0, -gap], [0.0, 1.0, 2.0]], device=device)
+    ref = torch.tensor([[0.0, 0.0, -math.inf], [0.0, 1.0, 2.0]], device=device)
+    for temperature in (1.0, 0.5):
+        kl = rlkernels.kl_from_logits(logits, ref, temperature=temperature, backend=backend)
+        truth = reference.kl_from_logits(logits.double(), ref.double(), temperature=temperature)
+        assert float(kl[0]) == math.inf and float(truth[0]) == math.inf
+        close(kl[1:], truth[1:], what="kl")
+    # the policy ruling the token out too (both -inf) is fine
+    both = torch.tensor([[1.0, 0.0, -math.inf]], device=device)
+    assert math.isfinite(float(rlkernels.kl_from_logits(both, both, backend=backend)[0]))

@@ -33,18 +33,19 @@ def computed_in(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_grad(ours, truth, dtype, what):
+def check_grad(ours, truth, dtype, what, same_dtype=None):
     assert ours.dtype == dtype, what
     if dtype in (torch.float32, torch.float64):
-        close(ours, truth, computed_in=dtype, what=what, elementwise=False)
+        close(ours, truth, computed_in=dtype, what=what, elementwise=False, same_dtype=same_dtype)
     else:
-        rounded_close(ours, truth, dtype, what=what)
+        rounded_close(ours, truth, dtype, what=what, same_dtype=same_dtype)
 
 
-def check_stats(stats, truth, dtype):
+def check_stats(stats, truth, dtype, same_dtype=None):
     assert set(stats) >= set(truth), set(truth) - set(stats)
     for name, value in truth.items():
-        close(stats[name], value, computed_in=computed_in(dtype), what=name, elementwise=False)
+        close(stats[name], value, computed_in=computed_in(dtype), what=name, elementwise=False,
+              same_dtype=None if same_dtype is None else same_dtype[name])
 
 
 @st.composite
@@ -114,17 +115,18 @@ def test_ppo_loss_property(backend_device):
                                              **{k: v for k, v in kw.items() if k != "log_ratio_clamp"})
         (t_grad,) = torch.autograd.grad(t_loss, xt) if t_loss.requires_grad else (torch.zeros_like(xt),)
         assert loss.shape == () and loss.dtype == computed_in(dtype)
-        if not torch.isfinite(loss) and log_ratio_clamp in (None, math.inf):
-            # without a log-ratio clamp exp(log ratio) may overflow the arithmetic's
-            # dtype; PyTorch in that dtype overflows alike
-            same, _ = reference.ppo_loss(lp.to(computed_in(dtype)), old.to(computed_in(dtype)), adv, mask,
-                                         weights=weights, log_ratio_clamp=None,
-                                         **{k: v for k, v in kw.items() if k != "log_ratio_clamp"})
-            assert not torch.isfinite(same), (float(loss), float(same))
-            return
-        close(loss, t_loss, computed_in=computed_in(dtype), what="loss", elementwise=False)
-        check_grad(grad, t_grad, dtype, "grad logprobs")
-        check_stats(stats, t_stats, dtype)
+        # Without a log-ratio clamp exp(log ratio) may overflow float32 where float64
+        # does not: PyTorch in the arithmetic's dtype says what that dtype can hold.
+        acc = computed_in(dtype)
+        xs = lp.to(acc).requires_grad_()
+        s_loss, s_stats = reference.ppo_loss(xs, old.to(acc), adv_t.to(acc), mask,
+                                             weights=None if weights is None else weights.to(acc),
+                                             log_ratio_clamp=None if log_ratio_clamp == math.inf else log_ratio_clamp,
+                                             **{k: v for k, v in kw.items() if k != "log_ratio_clamp"})
+        (s_grad,) = torch.autograd.grad(s_loss, xs) if s_loss.requires_grad else (torch.zeros_like(xs),)
+        close(loss, t_loss, computed_in=acc, what="loss", elementwise=False, same_dtype=s_loss)
+        check_grad(grad, t_grad, dtype, "grad logprobs", same_dtype=s_grad)
+        check_stats(stats, t_stats, dtype, same_dtype=s_stats)
 
     check()
 
@@ -187,10 +189,15 @@ def test_value_loss_property(backend_device):
         xt = values.double().requires_grad_()
         t_loss, t_stats = reference.value_loss(xt, as64(old), returns.double(), mask, **kw)
         (t_grad,) = torch.autograd.grad(t_loss, xt) if t_loss.requires_grad else (torch.zeros_like(xt),)
-        assert loss.shape == () and loss.dtype == computed_in(dtype)
-        close(loss, t_loss, computed_in=computed_in(dtype), what="loss", elementwise=False)
-        check_grad(grad, t_grad, dtype, "grad values")
-        check_stats(stats, t_stats, dtype)
+        # which of the two clipped terms is larger may be decided by float32 rounding
+        acc = computed_in(dtype)
+        xs = values.to(acc).requires_grad_()
+        s_loss, s_stats = reference.value_loss(xs, None if old is None else old.to(acc), returns.to(acc), mask, **kw)
+        (s_grad,) = torch.autograd.grad(s_loss, xs) if s_loss.requires_grad else (torch.zeros_like(xs),)
+        assert loss.shape == () and loss.dtype == acc
+        close(loss, t_loss, computed_in=acc, what="loss", elementwise=False, same_dtype=s_loss)
+        check_grad(grad, t_grad, dtype, "grad values", same_dtype=s_grad)
+        check_stats(stats, t_stats, dtype, same_dtype=s_stats)
 
     check()
 
@@ -218,20 +225,27 @@ def test_dpo_loss_property(backend_device):
             common = torch.promote_types(common, d)
         acc = computed_in(common)
         assert losses.dtype == acc and losses.shape == (B,)
-        close(losses, t_losses, computed_in=acc, what="losses")
-        close(chosen, t_chosen, computed_in=acc, what="chosen_rewards")
-        close(rejected, t_rejected, computed_in=acc, what="rejected_rewards")
+        # z is a difference of four log-probs: with huge ones float32 cannot hold it exactly
+        s_losses, s_chosen, s_rejected = reference.dpo_loss(*[t.to(acc) for t in inputs], beta=beta, kind=kind,
+                                                            label_smoothing=ls)
+        close(losses, t_losses, computed_in=acc, what="losses", same_dtype=s_losses)
+        close(chosen, t_chosen, computed_in=acc, what="chosen_rewards", same_dtype=s_chosen)
+        close(rejected, t_rejected, computed_in=acc, what="rejected_rewards", same_dtype=s_rejected)
         weights = torch.randn(B, generator=g, dtype=torch.float64)
-        grads = torch.autograd.grad((losses * weights.to(device, acc)).sum(), xs) if B else [torch.zeros(0)] * 4
-        t_grads = torch.autograd.grad((t_losses * weights).sum(), xts) if B else [torch.zeros(0)] * 4
-        for ours, truth, d, name in zip(grads, t_grads, dtypes, ("pc", "pr", "rc", "rr")):
-            if B:
-                # the gradient is computed in `acc` and written in the input's dtype
-                if d in (torch.float32, torch.float64):
-                    close(ours, truth, computed_in=d if acc == torch.float64 else acc, what=f"grad {name}",
-                          elementwise=False)
-                else:
-                    rounded_close(ours, truth, d, what=f"grad {name}")
+        if not B:
+            return
+        grads = torch.autograd.grad((losses * weights.to(device, acc)).sum(), xs)
+        t_grads = torch.autograd.grad((t_losses * weights).sum(), xts)
+        xss = [t.to(acc).requires_grad_() for t in inputs]
+        s_losses = reference.dpo_loss(*xss, beta=beta, kind=kind, label_smoothing=ls)[0]
+        s_grads = torch.autograd.grad((s_losses * weights.to(acc)).sum(), xss)
+        for ours, truth, same, d, name in zip(grads, t_grads, s_grads, dtypes, ("pc", "pr", "rc", "rr")):
+            # the gradient is computed in `acc` and written in the input's dtype
+            if d in (torch.float32, torch.float64):
+                close(ours, truth, computed_in=d if acc == torch.float64 else acc, what=f"grad {name}",
+                      elementwise=False, same_dtype=same)
+            else:
+                rounded_close(ours, truth, d, what=f"grad {name}", same_dtype=same)
 
     check()
 
@@ -546,3 +560,49 @@ def test_linear_ppo_loss_bad_input(backend_device):
         raises_naming(lambda: rlkernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, **kw), names)
 
     check()
+
+
+# ---- regressions found by the properties above --------------------------------------------------
+
+@backends
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)])
+def test_regression_grpo_empty_batch(backend_device, loss_type, shape):
+    """grpo/dr_grpo normalise by B (and T): on an empty batch these became a num_seqs /
+    norm_length of 0 that the validation then rejected, naming arguments the caller never
+    passed.  An empty batch has loss 0 and a zero gradient."""
+    backend, device = backend_device
+    lp = torch.zeros(shape, device=device, requires_grad=True)
+    loss, stats = rlkernels.grpo_loss(lp, None, torch.zeros(shape[0], device=device), loss_type=loss_type,
+                                      backend=backend)
+    assert float(loss) == 0.0 and float(stats["num_tokens"]) == 0.0
+    (grad,) = torch.autograd.grad(loss, lp, allow_unused=True, materialize_grads=True)
+    assert grad.shape == shape and not bool(grad.any())
+
+
+@backends
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+def test_regression_grpo_checks_counts_it_does_not_use(backend_device, loss_type):
+    """num_tokens / num_seqs were dropped unchecked by the loss types that do not use
+    them: an invalid count (0, negative, NaN) is a bug upstream and must say so."""
+    backend, device = backend_device
+    lp = torch.zeros(2, 3, device=device)
+    for name, value in (("num_tokens", 0.0), ("num_seqs", -1.0), ("num_tokens", math.nan)):
+        raises_naming(lambda: rlkernels.grpo_loss(lp, None, torch.zeros(2, device=device), loss_type=loss_type,
+                                                  backend=backend, **{name: value}), name)
+
+
+@backends
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
+def test_regression_linear_ppo_loss_empty_batch_gradient(backend_device, shape):
+    """On an empty batch the (empty) hidden gradient was dropped, so autograd reported
+    hidden as unused."""
+    backend, device = backend_device
+    hidden = torch.randn(*shape, 5, device=device, requires_grad=True)
+    weight = torch.randn(7, 5, device=device, requires_grad=True)
+    labels = torch.zeros(shape, dtype=torch.int64, device=device)
+    loss, _ = rlkernels.linear_ppo_loss(hidden, weight, labels, torch.zeros(shape, device=device),
+                                        torch.zeros(shape, device=device), backend=backend)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, weight))
+    assert grad_hidden.shape == hidden.shape and grad_weight.shape == weight.shape
+    assert float(loss) == 0.0 and not bool(grad_weight.any())

@@ -104,7 +104,8 @@ RLK_INLINE float logprobs_grad(float x, bool is_label, float m, float scale, flo
 // rounding would otherwise remain after subtracting (m_a - m_b) / T.  When a maximum
 // moves, every d_j moves by the same amount, so w takes s_a times that shift (damped
 // by the rescale of s_a when it is the policy's maximum).  A maximum of -inf (nothing
-// finite seen yet) centres on 0.
+// finite seen yet) centres on 0.  A token with a finite logit (p_j > 0, even where it
+// underflows) and a -inf reference logit (q_j = 0) makes w, hence KL, +inf.
 struct KlStats {
   float ma, sa, w;  // policy row: max, sum 2^{y}, centred log-ratio sum
   float mb, sb;     // reference row: max, sum 2^{y}
@@ -115,6 +116,9 @@ RLK_INLINE KlStats kl_stats_empty() { return KlStats{-INFINITY, 0.0f, 0.0f, -INF
 // The value a row is centred on: its maximum, or 0 while that is -inf.
 RLK_INLINE float kl_shift(float m) { return m == -INFINITY ? 0.0f : m; }
 
+// q_j = 0 < p_j: the reference rules out a token the policy can sample.
+RLK_INLINE bool kl_ruled_out(float a, float b) { return b == -INFINITY && a > -INFINITY; }
+
 // Larger of two maxima; NaN if either is (NaN poisons the row).
 RLK_INLINE float kl_max(float x, float y) { return (x != x || y != y) ? x + y : (x > y ? x : y); }
 
@@ -124,7 +128,7 @@ RLK_INLINE void kl_stats_add(KlStats& out, const KlStats& part, float scale, flo
     const float c = exp2_f((part.ma - out.ma) * scale);
     const float shift = ((part.ma - out.ma) - (kl_shift(part.mb) - kl_shift(out.mb))) * inv_t;
     out.sa += c * part.sa;
-    out.w += c * (part.w + part.sa * shift);
+    out.w += part.w == INFINITY ? INFINITY : c * (part.w + part.sa * shift);  // c may underflow to 0
   }
   if (part.sb != 0.0f) out.sb += exp2_f((part.mb - out.mb) * scale) * part.sb;
 }
@@ -147,7 +151,8 @@ RLK_INLINE void kl_stats_push(KlStats& st, float a, float b, float scale, float 
   if (st.ma != -INFINITY) {
     const float ea = exp2_f((a - st.ma) * scale);
     st.sa += ea;
-    if (ea > 0.0f) st.w += ea * (((a - st.ma) - (b - kl_shift(st.mb))) * inv_t);
+    if (kl_ruled_out(a, b)) st.w = INFINITY;
+    else if (ea > 0.0f) st.w += ea * (((a - st.ma) - (b - kl_shift(st.mb))) * inv_t);
   }
   if (st.mb != -INFINITY) st.sb += exp2_f((b - st.mb) * scale);
 }

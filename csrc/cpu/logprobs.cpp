@@ -330,6 +330,7 @@ struct KlRows {
     const T* b_base = static_cast<const T*>(a.ref);
     const int64_t V = a.V;
     const vf<W> vscale = splat<W>(a.scale), vinv_t = splat<W>(a.inv_t), zero = splat<W>(0.0f);
+    const vf<W> vinf = splat<W>(INFINITY), vminus_inf = splat<W>(-INFINITY);
     for (int64_t i = begin; i < end; ++i) {
       float* saved = a.saved + 5 * i;
       if (a.mask != nullptr && !a.mask[i]) {
@@ -358,8 +359,10 @@ struct KlRows {
           const vf<W> eb = simd::exp2<W>((vb - vmb) * vscale);
           sa += ea;
           sb += eb;
-          // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN)
-          w += ea == 0.0f ? zero : ea * (((va - vma) - (vb - vmb)) * vinv_t);
+          // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN); q_j = 0 < p_j
+          // (however small p_j) makes KL inf
+          const vf<W> term = ea == 0.0f ? zero : ea * (((va - vma) - (vb - vmb)) * vinv_t);
+          w += (vb == vminus_inf) & (va > vminus_inf) ? vinf : term;
         }
         st.sa += hsum<W>(sa);
         st.sb += hsum<W>(sb);

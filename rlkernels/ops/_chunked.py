@@ -36,6 +36,13 @@ import torch
 CHUNK_BYTES = 64 << 20
 # Narrowest vocabulary block worth a matmul of its own.
 MIN_VOCAB_BLOCK = 2048
+# Row granularity of the forward lm-head matmuls.  A BLAS picks its code path, and so
+# the summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul
+# (or of a thread's 1-3 row share of a larger one) round differently from the same rows
+# in a larger matmul.  Forward chunks therefore run on a multiple of GEMM_ROWS rows (zero
+# rows appended), which gives each token the same logits, bit for bit, whatever the batch
+# it is in (measured on MKL, 1-16 threads; docs/numerics.md).
+GEMM_ROWS = 16
 
 
 def chunk_rows(n: int, vocab: int, chunk_size: int | None = None, budget: int = CHUNK_BYTES) -> int:
@@ -67,17 +74,39 @@ def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     return torch.addmm(bias, hidden, weight.t(), out=buffer)
 
 
+def padded_rows(n: int) -> int:
+    """n rounded up to a multiple of GEMM_ROWS: the rows a logits buffer for n tokens needs."""
+    return -(-n // GEMM_ROWS) * GEMM_ROWS
+
+
+def row_logits(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden @ weight.T (+ bias) for hidden's n rows, computed by one matmul over
+    padded_rows(n) rows (zero rows appended) into `buffer` (at least that many rows);
+    returns the view of the n real rows.  Each row's logits are then the same bits
+    whatever the number of rows (GEMM_ROWS)."""
+    n = hidden.shape[0]
+    padded = padded_rows(n)
+    if padded != n:
+        staged = hidden.new_zeros((padded, hidden.shape[1]))
+        staged[:n] = hidden
+        hidden = staged
+    _logits_into(buffer[:padded], hidden, weight, bias)
+    return buffer[:n]
+
+
 def chunked_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yields (start, stop, logits) with logits = hidden[start:stop] @ weight.T (+ bias),
-    full rows, a view of one buffer that the next chunk overwrites."""
+    full rows, a view of one buffer that the next chunk overwrites.  A token's logits do
+    not depend on the chunk or batch it is in (row_logits)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     if n == 0:
         return
-    buffer = hidden.new_empty((min(chunk, n), vocab))
+    buffer = hidden.new_empty((padded_rows(min(chunk, n)), vocab))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        yield start, stop, _logits_into(buffer[: stop - start], hidden[start:stop], weight, bias)
+        yield start, stop, row_logits(buffer, hidden[start:stop], weight, bias)
 
 
 def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -257,7 +257,7 @@ def _kl_fwd_kernel(a_ptr, b_ptr, mask_ptr, kl_ptr, saved_ptr, V, inner, outer_st
         new_mb = tl.maximum(mb, tl.max(b, axis=0))
         ca = tl.exp2(tl.where((new_ma == ma) | (ma == -float("inf")), 0.0, (ma - new_ma) * scale))
         shift = ((_kl_shift(ma) - _kl_shift(new_ma)) - (_kl_shift(mb) - _kl_shift(new_mb))) * inv_t
-        w = ca * (w + tl.where(sa == 0.0, 0.0, sa * shift))
+        w = tl.where(w == float("inf"), w, ca * (w + tl.where(sa == 0.0, 0.0, sa * shift)))
         sa = sa * ca
         ma = new_ma
         sb = sb * tl.exp2(tl.where((new_mb == mb) | (mb == -float("inf")), 0.0, (mb - new_mb) * scale))
@@ -269,7 +269,9 @@ def _kl_fwd_kernel(a_ptr, b_ptr, mask_ptr, kl_ptr, saved_ptr, V, inner, outer_st
         sa += tl.sum(ea, axis=0)
         sb += tl.sum(eb, axis=0)
         d = ((a - _kl_shift(ma)) - (b - _kl_shift(mb))) * inv_t
-        w += tl.sum(tl.where(ea == 0.0, 0.0, ea * d), axis=0)
+        # q_j = 0 < p_j (however small p_j, which may underflow): KL is inf
+        ruled_out = (b == -float("inf")) & (a > -float("inf"))
+        w += tl.sum(tl.where(ruled_out, float("inf"), tl.where(ea == 0.0, 0.0, ea * d)), axis=0)
     sa = tl.where(keep, sa, 1.0)
     sb = tl.where(keep, sb, 1.0)
     log_sa = tl.log(sa)
