@@ -128,7 +128,7 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     block_sum = None
     if needs_weight and not whole:
         block_sum = torch.empty((min(block, vocab), weight.shape[1]), dtype=wide, device=weight.device)
-    buffer = hidden.new_empty(min(chunk, n) * min(block, vocab)) if n > 0 else None
+    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if n > 0 else None
     for v0 in range(0, vocab if n > 0 else 0, block):
         v1 = min(v0 + block, vocab)
         weight_block = weight[v0:v1]
@@ -137,8 +137,11 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
             block_sum.zero_()
         for t0 in range(0, n, chunk):
             t1 = min(t0 + chunk, n)
-            tile = _logits_into(buffer[: (t1 - t0) * (v1 - v0)].view(t1 - t0, v1 - v0), hidden[t0:t1],
-                                weight_block, bias_block)
+            # the forward's logits, bit for bit where the tile spans the vocabulary: the
+            # saved row statistics then describe exactly these logits
+            rows = padded_rows(t1 - t0)
+            tile = row_logits(buffer[: rows * (v1 - v0)].view(rows, v1 - v0), hidden[t0:t1], weight_block,
+                              bias_block)
             dlogits = grad_logits(t0, t1, v0, v1, tile)
             if needs_hidden:
                 if narrow:

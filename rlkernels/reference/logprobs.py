@@ -61,7 +61,8 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, p = softmax(logits / T),
     q = softmax(ref_logits / T); 0 where mask is False.  KL is inf wherever the reference
     rules out (logit -inf) a token the policy can sample (finite logit), however small
-    that token's p_j (which may underflow to 0 in floating point)."""
+    that token's p_j (which may underflow to 0 in floating point); NaN where it rules out
+    every token (no distribution)."""
     acc = acc_dtype(logits.dtype)
     if mask is not None:
         keep = mask.bool().unsqueeze(-1)
@@ -70,7 +71,7 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     logq = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
     p = logp.exp()
     kl = (p * (logp - logq).masked_fill(p == 0, 0)).sum(-1)
-    ruled_out = ((logits > -torch.inf) & (ref_logits == -torch.inf)).any(-1)
+    ruled_out = ((logits > -torch.inf) & (ref_logits == -torch.inf)).any(-1) & (ref_logits > -torch.inf).any(-1)
     kl = torch.where(ruled_out, torch.inf, kl)
     return kl if mask is None else torch.where(mask.bool(), kl, 0)
 
