@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, settings, strategies as st
 
 from conftest import BACKEND_DEVICE, LOW_PRECISION_FACTOR, TOLERANCES, backend_id
 
-EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_EXAMPLES", "100"))
+DEFAULT_EXAMPLES = 100
+EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_EXAMPLES", str(DEFAULT_EXAMPLES)))
 TRITON_EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_TRITON_EXAMPLES", str(max(6, EXAMPLES // 5))))
 DERANDOMIZE = os.environ.get("RLK_HYPOTHESIS_RANDOM", "0") != "1"
 
@@ -37,9 +38,10 @@ def interpreted(backend_device) -> bool:
 
 
 def budget(backend_device, examples: int | None = None) -> settings:
-    """Hypothesis settings for one property on one backend (`examples` overrides the
-    compiled-backend budget, e.g. for a property whose cases are expensive)."""
-    n = EXAMPLES if examples is None else examples
+    """Hypothesis settings for one property on one backend.  `examples` sets the
+    compiled-backend budget at the default RLK_HYPOTHESIS_EXAMPLES (for a property whose
+    cases are expensive, or whose space is small) and scales with it."""
+    n = EXAMPLES if examples is None else max(1, round(examples * EXAMPLES / DEFAULT_EXAMPLES))
     if interpreted(backend_device):
         n = min(n, TRITON_EXAMPLES)
     return settings(max_examples=max(1, n), deadline=None, derandomize=DERANDOMIZE, database=None,
