@@ -397,6 +397,10 @@ def test_linear_ppo_loss_property(backend_device):
                     norm_length=kw["norm_length"])
             close(loss, expected, what="loss", elementwise=False)
         assert set(grads) == set(t_grads)
+        # one 16-bit rounding of the logits moves p by a relative u |z| / T: so much the
+        # gradients may move too
+        logits = hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())
+        sensitivity = max(1.0, logits.nan_to_num(0.0).abs().max().item() / kw["temperature"]) if logits.numel() else 1.0
         for i, grad in grads.items():
             what = ("grad hidden", "grad weight", "grad bias")[i]
             assert grad.dtype == dtype, what
@@ -404,7 +408,7 @@ def test_linear_ppo_loss_property(backend_device):
                 close(grad, t_grads[i], what=what, elementwise=False)
             else:
                 scale = t_grads[i].abs().max().item() if t_grads[i].numel() else 0.0
-                low_precision_close(grad, s_grads[i], t_grads[i], dtype, scale, what=what)
+                low_precision_close(grad, s_grads[i], t_grads[i], dtype, scale * sensitivity, what=what)
 
     check()
 

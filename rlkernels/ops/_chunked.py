@@ -36,25 +36,30 @@ import torch
 CHUNK_BYTES = 64 << 20
 # Narrowest vocabulary block worth a matmul of its own.
 MIN_VOCAB_BLOCK = 2048
-# Row granularity of the forward lm-head matmuls.  A BLAS picks its code path, and so
-# the summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul
-# (or of a thread's 1-3 row share of a larger one) round differently from the same rows
-# in a larger matmul.  Forward chunks therefore run on a multiple of GEMM_ROWS rows (zero
-# rows appended), which gives each token the same logits, bit for bit, whatever the batch
-# it is in (measured on MKL, 1-16 threads; docs/numerics.md).
+# Row granularity of the lm-head matmuls.  A BLAS picks its code path, and so the
+# summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul (or of
+# a thread's 1-3 row share of a larger one) round differently from the same rows in a
+# larger matmul.  Every lm-head matmul (forward chunks, backward tiles, linear_ppo_loss)
+# therefore runs on a multiple of GEMM_ROWS rows, which gives each token the same logits,
+# bit for bit, whatever the batch it is in (measured on MKL, 1-16 threads;
+# docs/numerics.md).
 GEMM_ROWS = 16
 
 
 def chunk_rows(n: int, vocab: int, chunk_size: int | None = None, budget: int = CHUNK_BYTES) -> int:
     """Rows per forward chunk: `chunk_size` when given, else as many as fit `budget`
-    bytes of float32 logits, balanced so that the last chunk is not a sliver."""
+    bytes of float32 logits, balanced so that the last chunk is not a sliver, and then
+    rounded down to a multiple of GEMM_ROWS: only the last chunk's matmul needs a padded
+    tail (row_logits)."""
     if n <= 0:
         return 1
-    if chunk_size is None:
+    from_budget = chunk_size is None
+    if from_budget:
         chunk_size = max(1, budget // (4 * max(vocab, 1)))
     chunk_size = max(1, min(int(chunk_size), n))
     count = -(-n // chunk_size)
-    return -(-n // count)
+    rows = -(-n // count)
+    return rows - rows % GEMM_ROWS if from_budget and rows > GEMM_ROWS else rows
 
 
 def backward_tiles(n: int, vocab: int, budget: int = CHUNK_BYTES) -> tuple[int, int]:
@@ -63,8 +68,7 @@ def backward_tiles(n: int, vocab: int, budget: int = CHUNK_BYTES) -> tuple[int, 
     vocabulary) fits, else token chunks of that block."""
     n, vocab = max(n, 1), max(vocab, 1)
     block = min(vocab, max(MIN_VOCAB_BLOCK, budget // (4 * n)))
-    chunk = min(n, max(1, budget // (4 * block)))
-    return chunk_rows(n, block, chunk), block
+    return chunk_rows(n, block, budget=budget), block
 
 
 def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -81,17 +85,19 @@ def padded_rows(n: int) -> int:
 
 def row_logits(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """hidden @ weight.T (+ bias) for hidden's n rows, computed by one matmul over
-    padded_rows(n) rows (zero rows appended) into `buffer` (at least that many rows);
-    returns the view of the n real rows.  Each row's logits are then the same bits
-    whatever the number of rows (GEMM_ROWS)."""
+    """hidden @ weight.T (+ bias) for hidden's n rows into `buffer` (padded_rows(n) rows
+    or more); returns the view of the n rows.  The rows go through matmuls over multiples
+    of GEMM_ROWS rows: the largest such prefix in place, the remaining n % GEMM_ROWS rows
+    copied into GEMM_ROWS zero rows.  Each row's logits are then the same bits whatever
+    the number of rows."""
     n = hidden.shape[0]
-    padded = padded_rows(n)
-    if padded != n:
-        staged = hidden.new_zeros((padded, hidden.shape[1]))
-        staged[:n] = hidden
-        hidden = staged
-    _logits_into(buffer[:padded], hidden, weight, bias)
+    whole = n - n % GEMM_ROWS
+    if whole:
+        _logits_into(buffer[:whole], hidden[:whole], weight, bias)
+    if whole < n:
+        staged = hidden.new_zeros((GEMM_ROWS, hidden.shape[1]))
+        staged[: n - whole] = hidden[whole:]
+        _logits_into(buffer[whole: whole + GEMM_ROWS], staged, weight, bias)
     return buffer[:n]
 
 
