@@ -48,6 +48,12 @@ namespace rlk {
 inline bool row_index_of(const at::Tensor& t, RowIndex* out) {
   const int64_t lead = t.dim() - 1;
   TORCH_CHECK(lead >= 0, "expected a tensor with a last (vocabulary) dimension");
+  for (int64_t d = 0; d < lead; ++d) {
+    if (t.size(d) == 0) {  // no rows: any layout addresses them (and an empty tensor's strides are arbitrary)
+      *out = dense_rows(t.size(-1));
+      return true;
+    }
+  }
   if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
   int64_t sizes[2] = {1, 1}, strides[2] = {0, 0};
   int count = 0;

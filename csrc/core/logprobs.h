@@ -94,64 +94,67 @@ RLK_INLINE float logprobs_grad(float x, bool is_label, float m, float scale, flo
 
 // ---- KL(pi || pi_ref) over the whole vocabulary --------------------------------------------
 // Two rows a (logits) and b (ref_logits).  Besides the softmax statistics of each
-// (s_a, s_b with their maxima), the kernels keep w = sum_j 2^{ya_j} (a_j - b_j) / T, so
-//     KL = w / s_a - (m_a - m_b) / T - ln s_a + ln s_b.
+// (s_a, s_b with their maxima m_a, m_b), the kernels keep the log-ratio sum centred on
+// both maxima,
+//     w = sum_j 2^{ya_j} d_j,   d_j = ((a_j - m_a) - (b_j - m_b)) / T,
+// so that log p_j - log q_j = d_j - ln s_a + ln s_b and
+//     KL = w / s_a - ln s_a + ln s_b.
+// Centring keeps KL exact where it is small: the raw log-ratio (a_j - b_j) / T can be
+// huge (two models' logits differ by an offset, or T is small) while KL is ~0, and its
+// rounding would otherwise remain after subtracting (m_a - m_b) / T.  When a maximum
+// moves, every d_j moves by the same amount, so w takes s_a times that shift (damped
+// by the rescale of s_a when it is the policy's maximum).  A maximum of -inf (nothing
+// finite seen yet) centres on 0.  A token with a finite logit (p_j > 0, even where it
+// underflows) and a -inf reference logit (q_j = 0) makes w, hence KL, +inf.
 struct KlStats {
-  float ma, sa, w;  // policy row: max, sum 2^{y}, weighted log-ratio sum
+  float ma, sa, w;  // policy row: max, sum 2^{y}, centred log-ratio sum
   float mb, sb;     // reference row: max, sum 2^{y}
 };
 
 RLK_INLINE KlStats kl_stats_empty() { return KlStats{-INFINITY, 0.0f, 0.0f, -INFINITY, 0.0f}; }
 
+// The value a row is centred on: its maximum, or 0 while that is -inf.
+RLK_INLINE float kl_shift(float m) { return m == -INFINITY ? 0.0f : m; }
+
+// q_j = 0 < p_j: the reference rules out a token the policy can sample.
+RLK_INLINE bool kl_ruled_out(float a, float b) { return b == -INFINITY && a > -INFINITY; }
+
+// Larger of two maxima; NaN if either is (NaN poisons the row).
+RLK_INLINE float kl_max(float x, float y) { return (x != x || y != y) ? x + y : (x > y ? x : y); }
+
+// Adds one part's statistics (its own maxima) to `out`, whose maxima are final.
+RLK_INLINE void kl_stats_add(KlStats& out, const KlStats& part, float scale, float inv_t) {
+  if (part.sa != 0.0f) {
+    const float c = exp2_f((part.ma - out.ma) * scale);
+    const float shift = ((part.ma - out.ma) - (kl_shift(part.mb) - kl_shift(out.mb))) * inv_t;
+    out.sa += c * part.sa;
+    out.w += part.w == INFINITY ? INFINITY : c * (part.w + part.sa * shift);  // c may underflow to 0
+  }
+  if (part.sb != 0.0f) out.sb += exp2_f((part.mb - out.mb) * scale) * part.sb;
+}
+
+RLK_INLINE KlStats kl_stats_merge(const KlStats& x, const KlStats& y, float scale, float inv_t) {
+  KlStats out{kl_max(x.ma, y.ma), 0.0f, 0.0f, kl_max(x.mb, y.mb), 0.0f};
+  kl_stats_add(out, x, scale, inv_t);
+  kl_stats_add(out, y, scale, inv_t);
+  return out;
+}
+
+// Adds one pair of logits (the scalar path: CUDA threads, tests).
 RLK_INLINE void kl_stats_push(KlStats& st, float a, float b, float scale, float inv_t) {
-  if (a > st.ma) {
-    if (st.ma != -INFINITY) {
-      const float c = exp2_f((st.ma - a) * scale);
-      st.sa *= c;
-      st.w *= c;
-    }
-    st.ma = a;
+  const float ma = kl_max(st.ma, a), mb = kl_max(st.mb, b);
+  if (ma != st.ma || mb != st.mb) {  // re-centre what came before on the new maxima
+    KlStats moved{ma, 0.0f, 0.0f, mb, 0.0f};
+    kl_stats_add(moved, st, scale, inv_t);
+    st = moved;
   }
-  if (b > st.mb) {
-    if (st.mb != -INFINITY) st.sb *= exp2_f((st.mb - b) * scale);
-    st.mb = b;
-  }
-  if (a != a) st.ma = a;
-  if (b != b) st.mb = b;
   if (st.ma != -INFINITY) {
     const float ea = exp2_f((a - st.ma) * scale);
     st.sa += ea;
-    if (ea > 0.0f) st.w += ea * ((a - b) * inv_t);
+    if (kl_ruled_out(a, b)) st.w = INFINITY;
+    else if (ea > 0.0f) st.w += ea * (((a - st.ma) - (b - kl_shift(st.mb))) * inv_t);
   }
   if (st.mb != -INFINITY) st.sb += exp2_f((b - st.mb) * scale);
-}
-
-RLK_INLINE KlStats kl_stats_merge(KlStats x, KlStats y, float scale) {
-  KlStats out;
-  // policy part
-  if (y.ma > x.ma || y.ma != y.ma) {
-    const KlStats tmp = x;
-    x = y;
-    y = tmp;
-  }
-  out.ma = x.ma;
-  out.sa = x.sa;
-  out.w = x.w;
-  if (x.ma == x.ma && y.ma != -INFINITY) {
-    const float c = exp2_f((y.ma - x.ma) * scale);
-    out.sa += c * y.sa;
-    out.w += c * y.w;
-  }
-  // reference part (independent of which side held the larger policy max)
-  float mb = x.mb, sb = x.sb, mb2 = y.mb, sb2 = y.sb;
-  if (mb2 > mb || mb2 != mb2) {
-    float tm = mb, ts = sb;
-    mb = mb2, sb = sb2, mb2 = tm, sb2 = ts;
-  }
-  out.mb = mb;
-  out.sb = sb;
-  if (mb == mb && mb2 != -INFINITY) out.sb += exp2_f((mb2 - mb) * scale) * sb2;
-  return out;
 }
 
 // The row's outputs: KL and what the backward needs, [ma, ln s_a, mb, ln s_b, w / s_a].
@@ -163,14 +166,15 @@ RLK_INLINE float kl_finish(const KlStats& st, float inv_t, float* saved) {
   saved[2] = st.mb;
   saved[3] = log_sb;
   saved[4] = mean_ratio;
-  return mean_ratio - (st.ma - st.mb) * inv_t - log_sa + log_sb;
+  return mean_ratio - log_sa + log_sb;
 }
 
-// dKL/da_j = p_j (log p_j - log q_j - KL) / T = p_j ((a_j - b_j) / T - w / s_a) / T
+// dKL/da_j = p_j (log p_j - log q_j - KL) / T = p_j (d_j - w / s_a) / T
 // dKL/db_j = (q_j - p_j) / T
 RLK_INLINE float kl_grad_logits(float a, float b, const float* saved, float scale, float inv_t, float g) {
   const float p = exp2_f(clamp_floor((a - saved[0]) * scale - saved[1] * kLog2e));
-  return p == 0.0f ? 0.0f : g * p * ((a - b) * inv_t - saved[4]) * inv_t;
+  const float d = ((a - kl_shift(saved[0])) - (b - kl_shift(saved[2]))) * inv_t;
+  return p == 0.0f ? 0.0f : g * p * (d - saved[4]) * inv_t;
 }
 
 RLK_INLINE float kl_grad_ref_logits(float a, float b, const float* saved, float scale, float inv_t, float g) {

@@ -316,6 +316,7 @@ struct KlRows {
     const T* b_base = static_cast<const T*>(a.ref);
     const int64_t V = a.V;
     const vf<W> vscale = splat<W>(a.scale), vinv_t = splat<W>(a.inv_t), zero = splat<W>(0.0f);
+    const vf<W> vinf = splat<W>(INFINITY), vminus_inf = splat<W>(-INFINITY);
     for (int64_t i = begin; i < end; ++i) {
       float* saved = a.saved + 5 * i;
       if (a.mask != nullptr && !a.mask[i]) {
@@ -330,10 +331,11 @@ struct KlRows {
         const int64_t n = std::min(kBlock, V - b0);
         prefetch_ahead(xa + b0, n);
         prefetch_ahead(xb + b0, n);
+        // a block that raises a maximum re-centres the sums so far (core/logprobs.h)
         st = kl_stats_merge(st, KlStats{block_max<W>(xa + b0, n), 0.0f, 0.0f, block_max<W>(xb + b0, n), 0.0f},
-                            a.scale);
-        const vf<W> vma = splat<W>(st.ma == -INFINITY ? 0.0f : st.ma);
-        const vf<W> vmb = splat<W>(st.mb == -INFINITY ? 0.0f : st.mb);
+                            a.scale, a.inv_t);
+        const vf<W> vma = splat<W>(kl_shift(st.ma));
+        const vf<W> vmb = splat<W>(kl_shift(st.mb));
         vf<W> sa = zero, sb = zero, w = zero;
         for (int64_t j = b0; j < b0 + n; j += W) {
           const int64_t left = b0 + n - j;
@@ -343,8 +345,10 @@ struct KlRows {
           const vf<W> eb = simd::exp2<W>((vb - vmb) * vscale);
           sa += ea;
           sb += eb;
-          // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN)
-          w += ea == 0.0f ? zero : ea * ((va - vb) * vinv_t);
+          // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN); q_j = 0 < p_j
+          // (however small p_j) makes KL inf
+          const vf<W> term = ea == 0.0f ? zero : ea * (((va - vma) - (vb - vmb)) * vinv_t);
+          w += (vb == vminus_inf) & (va > vminus_inf) ? vinf : term;
         }
         st.sa += hsum<W>(sa);
         st.sb += hsum<W>(sb);
@@ -391,6 +395,7 @@ struct KlBackwardRows {
       const T* xb = b_base + a.ref_rows.offset(i);
       const vf<W> vma = splat<W>(saved[0]), vla = splat<W>(saved[1] * kLog2e);
       const vf<W> vmb = splat<W>(saved[2]), vlb = splat<W>(saved[3] * kLog2e);
+      const vf<W> va_shift = splat<W>(kl_shift(saved[0])), vb_shift = splat<W>(kl_shift(saved[2]));
       const vf<W> vmean = splat<W>(saved[4]), vg_t = splat<W>(g * a.inv_t);
       for (int64_t j = 0; j < V; j += W) {
         if ((j & (kBlock - 1)) == 0) {
@@ -402,7 +407,7 @@ struct KlBackwardRows {
         const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
         const vf<W> p = simd::exp2<W>((va - vma) * vscale - vla);
         if (ga) {
-          const vf<W> d = p == 0.0f ? zero : vg_t * p * ((va - vb) * vinv_t - vmean);
+          const vf<W> d = p == 0.0f ? zero : vg_t * p * (((va - va_shift) - (vb - vb_shift)) * vinv_t - vmean);
           if (left >= W) store<W>(ga + j, d);
           else store_partial<W>(ga + j, d, left);
         }

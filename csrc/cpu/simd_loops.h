@@ -83,6 +83,8 @@ RLK_FORCE_INLINE void fold_lanes(acc* lanes) {
 // Sum of a[0, n) with kLanes independent partial sums (four 64-byte vectors,
 // so the adds do not wait on each other), folded by a fixed tree: an order
 // the compiler vectorises without reassociating, the same on every ISA clone.
+// Element i always joins lane i % kLanes, the tail included, so zeros appended
+// to a row (padding, masked slots) leave its sum bit for bit unchanged.
 template <typename acc>
 RLK_FORCE_INLINE double lane_sum(const acc* __restrict__ a, int64_t n) {
   constexpr int kLanes = 4 * 64 / int(sizeof(acc));
@@ -90,10 +92,9 @@ RLK_FORCE_INLINE double lane_sum(const acc* __restrict__ a, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
+  for (int l = 0; i + l < n; ++l) lanes[l] += a[i + l];
   fold_lanes<kLanes / 2>(lanes);
-  double total = double(lanes[0]);
-  for (; i < n; ++i) total += double(a[i]);
-  return total;
+  return double(lanes[0]);
 }
 
 // Maximum of a[0, n) >= 0 (NaN wins).  Non-negative floats order like their

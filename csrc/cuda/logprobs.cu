@@ -87,15 +87,15 @@ __device__ __forceinline__ KlStats shfl_kl(const KlStats& st, int offset) {
                  __shfl_xor_sync(kFullMask, st.sb, offset)};
 }
 
-__device__ KlStats block_merge_kl(KlStats st, float scale) {
+__device__ KlStats block_merge_kl(KlStats st, float scale, float inv_t) {
   __shared__ KlStats warp_stats[kWarps];
-  for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale);
+  for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale, inv_t);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_stats[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < kWarps ? warp_stats[lane] : kl_stats_empty();
-    for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale);
+    for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale, inv_t);
   }
   return st;
 }
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* b = ref + ref_rows.offset(row) + begin;
   KlStats st = kl_stats_empty();
   for_each<T, true>(a, b, n, [&](int64_t, float va, float vb) { kl_stats_push(st, va, vb, scale, inv_t); });
-  st = block_merge_kl(st, scale);
+  st = block_merge_kl(st, scale, inv_t);
   if (threadIdx.x != 0) return;
   if (partial != nullptr) {
     float* out = partial + 5 * (row * gridDim.y + blockIdx.y);
@@ -272,7 +272,7 @@ __global__ void kl_finish_kernel(int64_t N, const bool* __restrict__ mask, float
   KlStats st = kl_stats_empty();
   for (int k = 0; k < splits; ++k) {
     const float* p = partial + 5 * (row * splits + k);
-    st = kl_stats_merge(st, KlStats{p[0], p[1], p[2], p[3], p[4]}, scale);
+    st = kl_stats_merge(st, KlStats{p[0], p[1], p[2], p[3], p[4]}, scale, inv_t);
   }
   kl[row] = kl_finish(st, inv_t, saved + 5 * row);
 }

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+
 #include "../args/logprobs.h"
 #include "../core/kl_penalty.h"
 #include "../core/logprobs.h"
@@ -35,6 +37,16 @@ void dispatch_logits(at::ScalarType dtype, const char* op, F&& f) {
 template <class T> const T* ptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
 template <class T> T* mut_ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
+// Blocks per row: split-V (a few long rows spread over several blocks each) depends on
+// the number of rows, so a row's statistics may round differently alone than in a big
+// batch.  RLKERNELS_BATCH_INVARIANT=1 keeps one block per row: bitwise the same result
+// for a row whatever its batch, at the cost of idle SMs when rows are few.
+int row_splits(int64_t N, int64_t V, int sm_count) {
+  const char* flag = std::getenv("RLKERNELS_BATCH_INVARIANT");
+  if (flag != nullptr && flag[0] == '1') return 1;
+  return cuda::logprobs_splits(N, V, sm_count);
+}
+
 int sm_count() {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
@@ -52,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& l
   const at::Tensor x = rows_readable(logits, &rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
   const auto f32 = logits.options().dtype(at::kFloat);
-  const int splits = cuda::logprobs_splits(N, V, sm_count());
+  const int splits = row_splits(N, V, sm_count());
   at::Tensor workspace = at::empty({splits > 1 ? 3 * N * splits : 0}, f32);
   dispatch_logits(x.scalar_type(), "logprobs", [&](auto tag) {
     using T = decltype(tag);
@@ -118,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_cuda(const at::Tensor& logits,
   const at::Tensor a = rows_readable(logits, &rows), b = rows_readable(ref_logits, &ref_rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
   const auto f32 = logits.options().dtype(at::kFloat);
-  const int splits = cuda::logprobs_splits(N, V, sm_count());
+  const int splits = row_splits(N, V, sm_count());
   at::Tensor workspace = at::empty({splits > 1 ? 5 * N * splits : 0}, f32);
   const bool* mask_p = optional_row_mask(mask, logits);
   dispatch_logits(a.scalar_type(), "kl_from_logits", [&](auto tag) {

@@ -36,18 +36,30 @@ import torch
 CHUNK_BYTES = 64 << 20
 # Narrowest vocabulary block worth a matmul of its own.
 MIN_VOCAB_BLOCK = 2048
+# Row granularity of the lm-head matmuls.  A BLAS picks its code path, and so the
+# summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul (or of
+# a thread's 1-3 row share of a larger one) round differently from the same rows in a
+# larger matmul.  Every lm-head matmul (forward chunks, backward tiles, linear_ppo_loss)
+# therefore runs on a multiple of GEMM_ROWS rows, which gives each token the same logits,
+# bit for bit, whatever the batch it is in (measured on MKL, 1-16 threads;
+# docs/numerics.md).
+GEMM_ROWS = 16
 
 
 def chunk_rows(n: int, vocab: int, chunk_size: int | None = None, budget: int = CHUNK_BYTES) -> int:
     """Rows per forward chunk: `chunk_size` when given, else as many as fit `budget`
-    bytes of float32 logits, balanced so that the last chunk is not a sliver."""
+    bytes of float32 logits, balanced so that the last chunk is not a sliver, and then
+    rounded down to a multiple of GEMM_ROWS: only the last chunk's matmul needs a padded
+    tail (row_logits)."""
     if n <= 0:
         return 1
-    if chunk_size is None:
+    from_budget = chunk_size is None
+    if from_budget:
         chunk_size = max(1, budget // (4 * max(vocab, 1)))
     chunk_size = max(1, min(int(chunk_size), n))
     count = -(-n // chunk_size)
-    return -(-n // count)
+    rows = -(-n // count)
+    return rows - rows % GEMM_ROWS if from_budget and rows > GEMM_ROWS else rows
 
 
 def backward_tiles(n: int, vocab: int, budget: int = CHUNK_BYTES) -> tuple[int, int]:
@@ -56,8 +68,7 @@ def backward_tiles(n: int, vocab: int, budget: int = CHUNK_BYTES) -> tuple[int, 
     vocabulary) fits, else token chunks of that block."""
     n, vocab = max(n, 1), max(vocab, 1)
     block = min(vocab, max(MIN_VOCAB_BLOCK, budget // (4 * n)))
-    chunk = min(n, max(1, budget // (4 * block)))
-    return chunk_rows(n, block, chunk), block
+    return chunk_rows(n, block, budget=budget), block
 
 
 def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -67,17 +78,41 @@ def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     return torch.addmm(bias, hidden, weight.t(), out=buffer)
 
 
+def padded_rows(n: int) -> int:
+    """n rounded up to a multiple of GEMM_ROWS: the rows a logits buffer for n tokens needs."""
+    return -(-n // GEMM_ROWS) * GEMM_ROWS
+
+
+def row_logits(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden @ weight.T (+ bias) for hidden's n rows into `buffer` (padded_rows(n) rows
+    or more); returns the view of the n rows.  The rows go through matmuls over multiples
+    of GEMM_ROWS rows: the largest such prefix in place, the remaining n % GEMM_ROWS rows
+    copied into GEMM_ROWS zero rows.  Each row's logits are then the same bits whatever
+    the number of rows."""
+    n = hidden.shape[0]
+    whole = n - n % GEMM_ROWS
+    if whole:
+        _logits_into(buffer[:whole], hidden[:whole], weight, bias)
+    if whole < n:
+        staged = hidden.new_zeros((GEMM_ROWS, hidden.shape[1]))
+        staged[: n - whole] = hidden[whole:]
+        _logits_into(buffer[whole: whole + GEMM_ROWS], staged, weight, bias)
+    return buffer[:n]
+
+
 def chunked_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yields (start, stop, logits) with logits = hidden[start:stop] @ weight.T (+ bias),
-    full rows, a view of one buffer that the next chunk overwrites."""
+    full rows, a view of one buffer that the next chunk overwrites.  A token's logits do
+    not depend on the chunk or batch it is in (row_logits)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     if n == 0:
         return
-    buffer = hidden.new_empty((min(chunk, n), vocab))
+    buffer = hidden.new_empty((padded_rows(min(chunk, n)), vocab))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        yield start, stop, _logits_into(buffer[: stop - start], hidden[start:stop], weight, bias)
+        yield start, stop, row_logits(buffer, hidden[start:stop], weight, bias)
 
 
 def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -99,7 +134,7 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     block_sum = None
     if needs_weight and not whole:
         block_sum = torch.empty((min(block, vocab), weight.shape[1]), dtype=wide, device=weight.device)
-    buffer = hidden.new_empty(min(chunk, n) * min(block, vocab)) if n > 0 else None
+    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if n > 0 else None
     for v0 in range(0, vocab if n > 0 else 0, block):
         v1 = min(v0 + block, vocab)
         weight_block = weight[v0:v1]
@@ -108,8 +143,11 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
             block_sum.zero_()
         for t0 in range(0, n, chunk):
             t1 = min(t0 + chunk, n)
-            tile = _logits_into(buffer[: (t1 - t0) * (v1 - v0)].view(t1 - t0, v1 - v0), hidden[t0:t1],
-                                weight_block, bias_block)
+            # the forward's logits, bit for bit where the tile spans the vocabulary: the
+            # saved row statistics then describe exactly these logits
+            rows = padded_rows(t1 - t0)
+            tile = row_logits(buffer[: rows * (v1 - v0)].view(rows, v1 - v0), hidden[t0:t1], weight_block,
+                              bias_block)
             dlogits = grad_logits(t0, t1, v0, v1, tile)
             if needs_hidden:
                 if narrow:

@@ -220,7 +220,7 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     flat_hidden = hidden.reshape(B * T, H)
     flat_grad_hidden = grad_hidden.reshape(B * T, H) if needs_hidden else None
     token_index = torch.arange(B * T, device=hidden.device).reshape(B, T)
-    buffer = hidden.new_empty((min(chunk, B * T), vocab)) if B * T > 0 else None
+    buffer = hidden.new_empty((_chunked.padded_rows(min(chunk, B * T)), vocab)) if B * T > 0 else None
     loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
     sums = torch.zeros(len(POLICY_STATS) - 1, dtype=torch.float64, device=hidden.device)  # stats x tokens
     ratio_max = torch.zeros((), dtype=torch.float64, device=hidden.device)
@@ -233,12 +233,9 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         entropy = torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device) if with_entropy else None
         n = kept.numel()
         if n > 0:
-            logits = buffer[:n]
             kept_hidden = flat_hidden.index_select(0, kept)
-            if bias is None:
-                torch.mm(kept_hidden, weight.t(), out=logits)
-            else:
-                torch.addmm(bias, kept_hidden, weight.t(), out=logits)
+            # the logits linear_logprobs gives these tokens, bit for bit (on-policy ratio 1)
+            logits = _chunked.row_logits(buffer, kept_hidden, weight, bias)
             kept_labels = labels.reshape(-1).index_select(0, kept)
             lp, ent, saved = row_forward(logits, kept_labels, temperature, ignore_index, with_entropy, True)
             logprobs[piece_valid] = lp.to(acc)
@@ -317,10 +314,9 @@ def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * 18
-    grads = []
-    for saved in ctx.saved_tensors:
-        grads.append(None if saved.numel() == 0 else _scaled(saved, grad_loss))
-    grad_hidden, grad_weight, grad_bias = grads
+    # (an empty batch's hidden gradient is empty but still wanted: ask needs_input_grad)
+    grad_hidden, grad_weight, grad_bias = (_scaled(saved, grad_loss) if ctx.needs_input_grad[i] else None
+                                           for saved, i in zip(ctx.saved_tensors, (0, 1, 3)))
     return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 14
 
 

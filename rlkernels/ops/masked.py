@@ -2,6 +2,8 @@
 trainers aggregate losses and normalise advantages with."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _backend, _validate as V, reference
@@ -35,8 +37,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | No
         dim = dim % x.dim()
         rows_x = x.movedim(dim, -1)
         kept = list(rows_x.shape[:-1])
-        rows_x = rows_x.reshape(-1, x.shape[dim])
-        rows_m = mask.movedim(dim, -1).reshape(-1, x.shape[dim]) if mask is not None else None
+        rows = math.prod(kept)  # explicit: -1 is ambiguous when the reduced dim is empty
+        rows_x = rows_x.reshape(rows, x.shape[dim])
+        rows_m = mask.movedim(dim, -1).reshape(rows, x.shape[dim]) if mask is not None else None
         out_shape = list(x.shape)
         if keepdim:
             out_shape[dim] = 1

@@ -79,6 +79,9 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
             raise TypeError(f"{op}: max_completion_length must be an int, got {type(max_completion_length).__name__}")
         if max_completion_length <= 0:
             raise ValueError(f"{op}: max_completion_length must be > 0, got {max_completion_length}")
+    # checked even where loss_type does not use them (a bad count is a bug upstream)
+    num_tokens = _losses.optional_positive(op, "num_tokens", num_tokens)
+    num_seqs = _losses.optional_positive(op, "num_seqs", num_seqs)
     V.float_tensor(op, "logprobs", logprobs, ndim=2)
     if old_logprobs is None:
         old_logprobs = logprobs.detach()

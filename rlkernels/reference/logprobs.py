@@ -59,7 +59,10 @@ def logprobs_per_row(logits: torch.Tensor, labels: torch.Tensor, *, temperature:
 def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, p = softmax(logits / T),
-    q = softmax(ref_logits / T); 0 where mask is False."""
+    q = softmax(ref_logits / T); 0 where mask is False.  KL is inf wherever the reference
+    rules out (logit -inf) a token the policy can sample (finite logit), however small
+    that token's p_j (which may underflow to 0 in floating point); NaN where it rules out
+    every token (no distribution)."""
     acc = acc_dtype(logits.dtype)
     if mask is not None:
         keep = mask.bool().unsqueeze(-1)
@@ -68,6 +71,8 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     logq = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
     p = logp.exp()
     kl = (p * (logp - logq).masked_fill(p == 0, 0)).sum(-1)
+    ruled_out = ((logits > -torch.inf) & (ref_logits == -torch.inf)).any(-1) & (ref_logits > -torch.inf).any(-1)
+    kl = torch.where(ruled_out, torch.inf, kl)
     return kl if mask is None else torch.where(mask.bool(), kl, 0)
 
 
@@ -105,7 +110,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                     entropy: bool = False):
-    """The unfused lm-head: logits = hidden @ weight.T (+ bias), then logprobs."""
+    """The unfused lm-head: logits = hidden @ weight.T (+ bias), then logprobs.  Ignored
+    tokens' hidden states may hold anything (NaN padding): they are zeroed first, so they
+    reach neither the values nor the weight's gradient."""
+    hidden = torch.where((labels != ignore_index).unsqueeze(-1), hidden, 0)
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias

@@ -140,14 +140,16 @@ def grpo_aggregation(loss_type: str, batch: int, row_length: int, *, max_complet
       bnpo    sum / max(valid tokens, 1)                              -> token-mean
       dr_grpo sum / (B * max_completion_length)                       -> seq-mean-token-sum-norm, n_s = B
       dapo    sum / num_items_in_batch (global tokens per process)    -> token-mean, n_t = num_tokens"""
-    seqs = float(batch) if num_seqs is None else num_seqs
+    # An empty batch (B = 0 or T = 0) keeps the counted normalisers (0, so the loss is 0):
+    # B or T as a normaliser would be an invalid num_seqs / norm_length of 0.
+    seqs = (float(batch) if batch > 0 else None) if num_seqs is None else num_seqs
     if loss_type == "grpo":
         return dict(agg="seq-mean-token-mean", num_seqs=seqs)
     if loss_type == "bnpo":
         return dict(agg="token-mean")
     if loss_type == "dr_grpo":
         length = row_length if max_completion_length is None else max_completion_length
-        return dict(agg="seq-mean-token-sum-norm", num_seqs=seqs, norm_length=float(length))
+        return dict(agg="seq-mean-token-sum-norm", num_seqs=seqs, norm_length=float(length) if length > 0 else None)
     if loss_type == "dapo":
         return dict(agg="token-mean", num_tokens=num_tokens)
     raise ValueError(f"unknown loss_type {loss_type!r}")

@@ -28,6 +28,8 @@ def row_index(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(inner, outer_stride, inner_stride) addressing the rows of a [..., V] tensor
     in place (leading dims merged where strides allow), or None; see csrc/core/rows.h."""
     V = t.shape[-1]
+    if 0 in t.shape[:-1]:  # no rows: any layout addresses them (and an empty tensor's strides are arbitrary)
+        return 1, V, V
     if V > 1 and t.stride(-1) != 1:
         return None
     dims: list[list[int]] = []  # innermost first: [size, stride]
@@ -222,6 +224,12 @@ def _logprobs_backward_triton_fake(grad_logprobs, grad_entropy, logits, labels, 
 # ---- KL(pi || pi_ref) ----------------------------------------------------------------------------
 
 @triton.jit
+def _kl_shift(m):
+    """The value a row is centred on: its maximum, or 0 while that is -inf."""
+    return tl.where(m == -float("inf"), 0.0, m)
+
+
+@triton.jit
 def _kl_fwd_kernel(a_ptr, b_ptr, mask_ptr, kl_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
                    b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
                    BLOCK: tl.constexpr):
@@ -244,27 +252,32 @@ def _kl_fwd_kernel(a_ptr, b_ptr, mask_ptr, kl_ptr, saved_ptr, V, inner, outer_st
         live = cols < V
         a = tl.load(a_base + cols, mask=live, other=-float("inf")).to(tl.float32)
         b = tl.load(b_base + cols, mask=live, other=-float("inf")).to(tl.float32)
+        # w is centred on both maxima (csrc/core/logprobs.h): moving one shifts every term
         new_ma = tl.maximum(ma, tl.max(a, axis=0))
-        ca = tl.exp2(tl.where((new_ma == ma) | (ma == -float("inf")), 0.0, (ma - new_ma) * scale))
-        sa = sa * ca
-        w = w * ca
-        ma = new_ma
         new_mb = tl.maximum(mb, tl.max(b, axis=0))
+        ca = tl.exp2(tl.where((new_ma == ma) | (ma == -float("inf")), 0.0, (ma - new_ma) * scale))
+        shift = ((_kl_shift(ma) - _kl_shift(new_ma)) - (_kl_shift(mb) - _kl_shift(new_mb))) * inv_t
+        w = tl.where(w == float("inf"), w, ca * (w + tl.where(sa == 0.0, 0.0, sa * shift)))
+        sa = sa * ca
+        ma = new_ma
         sb = sb * tl.exp2(tl.where((new_mb == mb) | (mb == -float("inf")), 0.0, (mb - new_mb) * scale))
         mb = new_mb
-        ya = (a - tl.where(ma == -float("inf"), 0.0, ma)) * scale
-        yb = (b - tl.where(mb == -float("inf"), 0.0, mb)) * scale
+        ya = (a - _kl_shift(ma)) * scale
+        yb = (b - _kl_shift(mb)) * scale
         ea = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
         eb = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
         sa += tl.sum(ea, axis=0)
         sb += tl.sum(eb, axis=0)
-        w += tl.sum(tl.where(ea == 0.0, 0.0, ea * ((a - b) * inv_t)), axis=0)
+        d = ((a - _kl_shift(ma)) - (b - _kl_shift(mb))) * inv_t
+        # q_j = 0 < p_j (however small p_j, which may underflow): KL is inf
+        ruled_out = (b == -float("inf")) & (a > -float("inf"))
+        w += tl.sum(tl.where(ruled_out, float("inf"), tl.where(ea == 0.0, 0.0, ea * d)), axis=0)
     sa = tl.where(keep, sa, 1.0)
     sb = tl.where(keep, sb, 1.0)
     log_sa = tl.log(sa)
     log_sb = tl.log(sb)
     mean_ratio = w / sa
-    kl = mean_ratio - tl.where(keep, ma - mb, 0.0) * inv_t - log_sa + log_sb
+    kl = mean_ratio - log_sa + log_sb
     tl.store(kl_ptr + row, tl.where(keep, kl, 0.0))
     tl.store(saved_ptr + 5 * row, tl.where(keep, ma, 0.0))
     tl.store(saved_ptr + 5 * row + 1, tl.where(keep, log_sa, 0.0))
@@ -292,7 +305,8 @@ def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, 
     ya = (a - tl.load(saved_ptr + 5 * row)) * scale - tl.load(saved_ptr + 5 * row + 1) * LOG2E
     p = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
     if LOGITS_GRAD:
-        da = tl.where(p == 0.0, 0.0, g * p * ((a - b) * inv_t - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
+        d = ((a - _kl_shift(tl.load(saved_ptr + 5 * row))) - (b - _kl_shift(tl.load(saved_ptr + 5 * row + 2)))) * inv_t
+        da = tl.where(p == 0.0, 0.0, g * p * (d - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
         da = tl.where(keep, da, 0.0)
         tl.store(ga_ptr + row * V + cols, _to_out(da, ga_ptr), mask=live)
     if REF_GRAD:
