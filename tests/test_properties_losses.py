@@ -125,6 +125,12 @@ def test_ppo_loss_property(backend_device):
                                              **{k: v for k, v in kw.items() if k != "log_ratio_clamp"})
         (s_grad,) = torch.autograd.grad(s_loss, xs) if s_loss.requires_grad else (torch.zeros_like(xs),)
         close(loss, t_loss, computed_in=acc, what="loss", elementwise=False, same_dtype=s_loss)
+        if log_ratio_clamp in (None, math.inf):
+            # The kernel stores each token's gradient before the aggregation's scale
+            # (docs/losses.md): A * ratio overflows float32 once the log ratio nears 88,
+            # even where the scaled gradient would fit (docs/numerics.md).
+            near_overflow = ((lp.double() - old.double()).abs() > 80).to(device)
+            grad, t_grad, s_grad = (torch.where(near_overflow, 0, t) for t in (grad, t_grad, s_grad))
         check_grad(grad, t_grad, dtype, "grad logprobs", same_dtype=s_grad)
         check_stats(stats, t_stats, dtype, same_dtype=s_stats)
 
@@ -371,14 +377,15 @@ def test_linear_ppo_loss_property(backend_device):
         loss, stats, grads = run(hidden, weight, bias, False, chunk_size=chunk, backend=backend)
         t_loss, t_stats, t_grads = run(hidden, weight, bias, True, backend="reference")
         assert loss.dtype == torch.float32 and loss.shape == ()
+        # PyTorch's composed ops in the input's dtype: the logits rounded as ours are
+        s_loss, s_stats, s_grads = run(hidden, weight, bias, False, backend="reference")
         if dtype == torch.float32:
-            close(loss, t_loss, what="loss", elementwise=False)
-            check_stats(stats, t_stats, dtype)
+            close(loss, t_loss, what="loss", elementwise=False, same_dtype=s_loss)
+            check_stats(stats, t_stats, dtype, same_dtype=s_stats)
         else:
             # The logits are rounded to 16 bits (how well: test_linear_logprobs_property).
             # Given the log-probs linear_logprobs computes, the rest is float32 arithmetic:
             # the float64 ppo_loss of those log-probs is the truth.
-            s_loss, s_stats, s_grads = run(hidden, weight, bias, False, backend="reference")
             with_entropy = kw["entropy_coef"] != 0.0
             ours = rlkernels.linear_logprobs(hidden.to(device), weight.to(device), labels.to(device),
                                              bias=None if bias is None else bias.to(device), entropy=with_entropy,
@@ -405,7 +412,7 @@ def test_linear_ppo_loss_property(backend_device):
             what = ("grad hidden", "grad weight", "grad bias")[i]
             assert grad.dtype == dtype, what
             if dtype == torch.float32:
-                close(grad, t_grads[i], what=what, elementwise=False)
+                close(grad, t_grads[i], what=what, elementwise=False, same_dtype=s_grads[i])
             else:
                 scale = t_grads[i].abs().max().item() if t_grads[i].numel() else 0.0
                 low_precision_close(grad, s_grads[i], t_grads[i], dtype, scale * sensitivity, what=what)
