@@ -158,7 +158,7 @@ RLK_INLINE void kl_stats_push(KlStats& st, float a, float b, float scale, float 
 }
 
 // The row's outputs: KL and what the backward needs, [ma, ln s_a, mb, ln s_b, w / s_a].
-RLK_INLINE float kl_finish(const KlStats& st, float inv_t, float* saved) {
+RLK_INLINE float kl_finish(const KlStats& st, float* saved) {
   const float log_sa = log_f(st.sa), log_sb = log_f(st.sb);
   const float mean_ratio = st.w / st.sa;
   saved[0] = st.ma;

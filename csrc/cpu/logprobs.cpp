@@ -354,7 +354,7 @@ struct KlRows {
         st.sb += hsum<W>(sb);
         st.w += hsum<W>(w);
       }
-      a.kl[i] = kl_finish(st, a.inv_t, saved);
+      a.kl[i] = kl_finish(st, saved);
     }
   }
 };

@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads)
     out[4] = st.sb;
     return;
   }
-  kl[row] = kl_finish(st, inv_t, saved + 5 * row);
+  kl[row] = kl_finish(st, saved + 5 * row);
 }
 
 __global__ void kl_finish_kernel(int64_t N, const bool* __restrict__ mask, float scale, float inv_t,
@@ -274,7 +274,7 @@ __global__ void kl_finish_kernel(int64_t N, const bool* __restrict__ mask, float
     const float* p = partial + 5 * (row * splits + k);
     st = kl_stats_merge(st, KlStats{p[0], p[1], p[2], p[3], p[4]}, scale, inv_t);
   }
-  kl[row] = kl_finish(st, inv_t, saved + 5 * row);
+  kl[row] = kl_finish(st, saved + 5 * row);
 }
 
 template <typename T>
