@@ -183,4 +183,19 @@ inline TokenLossOutputs token_loss_outputs(const at::Tensor& like, int64_t num_s
   return out;
 }
 
+// Checks the arguments of scale_rows (the losses' backward: out[b, t] = grad[b, t] *
+// row_scale[b] * grad_loss) and returns its [B, T] output in `dtype`.
+inline at::Tensor scale_rows_output(const at::Tensor& grad, const at::Tensor& row_scale, const at::Tensor& grad_loss,
+                                    at::ScalarType dtype) {
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "grad must be a contiguous [B, T] tensor");
+  const int64_t B = grad.size(0), T = grad.size(1);
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == B && row_scale.is_contiguous() &&
+                  row_scale.scalar_type() == grad.scalar_type(), "row_scale must be a contiguous [B] tensor like grad");
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value");
+  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
+  check_same_device(grad, row_scale, "row_scale");
+  check_same_device(grad, grad_loss, "grad_loss");
+  return at::empty({B, T}, grad.options().dtype(dtype));
+}
+
 }  // namespace rlk

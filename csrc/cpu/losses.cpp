@@ -286,13 +286,8 @@ RLK_CPU_CLONES void scale_row(const acc* __restrict__ grad, acc scale, int64_t n
 
 at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& row_scale, const at::Tensor& grad_loss,
                           at::ScalarType dtype) {
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "grad must be a contiguous [B, T] tensor");
+  at::Tensor out = scale_rows_output(grad, row_scale, grad_loss, dtype);
   const int64_t B = grad.size(0), T = grad.size(1);
-  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == B && row_scale.is_contiguous() &&
-                  row_scale.scalar_type() == grad.scalar_type(), "row_scale must be a contiguous [B] tensor like grad");
-  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value");
-  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
-  auto out = at::empty({B, T}, grad.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_rows_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const acc g = grad_loss.to(grad.scalar_type()).item<acc>();

@@ -83,18 +83,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cuda(
 
 at::Tensor scale_rows_cuda(const at::Tensor& grad, const at::Tensor& row_scale, const at::Tensor& grad_loss,
                            at::ScalarType dtype) {
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "grad must be a contiguous [B, T] tensor");
-  const int64_t B = grad.size(0), T = grad.size(1);
-  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == B && row_scale.is_contiguous() &&
-                  row_scale.scalar_type() == grad.scalar_type(), "row_scale must be a contiguous [B] tensor like grad");
-  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must hold one value");
-  TORCH_CHECK(grad.scalar_type() == out_dtype_for(dtype), "grad must be ", out_dtype_for(dtype));
-  check_same_device(grad, row_scale, "row_scale");
-  check_same_device(grad, grad_loss, "grad_loss");
   c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = scale_rows_output(grad, row_scale, grad_loss, dtype);
+  const int64_t B = grad.size(0), T = grad.size(1);
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor g = grad_loss.to(grad.scalar_type()).reshape({1}).contiguous();
-  auto out = at::empty({B, T}, grad.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_rows_cuda", [&] {
     using acc = acc_t<scalar_t>;
     using out_t = typename cuda::device_type<scalar_t>::type;
