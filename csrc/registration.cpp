@@ -49,6 +49,11 @@ TORCH_LIBRARY(rlkernels, m) {
         "Tensor saved, Tensor entropy, float temperature, int ignore_index, int vocab_start=0) -> Tensor");
   m.def("logprobs_backward_inplace(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, "
         "Tensor saved, Tensor entropy, float temperature, int ignore_index, int vocab_start=0) -> ()");
+  // One vocabulary tile [vocab_start, vocab_start + V') of rows whose logits arrive in
+  // tiles (linear_logprobs): `state` (float32, 4 per row) carries the running
+  // statistics and holds (logprob, entropy, max, log-sum-exp) after the tile with finish.
+  m.def("logprobs_vocab_tile(Tensor logits, Tensor labels, Tensor(a!) state, float temperature, int ignore_index, "
+        "int vocab_start, bool with_entropy, bool finish) -> ()");
   m.def("kl_from_logits(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "
         "-> (Tensor kl, Tensor saved)");
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "

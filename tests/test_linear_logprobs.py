@@ -112,12 +112,13 @@ def test_chunk_rows_and_tiles():
     assert _chunked.chunk_rows(100, 10, 1000) == 100
     assert _chunked.chunk_rows(5, 10, 1) == 1
     assert _chunked.chunk_rows(10_000, 50_000) * 50_000 * 4 <= _chunked.CHUNK_BYTES
-    # all tokens in one tile when a vocabulary block of MIN_VOCAB_BLOCK fits the budget
-    tokens, block = _chunked.backward_tiles(2048, 50257)
-    assert tokens == 2048 and tokens * block * 4 <= _chunked.CHUNK_BYTES and block >= _chunked.MIN_VOCAB_BLOCK
-    tokens, block = _chunked.backward_tiles(100_000, 50257)
-    assert block == _chunked.MIN_VOCAB_BLOCK and tokens * block * 4 <= _chunked.CHUNK_BYTES
-    assert _chunked.backward_tiles(10, 300) == (10, 300)
+    # vocabulary blocks of VOCAB_BLOCK whatever the batch; all tokens in one tile when they fit
+    tokens, block = _chunked.lm_head_tiles(2048, 50257)
+    assert (tokens, block) == (2048, _chunked.VOCAB_BLOCK) and tokens * block * 4 <= _chunked.CHUNK_BYTES
+    tokens, block = _chunked.lm_head_tiles(100_000, 50257)
+    assert block == _chunked.VOCAB_BLOCK and tokens * block * 4 <= _chunked.CHUNK_BYTES and tokens % 16 == 0
+    assert _chunked.lm_head_tiles(10, 300) == (10, 300)
+    assert _chunked.VOCAB_BLOCK % 2048 == 0  # tiles continue the CPU kernel's whole-row blocks
 
 
 @pytest.mark.parametrize("tiles", [(23, 50), (6, 50), (23, 7), (6, 7), (1, 1)])
@@ -159,7 +160,7 @@ def test_shared_chunking_helpers_compose(tiles, dtype):
 def test_opcheck_and_compile():
     hidden, weight, bias, labels = problem(N=11, V=29)
     args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels, bias.clone().requires_grad_(),
-            0.9, -100, True, 4, 3, 10, 1 << 20, "cpu")
+            0.9, -100, True, 3, 10, 1 << 20, "cpu")
     torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
     if TRITON_ON_CPU:
         torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args[:-1] + ("triton",))
@@ -203,3 +204,98 @@ def test_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         rlkernels.linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+# ---- logprobs_vocab_tile: the per-tile kernel behind linear_logprobs' forward -----------------------
+
+def _tile_op(backend):
+    return torch.ops.rlkernels.logprobs_vocab_tile_triton if backend == "triton" else torch.ops.rlkernels.logprobs_vocab_tile
+
+
+def _run_tiles(op, logits, labels, width, temperature=1.0, entropy=True, ignore_index=-100):
+    """Streams logits through the tile op in column blocks of `width`; returns the state."""
+    N, V = logits.shape
+    state = torch.full((N, 4), float("nan"), device=logits.device)  # never read before the first tile writes it
+    for v0 in range(0, V, width):
+        v1 = min(v0 + width, V)
+        op(logits[:, v0:v1], labels, state, temperature, ignore_index, v0, entropy, v1 == V)
+    return state
+
+
+def _adversarial_logits(N, V, dtype, device):
+    x = torch.randn(N, V, device=device) * 4
+    x[1] *= 2500                      # huge logits (+-1e4)
+    x[2] = -float("inf")              # -inf everywhere but the label
+    x[3, : V // 2] = -float("inf")    # a -inf prefix: the first tiles see nothing finite
+    x[4] = x[4] - 1e4                 # a large common offset
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[2] = V - 1
+    x[2, V - 1] = 3.0
+    labels[3] = V - 2
+    labels[5] = -100                  # ignored
+    return x.to(dtype), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V,width", [(101, 7), (101, 101), (300, 64), (5000, 2048), (6000, 4096)])
+def test_vocab_tiles_match_whole_row(backend_device, dtype, V, width):
+    """Tiles merged in order give the whole-row log-probs, entropy and row statistics:
+    against the float64 reference always, and bit for bit with the CPU whole-row kernel
+    when tiles are whole multiples of its 2048-wide blocks (linear_logprobs' tiles)."""
+    backend, device = backend_device
+    logits, labels = _adversarial_logits(9, V, dtype, device)
+    state = _run_tiles(_tile_op(backend), logits, labels, width, temperature=0.7)
+    lp_true, ent_true = reference.logprobs(logits.double(), labels, temperature=0.7, entropy=True)
+    assert_close(state[:, 0], lp_true, dtype=torch.float32, msg="logprobs")
+    assert_close(state[:, 1], ent_true, dtype=torch.float32, msg="entropy")
+    whole = torch.ops.rlkernels.logprobs_triton if backend == "triton" else torch.ops.rlkernels.logprobs
+    lp, ent, saved = whole(logits, labels, 0.7, -100, True, False)
+    assert torch.equal(state[5], torch.zeros(4, device=device))  # ignored row
+    if backend == "cpu" and (width % 2048 == 0 or width >= V):
+        assert torch.equal(state[:, 0], lp) and torch.equal(state[:, 1], ent) and torch.equal(state[:, 2:], saved)
+    else:
+        assert torch.equal(state[:, 2], saved[:, 0])  # the maximum is exact whatever the tiling
+        assert_close(state[:, 3], saved[:, 1], dtype=torch.float32, msg="log-sum-exp")
+
+
+def test_vocab_tiles_without_entropy(backend_device):
+    backend, device = backend_device
+    logits, labels = _adversarial_logits(7, 333, torch.float32, device)
+    state = _run_tiles(_tile_op(backend), logits, labels, 100, entropy=False)
+    assert_close(state[:, 0], reference.logprobs(logits.double(), labels), dtype=torch.float32)
+    assert torch.equal(state[:, 1], torch.zeros(7, device=device))
+
+
+def test_vocab_tile_opcheck_and_bad_input():
+    logits, labels = _adversarial_logits(6, 50, torch.float32, "cpu")
+    logits = logits.nan_to_num(neginf=-30.0)
+    state = torch.zeros(6, 4)
+    ops = [torch.ops.rlkernels.logprobs_vocab_tile] + ([torch.ops.rlkernels.logprobs_vocab_tile_triton]
+                                                      if TRITON_ON_CPU else [])
+    for op in ops:
+        torch.library.opcheck(op.default, (logits[:, :20], labels, state.clone(), 0.9, -100, 0, True, False))
+        first = state.clone()
+        op(logits[:, :20], labels, first, 0.9, -100, 0, True, False)
+        torch.library.opcheck(op.default, (logits[:, 20:], labels, first, 0.9, -100, 20, True, True))
+        with pytest.raises((RuntimeError, ValueError), match="state"):
+            op(logits, labels, torch.zeros(6, 3), 1.0, -100, 0, True, True)
+        with pytest.raises((RuntimeError, ValueError), match="vocab_start"):
+            op(logits, labels, state, 1.0, -100, -1, True, True)
+        with pytest.raises((RuntimeError, ValueError), match="labels"):
+            op(logits, labels[:5], state, 1.0, -100, 0, True, True)
+
+
+def test_linear_logprobs_forward_equals_its_tiles():
+    """linear_logprobs' CPU forward is the whole-row kernel on the very logits its tiles
+    hold: bit for bit (the tiles are kBlock multiples)."""
+    N, H, V = 40, 16, 5000
+    hidden, weight, bias, labels = problem(N=N, H=H, V=V)
+    lp, ent = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, entropy=True)
+    logits = torch.empty(_chunked.padded_rows(N), V)
+    for v0 in range(0, V, _chunked.VOCAB_BLOCK):  # the forward's tiles (all tokens fit one chunk)
+        v1 = min(v0 + _chunked.VOCAB_BLOCK, V)
+        block = torch.empty(_chunked.padded_rows(N), v1 - v0)
+        logits[:, v0:v1] = 0
+        logits[:N, v0:v1] = _chunked.row_logits(block, hidden, weight[v0:v1], bias[v0:v1])
+    whole_lp, whole_ent, _ = torch.ops.rlkernels.logprobs(logits[:N], labels, 1.0, -100, True, False)
+    assert torch.equal(lp, whole_lp) and torch.equal(ent, whole_ent)

@@ -59,6 +59,16 @@ inline void check_logprobs_backward(const at::Tensor& grad_logprobs, const c10::
   }
 }
 
+// logprobs_vocab_tile: a tile of columns [vocab_start, vocab_start + V') of the
+// rows, and their running state (4 floats a row, core/logprobs.h).
+inline void check_vocab_tile(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
+                             double temperature, int64_t vocab_start) {
+  check_labels_shape(logits, labels, "logprobs_vocab_tile");
+  TORCH_CHECK(temperature > 0, "logprobs_vocab_tile: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(vocab_start >= 0, "logprobs_vocab_tile: vocab_start must be >= 0, got ", vocab_start);
+  check_row_floats(state, logits, "state", 4);
+}
+
 // The logits' gradient, written by into(grad) (a backend's kernel, which needs
 // a row layout it can address) into a fresh tensor of the logits' shape...
 template <class Into>

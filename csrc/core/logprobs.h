@@ -81,6 +81,39 @@ RLK_INLINE float logprob_of(float x_label, float m, float log_s, float inv_t) {
   return (x_label - m) * inv_t - log_s;
 }
 
+// ---- a row streamed in vocabulary tiles (linear_logprobs) ---------------------------------------
+// The lm-head's logits of a token arrive as tiles of columns [v0, v0 + n).  A float32
+// state of 4 values per row carries (m, s, t, label logit) from tile to tile, the
+// first tile (v0 = 0) starting from nothing, and holds (log p(label), H, m, ln s)
+// after the last one.  A kernel that adds each tile's elements in the order its
+// whole-row pass would (tiles of whole kernel blocks) gives that pass's bits.
+RLK_INLINE SoftmaxStats tile_stats_in(const float* state, int64_t vocab_start) {
+  return vocab_start == 0 ? stats_empty() : SoftmaxStats{state[0], state[1], state[2]};
+}
+
+RLK_INLINE float tile_label_in(const float* state, int64_t vocab_start) { return vocab_start == 0 ? 0.0f : state[3]; }
+
+template <bool kEntropy>
+RLK_INLINE void tile_stats_out(float* state, const SoftmaxStats& st, float x_label, bool finish, float inv_t) {
+  if (!finish) {
+    state[0] = st.m;
+    state[1] = st.s;
+    state[2] = kEntropy ? st.t : 0.0f;
+    state[3] = x_label;
+    return;
+  }
+  const float log_s = log_f(st.s);
+  state[0] = logprob_of(x_label, st.m, log_s, inv_t);
+  state[1] = kEntropy ? entropy_of(st) : 0.0f;
+  state[2] = st.m;
+  state[3] = log_s;
+}
+
+// A row whose label is ignore_index: 0 everywhere, as the whole-row forward writes.
+RLK_INLINE void tile_stats_ignored(float* state) {
+  for (int k = 0; k < 4; ++k) state[k] = 0.0f;
+}
+
 // The gradient of one logit.  g: upstream gradient of log p_label, gh: of H.
 //   dlogits_j = (g * (onehot_j - p_j) - gh * p_j * (log p_j + H)) / T
 // With y = log2 p_j clamped at kExp2Floor, p_j = 0 contributes exactly 0.

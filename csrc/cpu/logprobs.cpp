@@ -71,8 +71,7 @@ RLK_ALWAYS_INLINE float block_max(const T* xb, int64_t n) {
 }
 
 template <int W, class T, bool kEntropy>
-RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale) {
-  SoftmaxStats st = stats_empty();
+RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale, SoftmaxStats st = stats_empty()) {
   const vf<W> vscale = splat<W>(scale);
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = std::min(kBlock, V - b0);
@@ -192,6 +191,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& lo
     });
   });
   return {logprobs, entropy, saved};
+}
+
+// ---- one vocabulary tile of rows (linear_logprobs) ---------------------------------------------
+
+struct TileArgs {
+  const void* logits;
+  RowIndex rows;
+  int64_t V;
+  const int64_t* labels;
+  int64_t ignore_index, vocab_start;
+  float scale, inv_t;
+  float* state;
+  bool finish;
+};
+
+template <class T, bool kEntropy>
+struct TileRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const TileArgs& a, int64_t begin, int64_t end) {
+    const T* base = static_cast<const T*>(a.logits);
+    for (int64_t i = begin; i < end; ++i) {
+      float* state = a.state + 4 * i;
+      const int64_t label = a.labels[i];
+      if (label == a.ignore_index) {
+        tile_stats_ignored(state);
+        continue;
+      }
+      const T* x = base + a.rows.offset(i);
+      // kBlock-aligned tiles continue the whole-row pass exactly (row_stats' blocks)
+      const SoftmaxStats st = row_stats<W, T, kEntropy>(x, a.V, a.scale, tile_stats_in(state, a.vocab_start));
+      const int64_t local = label - a.vocab_start;
+      const float x_label = local >= 0 && local < a.V ? to_float(x[local]) : tile_label_in(state, a.vocab_start);
+      tile_stats_out<kEntropy>(state, st, x_label, a.finish, a.inv_t);
+    }
+  }
+};
+
+void logprobs_vocab_tile_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
+                             double temperature, int64_t ignore_index, int64_t vocab_start, bool with_entropy,
+                             bool finish) {
+  check_vocab_tile(logits, labels, state, temperature, vocab_start);
+  RowIndex rows;
+  const at::Tensor x = rows_readable(logits, &rows);
+  const int64_t N = leading_numel(logits), V = logits.size(-1);
+  TileArgs args{x.data_ptr(), rows, V, labels.data_ptr<int64_t>(), ignore_index, vocab_start,
+                float(kLog2e / temperature), float(1.0 / temperature), state.data_ptr<float>(), finish};
+  dispatch_logits(x.scalar_type(), "logprobs_vocab_tile", [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      if (with_entropy) simd::run_simd<TileRows<T, true>>(args, begin, end);
+      else simd::run_simd<TileRows<T, false>>(args, begin, end);
+    });
+  });
 }
 
 // ---- logprobs backward ----------------------------------------------------------------------
@@ -478,6 +530,7 @@ TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
   m.impl("logprobs", &rlk::logprobs_cpu);
   m.impl("logprobs_backward", &rlk::logprobs_backward_cpu);
   m.impl("logprobs_backward_inplace", &rlk::logprobs_backward_inplace_cpu);
+  m.impl("logprobs_vocab_tile", &rlk::logprobs_vocab_tile_cpu);
   m.impl("kl_from_logits", &rlk::kl_from_logits_cpu);
   m.impl("kl_from_logits_backward", &rlk::kl_from_logits_backward_cpu);
 }

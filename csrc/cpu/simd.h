@@ -194,8 +194,10 @@ template <int W> RLK_ALWAYS_INLINE vf<W> exp2(vf<W> y, vf<W>& clamped) {
   p = p * r + 2.4022242e-1f;
   p = p * r + 6.9314700e-1f;
   p = p * r + 1.0f;  // exactly 1 at r = 0: a one-hot row gets log p = 0 exactly
-  const vu<W> k = bit_cast<vu<W>>(t) - bit_cast<uint32_t>(shifter);
-  const f out = bit_cast<f>(bit_cast<vu<W>>(p) + (k << 23));
+  // t's bits are shifter's plus k, and shifter's low 9 bits are 0, so t's bits
+  // shifted into the exponent field are k << 23 (mod 2^32) without subtracting
+  // shifter first.
+  const f out = bit_cast<f>(bit_cast<vu<W>>(p) + (bit_cast<vu<W>>(t) << 23));
   return tiny ? splat<W>(0.0f) : out;
 }
 

@@ -171,6 +171,31 @@ __global__ void logprobs_finish_kernel(const T* __restrict__ logits, RowIndex ro
   finish_logprobs_row<T, kEntropy>(logits + rows.offset(row), V, label, st, inv_t, row, logprobs, entropy, saved);
 }
 
+// One vocabulary tile of each row (linear_logprobs): a block per row merges the
+// tile's statistics into the row's running state (core/logprobs.h).
+template <typename T, bool kEntropy>
+__global__ void __launch_bounds__(kThreads)
+    logprobs_vocab_tile_kernel(const T* __restrict__ logits, RowIndex rows, int64_t V,
+                               const int64_t* __restrict__ labels, int64_t ignore_index, int64_t vocab_start,
+                               float scale, float inv_t, float* __restrict__ state, bool finish) {
+  const int64_t row = blockIdx.x;
+  float* out = state + 4 * row;
+  const int64_t label = labels[row];
+  if (label == ignore_index) {  // the whole block leaves together
+    if (threadIdx.x == 0) tile_stats_ignored(out);
+    return;
+  }
+  const T* x = logits + rows.offset(row);
+  SoftmaxStats st = stats_empty();
+  for_each<T, false>(x, x, V, [&](int64_t, float v, float) { stats_push<kEntropy>(st, v, scale); });
+  st = block_merge<kEntropy>(st, scale);
+  if (threadIdx.x != 0) return;
+  st = stats_merge<kEntropy>(tile_stats_in(out, vocab_start), st, scale);
+  const int64_t local = label - vocab_start;  // may lie outside this tile
+  const float x_label = local >= 0 && local < V ? cast<float>(x[local]) : tile_label_in(out, vocab_start);
+  tile_stats_out<kEntropy>(out, st, x_label, finish, inv_t);
+}
+
 template <typename T, bool kEntropyGrad>
 __global__ void __launch_bounds__(kThreads)
     logprobs_backward_kernel(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t V,
@@ -353,6 +378,22 @@ cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, i
 }
 
 template <typename T>
+cudaError_t launch_logprobs_vocab_tile(const T* logits, RowIndex rows, int64_t N, int64_t V, const int64_t* labels,
+                                       int64_t ignore_index, int64_t vocab_start, double temperature,
+                                       bool with_entropy, float* state, bool finish, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
+  const dim3 grid(static_cast<unsigned int>(N));
+  if (with_entropy)
+    logprobs_vocab_tile_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, rows, V, labels, ignore_index,
+                                                                       vocab_start, scale, inv_t, state, finish);
+  else
+    logprobs_vocab_tile_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, rows, V, labels, ignore_index,
+                                                                        vocab_start, scale, inv_t, state, finish);
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t N,
                                      int64_t V, const int64_t* labels, int64_t ignore_index, int64_t vocab_start,
                                      const float* grad_logprobs, const float* grad_entropy, const float* entropy,
@@ -405,6 +446,8 @@ cudaError_t launch_kl_backward(const T* logits, RowIndex rows, const T* ref, Row
   template cudaError_t launch_logprobs_forward<T>(const T*, RowIndex, int64_t, int64_t, const int64_t*, int64_t, \
                                                   double, bool, float*, float*, float*, float*, int,             \
                                                   cudaStream_t);                                                 \
+  template cudaError_t launch_logprobs_vocab_tile<T>(const T*, RowIndex, int64_t, int64_t, const int64_t*, int64_t,  \
+                                                     int64_t, double, bool, float*, bool, cudaStream_t);           \
   template cudaError_t launch_logprobs_backward<T>(const T*, RowIndex, T*, RowIndex, int64_t, int64_t,           \
                                                    const int64_t*, int64_t, int64_t, const float*, const float*, \
                                                    const float*, const float*, double, cudaStream_t);            \

@@ -76,6 +76,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& l
   return {logprobs, entropy, saved};
 }
 
+void logprobs_vocab_tile_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
+                              double temperature, int64_t ignore_index, int64_t vocab_start, bool with_entropy,
+                              bool finish) {
+  check_vocab_tile(logits, labels, state, temperature, vocab_start);
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  RowIndex rows;
+  const at::Tensor x = rows_readable(logits, &rows);
+  const int64_t N = leading_numel(logits), V = logits.size(-1);
+  dispatch_logits(x.scalar_type(), "logprobs_vocab_tile", [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(cuda::launch_logprobs_vocab_tile<T>(ptr<T>(x), rows, N, V, labels.data_ptr<int64_t>(),
+                                                       ignore_index, vocab_start, temperature, with_entropy,
+                                                       state.data_ptr<float>(), finish, stream));
+  });
+}
+
 void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index,
@@ -188,6 +205,7 @@ TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) {
   m.impl("logprobs", &rlk::logprobs_cuda);
   m.impl("logprobs_backward", &rlk::logprobs_backward_cuda);
   m.impl("logprobs_backward_inplace", &rlk::logprobs_backward_inplace_cuda);
+  m.impl("logprobs_vocab_tile", &rlk::logprobs_vocab_tile_cuda);
   m.impl("kl_from_logits", &rlk::kl_from_logits_cuda);
   m.impl("kl_from_logits_backward", &rlk::kl_from_logits_backward_cuda);
   m.impl("kl_penalty", &rlk::kl_penalty_cuda);

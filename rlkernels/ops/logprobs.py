@@ -99,5 +99,7 @@ def register_autograd(forward: str, backward, backward_inplace) -> None:
 torch.library.register_fake("rlkernels::logprobs")(_fake_forward)
 torch.library.register_fake("rlkernels::logprobs_backward")(_fake_backward)
 torch.library.register_fake("rlkernels::logprobs_backward_inplace")(_fake_backward_inplace)
+torch.library.register_fake("rlkernels::logprobs_vocab_tile")(
+    lambda logits, labels, state, temperature, ignore_index, vocab_start, with_entropy, finish: None)
 register_autograd("rlkernels::logprobs", torch.ops.rlkernels.logprobs_backward,
                   torch.ops.rlkernels.logprobs_backward_inplace)

@@ -221,6 +221,88 @@ def _logprobs_backward_triton_fake(grad_logprobs, grad_entropy, logits, labels, 
     return logits.new_empty(logits.shape)
 
 
+# ---- one vocabulary tile of rows (linear_logprobs) ------------------------------------------------
+
+@triton.jit
+def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
+                       scale, inv_t, ENTROPY: tl.constexpr, FINISH: tl.constexpr, BLOCK: tl.constexpr):
+    """Merges the tile's statistics into the row's state (m, s, t, label logit); with
+    FINISH the state becomes (log p, H, m, ln s), as csrc/core/logprobs.h's tile_stats_out."""
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(x_ptr, row, inner, outer_stride, inner_stride)
+    out = state_ptr + 4 * row
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    first = vocab_start == 0  # the first tile starts from nothing (the state may be uninitialised)
+    m = tl.where(first, -float("inf"), tl.load(out))
+    s = tl.where(first, 0.0, tl.load(out + 1))
+    t = tl.where(first, 0.0, tl.load(out + 2))
+    x_label = tl.where(first, 0.0, tl.load(out + 3))
+    n = tl.where(ignored, 0, V)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        new_m = tl.maximum(m, tl.max(x, axis=0))
+        dy = tl.where((new_m == m) | (m == -float("inf")), 0.0, (m - new_m) * scale)
+        c = tl.exp2(dy)
+        if ENTROPY:
+            t = c * (t + dy * s)
+        s = s * c
+        m = new_m
+        shift = tl.where(m == -float("inf"), 0.0, m)
+        y = (x - shift) * scale
+        y = tl.where(y < FLOOR, FLOOR, y)
+        e = tl.exp2(y)
+        s += tl.sum(e, axis=0)
+        if ENTROPY:
+            t += tl.sum(e * y, axis=0)
+    local = label - vocab_start
+    in_tile = (local >= 0) & (local < V) & (~ignored)
+    x_label = tl.where(in_tile, tl.load(base + tl.where(in_tile, local, 0), mask=in_tile, other=0.0).to(tl.float32),
+                       x_label)
+    if FINISH:
+        log_s = tl.log(tl.where(ignored, 1.0, s))
+        lp = (x_label - m) * inv_t - log_s
+        tl.store(out, tl.where(ignored, 0.0, lp))
+        if ENTROPY:
+            tl.store(out + 1, tl.where(ignored, 0.0, log_s - LN2 * t / tl.where(ignored, 1.0, s)))
+        else:
+            tl.store(out + 1, 0.0)
+        tl.store(out + 2, tl.where(ignored, 0.0, m))
+        tl.store(out + 3, tl.where(ignored, 0.0, log_s))
+    else:
+        tl.store(out, tl.where(ignored, 0.0, m))
+        tl.store(out + 1, tl.where(ignored, 0.0, s))
+        tl.store(out + 2, tl.where(ignored, 0.0, t))
+        tl.store(out + 3, tl.where(ignored, 0.0, x_label))
+
+
+@custom_op("rlkernels::logprobs_vocab_tile_triton", mutates_args=("state",))
+def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state: torch.Tensor, temperature: float,
+                               ignore_index: int, vocab_start: int, with_entropy: bool, finish: bool) -> None:
+    _check_dtype("logprobs_vocab_tile", logits)
+    lead = logits.shape[:-1]
+    N = math.prod(lead)
+    if labels.dtype != torch.int64 or labels.shape != lead or not labels.is_contiguous():
+        raise ValueError(f"logprobs_vocab_tile: labels must be contiguous int64 of shape {tuple(lead)}")
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != 4 * N:
+        raise ValueError("logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row")
+    if temperature <= 0 or vocab_start < 0:
+        raise ValueError("logprobs_vocab_tile: temperature must be > 0 and vocab_start >= 0")
+    x, (inner, outer_stride, inner_stride) = readable(logits)
+    V = logits.shape[-1]
+    if N > 0:
+        _vocab_tile_kernel[(N,)](x, labels, state, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
+                                 LOG2E / temperature, 1.0 / temperature, ENTROPY=bool(with_entropy),
+                                 FINISH=bool(finish), BLOCK=_block(V))
+
+
+@register_fake("rlkernels::logprobs_vocab_tile_triton")
+def _logprobs_vocab_tile_triton_fake(logits, labels, state, temperature, ignore_index, vocab_start, with_entropy,
+                                     finish):
+    return None
+
+
 # ---- KL(pi || pi_ref) ----------------------------------------------------------------------------
 
 @triton.jit
