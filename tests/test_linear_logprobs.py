@@ -299,3 +299,18 @@ def test_linear_logprobs_forward_equals_its_tiles():
         logits[:N, v0:v1] = _chunked.row_logits(block, hidden, weight[v0:v1], bias[v0:v1])
     whole_lp, whole_ent, _ = torch.ops.rlkernels.logprobs(logits[:N], labels, 1.0, -100, True, False)
     assert torch.equal(lp, whole_lp) and torch.equal(ent, whole_ent)
+
+
+def test_rollout_logprobs_match_linear_ppo_loss_across_vocabulary_tiles():
+    """On the CPU, the tiled forward (several 4096-wide vocabulary blocks here) gives the
+    log-probs linear_ppo_loss computes from full rows: an unchanged policy has ratio 1
+    exactly, on any micro-batch."""
+    N, H, V = 48, 32, 9000
+    hidden, weight, _, labels = problem(N=N, H=H, V=V, bias=False)
+    labels = labels.clamp(min=0)
+    old = rlkernels.linear_logprobs(hidden, weight, labels)
+    advantages = torch.randn(N)
+    for rows in (slice(0, N), slice(5, 22), slice(40, 41)):
+        _, stats = rlkernels.linear_ppo_loss(hidden[rows].unsqueeze(0), weight, labels[rows].unsqueeze(0),
+                                             old[rows].unsqueeze(0), advantages[:1])
+        assert float(stats["ratio_max"]) == 1.0 and float(stats["approx_kl_k1"]) == 0.0, stats
