@@ -79,16 +79,9 @@ def _to_out(x, out_ptr):
 
 
 @triton.jit
-def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
-                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = _row_base(x_ptr, row, inner, outer_stride, inner_stride)
-    label = tl.load(labels_ptr + row)
-    ignored = label == ignore_index
-    n = tl.where(ignored, 0, V)
-    m = tl.zeros([], dtype=tl.float32) - float("inf")
-    s = tl.zeros([], dtype=tl.float32)
-    t = tl.zeros([], dtype=tl.float32)
+def _stream_stats(base, V, n, m, s, t, scale, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Adds the row's logits [0, n) (n is V, or 0 to skip the row) to the running
+    statistics (m, s, t), BLOCK at a time with an online maximum."""
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
@@ -106,6 +99,21 @@ def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner
         s += tl.sum(e, axis=0)
         if ENTROPY:
             t += tl.sum(e * y, axis=0)
+    return m, s, t
+
+
+@triton.jit
+def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
+                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(x_ptr, row, inner, outer_stride, inner_stride)
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    n = tl.where(ignored, 0, V)
+    m = tl.zeros([], dtype=tl.float32) - float("inf")
+    s = tl.zeros([], dtype=tl.float32)
+    t = tl.zeros([], dtype=tl.float32)
+    m, s, t = _stream_stats(base, V, n, m, s, t, scale, ENTROPY, BLOCK)
     log_s = tl.log(tl.where(ignored, 1.0, s))
     in_range = (label >= 0) & (label < V)
     x_label = tl.load(base + tl.where(in_range, label, 0)).to(tl.float32)
@@ -239,23 +247,7 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
     t = tl.where(first, 0.0, tl.load(out + 2))
     x_label = tl.where(first, 0.0, tl.load(out + 3))
     n = tl.where(ignored, 0, V)
-    for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        new_m = tl.maximum(m, tl.max(x, axis=0))
-        dy = tl.where((new_m == m) | (m == -float("inf")), 0.0, (m - new_m) * scale)
-        c = tl.exp2(dy)
-        if ENTROPY:
-            t = c * (t + dy * s)
-        s = s * c
-        m = new_m
-        shift = tl.where(m == -float("inf"), 0.0, m)
-        y = (x - shift) * scale
-        y = tl.where(y < FLOOR, FLOOR, y)
-        e = tl.exp2(y)
-        s += tl.sum(e, axis=0)
-        if ENTROPY:
-            t += tl.sum(e * y, axis=0)
+    m, s, t = _stream_stats(base, V, n, m, s, t, scale, ENTROPY, BLOCK)
     local = label - vocab_start
     in_tile = (local >= 0) & (local < V) & (~ignored)
     x_label = tl.where(in_tile, tl.load(base + tl.where(in_tile, local, 0), mask=in_tile, other=0.0).to(tl.float32),
