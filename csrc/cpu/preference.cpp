@@ -44,10 +44,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
   return {losses, chosen, rejected, dlogits};
 }
 
+// lane_sum of x[i] where valid[i] (exact zeros elsewhere: NaN in a masked slot stays
+// out), and the count of valid entries; one pass, compiled per ISA level.  The same
+// lanes and order as lane_sum over the selected values, so the same bits.
 template <typename acc>
-RLK_CPU_CLONES void select_valid(const acc* __restrict__ x, const uint8_t* __restrict__ valid, int64_t n,
-                                 acc* __restrict__ out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = keep_if(valid[i] != 0, x[i]);
+RLK_CPU_CLONES double masked_lane_sum(const acc* __restrict__ x, const uint8_t* __restrict__ valid, int64_t n,
+                                      int64_t* __restrict__ count) {
+  constexpr int kLanes = 4 * 64 / int(sizeof(acc));
+  acc lanes[kLanes] = {};
+  int64_t i = 0, c = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      lanes[l] += keep_if(valid[i + l] != 0, x[i + l]);
+      c += valid[i + l] != 0;
+    }
+  for (int l = 0; i + l < n; ++l) {
+    lanes[l] += keep_if(valid[i + l] != 0, x[i + l]);
+    c += valid[i + l] != 0;
+  }
+  cpu::fold_lanes<kLanes / 2>(lanes);
+  *count += c;
+  return double(lanes[0]);
 }
 
 std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token_logprobs,
@@ -63,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
     acc* out = sums.data_ptr<acc>();
     acc* out_counts = counts.data_ptr<acc>();
     at::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
-      alignas(64) acc staging[cpu::kChunk], selected[cpu::kChunk];
+      alignas(64) acc staging[cpu::kChunk];
       for (int64_t b = begin; b < end; ++b) {
         double total = 0;
         int64_t count = 0;
@@ -73,13 +90,11 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
           cpu::prefetch_ahead(x + at, n);
           const acc* values = cpu::staged<acc>(x + at, n, staging);
           if (mask_p != nullptr) {
-            select_valid(values, mask_p + at, n, selected);
-            values = selected;
-            for (int64_t i = 0; i < n; ++i) count += mask_p[at + i];
+            total += masked_lane_sum(values, mask_p + at, n, &count);
           } else {
             count += n;
+            total += cpu::lane_sum(values, n);
           }
-          total += cpu::lane_sum(values, n);
         }
         out_counts[b] = acc(count);
         out[b] = acc(average ? (count > 0 ? total / double(count) : 0.0) : total);
