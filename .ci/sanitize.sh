@@ -46,9 +46,7 @@ print("sanitizer build:", so)
 EOF
 # The op tests and the multi-process averaging tests. Left out: trainers, CLI,
 # examples and integrations (they call the same ops at larger sizes, and would
-# take most of an hour instrumented), and the torchrun example (its subject is torchrun's
-# process teardown, where a gloo thread can abort at exit under ASan; it runs in make test).
+# take most of an hour instrumented).
 "$PY" -m pytest tests -q -p no:cacheprovider -x \
   --ignore-glob='tests/test_trainers_*' --ignore=tests/test_cli.py --ignore=tests/test_examples.py \
-  --ignore-glob='tests/test_integrations*' \
-  --deselect tests/test_distributed.py::test_torchrun_example "$@"
+  --ignore-glob='tests/test_integrations*' "$@"
