@@ -134,3 +134,19 @@ def test_torchrun_example():
     summary = ast.literal_eval(next(line for line in proc.stdout.splitlines() if line.startswith("{'rank': 0")))
     assert summary["rounds"] == 2 and summary["world"] == 2
     assert summary["max_param_spread"] == 0.0
+
+
+def test_torchrun_cli_decentralized(tmp_path):
+    """`torchrun -m rlkernels train decentralized`: each process is one agent in the
+    process group the trainer creates (and destroys); both finish cleanly."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "rlkernels", "train", "decentralized", "--steps", "2", "--out", str(tmp_path), "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("decentralized: 2 steps") == 2, proc.stdout[-2000:]

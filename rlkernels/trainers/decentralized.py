@@ -170,10 +170,15 @@ def train_decentralized(config: DecentralizedConfig, out: str | None = None, *, 
     if resume and not out:
         raise ValueError("decentralized: resume needs an output directory")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if not dist.is_initialized():
+        created = not dist.is_initialized()
+        if created:
             dist.init_process_group(config.dist_backend,
                                     timeout=datetime.timedelta(seconds=config.timeout))
-        return _agent(dist.get_rank(), dist.get_world_size(), config.to_dict(), out, resume, steps)["metrics"]
+        try:
+            return _agent(dist.get_rank(), dist.get_world_size(), config.to_dict(), out, resume, steps)["metrics"]
+        finally:
+            if created:  # ours to close (a caller's process group stays as it was)
+                dist.destroy_process_group()
     from ..distributed._launch import run_ranks
 
     results = run_ranks(_agent, config.agents, args=(config.to_dict(), out, resume, steps),
