@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -45,5 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> None:
+    """The `rlkernels` command and `python -m rlkernels`: main(), then exit with its code.
+    Under torchrun (RANK and WORLD_SIZE set) the process leaves without interpreter
+    teardown, where gloo with torch 2.13 sometimes aborts after a clean run
+    (docs/distributed.md)."""
+    code = main()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
