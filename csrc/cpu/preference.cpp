@@ -45,26 +45,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
 }
 
 // lane_sum of x[i] where valid[i] (exact zeros elsewhere: NaN in a masked slot stays
-// out), and the count of valid entries; one pass, compiled per ISA level.  The same
-// lanes and order as lane_sum over the selected values, so the same bits.
+// out), and the count of valid entries, in one pass compiled per ISA level.
 template <typename acc>
 RLK_CPU_CLONES double masked_lane_sum(const acc* __restrict__ x, const uint8_t* __restrict__ valid, int64_t n,
                                       int64_t* __restrict__ count) {
-  constexpr int kLanes = 4 * 64 / int(sizeof(acc));
-  acc lanes[kLanes] = {};
-  int64_t i = 0, c = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      lanes[l] += keep_if(valid[i + l] != 0, x[i + l]);
-      c += valid[i + l] != 0;
-    }
-  for (int l = 0; i + l < n; ++l) {
-    lanes[l] += keep_if(valid[i + l] != 0, x[i + l]);
-    c += valid[i + l] != 0;
-  }
-  cpu::fold_lanes<kLanes / 2>(lanes);
+  int64_t c = 0;
+  const double sum = cpu::lane_sum_by<acc>(n, [&](int64_t i) {
+    c += valid[i] != 0;
+    return keep_if(valid[i] != 0, x[i]);
+  });
   *count += c;
-  return double(lanes[0]);
+  return sum;
 }
 
 std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token_logprobs,

@@ -85,16 +85,22 @@ RLK_FORCE_INLINE void fold_lanes(acc* lanes) {
 // the compiler vectorises without reassociating, the same on every ISA clone.
 // Element i always joins lane i % kLanes, the tail included, so zeros appended
 // to a row (padding, masked slots) leave its sum bit for bit unchanged.
-template <typename acc>
-RLK_FORCE_INLINE double lane_sum(const acc* __restrict__ a, int64_t n) {
+// lane_sum_by sums value(i) for i in [0, n) in that order; lane_sum sums a[0, n).
+template <typename acc, typename F>
+RLK_FORCE_INLINE double lane_sum_by(int64_t n, F&& value) {
   constexpr int kLanes = 4 * 64 / int(sizeof(acc));
   acc lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
-  for (int l = 0; i + l < n; ++l) lanes[l] += a[i + l];
+    for (int l = 0; l < kLanes; ++l) lanes[l] += value(i + l);
+  for (int l = 0; i + l < n; ++l) lanes[l] += value(i + l);
   fold_lanes<kLanes / 2>(lanes);
   return double(lanes[0]);
+}
+
+template <typename acc>
+RLK_FORCE_INLINE double lane_sum(const acc* __restrict__ a, int64_t n) {
+  return lane_sum_by<acc>(n, [a](int64_t i) { return a[i]; });
 }
 
 // Maximum of a[0, n) >= 0 (NaN wins).  Non-negative floats order like their

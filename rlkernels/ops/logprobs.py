@@ -61,6 +61,10 @@ def _fake_backward_inplace(grad_logprobs, grad_entropy, logits, labels, saved, e
     return None
 
 
+def _fake_vocab_tile(logits, labels, state, temperature, ignore_index, vocab_start, with_entropy, finish):
+    return None  # updates `state` in place
+
+
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, _with_entropy, inplace_backward = inputs
     _, entropies, saved = output
@@ -99,7 +103,6 @@ def register_autograd(forward: str, backward, backward_inplace) -> None:
 torch.library.register_fake("rlkernels::logprobs")(_fake_forward)
 torch.library.register_fake("rlkernels::logprobs_backward")(_fake_backward)
 torch.library.register_fake("rlkernels::logprobs_backward_inplace")(_fake_backward_inplace)
-torch.library.register_fake("rlkernels::logprobs_vocab_tile")(
-    lambda logits, labels, state, temperature, ignore_index, vocab_start, with_entropy, finish: None)
+torch.library.register_fake("rlkernels::logprobs_vocab_tile")(_fake_vocab_tile)
 register_autograd("rlkernels::logprobs", torch.ops.rlkernels.logprobs_backward,
                   torch.ops.rlkernels.logprobs_backward_inplace)

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch.library import custom_op, register_fake
 
 from ..ops.kl_from_logits import register_autograd as register_kl_autograd
-from ..ops.logprobs import register_autograd as register_logprobs_autograd
+from ..ops.logprobs import _fake_vocab_tile, register_autograd as register_logprobs_autograd
 from ._common import bool_arg
 
 LOG2E = 1.4426950408889634
@@ -289,10 +289,7 @@ def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state
                                  FINISH=bool(finish), BLOCK=_block(V))
 
 
-@register_fake("rlkernels::logprobs_vocab_tile_triton")
-def _logprobs_vocab_tile_triton_fake(logits, labels, state, temperature, ignore_index, vocab_start, with_entropy,
-                                     finish):
-    return None
+register_fake("rlkernels::logprobs_vocab_tile_triton")(_fake_vocab_tile)
 
 
 # ---- KL(pi || pi_ref) ----------------------------------------------------------------------------
