@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-from rlkernels.distributed import DecentralizedAverager
+from rlkernels.distributed import DecentralizedAverager, exit_without_teardown
 
 
 def environment_batch(rank: int, batch: int, features: int, arms: int, gen: torch.Generator, device):
@@ -85,11 +84,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    # With gloo, torch 2.13 sometimes aborts in interpreter teardown after a clean run
-    # ("terminate called without an active exception": about 1 run in 8 on the 2-core
-    # development machine, also in a script of plain PyTorch that trains a few steps and
-    # calls destroy_process_group, with no rlkernels code involved).  Everything is done
-    # and flushed here: leave without the teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()  # gloo's teardown can abort after a clean run (docs/distributed.md)

@@ -53,9 +53,9 @@ def entry() -> None:
     (docs/distributed.md)."""
     code = main()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
+        from .distributed import exit_without_teardown
+
+        exit_without_teardown(code or 0)
     sys.exit(code)
 
 

@@ -12,11 +12,11 @@ caller's tensors only after every exchange of the round has completed; a dead, s
 or mismatched peer raises AveragingError (a RuntimeError) with them unchanged.
 
 See docs/distributed.md."""
-from ._common import AveragingError, AveragingMismatchError, release_buffers
+from ._common import AveragingError, AveragingMismatchError, exit_without_teardown, release_buffers
 from .allreduce import average_parameters
 from .averager import DecentralizedAverager
 from .gossip import gossip_average
 from .ring import ring_all_reduce
 
 __all__ = ["average_parameters", "ring_all_reduce", "gossip_average", "DecentralizedAverager", "release_buffers",
-           "AveragingError", "AveragingMismatchError"]
+           "AveragingError", "AveragingMismatchError", "exit_without_teardown"]

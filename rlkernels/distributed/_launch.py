@@ -18,6 +18,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ._common import exit_without_teardown
+
 
 @dataclass
 class RankResult:
@@ -66,9 +68,7 @@ def _child(fn, rank: int, world_size: int, store_path: str, result_path: str, ba
         if dist.is_initialized():
             dist.destroy_process_group()
     finally:
-        # Skip interpreter teardown: a rank whose peers died may otherwise wait on
-        # gloo's background threads.
-        os._exit(0)
+        exit_without_teardown(0)
 
 
 def run_ranks(fn: Callable, world_size: int, *, args: tuple = (), timeout_s: float = 120.0,
