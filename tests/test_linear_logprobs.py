@@ -314,3 +314,38 @@ def test_rollout_logprobs_match_linear_ppo_loss_across_vocabulary_tiles():
         _, stats = rlkernels.linear_ppo_loss(hidden[rows].unsqueeze(0), weight, labels[rows].unsqueeze(0),
                                              old[rows].unsqueeze(0), advantages[:1])
         assert float(stats["ratio_max"]) == 1.0 and float(stats["approx_kl_k1"]) == 0.0, stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("entropy", [True, False])
+def test_vocab_tile_each_step_matches_reference(backend_device, dtype, entropy):
+    """Every tile's state (running statistics, then the outputs) against the float64
+    reference of one step, from the state the op itself left."""
+    backend, device = backend_device
+    logits, labels = _adversarial_logits(9, 333, dtype, device)
+    op = _tile_op(backend)
+    state = torch.full((9, 4), float("nan"), device=device)
+    for v0 in range(0, 333, 100):
+        v1 = min(v0 + 100, 333)
+        tile, finish = logits[:, v0:v1], v1 == 333
+        expected = reference.logprobs_vocab_tile(tile, labels, state, temperature=0.7, vocab_start=v0,
+                                                 entropy=entropy, finish=finish)
+        op(tile, labels, state, 0.7, -100, v0, entropy, finish)
+        maximum = 2 if finish else 0
+        assert torch.equal(state[:, maximum], expected[:, maximum].float()), f"max after tile at {v0}"
+        others = [k for k in range(4) if k != maximum]
+        assert_close(state[:, others], expected[:, others], dtype=torch.float32, msg=f"state after tile at {v0}")
+
+
+def test_vocab_tile_under_torch_compile():
+    logits, labels = _adversarial_logits(6, 300, torch.float32, "cpu")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def two_tiles(x, y):
+        state = torch.empty(6, 4)
+        torch.ops.rlkernels.logprobs_vocab_tile(x[:, :128], y, state, 1.0, -100, 0, True, False)
+        torch.ops.rlkernels.logprobs_vocab_tile(x[:, 128:], y, state, 1.0, -100, 128, True, True)
+        return state
+
+    state = two_tiles(logits, labels)
+    assert_close(state[:, 0], reference.logprobs(logits.double(), labels), dtype=torch.float32)

@@ -56,6 +56,47 @@ def logprobs_per_row(logits: torch.Tensor, labels: torch.Tensor, *, temperature:
     return (out, torch.stack(entropies)) if entropy else out
 
 
+def logprobs_vocab_tile(logits: torch.Tensor, labels: torch.Tensor, state: torch.Tensor, *, temperature: float = 1.0,
+                        ignore_index: int = -100, vocab_start: int = 0, entropy: bool = True,
+                        finish: bool = False) -> torch.Tensor:
+    """The state (float64 [N, 4]) that the tile op leaves after merging `logits`, the
+    columns [vocab_start, vocab_start + V') of the rows, into `state` (ignored when
+    vocab_start == 0): (m, s, t, label logit) with s = sum 2^y, t = sum y 2^y and
+    y = (x - m) log2(e) / T, or after the last tile (finish) (log p, H, m, ln s).
+    Ignored rows hold zeros; without entropy t and H are 0.  Does not modify `state`."""
+    x = logits.double().reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    n, width = x.shape
+    scale = 1.4426950408889634 / temperature
+    old = torch.zeros(n, 4, dtype=torch.float64, device=x.device)
+    old[:, 0] = -torch.inf
+    if vocab_start != 0:
+        old = state.reshape(n, 4).double()
+    m0, s0, t0, label0 = old.unbind(-1)
+    tile_max = x.amax(-1) if width else torch.full((n,), -torch.inf, dtype=torch.float64, device=x.device)
+    m = torch.maximum(m0, tile_max)
+    shift = torch.where(m == -torch.inf, 0.0, m)
+    y = (x - shift[:, None]) * scale
+    e = torch.exp2(y)
+    dy0 = torch.where(m0 == -torch.inf, 0.0, (m0 - shift) * scale)
+    c0 = torch.where(m0 == -torch.inf, 0.0, torch.exp2(dy0))
+    s = c0 * s0 + e.sum(-1)
+    t = c0 * (t0 + dy0 * s0) + torch.where(e > 0, e * y, 0.0).sum(-1)
+    local = labels - vocab_start
+    inside = (local >= 0) & (local < width)
+    picked = x.gather(-1, local.clamp(0, max(width - 1, 0))[:, None])[:, 0] if width else label0
+    x_label = torch.where(inside, picked, label0)
+    if not entropy:
+        t = torch.zeros_like(t)
+    if finish:
+        log_s = torch.log(s)
+        out = torch.stack([(x_label - m) / temperature - log_s,
+                           log_s - 0.6931471805599453 * t / s if entropy else torch.zeros_like(s), m, log_s], -1)
+    else:
+        out = torch.stack([m, s, t, x_label], -1)
+    return torch.where((labels == ignore_index)[:, None], 0.0, out)
+
+
 def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, p = softmax(logits / T),
