@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) -m rlkernels bench
 
 test: $(STAMP) $(INTEGRATIONS)
-	RLKERNELS_REQUIRE_INTEGRATIONS=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+	RLKERNELS_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests -q
 
 clean:
 	rm -rf build $(VENV) rlkernels/_C*.so *.egg-info

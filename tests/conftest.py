@@ -1,15 +1,19 @@
 """Shared test settings: devices, backends, dtypes, tolerances and seeds.
 
-Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set here before
-triton is imported); CUDA cases run when a GPU is present and skip otherwise."""
+Without a GPU, Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set
+here before triton is imported); with one they are compiled and run on it, as users
+run them (set TRITON_INTERPRET=1 yourself to interpret there too).  CUDA cases run
+when a GPU is present and skip otherwise."""
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import rlkernels  # noqa: E402
 

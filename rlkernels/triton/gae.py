@@ -10,7 +10,7 @@ from torch.library import custom_op
 
 from ..ops.discounted_returns import register as register_discounted_returns
 from ..ops.gae import register as register_gae
-from ._common import acc_types, bool_arg, coef_tensor
+from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
 
 @triton.jit
@@ -75,6 +75,7 @@ _BLOCK_B = 32
 
 
 @custom_op("rlkernels::gae_triton", mutates_args=())
+@on_inputs_device
 def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                dones: torch.Tensor | None, last_values: torch.Tensor | None, gamma: float,
                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +94,7 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
 
 
 @custom_op("rlkernels::discounted_returns_triton", mutates_args=())
+@on_inputs_device
 def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
                               dones: torch.Tensor | None, gamma: float) -> torch.Tensor:
     B, T = rewards.shape

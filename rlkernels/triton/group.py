@@ -11,7 +11,7 @@ from torch.library import custom_op
 
 from ..ops.group_advantages import register as register_group_advantages
 from ..ops.masked import register_row_mean, register_whiten
-from ._common import acc_types, bool_arg, coef_tensor
+from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
 _BLOCK = 128
 
@@ -77,6 +77,7 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
 
 
 @custom_op("rlkernels::group_advantages_triton", mutates_args=())
+@on_inputs_device
 def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | None, group_size: int,
                             num_groups: int, baseline: int, scale: int, eps: float
                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +112,7 @@ def _row_mean_kernel(x_ptr, m_ptr, out_ptr, C, HAS_MASK: tl.constexpr, ACC: tl.c
 
 
 @custom_op("rlkernels::masked_row_mean_triton", mutates_args=())
+@on_inputs_device
 def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     out_dtype, acc = acc_types(x.dtype)
     R, C = x.shape
@@ -164,6 +166,7 @@ def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr,
 
 
 @custom_op("rlkernels::masked_whiten_triton", mutates_args=())
+@on_inputs_device
 def masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor | None, shift_mean: bool, eps: float) -> torch.Tensor:
     out_dtype, acc = acc_types(x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)

@@ -9,6 +9,7 @@ from torch.library import custom_op
 
 from .._dtypes import acc_dtype
 from ..ops.kl_penalty import register
+from ._common import on_inputs_device
 
 KIND_CODES = {"k1": 0, "kl": 0, "k2": 1, "mse": 1, "k3": 2, "low_var_kl": 2, "abs": 3, "k1+": 4, "k3+": 5}
 
@@ -47,6 +48,7 @@ def _kl_penalty_kernel(lp_ptr, ref_ptr, value_ptr, slope_ptr, n, clamp, KIND: tl
 
 
 @custom_op("rlkernels::kl_penalty_triton", mutates_args=())
+@on_inputs_device
 def kl_penalty_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
                       clamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()

@@ -17,11 +17,15 @@ from torch.library import custom_op, register_fake
 
 from ..ops.kl_from_logits import register_autograd as register_kl_autograd
 from ..ops.logprobs import _fake_vocab_tile, register_autograd as register_logprobs_autograd
-from ._common import bool_arg
+from ._common import bool_arg, cast_to, on_inputs_device
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-FLOOR = -160.0  # exp2 below this is 0 in float32; keeps 0 * y finite at y = -inf
+# Jitted code may read a module global only when it is a tl.constexpr (compiled Triton
+# rejects plain Python floats; the interpreter does not, which is why .ci/triton_aot.py
+# compiles every kernel for real GPUs).  Host code uses the plain floats.
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
+FLOOR = tl.constexpr(-160.0)  # exp2 below this is 0 in float32; keeps 0 * y finite at y = -inf
 
 
 def row_index(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -65,17 +69,6 @@ def _block(V: int) -> int:
 @triton.jit
 def _row_base(ptr, row, inner, outer_stride, inner_stride):
     return ptr + (row // inner) * outer_stride + (row % inner) * inner_stride
-
-
-@triton.jit
-def _to_out(x, out_ptr):
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast
-        # truncates (on a GPU this costs three integer ops and changes nothing).
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        x = u.to(tl.float32, bitcast=True)
-    return x.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -148,7 +141,7 @@ def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, sav
     d = (d + tl.where(cols + vocab_start == label, g, 0.0)) * inv_t
     d = tl.where(label == ignore_index, 0.0, d)
     out = _row_base(out_ptr, row, o_inner, o_outer_stride, o_inner_stride)
-    tl.store(out + cols, _to_out(d, out_ptr), mask=live)
+    tl.store(out + cols, cast_to(d, out_ptr.dtype.element_ty), mask=live)
 
 
 def _check_dtype(op: str, t: torch.Tensor) -> None:
@@ -157,6 +150,7 @@ def _check_dtype(op: str, t: torch.Tensor) -> None:
 
 
 @custom_op("rlkernels::logprobs_triton", mutates_args=())
+@on_inputs_device
 def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_dtype("logprobs", logits)
@@ -171,7 +165,7 @@ def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     if N > 0:
         _logprobs_fwd_kernel[(N,)](
             x, labels, values, entropies if with_entropy else values, saved, V, inner, outer_stride, inner_stride,
-            ignore_index, LOG2E / temperature, 1.0 / temperature, ENTROPY=with_entropy, BLOCK=_block(V))
+            ignore_index, _LOG2E / temperature, 1.0 / temperature, ENTROPY=with_entropy, BLOCK=_block(V))
     return values, entropies, saved
 
 
@@ -188,11 +182,12 @@ def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies
     _logprobs_bwd_kernel[(N, triton.cdiv(V, block))](
         x, out, labels, grad_logprobs, grad_entropy if with_entropy else grad_logprobs,
         entropies if with_entropy else grad_logprobs, saved, V, inner, outer_stride, inner_stride,
-        o_inner, o_outer_stride, o_inner_stride, ignore_index, vocab_start, LOG2E / temperature,
+        o_inner, o_outer_stride, o_inner_stride, ignore_index, vocab_start, _LOG2E / temperature,
         1.0 / temperature, ENTROPY=with_entropy, BLOCK=block)
 
 
 @custom_op("rlkernels::logprobs_backward_triton", mutates_args=())
+@on_inputs_device
 def logprobs_backward_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
                              labels: torch.Tensor, saved: torch.Tensor, entropy: torch.Tensor, temperature: float,
                              ignore_index: int, vocab_start: int = 0) -> torch.Tensor:
@@ -203,6 +198,7 @@ def logprobs_backward_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional
 
 
 @custom_op("rlkernels::logprobs_backward_inplace_triton", mutates_args=("logits",))
+@on_inputs_device
 def logprobs_backward_inplace_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                                      logits: torch.Tensor, labels: torch.Tensor, saved: torch.Tensor,
                                      entropy: torch.Tensor, temperature: float, ignore_index: int,
@@ -270,6 +266,7 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
 
 
 @custom_op("rlkernels::logprobs_vocab_tile_triton", mutates_args=("state",))
+@on_inputs_device
 def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state: torch.Tensor, temperature: float,
                                ignore_index: int, vocab_start: int, with_entropy: bool, finish: bool) -> None:
     _check_dtype("logprobs_vocab_tile", logits)
@@ -285,7 +282,7 @@ def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state
     V = logits.shape[-1]
     if N > 0:
         _vocab_tile_kernel[(N,)](x, labels, state, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
-                                 LOG2E / temperature, 1.0 / temperature, ENTROPY=bool(with_entropy),
+                                 _LOG2E / temperature, 1.0 / temperature, ENTROPY=bool(with_entropy),
                                  FINISH=bool(finish), BLOCK=_block(V))
 
 
@@ -379,14 +376,15 @@ def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, 
         d = ((a - _kl_shift(tl.load(saved_ptr + 5 * row))) - (b - _kl_shift(tl.load(saved_ptr + 5 * row + 2)))) * inv_t
         da = tl.where(p == 0.0, 0.0, g * p * (d - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
         da = tl.where(keep, da, 0.0)
-        tl.store(ga_ptr + row * V + cols, _to_out(da, ga_ptr), mask=live)
+        tl.store(ga_ptr + row * V + cols, cast_to(da, ga_ptr.dtype.element_ty), mask=live)
     if REF_GRAD:
         yb = (b - tl.load(saved_ptr + 5 * row + 2)) * scale - tl.load(saved_ptr + 5 * row + 3) * LOG2E
         q = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
-        tl.store(gb_ptr + row * V + cols, _to_out(tl.where(keep, g * (q - p) * inv_t, 0.0), gb_ptr), mask=live)
+        tl.store(gb_ptr + row * V + cols, cast_to(tl.where(keep, g * (q - p) * inv_t, 0.0), gb_ptr.dtype.element_ty), mask=live)
 
 
 @custom_op("rlkernels::kl_from_logits_triton", mutates_args=())
+@on_inputs_device
 def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: Optional[torch.Tensor],
                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check_dtype("kl_from_logits", logits)
@@ -400,12 +398,13 @@ def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: 
     if N > 0:
         _kl_fwd_kernel[(N,)](a, b, bool_arg(mask, kl), kl, saved, V, inner,
                              outer_stride, inner_stride, b_inner, b_outer_stride, b_inner_stride,
-                             LOG2E / temperature, 1.0 / temperature, HAS_MASK=mask is not None,
+                             _LOG2E / temperature, 1.0 / temperature, HAS_MASK=mask is not None,
                              BLOCK=min(_block(V), 2048))
     return kl, saved
 
 
 @custom_op("rlkernels::kl_from_logits_backward_triton", mutates_args=())
+@on_inputs_device
 def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor,
                                    mask: Optional[torch.Tensor], saved: torch.Tensor, temperature: float,
                                    logits_grad: bool, ref_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,7 +419,7 @@ def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, 
         _kl_bwd_kernel[(N, triton.cdiv(V, block))](
             a, b, bool_arg(mask, grad_kl), grad_kl, saved,
             grad_logits if logits_grad else saved, grad_ref if ref_grad else saved, V, inner, outer_stride,
-            inner_stride, b_inner, b_outer_stride, b_inner_stride, LOG2E / temperature, 1.0 / temperature,
+            inner_stride, b_inner, b_outer_stride, b_inner_stride, _LOG2E / temperature, 1.0 / temperature,
             HAS_MASK=mask is not None, LOGITS_GRAD=logits_grad, REF_GRAD=ref_grad, BLOCK=block)
     return grad_logits, grad_ref
 

@@ -14,7 +14,7 @@ from torch.library import custom_op, register_fake
 
 from ..ops import _losses
 from ..reference.losses import POLICY_STATS, VALUE_STATS
-from ._common import acc_types, bool_arg, coef_tensor
+from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
 _AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
               "seq-mean-token-sum-norm": 4}
@@ -249,6 +249,7 @@ def _empty_batch(B, agg, need_grad, loss, stats, grad, row_scale):
 
 
 @custom_op("rlkernels::policy_loss_triton", mutates_args=())
+@on_inputs_device
 def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                        mask: torch.Tensor | None, weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
                        coefficients: list[float], kl: str, agg: str, need_grad: bool
@@ -276,6 +277,7 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
 
 
 @custom_op("rlkernels::value_loss_triton", mutates_args=())
+@on_inputs_device
 def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                       mask: torch.Tensor | None, coefficients: list[float], agg: str, need_grad: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,6 +301,7 @@ def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: t
 
 
 @custom_op("rlkernels::scale_rows_triton", mutates_args=())
+@on_inputs_device
 def scale_rows_triton(grad: torch.Tensor, row_scale: torch.Tensor, grad_loss: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
     B, T = grad.shape

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch.library import custom_op, register_fake
 
 from .._dtypes import acc_dtype
-from .._library import triton_interpreting
+from ._common import cast_to, on_inputs_device
 from ..reference.multi_tensor import scale_dtype
 
 _BLOCK = 2048
@@ -22,19 +22,9 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.f
 
 
 @triton.jit
-def _bf16_round_nearest_even(x):
-    """float32 -> bfloat16 rounding to nearest even, as the GPU converts.  Used only
-    under TRITON_INTERPRET=1, whose emulated conversion truncates."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-    rounded = tl.where(x == x, rounded, 0x7FC0)
-    return rounded.to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _multi_tensor_copy_kernel(addresses_ptr, offsets_ptr, numels_ptr, work_tensor_ptr, work_block_ptr,
                               bucket_ptr, scale_ptr, PACK: tl.constexpr, PLAIN: tl.constexpr,
-                              TENSOR_DTYPE: tl.constexpr, ACC: tl.constexpr, BF16_RNE: tl.constexpr,
+                              TENSOR_DTYPE: tl.constexpr, ACC: tl.constexpr,
                               BLOCK: tl.constexpr):
     item = tl.program_id(0)
     t = tl.load(work_tensor_ptr + item)
@@ -54,9 +44,7 @@ def _multi_tensor_copy_kernel(addresses_ptr, offsets_ptr, numels_ptr, work_tenso
     if PLAIN:
         out = values
     else:
-        out = values.to(ACC) * tl.load(scale_ptr)
-        if BF16_RNE:
-            out = _bf16_round_nearest_even(out)
+        out = cast_to(values.to(ACC) * tl.load(scale_ptr), dst.dtype.element_ty)
     tl.store(dst, out, mask=live)
 
 
@@ -73,10 +61,6 @@ def _work_items(tensors, device):
     return [x.to(device, non_blocking=True) for x in table], int(work_tensor.numel())
 
 
-def _interpreted_bf16(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and triton_interpreting()
-
-
 def _launch(tensors, bucket, scale, pack: bool):
     if bucket.numel() == 0:
         return
@@ -87,35 +71,35 @@ def _launch(tensors, bucket, scale, pack: bool):
     table, items = _work_items(tensors, bucket.device)
     scale_t = torch.tensor([scale], dtype=acc, device=bucket.device)
     _multi_tensor_copy_kernel[(items,)](*table, bucket, scale_t, PACK=pack, PLAIN=plain,
-                                       TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc],
-                                       BF16_RNE=_interpreted_bf16(dst_dtype), BLOCK=_BLOCK)
+                                       TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc], BLOCK=_BLOCK)
 
 
 @custom_op("rlkernels::pack_tensors_triton", mutates_args=("bucket",))
+@on_inputs_device
 def pack_tensors_triton(tensors: list[torch.Tensor], bucket: torch.Tensor, scale: float) -> None:
     _launch(tensors, bucket, scale, pack=True)
 
 
 @custom_op("rlkernels::unpack_tensors_triton", mutates_args=("tensors",))
+@on_inputs_device
 def unpack_tensors_triton(bucket: torch.Tensor, tensors: list[torch.Tensor], scale: float) -> None:
     _launch(tensors, bucket, scale, pack=False)
 
 
 @triton.jit
 def _gossip_mix_kernel(x_ptr, left_ptr, right_ptr, out_ptr, n, weights_ptr, ACC: tl.constexpr,
-                       BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = idx < n
     x = tl.load(x_ptr + idx, mask=live).to(ACC)
     left = tl.load(left_ptr + idx, mask=live).to(ACC)
     right = tl.load(right_ptr + idx, mask=live).to(ACC)
     mixed = tl.load(weights_ptr) * x + tl.load(weights_ptr + 1) * left + tl.load(weights_ptr + 2) * right
-    if BF16_RNE:
-        mixed = _bf16_round_nearest_even(mixed)
-    tl.store(out_ptr + idx, mixed, mask=live)
+    tl.store(out_ptr + idx, cast_to(mixed, out_ptr.dtype.element_ty), mask=live)
 
 
 @custom_op("rlkernels::gossip_mix_triton", mutates_args=("out",))
+@on_inputs_device
 def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w_self: float, w_left: float,
                       w_right: float, out: torch.Tensor) -> None:
     n = x.numel()
@@ -124,7 +108,7 @@ def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, 
     acc = acc_dtype(x.dtype)
     weights = torch.tensor([w_self, w_left, w_right], dtype=acc, device=x.device)
     _gossip_mix_kernel[(triton.cdiv(n, _BLOCK),)](x, left, right, out, n, weights, ACC=_TL[acc],
-                                                    BF16_RNE=_interpreted_bf16(x.dtype), BLOCK=_BLOCK)
+                                                    BLOCK=_BLOCK)
 
 
 @register_fake("rlkernels::pack_tensors_triton")

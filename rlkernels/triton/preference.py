@@ -10,7 +10,7 @@ from torch.library import custom_op, register_fake
 
 from ..ops.dpo_loss import register as register_dpo
 from ..ops.sequence_logprobs import register as register_sequence
-from ._common import acc_types, bool_arg
+from ._common import acc_types, bool_arg, on_inputs_device
 
 _KINDS = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}
 
@@ -109,6 +109,7 @@ def _sequence_backward_kernel(g_ptr, m_ptr, n_ptr, out_ptr, T, HAS_MASK: tl.cons
 
 
 @custom_op("rlkernels::dpo_loss_triton", mutates_args=())
+@on_inputs_device
 def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float, kind: str, label_smoothing: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,6 +125,7 @@ def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
 
 
 @custom_op("rlkernels::sequence_logprobs_triton", mutates_args=())
+@on_inputs_device
 def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | None, average: bool
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T = token_logprobs.shape
@@ -138,6 +140,7 @@ def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | 
 
 
 @custom_op("rlkernels::sequence_logprobs_backward_triton", mutates_args=())
+@on_inputs_device
 def sequence_logprobs_backward_triton(grad: torch.Tensor, mask: torch.Tensor | None, num_tokens: torch.Tensor,
                                       average: bool, T: int, dtype: torch.dtype) -> torch.Tensor:
     B = grad.shape[0]
