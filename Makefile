@@ -10,7 +10,7 @@ INTEGRATIONS := $(VENV)/.rlkernels-integrations
 VERL_SPEC ?= verl==0.9.1
 SOURCES := $(shell find csrc rlkernels -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py pyproject.toml requirements-dev.txt
 
-.PHONY: demo test bench env integrations clean
+.PHONY: demo test bench env integrations clean gpu-check
 
 env: $(STAMP)
 
@@ -43,6 +43,13 @@ bench: $(STAMP)
 
 test: $(STAMP) $(INTEGRATIONS)
 	RLKERNELS_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests -q
+
+# On a machine with a GPU, as it is (no venv, nothing downloaded): build for that GPU, run
+# every op on CUDA and Triton against the reference, the sanitizers and the benchmarks;
+# the report goes to $(RLKERNELS_GPU_REPORT) (default gpu-report/).  .ci/gpu_check.py.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) .ci/gpu_check.py
 
 clean:
 	rm -rf build $(VENV) rlkernels/_C*.so *.egg-info

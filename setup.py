@@ -68,8 +68,10 @@ def _extension():
     extra = {"cxx": cxx}
     macros = []
     if use_cuda:
-        # With no GPU visible torch would guess the arch list; pin a default.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # Without a list torch builds for the visible GPU only, or guesses with none.
+        # The default: A100 and H100 code, plus sm_90 PTX that newer GPUs (Blackwell)
+        # JIT-compile at load instead of failing with "no kernel image".
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
         extra["nvcc"] = ["-O3", "-lineinfo"]
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]

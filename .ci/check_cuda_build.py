@@ -1,5 +1,12 @@
-"""After the CUDA build: rlkernels imports, reports CUDA, and every op that has a
-CPU kernel also has a CUDA kernel registered with the dispatcher."""
+"""After the CUDA build: rlkernels imports, reports CUDA, the default arch list
+was used (A100 and H100 code plus sm_90 PTX for newer GPUs, and the library really
+holds that PTX), and every op that has a CPU kernel also has a CUDA kernel
+registered with the dispatcher."""
+import os
+import re
+import shutil
+import subprocess
+
 import torch
 
 import rlkernels
@@ -7,7 +14,17 @@ import rlkernels
 info = rlkernels.info()
 print("build:", {k: info[k] for k in ("backends", "cuda_archs", "torch", "torch_cuda")})
 assert "cuda" in info["backends"], info
-assert info["cuda_archs"] == "8.0;9.0", info["cuda_archs"]
+assert info["cuda_archs"] == "8.0;9.0+PTX", info["cuda_archs"]
+
+cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                      "cuobjdump")
+listing = subprocess.run([cuobjdump, "--list-ptx", "--list-elf", rlkernels._C.__file__], capture_output=True,
+                         text=True, check=True).stdout
+ptx_archs = sorted(set(re.findall(r"\.(sm_\d+)\.ptx", listing)))
+elf_archs = sorted(set(re.findall(r"\.(sm_\d+)\.cubin", listing)))
+print("embedded:", {"cubin": elf_archs, "ptx": ptx_archs})
+assert elf_archs == ["sm_80", "sm_90"], listing[-2000:]
+assert ptx_archs == ["sm_90"], listing[-2000:]
 
 schemas = [s for s in torch._C._jit_get_all_schemas() if s.name.startswith("rlkernels::")]
 names = sorted({s.name for s in schemas})

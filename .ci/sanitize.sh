@@ -46,7 +46,9 @@ print("sanitizer build:", so)
 EOF
 # The op tests and the multi-process averaging tests. Left out: trainers, CLI,
 # examples and integrations (they call the same ops at larger sizes, and would
-# take most of an hour instrumented).
+# take most of an hour instrumented), and the GPU-check and Triton-compile tests
+# (scripts and Triton's compiler, no C++ kernel of ours).
 "$PY" -m pytest tests -q -p no:cacheprovider -x \
   --ignore-glob='tests/test_trainers_*' --ignore=tests/test_cli.py --ignore=tests/test_examples.py \
+  --ignore=tests/test_gpu_check.py --ignore=tests/test_triton_gpu_semantics.py \
   --ignore-glob='tests/test_integrations*' "$@"
