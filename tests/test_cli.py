@@ -111,3 +111,56 @@ def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlkernels", "train", "ppo", "--set", "lr=0"], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "config key 'lr'" in proc.stderr
+
+
+# A user who installed rlkernels without the `train` extra: matplotlib (or another of
+# its packages) cannot be imported.  The command must stop before any work, in one
+# line that names the extra, for every trainer.
+_BLOCK_IMPORT = """
+import sys
+
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("No module named " + repr(name))
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+from rlkernels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_without(modules, argv, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = _BLOCK_IMPORT.format(blocked=set(modules))
+    return subprocess.run([sys.executable, "-c", script, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("trainer", ["ppo-rlhf", "grpo", "dpo", "ppo", "reward-model", "decentralized"])
+def test_train_without_matplotlib_stops_before_work(trainer, tmp_path):
+    out = tmp_path / "run"
+    proc = _run_without(["matplotlib"], ["train", trainer, "--steps", "1", "--out", str(out), "--no-progress"],
+                        tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"rlkernels train {trainer}: needs matplotlib")
+    assert "pip install 'rlkernels[train]'" in lines[0] and "plot=false" in lines[0]
+    assert not out.exists()  # nothing ran
+
+
+def test_train_without_transformers_names_the_extra(tmp_path):
+    proc = _run_without(["transformers", "matplotlib"], ["train", "dpo", "--out", str(tmp_path / "run")], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("rlkernels train dpo: needs transformers (the model and tokenizer), matplotlib "
+                                   "(curves.png), which the train extra installs: pip install 'rlkernels[train]'")
+
+
+def test_train_without_matplotlib_runs_with_plot_off(tmp_path):
+    out = tmp_path / "run"
+    proc = _run_without(["matplotlib"], ["train", "ppo", "--steps", "1", "--out", str(out), "--set", "plot=false",
+                                         *TINY_PPO], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert read_steps(out / "metrics.jsonl") == [1] and not (out / "curves.png").exists()
