@@ -95,10 +95,40 @@ def test_demo(tmp_path, capsys):
 
 
 def test_bench_is_delegated(capsys):
-    pytest.importorskip("benchmarks.__main__")
     with pytest.raises(SystemExit) as info:
         main(["bench", "--help"])
     assert info.value.code == 0 and "rlkernels bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("unrelated", ["package", "folder"])
+def test_bench_beside_an_unrelated_benchmarks_folder(unrelated, tmp_path):
+    # `python -m rlkernels` puts the current directory first on sys.path, so a user's own
+    # benchmarks/ (a package, or a plain folder Python takes as a namespace package) is
+    # what `import benchmarks` finds there: the command must not depend on that name.
+    (tmp_path / "benchmarks").mkdir()
+    if unrelated == "package":
+        (tmp_path / "benchmarks" / "__init__.py").write_text("RESULTS = 'not rlkernels'\n")
+    else:
+        (tmp_path / "benchmarks" / "notes.txt").write_text("my numbers\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "rlkernels", "bench", "--ops", "advantages", "--quick", "--out",
+                           "results"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "results" / "results.json") as fh:
+        report = json.load(fh)
+    assert report["cases"] and {c["family"] for c in report["cases"]} == {"advantages"}
+
+
+def test_no_top_level_benchmarks_package_is_installed():
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = pytest.importorskip("setuptools")
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as fh:
+        include = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(root, include=include)
+    assert "rlkernels.benchmarks" in packages
+    assert all(p == "rlkernels" or p.startswith("rlkernels.") for p in packages), packages
 
 
 def test_info(capsys):
