@@ -174,6 +174,15 @@ def test_opcheck_and_compile():
         lp, ent = rlkernels.linear_logprobs(h, w, labels, bias=bias, entropy=True, chunk_size=4)
         return (lp + 0.1 * ent).sum()
 
+    @torch.compile(fullgraph=True, backend="eager")
+    def statistics(h, w):
+        return rlkernels.linear_logprobs(h, w, labels, bias=bias, mean_logits=True, is_top1=True, chunk_size=4)
+
+    compiled = statistics(hidden, weight)
+    eager = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, mean_logits=True, is_top1=True, chunk_size=4)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     step(h, w).backward()
     hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
