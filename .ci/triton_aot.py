@@ -119,10 +119,11 @@ def cases(quick: bool):
                 lambda args=args: T.logprobs_backward_inplace_triton._init_fn(*args))
             for start, finish in ((0, False), (4096, True)):
                 tile = x[..., :4096]
-                yield "logprobs_vocab_tile_triton", f"{name} tile entropy={ent} finish={finish}", (
-                    lambda tile=tile, lead=lead, n=n, ent=ent, start=start, finish=finish:
-                    T.logprobs_vocab_tile_triton._init_fn(tile, labels(*lead), meta(n * 4), 1.0, -100, start,
-                                                          ent, finish))
+                for width in (4, 5):  # 5: the state also tracks whether the label is the arg-max
+                    yield "logprobs_vocab_tile_triton", f"{name} tile entropy={ent} finish={finish} state={width}", (
+                        lambda tile=tile, lead=lead, n=n, ent=ent, start=start, finish=finish, width=width:
+                        T.logprobs_vocab_tile_triton._init_fn(tile, labels(*lead), meta(n * width), 1.0, -100,
+                                                              start, ent, finish))
         for with_mask in (False, True):
             m = mask(*lead) if with_mask else None
             yield "kl_from_logits_triton", f"{name} mask={with_mask}", (

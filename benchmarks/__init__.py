@@ -1,11 +1,6 @@
-"""rlkernels microbenchmarks against pure-PyTorch baselines (`rlkernels bench`,
-`python -m benchmarks`).  One module per op family, each exposing
-`cases(device, quick) -> list[Case]`, or `run(device, quick) -> list[dict]` for
-families that drive several processes themselves (distributed)."""
+"""`python -m benchmarks` in a source checkout.  The benchmarks live in the package,
+as `rlkernels.benchmarks` (what `rlkernels bench` runs); these modules only delegate
+to it, so nothing named `benchmarks` is installed."""
+from rlkernels.benchmarks import FAMILIES
 
-FAMILIES = {
-    "advantages": "benchmarks.advantages",
-    "logprobs": "benchmarks.logprobs",
-    "losses": "benchmarks.losses",
-    "distributed": "benchmarks.distributed",
-}
+__all__ = ["FAMILIES"]

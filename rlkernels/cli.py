@@ -1,5 +1,5 @@
 """`rlkernels` command line: `train` and `demo` (rlkernels/trainers/cli.py), `bench`
-(benchmarks/, when installed from a source checkout) and `info`."""
+(rlkernels/benchmarks/) and `info`."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +9,8 @@ import sys
 
 
 def _bench(argv: list[str]) -> int:
-    try:
-        from benchmarks.__main__ import main as bench_main
-    except ImportError as exc:
-        print(f"rlkernels bench: the benchmarks package is not importable ({exc}); run from a source "
-              "checkout of rlkernels", file=sys.stderr)
-        return 2
+    from .benchmarks.__main__ import main as bench_main
+
     return bench_main(argv) or 0
 
 

@@ -95,10 +95,40 @@ def test_demo(tmp_path, capsys):
 
 
 def test_bench_is_delegated(capsys):
-    pytest.importorskip("benchmarks.__main__")
     with pytest.raises(SystemExit) as info:
         main(["bench", "--help"])
     assert info.value.code == 0 and "rlkernels bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("unrelated", ["package", "folder"])
+def test_bench_beside_an_unrelated_benchmarks_folder(unrelated, tmp_path):
+    # `python -m rlkernels` puts the current directory first on sys.path, so a user's own
+    # benchmarks/ (a package, or a plain folder Python takes as a namespace package) is
+    # what `import benchmarks` finds there: the command must not depend on that name.
+    (tmp_path / "benchmarks").mkdir()
+    if unrelated == "package":
+        (tmp_path / "benchmarks" / "__init__.py").write_text("RESULTS = 'not rlkernels'\n")
+    else:
+        (tmp_path / "benchmarks" / "notes.txt").write_text("my numbers\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "rlkernels", "bench", "--ops", "advantages", "--quick", "--out",
+                           "results"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "results" / "results.json") as fh:
+        report = json.load(fh)
+    assert report["cases"] and {c["family"] for c in report["cases"]} == {"advantages"}
+
+
+def test_no_top_level_benchmarks_package_is_installed():
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = pytest.importorskip("setuptools")
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as fh:
+        include = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(root, include=include)
+    assert "rlkernels.benchmarks" in packages
+    assert all(p == "rlkernels" or p.startswith("rlkernels.") for p in packages), packages
 
 
 def test_info(capsys):
@@ -111,3 +141,56 @@ def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlkernels", "train", "ppo", "--set", "lr=0"], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "config key 'lr'" in proc.stderr
+
+
+# A user who installed rlkernels without the `train` extra: matplotlib (or another of
+# its packages) cannot be imported.  The command must stop before any work, in one
+# line that names the extra, for every trainer.
+_BLOCK_IMPORT = """
+import sys
+
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("No module named " + repr(name))
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+from rlkernels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_without(modules, argv, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = _BLOCK_IMPORT.format(blocked=set(modules))
+    return subprocess.run([sys.executable, "-c", script, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("trainer", ["ppo-rlhf", "grpo", "dpo", "ppo", "reward-model", "decentralized"])
+def test_train_without_matplotlib_stops_before_work(trainer, tmp_path):
+    out = tmp_path / "run"
+    proc = _run_without(["matplotlib"], ["train", trainer, "--steps", "1", "--out", str(out), "--no-progress"],
+                        tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"rlkernels train {trainer}: needs matplotlib")
+    assert "pip install 'rlkernels[train]'" in lines[0] and "plot=false" in lines[0]
+    assert not out.exists()  # nothing ran
+
+
+def test_train_without_transformers_names_the_extra(tmp_path):
+    proc = _run_without(["transformers", "matplotlib"], ["train", "dpo", "--out", str(tmp_path / "run")], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("rlkernels train dpo: needs transformers (the model and tokenizer), matplotlib "
+                                   "(curves.png), which the train extra installs: pip install 'rlkernels[train]'")
+
+
+def test_train_without_matplotlib_runs_with_plot_off(tmp_path):
+    out = tmp_path / "run"
+    proc = _run_without(["matplotlib"], ["train", "ppo", "--steps", "1", "--out", str(out), "--set", "plot=false",
+                                         *TINY_PPO], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert read_steps(out / "metrics.jsonl") == [1] and not (out / "curves.png").exists()

@@ -160,11 +160,11 @@ def test_shared_chunking_helpers_compose(tiles, dtype):
 def test_opcheck_and_compile():
     hidden, weight, bias, labels = problem(N=11, V=29)
     args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels, bias.clone().requires_grad_(),
-            0.9, -100, True, 3, 10, 1 << 20, "cpu")
+            0.9, -100, True, True, 3, 10, 1 << 20, "cpu")
     torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
     if TRITON_ON_CPU:
         torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args[:-1] + ("triton",))
-    lp, ent, saved = torch.ops.rlkernels.linear_logprobs(*args[:-1], "cpu")
+    lp, ent, saved, _ = torch.ops.rlkernels.linear_logprobs(*args[:-1], "cpu")
     torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
                           (torch.randn(11), torch.randn(11), hidden, weight, labels, bias, saved.detach(),
                            ent.detach(), 0.9, -100, 3, 10, 1 << 20, "cpu", True, True, True))
@@ -173,6 +173,15 @@ def test_opcheck_and_compile():
     def step(h, w):
         lp, ent = rlkernels.linear_logprobs(h, w, labels, bias=bias, entropy=True, chunk_size=4)
         return (lp + 0.1 * ent).sum()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def statistics(h, w):
+        return rlkernels.linear_logprobs(h, w, labels, bias=bias, mean_logits=True, is_top1=True, chunk_size=4)
+
+    compiled = statistics(hidden, weight)
+    eager = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, mean_logits=True, is_top1=True, chunk_size=4)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     step(h, w).backward()
@@ -349,3 +358,176 @@ def test_vocab_tile_under_torch_compile():
 
     state = two_tiles(logits, labels)
     assert_close(state[:, 0], reference.logprobs(logits.double(), labels), dtype=torch.float32)
+
+
+# ---- mean_logits and is_top1: the row statistics TRL's fused lm-head reports --------------------
+
+def _designed_logits(V, device):
+    """Integer logits (exact in every dtype and every summation order, so ties are
+    exact) with the label placed against ties in earlier and later columns; returns
+    (logits, labels)."""
+    logits = torch.randint(-6, 7, (16, V), device=device).float()
+    labels = torch.randint(0, V, (16,), device=device)
+    rows = [
+        (5, None),          # label the unique maximum
+        (V - 3, 2),         # ties a maximum far before it (an earlier tile): not top-1
+        (40, 38),           # ties a maximum just before it (the same tile): not top-1
+        (3, V - 1),         # ties a maximum after it (a later tile): top-1
+        (20, 21),           # ties a maximum just after it: top-1
+        (0, 1),             # column 0 tied with column 1: top-1
+        (V - 1, 0),         # the last column tied with column 0: not top-1
+    ]
+    for i, (label, tie) in enumerate(rows):
+        logits[i].clamp_(max=6)
+        logits[i, label] = 9
+        if tie is not None:
+            logits[i, tie] = 9
+        labels[i] = label
+    logits[7, :] = 4                 # every column equal: only column 0 is top-1
+    labels[7] = 0
+    logits[8, :] = 4
+    labels[8] = 1
+    logits[9, 11] = 10               # second largest by one
+    logits[9, 12] = 9
+    labels[9] = 12
+    labels[10] = -100                # ignored
+    logits[11, 17] = 8               # the label is the maximum, one below in another tile
+    logits[11, V - 2] = 7
+    labels[11] = 17
+    return logits, labels
+
+
+def _as_linear(logits, dtype):
+    """hidden, weight and bias whose lm-head gives `logits` exactly: weight is the identity
+    and the bias a constant integer."""
+    V = logits.shape[1]
+    return (logits - 2).to(dtype), torch.eye(V, dtype=dtype, device=logits.device), torch.full(
+        (V,), 2.0, dtype=dtype, device=logits.device)
+
+
+def _float64_statistics(hidden, weight, bias, labels, temperature):
+    logits = hidden.double() @ weight.double().t() + (bias.double() if bias is not None else 0)
+    valid = labels != -100
+    means = torch.where(valid, logits.mean(-1) / temperature, 0)
+    first_max = logits.argmax(-1)  # the first of equal maxima
+    return means, (first_max == labels) & valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_size", [None, (5, 16), (16, 37), (3, 2)])
+def test_is_top1_on_ties_against_float64(backend_device, dtype, chunk_size):
+    """Exact ties before and after the label, inside its vocabulary tile and across
+    tiles: is_top1 is argmax == label with the first maximum winning, on every backend."""
+    backend, device = backend_device
+    V = 96
+    logits, labels = _designed_logits(V, device)
+    hidden, weight, bias = _as_linear(logits, dtype)
+    means, top1 = _float64_statistics(hidden, weight, bias, labels, 0.5)
+    kwargs = {} if backend == "reference" else {"chunk_size": chunk_size}
+    lp, mean_logits, is_top1 = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, temperature=0.5,
+                                                         mean_logits=True, is_top1=True, backend=backend, **kwargs)
+    assert is_top1.dtype == torch.bool and mean_logits.dtype == torch.float32
+    assert top1[:7].tolist() == [True, False, False, True, True, True, False]  # the designed rows are what they say
+    assert torch.equal(is_top1, top1)
+    assert_close(mean_logits, means, dtype=torch.float32)
+    assert torch.equal(lp, rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, temperature=0.5,
+                                                     backend=backend, **kwargs))
+
+
+def test_is_top1_and_mean_logits_on_the_reference_backend():
+    logits, labels = _designed_logits(64, "cpu")
+    hidden, weight, bias = _as_linear(logits, torch.float32)
+    means, top1 = _float64_statistics(hidden, weight, bias, labels, 1.0)
+    _, mean_logits, is_top1 = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, mean_logits=True,
+                                                        is_top1=True, backend="reference")
+    assert torch.equal(is_top1, top1)
+    assert_close(mean_logits, means, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_mean_logits_against_float64(backend_device, with_bias):
+    """Gaussian problems with a large common offset in the weight (the mean is then far
+    from 0 and every logit large), float32: within the float32 tolerance of float64."""
+    backend, device = backend_device
+    hidden, weight, bias, labels = problem(N=29, H=24, V=333, bias=with_bias, device=device)
+    weight = weight + 30.0
+    means, top1 = _float64_statistics(hidden, weight, bias, labels, 0.7)
+    out = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, temperature=0.7, entropy=True,
+                                    mean_logits=True, is_top1=True, chunk_size=(8, 50), backend=backend)
+    lp, ent, mean_logits, is_top1 = out
+    assert_close(mean_logits, means, dtype=torch.float32)
+    assert torch.equal(is_top1, top1)
+    assert_close(lp, reference.linear_logprobs(hidden.double(), weight.double(), labels, temperature=0.7,
+                                               bias=bias.double() if with_bias else None), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mean_logits_low_precision(backend_device, dtype):
+    """16-bit inputs: no worse than the mean of the logits PyTorch computes in that dtype."""
+    backend, device = backend_device
+    hidden, weight, bias, labels = problem(N=41, H=32, V=300, dtype=dtype, device=device)
+    truth, _ = _float64_statistics(hidden, weight, bias, labels, 1.0)
+    _, mean_logits = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, mean_logits=True, chunk_size=9,
+                                               backend=backend)
+    same = torch.where(labels != -100, (hidden @ weight.t() + bias).float().mean(-1), 0)
+    low_precision_bound(mean_logits, same, truth)
+
+
+def test_mean_logits_and_is_top1_carry_no_gradient_and_keep_it_for_the_rest():
+    hidden, weight, bias, labels = problem(N=13, V=40)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent, mean_logits, is_top1 = rlkernels.linear_logprobs(h, w, labels, bias=bias, entropy=True,
+                                                              mean_logits=True, is_top1=True)
+    assert not mean_logits.requires_grad and not is_top1.requires_grad
+    (lp + ent).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp2, ent2 = rlkernels.linear_logprobs(h2, w2, labels, bias=bias, entropy=True)
+    (lp2 + ent2).sum().backward()
+    assert torch.equal(h.grad, h2.grad) and torch.equal(w.grad, w2.grad)
+
+
+def test_is_top1_nan_row_is_false(backend_device):
+    backend, device = backend_device
+    logits, labels = _designed_logits(64, device)
+    logits[0, 9] = float("nan")  # row 0's label (column 5) is the maximum of the finite logits
+    hidden, weight, bias = _as_linear(logits, torch.float32)
+    _, is_top1 = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, is_top1=True, backend=backend)
+    assert not bool(is_top1[0]) and bool(is_top1[3])
+
+
+def _run_tiles_top1(op, logits, labels, width, temperature=1.0):
+    N, V = logits.shape
+    state = torch.full((N, 5), float("nan"), device=logits.device)
+    for v0 in range(0, V, width):
+        v1 = min(v0 + width, V)
+        expected = reference.logprobs_vocab_tile(logits[:, v0:v1], labels, state, temperature=temperature,
+                                                 vocab_start=v0, finish=v1 == V)
+        op(logits[:, v0:v1], labels, state, temperature, -100, v0, True, v1 == V)
+        assert torch.equal(state[:, 4], expected[:, 4].float()), f"arg-max flag after the tile at {v0}"
+        assert_close(state[:, :4], expected[:, :4], dtype=torch.float32, msg=f"state after the tile at {v0}")
+    return state
+
+
+@pytest.mark.parametrize("width", [1, 7, 16, 96])
+def test_vocab_tile_top1_each_step_matches_reference(backend_device, width):
+    """The fifth state value (the arg-max flag) after every tile, against the float64
+    reference of one step, on tie-laden rows and rows with -inf prefixes and huge logits."""
+    backend, device = backend_device
+    logits, labels = _designed_logits(96, device)
+    adversarial, adversarial_labels = _adversarial_logits(9, 96, torch.float32, device)
+    logits = torch.cat([logits, adversarial])
+    labels = torch.cat([labels, adversarial_labels])
+    state = _run_tiles_top1(_tile_op(backend), logits, labels, width, temperature=0.7)
+    top1 = (logits.double().argmax(-1) == labels) & (labels != -100)  # the first maximum wins
+    assert torch.equal(state[:, 4] != 0, top1)
+
+
+def test_vocab_tile_top1_opcheck():
+    logits, labels = _designed_logits(50, "cpu")
+    ops = [torch.ops.rlkernels.logprobs_vocab_tile] + ([torch.ops.rlkernels.logprobs_vocab_tile_triton]
+                                                      if TRITON_ON_CPU else [])
+    for op in ops:
+        state = torch.zeros(16, 5)
+        torch.library.opcheck(op.default, (logits[:, :20], labels, state.clone(), 0.9, -100, 0, True, False))
+        op(logits[:, :20], labels, state, 0.9, -100, 0, True, False)
+        torch.library.opcheck(op.default, (logits[:, 20:], labels, state, 0.9, -100, 20, True, True))

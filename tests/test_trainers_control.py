@@ -135,7 +135,8 @@ def test_decentralized_agents_end_each_round_identical(mode, tmp_path):
     # epochs * minibatches = 4 optimiser steps per training step: every step ends on a round
     metrics = trainers.train("decentralized", {**DECENTRALIZED, "mode": mode, "steps": 3}, out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert all(m["param_spread"] == 0.0 for m in metrics)
+    assert all(m["param_spread_after"] == 0.0 for m in metrics)
+    assert all(m["param_spread"] > 0.0 for m in metrics)  # the local steps took the agents apart
     assert [m["rounds"] for m in metrics] == [2, 4, 6]
     rewards = [m["agent_rewards"] for m in metrics]
     assert all(len(r) == 2 for r in rewards) and any(r[0] != r[1] for r in rewards)  # own env seeds
@@ -152,11 +153,28 @@ def test_decentralized_gossip_and_resume(tmp_path):
     out = str(tmp_path / "gossip")
     config = {**DECENTRALIZED, "mode": "gossip", "alpha": 0.5, "steps": 2}
     first = trainers.train("decentralized", config, out)
-    assert first[-1]["param_spread"] > 0  # gossip mixes towards the mean without reaching it
+    for m in first:
+        # measured before the step's last round, and after it: gossip mixes towards the mean without reaching it
+        assert m["param_spread"] > 0 and 0 < m["param_spread_after"] <= m["param_spread"]
     resumed = trainers.train("decentralized", {**config, "steps": 3}, out, resume=True)
     assert [m["step"] for m in resumed] == [1, 2, 3]
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         assert [json.loads(line)["step"] for line in fh] == [1, 2, 3]
+
+
+def test_decentralized_default_run_is_several_gossiping_agents(tmp_path):
+    """The default run (one step of it here) is what decentralization means: more than
+    two agents, gossip with ring neighbours only, agents that disagree before a round,
+    and a plot of each agent's reward and of the spread."""
+    out = str(tmp_path / "default")
+    config = trainers.make_config("decentralized", {"steps": 1, "progress": False, "timeout": 240.0})
+    assert config.mode == "gossip" and config.agents > 2
+    trainers.train("decentralized", config, out)
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        combined = [json.loads(line) for line in fh]
+    assert len(combined) == 1 and len(combined[0]["agent_rewards"]) == config.agents
+    assert combined[0]["param_spread"] > combined[0]["param_spread_after"] > 0
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
 
 
 def test_decentralized_needs_a_process_group():

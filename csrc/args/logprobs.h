@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../core/kl_penalty.h"
+#include "../core/logprobs.h"
 #include "../torch_common.h"
 
 namespace rlk {
@@ -60,13 +61,20 @@ inline void check_logprobs_backward(const at::Tensor& grad_logprobs, const c10::
 }
 
 // logprobs_vocab_tile: a tile of columns [vocab_start, vocab_start + V') of the
-// rows, and their running state (4 floats a row, core/logprobs.h).
-inline void check_vocab_tile(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
-                             double temperature, int64_t vocab_start) {
+// rows, and their running state (4 floats a row, or 5 with the arg-max flag,
+// core/logprobs.h).  Returns the state's width.
+inline int check_vocab_tile(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
+                            double temperature, int64_t vocab_start) {
   check_labels_shape(logits, labels, "logprobs_vocab_tile");
   TORCH_CHECK(temperature > 0, "logprobs_vocab_tile: temperature must be > 0, got ", temperature);
   TORCH_CHECK(vocab_start >= 0, "logprobs_vocab_tile: vocab_start must be >= 0, got ", vocab_start);
-  check_row_floats(state, logits, "state", 4);
+  const int64_t N = leading_numel(logits);
+  const int width = N > 0 && state.numel() == N * kTileWidthTop1 ? kTileWidthTop1 : kTileWidth;
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.numel() == N * width &&
+                  state.device() == logits.device(),
+              "logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row of logits "
+              "(5 to also track whether the label is the arg-max)");
+  return width;
 }
 
 // The logits' gradient, written by into(grad) (a backend's kernel, which needs

@@ -85,7 +85,7 @@ RLK_INLINE float logprob_of(float x_label, float m, float log_s, float inv_t) {
 // The lm-head's logits of a token arrive as tiles of columns [v0, v0 + n).  A float32
 // state of 4 values per row carries (m, s, t, label logit) from tile to tile, the
 // first tile (v0 = 0) starting from nothing, and holds (log p(label), H, m, ln s)
-// after the last one.  A kernel that adds each tile's elements in the order its
+// after the last one; a fifth value, when present, the arg-max flag (below).  A kernel that adds each tile's elements in the order its
 // whole-row pass would (tiles of whole kernel blocks) gives that pass's bits.
 RLK_INLINE SoftmaxStats tile_stats_in(const float* state, int64_t vocab_start) {
   return vocab_start == 0 ? stats_empty() : SoftmaxStats{state[0], state[1], state[2]};
@@ -110,8 +110,30 @@ RLK_INLINE void tile_stats_out(float* state, const SoftmaxStats& st, float x_lab
 }
 
 // A row whose label is ignore_index: 0 everywhere, as the whole-row forward writes.
-RLK_INLINE void tile_stats_ignored(float* state) {
-  for (int k = 0; k < 4; ++k) state[k] = 0.0f;
+RLK_INLINE void tile_stats_ignored(float* state, int width = 4) {
+  for (int k = 0; k < width; ++k) state[k] = 0.0f;
+}
+
+// Whether the label is the row's arg-max (TRL's is_top1), tracked with a fifth state
+// value per row: 1 while the label is the first arg-max of the columns seen so far (as
+// argmax, an earlier equal logit wins the tie), 0 otherwise, so after the last tile it
+// is the answer for the whole row.  In the label's tile the label's logit must be the
+// largest so far (m includes this tile), above every earlier tile's (prev_m), with no
+// earlier column of its own tile reaching it (earlier_at_least, which the kernel only
+// needs to look for when the first test passes); in later tiles it stays 1 while no
+// logit exceeds it.  A NaN logit anywhere in the row makes m NaN, hence 0.
+constexpr int kTileWidth = 4;      // state values per row
+constexpr int kTileWidthTop1 = 5;  // ... with the arg-max flag
+
+RLK_INLINE float tile_top1_in(const float* state, int64_t vocab_start) { return vocab_start == 0 ? 0.0f : state[4]; }
+
+RLK_INLINE bool top1_candidate(float x_label, float m) { return x_label >= m; }
+
+RLK_INLINE float tile_top1_next(float flag_in, bool label_here, float x_label, float prev_m, float m,
+                                bool earlier_at_least) {
+  const bool top = top1_candidate(x_label, m) &&
+                   (label_here ? (prev_m < x_label && !earlier_at_least) : flag_in != 0.0f);
+  return top ? 1.0f : 0.0f;
 }
 
 // The gradient of one logit.  g: upstream gradient of log p_label, gh: of H.

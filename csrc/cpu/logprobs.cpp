@@ -203,8 +203,17 @@ struct TileArgs {
   int64_t ignore_index, vocab_start;
   float scale, inv_t;
   float* state;
+  int width;  // kTileWidth, or kTileWidthTop1 with the arg-max flag
   bool finish;
 };
+
+// Whether any of x[0, n) is >= bound.
+template <class T>
+static bool any_at_least(const T* x, int64_t n, float bound) {
+  for (int64_t j = 0; j < n; ++j)
+    if (to_float(x[j]) >= bound) return true;
+  return false;
+}
 
 template <class T, bool kEntropy>
 struct TileRows {
@@ -212,18 +221,27 @@ struct TileRows {
   static RLK_ALWAYS_INLINE void run(const TileArgs& a, int64_t begin, int64_t end) {
     const T* base = static_cast<const T*>(a.logits);
     for (int64_t i = begin; i < end; ++i) {
-      float* state = a.state + 4 * i;
+      float* state = a.state + a.width * i;
       const int64_t label = a.labels[i];
       if (label == a.ignore_index) {
-        tile_stats_ignored(state);
+        tile_stats_ignored(state, a.width);
         continue;
       }
       const T* x = base + a.rows.offset(i);
+      const SoftmaxStats before = tile_stats_in(state, a.vocab_start);
       // kBlock-aligned tiles continue the whole-row pass exactly (row_stats' blocks)
-      const SoftmaxStats st = row_stats<W, T, kEntropy>(x, a.V, a.scale, tile_stats_in(state, a.vocab_start));
+      const SoftmaxStats st = row_stats<W, T, kEntropy>(x, a.V, a.scale, before);
       const int64_t local = label - a.vocab_start;
-      const float x_label = local >= 0 && local < a.V ? to_float(x[local]) : tile_label_in(state, a.vocab_start);
+      const bool label_here = local >= 0 && local < a.V;
+      const float x_label = label_here ? to_float(x[local]) : tile_label_in(state, a.vocab_start);
+      float top1 = 0.0f;
+      if (a.width == kTileWidthTop1) {
+        // the scan of the columns before the label runs only when the label's logit is the largest so far
+        const bool earlier = label_here && top1_candidate(x_label, st.m) && any_at_least(x, local, x_label);
+        top1 = tile_top1_next(tile_top1_in(state, a.vocab_start), label_here, x_label, before.m, st.m, earlier);
+      }
       tile_stats_out<kEntropy>(state, st, x_label, a.finish, a.inv_t);
+      if (a.width == kTileWidthTop1) state[4] = top1;
     }
   }
 };
@@ -231,12 +249,12 @@ struct TileRows {
 void logprobs_vocab_tile_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
                              double temperature, int64_t ignore_index, int64_t vocab_start, bool with_entropy,
                              bool finish) {
-  check_vocab_tile(logits, labels, state, temperature, vocab_start);
+  const int width = check_vocab_tile(logits, labels, state, temperature, vocab_start);
   RowIndex rows;
   const at::Tensor x = rows_readable(logits, &rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
   TileArgs args{x.data_ptr(), rows, V, labels.data_ptr<int64_t>(), ignore_index, vocab_start,
-                float(kLog2e / temperature), float(1.0 / temperature), state.data_ptr<float>(), finish};
+                float(kLog2e / temperature), float(1.0 / temperature), state.data_ptr<float>(), width, finish};
   dispatch_logits(x.scalar_type(), "logprobs_vocab_tile", [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {

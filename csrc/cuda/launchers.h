@@ -33,11 +33,13 @@ cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, i
                                     cudaStream_t stream);
 
 // One vocabulary tile [vocab_start, vocab_start + V) of each row merged into its
-// running state (4 floats a row, core/logprobs.h); finish turns the state into outputs.
+// running state (width 4 or, with the arg-max flag, 5 floats a row, core/logprobs.h);
+// finish turns the state into outputs.
 template <typename T>
 cudaError_t launch_logprobs_vocab_tile(const T* logits, RowIndex rows, int64_t N, int64_t V, const int64_t* labels,
                                        int64_t ignore_index, int64_t vocab_start, double temperature,
-                                       bool with_entropy, float* state, bool finish, cudaStream_t stream);
+                                       bool with_entropy, float* state, int width, bool finish,
+                                       cudaStream_t stream);
 
 // grad may alias logits (in-place backward); grad_entropy and entropy may be null.
 // logits may be a vocabulary tile starting at column vocab_start of the rows.

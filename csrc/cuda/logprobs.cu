@@ -177,23 +177,38 @@ template <typename T, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
     logprobs_vocab_tile_kernel(const T* __restrict__ logits, RowIndex rows, int64_t V,
                                const int64_t* __restrict__ labels, int64_t ignore_index, int64_t vocab_start,
-                               float scale, float inv_t, float* __restrict__ state, bool finish) {
+                               float scale, float inv_t, float* __restrict__ state, int width, bool finish) {
   const int64_t row = blockIdx.x;
-  float* out = state + 4 * row;
+  float* out = state + width * row;
   const int64_t label = labels[row];
   if (label == ignore_index) {  // the whole block leaves together
-    if (threadIdx.x == 0) tile_stats_ignored(out);
+    if (threadIdx.x == 0) tile_stats_ignored(out, width);
     return;
   }
   const T* x = logits + rows.offset(row);
+  const int64_t local = label - vocab_start;  // may lie outside this tile
+  const bool label_here = local >= 0 && local < V;
+  // With the arg-max flag, the block looks for a column before the label whose logit
+  // reaches the label's (the same answer for every thread: one row per block).
+  bool earlier = false;
+  if (width == kTileWidthTop1 && label_here) {
+    const float x_label = cast<float>(x[local]);
+    bool found = false;
+    for (int64_t j = threadIdx.x; j < local; j += blockDim.x) found = found || cast<float>(x[j]) >= x_label;
+    earlier = __syncthreads_or(found) != 0;
+  }
   SoftmaxStats st = stats_empty();
   for_each<T, false>(x, x, V, [&](int64_t, float v, float) { stats_push<kEntropy>(st, v, scale); });
   st = block_merge<kEntropy>(st, scale);
   if (threadIdx.x != 0) return;
-  st = stats_merge<kEntropy>(tile_stats_in(out, vocab_start), st, scale);
-  const int64_t local = label - vocab_start;  // may lie outside this tile
-  const float x_label = local >= 0 && local < V ? cast<float>(x[local]) : tile_label_in(out, vocab_start);
+  const SoftmaxStats before = tile_stats_in(out, vocab_start);
+  st = stats_merge<kEntropy>(before, st, scale);
+  const float x_label = label_here ? cast<float>(x[local]) : tile_label_in(out, vocab_start);
+  float top1 = 0.0f;
+  if (width == kTileWidthTop1)
+    top1 = tile_top1_next(tile_top1_in(out, vocab_start), label_here, x_label, before.m, st.m, earlier);
   tile_stats_out<kEntropy>(out, st, x_label, finish, inv_t);
+  if (width == kTileWidthTop1) out[4] = top1;
 }
 
 template <typename T, bool kEntropyGrad>
@@ -380,16 +395,17 @@ cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, i
 template <typename T>
 cudaError_t launch_logprobs_vocab_tile(const T* logits, RowIndex rows, int64_t N, int64_t V, const int64_t* labels,
                                        int64_t ignore_index, int64_t vocab_start, double temperature,
-                                       bool with_entropy, float* state, bool finish, cudaStream_t stream) {
+                                       bool with_entropy, float* state, int width, bool finish,
+                                       cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
   const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
   const dim3 grid(static_cast<unsigned int>(N));
   if (with_entropy)
-    logprobs_vocab_tile_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, rows, V, labels, ignore_index,
-                                                                       vocab_start, scale, inv_t, state, finish);
+    logprobs_vocab_tile_kernel<T, true><<<grid, kThreads, 0, stream>>>(
+        logits, rows, V, labels, ignore_index, vocab_start, scale, inv_t, state, width, finish);
   else
-    logprobs_vocab_tile_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, rows, V, labels, ignore_index,
-                                                                        vocab_start, scale, inv_t, state, finish);
+    logprobs_vocab_tile_kernel<T, false><<<grid, kThreads, 0, stream>>>(
+        logits, rows, V, labels, ignore_index, vocab_start, scale, inv_t, state, width, finish);
   return cudaGetLastError();
 }
 
@@ -447,7 +463,7 @@ cudaError_t launch_kl_backward(const T* logits, RowIndex rows, const T* ref, Row
                                                   double, bool, float*, float*, float*, float*, int,             \
                                                   cudaStream_t);                                                 \
   template cudaError_t launch_logprobs_vocab_tile<T>(const T*, RowIndex, int64_t, int64_t, const int64_t*, int64_t,  \
-                                                     int64_t, double, bool, float*, bool, cudaStream_t);           \
+                                                     int64_t, double, bool, float*, int, bool, cudaStream_t);      \
   template cudaError_t launch_logprobs_backward<T>(const T*, RowIndex, T*, RowIndex, int64_t, int64_t,           \
                                                    const int64_t*, int64_t, int64_t, const float*, const float*, \
                                                    const float*, const float*, double, cudaStream_t);            \

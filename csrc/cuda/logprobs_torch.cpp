@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& l
 void logprobs_vocab_tile_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
                               double temperature, int64_t ignore_index, int64_t vocab_start, bool with_entropy,
                               bool finish) {
-  check_vocab_tile(logits, labels, state, temperature, vocab_start);
+  const int width = check_vocab_tile(logits, labels, state, temperature, vocab_start);
   c10::cuda::CUDAGuard guard(logits.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   RowIndex rows;
@@ -89,7 +89,7 @@ void logprobs_vocab_tile_cuda(const at::Tensor& logits, const at::Tensor& labels
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::launch_logprobs_vocab_tile<T>(ptr<T>(x), rows, N, V, labels.data_ptr<int64_t>(),
                                                        ignore_index, vocab_start, temperature, with_entropy,
-                                                       state.data_ptr<float>(), finish, stream));
+                                                       state.data_ptr<float>(), width, finish, stream));
   });
 }
 

@@ -7,12 +7,14 @@ name; modules imported later pick the replacement up from `trl.trainer.utils`):
   `rlkernels.logprobs` (one streaming pass, fused backward, no [N, V] temporary).
 - `entropy_from_logits(logits, chunk_size=128)` -> `rlkernels.logprobs(..., entropy=True)`.
 - `selective_log_softmax_and_entropy(...)` -> both from the same pass.
-- `_ChunkedLogProbFunction` (the fused LM head GRPO and RLOO install with
-  `add_fused_lm_head`) -> `rlkernels.linear_logprobs` for log-probs and entropy.
+- `_ChunkedLogProbFunction` (the fused LM head the GRPO, RLOO, DPO, KTO and SFT
+  trainers install with `add_fused_lm_head`) -> `rlkernels.linear_logprobs` for
+  log-probs, entropy, `mean_logits` and `is_top1`, all from one call, so a policy
+  that asks for the extras (DPO) and its reference that does not run the same kernel.
 
 Each replacement keeps TRL's signature and output dtype and falls back to TRL's own
 function for what it does not cover (top-k index tensors, logit soft-capping or
-scaling, the extra fused-head outputs, mixed dtypes or autocast)."""
+scaling, the `log_sum_sq_probs` output of WPO, mixed dtypes or autocast)."""
 from __future__ import annotations
 
 import torch
@@ -76,28 +78,39 @@ def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
     return logprobs, entropy
 
 
+# The fused head's per-token outputs rlkernels.linear_logprobs computes; TRL's own
+# function answers for the rest (log_sum_sq_probs).
+_FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
 class ChunkedLogProbFunction:
     """Stands in for TRL's `_ChunkedLogProbFunction` (same `.apply` arguments and
-    5-tuple result: log-probs, entropy or None, then TRL's optional extras)."""
+    5-tuple result: log-probs, entropy, log_sum_sq_probs, mean_logits, is_top1, each
+    None when not asked for).  mean_logits and is_top1 follow TRL's definitions (the
+    mean of the temperature-scaled logits over the vocabulary; the label is the
+    arg-max, the first of equal maxima winning), computed on the float32 logits: TRL
+    compares logits after dividing by the temperature, where rounding can make two
+    nearly equal logits tie, and in 16-bit under autocast."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
         import rlkernels
 
-        extras = set(outputs) - {"log_probs", "entropy"}
-        covered = (not extras and final_logit_softcapping is None and logit_scale == 1.0
+        covered = (all(name in _FUSED_OUTPUTS for name in outputs) and final_logit_softcapping is None
+                   and logit_scale == 1.0
                    and hidden.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
                    and hidden.dtype in (torch.float32,) + _LOWP
                    and not torch.is_autocast_enabled(hidden.device.type))
         if not covered:
             return _original("_ChunkedLogProbFunction").apply(hidden, weight, bias, targets, temperature, chunk_size,
                                                               final_logit_softcapping, logit_scale, outputs)
-        with_entropy = "entropy" in outputs
-        out = rlkernels.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                        entropy=with_entropy)
-        logprobs, entropy = out if with_entropy else (out, None)
-        return logprobs, entropy, None, None, None
+        wanted = {name: name in outputs for name in ("entropy", "mean_logits", "is_top1")}
+        out = rlkernels.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, **wanted)
+        values = iter(out if isinstance(out, tuple) else (out,))
+        logprobs = next(values)
+        entropy, mean_logits, is_top1 = (next(values) if wanted[name] else None for name in wanted)
+        return logprobs, entropy, None, mean_logits, is_top1
 
 
 _REPLACEMENTS = {

@@ -1,5 +1,7 @@
 """rlkernels.linear_logprobs: per-token log-probs (and entropy) straight from
 hidden states and the lm-head, never holding more than one tile of logits.
+Optionally also two row statistics TRL's fused lm-head reports: the mean logit
+over the vocabulary and whether the label is the arg-max.
 
 Forward: for each tile of [tokens, vocabulary block], logits = hidden @ weight.T
 (+ bias) into one reused buffer, then the fused tile kernel, which merges the
@@ -7,7 +9,13 @@ tile into each token's running softmax statistics and, at the row's last block,
 writes its log-prob, entropy and the row statistics the backward keeps (8 bytes
 a token).  Backward: the same tiles recomputed, turned into d loss / d logits in
 place by the fused backward kernel, and fed to the matmuls for hidden, weight
-and bias.  Rows whose label is ignore_index are dropped before any matmul."""
+and bias.  Rows whose label is ignore_index are dropped before any matmul.
+
+The mean logit needs no pass over the logits: the mean over the vocabulary of
+hidden @ weight.T + bias is hidden @ mean(weight) + mean(bias), one [V, H]
+column mean (accumulated in float64) and a matrix-vector product in float32.
+Whether the label is the arg-max comes from the tile kernel, which tracks it in a
+fifth state value per row (csrc/core/logprobs.h)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -24,8 +32,8 @@ _OP = "linear_logprobs"
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                    entropy: bool = False, chunk_size: int | tuple[int, int] | None = None,
-                    backend: str = "auto"):
+                    entropy: bool = False, mean_logits: bool = False, is_top1: bool = False,
+                    chunk_size: int | tuple[int, int] | None = None, backend: str = "auto"):
     """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, without
     materialising the [N, V] logits.
 
@@ -35,8 +43,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     a number of full rows (default: as many as 64 MiB of float32 logits hold); peak extra
     memory is about chunk_size x V logits, spent on tiles of vocabulary blocks (4096
     wide) times tokens, forward and backward; or a (tokens, vocabulary) pair fixing the
-    tile.  Returns float32 log-probs (and entropy with entropy=True) of the leading
-    shape, 0 on ignored tokens; gradients flow to hidden, weight and bias.
+    tile.  Returns float32 log-probs of the leading shape, 0 on ignored tokens;
+    gradients flow to hidden, weight and bias.  With any of the flags, a tuple: the
+    log-probs, then for each flag set, in this order, entropy (float32, with gradient),
+    mean_logits (the mean over the vocabulary of the temperature-scaled logits,
+    float32, no gradient) and is_top1 (bool: the label's logit is the largest and no
+    earlier column's equals it, as argmax picks the first maximum; False where a row
+    holds NaN).  Ignored tokens get 0 and False.
     """
     V.tensor(_OP, "hidden", hidden, dtypes=L.LOGIT_DTYPES, min_ndim=1)
     V.tensor(_OP, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)
@@ -53,21 +66,49 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
     labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
     temperature = L.temperature(_OP, temperature)
-    entropy = bool(entropy)
+    entropy, mean_logits, is_top1 = bool(entropy), bool(mean_logits), bool(is_top1)
     chosen = L.choose_backend(_OP, backend, device, hidden.dtype)
     if chosen == "reference":
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                         ignore_index=ignore_index, entropy=entropy)
+                                         ignore_index=ignore_index, entropy=entropy, mean_logits=mean_logits,
+                                         is_top1=is_top1)
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     N, vocab = flat_hidden.shape[0], weight.shape[0]
     tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, vocab)
-    values, entropies, _ = torch.ops.rlkernels.linear_logprobs(flat_hidden, weight, flat_labels, bias, temperature,
-                                                               ignore_index, entropy, tile_tokens, tile_vocab, budget,
-                                                               chosen)
-    values = values.reshape(lead)
-    return (values, entropies.reshape(lead)) if entropy else values
+    values, entropies, _, top1 = torch.ops.rlkernels.linear_logprobs(
+        flat_hidden, weight, flat_labels, bias, temperature, ignore_index, entropy, is_top1, tile_tokens, tile_vocab,
+        budget, chosen)
+    outputs = [values.reshape(lead)]
+    if entropy:
+        outputs.append(entropies.reshape(lead))
+    if mean_logits:
+        outputs.append(mean_logit(flat_hidden, weight, bias, temperature, flat_labels != ignore_index).reshape(lead))
+    if is_top1:
+        outputs.append(top1.reshape(lead))
+    return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+
+@torch.no_grad()
+def mean_logit(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+               valid: torch.Tensor) -> torch.Tensor:
+    """(hidden @ mean(weight) + mean(bias)) / temperature per row of [N, H] hidden, float32,
+    0 where valid is False: the mean over the vocabulary of the logits, without them.
+    The column mean accumulates in float64 one vocabulary block at a time (no float64
+    copy of the weight)."""
+    vocab = weight.shape[0]
+    column_sum = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for v0 in range(0, vocab, _MEAN_BLOCK):
+        column_sum += weight[v0:v0 + _MEAN_BLOCK].sum(0, dtype=torch.float64)
+    offset = bias.sum(dtype=torch.float64) / vocab if bias is not None else 0.0
+    mean_row = (column_sum / vocab).to(torch.float32)
+    means = torch.mv(torch.where(valid[:, None], hidden, 0).to(torch.float32), mean_row) + float(offset)
+    return torch.where(valid, means / temperature, 0.0)
+
+
+# vocabulary rows per block of the column mean (a float64 temporary of this many rows at most)
+_MEAN_BLOCK = 4096
 
 
 def _tiling(chunk_size, N: int, vocab: int) -> tuple[int, int, int]:
@@ -104,38 +145,43 @@ def _row_ops(backend: str):
 
 @custom_op("rlkernels::linear_logprobs", mutates_args=())
 def _linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-                     temperature: float, ignore_index: int, with_entropy: bool, tile_tokens: int, tile_vocab: int,
-                     budget: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     temperature: float, ignore_index: int, with_entropy: bool, with_top1: bool, tile_tokens: int,
+                     tile_vocab: int, budget: int,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     vocab_tile, _ = _row_ops(backend)
     N, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     values = torch.zeros(N, **f32)
     entropies = torch.zeros(N if with_entropy else 0, **f32)
     saved = torch.zeros(N, 2, **f32)
+    top1 = torch.zeros(N if with_top1 else 0, dtype=torch.bool, device=hidden.device)
     rows = _chunked.kept_rows(labels, ignore_index)
     kept_hidden, kept_labels = (hidden, labels) if rows is None else (hidden[rows], labels[rows])
     n = kept_hidden.shape[0]
     if n == 0:
-        return values, entropies, saved
-    # per kept token: running (max, sum, entropy sum, label logit), then (log p, H, max, ln s)
-    state = torch.empty(n, 4, **f32)
+        return values, entropies, saved, top1
+    # per kept token: running (max, sum, entropy sum, label logit), then (log p, H, max, ln s);
+    # with_top1 adds the arg-max flag as a fifth value
+    state = torch.empty(n, 5 if with_top1 else 4, **f32)
     tiles = _tiles(n, vocab, tile_tokens, tile_vocab, budget)
     for t0, t1, v0, v1, logits in _chunked.tiled_logits(kept_hidden, weight, bias, tiles):
         vocab_tile(logits, kept_labels[t0:t1], state[t0:t1], temperature, ignore_index, v0, with_entropy, v1 == vocab)
     span = slice(None) if rows is None else rows
     values[span] = state[:, 0]
-    saved[span] = state[:, 2:]
+    saved[span] = state[:, 2:4]
     if with_entropy:
         entropies[span] = state[:, 1]
-    return values, entropies, saved
+    if with_top1:
+        top1[span] = state[:, 4] != 0
+    return values, entropies, saved, top1
 
 
 @register_fake("rlkernels::linear_logprobs")
-def _linear_logprobs_fake(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, tile_tokens,
-                          tile_vocab, budget, backend):
+def _linear_logprobs_fake(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, with_top1,
+                          tile_tokens, tile_vocab, budget, backend):
     N = hidden.shape[0]
     return (hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N if with_entropy else 0, dtype=torch.float32),
-            hidden.new_empty((N, 2), dtype=torch.float32))
+            hidden.new_empty((N, 2), dtype=torch.float32), hidden.new_empty(N if with_top1 else 0, dtype=torch.bool))
 
 
 @custom_op("rlkernels::linear_logprobs_backward", mutates_args=())
@@ -185,18 +231,18 @@ def _linear_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, 
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, labels, bias, temperature, ignore_index, with_entropy, tile_tokens, tile_vocab, budget,
-     backend) = inputs
-    _, entropies, saved = output
+    (hidden, weight, labels, bias, temperature, ignore_index, _with_entropy, _with_top1, tile_tokens, tile_vocab,
+     budget, backend) = inputs
+    _, entropies, saved, _ = output
     ctx.save_for_backward(hidden, weight, labels, bias, saved, entropies)
     ctx.options = (temperature, ignore_index, tile_tokens, tile_vocab, budget, backend)
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved):
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
     hidden, weight, labels, bias, saved, entropies = ctx.saved_tensors
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     if not (needs_hidden or needs_weight or needs_bias):
-        return (None,) * 11
+        return (None,) * 12
     N = hidden.shape[0]
     grad_logprobs = (torch.zeros(N, dtype=torch.float32, device=hidden.device) if grad_logprobs is None
                      else grad_logprobs.to(torch.float32).contiguous())
@@ -207,7 +253,7 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved):
         grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature, ignore_index,
         tile_tokens, tile_vocab, budget, backend, bool(needs_hidden), bool(needs_weight), bool(needs_bias))
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
-            grad_bias if needs_bias else None) + (None,) * 7
+            grad_bias if needs_bias else None) + (None,) * 8
 
 
 torch.library.register_autograd("rlkernels::linear_logprobs", _backward, setup_context=_setup_context)

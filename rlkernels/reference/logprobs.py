@@ -63,16 +63,19 @@ def logprobs_vocab_tile(logits: torch.Tensor, labels: torch.Tensor, state: torch
     columns [vocab_start, vocab_start + V') of the rows, into `state` (ignored when
     vocab_start == 0): (m, s, t, label logit) with s = sum 2^y, t = sum y 2^y and
     y = (x - m) log2(e) / T, or after the last tile (finish) (log p, H, m, ln s).
-    Ignored rows hold zeros; without entropy t and H are 0.  Does not modify `state`."""
+    A state of 5 values per row adds the arg-max flag: 1 while the label is the first
+    arg-max of the columns seen so far.  Ignored rows hold zeros; without entropy t and
+    H are 0.  Does not modify `state`."""
     x = logits.double().reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     n, width = x.shape
+    top1 = n > 0 and state.numel() == 5 * n
     scale = 1.4426950408889634 / temperature
-    old = torch.zeros(n, 4, dtype=torch.float64, device=x.device)
+    old = torch.zeros(n, 5 if top1 else 4, dtype=torch.float64, device=x.device)
     old[:, 0] = -torch.inf
     if vocab_start != 0:
-        old = state.reshape(n, 4).double()
-    m0, s0, t0, label0 = old.unbind(-1)
+        old = state.reshape(n, -1).double()
+    m0, s0, t0, label0 = old[:, :4].unbind(-1)
     tile_max = x.amax(-1) if width else torch.full((n,), -torch.inf, dtype=torch.float64, device=x.device)
     m = torch.maximum(m0, tile_max)
     shift = torch.where(m == -torch.inf, 0.0, m)
@@ -94,6 +97,12 @@ def logprobs_vocab_tile(logits: torch.Tensor, labels: torch.Tensor, state: torch
                            log_s - 0.6931471805599453 * t / s if entropy else torch.zeros_like(s), m, log_s], -1)
     else:
         out = torch.stack([m, s, t, x_label], -1)
+    if top1:
+        # first arg-max of the columns so far: nothing before the label reaches its logit, nothing after exceeds it
+        cols = torch.arange(width, device=x.device)
+        earlier = ((x >= x_label[:, None]) & (cols[None, :] < local[:, None])).any(-1)
+        top = (x_label >= m) & torch.where(inside, (m0 < x_label) & ~earlier, old[:, 4] != 0)
+        out = torch.cat([out, top.double()[:, None]], -1)
     return torch.where((labels == ignore_index)[:, None], 0.0, out)
 
 
@@ -150,12 +159,27 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                    entropy: bool = False):
+                    entropy: bool = False, mean_logits: bool = False, is_top1: bool = False):
     """The unfused lm-head: logits = hidden @ weight.T (+ bias), then logprobs.  Ignored
     tokens' hidden states may hold anything (NaN padding): they are zeroed first, so they
-    reach neither the values nor the weight's gradient."""
-    hidden = torch.where((labels != ignore_index).unsqueeze(-1), hidden, 0)
+    reach neither the values nor the weight's gradient.  mean_logits: the mean of the
+    logits / temperature over the vocabulary (no gradient); is_top1: argmax == label (the
+    first maximum wins a tie), False where a row holds NaN; both 0 / False on ignored
+    tokens.  Returns the log-probs, then entropy, mean_logits and is_top1 as asked."""
+    valid = labels != ignore_index
+    hidden = torch.where(valid.unsqueeze(-1), hidden, 0)
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, entropy=entropy)
+    out = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, entropy=entropy)
+    if not (mean_logits or is_top1):
+        return out
+    out = list(out) if entropy else [out]
+    if mean_logits:
+        with torch.no_grad():
+            means = logits.to(acc_dtype(logits.dtype)).mean(-1) / temperature
+        out.append(torch.where(valid, means, 0).to(out[0].dtype))
+    if is_top1:
+        top = (logits.argmax(-1) == labels) & ~logits.isnan().any(-1)
+        out.append(top & valid)
+    return tuple(out)

@@ -25,6 +25,42 @@ _REGISTRY = {
     "decentralized": ("decentralized", "DecentralizedPPOTrainer", "DecentralizedConfig"),
 }
 TRAINERS = tuple(_REGISTRY)
+# Trainers whose model is a GPT-2 built with transformers (the others are small torch networks)
+_LANGUAGE_MODEL_TRAINERS = ("reward-model", "ppo-rlhf", "grpo", "dpo")
+
+
+class MissingExtra(ImportError):
+    """A trainer needs a package of the `train` extra that is not importable."""
+
+
+def missing_packages(name: str, config, out: str | None) -> list[str]:
+    """The packages of the `train` extra that trainer `name` with this config and output
+    directory would import but cannot, each with what it is for."""
+    needs = []
+    if name in _LANGUAGE_MODEL_TRAINERS:
+        needs.append(("transformers", "the model and tokenizer"))
+    if out:
+        needs.append(("safetensors", "the checkpoint"))
+        if getattr(config, "plot", False):
+            needs.append(("matplotlib", "curves.png"))
+    missing = []
+    for module, use in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(f"{module} ({use})")
+    return missing
+
+
+def check_extras(name: str, config, out: str | None) -> None:
+    """Raises MissingExtra, in one line naming the `train` extra, when the run would
+    stop for want of one of its packages; called before any work starts."""
+    missing = missing_packages(name, config, out)
+    if missing:
+        only_plot = all(m.startswith("matplotlib") for m in missing)
+        hint = " (or set plot=false to run without curves.png)" if only_plot else ""
+        raise MissingExtra(f"needs {', '.join(missing)}, which the train extra installs: "
+                           f"pip install 'rlkernels[train]'{hint}")
 
 
 def _lookup(name: str):
@@ -63,6 +99,7 @@ def train(name: str, config=None, out: str | None = None, *, resume: bool = Fals
     the decentralized trainer)."""
     if config is None or isinstance(config, dict):
         config = make_config(name, config or {})
+    check_extras(name, config, out)
     if name == "decentralized":
         from .decentralized import train_decentralized
 
@@ -72,4 +109,4 @@ def train(name: str, config=None, out: str | None = None, *, resume: bool = Fals
     return trainer.metrics
 
 
-__all__ = ["TRAINERS", "ConfigError", "config_class", "make_config", "saved_config", "train", "trainer_class"]
+__all__ = ["TRAINERS", "ConfigError", "MissingExtra", "check_extras", "config_class", "make_config", "saved_config", "train", "trainer_class"]

@@ -53,7 +53,7 @@ def _quiet_transformers() -> None:
 
 
 def run_train(args) -> int:
-    from . import make_config, saved_config, train
+    from . import MissingExtra, check_extras, make_config, saved_config, train
     from .config import parse_overrides, read_file
 
     _quiet_transformers()
@@ -71,6 +71,11 @@ def run_train(args) -> int:
         sources.append({k: v for k, v in command_line.items() if v is not None and not (args.compare and k == "steps")})
         config = make_config(name, *sources)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"rlkernels train {name}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_extras(name, config.replace(plot=False) if args.compare else config, out)
+    except MissingExtra as exc:
         print(f"rlkernels train {name}: {exc}", file=sys.stderr)
         return 2
     if args.compare:
@@ -105,8 +110,14 @@ def summary_line(name: str, metrics: list[dict], out: str | None) -> str:
 
 
 def run_demo(args) -> int:
+    from . import MissingExtra, check_extras, make_config
     from .demo import demo
 
+    try:
+        check_extras("ppo-rlhf", make_config("ppo-rlhf"), args.out)
+    except MissingExtra as exc:
+        print(f"rlkernels demo: {exc}", file=sys.stderr)
+        return 2
     _quiet_transformers()
     demo(out=args.out, steps=args.steps, kernels=args.kernels, progress=not args.no_progress)
     return 0

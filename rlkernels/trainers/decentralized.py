@@ -1,18 +1,25 @@
 """Decentralized multi-agent PPO: N agents, each a process with its own environment
 seed, run local classic-PPO steps and exchange what they learned through
-`rlkernels.distributed.DecentralizedAverager`: every `average_every` local optimiser
-steps, theta_global <- theta_global + alpha * mean_i(delta_i) (allreduce or ring mode,
-after which every agent holds theta_global), or one gossip mixing round with the ring
-neighbours (gossip mode).
+`rlkernels.distributed.DecentralizedAverager`.  Every `average_every` local optimiser
+steps a round moves each agent to theta_i = theta_global + alpha * delta_theta_i:
+in allreduce or ring mode theta_global is where the round's local steps started and
+delta_theta_i the mean of all agents' updates since (so every agent ends the round
+on the same, new theta_global); in gossip mode (the default) theta_global is the
+agent's own parameters and delta_theta_i = mix_i - theta_i, the pull towards the
+weighted mean of itself and its two ring neighbours, so agents only ever talk to
+neighbours and stay apart.
 
 Launch: `rlkernels train decentralized` starts `agents` local processes over gloo; under
 `torchrun` (RANK / WORLD_SIZE set) each torchrun process is one agent, so the same
 command runs across machines (NCCL on GPUs via dist_backend="nccl").
 
 Output: `<out>/agent<i>/` holds each agent's metrics, plot and checkpoint; agent 0 also
-writes `<out>/metrics.jsonl` and `<out>/curves.png` with the mean reward over agents
-and `param_spread`, the largest parameter difference between agents at the end of the
-step (0 in allreduce/ring mode when the step ends on a round)."""
+writes `<out>/metrics.jsonl` and `<out>/curves.png` with each agent's reward, the mean,
+and `param_spread`: the largest parameter difference between agents just before the
+step's last averaging round, i.e. how far the local steps took the agents apart, the
+disagreement the round acts on.  `param_spread_after` is the same at the end of the
+step (0 in allreduce/ring mode when the step ends on a round; smaller but not 0 with
+gossip)."""
 from __future__ import annotations
 
 import datetime
@@ -32,10 +39,13 @@ MODES = ("allreduce", "ring", "gossip")
 
 @dataclass
 class DecentralizedConfig(PPOConfig):
-    agents: int = 2                  # processes started locally (ignored under torchrun)
-    mode: str = "allreduce"          # "allreduce", "ring" or "gossip"
+    steps: int = 12                  # a short default run (several agents share the machine's cores)
+    num_envs: int = 8
+    rollout_steps: int = 128
+    agents: int = 4                  # processes started locally (ignored under torchrun)
+    mode: str = "gossip"             # "gossip" (ring neighbours only), "allreduce" or "ring"
     average_every: int = 4           # local optimiser steps per averaging round
-    alpha: float = 1.0               # step size on the averaged update
+    alpha: float = 1.0               # theta_i = theta_global + alpha * delta_theta_i (module docstring)
     average_optimizer_state: bool = False
     dist_backend: str = "gloo"
     timeout: float = 900.0           # seconds: the whole local run, and each collective
@@ -56,7 +66,9 @@ class DecentralizedPPOTrainer(PPOTrainer):
 
     name = "decentralized"
     config_class = DecentralizedConfig
-    plot_keys = ("reward", "loss", "kl", "param_spread")
+    plot_keys = ("reward", "loss", "kl", ("param_spread", "param_spread_after"))
+    # the combined plot of all agents
+    combined_plot_keys = ("agent_rewards", ("param_spread", "param_spread_after"), "loss", "kl")
 
     def __init__(self, config, out: str | None = None, *, kernels: str | None = None, combined_out: str | None = None):
         if not dist.is_initialized():
@@ -85,6 +97,8 @@ class DecentralizedPPOTrainer(PPOTrainer):
         self.rng.seed(agent_seed)
 
     def after_optimizer_step(self) -> None:
+        if (self.averager.steps + 1) % self.averager.every == 0:  # a round follows: measure what it acts on
+            self.spread_before = self._spread()
         self.averager.step()
 
     def extra_state(self):
@@ -111,17 +125,22 @@ class DecentralizedPPOTrainer(PPOTrainer):
         return float((high - low).max())
 
     def train_step(self) -> dict:
+        self.spread_before = None
         metrics = super().train_step()
+        spread_after = self._spread()
         keys = ("reward", "loss", "kl", "entropy")
         local = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)
         table = torch.stack(gathered)
-        metrics.update(agent_rewards=table[:, 0].tolist(), param_spread=self._spread(), rounds=self.averager.rounds)
+        # a step without a round: the spread now is what the next round will act on
+        spread = spread_after if self.spread_before is None else self.spread_before
+        metrics.update(agent_rewards=table[:, 0].tolist(), param_spread=spread, param_spread_after=spread_after,
+                       rounds=self.averager.rounds)
         if self.combined_out:
             combined = {"step": self.step + 1, **{k: float(table[:, i].mean()) for i, k in enumerate(keys)},
-                        "agent_rewards": table[:, 0].tolist(), "param_spread": metrics["param_spread"],
-                        "rounds": self.averager.rounds}
+                        "agent_rewards": table[:, 0].tolist(), "param_spread": spread,
+                        "param_spread_after": spread_after, "rounds": self.averager.rounds}
             with open(os.path.join(self.combined_out, METRICS_FILE), "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(combined) + "\n")
         return metrics
@@ -135,8 +154,10 @@ class DecentralizedPPOTrainer(PPOTrainer):
             from .plot import save_curves
 
             save_curves(read_metrics(os.path.join(self.combined_out, METRICS_FILE)),
-                        os.path.join(self.combined_out, PLOT_FILE), keys=self.plot_keys,
-                        title=f"{self.name}: mean of {self.world_size} agents")
+                        os.path.join(self.combined_out, PLOT_FILE), keys=self.combined_plot_keys,
+                        title=f"{self.name}: {self.world_size} agents, {self.config.mode} every "
+                              f"{self.config.average_every} optimiser steps, alpha {self.config.alpha:g} "
+                              "(loss, kl: mean over agents)")
         return out
 
     def load_checkpoint(self, path=None):

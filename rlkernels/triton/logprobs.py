@@ -228,13 +228,26 @@ def _logprobs_backward_triton_fake(grad_logprobs, grad_entropy, logits, labels, 
 # ---- one vocabulary tile of rows (linear_logprobs) ------------------------------------------------
 
 @triton.jit
+def _any_at_least(base, n, bound, BLOCK: tl.constexpr):
+    """Whether any of the row's logits [0, n) is >= bound."""
+    found = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < n, other=-float("inf")).to(tl.float32)
+        found = tl.maximum(found, tl.max(((x >= bound) & (cols < n)).to(tl.int32), axis=0))
+    return found != 0
+
+
+@triton.jit
 def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
-                       scale, inv_t, ENTROPY: tl.constexpr, FINISH: tl.constexpr, BLOCK: tl.constexpr):
+                       scale, inv_t, ENTROPY: tl.constexpr, FINISH: tl.constexpr, TOP1: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """Merges the tile's statistics into the row's state (m, s, t, label logit); with
-    FINISH the state becomes (log p, H, m, ln s), as csrc/core/logprobs.h's tile_stats_out."""
+    FINISH the state becomes (log p, H, m, ln s), as csrc/core/logprobs.h's tile_stats_out.
+    With TOP1 a fifth value per row is the arg-max flag of tile_top1_next there."""
     row = tl.program_id(0).to(tl.int64)
     base = _row_base(x_ptr, row, inner, outer_stride, inner_stride)
-    out = state_ptr + 4 * row
+    out = state_ptr + (5 if TOP1 else 4) * row
     label = tl.load(labels_ptr + row)
     ignored = label == ignore_index
     first = vocab_start == 0  # the first tile starts from nothing (the state may be uninitialised)
@@ -242,12 +255,21 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
     s = tl.where(first, 0.0, tl.load(out + 1))
     t = tl.where(first, 0.0, tl.load(out + 2))
     x_label = tl.where(first, 0.0, tl.load(out + 3))
+    prev_m = m
     n = tl.where(ignored, 0, V)
     m, s, t = _stream_stats(base, V, n, m, s, t, scale, ENTROPY, BLOCK)
     local = label - vocab_start
     in_tile = (local >= 0) & (local < V) & (~ignored)
     x_label = tl.where(in_tile, tl.load(base + tl.where(in_tile, local, 0), mask=in_tile, other=0.0).to(tl.float32),
                        x_label)
+    if TOP1:
+        flag_in = tl.where(first, 0.0, tl.load(out + 4))
+        candidate = x_label >= m
+        # the columns before the label are read only when its logit is the largest so far
+        scan = tl.where(in_tile & candidate, local, 0)
+        earlier = _any_at_least(base, scan, x_label, BLOCK)
+        top = candidate & tl.where(in_tile, (prev_m < x_label) & (~earlier), flag_in != 0.0)
+        tl.store(out + 4, tl.where(top & (~ignored), 1.0, 0.0))
     if FINISH:
         log_s = tl.log(tl.where(ignored, 1.0, s))
         lp = (x_label - m) * inv_t - log_s
@@ -274,8 +296,10 @@ def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state
     N = math.prod(lead)
     if labels.dtype != torch.int64 or labels.shape != lead or not labels.is_contiguous():
         raise ValueError(f"logprobs_vocab_tile: labels must be contiguous int64 of shape {tuple(lead)}")
-    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != 4 * N:
-        raise ValueError("logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row")
+    top1 = N > 0 and state.numel() == 5 * N
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != (5 if top1 else 4) * N:
+        raise ValueError("logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row "
+                         "(5 to also track whether the label is the arg-max)")
     if temperature <= 0 or vocab_start < 0:
         raise ValueError("logprobs_vocab_tile: temperature must be > 0 and vocab_start >= 0")
     x, (inner, outer_stride, inner_stride) = readable(logits)
@@ -283,7 +307,7 @@ def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state
     if N > 0:
         _vocab_tile_kernel[(N,)](x, labels, state, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
                                  _LOG2E / temperature, 1.0 / temperature, ENTROPY=bool(with_entropy),
-                                 FINISH=bool(finish), BLOCK=_block(V))
+                                 FINISH=bool(finish), TOP1=top1, BLOCK=_block(V))
 
 
 register_fake("rlkernels::logprobs_vocab_tile_triton")(_fake_vocab_tile)
