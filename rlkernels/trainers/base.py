@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import MAX_STEPS
 from .config import Config, ConfigError
 from .kernels import KERNEL_SETS, Kernels
 
@@ -59,7 +60,6 @@ class TrainConfig(Config):
                 raise ConfigError("device", f"must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}") from None
 
 
-MAX_STEPS = 10 ** 9      # beyond any run these trainers can finish: a larger value is a typo
 MAX_SEED = 2 ** 63 - 1   # torch.manual_seed's range (agents add small offsets to it)
 MAX_THREADS = 1024
 
@@ -306,7 +306,9 @@ def read_metrics(path: str) -> list[dict]:
     if not os.path.lexists(path):
         return []
     records = []
-    text = read_regular_file(path, MAX_METRICS_BYTES).decode("utf-8", errors="replace")
+    # only a regular file in the run folder: resuming rewrites it
+    text = read_regular_file(path, MAX_METRICS_BYTES, root=os.path.dirname(os.path.abspath(path)))
+    text = text.decode("utf-8", errors="replace")
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -32,6 +32,7 @@ FORMAT = 1
 MAX_JSON_BYTES = 64 << 20       # trainer_state.json holds a config, RNG words and small values
 HEADER_BYTES = 16 << 20         # room for a safetensors header beyond the tensor bytes
 STATE_TENSOR_FACTOR = 4         # optimiser moments and extra state: at most this many copies of the weights
+MAX_STEPS = 10 ** 9             # more steps than any run of these trainers: a larger count is damage or a typo
 
 
 class CheckpointError(ValueError):
@@ -39,7 +40,7 @@ class CheckpointError(ValueError):
     any module, optimiser, RNG stream or trainer attribute has changed."""
 
     def __init__(self, path: str, message: str):
-        self.path = path
+        self.path, self.message = path, message
         super().__init__(f"{path}: {message}")
 
 
@@ -269,7 +270,10 @@ def _optimizer_state(name: str, optimizer: torch.optim.Optimizer, meta, tensors:
             if tensor_key not in tensors:
                 raise CheckpointError(tensor_path, f"missing the optimiser tensor {tensor_key}")
             value = tensors[tensor_key]
-            if not value.is_floating_point() or not (value.shape == param.shape or value.numel() == 1):
+            # a step counter is one float; every other entry (moments, momentum) is shaped like the parameter
+            fits = value.is_floating_point() and value.numel() == 1 if key == "step" else (
+                value.shape == param.shape and value.dtype == param.dtype)
+            if not fits:
                 raise CheckpointError(tensor_path, f"{tensor_key} is {tuple(value.shape)} {value.dtype}; the "
                                                    f"parameter is {tuple(param.shape)} {param.dtype}")
             _check_finite({tensor_key: value}, tensor_path, "optimiser tensor")
@@ -340,8 +344,8 @@ def read_state(path: str, *, trainer: str | None = None) -> dict:
     if trainer is not None and meta["trainer"] != trainer:
         raise CheckpointError(file, f"was written by trainer {meta['trainer']!r}, not {trainer!r}")
     step = meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(file, f"step must be an integer >= 0, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEPS:
+        raise CheckpointError(file, f"step must be an integer from 0 to {MAX_STEPS}, got {step!r:.80}")
     for key, kind in (("config", dict), ("optimizers", dict), ("extra", dict), ("modules", list),
                       ("python_rng", list)):
         if not isinstance(meta.get(key), kind):
@@ -441,6 +445,13 @@ def read(path: str, *, trainer: str, modules: dict, optimizers: dict,
     for key in (k for k in tensors if k.startswith("rng/cuda/")):
         if not key[len("rng/cuda/"):].isdigit() or tensors[key].dtype != torch.uint8 or tensors[key].dim() != 1:
             raise CheckpointError(tensor_file, f"{key} is not a CUDA RNG state")
+    used = {f"optim/{name}/{pid}/{key}" for name, state in optimizer_states.items()
+            for pid, entries in state["state"].items() for key, value in entries.items()
+            if isinstance(value, torch.Tensor)}
+    unexpected = sorted(k for k in tensors if k not in used and k not in ("rng/torch", "rng/generator")
+                        and not k.startswith(("rng/cuda/", "extra/")))
+    if unexpected:
+        raise CheckpointError(tensor_file, f"holds a tensor no part of the trainer reads: {unexpected[0]}")
     return LoadedCheckpoint(path, meta, states, optimizer_states, tensors, modules, optimizers, generator)
 
 
