@@ -242,10 +242,11 @@ def read_file(path: str) -> dict:
     """A config file as a dict: .json, .toml, or .yaml/.yml (needs PyYAML).  Any problem
     with the file (missing, not a regular file, too large, not UTF-8, empty, a syntax
     error, not a mapping) raises ConfigFileError (a ValueError) naming it."""
+    raw = _config_bytes(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".json", ".toml", ".yaml", ".yml"):
         raise ConfigFileError(path, f"unknown extension {ext!r} (use .json, .toml, .yaml)")
-    text = _config_text(path, _config_bytes(path))
+    text = _config_text(path, raw)
     if ext == ".json":
         try:
             data = json.loads(text, parse_constant=_reject_constant)
@@ -286,7 +287,7 @@ def parse_overrides(items) -> dict:
             raise ConfigError(key, f"--set {item!r}: the key must be a name, or dotted names (model.n_layer)")
         try:
             value = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON (or a number too long to convert): the text itself
             value = raw
         node = out
         parts = key.strip().split(".")
