@@ -192,11 +192,13 @@ def flag_cases(tmp_path):
         (["--config", _write(cfg / "conf.ini", "steps=3")], "conf.ini: unknown extension"),
         (["--config", _write(cfg / "tag.yaml", "steps: !!python/object/apply:os.getcwd []\n")], "tag.yaml"),
         (["--no-such-flag"], "--no-such-flag"),
-        ("demo", ["demo", "--steps", "-1"], "--steps"),
-        ("demo", ["demo", "--steps", "0"], "--steps"),
-        ("demo", ["demo", "--steps", "x"], "--steps"),
-        ("demo", ["demo", "--out", a_file], "--out"),
-        ("demo", ["demo", "--kernels", "fast"], "--kernels"),
+        ("full", ["train", "ppo-rlhf", "--out", str(tmp_path / "run"), "--set", f"reward={tmp_path / 'no-rm'}",
+                  "--set", 'model={"n_layer": 1, "n_embd": 16, "n_head": 2, "pretrain_steps": 1}'], "no-rm"),
+        ("full", ["demo", "--steps", "-1"], "--steps"),
+        ("full", ["demo", "--steps", "0"], "--steps"),
+        ("full", ["demo", "--steps", "x"], "--steps"),
+        ("full", ["demo", "--out", a_file], "--out"),
+        ("full", ["demo", "--kernels", "fast"], "--kernels"),
     ]
     if not torch.cuda.is_available():
         cases += [(["--device", "cuda"], "no CUDA device"), (["--device", "cuda:0"], "no CUDA device")]
@@ -212,7 +214,7 @@ def test_every_flag_refuses_bad_values(tmp_path, capsys):
     before = folder_state(tmp_path)
     failures = []
     for case in flag_cases(tmp_path):
-        if case[0] == "demo":
+        if case[0] == "full":
             argv, needle = case[1], case[2]
         else:
             argv, needle = case

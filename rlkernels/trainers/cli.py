@@ -163,7 +163,8 @@ def run_train(args) -> int:
     try:
         metrics = train(name, config, out, resume=args.resume)
     except CheckpointError as exc:  # found before the checkpoint or the run folder changed
-        return fail(command, FlagError("--resume", str(exc)))
+        resumed = os.path.abspath(exc.path).startswith(os.path.abspath(out) + os.sep)
+        return fail(command, FlagError("--resume", str(exc)) if args.resume and resumed else exc)
     print(summary_line(name, metrics, out))
     return 0
 
