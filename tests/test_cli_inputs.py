@@ -192,6 +192,15 @@ def flag_cases(tmp_path):
         (["--config", _write(cfg / "conf.ini", "steps=3")], "conf.ini: unknown extension"),
         (["--config", _write(cfg / "tag.yaml", "steps: !!python/object/apply:os.getcwd []\n")], "tag.yaml"),
         (["--no-such-flag"], "--no-such-flag"),
+        (["--no-progress=yes"], "--no-progress"),
+        (["--compare=1"], "--compare"),
+        (["--resume=x"], "--resume"),
+        (["--kernels"], "--kernels"),
+        (["--set"], "--set"),
+        ("full", ["train"], "trainer"),
+        ("full", ["train", "sac"], "sac"),
+        ("full", ["demo", "--out", ""], "--out"),
+        ("full", ["demo", "--no-progress=1"], "--no-progress"),
         ("full", ["train", "ppo-rlhf", "--out", str(tmp_path / "run"), "--set", f"reward={tmp_path / 'no-rm'}",
                   "--set", 'model={"n_layer": 1, "n_embd": 16, "n_head": 2, "pretrain_steps": 1}'], "no-rm"),
         ("full", ["demo", "--steps", "-1"], "--steps"),
@@ -200,6 +209,13 @@ def flag_cases(tmp_path):
         ("full", ["demo", "--out", a_file], "--out"),
         ("full", ["demo", "--kernels", "fast"], "--kernels"),
     ]
+    odd = tmp_path / "odd-run"
+    (odd / "metrics.jsonl").mkdir(parents=True)
+    cases.append((["--out", str(odd)], "metrics.jsonl exists but is not a regular file"))
+    if os.geteuid() != 0:  # root writes anywhere; the /proc case above covers it
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((["--out", str(locked / "run")], "is not writable"))
     if not torch.cuda.is_available():
         cases += [(["--device", "cuda"], "no CUDA device"), (["--device", "cuda:0"], "no CUDA device")]
     else:

@@ -92,6 +92,20 @@ def check_out_dir(path: str, flag: str = "--out") -> str:
     return path
 
 
+def check_run_files(out: str, flag: str = "--out") -> None:
+    """FlagError when a file the run replaces in `out` (metrics log, plot, checkpoint
+    folder) exists as something else, which a fresh run could not clear or write."""
+    from .base import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE
+
+    for name, want_dir in ((METRICS_FILE, False), (PLOT_FILE, False), (CHECKPOINT_DIR, True)):
+        path = os.path.join(out, name)
+        if not os.path.lexists(path) or os.path.islink(path):
+            continue
+        if os.path.isdir(path) != want_dir or not (want_dir or os.path.isfile(path)):
+            kind = "a directory" if want_dir else "a regular file"
+            raise FlagError(flag, f"{path} exists but is not {kind}; move it away or choose another --out")
+
+
 def check_steps(steps: int | None, flag: str = "--steps") -> None:
     from .base import MAX_STEPS
 
@@ -139,6 +153,7 @@ def run_train(args) -> int:
     try:
         check_train_flags(args)
         check_out_dir(out)
+        check_run_files(out)
         sources = []
         if args.resume:
             try:
@@ -193,11 +208,11 @@ def run_demo(args) -> int:
     _quiet_transformers()
     try:
         check_steps(args.steps)
-        if args.out:
+        if args.out is not None:
             check_out_dir(args.out)
     except FlagError as exc:
         return fail("rlkernels demo", exc)
-    demo(out=args.out or None, steps=args.steps, kernels=args.kernels, progress=not args.no_progress)
+    demo(out=args.out, steps=args.steps, kernels=args.kernels, progress=not args.no_progress)
     return 0
 
 
