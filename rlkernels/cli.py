@@ -22,9 +22,9 @@ def _info(_args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .trainers.cli import add_demo_parser, add_train_parser
+    from .trainers.cli import OneLineParser, add_demo_parser, add_train_parser
 
-    parser = argparse.ArgumentParser(prog="rlkernels", description="rlkernels: kernels for RL fine-tuning of LLMs")
+    parser = OneLineParser(prog="rlkernels", description="rlkernels: kernels for RL fine-tuning of LLMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench,info}")
     add_train_parser(sub)
     add_demo_parser(sub)

@@ -109,7 +109,24 @@ def collect(fn: str, obj, name: str = "params") -> list[torch.Tensor]:
         if t.dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"{_prefix(fn)}: {name}[{i}] must be floating point "
                             f"(float32, float64, float16 or bfloat16), got {t.dtype}")
+        if _self_overlapping(t):
+            raise ValueError(f"{_prefix(fn)}: {name}[{i}] (shape {list(t.shape)}, stride {list(t.stride())}) has "
+                             "elements that share memory (an expand()ed or as_strided view), so it cannot hold "
+                             "the averaged values; pass a tensor that owns each element (e.g. .clone())")
     return [t.detach() for t in tensors]
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` may share a memory location.  A sufficient test for
+    no overlap: with the dimensions sorted by stride, each stride reaches past every
+    element the smaller dimensions address (true of every dense layout, contiguous or
+    permuted, and of slices of them)."""
+    reach = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride < reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 def _describe(tensors: list[torch.Tensor]) -> list[str]:

@@ -83,7 +83,9 @@ def average_parameters(params_or_module, *, group=None, op: str = "mean", bucket
     params_or_module: an nn.Module (its parameters), a tensor, or an iterable of
     floating-point tensors; every rank passes the same shapes and dtypes in the same
     order, and the same op, bucket_mb and compress (checked once per call with one
-    small all_gather unless check=False).  bucket_mb: size of the flattened messages.
+    small all_gather unless check=False; without that check a mismatch can abort the
+    process under gloo, see docs/distributed.md).  Local problems (an expanded or
+    self-overlapping tensor, bad arguments) raise before any communication.  bucket_mb: size of the flattened messages.
     compress="bf16" | "fp16" sends 16-bit values, scaled by 1/world_size before the
     reduce so the sum cannot overflow.  timeout (seconds or timedelta): how long to
     wait for each collective; default the process group's timeout.  If any

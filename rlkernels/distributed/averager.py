@@ -170,13 +170,44 @@ class DecentralizedAverager:
     def state_dict(self) -> dict:
         return {"steps": self.steps, "rounds": self.rounds, "theta_global": [g.clone() for g in self._global]}
 
+    def check_state_dict(self, state) -> None:
+        """Raises ValueError/TypeError naming the entry unless load_state_dict can take
+        `state` whole: a dict with integer steps >= 0 and rounds >= 0 and theta_global
+        as one tensor per bucket of this averager, each of the bucket's exact shape and
+        dtype with finite values.  Changes nothing."""
+        prefix = f"rlkernels.distributed.{_FN}.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{prefix}: state must be a dict, got {type(state).__name__}")
+        missing = [k for k in ("steps", "rounds", "theta_global") if k not in state]
+        if missing:
+            raise ValueError(f"{prefix}: state is missing {', '.join(missing)}")
+        for key in ("steps", "rounds"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{prefix}: state['{key}'] must be an integer >= 0, got {value!r}")
+        saved = state["theta_global"]
+        if not isinstance(saved, (list, tuple)):
+            raise TypeError(f"{prefix}: state['theta_global'] must be a list of tensors, got {type(saved).__name__}")
+        if len(saved) != len(self._global):
+            raise ValueError(f"{prefix}: state holds {len(saved)} buckets, this averager has {len(self._global)}")
+        for k, (own, flat) in enumerate(zip(self._global, saved)):
+            if not isinstance(flat, torch.Tensor):
+                raise TypeError(f"{prefix}: state['theta_global'][{k}] must be a tensor, got {type(flat).__name__}")
+            if flat.shape != own.shape or flat.dtype != own.dtype:
+                raise ValueError(f"{prefix}: state['theta_global'][{k}] is {str(flat.dtype).replace('torch.', '')}"
+                                 f"{list(flat.shape)}, this averager's bucket is "
+                                 f"{str(own.dtype).replace('torch.', '')}{list(own.shape)}")
+            if not bool(torch.isfinite(flat).all()):
+                raise ValueError(f"{prefix}: state['theta_global'][{k}] holds NaN or infinite values")
+
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self.rounds = int(state["steps"]), int(state["rounds"])
-        if len(state["theta_global"]) != len(self._global):
-            raise ValueError(f"rlkernels.distributed.{_FN}: state holds {len(state['theta_global'])} buckets, "
-                             f"this averager has {len(self._global)}")
-        for g, saved in zip(self._global, state["theta_global"]):
-            g.copy_(saved)
+        """Restores steps, rounds and theta_global; everything is checked first
+        (check_state_dict), so a bad state raises with the averager unchanged."""
+        self.check_state_dict(state)
+        with torch.no_grad():
+            for own, flat in zip(self._global, state["theta_global"]):
+                own.copy_(flat)
+        self.steps, self.rounds = state["steps"], state["rounds"]
 
     # ---- internals ------------------------------------------------------------------------------
 

@@ -87,11 +87,18 @@ def make_config(name: str, *sources: dict):
 
 
 def saved_config(name: str, out: str) -> dict:
-    """The config a previous run of `name` saved in `out` (for resuming)."""
-    from .checkpoint import read_state
+    """The config a previous run of `name` saved in `out` (for resuming); CheckpointError
+    (a ValueError naming the file) when there is none, another trainer wrote it, or it
+    does not hold a valid config for this trainer."""
+    from .checkpoint import STATE_JSON, CheckpointError, read_state
 
     path = os.path.join(out, "agent0", "checkpoint") if name == "decentralized" else os.path.join(out, "checkpoint")
-    return read_state(path)["config"]
+    config = read_state(path, trainer=name)["config"]
+    try:
+        config_class(name).from_dict(config)
+    except ConfigError as exc:
+        raise CheckpointError(os.path.join(path, STATE_JSON), f"holds a config this trainer cannot use ({exc})") from None
+    return config
 
 
 def train(name: str, config=None, out: str | None = None, *, resume: bool = False, steps: int | None = None) -> list[dict]:

@@ -20,12 +20,14 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import MAX_STEPS
 from .config import Config, ConfigError
 from .kernels import KERNEL_SETS, Kernels
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+MAX_METRICS_BYTES = 1 << 30
 
 
 @dataclass
@@ -43,10 +45,23 @@ class TrainConfig(Config):
 
     def check(self) -> None:
         super().check()
-        self._non_negative("steps", "save_every", "threads")
+        self._positive("steps")
+        self._at_most("steps", MAX_STEPS)
+        self._non_negative("save_every", "threads", "seed")
+        self._at_most("seed", MAX_SEED)
+        self._at_most("threads", MAX_THREADS)
         self._one_of("kernels", KERNEL_SETS)
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError("device", f"must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}") from None
+
+
+MAX_SEED = 2 ** 63 - 1   # torch.manual_seed's range (agents add small offsets to it)
+MAX_THREADS = 1024
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,6 +70,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", f"{name!r} requested but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("device", f"{name!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -146,6 +163,16 @@ class Trainer:
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
         pass
+
+    def check_extra_state(self, tensors: dict[str, torch.Tensor], values: dict, tensor_file: str,
+                          json_file: str) -> None:
+        """Raises CheckpointError unless load_extra_state can take (tensors, values)
+        whole; runs before anything is loaded.  The default demands the layout of this
+        trainer's own extra_state(); override to check values too."""
+        from .checkpoint import check_extra
+
+        own_tensors, own_values = self.extra_state()
+        check_extra(tensors, values, own_tensors, own_values, tensor_file, json_file)
 
     def summary(self) -> dict:
         """A few numbers that describe the run, for the CLI's final line."""
@@ -240,17 +267,31 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | None = None) -> None:
-        from .checkpoint import load
+        """Restores the checkpoint in `path` (default: out/checkpoint) whole, or raises
+        CheckpointError (a ValueError naming the file) with nothing changed: neither the
+        trainer nor the files in `out`."""
+        self.apply_checkpoint(self.read_checkpoint(path))
 
-        path = path or self.checkpoint_dir
-        state = load(path, trainer=self.name, modules=self.modules(), optimizers=self.optimizers(),
-                     generator=self.generator)
+    def read_checkpoint(self, path: str | None = None):
+        """Reads and checks everything a resume needs (checkpoint files and the metrics
+        log); changes nothing.  The result goes to apply_checkpoint()."""
+        from .checkpoint import read
+
+        loaded = read(path or self.checkpoint_dir, trainer=self.name, modules=self.modules(),
+                      optimizers=self.optimizers(), generator=self.generator)
+        self.check_extra_state(loaded.extra_tensors, loaded.extra_values, loaded.tensor_file, loaded.json_file)
+        if self.out:
+            metrics_path = os.path.join(self.out, METRICS_FILE)
+            loaded.metrics = (metrics_path, [m for m in read_metrics(metrics_path) if m["step"] <= loaded.step])
+        return loaded
+
+    def apply_checkpoint(self, loaded) -> None:
+        state = loaded.apply()
         self.step = state["step"]
         self.rng.setstate(state["python_rng"])
         self.load_extra_state(state["extra_tensors"], state["extra_values"])
-        if self.out:
-            metrics_path = os.path.join(self.out, METRICS_FILE)
-            kept = [m for m in read_metrics(metrics_path) if m["step"] <= self.step]
+        if loaded.metrics is not None:
+            metrics_path, kept = loaded.metrics
             with open(metrics_path, "w", encoding="utf-8") as fh:
                 for record in kept:
                     fh.write(json.dumps(record) + "\n")
@@ -258,10 +299,28 @@ class Trainer:
 
 
 def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    """The records of a metrics log (none when it does not exist); CheckpointError
+    naming the file and line when it is not one JSON object with an integer step per line."""
+    from .checkpoint import CheckpointError, read_regular_file
+
+    if not os.path.lexists(path):
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    records = []
+    # only a regular file in the run folder: resuming rewrites it
+    text = read_regular_file(path, MAX_METRICS_BYTES, root=os.path.dirname(os.path.abspath(path)))
+    text = text.decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise CheckpointError(path, f"line {number} is not JSON") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise CheckpointError(path, f"line {number} is not a JSON object with an integer 'step'")
+        records.append(record)
+    return records
 
 
 def reset_out(out: str) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -76,16 +78,24 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected an integer, got {value!r}")
+        raise ConfigError(key, f"expected an integer, got {value!r:.80}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:
+                pass
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(key, f"expected a number, got {value!r:.80}")
+        if not math.isfinite(number):
+            raise ConfigError(key, f"must be a finite number, got {value!r:.80}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -114,8 +124,8 @@ class Config:
         known = {f.name: f for f in fields(cls) if f.init}
         kwargs = {}
         for key, value in data.items():
-            if key not in known:
-                raise _unknown_key(cls, key, prefix)
+            if not isinstance(key, str) or key not in known:
+                raise _unknown_key(cls, str(key), prefix)
             kwargs[key] = _coerce(value, hints[key], prefix + key)
         try:
             return cls(**kwargs)
@@ -161,35 +171,108 @@ class Config:
         if b % a != 0:
             raise ConfigError(small, f"{small}={a} must divide {big}={b}")
 
+    def _at_most(self, name: str, limit) -> None:
+        value = getattr(self, name)
+        if value is not None and value > limit:
+            raise ConfigError(name, f"must be <= {limit}, got {value!r}")
+
     def _one_of(self, name: str, choices) -> None:
         value = getattr(self, name)
         if value not in choices:
             raise ConfigError(name, f"must be one of {list(choices)}, got {value!r}")
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be read as a mapping of config keys; names the file."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"config file {path}: {message}")
+
+
+class MissingConfigFileError(ConfigFileError, FileNotFoundError):
+    pass
+
+
+def _config_bytes(path: str) -> bytes:
+    """The file's bytes; only a regular file of at most MAX_CONFIG_BYTES is read (a FIFO
+    or device is refused without waiting on it)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise MissingConfigFileError(path, "not found") from None
+    except OSError as exc:
+        raise ConfigFileError(path, f"cannot be opened ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigFileError(path, "is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigFileError(path, "is not a regular file (a FIFO, socket or device); refused")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigFileError(path, f"is {info.st_size} bytes; config files are limited to {MAX_CONFIG_BYTES}")
+        return os.read(fd, MAX_CONFIG_BYTES + 1)[:MAX_CONFIG_BYTES]
+    except OSError as exc:
+        raise ConfigFileError(path, f"cannot be read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def _config_text(path: str, raw: bytes) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:4]):
+        raise ConfigFileError(path, "is UTF-16 (or another wide encoding); save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(path, f"is not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise ConfigFileError(path, "is empty")
+    return text
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_file(path: str) -> dict:
-    """A config file as a dict: .json, .toml, or .yaml/.yml (needs PyYAML)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+    """A config file as a dict: .json, .toml, or .yaml/.yml (needs PyYAML).  Any problem
+    with the file (missing, not a regular file, too large, not UTF-8, empty, a syntax
+    error, not a mapping) raises ConfigFileError (a ValueError) naming it."""
+    raw = _config_bytes(path)
     ext = os.path.splitext(path)[1].lower()
-    with open(path, "rb") as fh:
-        raw = fh.read()
+    if ext not in (".json", ".toml", ".yaml", ".yml"):
+        raise ConfigFileError(path, f"unknown extension {ext!r} (use .json, .toml, .yaml)")
+    text = _config_text(path, raw)
     if ext == ".json":
-        data = json.loads(raw.decode())
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise ConfigFileError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except (ValueError, RecursionError) as exc:
+            raise ConfigFileError(path, f"is not valid JSON: {exc}") from None
     elif ext == ".toml":
         import tomllib
 
-        data = tomllib.loads(raw.decode())
-    elif ext in (".yaml", ".yml"):
+        try:
+            data = tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, RecursionError) as exc:
+            raise ConfigFileError(path, f"is not valid TOML: {exc}") from None
+    else:
         try:
             import yaml
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml); or use JSON/TOML") from exc
-        data = yaml.safe_load(raw.decode()) or {}
-    else:
-        raise ValueError(f"config file {path}: unknown extension {ext!r} (use .json, .toml, .yaml)")
+            raise ConfigFileError(path, "needs PyYAML (pip install pyyaml); or use JSON/TOML") from exc
+        try:
+            data = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigFileError(path, f"is not valid YAML (or uses a tag that is refused): {reason}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: the top level must be a mapping")
+        raise ConfigFileError(path, f"the top level must be a mapping of config keys, got {type(data).__name__}")
     return data
 
 
@@ -198,18 +281,20 @@ def parse_overrides(items) -> dict:
     out: dict = {}
     for item in items or ():
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise ConfigError(item, f"--set {item!r} must look like key=value")
         key, raw = item.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(key, f"--set {item!r}: the key must be a name, or dotted names (model.n_layer)")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or a number too long to convert): the text itself
             value = raw
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r} conflicts with an earlier one")
+                raise ConfigError(key, f"--set {item!r} conflicts with an earlier --set of {part}")
         node[parts[-1]] = value
     return out
 
@@ -233,4 +318,4 @@ def build(cls, *sources: dict):
     return cls.from_dict(merged)
 
 
-__all__ = ["Config", "ConfigError", "build", "field", "merge", "parse_overrides", "read_file"]
+__all__ = ["Config", "ConfigError", "ConfigFileError", "build", "field", "merge", "parse_overrides", "read_file"]

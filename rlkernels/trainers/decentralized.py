@@ -109,12 +109,24 @@ class DecentralizedPPOTrainer(PPOTrainer):
         values["averager"] = {"steps": state["steps"], "rounds": state["rounds"], "buckets": len(state["theta_global"])}
         return tensors, values
 
+    @staticmethod
+    def _averager_state(tensors, values) -> dict:
+        meta = values["averager"]
+        return {"steps": meta["steps"], "rounds": meta["rounds"],
+                "theta_global": [tensors[f"averager/theta_global/{i}"] for i in range(meta["buckets"])]}
+
+    def check_extra_state(self, tensors, values, tensor_file, json_file):
+        from .checkpoint import CheckpointError
+
+        super().check_extra_state(tensors, values, tensor_file, json_file)
+        try:
+            self.averager.check_state_dict(self._averager_state(tensors, values))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(json_file, f"the averager state does not fit ({exc})") from None
+
     def load_extra_state(self, tensors, values):
         super().load_extra_state(tensors, values)
-        meta = values["averager"]
-        self.averager.load_state_dict({"steps": meta["steps"], "rounds": meta["rounds"],
-                                       "theta_global": [tensors[f"averager/theta_global/{i}"]
-                                                        for i in range(meta["buckets"])]})
+        self.averager.load_state_dict(self._averager_state(tensors, values))
 
     @torch.no_grad()
     def _spread(self) -> float:
@@ -161,12 +173,33 @@ class DecentralizedPPOTrainer(PPOTrainer):
         return out
 
     def load_checkpoint(self, path=None):
-        super().load_checkpoint(path)
-        if self.combined_out:
-            path = os.path.join(self.combined_out, METRICS_FILE)
-            kept = [m for m in read_metrics(path) if m["step"] <= self.step]
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(m) + "\n" for m in kept)
+        """Every agent reads and checks its checkpoint (agent 0 also the combined metrics
+        log), then they agree: all load, or (CheckpointError on every agent) none does,
+        so no agent trains on alone and no file changes."""
+        from .checkpoint import CheckpointError
+
+        try:
+            loaded, error = self.read_checkpoint(path), None
+            combined = None
+            if self.combined_out:
+                combined_path = os.path.join(self.combined_out, METRICS_FILE)
+                combined = (combined_path, [m for m in read_metrics(combined_path) if m["step"] <= loaded.step])
+        except CheckpointError as exc:
+            loaded, error = None, exc
+        flags = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(flags, torch.tensor([0 if error is None else 1], dtype=torch.int64))
+        if error is not None:
+            raise error
+        bad = [rank for rank, flag in enumerate(flags) if int(flag)]
+        if bad:
+            error = CheckpointError(path or self.checkpoint_dir, f"not loaded: the checkpoint of agent(s) "
+                                    f"{', '.join(map(str, bad))} is unusable (their error names the file)")
+            error.secondary = True
+            raise error
+        self.apply_checkpoint(loaded)
+        if combined is not None:
+            with open(combined[0], "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(m) + "\n" for m in combined[1])
 
 
 def agent_dir(out: str | None, rank: int) -> str | None:
@@ -175,11 +208,16 @@ def agent_dir(out: str | None, rank: int) -> str | None:
 
 def _agent(rank: int, world_size: int, config: dict, out: str | None, resume: bool, steps: int | None) -> dict:
     """One agent process (module level so the launcher can import it)."""
+    from .checkpoint import CheckpointError
+
     cfg = DecentralizedConfig.from_dict(config)
     if rank != 0:
         cfg = cfg.replace(progress=False)
     trainer = DecentralizedPPOTrainer(cfg, agent_dir(out, rank), combined_out=out if rank == 0 else None)
-    trainer.run(steps, resume=resume)
+    try:
+        trainer.run(steps, resume=resume)
+    except CheckpointError as exc:  # raised on every agent before any of them changed anything
+        return {"checkpoint_error": exc.message, "path": exc.path, "own": not getattr(exc, "secondary", False)}
     return {"metrics": trainer.metrics, "summary": trainer.summary()}
 
 
@@ -209,4 +247,10 @@ def train_decentralized(config: DecentralizedConfig, out: str | None = None, *, 
     if failed:
         report = "\n".join(f"--- agent {r.rank} ---\n{r.error}" for r in failed)
         raise RuntimeError(f"decentralized: {len(failed)} of {config.agents} agents failed\n{report}")
+    refused = [r.value for r in results if "checkpoint_error" in r.value]
+    if refused:
+        from .checkpoint import CheckpointError
+
+        first = next((v for v in refused if v["own"]), refused[0])
+        raise CheckpointError(first["path"], first["checkpoint_error"])
     return results[0].value["metrics"]

@@ -105,8 +105,13 @@ def load_scorer(run_dir: str, *, device="cpu") -> RewardScorer:
     path = os.path.join(run_dir, "checkpoint")
     state = ckpt.read_state(path)
     if state["trainer"] != RewardModelTrainer.name:
-        raise ValueError(f"{run_dir} holds a {state['trainer']!r} run, not a reward model")
-    cfg = RewardModelConfig.from_dict({k: v for k, v in state["config"].items()})
+        raise ckpt.CheckpointError(os.path.join(path, ckpt.STATE_JSON),
+                                   f"{run_dir} holds a {state['trainer']!r} run, not a reward model")
+    try:
+        cfg = RewardModelConfig.from_dict(dict(state["config"]))
+    except ValueError as exc:  # ConfigError
+        raise ckpt.CheckpointError(os.path.join(path, ckpt.STATE_JSON),
+                                   f"holds a config the reward model cannot use ({exc})") from None
     model_cfg = cfg.model.replace(pretrain_steps=0)  # weights come from the checkpoint
     base, tokenizer = build_lm(model_cfg, seed=cfg.seed, device=device)
     model = RewardModel(trunk(base), hidden_size(base)).to(device)
