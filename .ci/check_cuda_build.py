@@ -16,8 +16,24 @@ print("build:", {k: info[k] for k in ("backends", "cuda_archs", "torch", "torch_
 assert "cuda" in info["backends"], info
 assert info["cuda_archs"] == "8.0;9.0+PTX", info["cuda_archs"]
 
-cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                                                      "cuobjdump")
+
+
+def find_cuobjdump() -> str:
+    """The toolkit's cuobjdump, or the one Triton bundles (a toolkit of nvcc alone has none)."""
+    candidates = [shutil.which("cuobjdump"),
+                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    raise SystemExit(f"cuobjdump not found (looked at {candidates})")
+
+
+cuobjdump = find_cuobjdump()
 listing = subprocess.run([cuobjdump, "--list-ptx", "--list-elf", rlkernels._C.__file__], capture_output=True,
                          text=True, check=True).stdout
 ptx_archs = sorted(set(re.findall(r"\.(sm_\d+)\.ptx", listing)))

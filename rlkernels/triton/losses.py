@@ -220,6 +220,12 @@ def _block_t(T: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(T, 1))))
 
 
+def _token_warps(block: int) -> int:
+    # 4 tokens a thread at most: with 8 (4 warps over 1024 tokens) the policy kernel
+    # spilled registers on sm_80 (.ci/triton_aot.py)
+    return max(4, min(8, block // 128))
+
+
 def _finalize(partials, B, T, n_chunks, slots, max_slot, agg, num_tokens, num_seqs, norm_length, out_dtype, acc,
               loss, stats, row_scale):
     coef = torch.tensor([num_tokens, num_seqs, float(T) if norm_length < 0 else norm_length],
@@ -270,7 +276,8 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
         ref_logprobs if ref_logprobs is not None else logprobs, bool_arg(mask, logprobs),
         grad if need_grad else partials, partials, T, n_chunks, coef,
         HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ADV_PER_ROW=advantages.dim() == 1,
-        KL=_KL_CODES[kl], HAS_DUAL=has_dual, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block, SLOTS=_POLICY_SLOTS)
+        KL=_KL_CODES[kl], HAS_DUAL=has_dual, NEED_GRAD=need_grad, ACC=acc, BLOCK_T=block, SLOTS=_POLICY_SLOTS,
+        num_warps=_token_warps(block))
     _finalize(partials, B, T, n_chunks, _POLICY_SLOTS, _POLICY_MAX_SLOT, agg, num_tokens, num_seqs, norm_length,
               out_dtype, acc, loss, stats, row_scale)
     return loss, stats, grad, row_scale
