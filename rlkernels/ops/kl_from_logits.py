@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V, reference
-from . import _logits as L
+from . import _double_backward, _logits as L
 
 _OP = "kl_from_logits"
 
@@ -59,6 +59,13 @@ def register_autograd(forward: str, backward) -> None:
         logits_grad, ref_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (logits_grad or ref_grad):
             return None, None, None, None
+        if _double_backward.recording():
+            def recompute(x, ref):
+                return reference.kl_from_logits(x, ref, temperature=ctx.temperature, mask=mask)
+
+            grad_logits, grad_ref = _double_backward.through_reference(
+                recompute, (logits, ref_logits), (logits_grad, ref_grad), (grad_kl,))
+            return grad_logits, grad_ref, None, None
         if grad_kl is None:
             grad_kl = torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
         grad_logits, grad_ref = backward(grad_kl.to(torch.float32).contiguous(), logits, ref_logits, mask, saved,

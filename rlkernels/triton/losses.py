@@ -330,5 +330,6 @@ def _value_loss_triton_fake(values, old_values, returns, mask, coefficients, agg
     return _losses.fake_outputs(values, len(VALUE_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 10, torch.ops.rlkernels.scale_rows_triton)
+_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 10, torch.ops.rlkernels.scale_rows_triton,
+                                      public_name="ppo_loss/grpo_loss")
 _losses.register_token_loss_autograd("rlkernels::value_loss_triton", 7, torch.ops.rlkernels.scale_rows_triton)
