@@ -78,3 +78,81 @@ def test_inplace_backward_still_writes_into_the_logits(backend):
     reference.logprobs(truth, labels).sum().backward()
     assert_close(buffer.detach(), truth.grad, dtype=torch.float32)
     assert_close(x.grad, truth.grad, dtype=torch.float32)
+
+
+# ---- outputs overlapping inputs -----------------------------------------------------------------
+
+MIX = (0.5, 0.25, 0.25)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("operand", ["x", "left", "right"])
+@pytest.mark.parametrize("shift", [1, -1, 9])
+def test_gossip_mix_out_partially_overlapping_an_input_raises(backend, operand, shift):
+    buffer = torch.randn(30)
+    inputs = {"x": torch.randn(10), "left": torch.randn(10), "right": torch.randn(10)}
+    inputs[operand] = buffer[10:20]
+    out = buffer[10 + shift:20 + shift]
+    before = buffer.clone()
+    with pytest.raises(ValueError, match=f"out partially overlaps {operand}"):
+        rlkernels.gossip_mix(inputs["x"], inputs["left"], inputs["right"], MIX, out=out, backend=backend)
+    assert torch.equal(buffer, before)  # nothing written
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("operand", ["x", "left", "right"])
+def test_gossip_mix_out_exactly_an_input_is_in_place(backend, operand):
+    inputs = {name: torch.randn(4, 5) for name in ("x", "left", "right")}
+    expected = reference.gossip_mix(inputs["x"], inputs["left"], inputs["right"], *MIX)
+    out = inputs[operand]
+    result = rlkernels.gossip_mix(inputs["x"], inputs["left"], inputs["right"], MIX, out=out, backend=backend)
+    assert result is out and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_gossip_mix_overlap_of_a_non_contiguous_operand_is_fine(backend):
+    # a strided input is read through a copy, so an out over its storage is safe
+    storage = torch.randn(20)
+    x = storage[::2]
+    left, right = torch.randn(10), torch.randn(10)
+    expected = reference.gossip_mix(x.clone(), left, right, *MIX)
+    out = storage[10:]
+    rlkernels.gossip_mix(x, left, right, MIX, out=out, backend=backend)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shift", [1, -1, 3])
+def test_pack_tensors_out_overlapping_an_input_raises(backend, shift):
+    buffer = torch.randn(20)
+    first, second = buffer[5:9], buffer[9:12]
+    out = buffer[5 + shift:12 + shift]
+    before = buffer.clone()
+    with pytest.raises(ValueError, match=r"out partially overlaps tensors\[0\]"):
+        rlkernels.pack_tensors([first, second], out=out, backend=backend)
+    assert torch.equal(buffer, before)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_pack_tensors_input_in_another_slot_raises(backend):
+    bucket = torch.randn(6)
+    with pytest.raises(ValueError, match=r"tensors\[0\]"):
+        rlkernels.pack_tensors([bucket[3:6], bucket[0:3]], out=bucket, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_pack_tensors_inputs_already_in_their_slots(backend):
+    bucket = torch.randn(7)
+    expected = bucket * 0.5
+    rlkernels.pack_tensors([bucket[:4].view(2, 2), bucket[4:]], out=bucket, scale=0.5, backend=backend)
+    assert torch.equal(bucket, expected)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_unpack_tensors_target_overlapping_the_bucket_raises(backend):
+    storage = torch.randn(12)
+    bucket = storage[:7]
+    with pytest.raises(ValueError, match=r"tensors\[1\] partially overlaps bucket"):
+        rlkernels.unpack_tensors(bucket, [torch.empty(4), storage[5:8]], backend=backend)
+    with pytest.raises(ValueError, match=r"tensors\[1\] partially overlaps tensors\[0\]"):
+        rlkernels.unpack_tensors(torch.randn(7), [storage[:4], storage[3:6]], backend=backend)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .. import _backend, _validate as V, reference
+from .. import _backend, _overlap, _validate as V, reference
 
 _PACK = "pack_tensors"
 _UNPACK = "unpack_tensors"
@@ -77,6 +77,13 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
     if total == 0:
         return out
     contiguous = [t.contiguous() for t in tensors]
+    offset = 0
+    for i, t in enumerate(contiguous):
+        # A tensor may be its own slice of the bucket (elementwise in place); no other sharing.
+        own = out[offset:offset + t.numel()].view(t.shape) if t.dtype == out.dtype else None
+        if own is None or _overlap.status(own, t) != _overlap.FULL:
+            _overlap.check_output(_PACK, "out", out, f"tensors[{i}]", t, allow_full=False)
+        offset += t.numel()
     chosen = _backend.resolve(_PACK, backend, out.device)
     with torch.no_grad():
         if chosen == "reference":
@@ -101,6 +108,14 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
         return
     targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
                for t in tensors]
+    offset = 0
+    for i, t in enumerate(targets):
+        own = bucket[offset:offset + t.numel()].view(t.shape) if t.dtype == bucket.dtype else None
+        if own is None or _overlap.status(own, t) != _overlap.FULL:
+            _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
+        for j in range(i):
+            _overlap.check_output(_UNPACK, f"tensors[{i}]", t, f"tensors[{j}]", targets[j], allow_full=False)
+        offset += t.numel()
     chosen = _backend.resolve(_UNPACK, backend, bucket.device)
     with torch.no_grad():
         if chosen == "reference":
@@ -143,6 +158,9 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    for name, t in (("x", x), ("left", left), ("right", right)):
+        # the kernel reads t.contiguous(): a copy (no sharing) unless t already is contiguous
+        _overlap.check_output(_MIX, "out", target, name, t.contiguous(), allow_full=True)
     chosen = _backend.resolve(_MIX, backend, device)
     with torch.no_grad():
         if chosen == "reference":
