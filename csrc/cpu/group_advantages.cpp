@@ -36,8 +36,9 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
       const int64_t g = group_of(i);
       const acc x = cast<acc>(s[i]);
       if (count[g] == 0) lo[g] = hi[g] = x;
-      lo[g] = x < lo[g] ? x : lo[g];
-      hi[g] = x > hi[g] ? x : hi[g];
+      // NaN sticks (x != x), so a group holding NaN is never all-equal
+      lo[g] = (x < lo[g] || x != x) ? x : lo[g];
+      hi[g] = (x > hi[g] || x != x) ? x : hi[g];
       sum[g] += x;
       count[g] += 1;
       batch_sum += x;

@@ -68,7 +68,13 @@ def need_grad(tensor: torch.Tensor) -> bool:
 
 
 def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: stats[i] for i, name in enumerate(names)}
+    out = {name: stats[i] for i, name in enumerate(names)}
+    if "ratio_max" in out:
+        # A NaN ratio makes the ratio sum NaN, but max reductions (CPU, CUDA and Triton
+        # alike) may skip it: take NaN from the mean so that the maximum keeps it too.
+        mean = out["ratio_mean"]
+        out["ratio_max"] = torch.where(mean.isnan(), mean, out["ratio_max"])
+    return out
 
 
 def fake_outputs(primary: torch.Tensor, num_stats: int, need_grad: bool):
