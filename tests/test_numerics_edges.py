@@ -302,3 +302,167 @@ def test_triton_sources_keep_nan_in_min_max():
                 if not any(call in ok and ok in code for ok in allowed):
                     unreviewed.append((path.name, call))
     assert not unreviewed, f"unreviewed min/max on data in Triton: {unreviewed}"
+
+
+# ---- temperatures -------------------------------------------------------------------------------
+
+TINY = 2.0 ** -126  # the smallest accepted temperature
+
+
+def _temperature_calls(temperature, backend):
+    logits, ref = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, -1.0]]), torch.tensor([[2.5, 2.0, 0.5], [0.0, 1.0, -1.0]])
+    labels = torch.tensor([1, 0])
+    hidden, weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 2.0], [2.0, 1.0], [0.5, 0.5]])
+    return {
+        "logprobs": lambda: rlkernels.logprobs(logits, labels, temperature=temperature, entropy=True, backend=backend),
+        "kl_from_logits": lambda: rlkernels.kl_from_logits(logits, ref, temperature=temperature, backend=backend),
+        "linear_logprobs": lambda: rlkernels.linear_logprobs(hidden, weight, labels, temperature=temperature,
+                                                             entropy=True, backend=backend),
+        "linear_ppo_loss": lambda: rlkernels.linear_ppo_loss(hidden[None], weight, labels[None], torch.zeros(1, 2),
+                                                             torch.ones(1, 2), temperature=temperature,
+                                                             backend=backend),
+        "sequence_logprobs": lambda: rlkernels.sequence_logprobs(logits[None], labels=labels[None],
+                                                                 temperature=temperature, backend=backend),
+    }
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("temperature", [TINY / 2, 3e-39, 1e-45, 1e-320])
+def test_temperatures_whose_reciprocal_overflows_float32_are_rejected(backend, temperature):
+    for name, call in _temperature_calls(temperature, backend).items():
+        with pytest.raises(ValueError, match="temperature must be at least"):
+            call()
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("temperature", [TINY, 2e-38, 1e-30])
+def test_tiny_accepted_temperatures_give_the_greedy_limit(backend, temperature):
+    """At T -> 0 the softmax is one-hot on the largest logit: log-probs 0 / -inf, entropy 0
+    (a tie splits evenly: log 1/2), KL the reference's log-prob gap at the policy's tokens."""
+    lp, entropy = _temperature_calls(temperature, backend)["logprobs"]()
+    assert lp[0] == 0 and lp[1] == pytest.approx(-math.log(2)) and not lp.isnan().any()
+    assert entropy[0] == 0 and entropy[1] == pytest.approx(math.log(2))
+    kl = _temperature_calls(temperature, backend)["kl_from_logits"]()
+    assert kl[0] == pytest.approx(0.5 / temperature, rel=1e-5)  # p on token 1, log q_1 = (2 - 2.5) / T
+    assert kl[1] == pytest.approx(0.5 / temperature - math.log(2), rel=1e-5)  # p = (1/2, 1/2, 0), q on token 1
+    values, _ = _temperature_calls(temperature, backend)["linear_logprobs"]()
+    assert not values.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_tiny_temperature_with_large_logits(backend):
+    """logits / T overflows float32 (1e39) although every log-prob fits: the backends
+    scale the gaps to the row's maximum, never the logits themselves."""
+    logits, labels = torch.tensor([[100.0, 99.0, -50.0]]), torch.tensor([1])
+    lp, entropy = rlkernels.logprobs(logits, labels, temperature=1e-37, entropy=True, backend=backend)
+    assert lp.item() == pytest.approx(-1e37, rel=1e-5) and entropy.item() == 0
+    kl = rlkernels.kl_from_logits(logits, torch.tensor([[99.0, 100.0, -50.0]]), temperature=1e-37, backend=backend)
+    assert kl.item() == pytest.approx(1e37, rel=1e-5)  # p on token 0, log q_0 = (99 - 100) / T
+
+
+# ---- kl_penalty: extreme log-ratios and the k3 formula -------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs", "k1+", "k3+"])
+def test_kl_penalty_extreme_log_ratios_match_the_slopes(backend, kind):
+    inf = float("inf")
+    lp = torch.tensor([-inf, inf, 3e19, -3e19, 1e30, 0.5, 0.0], requires_grad=True)
+    ref = torch.zeros(7, requires_grad=True)
+    value = rlkernels.kl_penalty(lp, ref, kind, backend=backend)
+    grad_lp, grad_ref = torch.autograd.grad(value.sum(), [lp, ref])
+    r = lp.detach()
+    slope = {"k1": torch.ones(7), "k2": r, "k1+": r, "k3+": r, "abs": torch.sign(r),
+             # k3 (clamped at |r| = 20, then at value 10): flat out there, 1 - e^{-r} at r = 0.5 and 0
+             "k3": torch.tensor([0, 0, 0, 0, 0, 1 - math.exp(-0.5), 0])}[kind]
+    assert torch.equal(grad_lp.isnan(), torch.zeros(7, dtype=torch.bool)), grad_lp
+    assert_close(grad_lp, slope, dtype=torch.float32)
+    assert_close(grad_ref, -slope, dtype=torch.float32)
+    expected = {"k1": r, "k1+": r, "k2": 0.5 * r.double() ** 2, "abs": r.abs()}.get(kind)
+    if expected is not None:
+        assert_close(value, expected.float(), dtype=torch.float32)
+    else:  # k3 and k3+: 10 (the clamp) wherever |r| is large
+        assert torch.equal(value[:5], torch.full((5,), 10.0))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_k3_is_schulmans_estimator_of_kl_policy_to_reference(backend):
+    """k3 = (rho - 1) - log rho with rho = p_ref / p, i.e. e^{-r} + r - 1 (verl's low_var_kl
+    exp(kl) - kl - 1 with kl = ref - logprob), not the mirrored e^{r} - r - 1."""
+    lp = torch.tensor([-0.1, -2.0, -0.5, -3.0], dtype=torch.float64)
+    ref = torch.tensor([-1.0, -0.2, -0.5, -2.5], dtype=torch.float64)
+    rho = torch.exp(ref - lp)
+    value = rlkernels.kl_penalty(lp if backend != "triton" else lp.float(), ref if backend != "triton" else ref.float(),
+                                 "k3", backend=backend)
+    assert_close(value, (rho - 1) - torch.log(rho), dtype=value.dtype if backend != "triton" else torch.float32)
+    assert value[1] > 1.0 > value[0]  # r = -1.8 costs more than r = +0.9
+
+
+# ---- inputs the losses treat as data ------------------------------------------------------------
+
+def _constants_cases():
+    lp, old, adv, ref, w = (torch.randn(3, 5) * 0.3 for _ in range(5))
+    mask = MASK
+    return {
+        "ppo_loss": (lambda b, x, o, a, wt: rlkernels.ppo_loss(x, o, a, mask, weights=wt, backend=b)[0],
+                     [lp, old, adv, w.abs()]),
+        "grpo_loss": (lambda b, x, o, a, r: rlkernels.grpo_loss(x, o, a, mask, ref_logprobs=r, beta=0.2, backend=b)[0],
+                      [lp, old, adv[:, 0], ref]),
+        "value_loss": (lambda b, v, o, r: rlkernels.value_loss(v, o, r, mask, clip=0.1, backend=b)[0],
+                       [lp, old, ref]),
+        "linear_ppo_loss": (lambda b, h, wt, o, a: rlkernels.linear_ppo_loss(h, wt, torch.tensor([[0, 1]]), o, a,
+                                                                             clip_low=0.9, clip_high=100.0,
+                                                                             backend=b)[0],
+                            [torch.randn(1, 2, 4), torch.randn(3, 4), torch.randn(1, 2) - 1, torch.randn(1, 2)]),
+    }
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("case", ["ppo_loss", "grpo_loss", "value_loss", "linear_ppo_loss"])
+def test_loss_constants_get_no_gradient_on_any_backend(case, backend):
+    fn, inputs = _constants_cases()[case]
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    loss = fn(backend, *inputs)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    differentiated = 2 if case == "linear_ppo_loss" else 1  # (hidden, weight) or the first input
+    for i, g in enumerate(grads):
+        if i < differentiated:
+            assert g is not None and g.abs().sum() > 0
+        else:
+            assert g is None, f"{case}: input {i} is data but got a gradient on backend {backend}"
+
+
+# ---- degenerate shapes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+def test_kl_from_logits_without_vocabulary_is_zero(backend):
+    logits = torch.zeros(3, 0, requires_grad=True)
+    kl = rlkernels.kl_from_logits(logits, torch.zeros(3, 0), mask=torch.tensor([1, 0, 1]), backend=backend)
+    assert torch.equal(kl, torch.zeros(3)) and kl.dtype == torch.float32
+    (grad,) = torch.autograd.grad(kl.sum(), logits)
+    assert grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL if b != "triton"])  # Triton's V = 0 is another change's
+def test_logprobs_without_vocabulary_all_ignored_is_zero(backend):
+    logits = torch.zeros(2, 3, 0, requires_grad=True)
+    values, entropy = rlkernels.logprobs(logits, torch.full((2, 3), -100), entropy=True, backend=backend)
+    assert torch.equal(values, torch.zeros(2, 3)) and torch.equal(entropy, torch.zeros(2, 3))
+    (grad,) = torch.autograd.grad(values.sum() + entropy.sum(), logits)
+    assert grad.shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_linear_logprobs_with_empty_hidden_is_uniform(backend):
+    """H = 0: every logit is the empty sum 0 (plus the bias), so log p = -log V."""
+    hidden, weight = torch.zeros(2, 3, 0, requires_grad=True), torch.zeros(5, 0, requires_grad=True)
+    labels = torch.tensor([[0, 4, -100], [1, 2, 3]])
+    values, entropy = rlkernels.linear_logprobs(hidden, weight, labels, entropy=True, backend=backend)
+    valid = labels != -100
+    assert_close(values, torch.where(valid, -math.log(5), 0.0), dtype=torch.float32)
+    assert_close(entropy, torch.where(valid, math.log(5), 0.0), dtype=torch.float32)
+    grads = torch.autograd.grad(values.sum(), [hidden, weight])
+    assert grads[0].shape == (2, 3, 0) and grads[1].shape == (5, 0)
+    bias = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])
+    with_bias = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, backend=backend)
+    assert_close(with_bias, torch.where(valid, reference.logprobs(bias.expand(2, 3, 5), labels), 0.0),
+                 dtype=torch.float32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V, reference
+from .._dtypes import acc_dtype
 from . import _double_backward, _logits as L
 
 _OP = "kl_from_logits"
@@ -30,6 +31,9 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     mask = V.binary_mask(_OP, "mask", mask, logits.shape[:-1], device)
     temperature = L.temperature(_OP, temperature)
     chosen = L.choose_backend(_OP, backend, device, logits.dtype)
+    if logits.shape[-1] == 0:
+        # No vocabulary: KL is an empty sum, 0 on every backend (and differentiable, with empty gradients).
+        return (logits.sum(-1) + ref_logits.sum(-1)).to(acc_dtype(logits.dtype))
     if chosen == "reference":
         return reference.kl_from_logits(logits, ref_logits, temperature=temperature, mask=mask)
     op = torch.ops.rlkernels.kl_from_logits_triton if chosen == "triton" else torch.ops.rlkernels.kl_from_logits

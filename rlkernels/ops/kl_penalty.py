@@ -20,7 +20,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 
     - ``k1`` / ``kl``: r
     - ``k2`` / ``mse``: r^2 / 2
-    - ``k3`` / ``low_var_kl``: e^{-c} + c - 1 with c = clamp(-r, -20, 20), value clamped to +-10 (verl)
+    - ``k3`` / ``low_var_kl``: e^{c} - c - 1 with c = clamp(-r, -20, 20), value clamped to +-10 (verl's
+      low_var_kl: Schulman's (rho - 1) - log rho with rho = p_ref / p = e^{-r})
     - ``abs``: |r|
     - ``k1+``, ``k3+``: the value of k1 / k3 with the gradient of k2 (straight-through)
 

@@ -59,7 +59,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                          ignore_index=ignore_index, entropy=entropy)
     lead = hidden.shape[:-1]
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_hidden = hidden.reshape(labels.numel(), hidden.shape[-1])  # (-1 is ambiguous when H = 0)
     flat_labels = labels.reshape(-1)
     N, vocab = flat_hidden.shape[0], weight.shape[0]
     tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, vocab)
