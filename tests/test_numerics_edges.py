@@ -158,6 +158,32 @@ def test_unpack_tensors_target_overlapping_the_bucket_raises(backend):
         rlkernels.unpack_tensors(torch.randn(7), [storage[:4], storage[3:6]], backend=backend)
 
 
+def _writes(op):
+    def write(backend, target):
+        if op == "unpack_tensors":
+            rlkernels.unpack_tensors(torch.randn(4), [target], backend=backend)
+        elif op == "pack_tensors":
+            rlkernels.pack_tensors([torch.randn(4)], out=target, backend=backend)
+        else:
+            rlkernels.gossip_mix(target, torch.randn(4), torch.randn(4), MIX, out=target, backend=backend)
+    return write
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("op", ["unpack_tensors", "pack_tensors", "gossip_mix"])
+def test_ops_writing_in_place_bump_the_version(backend, op):
+    """A tensor that a graph saved and an op then overwrote: backward must raise, as for
+    any in-place PyTorch op, not compute with the new values."""
+    buffer = torch.randn(4)
+    x = torch.randn(4, requires_grad=True)
+    loss = (x * buffer).sum()  # saves buffer for x's gradient
+    before = buffer._version
+    _writes(op)(backend, buffer)
+    assert buffer._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 # ---- NaN in a valid position propagates ---------------------------------------------------------
 
 NAN = float("nan")

@@ -23,6 +23,14 @@ _UNPACK = "unpack_tensors"
 _MIX = "gossip_mix"
 
 
+def _written(*tensors: torch.Tensor) -> None:
+    """Bumps the version counters of tensors a compiled kernel wrote in place, as every
+    in-place PyTorch op does (and the Triton ops, declared mutating, do): a graph that
+    saved one of them then raises in backward instead of using the new values."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(tensors)
+
+
 def _tensor_list(op: str, tensors) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{op}: tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
@@ -92,6 +100,7 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
             torch.ops.rlkernels.pack_tensors_triton(contiguous, out, scale)
         else:
             torch.ops.rlkernels.pack_tensors(contiguous, out, scale)
+            _written(out)
     return out
 
 
@@ -124,6 +133,7 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
             torch.ops.rlkernels.unpack_tensors_triton(bucket, targets, scale)
         else:
             torch.ops.rlkernels.unpack_tensors(bucket, targets, scale)
+            _written(*targets)
         for t, target in zip(tensors, targets):
             if t is not target:
                 t.copy_(target)
@@ -168,6 +178,8 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
         else:
             fn = torch.ops.rlkernels.gossip_mix_triton if chosen == "triton" else torch.ops.rlkernels.gossip_mix
             fn(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
+            if chosen != "triton":
+                _written(target)
         if target is not out:
             out.copy_(target)
     return out
