@@ -245,6 +245,11 @@ NAN_CASES = {
                                                          backend=b),
     "kl_from_logits/ref": lambda b: rlkernels.kl_from_logits(torch.randn(3, 7), _with_nan(torch.randn(3, 7), (0, 0)),
                                                              backend=b),
+    "linear_logprobs": lambda b: rlkernels.linear_logprobs(_with_nan(torch.randn(3, 4), (1, 2)), torch.randn(5, 4),
+                                                           torch.tensor([0, 1, 2]), entropy=True, backend=b),
+    "linear_ppo_loss": lambda b: rlkernels.linear_ppo_loss(torch.randn(1, 3, 4), torch.randn(5, 4),
+                                                           torch.tensor([[0, 1, 2]]), _with_nan(OLD[:1, :3], (0, 1)),
+                                                           ADV[:1, :3], backend=b),
 }
 for _kind in ("sigmoid", "ipo", "hinge", "robust"):
     for _arg in range(4):

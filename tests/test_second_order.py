@@ -60,6 +60,8 @@ LINEAR_LABELS = _labels(4, 6)
 # name -> (function of (backend, *differentiable inputs), maker of those inputs)
 CASES = {
     "logprobs": (lambda b, x: rlkernels.logprobs(x, LABELS, temperature=0.7, backend=b), lambda: [_logits()]),
+    "logprobs_inplace": (lambda b, x: rlkernels.logprobs(x * 1.0, LABELS, inplace_backward=b != "reference",
+                                                         backend=b), lambda: [_logits()]),
     "logprobs_entropy": (lambda b, x: rlkernels.logprobs(x, LABELS, entropy=True, backend=b), lambda: [_logits()]),
     "kl_from_logits": (lambda b, x, y: rlkernels.kl_from_logits(x, y, temperature=1.3, mask=LP_MASK, backend=b),
                        lambda: [_logits(), _logits()]),
