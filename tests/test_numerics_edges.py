@@ -291,6 +291,16 @@ def test_a_group_holding_nan_is_not_all_equal(backend, where, layout):
     assert advantages[:3].isnan().all() and not advantages[3:].isnan().any()
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_a_group_of_infinite_scores_is_not_all_equal(backend):
+    """inf - inf: such a group's advantages are NaN, so it must not look skippable."""
+    inf = float("inf")
+    scores = torch.tensor([inf, inf, -inf, -inf, 2.0, 2.0, 1.0, inf])
+    advantages, all_equal = rlkernels.group_advantages(scores, 2, backend=backend)
+    assert all_equal.tolist() == [False, False, True, False]
+    assert advantages[:4].isnan().all() and torch.equal(advantages[4:6], torch.zeros(2))
+
+
 def test_triton_sources_keep_nan_in_min_max():
     """A GPU's max/min (tl.maximum, tl.minimum, tl.max, tl.min) return the non-NaN
     operand, the interpreter's numpy does not, so the tests above cannot see them drop a

@@ -70,7 +70,9 @@ __global__ void group_advantages_kernel(const in_t* __restrict__ scores, const i
     advantages[i] = group_advantage<acc>(cast<acc>(scores[i]), mean, std, batch_std, members, baseline,
                                          scale, eps);
   }
-  if (threadIdx.x == 0) all_equal[g] = members == 0 || (lo == hi && !has_nan);
+  // equal and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
+  if (threadIdx.x == 0)
+    all_equal[g] = members == 0 || (lo == hi && !has_nan && lo > -acc(INFINITY) && lo < acc(INFINITY));
 }
 
 }  // namespace

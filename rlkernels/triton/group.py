@@ -75,7 +75,10 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
         adv = tl.where(n > 1.0, centred, 0.0)
         tl.store(adv_ptr + offs, adv, mask=member)
     # counted, not left to min/max (a GPU's drop NaN): a group holding NaN is never all-equal
-    equal = (n == 0.0) | ((tl.min(lo, axis=0) == tl.max(hi, axis=0)) & (tl.sum(nans, axis=0) == 0.0))
+    # and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
+    low = tl.min(lo, axis=0)
+    equal = (n == 0.0) | ((low == tl.max(hi, axis=0)) & (tl.sum(nans, axis=0) == 0.0) & (low > -float("inf"))
+                          & (low < float("inf")))
     tl.store(eq_ptr + g, equal.to(tl.int8))
 
 
