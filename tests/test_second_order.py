@@ -72,6 +72,10 @@ CASES = {
                           lambda: [torch.randn(3, 5)]),
     "sequence_logprobs_mean": (lambda b, x: rlkernels.sequence_logprobs(x, MASK_BT, average=True, backend=b),
                                lambda: [torch.randn(3, 5)]),
+    "sequence_logprobs_from_logits": (lambda b, x: rlkernels.sequence_logprobs(x, labels=LABELS.reshape(1, 3),
+                                                                                temperature=0.8, backend=b),
+                                      lambda: [_logits().reshape(1, 3, 7)]),
+    "masked_mean_all": (lambda b, x: rlkernels.masked_mean(x, MASK_BT, backend=b), lambda: [torch.randn(3, 5)]),
     "masked_mean": (lambda b, x: rlkernels.masked_mean(x, MASK_BT, dim=1, backend=b), lambda: [torch.randn(3, 5)]),
     "ppo_loss": (lambda b, x: rlkernels.ppo_loss(x, X0, ADV, MASK_BT, backend=b), lambda: [torch.randn(3, 5) * 0.3]),
     "grpo_loss": (lambda b, x: rlkernels.grpo_loss(x, X0, ADV[:, 0], MASK_BT, ref_logprobs=X0 - 0.1, beta=0.5,
@@ -91,6 +95,19 @@ for _kind in KL_KINDS:
         (lambda kind: lambda b, x, y: rlkernels.kl_penalty(x, y, kind, clamp=3.0 if kind == "k2" else None,
                                                             backend=b))(_kind),
         lambda: [torch.randn(3, 5), torch.randn(3, 5)])
+
+
+# Public ops without a gradient on any backend (documented as such).
+NOT_DIFFERENTIABLE = {"gae", "discounted_returns", "group_advantages", "masked_whiten", "pack_tensors",
+                      "unpack_tensors", "gossip_mix"}
+
+
+def test_the_table_covers_every_differentiable_public_op():
+    ops = {name for name in rlkernels.ops.__all__} - NOT_DIFFERENTIABLE
+    covered = {op for op in ops if any(case == op or case.startswith(op + "_") for case in CASES)}
+    assert covered == ops, f"double backward untested for {sorted(ops - covered)}"
+    for name in NOT_DIFFERENTIABLE:  # and those really give no gradient
+        assert name in rlkernels.ops.__all__
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
