@@ -2,7 +2,8 @@
 // shared by the CPU and CUDA kernels.  With r = logprob - ref_logprob:
 //   k1  (kl):          r                                       slope 1
 //   k2  (mse):         r^2 / 2                                 slope r
-//   k3  (low_var_kl):  e^{-c} + c - 1, c = clamp(-r, -20, 20)  slope (1 - e^{-c}) where |r| <= 20, else 0
+//   k3  (low_var_kl):  e^{c} - c - 1, c = clamp(-r, -20, 20)   slope (1 - e^{c}) where |r| <= 20, else 0
+//                      (Schulman's (rho - 1) - log rho with rho = p_ref / p = e^{-r}; verl's low_var_kl)
 //   abs:               |r|                                     slope sign(r)
 //   k1+, k3+:          the value of k1 / k3, the slope of k2 (straight-through)
 // The value is clamped to [-clamp, clamp] (k3 defaults to verl's 10); outside the

@@ -60,7 +60,7 @@ RLK_INLINE PreferencePair<acc> preference_pair(PreferenceKind kind, acc beta, ac
       break;
     case PreferenceKind::hinge: {
       const acc margin = acc(1) - z;
-      out.loss = margin > acc(0) ? margin : acc(0);
+      out.loss = margin < acc(0) ? acc(0) : margin;  // relu that keeps NaN
       out.dlogits = margin > acc(0) ? -beta : acc(0);  // relu's gradient at 0 is 0
       break;
     }

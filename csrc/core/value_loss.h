@@ -45,8 +45,10 @@ RLK_FORCE_INLINE ValueToken<acc> value_token(acc value, acc old_value, acc ret, 
   const acc sq_clipped = err_clipped * err_clipped;
   const bool clip_wins = active & (sq_clipped > sq);
   const bool tie = active & (sq_clipped == sq);
-  out.loss = acc(0.5) * (clip_wins ? sq_clipped : sq);
-  out.grad = clip_wins ? acc(0) : (tie ? acc(0.5) * err : err);
+  // A NaN old value makes the clipped term NaN: max() must not drop it (nor its gradient).
+  const bool clipped_nan = sq_clipped != sq_clipped;
+  out.loss = acc(0.5) * ((clip_wins | clipped_nan) ? sq_clipped : sq);
+  out.grad = clipped_nan ? sq_clipped : (clip_wins ? acc(0) : (tie ? acc(0.5) * err : err));
   out.clipped = clip_wins ? acc(1) : acc(0);
   return out;
 }

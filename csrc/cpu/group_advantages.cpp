@@ -36,8 +36,9 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
       const int64_t g = group_of(i);
       const acc x = cast<acc>(s[i]);
       if (count[g] == 0) lo[g] = hi[g] = x;
-      lo[g] = x < lo[g] ? x : lo[g];
-      hi[g] = x > hi[g] ? x : hi[g];
+      // NaN sticks (x != x), so a group holding NaN is never all-equal
+      lo[g] = (x < lo[g] || x != x) ? x : lo[g];
+      hi[g] = (x > hi[g] || x != x) ? x : hi[g];
       sum[g] += x;
       count[g] += 1;
       batch_sum += x;
@@ -60,7 +61,9 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
                                     count[g], int(baseline), int(scale), acc(eps));
     }
     bool* eq = all_equal.data_ptr<bool>();
-    for (int64_t g = 0; g < num_groups; ++g) eq[g] = count[g] == 0 || lo[g] == hi[g];
+    // equal and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
+    for (int64_t g = 0; g < num_groups; ++g)
+      eq[g] = count[g] == 0 || (lo[g] == hi[g] && lo[g] > -acc(INFINITY) && lo[g] < acc(INFINITY));
   });
   return {advantages, all_equal};
 }

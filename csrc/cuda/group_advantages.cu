@@ -22,13 +22,14 @@ __global__ void group_advantages_kernel(const in_t* __restrict__ scores, const i
   const int64_t g = blockIdx.x;
   const int64_t begin = index ? 0 : g * group_size;
   const int64_t end = index ? N : begin + group_size;
-  acc sum = 0, lo = 0, hi = 0, count = 0;
+  acc sum = 0, lo = 0, hi = 0, count = 0, nans = 0;
   bool first = true;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     if (index && index[i] != g) continue;
     const acc x = cast<acc>(scores[i]);
     sum += x;
     count += 1;
+    nans += x != x ? acc(1) : acc(0);
     lo = first || x < lo ? x : lo;
     hi = first || x > hi ? x : hi;
     first = false;
@@ -39,6 +40,8 @@ __global__ void group_advantages_kernel(const in_t* __restrict__ scores, const i
   const acc big = acc(3.0e38);
   lo = block_reduce<Reduce::Min>(first ? big : lo, scratch);
   hi = block_reduce<Reduce::Max>(first ? -big : hi, scratch);
+  // min/max reductions may drop NaN; a group holding NaN is never all-equal
+  const bool has_nan = block_reduce<Reduce::Sum>(nans, scratch) > acc(0);
   const acc mean = n > 0 ? sum / n : acc(0);
 
   acc sq = 0, batch_sum = 0;
@@ -67,7 +70,9 @@ __global__ void group_advantages_kernel(const in_t* __restrict__ scores, const i
     advantages[i] = group_advantage<acc>(cast<acc>(scores[i]), mean, std, batch_std, members, baseline,
                                          scale, eps);
   }
-  if (threadIdx.x == 0) all_equal[g] = members == 0 || lo == hi;
+  // equal and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
+  if (threadIdx.x == 0)
+    all_equal[g] = members == 0 || (lo == hi && !has_nan && lo > -acc(INFINITY) && lo < acc(INFINITY));
 }
 
 }  // namespace

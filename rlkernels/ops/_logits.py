@@ -18,10 +18,18 @@ def logits_tensor(op: str, name: str, value) -> torch.Tensor:
     return value
 
 
+# The smallest temperature: below the smallest normal float32 the kernels' 1/T and
+# log2(e)/T overflow float32 (inf, then NaN results).
+MIN_TEMPERATURE = 2.0 ** -126
+
+
 def temperature(op: str, value) -> float:
     value = V.number(op, "temperature", value, low=0.0, low_open=True)
     if math.isinf(value):
         raise ValueError(f"{op}: temperature must be finite, got {value}")
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{op}: temperature must be at least 2**-126 (~1.18e-38, the smallest normal float32) so "
+                         f"that 1/temperature fits in float32, got {value}")
     return value
 
 

@@ -8,6 +8,7 @@ import torch
 
 from .. import _validate as V
 from .._dtypes import acc_dtype
+from . import _double_backward
 from ..reference.losses import AGG_MODES
 
 
@@ -67,7 +68,13 @@ def need_grad(tensor: torch.Tensor) -> bool:
 
 
 def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: stats[i] for i, name in enumerate(names)}
+    out = {name: stats[i] for i, name in enumerate(names)}
+    if "ratio_max" in out:
+        # A NaN ratio makes the ratio sum NaN, but max reductions (CPU, CUDA and Triton
+        # alike) may skip it: take NaN from the mean so that the maximum keeps it too.
+        mean = out["ratio_mean"]
+        out["ratio_max"] = torch.where(mean.isnan(), mean, out["ratio_max"])
+    return out
 
 
 def fake_outputs(primary: torch.Tensor, num_stats: int, need_grad: bool):
@@ -83,24 +90,27 @@ def _scale_rows_fake(grad, row_scale, grad_loss, dtype):
     return grad.new_empty(grad.shape, dtype=dtype)
 
 
-def register_token_loss_autograd(op_name: str, num_inputs: int, scale_rows=None) -> None:
+def register_token_loss_autograd(op_name: str, num_inputs: int, scale_rows=None, public_name: str = "") -> None:
     """Backward of a token loss op: d loss / d input_0 = grad_loss * row_scale[b] * grad[b, t],
     computed by `scale_rows` (grad, row_scale, grad_loss, dtype) -> [B, T]: a kernel op, whose
     small problems stay on one thread (a torch broadcast multiply would wake a thread pool)."""
     scale_rows = torch.ops.rlkernels.scale_rows if scale_rows is None else scale_rows
+    public_name = public_name or op_name.split("::")[-1].removesuffix("_triton")
 
     def setup_context(ctx, inputs, output):
         _, stats, grad, row_scale = output
-        ctx.save_for_backward(grad, row_scale)
+        # the input only marks where a double backward must raise (a reference, no copy)
+        ctx.save_for_backward(grad, row_scale, inputs[0])
         ctx.input_dtype = inputs[0].dtype
         ctx.mark_non_differentiable(stats, grad, row_scale)
         # The other outputs get no gradient: do not materialise zeros of their size.
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, *unused):
-        grad, row_scale = ctx.saved_tensors
+        grad, row_scale, primary = ctx.saved_tensors
         if grad_loss is None or grad.dim() != 2:  # no gradient needed
             return (None,) * num_inputs
-        return scale_rows(grad, row_scale, grad_loss, ctx.input_dtype), *((None,) * (num_inputs - 1))
+        grad_input = scale_rows(grad, row_scale, grad_loss, ctx.input_dtype)
+        return *_double_backward.first_order_only(public_name, (grad_input,), (primary,)), *((None,) * (num_inputs - 1))
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)

@@ -7,6 +7,7 @@ import torch
 from .. import _backend, _validate as V, reference
 from ..reference.losses import PREFERENCE_KINDS
 from .._dtypes import acc_dtype
+from . import _double_backward
 
 _OP = "rlkernels::dpo_loss"
 _NAMES = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
@@ -64,7 +65,7 @@ def _fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind, 
 
 def _setup_context(ctx, inputs, output):
     losses, chosen_rewards, rejected_rewards, dlogits = output
-    ctx.save_for_backward(dlogits)
+    ctx.save_for_backward(dlogits, *inputs[:4])  # the inputs for first_order_only (references)
     ctx.dtypes = tuple(t.dtype for t in inputs[:4])
     ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, dlogits)
     ctx.set_materialize_grads(False)
@@ -73,10 +74,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_losses, *unused):
     if grad_losses is None:
         return (None,) * 7
-    (dlogits,) = ctx.saved_tensors
+    dlogits, *inputs = ctx.saved_tensors
     g = grad_losses.to(dlogits.dtype) * dlogits  # d loss / d z; z = pc - pr - rc + rr
     signs = (1.0, -1.0, -1.0, 1.0)
-    return (*((g * s).to(dtype) for s, dtype in zip(signs, ctx.dtypes)), None, None, None)
+    grads = [(g * s).to(dtype) for s, dtype in zip(signs, ctx.dtypes)]
+    return (*_double_backward.first_order_only("dpo_loss", grads, inputs), None, None, None)
 
 
 def register(op_name: str) -> None:

@@ -24,8 +24,9 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
     - scale="none": Dr. GRPO (no std division); scale="batch": divide by the std of
       all scores (TRL's scale_rewards="batch").
     - baseline="loo": RLOO, s minus the mean of the other members of the group.
-    A group of one gets advantage 0.  all_equal marks zero-variance groups (every
-    advantage 0), which trainers may skip.  float32 output (float64 for float64).
+    A group of one gets advantage 0.  all_equal marks zero-variance groups (equal,
+    finite scores: every advantage 0), which trainers may skip; a group holding NaN or
+    infinite scores (NaN advantages) is never all-equal.  float32 output (float64 for float64).
     """
     V.float_tensor(_OP, "scores", scores, ndim=1)
     baseline = V.choice(_OP, "baseline", baseline, _BASELINES)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V, reference
-from . import _logits as L
+from .._dtypes import acc_dtype
+from . import _double_backward, _logits as L
 
 _OP = "kl_from_logits"
 
@@ -30,6 +31,9 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     mask = V.binary_mask(_OP, "mask", mask, logits.shape[:-1], device)
     temperature = L.temperature(_OP, temperature)
     chosen = L.choose_backend(_OP, backend, device, logits.dtype)
+    if logits.shape[-1] == 0:
+        # No vocabulary: KL is an empty sum, 0 on every backend (and differentiable, with empty gradients).
+        return (logits.sum(-1) + ref_logits.sum(-1)).to(acc_dtype(logits.dtype))
     if chosen == "reference":
         return reference.kl_from_logits(logits, ref_logits, temperature=temperature, mask=mask)
     op = torch.ops.rlkernels.kl_from_logits_triton if chosen == "triton" else torch.ops.rlkernels.kl_from_logits
@@ -59,6 +63,13 @@ def register_autograd(forward: str, backward) -> None:
         logits_grad, ref_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (logits_grad or ref_grad):
             return None, None, None, None
+        if _double_backward.recording():
+            def recompute(x, ref):
+                return reference.kl_from_logits(x, ref, temperature=ctx.temperature, mask=mask)
+
+            grad_logits, grad_ref = _double_backward.through_reference(
+                recompute, (logits, ref_logits), (logits_grad, ref_grad), (grad_kl,))
+            return grad_logits, grad_ref, None, None
         if grad_kl is None:
             grad_kl = torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
         grad_logits, grad_ref = backward(grad_kl.to(torch.float32).contiguous(), logits, ref_logits, mask, saved,

@@ -8,6 +8,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
+from . import _double_backward
 
 _OP = "kl_penalty"
 KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs", "k1+", "k3+")
@@ -19,7 +20,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 
     - ``k1`` / ``kl``: r
     - ``k2`` / ``mse``: r^2 / 2
-    - ``k3`` / ``low_var_kl``: e^{-c} + c - 1 with c = clamp(-r, -20, 20), value clamped to +-10 (verl)
+    - ``k3`` / ``low_var_kl``: e^{c} - c - 1 with c = clamp(-r, -20, 20), value clamped to +-10 (verl's
+      low_var_kl: Schulman's (rho - 1) - log rho with rho = p_ref / p = e^{-r})
     - ``abs``: |r|
     - ``k1+``, ``k3+``: the value of k1 / k3 with the gradient of k2 (straight-through)
 
@@ -54,13 +56,21 @@ def _fake(logprobs, ref_logprobs, kind, clamp):
 
 
 def _setup_context(ctx, inputs, output):
-    logprobs, ref_logprobs, _, _ = inputs
-    ctx.save_for_backward(output[1])
+    logprobs, ref_logprobs, kind, clamp = inputs
+    # The inputs are kept for a double backward only (references, no copies).
+    ctx.save_for_backward(output[1], logprobs, ref_logprobs)
     ctx.dtypes = (logprobs.dtype, ref_logprobs.dtype)
+    ctx.kind, ctx.clamp = kind, clamp
 
 
 def _backward(ctx, grad_value, _grad_slope):
-    (slope,) = ctx.saved_tensors
+    slope, logprobs, ref_logprobs = ctx.saved_tensors
+    if _double_backward.recording():
+        # The saved slope is a constant to autograd; the reference's graph carries the curvature.
+        grads = _double_backward.through_reference(
+            lambda lp, ref: reference.kl_penalty(lp, ref, ctx.kind, clamp=ctx.clamp), (logprobs, ref_logprobs),
+            ctx.needs_input_grad[:2], (grad_value,))
+        return grads[0], grads[1], None, None
     grad = grad_value * slope if grad_value is not None else torch.zeros_like(slope)
     grad_logprobs = grad.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
     grad_ref = (-grad).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None

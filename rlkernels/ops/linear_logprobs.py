@@ -24,7 +24,7 @@ import torch
 from torch.library import custom_op, register_fake
 
 from .. import _validate as V, reference
-from . import _chunked
+from . import _chunked, _double_backward
 from . import _logits as L
 
 _OP = "linear_logprobs"
@@ -73,7 +73,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                                          ignore_index=ignore_index, entropy=entropy, mean_logits=mean_logits,
                                          is_top1=is_top1)
     lead = hidden.shape[:-1]
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_hidden = hidden.reshape(labels.numel(), hidden.shape[-1])  # (-1 is ambiguous when H = 0)
     flat_labels = labels.reshape(-1)
     N, vocab = flat_hidden.shape[0], weight.shape[0]
     tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, vocab)
@@ -249,6 +249,15 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
     with_entropy = entropies.shape[0] == N and N > 0 and grad_entropy is not None
     grad_entropy = grad_entropy.to(torch.float32).contiguous() if with_entropy else None
     temperature, ignore_index, tile_tokens, tile_vocab, budget, backend = ctx.options
+    if _double_backward.recording():
+        def recompute(h, w, b):
+            return reference.linear_logprobs(h, w, labels, bias=b, temperature=temperature,
+                                             ignore_index=ignore_index, entropy=with_entropy)
+
+        grad_hidden, grad_weight, grad_bias = _double_backward.through_reference(
+            recompute, (hidden, weight, bias), (needs_hidden, needs_weight, needs_bias and bias is not None),
+            (grad_logprobs, grad_entropy))
+        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 7
     grad_hidden, grad_weight, grad_bias = torch.ops.rlkernels.linear_logprobs_backward(
         grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature, ignore_index,
         tile_tokens, tile_vocab, budget, backend, bool(needs_hidden), bool(needs_weight), bool(needs_bias))

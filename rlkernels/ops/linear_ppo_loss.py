@@ -21,7 +21,7 @@ from torch.library import custom_op, register_fake
 
 from .. import _validate as V
 from ..reference.losses import KL_ESTIMATORS, POLICY_STATS, aggregate
-from . import _chunked, _losses
+from . import _chunked, _double_backward, _losses
 from . import _logits as L
 from .policy_loss import _policy
 
@@ -295,7 +295,9 @@ def _linear_policy_loss_fake(hidden, weight, labels, bias, old_logprobs, advanta
 
 def _setup_context(ctx, inputs, output):
     _, stats, grad_hidden, grad_weight, grad_bias = output
-    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    hidden, weight, _, bias = inputs[:4]
+    # the inputs for first_order_only only (references, no copies)
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
     ctx.mark_non_differentiable(stats, grad_hidden, grad_weight, grad_bias)
     # The stored gradients get no incoming gradient: no weight-sized zeros for them.
     ctx.set_materialize_grads(False)
@@ -316,7 +318,9 @@ def _backward(ctx, grad_loss, *unused):
         return (None,) * 18
     # (an empty batch's hidden gradient is empty but still wanted: ask needs_input_grad)
     grad_hidden, grad_weight, grad_bias = (_scaled(saved, grad_loss) if ctx.needs_input_grad[i] else None
-                                           for saved, i in zip(ctx.saved_tensors, (0, 1, 3)))
+                                           for saved, i in zip(ctx.saved_tensors[:3], (0, 1, 3)))
+    grad_hidden, grad_weight, grad_bias = _double_backward.first_order_only(
+        "linear_ppo_loss", (grad_hidden, grad_weight, grad_bias), ctx.saved_tensors[3:])
     return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 14
 
 

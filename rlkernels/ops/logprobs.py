@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import _logits as L
+from . import _double_backward, _logits as L
 
 _OP = "logprobs"
 
@@ -72,6 +72,15 @@ def _setup_context(ctx, inputs, output):
     ctx.temperature, ctx.ignore_index, ctx.inplace_backward = temperature, ignore_index, inplace_backward
 
 
+def overlapping(t: torch.Tensor) -> bool:
+    """True where elements of `t` may share memory (expanded, stride 0): one buffer
+    cannot hold a different gradient for each of them, so the in-place backward falls
+    back to a fresh gradient there."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._debug_has_internal_overlap(t) != 0  # 0: no overlap, 1: overlap, 2: too hard to tell
+
+
 def _row_grad(grad: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
     if grad is None:
         return torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
@@ -86,13 +95,28 @@ def register_autograd(forward: str, backward, backward_inplace) -> None:
         logits, labels, saved, entropies = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
+        if _double_backward.recording():
+            with_entropy = entropies.shape == labels.shape
+
+            def recompute(x):
+                return reference.logprobs(x, labels, temperature=ctx.temperature, ignore_index=ctx.ignore_index,
+                                          entropy=with_entropy)
+
+            grads = (grad_logprobs, grad_entropy if with_entropy else None)
+            (grad,) = _double_backward.through_reference(recompute, (logits,), (True,), grads)
+            return grad, None, None, None, None, None
         grad_logprobs = _row_grad(grad_logprobs, labels)
         with_entropy = entropies.shape == labels.shape and grad_entropy is not None
         grad_entropy = _row_grad(grad_entropy, labels) if with_entropy else None
         args = (grad_logprobs, grad_entropy, logits, labels, saved, entropies, ctx.temperature, ctx.ignore_index)
-        if ctx.inplace_backward:
+        if ctx.inplace_backward and not overlapping(logits):
             backward_inplace(*args)
-            grad = logits.detach()  # the logits buffer now holds the gradient
+            # The logits now hold the gradient: bump their version so that autograd raises
+            # where anything (another op's backward, a second backward through this one)
+            # still needs the old values, rather than reading the gradient as logits.
+            if not torch.compiler.is_compiling():
+                torch.autograd.graph.increment_version(logits)
+            grad = logits.detach()
         else:
             grad = backward(*args)
         return grad, None, None, None, None, None

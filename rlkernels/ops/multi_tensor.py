@@ -16,11 +16,19 @@ from typing import Sequence
 
 import torch
 
-from .. import _backend, _validate as V, reference
+from .. import _backend, _overlap, _validate as V, reference
 
 _PACK = "pack_tensors"
 _UNPACK = "unpack_tensors"
 _MIX = "gossip_mix"
+
+
+def _written(*tensors: torch.Tensor) -> None:
+    """Bumps the version counters of tensors a compiled kernel wrote in place, as every
+    in-place PyTorch op does (and the Triton ops, declared mutating, do): a graph that
+    saved one of them then raises in backward instead of using the new values."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(tensors)
 
 
 def _tensor_list(op: str, tensors) -> list[torch.Tensor]:
@@ -77,6 +85,13 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
     if total == 0:
         return out
     contiguous = [t.contiguous() for t in tensors]
+    offset = 0
+    for i, t in enumerate(contiguous):
+        # A tensor may be its own slice of the bucket (elementwise in place); no other sharing.
+        own = out[offset:offset + t.numel()].view(t.shape) if t.dtype == out.dtype else None
+        if own is None or _overlap.status(own, t) != _overlap.FULL:
+            _overlap.check_output(_PACK, "out", out, f"tensors[{i}]", t, allow_full=False)
+        offset += t.numel()
     chosen = _backend.resolve(_PACK, backend, out.device)
     with torch.no_grad():
         if chosen == "reference":
@@ -85,6 +100,7 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
             torch.ops.rlkernels.pack_tensors_triton(contiguous, out, scale)
         else:
             torch.ops.rlkernels.pack_tensors(contiguous, out, scale)
+            _written(out)
     return out
 
 
@@ -101,6 +117,14 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
         return
     targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
                for t in tensors]
+    offset = 0
+    for i, t in enumerate(targets):
+        own = bucket[offset:offset + t.numel()].view(t.shape) if t.dtype == bucket.dtype else None
+        if own is None or _overlap.status(own, t) != _overlap.FULL:
+            _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
+        for j in range(i):
+            _overlap.check_output(_UNPACK, f"tensors[{i}]", t, f"tensors[{j}]", targets[j], allow_full=False)
+        offset += t.numel()
     chosen = _backend.resolve(_UNPACK, backend, bucket.device)
     with torch.no_grad():
         if chosen == "reference":
@@ -109,6 +133,7 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
             torch.ops.rlkernels.unpack_tensors_triton(bucket, targets, scale)
         else:
             torch.ops.rlkernels.unpack_tensors(bucket, targets, scale)
+            _written(*targets)
         for t, target in zip(tensors, targets):
             if t is not target:
                 t.copy_(target)
@@ -143,6 +168,9 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    for name, t in (("x", x), ("left", left), ("right", right)):
+        # the kernel reads t.contiguous(): a copy (no sharing) unless t already is contiguous
+        _overlap.check_output(_MIX, "out", target, name, t.contiguous(), allow_full=True)
     chosen = _backend.resolve(_MIX, backend, device)
     with torch.no_grad():
         if chosen == "reference":
@@ -150,6 +178,8 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
         else:
             fn = torch.ops.rlkernels.gossip_mix_triton if chosen == "triton" else torch.ops.rlkernels.gossip_mix
             fn(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
+            if chosen != "triton":
+                _written(target)
         if target is not out:
             out.copy_(target)
     return out

@@ -129,4 +129,4 @@ def _policy_loss_fake(logprobs, old_logprobs, advantages, mask, weights, ref_log
     return _losses.fake_outputs(logprobs, len(POLICY_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd(_OP, 10)
+_losses.register_token_loss_autograd(_OP, 10, public_name="ppo_loss/grpo_loss")

@@ -6,6 +6,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
+from . import _double_backward
 
 _OP = "rlkernels::sequence_logprobs"
 
@@ -83,6 +84,14 @@ def register(op_name: str, backward_op) -> None:
         if grad_out is None:
             return None, None, None
         mask, counts = ctx.saved_tensors
+        if _double_backward.recording():
+            # The gradient is linear in grad_out: written in torch ops it stays differentiable.
+            grad_out = grad_out.to(counts.dtype)
+            share = (torch.ones((counts.shape[0], ctx.T), dtype=counts.dtype, device=counts.device)
+                     if mask is None else mask.to(counts.dtype))
+            if ctx.average:
+                share = share / counts.clamp(min=1).unsqueeze(1)
+            return (grad_out.unsqueeze(1) * share).to(ctx.dtype), None, None
         grad = backward_op(grad_out.to(counts.dtype).contiguous(), mask, counts, ctx.average, ctx.T, ctx.dtype)
         return grad, None, None
 

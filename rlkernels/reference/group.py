@@ -41,7 +41,8 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
     advantages = torch.where(n > 1, centred, torch.zeros_like(centred))
     lo = s.new_full((G,), float("inf")).scatter_reduce(0, idx, s, "amin")
     hi = s.new_full((G,), -float("inf")).scatter_reduce(0, idx, s, "amax")
-    return advantages, (count == 0) | (lo == hi)
+    # equal and finite (a group of +-inf scores has NaN advantages); NaN is never equal
+    return advantages, (count == 0) | ((lo == hi) & lo.isfinite())
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None,

@@ -15,6 +15,16 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(p * logp.masked_fill(p == 0, 0)).sum(-1)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature after shifting each row by its maximum: the same softmax (the
+    shift is a constant to autograd, and softmax ignores constants, to every order), but
+    x / T no longer overflows to inf (then NaN) at tiny temperatures."""
+    if logits.shape[-1] == 0:
+        return logits / temperature
+    top = logits.detach().amax(-1, keepdim=True)
+    return (logits - torch.where(torch.isfinite(top), top, 0)) / temperature
+
+
 def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
              entropy: bool = False):
     """log softmax(logits / temperature)[label] per token (0 where labels == ignore_index);
@@ -22,7 +32,10 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
     valid = labels != ignore_index
     # ignored rows may hold anything (NaN padding): keep it out of values and gradients
     logits = torch.where(valid.unsqueeze(-1), logits, 0).to(acc_dtype(logits.dtype))
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    if logits.shape[-1] == 0:  # no vocabulary: every label is ignored (validated), all values are 0
+        picked = logits.sum(-1)
+        return (picked, picked.clone()) if entropy else picked
+    logp = torch.log_softmax(_scaled(logits, temperature), dim=-1)
     picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
     picked = torch.where(valid, picked, 0)
     if not entropy:
@@ -117,13 +130,28 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     if mask is not None:
         keep = mask.bool().unsqueeze(-1)
         logits, ref_logits = torch.where(keep, logits, 0), torch.where(keep, ref_logits, 0)
-    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
-    logq = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
+    logp = torch.log_softmax(_scaled(logits.to(acc), temperature), dim=-1)
+    logq = torch.log_softmax(_scaled(ref_logits.to(acc), temperature), dim=-1)
     p = logp.exp()
     kl = (p * (logp - logq).masked_fill(p == 0, 0)).sum(-1)
     ruled_out = ((logits > -torch.inf) & (ref_logits == -torch.inf)).any(-1) & (ref_logits > -torch.inf).any(-1)
     kl = torch.where(ruled_out, torch.inf, kl)
     return kl if mask is None else torch.where(mask.bool(), kl, 0)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """`value` forward, k2's gradient r = logprob - ref_logprob backward (and k2's
+    curvature 1 in a double backward: the backward is a differentiable product)."""
+
+    @staticmethod
+    def forward(ctx, value, r):
+        ctx.save_for_backward(r)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return None, grad * r
 
 
 KL_KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs", "k1+", "k3+")
@@ -138,8 +166,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     logprobs, ref_logprobs = logprobs.to(acc), ref_logprobs.to(acc)
     if kind.endswith("+"):
         value = kl_penalty(logprobs, ref_logprobs, kind[:-1], clamp=clamp)
-        straight = 0.5 * (logprobs - ref_logprobs).square()
-        return straight - straight.detach() + value.detach()
+        # verl writes r^2/2 - (r^2/2).detach() + value.detach(), which is NaN (inf - inf)
+        # wherever r^2 overflows (|r| > 1.8e19 in float32) or r is infinite.
+        return _StraightThrough.apply(value.detach(), logprobs - ref_logprobs)
     if kind in ("k1", "kl"):
         value = logprobs - ref_logprobs
     elif kind == "abs":

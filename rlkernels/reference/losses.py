@@ -79,7 +79,11 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     """verl's compute_policy_loss (vanilla, with dual clip) plus TRL's KL term:
 
     ratio = exp(clamp(lp - old, +-log_ratio_clamp)); L = max(-A ratio, -A clip(ratio, 1-cl, 1+ch));
-    dual clip for A < 0: L = min(L, -A dual_clip); L = weights L + kl_coef KL(lp, ref)."""
+    dual clip for A < 0: L = min(L, -A dual_clip); L = weights L + kl_coef KL(lp, ref).
+    Only `logprobs` is differentiated: the others are data (detached, as the kernels treat them)."""
+    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+    weights = weights.detach() if weights is not None else None
+    ref_logprobs = ref_logprobs.detach() if ref_logprobs is not None else None
     clip_high = clip_low if clip_high is None else clip_high
     acc = acc_dtype(logprobs.dtype)
     valid = _valid(mask, logprobs)
@@ -176,7 +180,10 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
                num_tokens: float | None = None, num_seqs: float | None = None,
                norm_length: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """verl's compute_value_loss: 0.5 max((v - R)^2, (old + clamp(v - old, +-clip) - R)^2);
-    clip_frac counts tokens where the clamp acts and the clipped term is the larger."""
+    clip_frac counts tokens where the clamp acts and the clipped term is the larger.
+    Only `values` is differentiated: old_values and returns are data (detached)."""
+    returns = returns.detach()
+    old_values = old_values.detach() if old_values is not None else None
     acc = acc_dtype(values.dtype)
     valid = _valid(mask, values)
     zero = values.new_zeros((), dtype=acc)

@@ -33,6 +33,7 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
     count = tl.zeros([BLOCK], dtype=ACC)
     lo = tl.full([BLOCK], float("inf"), dtype=ACC)
     hi = tl.full([BLOCK], float("-inf"), dtype=ACC)
+    nans = tl.zeros([BLOCK], dtype=ACC)
     batch_total = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -41,6 +42,7 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
         member = _members(idx_ptr, offs, live, g, group_size, HAS_INDEX)
         total += tl.where(member, x, 0.0)
         count += tl.where(member, 1.0, 0.0)
+        nans += tl.where(member & (x != x), 1.0, 0.0)
         lo = tl.where(member & (x < lo), x, lo)
         hi = tl.where(member & (x > hi), x, hi)
         batch_total += tl.where(live, x, 0.0)
@@ -72,7 +74,11 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
             centred = centred / (batch_std + eps)
         adv = tl.where(n > 1.0, centred, 0.0)
         tl.store(adv_ptr + offs, adv, mask=member)
-    equal = (n == 0.0) | (tl.min(lo, axis=0) == tl.max(hi, axis=0))
+    # counted, not left to min/max (a GPU's drop NaN): a group holding NaN is never all-equal
+    # and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
+    low = tl.min(lo, axis=0)
+    equal = (n == 0.0) | ((low == tl.max(hi, axis=0)) & (tl.sum(nans, axis=0) == 0.0) & (low > -float("inf"))
+                          & (low < float("inf")))
     tl.store(eq_ptr + g, equal.to(tl.int8))
 
 

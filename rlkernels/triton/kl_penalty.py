@@ -36,7 +36,7 @@ def _kl_penalty_kernel(lp_ptr, ref_ptr, value_ptr, slope_ptr, n, clamp, KIND: tl
         d = tl.where(inside, 1.0 - ratio, 0.0).to(acc)
     else:
         v = r
-        d = r * 0.0 + 1.0
+        d = tl.full([BLOCK], 1.0, acc)  # not r * 0 + 1: NaN at r = +-inf
     if CLAMP:
         inside = (v >= -clamp) & (v <= clamp)
         v = tl.where(v < -clamp, -clamp, tl.where(v > clamp, clamp, v)).to(acc)

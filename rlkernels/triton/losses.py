@@ -61,9 +61,10 @@ def _policy_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, m_ptr, grad_ptr, pa
 
     raw = lp - old
     pass_through = (raw >= -clamp) & (raw <= clamp)
-    log_ratio = tl.minimum(tl.maximum(raw, -clamp), clamp)
+    # Clamps written as selects: a NaN log-prob must stay NaN (a GPU's max/min drop it).
+    log_ratio = tl.where(raw < -clamp, -clamp, tl.where(raw > clamp, clamp, raw))
     ratio = tl.exp(log_ratio)
-    clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+    clipped = tl.where(ratio < ratio_low, ratio_low, tl.where(ratio > ratio_high, ratio_high, ratio))
     unclipped_loss = -adv * ratio
     clipped_loss = -adv * clipped
     clip_wins = clipped_loss > unclipped_loss
@@ -135,8 +136,9 @@ def _value_kernel(v_ptr, old_ptr, ret_ptr, m_ptr, grad_ptr, part_ptr, T, n_chunk
         sq_clipped = err_clipped * err_clipped
         clip_wins = active & (sq_clipped > sq)
         tie = active & (sq_clipped == sq)
-        loss = 0.5 * tl.where(clip_wins, sq_clipped, sq)
-        grad = tl.where(clip_wins, 0.0, tl.where(tie, 0.5 * err, err))
+        clipped_nan = sq_clipped != sq_clipped  # a NaN old value: max() must keep it
+        loss = 0.5 * tl.where(clip_wins | clipped_nan, sq_clipped, sq)
+        grad = tl.where(clipped_nan, sq_clipped, tl.where(clip_wins, 0.0, tl.where(tie, 0.5 * err, err)))
         clipped_flag = tl.where(clip_wins, 1.0, 0.0).to(ACC)
     if NEED_GRAD:
         tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0).to(ACC), mask=inside)
@@ -337,5 +339,6 @@ def _value_loss_triton_fake(values, old_values, returns, mask, coefficients, agg
     return _losses.fake_outputs(values, len(VALUE_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 10, torch.ops.rlkernels.scale_rows_triton)
+_losses.register_token_loss_autograd("rlkernels::policy_loss_triton", 10, torch.ops.rlkernels.scale_rows_triton,
+                                      public_name="ppo_loss/grpo_loss")
 _losses.register_token_loss_autograd("rlkernels::value_loss_triton", 7, torch.ops.rlkernels.scale_rows_triton)

@@ -56,7 +56,7 @@ def _dpo_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, loss_ptr, chosen_ptr, rejected_p
         dlogits = beta * (-(1.0 - ls) * _sigmoid(-z) - ls * _sigmoid(z)) / (1.0 - 2.0 * ls)
     elif KIND == 2:
         margin = 1.0 - z
-        loss = tl.maximum(margin, 0.0)
+        loss = tl.where(margin < 0.0, 0.0, margin)  # relu that keeps NaN (tl.maximum need not)
         dlogits = tl.where(margin > 0.0, -beta, 0.0)
     else:
         d = logits - 1.0 / (2.0 * beta)
