@@ -149,7 +149,7 @@ def _replace(path, make):
 # Damage that applies to any file: (name, function of the file's path).
 ANY_FILE = {
     "pickle": lambda p: _write(p, pickle.dumps({"weight": [1.0, 2.0]})),
-    "truncated_half": lambda p: _write(p, _read(p)[:len(_read(p)) // 2 + 1]),
+    "truncated_half": lambda p: _write(p, _read(p)[:_mid_line_cut(_read(p))]),
     "truncated_end": lambda p: _write(p, _read(p)[:-3]),
     "empty": lambda p: _write(p, b""),
     "header_length_2_40": lambda p: _write(p, (2 ** 40).to_bytes(8, "little") + _read(p)[8:]),
@@ -163,6 +163,16 @@ ANY_FILE = {
     "oversize": lambda p: os.truncate(p, os.path.getsize(p) + (3 << 30)),  # sparse: nothing is written
 }
 # A missing or empty metrics log only means no steps were logged: not damage.
+def _mid_line_cut(data: bytes) -> int:
+    """About half of the file, ending inside a line: a cut just after a newline would
+    leave a shorter but well-formed line-based file (metrics.jsonl), whose lengths vary
+    with the logged step times."""
+    cut = len(data) // 2 + 1
+    while cut < len(data) and data[cut - 1:cut] == b"\n":
+        cut += 1
+    return cut
+
+
 NOT_DAMAGE = {("metrics.jsonl", "missing"), ("metrics.jsonl", "empty")}
 
 
