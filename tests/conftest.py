@@ -55,6 +55,19 @@ def backend_device(request):
     return request.param
 
 
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group (FileStore, 10 s timeout) for the duration of a test."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.FileStore(os.fspath(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=10))
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

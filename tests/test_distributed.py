@@ -8,7 +8,6 @@ explicit process-group timeout and a wall-clock deadline after which its ranks a
 killed, so no test can hang."""
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
@@ -87,14 +86,6 @@ def test_uninitialised_process_group_is_a_clear_error(call):
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    store = dist.FileStore(os.fspath(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=10))
-    yield
-    dist.destroy_process_group()
 
 
 def test_one_rank_group_is_identity(one_rank_group):

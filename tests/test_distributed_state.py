@@ -4,23 +4,13 @@ average_parameters check everything they can locally before they change anything
 parameter that cannot hold a result (each rank refuses before any exchange)."""
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from rlkernels.distributed import DecentralizedAverager, average_parameters
 from rlkernels.distributed._launch import run_ranks
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    store = dist.FileStore(os.fspath(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=10))
-    yield
-    dist.destroy_process_group()
 
 
 def _averager():
