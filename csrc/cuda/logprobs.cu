@@ -192,7 +192,9 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x != 0) return;
   st = stats_merge<kEntropy>(tile_stats_in(out, vocab_start), st, scale);
   const int64_t local = label - vocab_start;  // may lie outside this tile
-  const float x_label = local >= 0 && local < V ? cast<float>(x[local]) : tile_label_in(out, vocab_start);
+  const float x_label = tile_label_lost(label, vocab_start + V, finish) ? NAN
+                        : local >= 0 && local < V                     ? cast<float>(x[local])
+                                                                      : tile_label_in(out, vocab_start);
   tile_stats_out<kEntropy>(out, st, x_label, finish, inv_t);
 }
 
@@ -212,8 +214,9 @@ __global__ void __launch_bounds__(kThreads)
   const T* x = logits + rows.offset(row) + begin;
   T* out = grad + grad_rows.offset(row) + begin;
   const int64_t label = labels[row];
-  if (label == ignore_index) {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = cast<T>(0.0f);
+  if (label == ignore_index || label < 0) {  // a negative label flags its row with NaN
+    const float fill = label == ignore_index ? 0.0f : NAN;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = cast<T>(fill);
     return;
   }
   const float g = grad_logprobs[row];
