@@ -2,8 +2,6 @@
 (logprobs, kl_from_logits, linear_logprobs)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _backend, _validate as V
@@ -19,16 +17,11 @@ def logits_tensor(op: str, name: str, value) -> torch.Tensor:
 
 
 def temperature(op: str, value) -> float:
-    value = V.number(op, "temperature", value, low=0.0, low_open=True)
-    if math.isinf(value):
-        raise ValueError(f"{op}: temperature must be finite, got {value}")
-    return value
+    return V.number(op, "temperature", value, low=0.0, low_open=True, finite=True)
 
 
 def index(op: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    return value
+    return V.integer(op, name, value)
 
 
 def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, vocab: int | None = None,

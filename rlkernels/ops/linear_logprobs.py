@@ -54,6 +54,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
     temperature = L.temperature(_OP, temperature)
     entropy = bool(entropy)
+    N = labels.numel()
+    tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, weight.shape[0])  # checked on every backend
     chosen = L.choose_backend(_OP, backend, device, hidden.dtype)
     if chosen == "reference":
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
@@ -61,8 +63,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    N, vocab = flat_hidden.shape[0], weight.shape[0]
-    tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, vocab)
     values, entropies, _ = torch.ops.rlkernels.linear_logprobs(flat_hidden, weight, flat_labels, bias, temperature,
                                                                ignore_index, entropy, tile_tokens, tile_vocab, budget,
                                                                chosen)
