@@ -337,3 +337,22 @@ def _tokens():
 def test_bad_arguments_name_themselves(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("name", PUBLIC_OPS)
+def test_non_tensor_arguments_get_a_named_error(name):
+    """Each tensor argument of each public op replaced by None, a list or a NumPy array:
+    accepted (an optional one) or a TypeError/ValueError, never an AttributeError from
+    deep inside or a kernel reached with it."""
+    fn, args = COMPILE_CASES[name](2, 3)
+    for i, value in enumerate(args):
+        if not isinstance(value, torch.Tensor):
+            continue
+        for bad in (None, value.tolist(), value.numpy()):
+            broken = _copies(args)
+            broken[i] = bad
+            try:
+                fn(*broken)
+            except (TypeError, ValueError):
+                continue
+            assert bad is None, f"{name}: argument {i} accepted as a {type(bad).__name__}"
