@@ -64,7 +64,8 @@ def _run_probes(ops: list[str], timeout: float) -> list[dict]:
 def _judge(records: list[dict]) -> list[str]:
     wrong = []
     for r in records:
-        ok = {"raise": r["outcome"] == "raised", "flag": r["outcome"] in ("raised", "nan"), "survive": True}[r["must"]]
+        ok = {"raise": r["outcome"] == "raised", "flag": r["outcome"] in ("raised", "nan"),
+              "same": r["outcome"] != "differs", "survive": True}[r["must"]]
         if not ok:
             wrong.append(f"{r['op']} {r['case']}: must {r['must']}, got {r['outcome']} {r['detail']}")
     return wrong
