@@ -70,9 +70,10 @@ def number(op: str, name: str, value, *, low: float | None = None, high: float |
            low_open: bool = False, high_open: bool = False, finite: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    if isinstance(value, int) and not -2**1023 < value < 2**1023:
-        raise ValueError(f"{op}: {name} is out of range, got {value}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64's range
+        raise ValueError(f"{op}: {name} is out of range, got {value}") from None
     if value != value:
         raise ValueError(f"{op}: {name} must not be NaN")
     if finite and is_inf(value):

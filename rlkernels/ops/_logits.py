@@ -29,7 +29,8 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
     """Checks labels of logits' leading shape with values in [0, V) or ignore_index, and
     returns them as contiguous int64.  The range check reads the labels (a device
     sync on CUDA) so that no out-of-range index reaches a kernel; it is skipped
-    while torch.compile traces."""
+    while torch.compile traces, where the kernels' own checks remain (the CPU ops
+    raise, the CUDA and Triton ops give NaN: docs/numerics.md)."""
     V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES)
     lead = logits.shape[:-1]
     if labels.shape != lead:
