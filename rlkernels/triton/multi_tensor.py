@@ -117,8 +117,11 @@ def _gossip_mix_kernel(x_ptr, left_ptr, right_ptr, out_ptr, n, weights_ptr, ACC:
 def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w_self: float, w_left: float,
                       w_right: float, out: torch.Tensor) -> None:
     C.floating("gossip_mix", "x", x)
-    for name, t in (("x", x), ("left", left), ("right", right), ("out", out)):
+    for name, t in (("x", x), ("left", left), ("right", right)):
         C.shaped("gossip_mix", name, t, x.shape, x, x.dtype)
+    # out may have another float dtype: the kernel rounds each value to out's on store
+    C.shaped("gossip_mix", "out", out, x.shape, x)
+    C.floating("gossip_mix", "out", out)
     n = x.numel()
     if n == 0:
         return
