@@ -8,8 +8,9 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("gae(Tensor rewards, Tensor values, Tensor? mask, Tensor? dones, Tensor? last_values, "
         "float gamma, float lam) -> (Tensor advantages, Tensor returns)");
   m.def("discounted_returns(Tensor rewards, Tensor? mask, Tensor? dones, float gamma) -> Tensor");
-  // baseline: 0 mean, 1 leave-one-out; scale: 0 group std, 1 batch std, 2 none.
-  m.def("group_advantages(Tensor scores, Tensor? group_index, int group_size, int num_groups, "
+  // baseline: 0 mean, 1 leave-one-out; scale: 0 group std, 1 batch std, 2 none.  num_groups is a
+  // SymInt: it follows the batch size, which torch.compile(dynamic=True) keeps symbolic.
+  m.def("group_advantages(Tensor scores, Tensor? group_index, int group_size, SymInt num_groups, "
         "int baseline, int scale, float eps) -> (Tensor advantages, Tensor all_equal)");
   m.def("masked_row_mean(Tensor x, Tensor? mask) -> Tensor");
   m.def("masked_whiten(Tensor x, Tensor? mask, bool shift_mean, float eps) -> Tensor");

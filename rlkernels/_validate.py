@@ -2,7 +2,6 @@
 dtype) or ValueError (wrong shape, device or range) naming the argument."""
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -49,6 +48,8 @@ def same_device(op: str, **tensors) -> torch.device:
     for name, value in tensors.items():
         if value is None:
             continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(value).__name__}")
         if device is None:
             device, first = value.device, name
         elif value.device != device:
@@ -56,17 +57,48 @@ def same_device(op: str, **tensors) -> torch.device:
     return device
 
 
+INF = float("inf")
+
+
+def is_inf(value: float) -> bool:
+    # Comparisons rather than math.isinf/isnan: torch.compile with dynamic shapes traces
+    # Python floats as symbolic values, which the math functions cannot take.
+    return value == INF or value == -INF
+
+
 def number(op: str, name: str, value, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False) -> float:
+           low_open: bool = False, high_open: bool = False, finite: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value):
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64's range
+        raise ValueError(f"{op}: {name} is out of range, got {value}") from None
+    if value != value:
         raise ValueError(f"{op}: {name} must not be NaN")
+    if finite and is_inf(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{op}: {name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{op}: {name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def integer(op: str, name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """A Python int (not a bool) in [low, high]; ids that reach a kernel must fit int64."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    low = -2**63 if low is None else low
+    high = 2**63 - 1 if high is None else high
+    if not low <= value <= high:
+        raise ValueError(f"{op}: {name} must lie in [{low}, {high}], got {value}")
+    return value
+
+
+def flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
     return value
 
 

@@ -42,7 +42,10 @@ inline void check_group_args(const at::Tensor& scores, const c10::optional<at::T
                              int64_t group_size, int64_t num_groups, int64_t baseline, int64_t scale) {
   TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "scores must be a contiguous 1-D tensor");
   const int64_t N = scores.size(0);
-  TORCH_CHECK(num_groups >= 0, "num_groups must be >= 0");
+  // Every group but an empty batch's holds a score, so at most N groups; this bounds
+  // the per-group statistics the kernels allocate.
+  TORCH_CHECK(num_groups >= 0 && num_groups <= N, "group_advantages: num_groups must lie in [0, ", N,
+              "] (the number of scores), got ", num_groups);
   check_same_device(scores, group_index, "group_index");
   if (group_index.has_value()) {
     TORCH_CHECK(group_index->dim() == 1 && group_index->size(0) == N && group_index->is_contiguous() &&

@@ -93,6 +93,12 @@ RLK_INLINE SoftmaxStats tile_stats_in(const float* state, int64_t vocab_start) {
 
 RLK_INLINE float tile_label_in(const float* state, int64_t vocab_start) { return vocab_start == 0 ? 0.0f : state[3]; }
 
+// A label that no tile of the row can hold: negative, or, at the last tile (which
+// ends the vocabulary at vocab_end), at or past that end.  Its log-prob is NaN.
+RLK_INLINE bool tile_label_lost(int64_t label, int64_t vocab_end, bool finish) {
+  return label < 0 || (finish && label >= vocab_end);
+}
+
 template <bool kEntropy>
 RLK_INLINE void tile_stats_out(float* state, const SoftmaxStats& st, float x_label, bool finish, float inv_t) {
   if (!finish) {

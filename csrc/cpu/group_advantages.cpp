@@ -11,8 +11,9 @@
 namespace rlk {
 namespace {
 
-// Groups are either contiguous runs of `group_size` or given by `group_index`
-// (validated in Python to lie in [0, num_groups)).  Two passes over the scores
+// Groups are either contiguous runs of `group_size` or given by `group_index`.
+// The ids are checked here, before any is used as an index: the Python layer's
+// check does not run under torch.compile or for direct calls.  Two passes over the scores
 // (mean, then squared deviations) plus one to write; all sequential: these are
 // per-sample scalars, thousands at most.
 std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores,
@@ -22,6 +23,9 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
   check_group_args(scores, group_index, group_size, num_groups, baseline, scale);
   const int64_t N = scores.size(0);
   const int64_t* index = group_index.has_value() ? group_index->data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; index && i < N; ++i)
+    TORCH_CHECK(index[i] >= 0 && index[i] < num_groups, "group_advantages: group_index[", i, "] = ", index[i],
+                " is outside [0, ", num_groups, ")");
   const auto out_dtype = out_dtype_for(scores.scalar_type());
   auto advantages = at::empty({N}, scores.options().dtype(out_dtype));
   auto all_equal = at::empty({num_groups}, scores.options().dtype(at::kBool));

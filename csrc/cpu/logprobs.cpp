@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "../args/logprobs.h"
@@ -122,10 +123,12 @@ void dispatch_logits(at::ScalarType dtype, const char* op, F&& f) {
   }
 }
 
-// The forward reads logits[label]: labels must lie in [0, V) or be ignore_index
-// (labels already checked for shape).
-void check_label_range(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const char* op) {
-  const int64_t V = logits.size(-1);
+// Labels must lie in [0, V) or be ignore_index (labels already checked for shape):
+// the forward reads logits[label].  The tile ops see part of the vocabulary, so they
+// pass the end they know (INT64_MAX before the last tile).  One pass over the labels
+// before the kernel runs: ops called directly, or traced by torch.compile, get no
+// check from the Python layer.
+void check_label_range(int64_t V, const at::Tensor& labels, int64_t ignore_index, const char* op) {
   const int64_t* l = labels.data_ptr<int64_t>();
   for (int64_t i = 0, n = labels.numel(); i < n; ++i)
     TORCH_CHECK(l[i] == ignore_index || (l[i] >= 0 && l[i] < V), op, ": label ", l[i], " at flat index ", i,
@@ -176,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& lo
                                                             bool with_entropy, bool /*inplace_backward*/) {
   at::Tensor logprobs, entropy, saved;
   std::tie(logprobs, entropy, saved) = logprobs_outputs(logits, labels, temperature, with_entropy);
-  check_label_range(logits, labels, ignore_index, "logprobs");
+  check_label_range(logits.size(-1), labels, ignore_index, "logprobs");
   RowIndex rows;
   const at::Tensor x = rows_readable(logits, &rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
@@ -250,6 +253,7 @@ void logprobs_vocab_tile_cpu(const at::Tensor& logits, const at::Tensor& labels,
                              double temperature, int64_t ignore_index, int64_t vocab_start, bool with_entropy,
                              bool finish) {
   const int width = check_vocab_tile(logits, labels, state, temperature, vocab_start);
+  check_label_range(finish ? vocab_start + logits.size(-1) : INT64_MAX, labels, ignore_index, "logprobs_vocab_tile");
   RowIndex rows;
   const at::Tensor x = rows_readable(logits, &rows);
   const int64_t N = leading_numel(logits), V = logits.size(-1);
@@ -333,6 +337,7 @@ void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional
                             int64_t vocab_start, const at::Tensor& grad) {
   // The backward reads a label's logit only where it falls inside this (tile of the) row.
   check_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, saved, entropy, vocab_start);
+  check_label_range(INT64_MAX, labels, ignore_index, "logprobs_backward");
   const bool with_entropy = grad_entropy.has_value();
   RowIndex rows, grad_rows;
   const at::Tensor x = rows_readable(logits, &rows);

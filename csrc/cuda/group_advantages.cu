@@ -66,7 +66,12 @@ __global__ void group_advantages_kernel(const in_t* __restrict__ scores, const i
   const int64_t members = static_cast<int64_t>(n);
   const acc std = unbiased_std(sq, members);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    if (index && index[i] != g) continue;
+    if (index && index[i] != g) {
+      // An id outside [0, num_groups) belongs to no block: the first one flags it
+      // (ids are data; reading them on the host would synchronise).
+      if (g == 0 && (index[i] < 0 || index[i] >= static_cast<int64_t>(gridDim.x))) advantages[i] = acc(NAN);
+      continue;
+    }
     advantages[i] = group_advantage<acc>(cast<acc>(scores[i]), mean, std, batch_std, members, baseline,
                                          scale, eps);
   }

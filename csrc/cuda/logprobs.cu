@@ -203,7 +203,10 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x != 0) return;
   const SoftmaxStats before = tile_stats_in(out, vocab_start);
   st = stats_merge<kEntropy>(before, st, scale);
-  const float x_label = label_here ? cast<float>(x[local]) : tile_label_in(out, vocab_start);
+  // a label past the vocabulary (seen at the last tile) gives NaN, never an address
+  const float x_label = tile_label_lost(label, vocab_start + V, finish) ? NAN
+                        : label_here                                   ? cast<float>(x[local])
+                                                                       : tile_label_in(out, vocab_start);
   float top1 = 0.0f;
   if (width == kTileWidthTop1)
     top1 = tile_top1_next(tile_top1_in(out, vocab_start), label_here, x_label, before.m, st.m, earlier);
@@ -227,8 +230,9 @@ __global__ void __launch_bounds__(kThreads)
   const T* x = logits + rows.offset(row) + begin;
   T* out = grad + grad_rows.offset(row) + begin;
   const int64_t label = labels[row];
-  if (label == ignore_index) {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = cast<T>(0.0f);
+  if (label == ignore_index || label < 0) {  // a negative label flags its row with NaN
+    const float fill = label == ignore_index ? 0.0f : NAN;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) out[j] = cast<T>(fill);
     return;
   }
   const float g = grad_logprobs[row];

@@ -31,6 +31,7 @@ dtypes, non-0/1 masks, fewer than two valid GAE tokens, ids numpy cannot sort, s
 verl would broadcast) goes to verl's own function."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -195,7 +196,8 @@ def _outcome_covered(token_level_rewards, response_mask, epsilon, dtypes) -> boo
             and token_level_rewards.dim() == 2 and token_level_rewards.dtype in dtypes
             and token_level_rewards.device.type in _DEVICES and response_mask.device == token_level_rewards.device
             and response_mask.shape == token_level_rewards.shape
-            and isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon >= 0)
+            and isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
+            and math.isfinite(epsilon) and epsilon >= 0)  # others go to verl's own function
 
 
 def _group_advantages(scores, group_of, num_groups, baseline, scale, epsilon):

@@ -2,8 +2,6 @@
 (logprobs, kl_from_logits, linear_logprobs)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _backend, _validate as V
@@ -24,9 +22,7 @@ MIN_TEMPERATURE = 2.0 ** -126
 
 
 def temperature(op: str, value) -> float:
-    value = V.number(op, "temperature", value, low=0.0, low_open=True)
-    if math.isinf(value):
-        raise ValueError(f"{op}: temperature must be finite, got {value}")
+    value = V.number(op, "temperature", value, low=0.0, low_open=True, finite=True)
     if value < MIN_TEMPERATURE:
         raise ValueError(f"{op}: temperature must be at least 2**-126 (~1.18e-38, the smallest normal float32) so "
                          f"that 1/temperature fits in float32, got {value}")
@@ -34,9 +30,7 @@ def temperature(op: str, value) -> float:
 
 
 def index(op: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    return value
+    return V.integer(op, name, value)
 
 
 def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, vocab: int | None = None,
@@ -44,7 +38,8 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
     """Checks labels of logits' leading shape with values in [0, V) or ignore_index, and
     returns them as contiguous int64.  The range check reads the labels (a device
     sync on CUDA) so that no out-of-range index reaches a kernel; it is skipped
-    while torch.compile traces."""
+    while torch.compile traces, where the kernels' own checks remain (the CPU ops
+    raise, the CUDA and Triton ops give NaN: docs/numerics.md)."""
     V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES)
     lead = logits.shape[:-1]
     if labels.shape != lead:

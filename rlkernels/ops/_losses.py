@@ -12,8 +12,8 @@ from . import _double_backward
 from ..reference.losses import AGG_MODES
 
 
-def optional_positive(op: str, name: str, value) -> float | None:
-    return None if value is None else V.number(op, name, value, low=0.0, low_open=True)
+def optional_positive(op: str, name: str, value, *, finite: bool = True) -> float | None:
+    return None if value is None else V.number(op, name, value, low=0.0, low_open=True, finite=finite)
 
 
 def normalisers(op: str, agg: str, num_tokens, num_seqs, norm_length):
@@ -22,15 +22,19 @@ def normalisers(op: str, agg: str, num_tokens, num_seqs, norm_length):
             optional_positive(op, "norm_length", norm_length))
 
 
-def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, per_row: tuple[str, ...] = ()):
-    """Checks a [B, T] primary tensor, same-shape companions (None allowed; names in
-    `per_row` may also be [B] or [B, 1]) and the mask.  Returns the tensors promoted to
-    one float dtype and contiguous, in the order given, then the bool mask and device."""
+def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, per_row: tuple[str, ...] = (),
+                  required: tuple[str, ...] = ()):
+    """Checks a [B, T] primary tensor, same-shape companions (None allowed unless named
+    in `required`; names in `per_row` may also be [B] or [B, 1]) and the mask.  Returns
+    the tensors promoted to one float dtype and contiguous, in the order given, then the
+    bool mask and device."""
     V.float_tensor(op, primary_name, primary, ndim=2)
     B = primary.shape[0]
     dtype = primary.dtype
     for name, value in others.items():
         if value is None:
+            if name in required:
+                raise TypeError(f"{op}: {name} must be a torch.Tensor, got None")
             continue
         V.float_tensor(op, name, value)
         if name in per_row and value.shape in ((B,), (B, 1)):
@@ -61,6 +65,16 @@ def off_or(value: float | None) -> float:
 def count_or(value: float | None) -> float:
     """An optional normaliser as an op coefficient: -1 means "count it"."""
     return -1.0 if value is None else float(value)
+
+
+def unused_companion(op: str, name: str, value, primary_name: str, primary: torch.Tensor) -> None:
+    """A tensor the call does not use (ref_logprobs with beta = 0) is still checked: a
+    wrong one is a bug upstream that would surface once it is used."""
+    if value is not None:
+        V.float_tensor(op, name, value)
+        if value.shape != primary.shape:
+            raise ValueError(f"{op}: {name} must have the shape of {primary_name} {tuple(primary.shape)}, "
+                             f"got {tuple(value.shape)}")
 
 
 def need_grad(tensor: torch.Tensor) -> bool:

@@ -34,7 +34,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     log-probs: use sequence_logprobs(..., average=True) for those.
     """
     op = dpo_loss.__name__
-    beta = V.number(op, "beta", beta, low=0.0, low_open=True)
+    beta = V.number(op, "beta", beta, low=0.0, low_open=True, finite=True)
     V.choice(op, "kind", kind, PREFERENCE_KINDS)
     label_smoothing = V.number(op, "label_smoothing", label_smoothing, low=0.0,
                                high=0.5, high_open=kind == "robust")

@@ -31,6 +31,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     truncated rows.  Accumulates in float32 (float64 input stays float64); outputs
     are float32 (float64).  Advantages are constants: no gradient flows.
     """
+    V.float_tensor(_OP, "values", values, ndim=2)  # rollout() reads values=None as "no values"
+    V.number(_OP, "lam", lam)  # and lam=None as "no lam"
     rewards, values, mask, dones, gamma, lam, device = rollout(
         _OP, rewards, mask, dones, values=values, gamma=gamma, lam=lam)
     if last_values is not None:

@@ -18,7 +18,7 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
     and a per-group `all_equal` flag `[G]`.
 
     Groups are contiguous runs of `group_size`, or given by `group_index` `[N]`
-    (ids in [0, num_groups), variable sizes; num_groups defaults to max id + 1).
+    (ids in [0, num_groups), variable sizes; num_groups, at most N, defaults to max id + 1).
 
     - baseline="mean", scale="group": GRPO, (s - mean_g) / (std_g + eps), unbiased std.
     - scale="none": Dr. GRPO (no std division); scale="batch": divide by the std of
@@ -31,7 +31,7 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
     V.float_tensor(_OP, "scores", scores, ndim=1)
     baseline = V.choice(_OP, "baseline", baseline, _BASELINES)
     scale = V.choice(_OP, "scale", scale, _SCALES)
-    eps = V.number(_OP, "eps", eps, low=0.0)
+    eps = V.number(_OP, "eps", eps, low=0.0, finite=True)
     N = scores.shape[0]
     if (group_size is None) == (group_index is None):
         raise ValueError(f"{_OP}: pass exactly one of group_size or group_index")
@@ -55,9 +55,14 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
         if num_groups is None:
             groups = int(index.max()) + 1 if N else 0
         else:
-            if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
-                raise ValueError(f"{_OP}: num_groups must be a non-negative int, got {num_groups!r}")
+            if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+                raise TypeError(f"{_OP}: num_groups must be an int, got {type(num_groups).__name__}")
+            if not 0 <= num_groups <= N:
+                raise ValueError(f"{_OP}: num_groups must lie in [0, {N}] (at most one group per score), "
+                                 f"got {num_groups}")
             groups = num_groups
+        # Skipped while torch.compile traces (it would read the ids); the kernels then
+        # check them: the CPU op raises, the CUDA and Triton ops write NaN.
         if N and not torch.compiler.is_compiling():
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= groups:

@@ -67,6 +67,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
     temperature = L.temperature(_OP, temperature)
     entropy, mean_logits, is_top1 = bool(entropy), bool(mean_logits), bool(is_top1)
+    N = labels.numel()
+    tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, weight.shape[0])  # checked on every backend
     chosen = L.choose_backend(_OP, backend, device, hidden.dtype)
     if chosen == "reference":
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
@@ -75,8 +77,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(labels.numel(), hidden.shape[-1])  # (-1 is ambiguous when H = 0)
     flat_labels = labels.reshape(-1)
-    N, vocab = flat_hidden.shape[0], weight.shape[0]
-    tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, vocab)
     values, entropies, _, top1 = torch.ops.rlkernels.linear_logprobs(
         flat_hidden, weight, flat_labels, bias, temperature, ignore_index, entropy, is_top1, tile_tokens, tile_vocab,
         budget, chosen)

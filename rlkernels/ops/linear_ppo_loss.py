@@ -68,8 +68,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
         V.same_dtype(op, "bias", bias, "hidden", hidden)
-    beta = V.number(op, "beta", beta, low=0.0)
-    entropy_coef = V.number(op, "entropy_coef", entropy_coef)
+    beta = V.number(op, "beta", beta, low=0.0, finite=True)
+    entropy_coef = V.number(op, "entropy_coef", entropy_coef, finite=True)
     V.choice(op, "kl", kl, KL_ESTIMATORS)
     if beta > 0 and ref_logprobs is None:
         raise ValueError(f"{op}: beta > 0 needs ref_logprobs")
@@ -84,6 +84,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         # Masked tokens need no logits: give them the ignored label.
         labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     labels = L.labels_for(op, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
+    _losses.unused_companion(op, "ref_logprobs", ref_logprobs, "labels", labels)
     valid = labels != ignore_index
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -100,14 +101,14 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
     if dual_clip is not None:
         dual_clip = V.number(op, "dual_clip", dual_clip, low=1.0, low_open=True)
-    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp)
+    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp, finite=False)
     num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
     stand_in = torch.empty(labels.shape, dtype=torch.float32, device=device)
     (_, old_logprobs, advantages, weights, ref_logprobs), _, _ = _losses.token_tensors(
         op, "logprobs", stand_in,
         {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights,
          "ref_logprobs": ref_logprobs if beta > 0 else None},
-        None, per_row=("advantages",))
+        None, per_row=("advantages",), required=("old_logprobs", "advantages"))
     token_dtype = torch.float32 if old_logprobs.dtype != torch.float64 else torch.float64
     old_logprobs, advantages, weights, ref_logprobs = (
         None if t is None else t.to(token_dtype) for t in (old_logprobs, advantages, weights, ref_logprobs))
@@ -198,6 +199,25 @@ def _piece(t: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | N
     return t[rows, cols].contiguous()
 
 
+def _check_op_args(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, needs):
+    """The shapes the op's pieces are cut by, checked for direct calls of the op (the
+    row and loss kernels it calls check the rest)."""
+    def need(condition, message):
+        if not condition:
+            raise RuntimeError(f"linear_policy_loss: {message}")
+
+    need(hidden.dim() == 3 and weight.dim() == 2 and weight.shape[1] == hidden.shape[2],
+         f"hidden must be [B, T, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    B, T = hidden.shape[:2]
+    need(bias is None or tuple(bias.shape) == (weight.shape[0],), "bias must be [V]")
+    need(labels.dtype == torch.int64 and tuple(labels.shape) == (B, T), f"labels must be int64 [{B}, {T}]")
+    need(valid.dtype == torch.bool and tuple(valid.shape) == (B, T), f"valid must be bool [{B}, {T}]")
+    for name, t in (("old_logprobs", old_logprobs), ("weights", weights), ("ref_logprobs", ref_logprobs)):
+        need(t is None or tuple(t.shape) == (B, T), f"{name} must be [{B}, {T}]")
+    need(tuple(advantages.shape) in ((B,), (B, T)), f"advantages must be [{B}] or [{B}, {T}]")
+    need(len(needs) == 3, "needs holds 3 flags (hidden, weight, bias)")
+
+
 @custom_op("rlkernels::linear_policy_loss", mutates_args=())
 def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         bias: Optional[torch.Tensor], old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -205,6 +225,7 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                         coefficients: list[float], kl: str, agg: str, entropy_coef: float, temperature: float,
                         ignore_index: int, chunk: int, backend: str, needs: list[bool]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op_args(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, needs)
     row_forward, row_backward_inplace, policy = _kernels(backend)
     B, T, H = hidden.shape
     vocab = weight.shape[0]

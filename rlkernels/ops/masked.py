@@ -20,6 +20,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | No
     V.float_tensor(op, "x", x)
     device = V.same_device(op, x=x, mask=mask)
     mask = V.binary_mask(op, "mask", mask, x.shape, device)
+    keepdim = V.flag(op, "keepdim", keepdim)
     if dim is not None:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"{op}: dim must be an int or None, got {type(dim).__name__}")
@@ -60,7 +61,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_me
     V.float_tensor(op, "x", x)
     device = V.same_device(op, x=x, mask=mask)
     mask = V.binary_mask(op, "mask", mask, x.shape, device)
-    eps = V.number(op, "eps", eps, low=0.0)
+    eps = V.number(op, "eps", eps, low=0.0, finite=True)
     if not isinstance(shift_mean, bool):
         raise TypeError(f"{op}: shift_mean must be a bool, got {type(shift_mean).__name__}")
     chosen = _backend.resolve(op, backend, device)

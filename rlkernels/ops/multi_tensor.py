@@ -11,7 +11,6 @@ for 16-bit ones, then rounds once: `sum * (1/n)` equals `sum / n` bit for bit fo
 float32, float16 and bfloat16 (float64 may differ in the last bit)."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -45,10 +44,7 @@ def _tensor_list(op: str, tensors) -> list[torch.Tensor]:
 
 
 def _scale(op: str, scale) -> float:
-    scale = V.number(op, "scale", scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
-    return scale
+    return V.number(op, "scale", scale, finite=True)
 
 
 def _bucket(op: str, bucket, total: int, device) -> torch.Tensor:

@@ -3,8 +3,6 @@ in one fused pass (loss, per-token gradient and statistics), on the op
 rlkernels::policy_loss."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _backend, _validate as V, reference
@@ -71,7 +69,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
     op = grpo_loss.__name__
     V.choice(op, "loss_type", loss_type, GRPO_LOSS_TYPES)
     V.choice(op, "kl", kl, KL_ESTIMATORS)
-    beta = V.number(op, "beta", beta, low=0.0)
+    beta = V.number(op, "beta", beta, low=0.0, finite=True)
     if beta > 0 and ref_logprobs is None:
         raise ValueError(f"{op}: beta > 0 needs ref_logprobs")
     if max_completion_length is not None:
@@ -83,6 +81,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
     num_tokens = _losses.optional_positive(op, "num_tokens", num_tokens)
     num_seqs = _losses.optional_positive(op, "num_seqs", num_seqs)
     V.float_tensor(op, "logprobs", logprobs, ndim=2)
+    _losses.unused_companion(op, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
     norm = grpo_aggregation(loss_type, logprobs.shape[0], logprobs.shape[1],
@@ -100,14 +99,14 @@ def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logpro
     clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
     if dual_clip is not None:
         dual_clip = V.number(op, "dual_clip", dual_clip, low=1.0, low_open=True)
-    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp)
-    if log_ratio_clamp is not None and math.isinf(log_ratio_clamp):
+    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp, finite=False)
+    if log_ratio_clamp is not None and V.is_inf(log_ratio_clamp):
         log_ratio_clamp = None
     num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
     (logprobs, old_logprobs, advantages, weights, ref_logprobs), mask, device = _losses.token_tensors(
         op, "logprobs", logprobs,
         {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights, "ref_logprobs": ref_logprobs},
-        mask, per_row=("advantages",))
+        mask, per_row=("advantages",), required=("old_logprobs", "advantages"))
     chosen = _backend.resolve(op, backend, device)
     if chosen == "reference":
         return reference.ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,

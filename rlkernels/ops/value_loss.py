@@ -35,7 +35,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
         raise ValueError(f"{op}: old_values is needed when clip is given")
     num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
     (values, old_values, returns), mask, device = _losses.token_tensors(
-        op, "values", values, {"old_values": old_values, "returns": returns}, mask)
+        op, "values", values, {"old_values": old_values, "returns": returns}, mask, required=("returns",))
     chosen = _backend.resolve(op, backend, device)
     if chosen == "reference":
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, num_tokens=num_tokens,

@@ -10,6 +10,7 @@ from torch.library import custom_op
 
 from ..ops.discounted_returns import register as register_discounted_returns
 from ..ops.gae import register as register_gae
+from . import _checks as C
 from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
 
@@ -74,12 +75,22 @@ def _returns_kernel(r_ptr, m_ptr, d_ptr, ret_ptr, B, T, coef_ptr,
 _BLOCK_B = 32
 
 
+def _check_rollout(op, rewards, mask, dones):
+    B, T = C.rows(op, "rewards", rewards)
+    C.optional_mask(op, "mask", mask, (B, T), rewards)
+    C.optional_mask(op, "dones", dones, (B, T), rewards)
+    return B, T
+
+
 @custom_op("rlkernels::gae_triton", mutates_args=())
 @on_inputs_device
 def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                dones: torch.Tensor | None, last_values: torch.Tensor | None, gamma: float,
                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T = rewards.shape
+    B, T = _check_rollout("gae", rewards, mask, dones)
+    C.shaped("gae", "values", values, (B, T), rewards, rewards.dtype)
+    if last_values is not None:
+        C.shaped("gae", "last_values", last_values, (B,), rewards, C.acc_of(rewards.dtype))
     out_dtype, acc = acc_types(rewards.dtype)
     advantages = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
     returns = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
@@ -97,7 +108,7 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
 @on_inputs_device
 def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
                               dones: torch.Tensor | None, gamma: float) -> torch.Tensor:
-    B, T = rewards.shape
+    B, T = _check_rollout("discounted_returns", rewards, mask, dones)
     out_dtype, acc = acc_types(rewards.dtype)
     returns = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
     if B > 0 and T > 0:

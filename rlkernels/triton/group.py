@@ -11,6 +11,7 @@ from torch.library import custom_op
 
 from ..ops.group_advantages import register as register_group_advantages
 from ..ops.masked import register_row_mean, register_whiten
+from . import _checks as C
 from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
 _BLOCK = 128
@@ -74,6 +75,14 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
             centred = centred / (batch_std + eps)
         adv = tl.where(n > 1.0, centred, 0.0)
         tl.store(adv_ptr + offs, adv, mask=member)
+    if HAS_INDEX:
+        if g == 0:  # an id outside [0, num_groups) belongs to no program: the first one flags it
+            for start in range(0, N, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                live = offs < N
+                ids = tl.load(idx_ptr + offs, mask=live, other=0)
+                stray = live & ((ids < 0) | (ids >= tl.num_programs(0)))
+                tl.store(adv_ptr + offs, tl.full([BLOCK], float("nan"), dtype=ACC), mask=stray)
     # counted, not left to min/max (a GPU's drop NaN): a group holding NaN is never all-equal
     # and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
     low = tl.min(lo, axis=0)
@@ -87,8 +96,19 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coe
 def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | None, group_size: int,
                             num_groups: int, baseline: int, scale: int, eps: float
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    out_dtype, acc = acc_types(scores.dtype)
+    op = "group_advantages"
+    C.need(scores.dim() == 1 and scores.is_contiguous(), op, "scores must be a contiguous 1-D tensor")
+    C.floating(op, "scores", scores)
     N = scores.shape[0]
+    C.need(0 <= num_groups <= N, op, f"num_groups must lie in [0, {N}] (the number of scores), got {num_groups}")
+    if group_index is not None:
+        C.shaped(op, "group_index", group_index, (N,), scores, torch.int64)
+    else:
+        C.need(group_size > 0 and N % group_size == 0 and N // group_size == num_groups, op,
+               "group_size must divide N into num_groups groups")
+    C.need(baseline in (0, 1), op, f"bad baseline code {baseline}")
+    C.need(scale in (0, 1, 2), op, f"bad scale code {scale}")
+    out_dtype, acc = acc_types(scores.dtype)
     advantages = torch.empty(N, dtype=out_dtype, device=scores.device)
     all_equal = torch.empty(num_groups, dtype=torch.bool, device=scores.device)
     if num_groups > 0:
@@ -120,11 +140,12 @@ def _row_mean_kernel(x_ptr, m_ptr, out_ptr, C, HAS_MASK: tl.constexpr, ACC: tl.c
 @custom_op("rlkernels::masked_row_mean_triton", mutates_args=())
 @on_inputs_device
 def masked_row_mean_triton(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    R, cols = C.rows("masked_row_mean", "x", x)
+    C.optional_mask("masked_row_mean", "mask", mask, (R, cols), x)
     out_dtype, acc = acc_types(x.dtype)
-    R, C = x.shape
     out = torch.empty(R, dtype=out_dtype, device=x.device)
     if R > 0:
-        _row_mean_kernel[(R,)](x, bool_arg(mask, x), out, C,
+        _row_mean_kernel[(R,)](x, bool_arg(mask, x), out, cols,
                                HAS_MASK=mask is not None, ACC=acc, BLOCK=_BLOCK)
     return out
 
@@ -174,6 +195,9 @@ def _whiten_kernel(x_ptr, m_ptr, out_ptr, N, coef_ptr, SHIFT_MEAN: tl.constexpr,
 @custom_op("rlkernels::masked_whiten_triton", mutates_args=())
 @on_inputs_device
 def masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor | None, shift_mean: bool, eps: float) -> torch.Tensor:
+    C.need(x.is_contiguous(), "masked_whiten", "x must be contiguous")
+    C.floating("masked_whiten", "x", x)
+    C.optional_mask("masked_whiten", "mask", mask, x.shape, x)
     out_dtype, acc = acc_types(x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() > 0:

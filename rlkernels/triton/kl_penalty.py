@@ -9,6 +9,7 @@ from torch.library import custom_op
 
 from .._dtypes import acc_dtype
 from ..ops.kl_penalty import register
+from . import _checks as C
 from ._common import on_inputs_device
 
 KIND_CODES = {"k1": 0, "kl": 0, "k2": 1, "mse": 1, "k3": 2, "low_var_kl": 2, "abs": 3, "k1+": 4, "k3+": 5}
@@ -51,6 +52,12 @@ def _kl_penalty_kernel(lp_ptr, ref_ptr, value_ptr, slope_ptr, n, clamp, KIND: tl
 @on_inputs_device
 def kl_penalty_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
                       clamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    C.known("kl_penalty", "kind", kind, KIND_CODES)
+    C.positive("kl_penalty", "clamp", clamp)
+    C.floating("kl_penalty", "logprobs", logprobs)
+    C.need(ref_logprobs.shape == logprobs.shape and ref_logprobs.dtype == logprobs.dtype, "kl_penalty",
+           "ref_logprobs must have the shape and dtype of logprobs")
+    C.on_device("kl_penalty", "ref_logprobs", ref_logprobs, logprobs)
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
     dtype = acc_dtype(lp.dtype)
     value = torch.empty(lp.shape, dtype=dtype, device=lp.device)

@@ -17,6 +17,7 @@ from torch.library import custom_op, register_fake
 
 from ..ops.kl_from_logits import register_autograd as register_kl_autograd
 from ..ops.logprobs import _fake_vocab_tile, register_autograd as register_logprobs_autograd
+from . import _checks as C
 from ._common import bool_arg, cast_to, on_inputs_device
 
 # Jitted code may read a module global only when it is a tl.constexpr (compiled Triton
@@ -108,8 +109,9 @@ def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner
     t = tl.zeros([], dtype=tl.float32)
     m, s, t = _stream_stats(base, V, n, m, s, t, scale, ENTROPY, BLOCK)
     log_s = tl.log(tl.where(ignored, 1.0, s))
+    # an out-of-range label is never used as an address; its log-prob is NaN
     in_range = (label >= 0) & (label < V)
-    x_label = tl.load(base + tl.where(in_range, label, 0)).to(tl.float32)
+    x_label = tl.load(base + tl.where(in_range, label, 0), mask=in_range & ~ignored, other=0.0).to(tl.float32)
     lp = tl.where(in_range, (x_label - m) * inv_t - log_s, float("nan"))
     tl.store(lp_ptr + row, tl.where(ignored, 0.0, lp))
     if ENTROPY:
@@ -139,21 +141,41 @@ def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, sav
     else:
         d = -p * g
     d = (d + tl.where(cols + vocab_start == label, g, 0.0)) * inv_t
+    d = tl.where(label < 0, float("nan"), d)  # no tile holds a negative label: flag the row
     d = tl.where(label == ignore_index, 0.0, d)
     out = _row_base(out_ptr, row, o_inner, o_outer_stride, o_inner_stride)
     tl.store(out + cols, cast_to(d, out_ptr.dtype.element_ty), mask=live)
 
 
-def _check_dtype(op: str, t: torch.Tensor) -> None:
-    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {t.dtype}")
+def _check_backward(op, grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, vocab_start):
+    """The twin of check_logprobs_backward (csrc/args/logprobs.h)."""
+    C.labels(op, logits, labels)
+    C.positive(op, "temperature", temperature)
+    C.need(vocab_start >= 0, op, f"vocab_start must be >= 0, got {vocab_start}")
+    C.row_floats(op, "grad_logprobs", grad_logprobs, logits, 1)
+    C.row_floats(op, "saved", saved, logits, 2)
+    if grad_entropy is not None:
+        C.row_floats(op, "grad_entropy", grad_entropy, logits, 1)
+        C.row_floats(op, "entropy", entropy, logits, 1)
+
+
+def _check_kl_pair(op, logits, ref_logits, mask, temperature):
+    C.need(logits.dim() >= 1, op, "logits must have a vocabulary dimension")
+    C.floating(op, "logits", logits, C.LOGIT_FLOATS)
+    C.need(ref_logits.shape == logits.shape and ref_logits.dtype == logits.dtype, op,
+           f"ref_logits must have the shape and dtype of logits {tuple(logits.shape)}, got "
+           f"{tuple(ref_logits.shape)} {ref_logits.dtype}")
+    C.on_device(op, "ref_logits", ref_logits, logits)
+    C.optional_mask(op, "mask", mask, logits.shape[:-1], logits)
+    C.positive(op, "temperature", temperature)
 
 
 @custom_op("rlkernels::logprobs_triton", mutates_args=())
 @on_inputs_device
 def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_dtype("logprobs", logits)
+    C.labels("logprobs", logits, labels)
+    C.positive("logprobs", "temperature", temperature)
     x, (inner, outer_stride, inner_stride) = readable(logits)
     lead = logits.shape[:-1]
     V = logits.shape[-1]
@@ -191,6 +213,8 @@ def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies
 def logprobs_backward_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
                              labels: torch.Tensor, saved: torch.Tensor, entropy: torch.Tensor, temperature: float,
                              ignore_index: int, vocab_start: int = 0) -> torch.Tensor:
+    _check_backward("logprobs_backward", grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
+                    vocab_start)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
                    vocab_start, out)
@@ -203,6 +227,8 @@ def logprobs_backward_inplace_triton(grad_logprobs: torch.Tensor, grad_entropy: 
                                      logits: torch.Tensor, labels: torch.Tensor, saved: torch.Tensor,
                                      entropy: torch.Tensor, temperature: float, ignore_index: int,
                                      vocab_start: int = 0) -> None:
+    _check_backward("logprobs_backward_inplace", grad_logprobs, grad_entropy, logits, labels, saved, entropy,
+                    temperature, vocab_start)
     if row_index(logits) is not None:
         _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
                        vocab_start, logits)
@@ -262,6 +288,11 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
     in_tile = (local >= 0) & (local < V) & (~ignored)
     x_label = tl.where(in_tile, tl.load(base + tl.where(in_tile, local, 0), mask=in_tile, other=0.0).to(tl.float32),
                        x_label)
+    # a label no tile can hold (negative, or past the last tile's end) gives a NaN log-prob
+    lost = label < 0
+    if FINISH:
+        lost = lost | (local >= V)
+    x_label = tl.where(lost, float("nan"), x_label)
     if TOP1:
         flag_in = tl.where(first, 0.0, tl.load(out + 4))
         candidate = x_label >= m
@@ -291,17 +322,13 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
 @on_inputs_device
 def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state: torch.Tensor, temperature: float,
                                ignore_index: int, vocab_start: int, with_entropy: bool, finish: bool) -> None:
-    _check_dtype("logprobs_vocab_tile", logits)
-    lead = logits.shape[:-1]
-    N = math.prod(lead)
-    if labels.dtype != torch.int64 or labels.shape != lead or not labels.is_contiguous():
-        raise ValueError(f"logprobs_vocab_tile: labels must be contiguous int64 of shape {tuple(lead)}")
-    top1 = N > 0 and state.numel() == 5 * N
-    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != (5 if top1 else 4) * N:
-        raise ValueError("logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row "
-                         "(5 to also track whether the label is the arg-max)")
-    if temperature <= 0 or vocab_start < 0:
-        raise ValueError("logprobs_vocab_tile: temperature must be > 0 and vocab_start >= 0")
+    op = "logprobs_vocab_tile"
+    C.labels(op, logits, labels)
+    N = math.prod(logits.shape[:-1])
+    top1 = N > 0 and state.numel() == 5 * N  # a fifth value per row: whether the label is the arg-max
+    C.row_floats(op, "state", state, logits, 5 if top1 else 4)
+    C.positive(op, "temperature", temperature)
+    C.need(vocab_start >= 0, op, f"vocab_start must be >= 0, got {vocab_start}")
     x, (inner, outer_stride, inner_stride) = readable(logits)
     V = logits.shape[-1]
     if N > 0:
@@ -411,7 +438,7 @@ def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, 
 @on_inputs_device
 def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: Optional[torch.Tensor],
                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_dtype("kl_from_logits", logits)
+    _check_kl_pair("kl_from_logits", logits, ref_logits, mask, temperature)
     a, (inner, outer_stride, inner_stride) = readable(logits)
     b, (b_inner, b_outer_stride, b_inner_stride) = readable(ref_logits)
     lead = logits.shape[:-1]
@@ -432,6 +459,9 @@ def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: 
 def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor,
                                    mask: Optional[torch.Tensor], saved: torch.Tensor, temperature: float,
                                    logits_grad: bool, ref_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kl_pair("kl_from_logits_backward", logits, ref_logits, mask, temperature)
+    C.row_floats("kl_from_logits_backward", "grad_kl", grad_kl, logits, 1)
+    C.row_floats("kl_from_logits_backward", "saved", saved, logits, 5)
     a, (inner, outer_stride, inner_stride) = readable(logits)
     b, (b_inner, b_outer_stride, b_inner_stride) = readable(ref_logits)
     V = logits.shape[-1]

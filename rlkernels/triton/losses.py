@@ -14,6 +14,7 @@ from torch.library import custom_op, register_fake
 
 from ..ops import _losses
 from ..reference.losses import POLICY_STATS, VALUE_STATS
+from . import _checks as C
 from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
 _AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
@@ -256,12 +257,34 @@ def _empty_batch(B, agg, need_grad, loss, stats, grad, row_scale):
     return loss, stats, grad, row_scale
 
 
+def _check_token_loss(op, primary_name, primary, companions, mask, agg, coefficients, num_coefficients,
+                      per_row=()):
+    """The twin of check_token_loss (csrc/args/losses.h): a [B, T] primary, companions
+    of its shape and dtype ([B] allowed for the names in per_row), a bool mask."""
+    B, T = C.rows(op, primary_name, primary)
+    for name, t in companions.items():
+        if t is None:
+            continue
+        shape = (B,) if name in per_row and t.dim() == 1 else (B, T)
+        C.shaped(op, name, t, shape, primary, primary.dtype)
+    C.optional_mask(op, "mask", mask, (B, T), primary)
+    C.known(op, "agg", agg, _AGG_CODES)
+    C.need(len(coefficients) == num_coefficients, op,
+           f"takes {num_coefficients} coefficients, got {len(coefficients)}")
+    return B, T
+
+
 @custom_op("rlkernels::policy_loss_triton", mutates_args=())
 @on_inputs_device
 def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                        mask: torch.Tensor | None, weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
                        coefficients: list[float], kl: str, agg: str, need_grad: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_token_loss("policy_loss", "logprobs", logprobs,
+                      {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights,
+                       "ref_logprobs": ref_logprobs}, mask, agg, coefficients, 8, per_row=("advantages",))
+    C.known("policy_loss", "kl estimator", kl, _KL_CODES)
+    C.need(kl == "none" or ref_logprobs is not None, "policy_loss", "a KL estimator needs ref_logprobs")
     clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length = coefficients
     B, T = logprobs.shape
     out_dtype, acc, loss, stats, grad, row_scale = _outputs(logprobs, len(POLICY_STATS), need_grad)
@@ -290,6 +313,8 @@ def policy_loss_triton(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
 def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                       mask: torch.Tensor | None, coefficients: list[float], agg: str, need_grad: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_token_loss("value_loss", "values", values, {"old_values": old_values, "returns": returns}, mask, agg,
+                      coefficients, 4)
     clip, num_tokens, num_seqs, norm_length = coefficients
     B, T = values.shape
     out_dtype, acc, loss, stats, grad, row_scale = _outputs(values, len(VALUE_STATS), need_grad)
@@ -313,7 +338,11 @@ def value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: t
 @on_inputs_device
 def scale_rows_triton(grad: torch.Tensor, row_scale: torch.Tensor, grad_loss: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
-    B, T = grad.shape
+    B, T = C.rows("scale_rows", "grad", grad)
+    C.shaped("scale_rows", "row_scale", row_scale, (B,), grad, grad.dtype)
+    C.need(grad_loss.numel() == 1, "scale_rows", "grad_loss must hold one value")
+    C.on_device("scale_rows", "grad_loss", grad_loss, grad)
+    C.need(grad.dtype == C.acc_of(dtype), "scale_rows", f"grad must be {C.acc_of(dtype)}, got {grad.dtype}")
     # Scaled in the accumulation dtype, rounded by torch (the interpreter truncates bfloat16).
     out = torch.empty((B, T), dtype=grad.dtype, device=grad.device)
     if B > 0 and T > 0:

@@ -12,6 +12,7 @@ import triton.language as tl
 from torch.library import custom_op, register_fake
 
 from .._dtypes import acc_dtype
+from . import _checks as C
 from ._common import cast_to, on_inputs_device
 from ..reference.multi_tensor import scale_dtype
 
@@ -61,7 +62,20 @@ def _work_items(tensors, device):
     return [x.to(device, non_blocking=True) for x in table], int(work_tensor.numel())
 
 
+def _check_bucket(op, tensors, bucket):
+    """The twin of bucket_numels (csrc/args/multi_tensor.h): the tensors fill the bucket exactly."""
+    for i, t in enumerate(tensors):
+        C.need(t.is_contiguous(), op, f"tensors[{i}] must be contiguous")
+        C.need(t.dtype == tensors[0].dtype, op, f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}")
+        C.on_device(op, f"tensors[{i}]", t, bucket)
+    C.need(bucket.dim() == 1 and bucket.is_contiguous(), op, "bucket must be a contiguous 1-D tensor")
+    C.floating(op, "bucket", bucket)
+    total = sum(t.numel() for t in tensors)
+    C.need(bucket.numel() == total, op, f"bucket has {bucket.numel()} elements but the tensors hold {total}")
+
+
 def _launch(tensors, bucket, scale, pack: bool):
+    _check_bucket("pack_tensors" if pack else "unpack_tensors", tensors, bucket)
     if bucket.numel() == 0:
         return
     tensor_dtype = tensors[0].dtype
@@ -102,6 +116,12 @@ def _gossip_mix_kernel(x_ptr, left_ptr, right_ptr, out_ptr, n, weights_ptr, ACC:
 @on_inputs_device
 def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w_self: float, w_left: float,
                       w_right: float, out: torch.Tensor) -> None:
+    C.floating("gossip_mix", "x", x)
+    for name, t in (("x", x), ("left", left), ("right", right)):
+        C.shaped("gossip_mix", name, t, x.shape, x, x.dtype)
+    # out may have another float dtype: the kernel rounds each value to out's on store
+    C.shaped("gossip_mix", "out", out, x.shape, x)
+    C.floating("gossip_mix", "out", out)
     n = x.numel()
     if n == 0:
         return

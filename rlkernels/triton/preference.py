@@ -10,6 +10,7 @@ from torch.library import custom_op, register_fake
 
 from ..ops.dpo_loss import register as register_dpo
 from ..ops.sequence_logprobs import register as register_sequence
+from . import _checks as C
 from ._common import acc_types, bool_arg, on_inputs_device
 
 _KINDS = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}
@@ -113,7 +114,13 @@ def _sequence_backward_kernel(g_ptr, m_ptr, n_ptr, out_ptr, T, HAS_MASK: tl.cons
 def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float, kind: str, label_smoothing: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    C.need(policy_chosen.dim() == 1, "dpo_loss", f"policy_chosen must be [B], got {tuple(policy_chosen.shape)}")
+    C.floating("dpo_loss", "policy_chosen", policy_chosen)
     B = policy_chosen.shape[0]
+    for name, t in (("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected),
+                    ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+        C.shaped("dpo_loss", name, t, (B,), policy_chosen, policy_chosen.dtype)
+    C.known("dpo_loss", "preference loss kind", kind, _KINDS)
     out_dtype, acc = acc_types(policy_chosen.dtype)
     outs = [torch.empty((B,), dtype=out_dtype, device=policy_chosen.device) for _ in range(4)]
     if B > 0:
@@ -128,7 +135,8 @@ def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
 @on_inputs_device
 def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | None, average: bool
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T = token_logprobs.shape
+    B, T = C.rows("sequence_logprobs", "token_logprobs", token_logprobs)
+    C.optional_mask("sequence_logprobs", "mask", mask, (B, T), token_logprobs)
     out_dtype, acc = acc_types(token_logprobs.dtype)
     out = torch.zeros((B,), dtype=out_dtype, device=token_logprobs.device)
     counts = torch.zeros((B,), dtype=out_dtype, device=token_logprobs.device)
@@ -143,7 +151,13 @@ def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | 
 @on_inputs_device
 def sequence_logprobs_backward_triton(grad: torch.Tensor, mask: torch.Tensor | None, num_tokens: torch.Tensor,
                                       average: bool, T: int, dtype: torch.dtype) -> torch.Tensor:
+    op = "sequence_logprobs_backward"
+    C.need(grad.dim() == 1 and grad.is_contiguous(), op, "grad must be a contiguous [B] tensor")
     B = grad.shape[0]
+    C.need(grad.dtype == C.acc_of(dtype), op, f"grad must be {C.acc_of(dtype)}, got {grad.dtype}")
+    C.need(T >= 0, op, f"T must be >= 0, got {T}")
+    C.shaped(op, "num_tokens", num_tokens, (B,), grad, grad.dtype)
+    C.optional_mask(op, "mask", mask, (B, T), grad)
     # 16-bit gradients are rounded by torch (round to nearest even): the Triton
     # interpreter truncates when it converts to bfloat16.
     out = torch.empty((B, T), dtype=grad.dtype, device=grad.device)

@@ -186,9 +186,27 @@ void test_simd() {
   }
 }
 
+// A label no vocabulary tile can hold: negative always; past the end only at the last
+// tile, since a label beyond this tile may sit in a later one.
+void test_tile_label_lost() {
+  struct Case {
+    int64_t label, vocab_end;
+    bool finish, lost;
+  } cases[] = {{0, 4, false, false},  {3, 4, true, false}, {4, 4, false, false}, {4, 4, true, true},
+               {-1, 4, false, true},  {-1, 4, true, true}, {INT64_MAX, 4, true, true}, {INT64_MIN, 4, false, true}};
+  for (const Case& c : cases) {
+    if (rlk::tile_label_lost(c.label, c.vocab_end, c.finish) != c.lost) {
+      std::printf("FAIL tile_label_lost(%lld, %lld, %d)\n", static_cast<long long>(c.label),
+                  static_cast<long long>(c.vocab_end), int(c.finish));
+      ++failures;
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_tile_label_lost();
   test_stats_match_definition();
   test_kl_stats_match_definition();
   test_kl_penalty_kinds();
