@@ -325,6 +325,8 @@ def test_triton_sources_keep_nan_in_min_max():
         ("losses.py", "tl.maximum(counted_tokens, 1.0)"): "a count",
         ("preference.py", "tl.minimum(x, 0.0)"): "log-sigmoid: the log1p(exp(-|x|)) term carries NaN",
         ("preference.py", "tl.maximum(n, 1.0)"): "a count",
+        ("logprobs.py", "tl.maximum(found, tl.max(((x >= bound) & (cols < n)).to(tl.int32), axis=0))"):
+            "integer flags of comparisons (is_top1's scan; a NaN logit compares false)",
     }
     root = pathlib.Path(rlkernels.__file__).parent / "triton"
     unreviewed = []

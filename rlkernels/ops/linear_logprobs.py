@@ -242,7 +242,7 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
     hidden, weight, labels, bias, saved, entropies = ctx.saved_tensors
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     if not (needs_hidden or needs_weight or needs_bias):
-        return (None,) * 12
+        return (None,) * len(ctx.needs_input_grad)
     N = hidden.shape[0]
     grad_logprobs = (torch.zeros(N, dtype=torch.float32, device=hidden.device) if grad_logprobs is None
                      else grad_logprobs.to(torch.float32).contiguous())
@@ -257,12 +257,12 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
         grad_hidden, grad_weight, grad_bias = _double_backward.through_reference(
             recompute, (hidden, weight, bias), (needs_hidden, needs_weight, needs_bias and bias is not None),
             (grad_logprobs, grad_entropy))
-        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 7
+        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 4)
     grad_hidden, grad_weight, grad_bias = torch.ops.rlkernels.linear_logprobs_backward(
         grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature, ignore_index,
         tile_tokens, tile_vocab, budget, backend, bool(needs_hidden), bool(needs_weight), bool(needs_bias))
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
-            grad_bias if needs_bias else None) + (None,) * 8
+            grad_bias if needs_bias else None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 torch.library.register_autograd("rlkernels::linear_logprobs", _backward, setup_context=_setup_context)
