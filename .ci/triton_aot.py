@@ -145,7 +145,8 @@ def cases(quick: bool):
                             lambda B=B, L=L, dtype=dtype, hm=has_mask, hd=has_dones, hl=has_last:
                             gae.gae_triton._init_fn(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
                                                     mask(B, L) if hm else None, mask(B, L) if hd else None,
-                                                    meta(B, dtype=dtype) if hl else None, 0.99, 0.95))
+                                                    meta(B, dtype=F64 if dtype == F64 else F32) if hl else None,
+                                                    0.99, 0.95))
                     yield "discounted_returns_triton", f"{d} mask={has_mask} dones={has_dones}", (
                         lambda B=B, L=L, dtype=dtype, hm=has_mask, hd=has_dones:
                         gae.discounted_returns_triton._init_fn(meta(B, L, dtype=dtype), mask(B, L) if hm else None,
@@ -207,7 +208,9 @@ def cases(quick: bool):
                 yield "dpo_loss_triton", f"{d} kind={kind}", (
                     lambda B=B, dtype=dtype, kind=kind:
                     preference.dpo_loss_triton._init_fn(*(meta(B, dtype=dtype) for _ in range(4)), 0.1, kind, 0.1))
-            for G, idx in ((B, False), (max(B // 8, 1), False), (max(B // 8, 1), True)):
+            # groups of one, of 8 where 8 divides the batch, and ids given per score
+            layouts = [(B, False)] + ([(B // 8, False)] if B % 8 == 0 else []) + [(max(B // 8, 1), True)]
+            for G, idx in layouts:
                 for baseline in (0, 1):
                     for scale in (0, 1, 2):
                         yield "group_advantages_triton", f"{d} groups={G} index={idx} baseline={baseline} scale={scale}", (
