@@ -21,7 +21,7 @@ RLKERNELS_SANITIZE=address,undefined RLKERNELS_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" 
   "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" > "$OUT/build.log" 2>&1 \
   || { tail -n 40 "$OUT/build.log"; exit 1; }
 rm -rf "$OUT/tree" && mkdir -p "$OUT/tree"
-cp -r rlkernels tests benchmarks python pyproject.toml "$OUT/tree/"
+cp -r rlkernels tests benchmarks python docs pyproject.toml README.md SECURITY.md "$OUT/tree/"
 rm -f "$OUT"/tree/rlkernels/_C*.so
 cp "$OUT"/lib/rlkernels/_C*.so "$OUT/tree/rlkernels/"
 symbols="$(nm -D "$OUT"/tree/rlkernels/_C*.so)"  # (not piped into grep -q: SIGPIPE under pipefail)
