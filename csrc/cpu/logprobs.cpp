@@ -344,6 +344,7 @@ void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional
   TORCH_CHECK(row_index_of(grad, &grad_rows), "internal: gradient without a row layout");
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "internal: gradient dtype");
   const int64_t N = leading_numel(logits), V = logits.size(-1);
+  if (N == 0 || V == 0) return;  // nothing to write (and an empty gradient may have no storage)
   BackwardArgs args{x.data_ptr(), rows, grad.data_ptr(), grad_rows, V, labels.data_ptr<int64_t>(), ignore_index,
                     vocab_start, grad_logprobs.data_ptr<float>(), with_entropy ? grad_entropy->data_ptr<float>() : nullptr,
                     with_entropy ? entropy.data_ptr<float>() : nullptr, saved.data_ptr<float>(),
