@@ -311,6 +311,8 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--backends: unknown {bad}")
 
+    if args.device == "cpu" and "triton" in backends:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # decided when triton is first imported
     import rlkernels  # noqa: F401  (after argument errors, which need no build)
 
     selected = [c for c in cases(args.smoke) if (not args.ops or c.op in args.ops)
@@ -343,6 +345,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if "--device" in sys.argv and "cpu" in sys.argv and "triton" in sys.argv:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.exit(main())

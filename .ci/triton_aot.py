@@ -333,64 +333,63 @@ def _compile_forked(cap: int):
 
 def compile_target(launches: list[Launch], cap: int, log, ptx_dir=None) -> tuple[list[dict], list[str]]:
     rows, errors = [], []
-    for cap in (cap,):
-        ptxas = ptxas_path(cap)
-        target = GPUTarget("cuda", cap, 32)
-        backend = make_backend(target)
-        binders: dict[int, object] = {}
-        compiled: dict[tuple, dict] = {}
-        for launch in launches:
-            fn = launch.kernel
-            name = f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"
-            kwargs = dict(launch.kwargs, debug=False)
-            if id(fn) not in binders:
-                binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
-            try:
-                bound_args, specialization, options = binders[id(fn)](*launch.args, **kwargs)
-                grid = grid_of(launch, bound_args)
-                for axis, (g, limit) in enumerate(zip(grid, GRID_LIMITS)):
-                    if not 0 < g <= limit:
-                        errors.append(f"sm_{cap} {name} [{launch.case}]: grid axis {axis} = {g} outside (0, {limit}]")
-                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization,
-                                                                      options)
-            except Exception as exc:  # noqa: BLE001 - reported with the case that failed
-                errors.append(f"sm_{cap} {name} [{launch.case}]: cannot bind the launch: {exc!r}")
-                continue
-            key = (name, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=repr)),
-                   repr(sorted(attrs.items(), key=repr)), repr(sorted(options.__dict__.items(), key=repr)))
-            if key in compiled:
-                compiled[key]["cases"] += 1
-                continue
-            entry = {"kernel": name, "target": f"sm_{cap}", "dtype": dtype_tag(launch), "case": launch.case,
-                     "cases": 1, "num_warps": options.num_warps, "num_stages": options.num_stages}
-            compiled[key] = entry
-            started = time.perf_counter()
-            try:
-                kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                        options=options.__dict__)
-                ptx = kernel.asm["ptx"]
-                arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
-                regs, spills = ptxas_usage(ptx, arch, ptxas)
-                if ptx_dir:
-                    path = os.path.join(ptx_dir, f"{name}-sm_{cap}-{entry['dtype']}-{len(compiled)}.ptx")
-                    with open(path, "w") as f:
-                        f.write(f"// {launch.case}\n{ptx}")
-            except Exception as exc:  # noqa: BLE001
-                lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-                errors.append(f"sm_{cap} {name} [{launch.case}]: compile failed: {type(exc).__name__}: "
-                              f"{lines[-1] if lines else ''}" + "".join(f"\n    {line}" for line in lines[:-1][-12:]))
-                entry["error"] = True
-                continue
-            entry.update(registers=regs, spill_bytes=spills, shared=kernel.metadata.shared,
-                         load_bits=widest_load(ptx), seconds=round(time.perf_counter() - started, 2))
-            if entry["shared"] > SHARED_LIMIT.get(cap, 101376):
-                errors.append(f"sm_{cap} {name} [{launch.case}]: {entry['shared']} bytes of shared memory, "
-                              f"over the target's {SHARED_LIMIT.get(cap, 101376)}")
-            if spills and entry["dtype"] in SPILLS_FORBIDDEN:
-                errors.append(f"sm_{cap} {name} [{launch.case}] ({entry['dtype']}): {spills} bytes of register spills")
-            log(f"  sm_{cap} {name:42s} {entry['dtype']:5s} regs {regs:3d} spills {spills:4d} "
-                f"shared {entry['shared']:6d} load {entry['load_bits']:3d}b  ({entry['seconds']} s) [{launch.case}]")
-        rows.extend(compiled.values())
+    ptxas = ptxas_path(cap)
+    target = GPUTarget("cuda", cap, 32)
+    backend = make_backend(target)
+    binders: dict[int, object] = {}
+    compiled: dict[tuple, dict] = {}
+    for launch in launches:
+        fn = launch.kernel
+        name = f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"
+        kwargs = dict(launch.kwargs, debug=False)
+        if id(fn) not in binders:
+            binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
+        try:
+            bound_args, specialization, options = binders[id(fn)](*launch.args, **kwargs)
+            grid = grid_of(launch, bound_args)
+            for axis, (g, limit) in enumerate(zip(grid, GRID_LIMITS)):
+                if not 0 < g <= limit:
+                    errors.append(f"sm_{cap} {name} [{launch.case}]: grid axis {axis} = {g} outside (0, {limit}]")
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization,
+                                                                  options)
+        except Exception as exc:  # noqa: BLE001 - reported with the case that failed
+            errors.append(f"sm_{cap} {name} [{launch.case}]: cannot bind the launch: {exc!r}")
+            continue
+        key = (name, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=repr)),
+               repr(sorted(attrs.items(), key=repr)), repr(sorted(options.__dict__.items(), key=repr)))
+        if key in compiled:
+            compiled[key]["cases"] += 1
+            continue
+        entry = {"kernel": name, "target": f"sm_{cap}", "dtype": dtype_tag(launch), "case": launch.case,
+                 "cases": 1, "num_warps": options.num_warps, "num_stages": options.num_stages}
+        compiled[key] = entry
+        started = time.perf_counter()
+        try:
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+            ptx = kernel.asm["ptx"]
+            arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
+            regs, spills = ptxas_usage(ptx, arch, ptxas)
+            if ptx_dir:
+                path = os.path.join(ptx_dir, f"{name}-sm_{cap}-{entry['dtype']}-{len(compiled)}.ptx")
+                with open(path, "w") as f:
+                    f.write(f"// {launch.case}\n{ptx}")
+        except Exception as exc:  # noqa: BLE001
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            errors.append(f"sm_{cap} {name} [{launch.case}]: compile failed: {type(exc).__name__}: "
+                          f"{lines[-1] if lines else ''}" + "".join(f"\n    {line}" for line in lines[:-1][-12:]))
+            entry["error"] = True
+            continue
+        entry.update(registers=regs, spill_bytes=spills, shared=kernel.metadata.shared,
+                     load_bits=widest_load(ptx), seconds=round(time.perf_counter() - started, 2))
+        if entry["shared"] > SHARED_LIMIT.get(cap, 101376):
+            errors.append(f"sm_{cap} {name} [{launch.case}]: {entry['shared']} bytes of shared memory, "
+                          f"over the target's {SHARED_LIMIT.get(cap, 101376)}")
+        if spills and entry["dtype"] in SPILLS_FORBIDDEN:
+            errors.append(f"sm_{cap} {name} [{launch.case}] ({entry['dtype']}): {spills} bytes of register spills")
+        log(f"  sm_{cap} {name:42s} {entry['dtype']:5s} regs {regs:3d} spills {spills:4d} "
+            f"shared {entry['shared']:6d} load {entry['load_bits']:3d}b  ({entry['seconds']} s) [{launch.case}]")
+    rows.extend(compiled.values())
     return rows, errors
 
 
