@@ -73,3 +73,27 @@ def test_a_label_no_shard_owns_is_nan_not_a_number():
 
 def test_traffic_is_linear_in_tokens():
     assert VP.traffic_bytes(1000, 4) == 1000 * VP.STAT_WIDTH * 4 * 3
+
+
+def test_example_runs_under_torchrun():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(root, "python", "vocab_parallel.py"), "--steps", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "loss" in line]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_bench_family_reports_traffic_saved():
+    from rlkernels.benchmarks import vocab_parallel as B
+
+    rows = B.run("cpu", quick=True)
+    assert {r["name"] for r in rows} == {"vocab_parallel logprobs fwd+bwd", "vocab_parallel kl_from_logits fwd"}
+    for r in rows:
+        assert r["params"]["received_mb_vocab_parallel"] < r["params"]["received_mb_all_gather"]
+        assert all(x["median_ms"] > 0 for x in r["results"])

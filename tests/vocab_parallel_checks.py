@@ -165,6 +165,26 @@ def check_linear_ppo_loss(rank, world):
     _close(sw.grad, xw.grad[v0:v1], "weight shard gradient", 1e-5, 1e-6)
 
 
+def check_empty_shard(rank, world):
+    """A rank with no columns (rank 1) still takes part and gets the full result."""
+    vocab = 30
+    cuts = [0, 0, 30] if world == 2 else [0, 10, 10, 20, 30]
+    v0, v1 = cuts[rank], cuts[rank + 1]
+    g = torch.Generator().manual_seed(16)
+    full, ref = torch.randn(5, vocab, generator=g), torch.randn(5, vocab, generator=g)
+    labels = torch.randint(0, vocab, (5,), generator=g)
+    x = full.clone().requires_grad_(True)
+    want = rlkernels.logprobs(x, labels, entropy=True)
+    (want[0] + want[1]).sum().backward()
+    shard = full[:, v0:v1].clone().requires_grad_(True)
+    lp, h = VP.logprobs(shard, labels, group=None, entropy=True)
+    (lp + h).sum().backward()
+    _close(lp, want[0], "log-probs")
+    _close(h, want[1], "entropy")
+    _close(shard.grad, x.grad[:, v0:v1], "gradient of the shard")
+    _close(VP.kl_from_logits(full[:, v0:v1], ref[:, v0:v1], group=None), rlkernels.kl_from_logits(full, ref), "KL")
+
+
 def check_one_collective_without_check(rank, world):
     """check=False with vocab_start: one all_gather a call, of 5 float32 a token; the
     backward of the logits ops talks to nobody."""

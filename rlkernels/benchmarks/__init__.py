@@ -11,4 +11,5 @@ FAMILIES = {
     "distributed": "rlkernels.benchmarks.distributed",
     "overhead": "rlkernels.benchmarks.overhead",
     "busy": "rlkernels.benchmarks.busy",
+    "vocab_parallel": "rlkernels.benchmarks.vocab_parallel",
 }
