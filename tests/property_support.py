@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings, strategies as st
 
-from conftest import BACKEND_DEVICE, LOW_PRECISION_FACTOR, TOLERANCES, backend_id
+from support import BACKEND_DEVICE, LOW_PRECISION_FACTOR, TOLERANCES, backend_id
 
 DEFAULT_EXAMPLES = 100
 EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_EXAMPLES", str(DEFAULT_EXAMPLES)))

@@ -6,7 +6,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import TRITON_ON_CPU, assert_close, low_precision_bound
+from support import TRITON_ON_CPU, assert_close, low_precision_bound
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 

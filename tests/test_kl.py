@@ -9,7 +9,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import TRITON_ON_CPU, assert_close, low_precision_bound
+from support import TRITON_ON_CPU, assert_close, low_precision_bound
 
 LOW = [torch.bfloat16, torch.float16]
 

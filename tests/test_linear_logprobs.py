@@ -9,7 +9,7 @@ import torch
 import rlkernels
 from rlkernels import reference
 from rlkernels.ops import _chunked
-from conftest import TRITON_ON_CPU, assert_close, low_precision_bound
+from support import TRITON_ON_CPU, assert_close, low_precision_bound
 
 
 def problem(N=37, H=16, V=101, dtype=torch.float32, bias=True, device="cpu"):

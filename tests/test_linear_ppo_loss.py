@@ -8,7 +8,7 @@ import torch
 import rlkernels
 from rlkernels import reference
 from rlkernels.reference.losses import aggregate
-from conftest import TOLERANCES
+from support import TOLERANCES
 
 
 def close(actual, expected, dtype=torch.float32, what=""):

@@ -9,7 +9,7 @@ import torch
 import rlkernels
 from rlkernels import reference
 from rlkernels.reference.losses import AGG_MODES, POLICY_STATS, VALUE_STATS
-from conftest import TOLERANCES, TRITON_ON_CPU
+from support import TOLERANCES, TRITON_ON_CPU
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 POISON = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])

@@ -12,7 +12,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import BACKEND_DEVICE, assert_close
+from support import BACKEND_DEVICE, assert_close
 
 KERNELS = [b for b, d in BACKEND_DEVICE if d == "cpu"]
 ALL = KERNELS + ["reference"]

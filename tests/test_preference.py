@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import rlkernels
 from rlkernels import reference
-from conftest import TOLERANCES, TRITON_ON_CPU
+from support import TOLERANCES, TRITON_ON_CPU
 
 KINDS = [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
