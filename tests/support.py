@@ -75,6 +75,17 @@ def low_precision_bound(ours: torch.Tensor, torch_same_dtype: torch.Tensor, trut
         f"error {ours_err:.3e} exceeds {LOW_PRECISION_FACTOR} x PyTorch's {torch_err:.3e}")
 
 
+def matches_truth(ours: torch.Tensor, truth: torch.Tensor, same: torch.Tensor, dtype: torch.dtype,
+                  floor: float = 1e-5) -> None:
+    """A result computed in `dtype` against the float64 truth: float64 within its
+    tolerance row, other dtypes by the low precision rule against `same`, PyTorch's
+    own result in that dtype."""
+    if dtype == torch.float64:
+        assert_close(ours, truth)
+    else:
+        low_precision_bound(ours, same, truth, floor=floor)
+
+
 def import_library(module: str, install: str):
     """The library module an integration test compares against: skipped where it is
     not installed, an import error where RLKERNELS_REQUIRE_INTEGRATIONS=1 (make test
@@ -84,3 +95,67 @@ def import_library(module: str, install: str):
     if os.environ.get("RLKERNELS_REQUIRE_INTEGRATIONS") == "1":
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"{install} is not installed")
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+def _scaled_close(actual, expected, dtype, what, finite_only):
+    tol = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    values = expected[torch.isfinite(expected)] if finite_only else expected
+    scale = values.abs().max().item() if values.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale + 1e-12,
+                               equal_nan=finite_only, msg=lambda m: f"{what}: {m}")
+
+
+def scaled_close(actual, expected, dtype=torch.float32, what=""):
+    """float64 comparison whose absolute tolerance is relative to the largest expected
+    magnitude, so per-token gradients of 1/n_t size are checked as tightly as losses;
+    `dtype` float64 picks that tolerance row, any other dtype float32's."""
+    _scaled_close(actual, expected, dtype, what, finite_only=False)
+
+
+def finite_scaled_close(actual, expected, dtype=torch.float32, what=""):
+    """scaled_close with the scale taken over the finite expected entries only, and NaN
+    equal to NaN."""
+    _scaled_close(actual, expected, dtype, what, finite_only=True)
+
+
+def close_stats(stats, expected, dtype, names):
+    """The statistics dict of a token loss holds exactly `names`, each close to expected."""
+    assert set(stats) == set(names)
+    for name in names:
+        finite_scaled_close(stats[name], expected[name], dtype, what=name)
+
+
+def token_mask(B, T, device, kind="gaps"):
+    """A (B, T) token mask with ragged starts and ends, a gap inside each row, one empty
+    row and the last slot set; kind="none" gives None."""
+    if kind == "none":
+        return None
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for b in range(B):
+        start, end = b % 3, max(T - (b % 5), 0)
+        mask[b, start:end] = True
+        mask[b, start + (end - start) // 3: start + (end - start) // 2] = False
+    mask[B // 2] = False  # an empty sequence
+    if B > 1 and T > 0:
+        mask[B - 1, T - 1] = True
+    return mask
+
+
+POISON = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
+
+
+def poisoned(x, mask):
+    """x with NaN, +-inf or 1e30 in the slots the mask leaves out."""
+    idx = torch.randint(0, len(POISON), x.shape, device=x.device)
+    return torch.where(mask, x, POISON.to(x.device, x.dtype)[idx])
+
+
+def loss_and_grad(fn, x, *args, **kw):
+    """fn(x, ...) -> (loss, stats), and the gradient of loss with respect to x."""
+    x = x.detach().clone().requires_grad_()
+    loss, stats = fn(x, *args, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss, stats, grad
