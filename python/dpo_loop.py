@@ -41,7 +41,6 @@ def completion_logprobs(model, ids, labels):
 def main(argv=None) -> list[dict]:
     p = parser(__doc__, steps=30)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--completion-len", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.1)
     args = p.parse_args(argv)

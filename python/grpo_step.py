@@ -30,7 +30,6 @@ def main(argv=None) -> list[dict]:
     p = parser(__doc__, steps=20)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--response-len", type=int, default=16)
     p.add_argument("--beta", type=float, default=0.02)
     p.add_argument("--iterations", type=int, default=2, help="updates per batch (GRPO's mu)")

@@ -32,10 +32,11 @@ def policy_and_reference(args: argparse.Namespace):
 
 
 def parser(doc: str, *, steps: int, model_help: str | None = None) -> argparse.ArgumentParser:
-    """The options every example takes: --model, --steps, --lr and --device."""
+    """The options every example takes: --model, --steps, --prompt-len, --lr and --device."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p

@@ -33,7 +33,6 @@ def response_logprobs(model, sequences, attention, prompt_len, labels, *, entrop
 def main(argv=None) -> list[dict]:
     p = parser(__doc__, steps=20, model_help="local transformers model directory (default: tiny random GPT-2)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--response-len", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--kl-coef", type=float, default=0.05)
