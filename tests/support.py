@@ -159,3 +159,40 @@ def loss_and_grad(fn, x, *args, **kw):
     loss, stats = fn(x, *args, **kw)
     (grad,) = torch.autograd.grad(loss, x)
     return loss, stats, grad
+
+
+# ---- logits for the arg-max (is_top1) statistics -------------------------------------------------
+
+def tie_logits(V, device):
+    """Integer logits (exact in every dtype and every summation order, so ties are
+    exact) with the label placed against ties in earlier and later columns; returns
+    (logits, labels)."""
+    logits = torch.randint(-6, 7, (16, V), device=device).float()
+    labels = torch.randint(0, V, (16,), device=device)
+    rows = [
+        (5, None),          # label the unique maximum
+        (V - 3, 2),         # ties a maximum far before it (an earlier tile): not top-1
+        (40, 38),           # ties a maximum just before it (the same tile): not top-1
+        (3, V - 1),         # ties a maximum after it (a later tile): top-1
+        (20, 21),           # ties a maximum just after it: top-1
+        (0, 1),             # column 0 tied with column 1: top-1
+        (V - 1, 0),         # the last column tied with column 0: not top-1
+    ]
+    for i, (label, tie) in enumerate(rows):
+        logits[i].clamp_(max=6)
+        logits[i, label] = 9
+        if tie is not None:
+            logits[i, tie] = 9
+        labels[i] = label
+    logits[7, :] = 4                 # every column equal: only column 0 is top-1
+    labels[7] = 0
+    logits[8, :] = 4
+    labels[8] = 1
+    logits[9, 11] = 10               # second largest by one
+    logits[9, 12] = 9
+    labels[9] = 12
+    labels[10] = -100                # ignored
+    logits[11, 17] = 8               # the label is the maximum, one below in another tile
+    logits[11, V - 2] = 7
+    labels[11] = 17
+    return logits, labels
