@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("machine", "build", "ops", "pytest", "memcheck", "racecheck", "bench", "liger")
-OP_TEST_FILES = ("test_advantages.py", "test_group.py", "test_kl.py", "test_linear_logprobs.py",
-                 "test_linear_ppo_loss.py", "test_logprobs.py", "test_losses.py", "test_preference.py",
-                 "test_distributed_kernels.py", "test_triton_gpu_semantics.py")
+OP_TEST_FILES = ("test_gae.py", "test_group_advantages.py", "test_masked.py", "test_kl_from_logits.py",
+                 "test_kl_penalty.py", "test_linear_logprobs.py", "test_linear_ppo_loss.py", "test_logprobs.py",
+                 "test_policy_loss.py", "test_value_loss.py", "test_preference.py", "test_multi_tensor.py",
+                 "test_triton_gpu_semantics.py")
 
 
 @dataclass

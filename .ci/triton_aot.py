@@ -11,7 +11,8 @@ It fails on a compile error, a grid over the hardware's limits, shared memory ov
 target's limit, register spills in a float32/bfloat16/float16 variant, a Triton op
 without cases here, or a kernel that no case launches.  It prints one table row per
 kernel and target: variants, registers, spills, shared memory and the widest global
-load; `--markdown FILE` writes the table (docs/triton-aot.md keeps the latest).
+load; `--markdown FILE` writes the table (docs/triton-aot.md keeps the latest).  The
+cases and the launch recorder are in triton_aot_cases.py.
 
     python .ci/triton_aot.py [--targets 80 90] [--quick] [--markdown docs/triton-aot.md]
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import os
 import re
@@ -34,230 +34,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from triton_aot_cases import BF16, F16, F64, Launch, record  # noqa: E402  (beside this script)
 
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 SPILLS_FORBIDDEN = ("fp32", "bf16", "fp16")  # float64 variants may spill (reported, not fatal)
-
-
-@dataclasses.dataclass
-class Launch:
-    kernel: JITFunction
-    args: tuple
-    kwargs: dict
-    grid: object
-    case: str
-
-
-_recorded: list[Launch] = []
-_current_case = [""]
-
-
-def _record(self, *args, grid, warmup, **kwargs):
-    _recorded.append(Launch(self, args, dict(kwargs), grid, _current_case[0]))
-
-
-JITFunction.run = _record  # every kernel[grid](...) in the wrappers lands here
-
-import rlkernels  # noqa: E402,F401  (imports the Triton modules: their ops and kernels)
-from rlkernels import triton as rlk_triton  # noqa: E402
-from rlkernels.triton import (gae, group, kl_penalty, logprobs, losses, multi_tensor,  # noqa: E402
-                              preference)
-
-MODULES = (gae, group, kl_penalty, logprobs, losses, multi_tensor, preference)
-F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-
-
-def meta(*shape, dtype=F32):
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def strided_logits(B, T, V, dtype):
-    """[B, T, V] logits that are a slice of [B, T + 1, V] (a causal LM's outputs)."""
-    return meta(B, T + 1, V, dtype=dtype)[:, :-1]
-
-
-def labels(*shape):
-    return meta(*shape, dtype=torch.int64)
-
-
-def mask(*shape):
-    return meta(*shape, dtype=torch.bool)
-
-
-VOCABS = (32000, 50257, 128256, 151936)
-LOGIT_DTYPES = (F32, BF16, F16)
-
-
-def logits_cases(quick: bool):
-    """(name, logits) over the vocabularies, dtypes and token counts of real models."""
-    vocabs = VOCABS[1:2] if quick else VOCABS
-    for V in vocabs:
-        for dtype in LOGIT_DTYPES:
-            d = str(dtype).split(".")[1]
-            yield f"V={V} {d} 1 token", meta(1, V, dtype=dtype)
-            yield f"V={V} {d} 65536 tokens", meta(65536, V, dtype=dtype)
-            yield f"V={V} {d} [8, 4097, V][:, :-1]", strided_logits(8, 4096, V, dtype)
-
-
-def cases(quick: bool):
-    """Yields (op name, case name, thunk): each thunk calls one Triton op's host wrapper."""
-    T = logprobs
-    for name, x in logits_cases(quick):
-        lead = x.shape[:-1]
-        n = x.numel() // x.shape[-1]
-        for ent in (False, True):
-            yield "logprobs_triton", f"{name} entropy={ent}", (
-                lambda x=x, lead=lead, ent=ent: T.logprobs_triton._init_fn(x, labels(*lead), 1.0, -100, ent, False))
-            grad_entropy = meta(*lead) if ent else None
-            args = (meta(*lead), grad_entropy, x, labels(*lead), meta(*lead, 2), meta(*lead) if ent else meta(0),
-                    0.7, -100)
-            yield "logprobs_backward_triton", f"{name} entropy={ent}", (
-                lambda args=args: T.logprobs_backward_triton._init_fn(*args))
-            yield "logprobs_backward_inplace_triton", f"{name} entropy={ent}", (
-                lambda args=args: T.logprobs_backward_inplace_triton._init_fn(*args))
-            for start, finish in ((0, False), (4096, True)):
-                tile = x[..., :4096]
-                for width in (4, 5):  # 5: the state also tracks whether the label is the arg-max
-                    yield "logprobs_vocab_tile_triton", f"{name} tile entropy={ent} finish={finish} state={width}", (
-                        lambda tile=tile, lead=lead, n=n, ent=ent, start=start, finish=finish, width=width:
-                        T.logprobs_vocab_tile_triton._init_fn(tile, labels(*lead), meta(n * width), 1.0, -100,
-                                                              start, ent, finish))
-        for with_mask in (False, True):
-            m = mask(*lead) if with_mask else None
-            yield "kl_from_logits_triton", f"{name} mask={with_mask}", (
-                lambda x=x, m=m: T.kl_from_logits_triton._init_fn(x, x, m, 1.0))
-            for lg, rg in ((True, False), (False, True), (True, True)):
-                yield "kl_from_logits_backward_triton", f"{name} mask={with_mask} grads={lg},{rg}", (
-                    lambda x=x, m=m, lead=lead, lg=lg, rg=rg: T.kl_from_logits_backward_triton._init_fn(
-                        meta(*lead), x, x, m, meta(*lead, 5), 1.0, lg, rg))
-
-    seq_shapes = ((1, 1), (256, 4096), (8, 4096), (1024, 127))
-    seq_dtypes = (F32, BF16, F16, F64)
-    for (B, L) in seq_shapes:
-        for dtype in seq_dtypes:
-            d = f"[{B}, {L}] {str(dtype).split('.')[1]}"
-            for has_mask in (False, True):
-                for has_dones in (False, True):
-                    for has_last in (False, True):
-                        yield "gae_triton", f"{d} mask={has_mask} dones={has_dones} last={has_last}", (
-                            lambda B=B, L=L, dtype=dtype, hm=has_mask, hd=has_dones, hl=has_last:
-                            gae.gae_triton._init_fn(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
-                                                    mask(B, L) if hm else None, mask(B, L) if hd else None,
-                                                    meta(B, dtype=F64 if dtype == F64 else F32) if hl else None,
-                                                    0.99, 0.95))
-                    yield "discounted_returns_triton", f"{d} mask={has_mask} dones={has_dones}", (
-                        lambda B=B, L=L, dtype=dtype, hm=has_mask, hd=has_dones:
-                        gae.discounted_returns_triton._init_fn(meta(B, L, dtype=dtype), mask(B, L) if hm else None,
-                                                               mask(B, L) if hd else None, 0.99))
-                yield "masked_row_mean_triton", f"{d} mask={has_mask}", (
-                    lambda B=B, L=L, dtype=dtype, hm=has_mask:
-                    group.masked_row_mean_triton._init_fn(meta(B, L, dtype=dtype), mask(B, L) if hm else None))
-                for shift in (False, True):
-                    yield "masked_whiten_triton", f"{d} mask={has_mask} shift_mean={shift}", (
-                        lambda B=B, L=L, dtype=dtype, hm=has_mask, shift=shift:
-                        group.masked_whiten_triton._init_fn(meta(B, L, dtype=dtype), mask(B, L) if hm else None,
-                                                            shift, 1e-8))
-                for average in (False, True):
-                    yield "sequence_logprobs_triton", f"{d} mask={has_mask} average={average}", (
-                        lambda B=B, L=L, dtype=dtype, hm=has_mask, average=average:
-                        preference.sequence_logprobs_triton._init_fn(meta(B, L, dtype=dtype),
-                                                                      mask(B, L) if hm else None, average))
-                    acc = F64 if dtype == F64 else F32
-                    yield "sequence_logprobs_backward_triton", f"{d} mask={has_mask} average={average}", (
-                        lambda B=B, L=L, dtype=dtype, acc=acc, hm=has_mask, average=average:
-                        preference.sequence_logprobs_backward_triton._init_fn(
-                            meta(B, dtype=acc), mask(B, L) if hm else None, meta(B, dtype=acc), average, L, dtype))
-            for kind in sorted(set(kl_penalty.KIND_CODES.values())):
-                name = next(k for k, v in kl_penalty.KIND_CODES.items() if v == kind)
-                for clamp in (float("inf"), 10.0):
-                    yield "kl_penalty_triton", f"{d} kind={name} clamp={clamp}", (
-                        lambda B=B, L=L, dtype=dtype, name=name, clamp=clamp:
-                        kl_penalty.kl_penalty_triton._init_fn(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
-                                                              name, clamp))
-            acc = F64 if dtype == F64 else F32
-            for need_grad in (False, True):
-                for agg in losses._AGG_CODES:
-                    for kl in losses._KL_CODES:
-                        for variant in ("plain", "mask+weights+dual+per-row-adv"):
-                            rich = variant != "plain"
-                            yield "policy_loss_triton", f"{d} agg={agg} kl={kl} {variant} grad={need_grad}", (
-                                lambda B=B, L=L, dtype=dtype, agg=agg, kl=kl, rich=rich, g=need_grad:
-                                losses.policy_loss_triton._init_fn(
-                                    meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
-                                    meta(B, dtype=dtype) if rich else meta(B, L, dtype=dtype),
-                                    mask(B, L) if rich else None, meta(B, L, dtype=dtype) if rich else None,
-                                    meta(B, L, dtype=dtype) if kl != "none" else None,
-                                    [0.2, 0.28, 3.0 if rich else float("inf"), 20.0, 0.05, -1.0, -1.0, -1.0],
-                                    kl, agg, g))
-                    for clip in (float("inf"), 0.2):
-                        yield "value_loss_triton", f"{d} agg={agg} clip={clip} grad={need_grad}", (
-                            lambda B=B, L=L, dtype=dtype, agg=agg, clip=clip, g=need_grad:
-                            losses.value_loss_triton._init_fn(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
-                                                              meta(B, L, dtype=dtype), mask(B, L), [clip, -1.0, -1.0,
-                                                                                                   -1.0], agg, g))
-            yield "scale_rows_triton", d, (
-                lambda B=B, L=L, dtype=dtype, acc=acc:
-                losses.scale_rows_triton._init_fn(meta(B, L, dtype=acc), meta(B, dtype=acc), meta(dtype=acc), dtype))
-
-    for B in (1, 4096, 300001):
-        for dtype in (F32, BF16, F16, F64):
-            d = f"B={B} {str(dtype).split('.')[1]}"
-            for kind in preference._KINDS:
-                yield "dpo_loss_triton", f"{d} kind={kind}", (
-                    lambda B=B, dtype=dtype, kind=kind:
-                    preference.dpo_loss_triton._init_fn(*(meta(B, dtype=dtype) for _ in range(4)), 0.1, kind, 0.1))
-            # groups of one, of 8 where 8 divides the batch, and ids given per score
-            layouts = [(B, False)] + ([(B // 8, False)] if B % 8 == 0 else []) + [(max(B // 8, 1), True)]
-            for G, idx in layouts:
-                for baseline in (0, 1):
-                    for scale in (0, 1, 2):
-                        yield "group_advantages_triton", f"{d} groups={G} index={idx} baseline={baseline} scale={scale}", (
-                            lambda B=B, dtype=dtype, G=G, idx=idx, baseline=baseline, scale=scale:
-                            group.group_advantages_triton._init_fn(
-                                meta(B, dtype=dtype), labels(B) if idx else None, 0 if idx else B // G, G,
-                                baseline, scale, 1e-6))
-
-    for dtype in (F32, BF16, F16, F64):
-        d = str(dtype).split(".")[1]
-        params = [meta(4096, 4096, dtype=dtype), meta(1, dtype=dtype), meta(50257, 768, dtype=dtype)]
-        total = sum(p.numel() for p in params)
-        for bucket_dtype in {dtype, F32}:
-            b = str(bucket_dtype).split(".")[1]
-            for scale in (1.0, 0.25):
-                yield "pack_tensors_triton", f"{d} -> bucket {b} scale={scale}", (
-                    lambda params=params, total=total, bd=bucket_dtype, scale=scale:
-                    multi_tensor.pack_tensors_triton._init_fn(params, meta(total, dtype=bd), scale))
-                yield "unpack_tensors_triton", f"bucket {b} -> {d} scale={scale}", (
-                    lambda params=params, total=total, bd=bucket_dtype, scale=scale:
-                    multi_tensor.unpack_tensors_triton._init_fn(meta(total, dtype=bd), params, scale))
-        for n in (1, 2**26 + 3):
-            yield "gossip_mix_triton", f"{d} n={n}", (
-                lambda n=n, dtype=dtype: multi_tensor.gossip_mix_triton._init_fn(
-                    meta(n, dtype=dtype), meta(n, dtype=dtype), meta(n, dtype=dtype), 0.5, 0.25, 0.25,
-                    meta(n, dtype=dtype)))
-
-
-def triton_ops() -> dict[str, object]:
-    """Every Triton custom op the package defines, by short name."""
-    from torch._library.custom_ops import CustomOpDef
-    found = {}
-    for module in MODULES:
-        for value in vars(module).values():
-            if isinstance(value, CustomOpDef) and value._name.endswith("_triton"):
-                found[value._name.rsplit("::", 1)[-1]] = value
-    return found
-
-
-def triton_kernels() -> dict[str, JITFunction]:
-    """Every launchable @triton.jit kernel (jitted helpers excepted: they are inlined)."""
-    found = {}
-    for module in MODULES + (rlk_triton._common,):
-        for value in vars(module).values():
-            if isinstance(value, JITFunction) and value.fn.__name__.endswith("_kernel"):
-                found[f"{module.__name__.rsplit('.', 1)[-1]}.{value.fn.__name__}"] = value
-    return found
 
 
 def dtype_tag(launch: Launch) -> str:
@@ -457,38 +240,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
 
-    errors: list[str] = []
-    ops = triton_ops()
-    covered = set()
-    for op, case, thunk in cases(args.quick):
-        covered.add(op)
-        if args.ops and not any(o in op for o in args.ops):
-            continue
-        _current_case[0] = f"{op}: {case}"
-        before = len(_recorded)
-        try:
-            thunk()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"{op} [{case}]: the host wrapper failed on meta tensors: {exc!r}")
-            continue
-        if len(_recorded) == before:
-            errors.append(f"{op} [{case}]: launched no kernel")
-    for missing in sorted(set(ops) - covered):
-        errors.append(f"rlkernels::{missing}: no ahead-of-time case in .ci/triton_aot.py")
-    launched = {f"{launch.kernel.fn.__module__.rsplit('.', 1)[-1]}.{launch.kernel.fn.__name__}"
-                for launch in _recorded}
-    for name in sorted(set(triton_kernels()) - launched if not args.ops else ()):
-        errors.append(f"{name}: no case launches this kernel")
-    print(f"{len(ops)} Triton ops, {len(triton_kernels())} kernels, {len(_recorded)} launches recorded; "
+    launches, errors, ops, kernels = record(args.quick, args.ops)
+    print(f"{len(ops)} Triton ops, {len(kernels)} kernels, {len(launches)} launches recorded; "
           f"compiling for {', '.join(f'sm_{t}' for t in args.targets)}", flush=True)
 
     started = time.perf_counter()
     if args.ptx_dir:
         os.makedirs(args.ptx_dir, exist_ok=True)
-    rows, compile_errors = compile_all(_recorded, args.targets, log, args.ptx_dir)
+    rows, compile_errors = compile_all(launches, args.targets, log, args.ptx_dir)
     errors += compile_errors
     table = summary(rows)
-    info = {"triton": triton.__version__, "torch": torch.__version__, "launches": len(_recorded),
+    info = {"triton": triton.__version__, "torch": torch.__version__, "launches": len(launches),
             "variants": sum(1 for r in rows if not r.get("error"))}
     print()
     print(markdown(table, info))

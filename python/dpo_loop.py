@@ -1,5 +1,5 @@
 """A DPO (direct preference optimisation) loop on a transformers causal LM, written as
-your own training code that calls the rlkernels ops directly (copy and adapt).
+your own training code that calls the rlkernels ops directly (copy it with lm_example.py and adapt).
 
     python python/dpo_loop.py                      # tiny random GPT-2, synthetic pairs
     python python/dpo_loop.py --model ./my-model   # any local causal LM directory
@@ -12,24 +12,10 @@ made of even token ids are preferred to ones made of odd ids; swap in your own
 (prompt, chosen, rejected) token ids."""
 from __future__ import annotations
 
-import argparse
-import copy
-
 import torch
 
 import rlkernels
-
-
-def build_model(path: str | None, device):
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    if path:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    else:
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    return model.to(device).eval()
+from lm_example import log_step, parser, policy_and_reference
 
 
 def synthetic_pairs(batch: int, prompt_len: int, completion_len: int, vocab: int, generator):
@@ -46,27 +32,20 @@ def synthetic_pairs(batch: int, prompt_len: int, completion_len: int, vocab: int
 
 def completion_logprobs(model, ids, labels):
     """Summed completion log-probs per row, through the fused kernels."""
-    hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]
+    hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     token_logprobs = rlkernels.linear_logprobs(hidden, head.weight, labels, bias=head.bias)
     return rlkernels.sequence_logprobs(token_logprobs, labels != -100)
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--steps", type=int, default=30)
+    p = parser(__doc__, steps=30)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--completion-len", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    policy = build_model(args.model, device)
-    reference = copy.deepcopy(policy).requires_grad_(False)
+    device, policy, reference = policy_and_reference(args)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(0)
     vocab = policy.config.vocab_size
@@ -87,8 +66,7 @@ def main(argv=None) -> list[dict]:
         margin = chosen_rewards - rejected_rewards
         row = {"step": step + 1, "loss": loss.item(), "margin": margin.mean().item(),
                "accuracy": (margin > 0).float().mean().item()}
-        history.append(row)
-        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        log_step(history, row)
     return history
 
 

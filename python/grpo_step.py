@@ -1,5 +1,5 @@
 """GRPO steps on a transformers causal LM, written as your own training code that
-calls the rlkernels ops directly (copy and adapt).
+calls the rlkernels ops directly (copy it with lm_example.py and adapt).
 
     python python/grpo_step.py                      # tiny random GPT-2, no download
     python python/grpo_step.py --model ./my-model   # any local causal LM directory
@@ -15,30 +15,10 @@ k3 KL, averaged per sequence then over sequences as GRPO does) without ever hold
 your scorer there."""
 from __future__ import annotations
 
-import argparse
-import copy
-
 import torch
 
 import rlkernels
-
-
-def build_model(path: str | None, device):
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    if path:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    else:
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                           bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    return model.to(device).eval()
-
-
-def score(responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    even = ((responses % 2) == 0) & mask
-    return even.sum(-1).float() / mask.sum(-1).clamp(min=1).float()
+from lm_example import log_step, parser, policy_and_reference, sample, score
 
 
 def response_states(model, sequences, attention, prompt_len):
@@ -47,38 +27,23 @@ def response_states(model, sequences, attention, prompt_len):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--steps", type=int, default=20)
+    p = parser(__doc__, steps=20)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--response-len", type=int, default=16)
     p.add_argument("--beta", type=float, default=0.02)
     p.add_argument("--iterations", type=int, default=2, help="updates per batch (GRPO's mu)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    policy = build_model(args.model, device)
-    reference = copy.deepcopy(policy).requires_grad_(False)
+    device, policy, reference = policy_and_reference(args)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     head, ref_head = policy.get_output_embeddings(), reference.get_output_embeddings()
-    eos, pad = policy.config.eos_token_id, policy.config.pad_token_id or 0
     history = []
     for step in range(args.steps):
         with torch.no_grad():
             prompts = torch.randint(2, policy.config.vocab_size, (args.prompts, args.prompt_len), device=device)
             prompts = prompts.repeat_interleave(args.group, 0)  # each group: one prompt, --group samples
-            sequences = policy.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0,
-                                        max_new_tokens=args.response_len, min_new_tokens=args.response_len,
-                                        pad_token_id=pad)
-            responses = sequences[:, args.prompt_len:]
-            is_eos = responses == eos
-            mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-            attention = torch.cat([torch.ones_like(prompts), mask.long()], 1)
-            labels = responses.masked_fill(~mask, -100)
+            sequences, responses, mask, attention, labels = sample(policy, prompts, args.response_len)
             scores = score(responses, mask)
             advantages, _ = rlkernels.group_advantages(scores, args.group)
             ref_states = response_states(reference, sequences, attention, args.prompt_len)
@@ -95,8 +60,7 @@ def main(argv=None) -> list[dict]:
             optimizer.step()
         row = {"step": step + 1, "score": scores.mean().item(), "loss": loss.item(),
                "kl": float(stats["kl"]) if "kl" in stats else float("nan")}
-        history.append(row)
-        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        log_step(history, row)
     return history
 
 

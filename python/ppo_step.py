@@ -1,5 +1,5 @@
 """PPO-RLHF steps on a transformers causal LM, written as your own training code
-that calls the rlkernels ops directly (copy this file and adapt it).
+that calls the rlkernels ops directly (copy it with lm_example.py and adapt).
 
     python python/ppo_step.py                       # a tiny random GPT-2, no download
     python python/ppo_step.py --model ./my-llama    # any local causal LM directory
@@ -13,32 +13,11 @@ reference straight from the last hidden states (`rlkernels.linear_logprobs`: the
 is a stand-in (the share of even token ids); put your reward model there."""
 from __future__ import annotations
 
-import argparse
-import copy
-
 import torch
 from torch import nn
 
 import rlkernels
-
-
-def build_model(path: str | None, device):
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    if path:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    else:
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                           bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    return model.to(device).eval()  # eval(): no dropout; gradients still flow
-
-
-def score(responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Stand-in reward in [0, 1]: the share of even token ids in each response."""
-    even = ((responses % 2) == 0) & mask
-    return even.sum(-1).float() / mask.sum(-1).clamp(min=1).float()
+from lm_example import log_step, parser, policy_and_reference, sample, score
 
 
 def response_logprobs(model, sequences, attention, prompt_len, labels, *, entropy=False):
@@ -52,39 +31,24 @@ def response_logprobs(model, sequences, attention, prompt_len, labels, *, entrop
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="local transformers model directory (default: tiny random GPT-2)")
-    p.add_argument("--steps", type=int, default=20)
+    p = parser(__doc__, steps=20, model_help="local transformers model directory (default: tiny random GPT-2)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--response-len", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    policy = build_model(args.model, device)
-    reference = copy.deepcopy(policy).requires_grad_(False)
+    device, policy, reference = policy_and_reference(args)
     value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
     optimizer = torch.optim.Adam(list(policy.parameters()) + list(value_head.parameters()), lr=args.lr)
-    eos, pad = policy.config.eos_token_id, policy.config.pad_token_id or 0
     history = []
     for step in range(args.steps):
         # ---- rollout (no gradients)
         with torch.no_grad():
             prompts = torch.randint(2, policy.config.vocab_size, (args.batch, args.prompt_len), device=device)
-            sequences = policy.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0,
-                                        max_new_tokens=args.response_len, min_new_tokens=args.response_len,
-                                        pad_token_id=pad)
-            responses = sequences[:, args.prompt_len:]
-            is_eos = responses == eos
-            mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # up to and including the first EOS
-            attention = torch.cat([torch.ones_like(prompts), mask.long()], 1)
-            labels = responses.masked_fill(~mask, -100)
+            sequences, responses, mask, attention, labels = sample(policy, prompts, args.response_len)
             old_logprobs, states = response_logprobs(policy, sequences, attention, args.prompt_len, labels)
             old_values = value_head(states).squeeze(-1)
             ref_logprobs, _ = response_logprobs(reference, sequences, attention, args.prompt_len, labels)
@@ -109,8 +73,7 @@ def main(argv=None) -> list[dict]:
             optimizer.step()
         row = {"step": step + 1, "score": scores.mean().item(), "kl": kl.sum(-1).mean().item(),
                "loss": loss.item(), "clip_frac": (stats["clip_frac_upper"] + stats["clip_frac_lower"]).item()}
-        history.append(row)
-        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        log_step(history, row)
     return history
 
 

@@ -14,13 +14,14 @@ import atexit
 import collections
 import functools
 import json
+import math
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings, strategies as st
 
-from conftest import BACKEND_DEVICE, LOW_PRECISION_FACTOR, TOLERANCES, backend_id
+from support import BACKEND_DEVICE, LOW_PRECISION_FACTOR, TOLERANCES, backend_id
 
 DEFAULT_EXAMPLES = 100
 EXAMPLES = int(os.environ.get("RLK_HYPOTHESIS_EXAMPLES", str(DEFAULT_EXAMPLES)))
@@ -30,6 +31,17 @@ DERANDOMIZE = os.environ.get("RLK_HYPOTHESIS_RANDOM", "0") != "1"
 LOW = (torch.bfloat16, torch.float16)
 KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 LOSS_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def computed_in(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op computes in for inputs of `dtype`: float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_or_zeros(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d loss / d x, or zeros like x where the loss does not depend on it (an empty batch)."""
+    (grad,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
+    return grad
 
 
 def interpreted(backend_device) -> bool:
@@ -79,6 +91,8 @@ if os.environ.get("RLK_HYPOTHESIS_REPORT"):
 # ---- values ----------------------------------------------------------------------------------
 
 seeds = st.integers(0, 2**31 - 1)
+# what masked or ignored slots hold: nothing special, NaN or an infinity
+poisons = st.sampled_from([None, math.nan, math.inf, -math.inf])
 # How the finite values are spread: ordinary, wide, huge (1e4: exact differences in
 # float32 lose the low bits), tiny (denormal range for float32), ties (many equal
 # values, also at the maximum).
@@ -264,3 +278,100 @@ def raises_naming(fn, names: tuple[str, ...] | str, errors=(ValueError, TypeErro
         fn()
     message = str(info.value)
     assert any(n in message for n in names), f"error {type(info.value).__name__}({message!r}) names none of {names}"
+
+
+# ---- token losses -----------------------------------------------------------------------------
+
+counts = st.one_of(st.none(), st.floats(0.5, 500.0))
+
+
+def check_grad(ours, truth, dtype, what, same_dtype=None):
+    """A gradient in the input dtype: float32/float64 by close(), 16-bit by rounded_close()."""
+    assert ours.dtype == dtype, what
+    if dtype in (torch.float32, torch.float64):
+        close(ours, truth, computed_in=dtype, what=what, elementwise=False, same_dtype=same_dtype)
+    else:
+        rounded_close(ours, truth, dtype, what=what, same_dtype=same_dtype)
+
+
+def check_stats(stats, truth, dtype, same_dtype=None):
+    """Each statistic in `truth` is in `stats` and close to it in the dtype the loss computed in."""
+    assert set(stats) >= set(truth), set(truth) - set(stats)
+    for name, value in truth.items():
+        close(stats[name], value, computed_in=computed_in(dtype), what=name, elementwise=False,
+              same_dtype=None if same_dtype is None else same_dtype[name])
+
+
+@st.composite
+def token_batches(draw, tiny: bool):
+    """[B, T] shape (long rows cross the CPU kernels' 512-token chunks), dtype, mask
+    (None, random with empty rows, or all False), poison for masked slots, generator."""
+    B = draw(st.integers(0, 3 if tiny else 7))
+    T = draw(st.integers(0, 6)) if tiny else draw(st.one_of(st.integers(0, 40), st.sampled_from([512, 513, 1100])))
+    dtype = draw(st.sampled_from(LOSS_FLOATS))
+    g = generator(draw(seeds))
+    kind = draw(st.sampled_from(["none", "random", "random", "empty"]))
+    mask = None
+    if kind == "random":
+        mask = random_mask((B, T), g, draw(st.floats(0.0, 1.0)), empty_row=draw(st.booleans()))
+    elif kind == "empty":
+        mask = torch.zeros(B, T, dtype=torch.bool)
+    if mask is not None and draw(st.booleans()):
+        mask = mask.to(draw(st.sampled_from([torch.float32, torch.int64, torch.uint8])))
+    return B, T, dtype, mask, draw(poisons), g
+
+
+def masked_inputs(tensors, mask, poison):
+    """The tensors with `poison` in the slots the mask leaves out (whole rows for [B] tensors)."""
+    if mask is None or poison is None:
+        return tensors
+    keep = mask.bool()
+    return [None if t is None else poison_where(t, keep if t.shape == keep.shape else keep.any(-1), poison)
+            for t in tensors]
+
+
+def as64(t):
+    """t in float64, None stays None."""
+    return None if t is None else t.double()
+
+
+# ---- logits --------------------------------------------------------------------------------------
+
+temperatures = st.one_of(st.sampled_from([1.0, 0.5, 2.0]), st.floats(1e-3, 100.0))
+
+
+@st.composite
+def logits_cases(draw, tiny: bool, *, layouts=LAYOUTS):
+    """(logits, labels, options) with logits [..., V] and labels of the leading shape."""
+    lead = draw(st.lists(st.integers(0, 3 if tiny else 5), max_size=3))
+    if tiny:
+        V = draw(st.integers(1, 24))
+    else:
+        V = draw(st.one_of(st.integers(1, 300), st.sampled_from([2047, 2048, 2049, 4100, 9000])))
+        if V > 300:  # long rows: a few of them
+            lead = lead[:1] + [1] * (len(lead) > 1)
+    dtype = draw(st.sampled_from(KERNEL_FLOATS))
+    regime = draw(st.sampled_from(REGIMES))
+    g = generator(draw(seeds))
+    logits = fill((*lead, V), g, regime, torch.float64)
+    minus_inf = draw(st.sampled_from([0.0, 0.0, 0.3, 0.95]))
+    if minus_inf:
+        logits = sprinkle(logits, g, -math.inf, minus_inf)
+    logits = logits.to(dtype)
+    ignore_index = draw(st.sampled_from([-100, -1, 0, V]))
+    labels = torch.randint(0, V, tuple(lead), generator=g)
+    ignored = torch.rand(tuple(lead), generator=g) < draw(st.sampled_from([0.0, 0.3, 1.0]))
+    labels = torch.where(ignored, torch.full_like(labels, ignore_index), labels)
+    labels = labels.to(draw(st.sampled_from([torch.int64, torch.int32])))
+    keep = (labels != ignore_index).unsqueeze(-1)
+    logits = poison_where(logits, keep, draw(poisons))
+    logits = strided_like(logits, draw(st.sampled_from(layouts)))
+    return logits, labels, dict(temperature=draw(temperatures), ignore_index=ignore_index), g
+
+
+def check_logits_grad(grad, expected, dtype, what):
+    """A gradient w.r.t. logits: float32 by close() scaled to its largest entry, 16-bit by rounded_close()."""
+    if dtype == torch.float32:
+        close(grad, expected, what=what, elementwise=False)
+    else:
+        rounded_close(grad, expected, dtype, what=what)

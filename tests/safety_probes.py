@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-if __name__ == "__main__":  # the conftest is not loaded in the child process
+if __name__ == "__main__":  # tests/support.py, which sets this for pytest, is not imported here
     import torch
 
     if not torch.cuda.is_available():

@@ -4,14 +4,18 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "python")
 
 
 def load(name: str):
-    path = os.path.join(ROOT, "python", f"{name}.py")
+    if EXAMPLES not in sys.path:  # as `python python/<name>.py` does: lm_example.py beside the script imports
+        sys.path.insert(0, EXAMPLES)
+    path = os.path.join(EXAMPLES, f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"rlkernels_example_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TRITON_ON_CPU
+from support import TRITON_ON_CPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, ".ci", "gpu_check.py")

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from conftest import import_library
+from support import import_library
 from rlkernels.integrations import patch_trl, unpatch_trl
 
 trl_utils = import_library("trl.trainer.utils", "trl")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, import_library, low_precision_bound
+from support import assert_close, import_library, low_precision_bound
 from rlkernels.integrations import patch_verl, unpatch_verl
 from rlkernels.integrations import verl as integration
 

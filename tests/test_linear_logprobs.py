@@ -9,7 +9,7 @@ import torch
 import rlkernels
 from rlkernels import reference
 from rlkernels.ops import _chunked
-from conftest import TRITON_ON_CPU, assert_close, low_precision_bound
+from support import TRITON_ON_CPU, assert_close, low_precision_bound, tie_logits
 
 
 def problem(N=37, H=16, V=101, dtype=torch.float32, bias=True, device="cpu"):
@@ -215,84 +215,7 @@ def test_bad_input(kwargs, error, match):
         rlkernels.linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
 
 
-# ---- logprobs_vocab_tile: the per-tile kernel behind linear_logprobs' forward -----------------------
-
-def _tile_op(backend):
-    return torch.ops.rlkernels.logprobs_vocab_tile_triton if backend == "triton" else torch.ops.rlkernels.logprobs_vocab_tile
-
-
-def _run_tiles(op, logits, labels, width, temperature=1.0, entropy=True, ignore_index=-100):
-    """Streams logits through the tile op in column blocks of `width`; returns the state."""
-    N, V = logits.shape
-    state = torch.full((N, 4), float("nan"), device=logits.device)  # never read before the first tile writes it
-    for v0 in range(0, V, width):
-        v1 = min(v0 + width, V)
-        op(logits[:, v0:v1], labels, state, temperature, ignore_index, v0, entropy, v1 == V)
-    return state
-
-
-def _adversarial_logits(N, V, dtype, device):
-    x = torch.randn(N, V, device=device) * 4
-    x[1] *= 2500                      # huge logits (+-1e4)
-    x[2] = -float("inf")              # -inf everywhere but the label
-    x[3, : V // 2] = -float("inf")    # a -inf prefix: the first tiles see nothing finite
-    x[4] = x[4] - 1e4                 # a large common offset
-    labels = torch.randint(0, V, (N,), device=device)
-    labels[2] = V - 1
-    x[2, V - 1] = 3.0
-    labels[3] = V - 2
-    labels[5] = -100                  # ignored
-    return x.to(dtype), labels
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("V,width", [(101, 7), (101, 101), (300, 64), (5000, 2048), (6000, 4096)])
-def test_vocab_tiles_match_whole_row(backend_device, dtype, V, width):
-    """Tiles merged in order give the whole-row log-probs, entropy and row statistics:
-    against the float64 reference always, and bit for bit with the CPU whole-row kernel
-    when tiles are whole multiples of its 2048-wide blocks (linear_logprobs' tiles)."""
-    backend, device = backend_device
-    logits, labels = _adversarial_logits(9, V, dtype, device)
-    state = _run_tiles(_tile_op(backend), logits, labels, width, temperature=0.7)
-    lp_true, ent_true = reference.logprobs(logits.double(), labels, temperature=0.7, entropy=True)
-    assert_close(state[:, 0], lp_true, dtype=torch.float32, msg="logprobs")
-    assert_close(state[:, 1], ent_true, dtype=torch.float32, msg="entropy")
-    whole = torch.ops.rlkernels.logprobs_triton if backend == "triton" else torch.ops.rlkernels.logprobs
-    lp, ent, saved = whole(logits, labels, 0.7, -100, True, False)
-    assert torch.equal(state[5], torch.zeros(4, device=device))  # ignored row
-    if backend == "cpu" and (width % 2048 == 0 or width >= V):
-        assert torch.equal(state[:, 0], lp) and torch.equal(state[:, 1], ent) and torch.equal(state[:, 2:], saved)
-    else:
-        assert torch.equal(state[:, 2], saved[:, 0])  # the maximum is exact whatever the tiling
-        assert_close(state[:, 3], saved[:, 1], dtype=torch.float32, msg="log-sum-exp")
-
-
-def test_vocab_tiles_without_entropy(backend_device):
-    backend, device = backend_device
-    logits, labels = _adversarial_logits(7, 333, torch.float32, device)
-    state = _run_tiles(_tile_op(backend), logits, labels, 100, entropy=False)
-    assert_close(state[:, 0], reference.logprobs(logits.double(), labels), dtype=torch.float32)
-    assert torch.equal(state[:, 1], torch.zeros(7, device=device))
-
-
-def test_vocab_tile_opcheck_and_bad_input():
-    logits, labels = _adversarial_logits(6, 50, torch.float32, "cpu")
-    logits = logits.nan_to_num(neginf=-30.0)
-    state = torch.zeros(6, 4)
-    ops = [torch.ops.rlkernels.logprobs_vocab_tile] + ([torch.ops.rlkernels.logprobs_vocab_tile_triton]
-                                                      if TRITON_ON_CPU else [])
-    for op in ops:
-        torch.library.opcheck(op.default, (logits[:, :20], labels, state.clone(), 0.9, -100, 0, True, False))
-        first = state.clone()
-        op(logits[:, :20], labels, first, 0.9, -100, 0, True, False)
-        torch.library.opcheck(op.default, (logits[:, 20:], labels, first, 0.9, -100, 20, True, True))
-        with pytest.raises((RuntimeError, ValueError), match="state"):
-            op(logits, labels, torch.zeros(6, 3), 1.0, -100, 0, True, True)
-        with pytest.raises((RuntimeError, ValueError), match="vocab_start"):
-            op(logits, labels, state, 1.0, -100, -1, True, True)
-        with pytest.raises((RuntimeError, ValueError), match="labels"):
-            op(logits, labels[:5], state, 1.0, -100, 0, True, True)
-
+# ---- linear_logprobs' forward and its vocabulary tiles (logprobs_vocab_tile: test_logprobs_vocab_tile.py)
 
 def test_linear_logprobs_forward_equals_its_tiles():
     """linear_logprobs' CPU forward is the whole-row kernel on the very logits its tiles
@@ -325,78 +248,7 @@ def test_rollout_logprobs_match_linear_ppo_loss_across_vocabulary_tiles():
         assert float(stats["ratio_max"]) == 1.0 and float(stats["approx_kl_k1"]) == 0.0, stats
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("entropy", [True, False])
-def test_vocab_tile_each_step_matches_reference(backend_device, dtype, entropy):
-    """Every tile's state (running statistics, then the outputs) against the float64
-    reference of one step, from the state the op itself left."""
-    backend, device = backend_device
-    logits, labels = _adversarial_logits(9, 333, dtype, device)
-    op = _tile_op(backend)
-    state = torch.full((9, 4), float("nan"), device=device)
-    for v0 in range(0, 333, 100):
-        v1 = min(v0 + 100, 333)
-        tile, finish = logits[:, v0:v1], v1 == 333
-        expected = reference.logprobs_vocab_tile(tile, labels, state, temperature=0.7, vocab_start=v0,
-                                                 entropy=entropy, finish=finish)
-        op(tile, labels, state, 0.7, -100, v0, entropy, finish)
-        maximum = 2 if finish else 0
-        assert torch.equal(state[:, maximum], expected[:, maximum].float()), f"max after tile at {v0}"
-        others = [k for k in range(4) if k != maximum]
-        assert_close(state[:, others], expected[:, others], dtype=torch.float32, msg=f"state after tile at {v0}")
-
-
-def test_vocab_tile_under_torch_compile():
-    logits, labels = _adversarial_logits(6, 300, torch.float32, "cpu")
-
-    @torch.compile(fullgraph=True, backend="eager")
-    def two_tiles(x, y):
-        state = torch.empty(6, 4)
-        torch.ops.rlkernels.logprobs_vocab_tile(x[:, :128], y, state, 1.0, -100, 0, True, False)
-        torch.ops.rlkernels.logprobs_vocab_tile(x[:, 128:], y, state, 1.0, -100, 128, True, True)
-        return state
-
-    state = two_tiles(logits, labels)
-    assert_close(state[:, 0], reference.logprobs(logits.double(), labels), dtype=torch.float32)
-
-
 # ---- mean_logits and is_top1: the row statistics TRL's fused lm-head reports --------------------
-
-def _designed_logits(V, device):
-    """Integer logits (exact in every dtype and every summation order, so ties are
-    exact) with the label placed against ties in earlier and later columns; returns
-    (logits, labels)."""
-    logits = torch.randint(-6, 7, (16, V), device=device).float()
-    labels = torch.randint(0, V, (16,), device=device)
-    rows = [
-        (5, None),          # label the unique maximum
-        (V - 3, 2),         # ties a maximum far before it (an earlier tile): not top-1
-        (40, 38),           # ties a maximum just before it (the same tile): not top-1
-        (3, V - 1),         # ties a maximum after it (a later tile): top-1
-        (20, 21),           # ties a maximum just after it: top-1
-        (0, 1),             # column 0 tied with column 1: top-1
-        (V - 1, 0),         # the last column tied with column 0: not top-1
-    ]
-    for i, (label, tie) in enumerate(rows):
-        logits[i].clamp_(max=6)
-        logits[i, label] = 9
-        if tie is not None:
-            logits[i, tie] = 9
-        labels[i] = label
-    logits[7, :] = 4                 # every column equal: only column 0 is top-1
-    labels[7] = 0
-    logits[8, :] = 4
-    labels[8] = 1
-    logits[9, 11] = 10               # second largest by one
-    logits[9, 12] = 9
-    labels[9] = 12
-    labels[10] = -100                # ignored
-    logits[11, 17] = 8               # the label is the maximum, one below in another tile
-    logits[11, V - 2] = 7
-    labels[11] = 17
-    return logits, labels
-
-
 def _as_linear(logits, dtype):
     """hidden, weight and bias whose lm-head gives `logits` exactly: weight is the identity
     and the bias a constant integer."""
@@ -420,7 +272,7 @@ def test_is_top1_on_ties_against_float64(backend_device, dtype, chunk_size):
     tiles: is_top1 is argmax == label with the first maximum winning, on every backend."""
     backend, device = backend_device
     V = 96
-    logits, labels = _designed_logits(V, device)
+    logits, labels = tie_logits(V, device)
     hidden, weight, bias = _as_linear(logits, dtype)
     means, top1 = _float64_statistics(hidden, weight, bias, labels, 0.5)
     kwargs = {} if backend == "reference" else {"chunk_size": chunk_size}
@@ -435,7 +287,7 @@ def test_is_top1_on_ties_against_float64(backend_device, dtype, chunk_size):
 
 
 def test_is_top1_and_mean_logits_on_the_reference_backend():
-    logits, labels = _designed_logits(64, "cpu")
+    logits, labels = tie_logits(64, "cpu")
     hidden, weight, bias = _as_linear(logits, torch.float32)
     means, top1 = _float64_statistics(hidden, weight, bias, labels, 1.0)
     _, mean_logits, is_top1 = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, mean_logits=True,
@@ -488,46 +340,8 @@ def test_mean_logits_and_is_top1_carry_no_gradient_and_keep_it_for_the_rest():
 
 def test_is_top1_nan_row_is_false(backend_device):
     backend, device = backend_device
-    logits, labels = _designed_logits(64, device)
+    logits, labels = tie_logits(64, device)
     logits[0, 9] = float("nan")  # row 0's label (column 5) is the maximum of the finite logits
     hidden, weight, bias = _as_linear(logits, torch.float32)
     _, is_top1 = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, is_top1=True, backend=backend)
     assert not bool(is_top1[0]) and bool(is_top1[3])
-
-
-def _run_tiles_top1(op, logits, labels, width, temperature=1.0):
-    N, V = logits.shape
-    state = torch.full((N, 5), float("nan"), device=logits.device)
-    for v0 in range(0, V, width):
-        v1 = min(v0 + width, V)
-        expected = reference.logprobs_vocab_tile(logits[:, v0:v1], labels, state, temperature=temperature,
-                                                 vocab_start=v0, finish=v1 == V)
-        op(logits[:, v0:v1], labels, state, temperature, -100, v0, True, v1 == V)
-        assert torch.equal(state[:, 4], expected[:, 4].float()), f"arg-max flag after the tile at {v0}"
-        assert_close(state[:, :4], expected[:, :4], dtype=torch.float32, msg=f"state after the tile at {v0}")
-    return state
-
-
-@pytest.mark.parametrize("width", [1, 7, 16, 96])
-def test_vocab_tile_top1_each_step_matches_reference(backend_device, width):
-    """The fifth state value (the arg-max flag) after every tile, against the float64
-    reference of one step, on tie-laden rows and rows with -inf prefixes and huge logits."""
-    backend, device = backend_device
-    logits, labels = _designed_logits(96, device)
-    adversarial, adversarial_labels = _adversarial_logits(9, 96, torch.float32, device)
-    logits = torch.cat([logits, adversarial])
-    labels = torch.cat([labels, adversarial_labels])
-    state = _run_tiles_top1(_tile_op(backend), logits, labels, width, temperature=0.7)
-    top1 = (logits.double().argmax(-1) == labels) & (labels != -100)  # the first maximum wins
-    assert torch.equal(state[:, 4] != 0, top1)
-
-
-def test_vocab_tile_top1_opcheck():
-    logits, labels = _designed_logits(50, "cpu")
-    ops = [torch.ops.rlkernels.logprobs_vocab_tile] + ([torch.ops.rlkernels.logprobs_vocab_tile_triton]
-                                                      if TRITON_ON_CPU else [])
-    for op in ops:
-        state = torch.zeros(16, 5)
-        torch.library.opcheck(op.default, (logits[:, :20], labels, state.clone(), 0.9, -100, 0, True, False))
-        op(logits[:, :20], labels, state, 0.9, -100, 0, True, False)
-        torch.library.opcheck(op.default, (logits[:, 20:], labels, state, 0.9, -100, 20, True, True))

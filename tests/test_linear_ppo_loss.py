@@ -8,15 +8,7 @@ import torch
 import rlkernels
 from rlkernels import reference
 from rlkernels.reference.losses import aggregate
-from conftest import TOLERANCES
-
-
-def close(actual, expected, dtype=torch.float32, what=""):
-    tol = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale + 1e-12,
-                               msg=lambda m: f"{what}: {m}")
+from support import scaled_close
 
 
 def composed(hidden, weight, bias, labels, old, adv, mask, *, ref=None, beta=0.0, entropy_coef=0.0,
@@ -67,11 +59,11 @@ def test_linear_ppo_loss_matches_composed(backend_device, agg, beta, entropy_coe
     truth_params = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     t_loss, t_stats = composed(*truth_params, labels, old.double(), adv.double(), mask, ref=ref.double(), **kw)
     t_grads = torch.autograd.grad(t_loss, truth_params)
-    close(loss, t_loss, what="loss")
+    scaled_close(loss, t_loss, what="loss")
     for g, t_g, name in zip(grads, t_grads, ("hidden", "weight", "bias")):
-        close(g, t_g, what=name)
+        scaled_close(g, t_g, what=name)
     for name in ("clip_frac_upper", "clip_frac_lower", "approx_kl_k3", "kl"):
-        close(stats[name], t_stats[name], what=name)
+        scaled_close(stats[name], t_stats[name], what=name)
     if entropy_coef:
         assert stats["entropy"].item() > 0
     assert torch.all(grads[0][~mask] == 0)
@@ -113,9 +105,9 @@ def test_linear_ppo_loss_without_mask_and_per_sequence_advantages():
     truth = [t.double().requires_grad_() for t in (hidden, weight)]
     t_loss, _ = composed(truth[0], truth[1], None, labels, old.double(), adv_seq.double(),
                          torch.ones_like(labels, dtype=torch.bool), dual_clip=2.0)
-    close(loss, t_loss)
+    scaled_close(loss, t_loss)
     for g, t_g in zip(grads, torch.autograd.grad(t_loss, truth)):
-        close(g, t_g)
+        scaled_close(g, t_g)
 
 
 def test_linear_ppo_loss_opcheck_and_compile():
@@ -137,8 +129,8 @@ def test_linear_ppo_loss_opcheck_and_compile():
     expected, _ = rlkernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, ref_logprobs=ref, beta=0.1,
                                             entropy_coef=0.01, chunk_size=4)
     (g,) = torch.autograd.grad(expected, hidden)
-    close(loss, expected)
-    close(h.grad, g)
+    scaled_close(loss, expected)
+    scaled_close(h.grad, g)
 
 
 def test_linear_ppo_loss_backward_twice():
@@ -149,4 +141,4 @@ def test_linear_ppo_loss_backward_twice():
     loss, _ = rlkernels.linear_ppo_loss(h, weight, labels, old, adv, mask)
     loss.backward(retain_graph=True)   # grad_loss 1: the stored gradient itself
     (3.0 * loss).backward()            # scaled, out of place
-    close(h.grad, 4.0 * g)
+    scaled_close(h.grad, 4.0 * g)

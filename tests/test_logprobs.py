@@ -12,7 +12,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import TOLERANCES, TRITON_ON_CPU, assert_close, low_precision_bound
+from support import TOLERANCES, TRITON_ON_CPU, assert_close, low_precision_bound
 
 # (rows, V): large vocabularies only with a few rows, and only on the C++ backend.
 SMALL = [(1, 1), (4, 2), (5, 127), (3, 1000)]

@@ -10,18 +10,10 @@ import torch.nn.functional as F
 
 import rlkernels
 from rlkernels import reference
-from conftest import TOLERANCES, TRITON_ON_CPU
+from support import TRITON_ON_CPU, scaled_close
 
 KINDS = [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-def close(actual, expected, dtype=torch.float32, what=""):
-    tol = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale + 1e-12,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def pairs(B, dtype, device, spread=3.0):
@@ -63,11 +55,11 @@ def test_dpo_matches_trl(backend_device, kind, ls, B):
     losses, chosen, rejected, grads = run(rlkernels.dpo_loss, inputs, backend=backend, **kw)
     t_losses, t_chosen, t_rejected, t_grads = run(
         lambda *x, **k: trl_dpo_loss(*x, 0.3, kind, ls), inputs)
-    close(losses, t_losses, torch.float64, "losses")
-    close(chosen, t_chosen, torch.float64, "chosen_rewards")
-    close(rejected, t_rejected, torch.float64, "rejected_rewards")
+    scaled_close(losses, t_losses, torch.float64, "losses")
+    scaled_close(chosen, t_chosen, torch.float64, "chosen_rewards")
+    scaled_close(rejected, t_rejected, torch.float64, "rejected_rewards")
     for g, t_g, name in zip(grads, t_grads, ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")):
-        close(g, t_g, torch.float64, name)
+        scaled_close(g, t_g, torch.float64, name)
     assert not chosen.requires_grad and not rejected.requires_grad
 
 
@@ -81,11 +73,11 @@ def test_dpo_dtypes(backend_device, dtype, kind, ls):
     t_losses, t_chosen, t_rejected, t_grads = run(reference.dpo_loss, [t.double() for t in inputs], **kw)
     assert losses.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert all(g.dtype == dtype for g in grads)
-    close(losses, t_losses, dtype, "losses")
-    close(chosen, t_chosen, dtype, "chosen")
+    scaled_close(losses, t_losses, dtype, "losses")
+    scaled_close(chosen, t_chosen, dtype, "chosen")
     if dtype != torch.bfloat16:
         for g, t_g in zip(grads, t_grads):
-            close(g, t_g, dtype, "grad")
+            scaled_close(g, t_g, dtype, "grad")
 
 
 def test_dpo_by_hand():
@@ -94,14 +86,14 @@ def test_dpo_by_hand():
     expected = {"sigmoid": math.log(2.0), "robust": math.log(2.0), "hinge": 1.0, "ipo": (1 / (2 * beta)) ** 2}
     for kind, value in expected.items():
         losses, _, _ = rlkernels.dpo_loss(*zero, beta=beta, kind=kind)
-        close(losses, torch.full((2,), value, dtype=torch.float64), torch.float64, kind)
+        scaled_close(losses, torch.full((2,), value, dtype=torch.float64), torch.float64, kind)
     # z = 2 nats of preference margin: sigmoid gives -log sigmoid(beta z), its slope -beta sigmoid(-beta z)
     pc = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
     losses, chosen, _ = rlkernels.dpo_loss(pc, *[torch.zeros(1, dtype=torch.float64)] * 3, beta=beta)
     (g,) = torch.autograd.grad(losses.sum(), pc)
-    close(losses, torch.tensor([math.log1p(math.exp(-1.0))], dtype=torch.float64), torch.float64)
-    close(g, torch.tensor([-beta / (1 + math.e)], dtype=torch.float64), torch.float64)
-    close(chosen, torch.tensor([1.0], dtype=torch.float64), torch.float64)
+    scaled_close(losses, torch.tensor([math.log1p(math.exp(-1.0))], dtype=torch.float64), torch.float64)
+    scaled_close(g, torch.tensor([-beta / (1 + math.e)], dtype=torch.float64), torch.float64)
+    scaled_close(chosen, torch.tensor([1.0], dtype=torch.float64), torch.float64)
 
 
 @pytest.mark.parametrize("kind,ls", KINDS)
@@ -115,8 +107,8 @@ def test_dpo_extreme_margins(backend_device, kind, ls):
     losses, _, _, grads = run(rlkernels.dpo_loss, inputs, backend=backend, **kw)
     t_losses, _, _, t_grads = run(reference.dpo_loss, [t.double() for t in inputs], **kw)
     assert torch.isfinite(losses).all() and all(torch.isfinite(g).all() for g in grads)
-    close(losses, t_losses, torch.float32, "losses")
-    close(grads[0], t_grads[0], torch.float32, "grad")
+    scaled_close(losses, t_losses, torch.float32, "losses")
+    scaled_close(grads[0], t_grads[0], torch.float32, "grad")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -145,13 +137,13 @@ def test_sequence_logprobs(backend_device, dtype, average, B, T):
     (grad,) = torch.autograd.grad((out * weights).sum(), xs)
     truth = reference.sequence_logprobs(x.double(), mask, average=average)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
-    close(out, truth, dtype)
+    scaled_close(out, truth, dtype)
     counts = mask.sum(-1, keepdim=True).clamp(min=1).double()
     expected_grad = torch.where(mask, (weights.double()[:, None] / (counts if average else 1)), 0)
-    close(grad, expected_grad.to(dtype), dtype)
+    scaled_close(grad, expected_grad.to(dtype), dtype)
     assert out[B // 2].item() == 0
     unmasked = rlkernels.sequence_logprobs(x, average=average, backend=backend)
-    close(unmasked, reference.sequence_logprobs(x.double(), average=average), dtype)
+    scaled_close(unmasked, reference.sequence_logprobs(x.double(), average=average), dtype)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -206,8 +198,8 @@ def test_torch_compile_fullgraph():
     ref_seq = reference.sequence_logprobs(ref, mask)
     t_losses, _, _ = reference.dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], beta=0.1)
     (t_grad,) = torch.autograd.grad(t_losses.mean(), policy)
-    close(loss, t_losses.mean())
-    close(grad, t_grad)
+    scaled_close(loss, t_losses.mean())
+    scaled_close(grad, t_grad)
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -15,13 +15,9 @@ from hypothesis import given, strategies as st  # noqa: E402
 import rlkernels  # noqa: E402
 from rlkernels import reference  # noqa: E402
 from property_support import (  # noqa: E402
-    LOSS_FLOATS, backends, bitwise_equal, budget, close, counted, fill, generator, interpreted, poison_where,
-    raises_naming, random_mask, seeds,
+    LOSS_FLOATS, backends, bitwise_equal, budget, close, computed_in, counted, fill, generator, interpreted,
+    poison_where, raises_naming, random_mask, seeds,
 )
-
-
-def computed_in(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @st.composite

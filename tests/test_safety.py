@@ -21,7 +21,7 @@ import torch
 
 import rlkernels
 import safety_probes
-from conftest import TRITON_ON_CPU, assert_close
+from support import TRITON_ON_CPU, assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPS = safety_probes.registered_ops()

@@ -9,7 +9,7 @@ import torch
 
 import rlkernels
 from rlkernels.reference.logprobs import KL_KINDS
-from conftest import BACKEND_DEVICE, assert_close
+from support import BACKEND_DEVICE, assert_close
 
 BACKENDS = [b for b, _ in BACKEND_DEVICE if _ == "cpu"] + ["reference"]
 UNSUPPORTED = "first derivatives only"

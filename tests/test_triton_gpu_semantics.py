@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import rlkernels
-from conftest import TRITON_ON_CPU
+from support import TRITON_ON_CPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN_BITS = (0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001)

@@ -24,8 +24,8 @@ from ._common import (Ring, Round, check_same_everywhere, collect, fault_point, 
 
 _FN = "ring_all_reduce"
 _TAG = 0x524C  # gloo matches point-to-point messages by (peer, tag)
-# Pipelining granularity: smaller segments overlap more but each message costs a
-# rendezvous; 2-4 MiB measured best for 64 MiB over 4 gloo ranks on loopback.
+# Pipelining granularity: smaller segments overlap more, but each message costs a
+# rendezvous (how 4 MiB was chosen: docs/distributed.md).
 SEGMENT_BYTES = 4 << 20
 
 

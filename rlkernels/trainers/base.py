@@ -105,6 +105,16 @@ def accumulate(sums: dict, values: dict) -> None:
             sums[key] = sums.get(key, 0.0) + float(_scalar(value))
 
 
+def optimize(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float) -> torch.Tensor:
+    """One update on `loss`: gradients cleared, back-propagated, clipped to a total norm
+    of `max_grad_norm` over `params` and applied.  Returns the norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return grad_norm
+
+
 class Trainer:
     """Base class; see the module docstring."""
 

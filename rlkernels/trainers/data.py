@@ -34,5 +34,12 @@ class Pairs:
                                         negative_fraction=negative_fraction)
             self.train, self.eval = rows[eval_pairs:], rows[:eval_pairs]
 
+    @classmethod
+    def from_config(cls, cfg) -> "Pairs":
+        """The pairs of a DPO or reward-model config: its data, num_pairs, eval_pairs,
+        annotator_noise, negative_prompts and seed."""
+        return cls(cfg.data, num_pairs=cfg.num_pairs, eval_pairs=cfg.eval_pairs, seed=cfg.seed,
+                   noise=cfg.annotator_noise, negative_fraction=cfg.negative_prompts)
+
     def batch(self, n: int, rng: random.Random) -> list[dict]:
         return [self.train[rng.randrange(len(self.train))] for _ in range(n)]

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import TrainConfig, Trainer
+from .base import TrainConfig, Trainer, optimize
 from .data import Pairs, Prompts
-from .lm import ModelConfig, RuleScorer, build_lm, encode_pairs, freeze, sample, sequence_logprobs
+from .lm import ModelConfig, RuleScorer, build_lm, encode_preferences, freeze, sample, sequence_logprobs
 
 DPO_KINDS = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -59,8 +59,7 @@ class DPOTrainer(Trainer):
         self.policy, self.tokenizer = build_lm(cfg.model, seed=cfg.seed, device=self.device)
         self.reference = freeze(copy.deepcopy(self.policy))
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
-        self.pairs = Pairs(cfg.data, num_pairs=cfg.num_pairs, eval_pairs=cfg.eval_pairs, seed=cfg.seed,
-                           noise=cfg.annotator_noise, negative_fraction=cfg.negative_prompts)
+        self.pairs = Pairs.from_config(cfg)
 
     def modules(self):
         return {"policy": self.policy}
@@ -70,10 +69,8 @@ class DPOTrainer(Trainer):
 
     def logprobs(self, model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs of chosen and rejected `[B]` each (one forward)."""
-        prompts = [r["prompt"] for r in rows]
-        responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-        ids, attention, labels = encode_pairs(self.tokenizer, prompts + prompts, responses,
-                                              max_length=self.config.max_length, device=self.device)
+        ids, attention, labels = encode_preferences(self.tokenizer, rows, max_length=self.config.max_length,
+                                                    device=self.device)
         sums = sequence_logprobs(self.ops, model, ids, attention, labels, fused=self.config.model.fused_head)
         return sums[:len(rows)], sums[len(rows):]
 
@@ -87,10 +84,7 @@ class DPOTrainer(Trainer):
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.beta, kind=cfg.kind,
             label_smoothing=cfg.label_smoothing)
         loss = losses.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = optimize(self.optimizer, loss, self.policy.parameters(), cfg.max_grad_norm)
         margin = (chosen_rewards - rejected_rewards).detach()
         metrics = {"reward": margin.mean(), "loss": loss.detach(), "accuracy": (margin > 0).float().mean(),
                    "chosen_reward": chosen_rewards.detach().mean(), "rejected_reward": rejected_rewards.detach().mean(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import TrainConfig, Trainer, accumulate, clip_fraction, stat
+from .base import TrainConfig, Trainer, accumulate, clip_fraction, optimize, stat
 from .config import ConfigError
 from .data import Prompts
 from .lm import ModelConfig, freeze, rollout_forward, sample
@@ -117,10 +117,7 @@ class GRPOTrainer(Trainer):
                                             beta=cfg.beta, kl=cfg.kl, loss_type=cfg.loss_type,
                                             clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                             max_completion_length=cfg.max_new_tokens)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+                grad_norm = optimize(self.optimizer, loss, self.policy.parameters(), cfg.max_grad_norm)
                 updates += 1
                 accumulate(sums, {"loss": loss, "entropy": ops.masked_mean(entropy.detach(), part.mask),
                                   "grad_norm": grad_norm, "clipfrac": clip_fraction(stats),

@@ -217,6 +217,14 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_len
     return input_ids.to(device), attention.to(device), labels.to(device)
 
 
+
+def encode_preferences(tokenizer, rows: list[dict], *, max_length: int, device: torch.device | str = "cpu"):
+    """encode_pairs of preference rows (prompt, chosen, rejected) in one batch: the
+    chosen responses in rows 0..B-1, the rejected ones in rows B..2B-1."""
+    prompts = [r["prompt"] for r in rows]
+    responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    return encode_pairs(tokenizer, prompts + prompts, responses, max_length=max_length, device=device)
+
 def sequence_logprobs(ops, model: nn.Module, input_ids, attention_mask, labels, *, fused: bool | None = None):
     """Summed response log-probs per row `[B]` (the DPO quantity), through the ops."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import TrainConfig, Trainer, accumulate, clip_fraction, stat
+from .base import TrainConfig, Trainer, accumulate, clip_fraction, optimize, stat
 from .config import ConfigError
 from .envs import make_env
 
@@ -173,10 +173,7 @@ class PPOTrainer(Trainer):
                                             clip=cfg.value_clip)
                 entropy_mean = ops.masked_mean(entropy)
                 loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy_mean
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+                optimize(self.optimizer, loss, self.net.parameters(), cfg.max_grad_norm)
                 self.after_optimizer_step()
                 updates += 1
                 accumulate(sums, {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": entropy_mean,

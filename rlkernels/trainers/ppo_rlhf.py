@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import TrainConfig, Trainer, accumulate, clip_fraction, stat
+from .base import TrainConfig, Trainer, accumulate, clip_fraction, optimize, stat
 from .config import ConfigError
 from .data import Prompts
 from .lm import (ModelConfig, RuleScorer, build_lm, freeze, hidden_size, hidden_states, rollout_forward, sample,
@@ -197,10 +197,7 @@ class PPORLHFTrainer(Trainer):
                 vf_loss, vf_stats = ops.value_loss(values, batch["old_values"][index], batch["returns"][index],
                                                    part.mask, clip=cfg.value_clip, agg=cfg.agg)
                 loss = pg_loss + cfg.vf_coef * vf_loss
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
+                grad_norm = optimize(self.optimizer, loss, params, cfg.max_grad_norm)
                 updates += 1
                 accumulate(sums, {"loss": loss, "policy_loss": pg_loss, "vf_loss": vf_loss, "grad_norm": grad_norm,
                                   "clipfrac": clip_fraction(pg_stats), "approx_kl": stat(pg_stats, "approx_kl_k1"),

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoint as ckpt
-from .base import TrainConfig, Trainer
+from .base import TrainConfig, Trainer, optimize
 from .data import Pairs
-from .lm import ModelConfig, RewardModel, RewardScorer, build_lm, encode_pairs, hidden_size, trunk
+from .lm import ModelConfig, RewardModel, RewardScorer, build_lm, encode_preferences, hidden_size, trunk
 
 
 @dataclass
@@ -53,8 +53,7 @@ class RewardModelTrainer(Trainer):
         # the trunk starts from the (warmed-up) base model, as RLHF reward models do
         self.model = RewardModel(trunk(base), hidden_size(base)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.pairs = Pairs(cfg.data, num_pairs=cfg.num_pairs, eval_pairs=cfg.eval_pairs, seed=cfg.seed,
-                           noise=cfg.annotator_noise, negative_fraction=cfg.negative_prompts)
+        self.pairs = Pairs.from_config(cfg)
 
     def modules(self):
         return {"reward_model": self.model}
@@ -63,11 +62,8 @@ class RewardModelTrainer(Trainer):
         return {"optimizer": self.optimizer}
 
     def rewards(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        prompts = [r["prompt"] for r in rows]
-        both = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-        ids, attention, _ = encode_pairs(self.tokenizer, prompts + prompts, both, max_length=cfg.max_length,
-                                         device=self.device)
+        ids, attention, _ = encode_preferences(self.tokenizer, rows, max_length=self.config.max_length,
+                                               device=self.device)
         scores = self.model(ids, attention)
         return scores[:len(rows)], scores[len(rows):]
 
@@ -79,10 +75,7 @@ class RewardModelTrainer(Trainer):
         losses, _, _ = self.ops.dpo_loss(chosen, rejected, zeros, zeros, beta=1.0, kind="sigmoid",
                                          label_smoothing=cfg.label_smoothing)
         loss = losses.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = optimize(self.optimizer, loss, self.model.parameters(), cfg.max_grad_norm)
         margin = (chosen - rejected).detach()
         metrics = {"reward": margin.mean(), "loss": loss.detach(), "accuracy": (margin > 0).float().mean(),
                    "grad_norm": grad_norm}

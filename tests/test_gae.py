@@ -7,7 +7,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import TRITON_ON_CPU, assert_close, low_precision_bound
+from support import TRITON_ON_CPU, assert_close, low_precision_bound
 
 SHAPES = [(1, 1), (3, 7), (64, 7), (1, 1024), (64, 1024), (64, 129)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]

@@ -8,7 +8,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from conftest import TRITON_ON_CPU, assert_close, low_precision_bound
+from support import TRITON_ON_CPU, assert_close, low_precision_bound
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = {

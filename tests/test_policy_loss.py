@@ -1,6 +1,7 @@
-"""ppo_loss, grpo_loss and value_loss: every backend against the reference (and
-against independent TRL/verl-style formulas), adversarial inputs, gradients,
-split batches, opcheck, torch.compile and bad input."""
+"""ppo_loss and grpo_loss: every backend against the reference (and against
+independent TRL/verl-style formulas), adversarial inputs, gradients, split batches,
+opcheck, torch.compile and bad input.  Also scale_rows, the backward kernel that
+policy_loss and value_loss share."""
 from __future__ import annotations
 
 import pytest
@@ -8,42 +9,10 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from rlkernels.reference.losses import AGG_MODES, POLICY_STATS, VALUE_STATS
-from conftest import TOLERANCES, TRITON_ON_CPU
+from rlkernels.reference.losses import AGG_MODES, POLICY_STATS
+from support import TRITON_ON_CPU, close_stats, finite_scaled_close, loss_and_grad, poisoned, token_mask
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-POISON = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
-
-
-def close(actual, expected, dtype=torch.float32, what=""):
-    """float64 comparison; the absolute tolerance is relative to the largest expected
-    magnitude, so per-token gradients of 1/n_t size are checked as tightly as losses."""
-    tol = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    finite = expected[torch.isfinite(expected)]
-    scale = finite.abs().max().item() if finite.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale + 1e-12,
-                               equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def close_stats(stats, expected, dtype, names):
-    assert set(stats) == set(names)
-    for name in names:
-        close(stats[name], expected[name], dtype, what=name)
-
-
-def make_mask(B, T, device, kind="gaps"):
-    if kind == "none":
-        return None
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    for b in range(B):
-        start, end = b % 3, max(T - (b % 5), 0)
-        mask[b, start:end] = True
-        mask[b, start + (end - start) // 3: start + (end - start) // 2] = False
-    mask[B // 2] = False  # an empty sequence
-    if B > 1 and T > 0:
-        mask[B - 1, T - 1] = True
-    return mask
 
 
 def policy_batch(B, T, dtype, device, spread=0.3):
@@ -53,16 +22,6 @@ def policy_batch(B, T, dtype, device, spread=0.3):
     return logprobs.to(dtype), old.to(dtype), advantages.to(dtype)
 
 
-def poisoned(x, mask):
-    idx = torch.randint(0, len(POISON), x.shape, device=x.device)
-    return torch.where(mask, x, POISON.to(x.device, x.dtype)[idx])
-
-
-def loss_and_grad(fn, x, *args, **kw):
-    x = x.detach().clone().requires_grad_()
-    loss, stats = fn(x, *args, **kw)
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss, stats, grad
 
 
 # ---- ppo_loss ---------------------------------------------------------------------------------
@@ -75,13 +34,13 @@ def loss_and_grad(fn, x, *args, **kw):
 def test_ppo_every_agg_matches_reference(backend_device, agg, dual_clip, B, T):
     backend, device = backend_device
     lp, old, adv = policy_batch(B, T, torch.float32, device, spread=0.8)
-    mask = make_mask(B, T, device)
+    mask = token_mask(B, T, device)
     kw = dict(agg=agg, dual_clip=dual_clip, clip_high=0.28)
     loss, stats, grad = loss_and_grad(rlkernels.ppo_loss, lp, old, adv, mask, backend=backend, **kw)
     t_loss, t_stats, t_grad = loss_and_grad(reference.ppo_loss, lp.double(), old.double(), adv.double(), mask, **kw)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    close(loss, t_loss, what="loss")
-    close(grad, t_grad, what="grad")
+    finite_scaled_close(loss, t_loss, what="loss")
+    finite_scaled_close(grad, t_grad, what="grad")
     close_stats(stats, t_stats, torch.float32, POLICY_STATS)
 
 
@@ -92,17 +51,17 @@ def test_ppo_dtypes(backend_device, dtype, mask_kind):
     B, T = 4, 300
     lp, old, adv = policy_batch(B, T, dtype, device, spread=0.5)
     weights = torch.rand(B, T, device=device).to(dtype) + 0.5
-    mask = make_mask(B, T, device, mask_kind)
+    mask = token_mask(B, T, device, mask_kind)
     kw = dict(agg="seq-mean-token-mean", dual_clip=2.5)
     loss, stats, grad = loss_and_grad(rlkernels.ppo_loss, lp, old, adv, mask, weights=weights, backend=backend, **kw)
     t_loss, t_stats, t_grad = loss_and_grad(reference.ppo_loss, lp.double(), old.double(), adv.double(), mask,
                                             weights=weights.double(), **kw)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad.dtype == dtype
-    close(loss, t_loss, dtype, "loss")
+    finite_scaled_close(loss, t_loss, dtype, "loss")
     # A 16-bit gradient is our float32 gradient rounded once: compare at its precision.
     if dtype in (torch.float32, torch.float64):
-        close(grad, t_grad, dtype, "grad")
+        finite_scaled_close(grad, t_grad, dtype, "grad")
     else:
         torch.testing.assert_close(grad.float().cpu(), t_grad.to(dtype).float().cpu(), rtol=1e-2,
                                    atol=1e-2 * t_grad.abs().max().item())
@@ -123,15 +82,15 @@ def test_ppo_adversarial(backend_device):
     adv[:, ::2] = adv[:, ::2].abs()
     adv[:, 1::2] = -adv[:, 1::2].abs()
     adv[:, 5::11] = 0.0
-    mask = make_mask(B, T, device)
+    mask = token_mask(B, T, device)
     kw = dict(agg="token-mean", dual_clip=3.0, clip_low=0.2, clip_high=0.3)
     loss, stats, grad = loss_and_grad(rlkernels.ppo_loss, poisoned(lp, mask), poisoned(old, mask),
                                       poisoned(adv, mask), mask, backend=backend, **kw)
     t_loss, t_stats, t_grad = loss_and_grad(reference.ppo_loss, lp.double(), old.double(), adv.double(), mask, **kw)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert torch.all(grad[~mask] == 0)
-    close(loss, t_loss, what="loss")
-    close(grad, t_grad, what="grad")
+    finite_scaled_close(loss, t_loss, what="loss")
+    finite_scaled_close(grad, t_grad, what="grad")
     close_stats(stats, t_stats, torch.float32, POLICY_STATS)
     for name in ("clip_frac_upper", "clip_frac_lower", "clip_frac_dual"):
         assert 0 < stats[name].item() < 0.5, name
@@ -153,8 +112,8 @@ def test_ppo_gradient_branches_by_hand():
     for backend in ("cpu", "reference"):
         loss, stats, grad = loss_and_grad(rlkernels.ppo_loss, lp, old, adv, agg="token-sum", dual_clip=3.0,
                                           backend=backend)
-        close(loss, expected_loss.sum(), torch.float64)
-        close(grad, expected_grad.unsqueeze(0), torch.float64)
+        finite_scaled_close(loss, expected_loss.sum(), torch.float64)
+        finite_scaled_close(grad, expected_grad.unsqueeze(0), torch.float64)
         assert stats["clip_frac_upper"].item() == pytest.approx(1 / 6)
         assert stats["clip_frac_lower"].item() == pytest.approx(1 / 6)
         assert stats["clip_frac_dual"].item() == pytest.approx(1 / 6)
@@ -191,7 +150,7 @@ def test_ppo_matches_verl_formulas(agg):
     mask[:, 0] = True  # verl divides by every row's count: keep them non-empty
     expected = verl_policy_loss(lp, old, adv, mask, 0.2, 3.0, agg)
     loss, _ = rlkernels.ppo_loss(lp, old, adv, mask, dual_clip=3.0, agg=agg, num_seqs=B)
-    close(loss, expected, torch.float64)
+    finite_scaled_close(loss, expected, torch.float64)
 
 
 def test_ppo_per_sequence_advantages(backend_device):
@@ -199,12 +158,12 @@ def test_ppo_per_sequence_advantages(backend_device):
     B, T = 5, 33
     lp, old, _ = policy_batch(B, T, torch.float32, device)
     adv = torch.randn(B, device=device)
-    mask = make_mask(B, T, device)
+    mask = token_mask(B, T, device)
     loss, stats, grad = loss_and_grad(rlkernels.ppo_loss, lp, old, adv, mask, backend=backend)
     for expanded in (adv[:, None], adv[:, None].expand(B, T)):
         loss2, stats2, grad2 = loss_and_grad(rlkernels.ppo_loss, lp, old, expanded, mask, backend=backend)
-        close(loss, loss2)
-        close(grad, grad2)
+        finite_scaled_close(loss, loss2)
+        finite_scaled_close(grad, grad2)
 
 
 def test_ppo_no_grad_needed(backend_device):
@@ -214,7 +173,7 @@ def test_ppo_no_grad_needed(backend_device):
         loss, stats = rlkernels.ppo_loss(lp.requires_grad_(), old, adv, backend=backend)
     assert not loss.requires_grad
     expected, _ = reference.ppo_loss(lp.detach(), old, adv)
-    close(loss, expected)
+    finite_scaled_close(loss, expected)
 
 
 @pytest.mark.parametrize("B,T", [(0, 5), (4, 0)])
@@ -233,7 +192,7 @@ def test_ppo_gradcheck(backend, agg):
     B, T = 3, 9
     lp, old, adv = policy_batch(B, T, torch.float64, "cpu", spread=0.5)
     weights = torch.rand(B, T, dtype=torch.float64) + 0.5
-    mask = make_mask(B, T, "cpu")
+    mask = token_mask(B, T, "cpu")
     lp.requires_grad_()
 
     def f(x):
@@ -248,7 +207,7 @@ def test_ppo_backward_scales_by_incoming_grad():
     x = lp.clone().requires_grad_()
     loss, _ = rlkernels.ppo_loss(x, old, adv)
     (loss * -2.5).backward()
-    close(x.grad, -2.5 * grad, torch.float64)
+    finite_scaled_close(x.grad, -2.5 * grad, torch.float64)
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
@@ -258,7 +217,7 @@ def test_split_batch_gives_whole_batch_gradient(backend_device, agg):
     backend, device = backend_device
     B, T = 8, 45
     lp, old, adv = policy_batch(B, T, torch.float64, device, spread=0.6)
-    mask = make_mask(B, T, device)
+    mask = token_mask(B, T, device)
     num_tokens = float(mask.sum())
     num_seqs = float(mask.any(-1).sum())
     kw = dict(agg=agg, dual_clip=3.0)
@@ -270,8 +229,8 @@ def test_split_batch_gives_whole_batch_gradient(backend_device, agg):
                                      num_seqs=num_seqs, backend=backend, **kw)
         part.backward()
         total = total + part.detach()
-    close(total, whole, torch.float64)
-    close(x.grad, whole_grad, torch.float64)
+    finite_scaled_close(total, whole, torch.float64)
+    finite_scaled_close(x.grad, whole_grad, torch.float64)
     # value_loss shares the aggregation
     v, ret = torch.randn(B, T, dtype=torch.float64, device=device), torch.randn(B, T, dtype=torch.float64, device=device)
     whole_v, _, whole_v_grad = loss_and_grad(rlkernels.value_loss, v, v * 0.9, ret, mask, clip=0.2, agg=agg,
@@ -281,20 +240,20 @@ def test_split_batch_gives_whole_batch_gradient(backend_device, agg):
         part, _ = rlkernels.value_loss(y[rows], v[rows] * 0.9, ret[rows], mask[rows], clip=0.2, agg=agg,
                                        num_tokens=num_tokens, num_seqs=num_seqs, backend=backend)
         part.backward()
-    close(y.grad, whole_v_grad, torch.float64)
+    finite_scaled_close(y.grad, whole_v_grad, torch.float64)
 
 
 def test_ppo_norm_length_and_counts(backend_device):
     backend, device = backend_device
     B, T = 4, 16
     lp, old, adv = policy_batch(B, T, torch.float64, device)
-    mask = make_mask(B, T, device)
+    mask = token_mask(B, T, device)
     for kw in (dict(agg="seq-mean-token-sum-norm", norm_length=64.0, num_seqs=10.0),
                dict(agg="token-mean", num_tokens=123.0), dict(agg="seq-mean-token-mean", num_seqs=7.0)):
         loss, _, grad = loss_and_grad(rlkernels.ppo_loss, lp, old, adv, mask, backend=backend, **kw)
         t_loss, _, t_grad = loss_and_grad(reference.ppo_loss, lp, old, adv, mask, **kw)
-        close(loss, t_loss, torch.float64)
-        close(grad, t_grad, torch.float64)
+        finite_scaled_close(loss, t_loss, torch.float64)
+        finite_scaled_close(grad, t_grad, torch.float64)
 
 
 # ---- grpo_loss --------------------------------------------------------------------------------
@@ -328,7 +287,7 @@ def test_grpo_matches_trl(backend_device, loss_type):
     lp, old, _ = policy_batch(B, T, torch.float64, device, spread=0.4)
     ref = lp + torch.randn(B, T, dtype=torch.float64, device=device) * 0.3
     adv = torch.randn(B, dtype=torch.float64, device=device)
-    mask = make_mask(B, T, device)
+    mask = token_mask(B, T, device)
     kw = dict(ref_logprobs=ref, beta=0.04, loss_type=loss_type, clip_low=0.2, clip_high=0.28)
     if loss_type == "dr_grpo":
         kw["max_completion_length"] = 40
@@ -338,10 +297,10 @@ def test_grpo_matches_trl(backend_device, loss_type):
     x = lp.clone().requires_grad_()
     expected = trl_grpo_loss(x, old, ref, adv, mask, 0.04, 0.2, 0.28, loss_type, 40, 100.0)
     (expected_grad,) = torch.autograd.grad(expected, x)
-    close(loss, expected, torch.float64)
-    close(grad, expected_grad, torch.float64)
+    finite_scaled_close(loss, expected, torch.float64)
+    finite_scaled_close(grad, expected_grad, torch.float64)
     kl = torch.exp(ref - lp) - (ref - lp) - 1
-    close(stats["kl"], kl[mask].mean(), torch.float64)
+    finite_scaled_close(stats["kl"], kl[mask].mean(), torch.float64)
 
 
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
@@ -350,13 +309,13 @@ def test_grpo_kl_estimators(backend_device, kl):
     B, T = 4, 50
     lp, old, adv = policy_batch(B, T, torch.float32, device)
     ref = lp + torch.randn(B, T, device=device) * 0.5
-    mask = make_mask(B, T, device)
+    mask = token_mask(B, T, device)
     kw = dict(ref_logprobs=ref, beta=0.1, kl=kl)
     loss, stats, grad = loss_and_grad(rlkernels.grpo_loss, lp, old, adv, mask, backend=backend, **kw)
     t_loss, t_stats, t_grad = loss_and_grad(reference.grpo_loss, lp.double(), old.double(), adv.double(), mask,
                                             **{**kw, "ref_logprobs": ref.double()})
-    close(loss, t_loss, what="loss")
-    close(grad, t_grad, what="grad")
+    finite_scaled_close(loss, t_loss, what="loss")
+    finite_scaled_close(grad, t_grad, what="grad")
     close_stats(stats, t_stats, torch.float32, POLICY_STATS)
     assert stats["kl"].item() != 0
 
@@ -371,85 +330,21 @@ def test_grpo_on_policy_and_unclamped_ratios(backend_device):
     adv = adv.abs()
     loss, stats, grad = loss_and_grad(rlkernels.grpo_loss, lp, None, adv, backend=backend)
     t_loss, _, t_grad = loss_and_grad(reference.grpo_loss, lp.double(), None, adv.double())
-    close(loss, t_loss)
-    close(grad, t_grad)
+    finite_scaled_close(loss, t_loss)
+    finite_scaled_close(grad, t_grad)
     assert stats["ratio_max"].item() == 1.0
     old = lp - 200.0
     loss, stats, grad = loss_and_grad(rlkernels.grpo_loss, lp, old, adv, backend=backend, loss_type="bnpo")
     assert stats["ratio_max"].item() == float("inf")
     assert torch.isfinite(loss) and torch.all(grad == 0)
-    close(loss, -(adv * 1.2).mean())
-
-
-# ---- value_loss -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("agg", AGG_MODES)
-@pytest.mark.parametrize("clip", [None, 0.2])
-def test_value_matches_reference(backend_device, agg, clip):
-    backend, device = backend_device
-    B, T = 5, 70
-    values = torch.randn(B, T, device=device)
-    old = values + torch.randn(B, T, device=device) * 0.3
-    returns = torch.randn(B, T, device=device)
-    mask = make_mask(B, T, device)
-    kw = dict(clip=clip, agg=agg)
-    loss, stats, grad = loss_and_grad(rlkernels.value_loss, poisoned(values, mask), poisoned(old, mask),
-                                      poisoned(returns, mask), mask, backend=backend, **kw)
-    t_loss, t_stats, t_grad = loss_and_grad(reference.value_loss, values.double(), old.double(), returns.double(),
-                                            mask, **kw)
-    assert torch.isfinite(grad).all() and torch.all(grad[~mask] == 0)
-    close(loss, t_loss, what="loss")
-    close(grad, t_grad, what="grad")
-    close_stats(stats, t_stats, torch.float32, VALUE_STATS)
-    if clip is not None:
-        assert 0 < stats["clip_frac"].item() < 1
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_value_dtypes(backend_device, dtype):
-    backend, device = backend_device
-    B, T = 3, 257
-    values, old, returns = (torch.randn(B, T, device=device).to(dtype) for _ in range(3))
-    loss, stats, grad = loss_and_grad(rlkernels.value_loss, values, old, returns, clip=0.5, backend=backend)
-    t_loss, t_stats, t_grad = loss_and_grad(reference.value_loss, values.double(), old.double(), returns.double(),
-                                            clip=0.5)
-    assert grad.dtype == dtype
-    close(loss, t_loss, dtype, "loss")
-    close_stats(stats, t_stats, dtype, VALUE_STATS)
-    if dtype != torch.bfloat16:
-        close(grad, t_grad, dtype, "grad")
-
-
-def test_value_matches_verl_formula():
-    B, T = 4, 30
-    values, old, returns = (torch.randn(B, T, dtype=torch.float64) for _ in range(3))
-    mask = torch.rand(B, T) > 0.3
-    vpredclipped = old + torch.clamp(values - old, -0.2, 0.2)
-    vf_losses = torch.maximum((values - returns) ** 2, (vpredclipped - returns) ** 2)
-    expected = 0.5 * (vf_losses * mask).sum() / mask.sum()
-    loss, stats = rlkernels.value_loss(values, old, returns, mask, clip=0.2)
-    close(loss, expected, torch.float64)
-    acting = (values - old).abs() > 0.2  # verl also counts rounding noise where the clamp is idle
-    clipfrac = (((vpredclipped - returns) ** 2 > (values - returns) ** 2) & acting & mask).sum().double() / mask.sum()
-    close(stats["clip_frac"], clipfrac, torch.float64)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("clip", [None, 0.3])
-def test_value_gradcheck(backend, clip):
-    values, old, returns = (torch.randn(3, 8, dtype=torch.float64) for _ in range(3))
-    mask = make_mask(3, 8, "cpu")
-    values.requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda v: rlkernels.value_loss(v, old, returns, mask, clip=clip, agg="seq-mean-token-mean",
-                                       backend=backend)[0], (values,))
+    finite_scaled_close(loss, -(adv * 1.2).mean())
 
 
 # ---- torch.library integration ----------------------------------------------------------------
 
 def _policy_samples():
     lp, old, adv = policy_batch(3, 11, torch.float32, "cpu", spread=0.5)
-    mask = make_mask(3, 11, "cpu")
+    mask = token_mask(3, 11, "cpu")
     ref = lp + 0.1
     inf = float("inf")
     yield (lp.requires_grad_(), old, adv, mask, torch.rand(3, 11), None, [0.2, 0.28, 3.0, 20.0, 0.0, -1.0, -1.0, -1.0],
@@ -467,17 +362,6 @@ def test_policy_opcheck(sample):
         torch.library.opcheck(torch.ops.rlkernels.policy_loss_triton.default, sample)
 
 
-def test_value_opcheck():
-    values, old, returns = (torch.randn(3, 9) for _ in range(3))
-    mask = make_mask(3, 9, "cpu")
-    for sample in [(values.requires_grad_(), old, returns, mask, [0.2, -1.0, -1.0, -1.0], "token-mean", True),
-                   (values.double().detach().requires_grad_(), old.double(), returns.double(), None,
-                    [float("inf"), -1.0, 2.0, -1.0], "seq-mean-token-sum", True)]:
-        torch.library.opcheck(torch.ops.rlkernels.value_loss.default, sample)
-        if TRITON_ON_CPU:
-            torch.library.opcheck(torch.ops.rlkernels.value_loss_triton.default, sample)
-
-
 def test_scale_rows_opcheck():
     grad, row_scale = torch.randn(3, 7), torch.rand(3)
     ops = [torch.ops.rlkernels.scale_rows.default]
@@ -487,12 +371,12 @@ def test_scale_rows_opcheck():
         torch.library.opcheck(op, (grad, row_scale, torch.tensor(-2.5), torch.bfloat16))
         torch.library.opcheck(op, (grad.double(), row_scale.double(), torch.tensor(0.5), torch.float64))
         out = op(grad, row_scale, torch.tensor(-2.5), torch.float32)
-        close(out, grad * row_scale[:, None] * -2.5)
+        finite_scaled_close(out, grad * row_scale[:, None] * -2.5)
 
 
 def test_torch_compile_fullgraph():
     lp, old, adv = policy_batch(4, 13, torch.float32, "cpu")
-    mask = make_mask(4, 13, "cpu")
+    mask = token_mask(4, 13, "cpu")
     values, returns = torch.randn(4, 13), torch.randn(4, 13)
 
     @torch.compile(fullgraph=True, backend="eager")
@@ -510,10 +394,10 @@ def test_torch_compile_fullgraph():
     grpo, _ = reference.grpo_loss(y, old, adv[:, 0], mask, ref_logprobs=old, beta=0.1)
     vf, _ = reference.value_loss(w, values, returns, mask, clip=0.2)
     (pg + grpo + 0.5 * vf).backward()
-    close(total, pg + grpo + 0.5 * vf)
-    close(frac, stats["clip_frac_lower"])
-    close(x.grad, y.grad)
-    close(v.grad, w.grad)
+    finite_scaled_close(total, pg + grpo + 0.5 * vf)
+    finite_scaled_close(frac, stats["clip_frac_lower"])
+    finite_scaled_close(x.grad, y.grad)
+    finite_scaled_close(v.grad, w.grad)
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -561,17 +445,3 @@ def test_ppo_bad_input(kwargs, error, match):
 def test_grpo_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         rlkernels.grpo_loss(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3), **kwargs)
-
-
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(returns=torch.randn(3, 5)), ValueError, "returns must have the shape of values"),
-    (dict(clip=0.0), ValueError, "clip must be > 0.0"),
-    (dict(old_values=None, clip=0.2), ValueError, "old_values is needed when clip is given"),
-    (dict(agg="sum"), ValueError, "agg must be one of"),
-    (dict(values=torch.ones(3, 4, dtype=torch.int32)), TypeError, "values must have dtype"),
-])
-def test_value_bad_input(kwargs, error, match):
-    args = dict(values=torch.randn(3, 4), old_values=torch.randn(3, 4), returns=torch.randn(3, 4))
-    args.update(kwargs)
-    with pytest.raises(error, match=match):
-        rlkernels.value_loss(args.pop("values"), args.pop("old_values"), args.pop("returns"), **args)
