@@ -8,7 +8,9 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from rlkernels.reference.losses import AGG_MODES, POLICY_STATS, VALUE_STATS
+from rlkernels.reference._token_loss import AGG_MODES
+from rlkernels.reference.policy_loss import POLICY_STATS
+from rlkernels.reference.value_loss import VALUE_STATS
 from conftest import TOLERANCES, TRITON_ON_CPU
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]

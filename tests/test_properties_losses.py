@@ -17,7 +17,9 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 import rlkernels  # noqa: E402
 from rlkernels import reference  # noqa: E402
-from rlkernels.reference.losses import AGG_MODES, GRPO_LOSS_TYPES, KL_ESTIMATORS, PREFERENCE_KINDS  # noqa: E402
+from rlkernels.reference._token_loss import AGG_MODES  # noqa: E402
+from rlkernels.reference.policy_loss import GRPO_LOSS_TYPES, KL_ESTIMATORS  # noqa: E402
+from rlkernels.reference.preference import PREFERENCE_KINDS  # noqa: E402
 from property_support import (  # noqa: E402
     counted,
     KERNEL_FLOATS, LOSS_FLOATS, backends, budget, close, fill, generator, interpreted, low_precision_close,
@@ -397,7 +399,7 @@ def test_linear_ppo_loss_property(backend_device):
                                              weights=as64(weights), ref_logprobs=as64(ref) if kw["beta"] else None,
                                              kl_coef=kw["beta"], kl=kw["kl"], **policy_kw)
             if with_entropy:
-                from rlkernels.reference.losses import aggregate
+                from rlkernels.reference._token_loss import aggregate
                 entropy = torch.where(valid, ent.double().cpu(), 0)
                 expected = expected - kw["entropy_coef"] * aggregate(
                     entropy, valid, kw["agg"], num_tokens=kw["num_tokens"], num_seqs=kw["num_seqs"],

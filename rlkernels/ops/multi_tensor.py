@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .. import _backend, _overlap, _validate as V, reference
+from . import _registry
 
 _PACK = "pack_tensors"
 _UNPACK = "unpack_tensors"
@@ -92,11 +93,10 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
     with torch.no_grad():
         if chosen == "reference":
             reference.pack_tensors(contiguous, out, scale)
-        elif chosen == "triton":
-            torch.ops.rlkernels.pack_tensors_triton(contiguous, out, scale)
         else:
-            torch.ops.rlkernels.pack_tensors(contiguous, out, scale)
-            _written(out)
+            _registry.kernel("pack_tensors", chosen)(contiguous, out, scale)
+            if chosen != "triton":
+                _written(out)
     return out
 
 
@@ -125,11 +125,10 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
     with torch.no_grad():
         if chosen == "reference":
             reference.unpack_tensors(bucket, targets, scale)
-        elif chosen == "triton":
-            torch.ops.rlkernels.unpack_tensors_triton(bucket, targets, scale)
         else:
-            torch.ops.rlkernels.unpack_tensors(bucket, targets, scale)
-            _written(*targets)
+            _registry.kernel("unpack_tensors", chosen)(bucket, targets, scale)
+            if chosen != "triton":
+                _written(*targets)
         for t, target in zip(tensors, targets):
             if t is not target:
                 t.copy_(target)
@@ -172,8 +171,7 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
         if chosen == "reference":
             target.copy_(reference.gossip_mix(x, left, right, w_self, w_left, w_right))
         else:
-            fn = torch.ops.rlkernels.gossip_mix_triton if chosen == "triton" else torch.ops.rlkernels.gossip_mix
-            fn(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
+            _registry.kernel("gossip_mix", chosen)(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
             if chosen != "triton":
                 _written(target)
         if target is not out:
@@ -181,22 +179,24 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     return out
 
 
-@torch.library.register_fake("rlkernels::pack_tensors")
 def _pack_fake(tensors, bucket, scale):
     torch._check(bucket.dim() == 1, lambda: "bucket must be 1-D")
     torch._check(bucket.numel() == sum(t.numel() for t in tensors), lambda: "bucket size must match the tensors")
     return None
 
 
-@torch.library.register_fake("rlkernels::unpack_tensors")
 def _unpack_fake(bucket, tensors, scale):
     torch._check(bucket.dim() == 1, lambda: "bucket must be 1-D")
     torch._check(bucket.numel() == sum(t.numel() for t in tensors), lambda: "bucket size must match the tensors")
     return None
 
 
-@torch.library.register_fake("rlkernels::gossip_mix")
 def _gossip_mix_fake(x, left, right, w_self, w_left, w_right, out):
     torch._check(left.shape == x.shape and right.shape == x.shape and out.shape == x.shape,
                  lambda: "x, left, right and out must share one shape")
     return None
+
+
+_registry.register("pack_tensors", fake=_pack_fake)
+_registry.register("unpack_tensors", fake=_unpack_fake)
+_registry.register("gossip_mix", fake=_gossip_mix_fake)
