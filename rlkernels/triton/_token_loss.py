@@ -108,8 +108,7 @@ def block_t(T: int) -> int:
 
 
 def token_warps(block: int) -> int:
-    # 4 tokens a thread at most: with 8 (4 warps over 1024 tokens) the policy kernel
-    # spilled registers on sm_80 (.ci/triton_aot.py)
+    # 4 tokens a thread at most: 8 spill the policy kernel's registers (.ci/triton_aot.py)
     return max(4, min(8, block // 128))
 
 

@@ -271,7 +271,7 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
         # the columns before the label are read only when its logit is the largest so far
         scan = tl.where(in_tile & candidate, local, 0)
         # a narrower block than the statistics' keeps this scan's registers in budget
-        # (4096 spilled on sm_80/sm_90 with entropy: .ci/triton_aot.py)
+        # (the full block spills with entropy: .ci/triton_aot.py)
         earlier = _any_at_least(base, scan, x_label, BLOCK // 4)
         top = candidate & tl.where(in_tile, (prev_m < x_label) & (~earlier), flag_in != 0.0)
         tl.store(out + 4, tl.where(top & (~ignored), 1.0, 0.0))
