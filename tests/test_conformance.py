@@ -176,10 +176,10 @@ def has_cuda_source(name: str, sources: dict[str, str] | None = None) -> bool:
     return any(pattern.search(text) for text in sources.values())
 
 
-def has_fake(name: str) -> bool:
-    entry = fake_registry.find(_qualified(name))
-    return entry.fake_impl.kernel is not None or torch._C._dispatch_has_kernel_for_dispatch_key(
-        _qualified(name), "Meta")
+def has_fake(qualified: str) -> bool:
+    """A fake kernel for the op "namespace::name": registered with torch.library, or a Meta kernel."""
+    return (fake_registry.find(qualified).fake_impl.kernel is not None
+            or torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta"))
 
 
 # ---- the op tables against what is registered --------------------------------------------------
@@ -229,7 +229,7 @@ def test_triton_twin_has_the_compiled_schema(name):
 def test_fake_kernel(name):
     names = [name] if name in COMPOSITION_OPS else [name, _registry.twin_name(name)]
     for op in names:
-        assert has_fake(op), f"{op} has no fake kernel"
+        assert has_fake(_qualified(op)), f"{op} has no fake kernel"
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES + COMPOSITION_OPS)
@@ -276,7 +276,7 @@ B, T, V, H = 2, 3, 5, 4
 
 def samples():
     """Public op -> (good keyword arguments, [(argument, bad value), ...]): one bad dtype
-    and one bad shape each."""
+    and one bad shape each.  (pack_tensors' messages call its `out` the bucket.)"""
     loss = dict(logprobs=_f(B, T), old_logprobs=_f(B, T), advantages=_f(B, T), mask=_mask(B, T))
     return {
         "gae": (dict(rewards=_f(B, T), values=_f(B, T)), [("values", _i(B, T)), ("values", _f(B, T + 1))]),
@@ -304,12 +304,17 @@ def samples():
         "linear_ppo_loss": (dict(hidden=_f(B, T, H), weight=_f(V, H), labels=_i(B, T), old_logprobs=_f(B, T),
                                  advantages=_f(B, T)),
                             [("old_logprobs", _i(B, T)), ("advantages", _f(B, T + 1))]),
-        "pack_tensors": (dict(tensors=[_f(3), _f(2, 2)], out=_f(7)), [("out", _i(7)), ("out", _f(8))]),
+        "pack_tensors": (dict(tensors=[_f(3), _f(2, 2)], out=_f(7)), [("tensors", [_f(3), _i(2, 2)]),
+                                                                     ("out", _f(8))]),
         "unpack_tensors": (dict(bucket=_f(7), tensors=[_f(3), _f(2, 2)]),
                            [("bucket", _i(7)), ("bucket", _f(8))]),
         "gossip_mix": (dict(x=_f(B, T), left=_f(B, T), right=_f(B, T)),
                        [("left", _i(B, T)), ("right", _f(B, T + 1))]),
     }
+
+
+# Arguments that error messages call by another name: (public op, argument) -> that name.
+MESSAGE_NAMES = {("pack_tensors", "out"): "bucket"}
 
 
 def _backends() -> list[str]:
@@ -334,10 +339,11 @@ def test_backends_agree_on_bad_input(public, kind):
     good, bad = samples()[public]
     argument, value = bad[0 if kind == "dtype" else 1]
     fn = getattr(rlkernels, public)
+    named = MESSAGE_NAMES.get((public, argument), argument)
     outcomes = {backend: _outcome(fn, {**good, argument: value}, backend) for backend in _backends()}
     for backend, outcome in outcomes.items():
         assert outcome is not None, f"{public}(backend={backend!r}) accepted a bad {argument} ({kind})"
-        assert argument in outcome[1], f"{public}(backend={backend!r}): {outcome[1]!r} does not name {argument}"
+        assert named in outcome[1], f"{public}(backend={backend!r}): {outcome[1]!r} does not name {named}"
     assert len({outcome[0] for outcome in outcomes.values()}) == 1, outcomes
 
 
@@ -390,4 +396,8 @@ def test_checks_fail_on_a_missing_piece():
     table = ('_OPS = {"a": "gossip_mix"}\n\ndef test_t(name):\n'
              '    torch.library.opcheck(getattr(torch.ops.rlkernels, _OPS[name] + "_triton").default, ())\n')
     assert opchecked_ops({"t.py": table}) == {"gossip_mix", "gossip_mix_triton"}
-    assert not has_fake("no_such_op")
+    probe = torch.library.Library("rlkernels_conformance_probe", "FRAGMENT")
+    probe.define("bare(Tensor x) -> Tensor")
+    probe.impl("bare", lambda x: x.clone(), "CPU")
+    assert not has_fake("rlkernels_conformance_probe::bare")
+    assert has_fake(_qualified("gae"))

@@ -24,9 +24,9 @@ _MIX = "gossip_mix"
 
 
 def _written(*tensors: torch.Tensor) -> None:
-    """Bumps the version counters of tensors a compiled kernel wrote in place, as every
-    in-place PyTorch op does (and the Triton ops, declared mutating, do): a graph that
-    saved one of them then raises in backward instead of using the new values."""
+    """Bumps the version counters of tensors a kernel op (compiled or Triton) wrote in
+    place, as every in-place PyTorch op does: a graph that saved one of them then raises
+    in backward instead of using the new values."""
     if not torch.compiler.is_compiling():
         torch.autograd.graph.increment_version(tensors)
 
@@ -95,8 +95,7 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
             reference.pack_tensors(contiguous, out, scale)
         else:
             _registry.kernel("pack_tensors", chosen)(contiguous, out, scale)
-            if chosen != "triton":
-                _written(out)
+            _written(out)
     return out
 
 
@@ -127,8 +126,7 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
             reference.unpack_tensors(bucket, targets, scale)
         else:
             _registry.kernel("unpack_tensors", chosen)(bucket, targets, scale)
-            if chosen != "triton":
-                _written(*targets)
+            _written(*targets)
         for t, target in zip(tensors, targets):
             if t is not target:
                 t.copy_(target)
@@ -171,9 +169,9 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
         if chosen == "reference":
             target.copy_(reference.gossip_mix(x, left, right, w_self, w_left, w_right))
         else:
-            _registry.kernel("gossip_mix", chosen)(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
-            if chosen != "triton":
-                _written(target)
+            mix = _registry.kernel("gossip_mix", chosen)
+            mix(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
+            _written(target)
         if target is not out:
             out.copy_(target)
     return out
