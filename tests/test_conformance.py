@@ -112,10 +112,26 @@ def _op_attributes(node: ast.AST) -> set[str]:
     return found
 
 
+def _stored_ops(fn: ast.FunctionDef) -> set[str]:
+    """Ops a test function puts into variables: assignments, loops, list.append/extend."""
+    found: set[str] = set()
+    for node in ast.walk(fn):
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            found |= _op_attributes(node.value)
+        elif isinstance(node, ast.For):
+            found |= _op_attributes(node.iter)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("append", "extend")):
+            for arg in node.args:
+                found |= _op_attributes(arg)
+    return found
+
+
 def opchecked_ops(sources: dict[str, str] | None = None) -> set[str]:
-    """The ops named in test functions that call opcheck: torch.ops.rlkernels.NAME inside
-    the function, or op names held in strings there and in the module-level tables it
-    reads (a "_triton" string there names the twins of those)."""
+    """The ops that tests/ passes to opcheck: torch.ops.rlkernels.NAME written in the
+    opcheck call, else the ops the test function stores in variables, or op names in
+    strings of the call and of the module-level tables it reads (a "_triton" string
+    there names the twins of those)."""
     sources = _read("tests/test_*.py") if sources is None else sources
     known = registered_ops()
     found: set[str] = set()
@@ -126,19 +142,23 @@ def opchecked_ops(sources: dict[str, str] | None = None) -> set[str]:
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef):
                 continue
-            calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                     and n.func.attr == "opcheck"]
-            if not calls:
-                continue
-            names = _op_attributes(fn)
-            strings = _strings(fn)
-            for n in ast.walk(fn):
-                if isinstance(n, ast.Name) and n.id in tables:
-                    strings |= _strings(tables[n.id])
-            names |= {s for s in strings if s in known}
-            if "_triton" in strings:
-                names |= {s + "_triton" for s in strings if s + "_triton" in known}
-            found |= names
+            for call in ast.walk(fn):
+                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                        and call.func.attr == "opcheck" and call.args):
+                    continue
+                target = call.args[0]
+                direct = _op_attributes(target)
+                if direct:
+                    found |= direct
+                    continue
+                strings = _strings(target)
+                for n in ast.walk(target):
+                    if isinstance(n, ast.Name) and n.id in tables:
+                        strings |= _strings(tables[n.id])
+                named = {s for s in strings if s in known}
+                if "_triton" in strings:
+                    named |= {s + "_triton" for s in strings if s + "_triton" in known}
+                found |= named or _stored_ops(fn)
     return found
 
 
