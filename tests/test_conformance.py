@@ -224,9 +224,13 @@ def test_the_registry_defines_every_twin_and_fake():
 
 # ---- kernel ops --------------------------------------------------------------------------------
 
+def has_kernel(qualified: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)
+
+
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 def test_cpu_kernel(name):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(_qualified(name), "CPU")
+    assert has_kernel(_qualified(name), "CPU")
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES)
@@ -242,7 +246,7 @@ def test_triton_twin_has_the_compiled_schema(name):
     derived = str(getattr(torch.ops.rlkernels, twin).default._schema)
     assert derived == compiled.replace(f"{NS}::{name}(", f"{NS}::{twin}(", 1)
     for key in ("CPU", "CUDA"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(_qualified(twin), key), key
+        assert has_kernel(_qualified(twin), key), key
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES + COMPOSITION_OPS)
@@ -413,11 +417,17 @@ def test_checks_fail_on_a_missing_piece():
     sample = "def test_x():\n    torch.library.opcheck(torch.ops.rlkernels.gae.default, ())\n"
     assert opchecked_ops({"t.py": sample}) == {"gae"}
     assert opchecked_ops({"t.py": sample.replace("opcheck", "run")}) == set()
+    kept = ("def test_x():\n    print(torch.ops.rlkernels.gae)\n"
+            "    torch.library.opcheck(torch.ops.rlkernels.kl_penalty.default, ())\n")
+    assert opchecked_ops({"t.py": kept}) == {"kl_penalty"}
     table = ('_OPS = {"a": "gossip_mix"}\n\ndef test_t(name):\n'
              '    torch.library.opcheck(getattr(torch.ops.rlkernels, _OPS[name] + "_triton").default, ())\n')
     assert opchecked_ops({"t.py": table}) == {"gossip_mix", "gossip_mix_triton"}
     probe = torch.library.Library("rlkernels_conformance_probe", "FRAGMENT")
     probe.define("bare(Tensor x) -> Tensor")
+    probe.define("unimplemented(Tensor x) -> Tensor")
     probe.impl("bare", lambda x: x.clone(), "CPU")
     assert not has_fake("rlkernels_conformance_probe::bare")
+    assert has_kernel("rlkernels_conformance_probe::bare", "CPU")
+    assert not has_kernel("rlkernels_conformance_probe::unimplemented", "CPU")
     assert has_fake(_qualified("gae"))
