@@ -75,7 +75,8 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
         if chosen == "reference":
             return reference.group_advantages(scores, group_size or None, index, num_groups=groups,
                                               baseline=baseline, scale=scale, eps=eps)
-        return _registry.kernel(_OP, chosen)(scores, index, group_size, groups, _BASELINES[baseline], _SCALES[scale], eps)
+        fn = _registry.kernel(_OP, chosen)
+        return fn(scores, index, group_size, groups, _BASELINES[baseline], _SCALES[scale], eps)
 
 
 def _group_advantages_fake(scores, group_index, group_size, num_groups, baseline, scale, eps):

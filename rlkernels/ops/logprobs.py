@@ -35,7 +35,8 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
     if chosen == "reference":
         return reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                   entropy=entropy)
-    values, entropies, _ = _registry.kernel(_OP, chosen)(logits, labels, temperature, ignore_index, entropy, inplace_backward)
+    op = _registry.kernel(_OP, chosen)
+    values, entropies, _ = op(logits, labels, temperature, ignore_index, entropy, inplace_backward)
     return (values, entropies) if entropy else values
 
 

@@ -8,6 +8,7 @@ import torch
 from .. import _backend, _validate as V, reference
 from ..reference.policy_loss import GRPO_LOSS_TYPES, KL_ESTIMATORS, POLICY_STATS, grpo_aggregation
 from . import _registry, _token_loss
+from ._token_loss import count_or, off_or
 
 _OP = "policy_loss"
 
@@ -115,8 +116,8 @@ def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logpro
                                   weights=weights, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                                   kl=kl if kl != "none" else "k3")
     fn = _registry.kernel(_OP, chosen)
-    coefficients = [clip_low, clip_high, _token_loss.off_or(dual_clip), _token_loss.off_or(log_ratio_clamp), float(kl_coef),
-                    _token_loss.count_or(num_tokens), _token_loss.count_or(num_seqs), _token_loss.count_or(norm_length)]
+    coefficients = [clip_low, clip_high, off_or(dual_clip), off_or(log_ratio_clamp), float(kl_coef),
+                    count_or(num_tokens), count_or(num_seqs), count_or(norm_length)]
     loss, stats, _, _ = fn(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
                            _token_loss.need_grad(logprobs))
     return loss, _token_loss.stats_dict(POLICY_STATS, stats)
