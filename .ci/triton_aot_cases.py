@@ -36,10 +36,12 @@ JITFunction.run = _record  # every kernel[grid](...) in the wrappers lands here
 
 import rlkernels  # noqa: E402,F401  (imports the Triton modules: their ops and kernels)
 from rlkernels import triton as rlk_triton  # noqa: E402
-from rlkernels.triton import (gae, group, kl_penalty, logprobs, losses, multi_tensor,  # noqa: E402
-                              preference)
+from rlkernels.ops._registry import TWINS  # noqa: E402
+from rlkernels.triton import (_token_loss, gae, group_advantages, kl_from_logits, kl_penalty,  # noqa: E402
+                              logprobs, masked, multi_tensor, policy_loss, preference, value_loss)
 
-MODULES = (gae, group, kl_penalty, logprobs, losses, multi_tensor, preference)
+MODULES = (gae, group_advantages, masked, kl_penalty, logprobs, kl_from_logits, _token_loss, policy_loss,
+           value_loss, multi_tensor, preference)
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 
@@ -83,28 +85,28 @@ def cases(quick: bool):
         n = x.numel() // x.shape[-1]
         for ent in (False, True):
             yield "logprobs_triton", f"{name} entropy={ent}", (
-                lambda x=x, lead=lead, ent=ent: T.logprobs_triton._init_fn(x, labels(*lead), 1.0, -100, ent, False))
+                lambda x=x, lead=lead, ent=ent: T.logprobs_triton(x, labels(*lead), 1.0, -100, ent, False))
             grad_entropy = meta(*lead) if ent else None
             args = (meta(*lead), grad_entropy, x, labels(*lead), meta(*lead, 2), meta(*lead) if ent else meta(0),
                     0.7, -100)
             yield "logprobs_backward_triton", f"{name} entropy={ent}", (
-                lambda args=args: T.logprobs_backward_triton._init_fn(*args))
+                lambda args=args: T.logprobs_backward_triton(*args))
             yield "logprobs_backward_inplace_triton", f"{name} entropy={ent}", (
-                lambda args=args: T.logprobs_backward_inplace_triton._init_fn(*args))
+                lambda args=args: T.logprobs_backward_inplace_triton(*args))
             for start, finish in ((0, False), (4096, True)):
                 tile = x[..., :4096]
                 for width in (4, 5):  # 5: the state also tracks whether the label is the arg-max
                     yield "logprobs_vocab_tile_triton", f"{name} tile entropy={ent} finish={finish} state={width}", (
                         lambda tile=tile, lead=lead, n=n, ent=ent, start=start, finish=finish, width=width:
-                        T.logprobs_vocab_tile_triton._init_fn(tile, labels(*lead), meta(n * width), 1.0, -100,
+                        T.logprobs_vocab_tile_triton(tile, labels(*lead), meta(n * width), 1.0, -100,
                                                               start, ent, finish))
         for with_mask in (False, True):
             m = mask(*lead) if with_mask else None
             yield "kl_from_logits_triton", f"{name} mask={with_mask}", (
-                lambda x=x, m=m: T.kl_from_logits_triton._init_fn(x, x, m, 1.0))
+                lambda x=x, m=m: kl_from_logits.kl_from_logits_triton(x, x, m, 1.0))
             for lg, rg in ((True, False), (False, True), (True, True)):
                 yield "kl_from_logits_backward_triton", f"{name} mask={with_mask} grads={lg},{rg}", (
-                    lambda x=x, m=m, lead=lead, lg=lg, rg=rg: T.kl_from_logits_backward_triton._init_fn(
+                    lambda x=x, m=m, lead=lead, lg=lg, rg=rg: kl_from_logits.kl_from_logits_backward_triton(
                         meta(*lead), x, x, m, meta(*lead, 5), 1.0, lg, rg))
 
     seq_shapes = ((1, 1), (256, 4096), (8, 4096), (1024, 127))
@@ -117,48 +119,48 @@ def cases(quick: bool):
                     for has_last in (False, True):
                         yield "gae_triton", f"{d} mask={has_mask} dones={has_dones} last={has_last}", (
                             lambda B=B, L=L, dtype=dtype, hm=has_mask, hd=has_dones, hl=has_last:
-                            gae.gae_triton._init_fn(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
+                            gae.gae_triton(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
                                                     mask(B, L) if hm else None, mask(B, L) if hd else None,
                                                     meta(B, dtype=F64 if dtype == F64 else F32) if hl else None,
                                                     0.99, 0.95))
                     yield "discounted_returns_triton", f"{d} mask={has_mask} dones={has_dones}", (
                         lambda B=B, L=L, dtype=dtype, hm=has_mask, hd=has_dones:
-                        gae.discounted_returns_triton._init_fn(meta(B, L, dtype=dtype), mask(B, L) if hm else None,
+                        gae.discounted_returns_triton(meta(B, L, dtype=dtype), mask(B, L) if hm else None,
                                                                mask(B, L) if hd else None, 0.99))
                 yield "masked_row_mean_triton", f"{d} mask={has_mask}", (
                     lambda B=B, L=L, dtype=dtype, hm=has_mask:
-                    group.masked_row_mean_triton._init_fn(meta(B, L, dtype=dtype), mask(B, L) if hm else None))
+                    masked.masked_row_mean_triton(meta(B, L, dtype=dtype), mask(B, L) if hm else None))
                 for shift in (False, True):
                     yield "masked_whiten_triton", f"{d} mask={has_mask} shift_mean={shift}", (
                         lambda B=B, L=L, dtype=dtype, hm=has_mask, shift=shift:
-                        group.masked_whiten_triton._init_fn(meta(B, L, dtype=dtype), mask(B, L) if hm else None,
+                        masked.masked_whiten_triton(meta(B, L, dtype=dtype), mask(B, L) if hm else None,
                                                             shift, 1e-8))
                 for average in (False, True):
                     yield "sequence_logprobs_triton", f"{d} mask={has_mask} average={average}", (
                         lambda B=B, L=L, dtype=dtype, hm=has_mask, average=average:
-                        preference.sequence_logprobs_triton._init_fn(meta(B, L, dtype=dtype),
+                        preference.sequence_logprobs_triton(meta(B, L, dtype=dtype),
                                                                       mask(B, L) if hm else None, average))
                     acc = F64 if dtype == F64 else F32
                     yield "sequence_logprobs_backward_triton", f"{d} mask={has_mask} average={average}", (
                         lambda B=B, L=L, dtype=dtype, acc=acc, hm=has_mask, average=average:
-                        preference.sequence_logprobs_backward_triton._init_fn(
+                        preference.sequence_logprobs_backward_triton(
                             meta(B, dtype=acc), mask(B, L) if hm else None, meta(B, dtype=acc), average, L, dtype))
             for kind in sorted(set(kl_penalty.KIND_CODES.values())):
                 name = next(k for k, v in kl_penalty.KIND_CODES.items() if v == kind)
                 for clamp in (float("inf"), 10.0):
                     yield "kl_penalty_triton", f"{d} kind={name} clamp={clamp}", (
                         lambda B=B, L=L, dtype=dtype, name=name, clamp=clamp:
-                        kl_penalty.kl_penalty_triton._init_fn(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
+                        kl_penalty.kl_penalty_triton(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
                                                               name, clamp))
             acc = F64 if dtype == F64 else F32
             for need_grad in (False, True):
-                for agg in losses._AGG_CODES:
-                    for kl in losses._KL_CODES:
+                for agg in _token_loss._AGG_CODES:
+                    for kl in policy_loss._KL_CODES:
                         for variant in ("plain", "mask+weights+dual+per-row-adv"):
                             rich = variant != "plain"
                             yield "policy_loss_triton", f"{d} agg={agg} kl={kl} {variant} grad={need_grad}", (
                                 lambda B=B, L=L, dtype=dtype, agg=agg, kl=kl, rich=rich, g=need_grad:
-                                losses.policy_loss_triton._init_fn(
+                                policy_loss.policy_loss_triton(
                                     meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
                                     meta(B, dtype=dtype) if rich else meta(B, L, dtype=dtype),
                                     mask(B, L) if rich else None, meta(B, L, dtype=dtype) if rich else None,
@@ -168,12 +170,12 @@ def cases(quick: bool):
                     for clip in (float("inf"), 0.2):
                         yield "value_loss_triton", f"{d} agg={agg} clip={clip} grad={need_grad}", (
                             lambda B=B, L=L, dtype=dtype, agg=agg, clip=clip, g=need_grad:
-                            losses.value_loss_triton._init_fn(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
+                            value_loss.value_loss_triton(meta(B, L, dtype=dtype), meta(B, L, dtype=dtype),
                                                               meta(B, L, dtype=dtype), mask(B, L), [clip, -1.0, -1.0,
                                                                                                    -1.0], agg, g))
             yield "scale_rows_triton", d, (
                 lambda B=B, L=L, dtype=dtype, acc=acc:
-                losses.scale_rows_triton._init_fn(meta(B, L, dtype=acc), meta(B, dtype=acc), meta(dtype=acc), dtype))
+                _token_loss.scale_rows_triton(meta(B, L, dtype=acc), meta(B, dtype=acc), meta(dtype=acc), dtype))
 
     for B in (1, 4096, 300001):
         for dtype in (F32, BF16, F16, F64):
@@ -181,7 +183,7 @@ def cases(quick: bool):
             for kind in preference._KINDS:
                 yield "dpo_loss_triton", f"{d} kind={kind}", (
                     lambda B=B, dtype=dtype, kind=kind:
-                    preference.dpo_loss_triton._init_fn(*(meta(B, dtype=dtype) for _ in range(4)), 0.1, kind, 0.1))
+                    preference.dpo_loss_triton(*(meta(B, dtype=dtype) for _ in range(4)), 0.1, kind, 0.1))
             # groups of one, of 8 where 8 divides the batch, and ids given per score
             layouts = [(B, False)] + ([(B // 8, False)] if B % 8 == 0 else []) + [(max(B // 8, 1), True)]
             for G, idx in layouts:
@@ -189,7 +191,7 @@ def cases(quick: bool):
                     for scale in (0, 1, 2):
                         yield "group_advantages_triton", f"{d} groups={G} index={idx} baseline={baseline} scale={scale}", (
                             lambda B=B, dtype=dtype, G=G, idx=idx, baseline=baseline, scale=scale:
-                            group.group_advantages_triton._init_fn(
+                            group_advantages.group_advantages_triton(
                                 meta(B, dtype=dtype), labels(B) if idx else None, 0 if idx else B // G, G,
                                 baseline, scale, 1e-6))
 
@@ -202,26 +204,20 @@ def cases(quick: bool):
             for scale in (1.0, 0.25):
                 yield "pack_tensors_triton", f"{d} -> bucket {b} scale={scale}", (
                     lambda params=params, total=total, bd=bucket_dtype, scale=scale:
-                    multi_tensor.pack_tensors_triton._init_fn(params, meta(total, dtype=bd), scale))
+                    multi_tensor.pack_tensors_triton(params, meta(total, dtype=bd), scale))
                 yield "unpack_tensors_triton", f"bucket {b} -> {d} scale={scale}", (
                     lambda params=params, total=total, bd=bucket_dtype, scale=scale:
-                    multi_tensor.unpack_tensors_triton._init_fn(meta(total, dtype=bd), params, scale))
+                    multi_tensor.unpack_tensors_triton(meta(total, dtype=bd), params, scale))
         for n in (1, 2**26 + 3):
             yield "gossip_mix_triton", f"{d} n={n}", (
-                lambda n=n, dtype=dtype: multi_tensor.gossip_mix_triton._init_fn(
+                lambda n=n, dtype=dtype: multi_tensor.gossip_mix_triton(
                     meta(n, dtype=dtype), meta(n, dtype=dtype), meta(n, dtype=dtype), 0.5, 0.25, 0.25,
                     meta(n, dtype=dtype)))
 
 
 def triton_ops() -> dict[str, object]:
     """Every Triton custom op the package defines, by short name."""
-    from torch._library.custom_ops import CustomOpDef
-    found = {}
-    for module in MODULES:
-        for value in vars(module).values():
-            if isinstance(value, CustomOpDef) and value._name.endswith("_triton"):
-                found[value._name.rsplit("::", 1)[-1]] = value
-    return found
+    return dict(TWINS)
 
 
 def triton_kernels() -> dict[str, JITFunction]:

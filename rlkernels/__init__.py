@@ -13,11 +13,8 @@ HAS_TRITON, _TRITON_WHY = _library.triton_status()
 if HAS_TRITON:
     from . import triton as _triton_ops  # noqa: F401  (registers rlkernels::*_triton)
 
-from .ops import (  # noqa: E402
-    discounted_returns, dpo_loss, gae, gossip_mix, group_advantages, grpo_loss, kl_from_logits, kl_penalty,
-    linear_logprobs, linear_ppo_loss, logprobs, masked_mean, masked_whiten, pack_tensors, ppo_loss, sequence_logprobs,
-    unpack_tensors, value_loss,
-)
+from . import ops  # noqa: E402
+from .ops import *  # noqa: E402,F401,F403  (the public ops, as listed in ops.__all__)
 from . import distributed  # noqa: E402,F401  (rlkernels.distributed: averaging over torch.distributed)
 
 __version__ = "0.1.0"
@@ -43,14 +40,6 @@ def info() -> dict:
     return data
 
 
-__all__ = [
-    "BACKENDS", "info", "distributed",
-    # advantages
-    "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten",
-    # log-probs, entropy, KL
-    "logprobs", "linear_logprobs", "kl_from_logits", "kl_penalty",
-    # losses
-    "ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "sequence_logprobs", "linear_ppo_loss",
-    # multi-tensor kernels behind rlkernels.distributed
-    "pack_tensors", "unpack_tensors", "gossip_mix",
-]
+# The public ops are those of rlkernels.ops; the rest is build information and the
+# averaging module.
+__all__ = ["BACKENDS", "info", "distributed", *ops.__all__]

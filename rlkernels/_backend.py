@@ -1,4 +1,7 @@
-"""Backend choice shared by every op: "auto" | "cpu" | "cuda" | "triton" | "reference"."""
+"""Backend choice shared by every op: "auto" | "cpu" | "cuda" | "triton" | "reference".
+
+rlkernels imports only with its compiled extension, whose CPU kernels are always
+built, so "cpu" is available wherever the inputs are on the CPU."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +22,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu":
-            return "cpu" if has_compiled("cpu") else "reference"
+            return "cpu"
         if device.type == "cuda":
             for candidate in _AUTO_CUDA:
                 if _usable(candidate, device) is None:
@@ -32,12 +35,9 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 
 def _usable(backend: str, device: torch.device) -> str | None:
-    if backend == "reference":
-        return None
+    """Why `backend` cannot run on `device`, or None where it can."""
     if backend == "cpu":
-        if device.type != "cpu":
-            return f"it needs CPU tensors, the inputs are on {device}"
-        return None if has_compiled("cpu") else "rlkernels._C is not built"
+        return None if device.type == "cpu" else f"it needs CPU tensors, the inputs are on {device}"
     if backend == "cuda":
         if device.type != "cuda":
             return f"it needs CUDA tensors, the inputs are on {device}"
@@ -53,4 +53,4 @@ def _usable(backend: str, device: torch.device) -> str | None:
         if device.type not in ("cpu", "cuda"):
             return f"Triton does not support device {device}"
         return None
-    return f"unknown backend {backend!r}"
+    return None  # "reference": plain PyTorch, on any device

@@ -35,7 +35,7 @@ def require_compiled() -> None:
 
 
 def build_info() -> dict:
-    require_compiled()
+    """What the extension reports about its build (rlkernels' import has required it)."""
     return dict(BUILD_INFO)
 
 

@@ -7,7 +7,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from rlkernels.reference.losses import aggregate
+from rlkernels.reference._token_loss import aggregate
 from support import scaled_close
 
 

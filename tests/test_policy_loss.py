@@ -9,7 +9,8 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from rlkernels.reference.losses import AGG_MODES, POLICY_STATS
+from rlkernels.reference._token_loss import AGG_MODES
+from rlkernels.reference.policy_loss import POLICY_STATS
 from support import TRITON_ON_CPU, close_stats, finite_scaled_close, loss_and_grad, poisoned, token_mask
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]

@@ -14,7 +14,8 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 import rlkernels  # noqa: E402
 from rlkernels import reference  # noqa: E402
-from rlkernels.reference.losses import AGG_MODES, KL_ESTIMATORS  # noqa: E402
+from rlkernels.reference._token_loss import AGG_MODES  # noqa: E402
+from rlkernels.reference.policy_loss import KL_ESTIMATORS  # noqa: E402
 from property_support import (  # noqa: E402
     KERNEL_FLOATS, as64, backends, budget, check_stats, close, counted, counts, fill, generator, interpreted,
     low_precision_close, poison_where, raises_naming, random_mask, seeds,
@@ -102,7 +103,7 @@ def test_linear_ppo_loss_property(backend_device):
                                              weights=as64(weights), ref_logprobs=as64(ref) if kw["beta"] else None,
                                              kl_coef=kw["beta"], kl=kw["kl"], **policy_kw)
             if with_entropy:
-                from rlkernels.reference.losses import aggregate
+                from rlkernels.reference._token_loss import aggregate
                 entropy = torch.where(valid, ent.double().cpu(), 0)
                 expected = expected - kw["entropy_coef"] * aggregate(
                     entropy, valid, kw["agg"], num_tokens=kw["num_tokens"], num_seqs=kw["num_seqs"],

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 import rlkernels  # noqa: E402
 from rlkernels import reference  # noqa: E402
-from rlkernels.reference.losses import PREFERENCE_KINDS  # noqa: E402
+from rlkernels.reference.preference import PREFERENCE_KINDS  # noqa: E402
 from property_support import (  # noqa: E402
     KERNEL_FLOATS, LOSS_FLOATS, backends, budget, check_grad, close, computed_in, counted, fill, generator,
     interpreted, masked_inputs, poison_where, raises_naming, random_mask, rounded_close, seeds, token_batches,

@@ -16,7 +16,8 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 import rlkernels  # noqa: E402
 from rlkernels import reference  # noqa: E402
-from rlkernels.reference.losses import AGG_MODES, GRPO_LOSS_TYPES, KL_ESTIMATORS  # noqa: E402
+from rlkernels.reference._token_loss import AGG_MODES  # noqa: E402
+from rlkernels.reference.policy_loss import GRPO_LOSS_TYPES, KL_ESTIMATORS  # noqa: E402
 from property_support import (  # noqa: E402
     as64, backends, budget, check_grad, check_stats, close, computed_in, counted, counts, fill, generator,
     grad_or_zeros, interpreted, masked_inputs, raises_naming, seeds, token_batches,

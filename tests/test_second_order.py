@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rlkernels
-from rlkernels.reference.logprobs import KL_KINDS
+from rlkernels.reference.kl_penalty import KL_KINDS
 from support import BACKEND_DEVICE, assert_close
 
 BACKENDS = [b for b, _ in BACKEND_DEVICE if _ == "cpu"] + ["reference"]

@@ -1,8 +1,7 @@
 """One public function per op; each validates its arguments, picks a backend and
-registers the fake kernel (and autograd where the op has a gradient)."""
-from .discounted_returns import discounted_returns
-from .dpo_loss import dpo_loss
-from .gae import gae
+runs the op's kernel.  Fake kernels and autograd are registered once per op, for
+the compiled op and its Triton twin alike (see _registry.py)."""
+from .gae import discounted_returns, gae
 from .group_advantages import group_advantages
 from .kl_from_logits import kl_from_logits
 from .kl_penalty import kl_penalty
@@ -12,7 +11,7 @@ from .logprobs import logprobs
 from .masked import masked_mean, masked_whiten
 from .multi_tensor import gossip_mix, pack_tensors, unpack_tensors
 from .policy_loss import grpo_loss, ppo_loss
-from .sequence_logprobs import sequence_logprobs
+from .preference import dpo_loss, sequence_logprobs
 from .value_loss import value_loss
 
 __all__ = [

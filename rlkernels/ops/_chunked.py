@@ -40,10 +40,9 @@ CHUNK_BYTES = 64 << 20
 # not sized from the batch: a token's logits then come from the same matmul shapes, and
 # its row statistics merge tile by tile in the same order, whatever the batch (and the
 # backward recomputes the forward's logits bit for bit).  A multiple of the CPU kernel's
-# block (2048), so the tiles continue its whole-row pass exactly.  Measured on the
-# development CPU (2048 x 1024 x 50257 float32): 1.1 s for the forward's matmuls in
-# [all tokens, 4096] tiles against 1.9 s in [288 tokens, all vocabulary] chunks (MKL
-# repacks the whole weight for every chunk).
+# block (2048), so the tiles continue its whole-row pass exactly.  Vocabulary tiles
+# over all tokens also beat token chunks over the whole vocabulary on the CPU: MKL
+# repacks the whole weight for every chunk (figures in docs).
 VOCAB_BLOCK = 4096
 # Row granularity of the lm-head matmuls.  A BLAS picks its code path, and so the
 # summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul (or of

@@ -1,11 +1,13 @@
-"""rlkernels.gae: generalised advantage estimation (Schulman et al., 2016) with
-verl's carry-through masking and episode boundaries."""
+"""rlkernels.gae and rlkernels.discounted_returns: generalised advantage estimation
+(Schulman et al., 2016) and REINFORCE reward-to-go, with verl's carry-through
+masking and episode boundaries."""
 from __future__ import annotations
 
 import torch
 
 from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
+from . import _registry
 from ._rollout import rollout
 
 _OP = "gae"
@@ -46,8 +48,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     with torch.no_grad():
         if chosen == "reference":
             return reference.gae(rewards, values, mask, dones=dones, last_values=last_values, gamma=gamma, lam=lam)
-        fn = torch.ops.rlkernels.gae_triton if chosen == "triton" else torch.ops.rlkernels.gae
-        return fn(rewards, values, mask, dones, last_values, gamma, lam)
+        return _registry.kernel("gae", chosen)(rewards, values, mask, dones, last_values, gamma, lam)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None, *,
+                       dones: torch.Tensor | None = None, gamma: float = 1.0,
+                       backend: str = "auto") -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} for rollouts `[B, T]`, computed backwards.  A masked
+    step (mask 0) repeats the return of the next valid step; dones[b, t] = 1 ends an
+    episode after step t.  float32 output (float64 for float64 input)."""
+    rewards, _, mask, dones, gamma, _, device = rollout("discounted_returns", rewards, mask, dones, gamma=gamma)
+    chosen = _backend.resolve("discounted_returns", backend, device)
+    with torch.no_grad():
+        if chosen == "reference":
+            return reference.discounted_returns(rewards, mask, dones=dones, gamma=gamma)
+        return _registry.kernel("discounted_returns", chosen)(rewards, mask, dones, gamma)
 
 
 def _gae_fake(rewards, values, mask, dones, last_values, gamma, lam):
@@ -57,9 +72,10 @@ def _gae_fake(rewards, values, mask, dones, last_values, gamma, lam):
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 
-def register(op_name: str) -> None:
-    """Fake kernel of an op with the gae schema (the compiled op and its Triton twin)."""
-    torch.library.register_fake(op_name)(_gae_fake)
+def _discounted_returns_fake(rewards, mask, dones, gamma):
+    torch._check(rewards.dim() == 2, lambda: "rewards must be [B, T]")
+    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
 
 
-register("rlkernels::gae")
+_registry.register("gae", fake=_gae_fake)
+_registry.register("discounted_returns", fake=_discounted_returns_fake)

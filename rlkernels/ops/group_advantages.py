@@ -5,6 +5,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
+from . import _registry
 
 _OP = "group_advantages"
 _BASELINES = {"mean": 0, "loo": 1}
@@ -74,8 +75,7 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
         if chosen == "reference":
             return reference.group_advantages(scores, group_size or None, index, num_groups=groups,
                                               baseline=baseline, scale=scale, eps=eps)
-        fn = (torch.ops.rlkernels.group_advantages_triton if chosen == "triton"
-              else torch.ops.rlkernels.group_advantages)
+        fn = _registry.kernel(_OP, chosen)
         return fn(scores, index, group_size, groups, _BASELINES[baseline], _SCALES[scale], eps)
 
 
@@ -85,9 +85,4 @@ def _group_advantages_fake(scores, group_index, group_size, num_groups, baseline
             scores.new_empty((num_groups,), dtype=torch.bool))
 
 
-def register(op_name: str) -> None:
-    """Fake kernel of an op with the group_advantages schema."""
-    torch.library.register_fake(op_name)(_group_advantages_fake)
-
-
-register("rlkernels::group_advantages")
+_registry.register(_OP, fake=_group_advantages_fake)

@@ -7,7 +7,7 @@ import torch
 
 from .. import _validate as V, reference
 from .._dtypes import acc_dtype
-from . import _double_backward, _logits as L
+from . import _double_backward, _logits as L, _registry
 
 _OP = "kl_from_logits"
 
@@ -36,8 +36,7 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
         return (logits.sum(-1) + ref_logits.sum(-1)).to(acc_dtype(logits.dtype))
     if chosen == "reference":
         return reference.kl_from_logits(logits, ref_logits, temperature=temperature, mask=mask)
-    op = torch.ops.rlkernels.kl_from_logits_triton if chosen == "triton" else torch.ops.rlkernels.kl_from_logits
-    return op(logits, ref_logits, mask, temperature)[0]
+    return _registry.kernel(_OP, chosen)(logits, ref_logits, mask, temperature)[0]
 
 
 def _fake_forward(logits, ref_logits, mask, temperature):
@@ -57,28 +56,25 @@ def _setup_context(ctx, inputs, output):
     ctx.temperature = temperature
 
 
-def register_autograd(forward: str, backward) -> None:
-    def grad_fn(ctx, grad_kl, _grad_saved):
-        logits, ref_logits, mask, saved = ctx.saved_tensors
-        logits_grad, ref_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-        if not (logits_grad or ref_grad):
-            return None, None, None, None
-        if _double_backward.recording():
-            def recompute(x, ref):
-                return reference.kl_from_logits(x, ref, temperature=ctx.temperature, mask=mask)
+def _backward(ctx, grad_kl, _grad_saved):
+    logits, ref_logits, mask, saved = ctx.saved_tensors
+    logits_grad, ref_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    if not (logits_grad or ref_grad):
+        return None, None, None, None
+    if _double_backward.recording():
+        def recompute(x, ref):
+            return reference.kl_from_logits(x, ref, temperature=ctx.temperature, mask=mask)
 
-            grad_logits, grad_ref = _double_backward.through_reference(
-                recompute, (logits, ref_logits), (logits_grad, ref_grad), (grad_kl,))
-            return grad_logits, grad_ref, None, None
-        if grad_kl is None:
-            grad_kl = torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
-        grad_logits, grad_ref = backward(grad_kl.to(torch.float32).contiguous(), logits, ref_logits, mask, saved,
-                                         ctx.temperature, logits_grad, ref_grad)
-        return (grad_logits if logits_grad else None), (grad_ref if ref_grad else None), None, None
-
-    torch.library.register_autograd(forward, grad_fn, setup_context=_setup_context)
+        grad_logits, grad_ref = _double_backward.through_reference(
+            recompute, (logits, ref_logits), (logits_grad, ref_grad), (grad_kl,))
+        return grad_logits, grad_ref, None, None
+    if grad_kl is None:
+        grad_kl = torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    backward = _registry.kernel("kl_from_logits_backward", ctx.backend)
+    grad_logits, grad_ref = backward(grad_kl.to(torch.float32).contiguous(), logits, ref_logits, mask, saved,
+                                     ctx.temperature, logits_grad, ref_grad)
+    return (grad_logits if logits_grad else None), (grad_ref if ref_grad else None), None, None
 
 
-torch.library.register_fake("rlkernels::kl_from_logits")(_fake_forward)
-torch.library.register_fake("rlkernels::kl_from_logits_backward")(_fake_backward)
-register_autograd("rlkernels::kl_from_logits", torch.ops.rlkernels.kl_from_logits_backward)
+_registry.register(_OP, fake=_fake_forward, backward=_backward, setup_context=_setup_context)
+_registry.register("kl_from_logits_backward", fake=_fake_backward)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
-from . import _double_backward
+from . import _double_backward, _registry
 
 _OP = "kl_penalty"
 KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs", "k1+", "k3+")
@@ -45,8 +45,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
         return reference.kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp)
     if clamp is None:
         clamp = 10.0 if kind in ("k3", "low_var_kl", "k3+") else math.inf
-    op = torch.ops.rlkernels.kl_penalty_triton if chosen == "triton" else torch.ops.rlkernels.kl_penalty
-    return op(logprobs, ref_logprobs, kind, clamp)[0]
+    return _registry.kernel(_OP, chosen)(logprobs, ref_logprobs, kind, clamp)[0]
 
 
 def _fake(logprobs, ref_logprobs, kind, clamp):
@@ -77,11 +76,4 @@ def _backward(ctx, grad_value, _grad_slope):
     return grad_logprobs, grad_ref, None, None
 
 
-def register(op_name: str) -> None:
-    """Fake kernel and autograd of an op with the kl_penalty schema (the compiled op
-    and its Triton twin)."""
-    torch.library.register_fake(op_name)(_fake)
-    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
-
-
-register("rlkernels::kl_penalty")
+_registry.register(_OP, fake=_fake, backward=_backward, setup_context=_setup_context)

@@ -24,7 +24,7 @@ import torch
 from torch.library import custom_op, register_fake
 
 from .. import _validate as V, reference
-from . import _chunked, _double_backward
+from . import _chunked, _double_backward, _registry
 from . import _logits as L
 
 _OP = "linear_logprobs"
@@ -138,9 +138,7 @@ def _tiles(n: int, vocab: int, tile_tokens: int, tile_vocab: int, budget: int) -
 
 
 def _row_ops(backend: str):
-    if backend == "triton":
-        return torch.ops.rlkernels.logprobs_vocab_tile_triton, torch.ops.rlkernels.logprobs_backward_inplace_triton
-    return torch.ops.rlkernels.logprobs_vocab_tile, torch.ops.rlkernels.logprobs_backward_inplace
+    return _registry.kernel("logprobs_vocab_tile", backend), _registry.kernel("logprobs_backward_inplace", backend)
 
 
 @custom_op("rlkernels::linear_logprobs", mutates_args=())

@@ -20,8 +20,9 @@ import torch
 from torch.library import custom_op, register_fake
 
 from .. import _validate as V
-from ..reference.losses import KL_ESTIMATORS, POLICY_STATS, aggregate
-from . import _chunked, _double_backward, _losses
+from ..reference._token_loss import aggregate
+from ..reference.policy_loss import KL_ESTIMATORS, POLICY_STATS
+from . import _chunked, _double_backward, _registry, _token_loss
 from . import _logits as L
 from .policy_loss import _policy
 
@@ -84,7 +85,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         # Masked tokens need no logits: give them the ignored label.
         labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     labels = L.labels_for(op, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
-    _losses.unused_companion(op, "ref_logprobs", ref_logprobs, "labels", labels)
+    _token_loss.unused_companion(op, "ref_logprobs", ref_logprobs, "labels", labels)
     valid = labels != ignore_index
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -101,10 +102,10 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
     if dual_clip is not None:
         dual_clip = V.number(op, "dual_clip", dual_clip, low=1.0, low_open=True)
-    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp, finite=False)
-    num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
+    log_ratio_clamp = _token_loss.optional_positive(op, "log_ratio_clamp", log_ratio_clamp, finite=False)
+    num_tokens, num_seqs, norm_length = _token_loss.normalisers(op, agg, num_tokens, num_seqs, norm_length)
     stand_in = torch.empty(labels.shape, dtype=torch.float32, device=device)
-    (_, old_logprobs, advantages, weights, ref_logprobs), _, _ = _losses.token_tensors(
+    (_, old_logprobs, advantages, weights, ref_logprobs), _, _ = _token_loss.token_tensors(
         op, "logprobs", stand_in,
         {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights,
          "ref_logprobs": ref_logprobs if beta > 0 else None},
@@ -112,15 +113,15 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     token_dtype = torch.float32 if old_logprobs.dtype != torch.float64 else torch.float64
     old_logprobs, advantages, weights, ref_logprobs = (
         None if t is None else t.to(token_dtype) for t in (old_logprobs, advantages, weights, ref_logprobs))
-    coefficients = [clip_low, clip_high, _losses.off_or(dual_clip), _losses.off_or(log_ratio_clamp), beta,
-                    _losses.count_or(num_tokens), _losses.count_or(num_seqs), _losses.count_or(norm_length)]
+    coefficients = [clip_low, clip_high, _token_loss.off_or(dual_clip), _token_loss.off_or(log_ratio_clamp), beta,
+                    _token_loss.count_or(num_tokens), _token_loss.count_or(num_seqs), _token_loss.count_or(norm_length)]
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     chunk = _chunked.chunk_rows(labels.numel(), weight.shape[0], chunk_size)
     loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss(
         hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
         ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index,
         chunk, chosen, needs)
-    return loss, _losses.stats_dict(STATS, stats)
+    return loss, _token_loss.stats_dict(STATS, stats)
 
 
 def _composed(hidden, weight, labels, old_logprobs, advantages, valid, *, ref_logprobs, beta, kl, entropy_coef,
@@ -184,11 +185,7 @@ def _pieces(valid: torch.Tensor, chunk: int, agg: str, coefficients: list[float]
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        return (torch.ops.rlkernels.logprobs_triton, torch.ops.rlkernels.logprobs_backward_inplace_triton,
-                torch.ops.rlkernels.policy_loss_triton)
-    return (torch.ops.rlkernels.logprobs, torch.ops.rlkernels.logprobs_backward_inplace,
-            torch.ops.rlkernels.policy_loss)
+    return tuple(_registry.kernel(name, backend) for name in ("logprobs", "logprobs_backward_inplace", "policy_loss"))
 
 
 def _piece(t: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:

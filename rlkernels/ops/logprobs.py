@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import _double_backward, _logits as L
+from . import _double_backward, _logits as L, _registry
 
 _OP = "logprobs"
 
@@ -35,12 +35,12 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
     if chosen == "reference":
         return reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                   entropy=entropy)
-    op = torch.ops.rlkernels.logprobs_triton if chosen == "triton" else torch.ops.rlkernels.logprobs
+    op = _registry.kernel(_OP, chosen)
     values, entropies, _ = op(logits, labels, temperature, ignore_index, entropy, inplace_backward)
     return (values, entropies) if entropy else values
 
 
-# ---- fake kernels and autograd (shared by the compiled and the Triton ops) ---------------------
+# ---- fake kernels and autograd (the compiled op and its Triton twin share them) ---------------
 
 def _fake_forward(logits, labels, temperature, ignore_index, with_entropy, inplace_backward):
     torch._check(logits.dim() >= 1, lambda: "logits must have a vocabulary dimension")
@@ -87,46 +87,38 @@ def _row_grad(grad: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
     return grad.to(torch.float32).contiguous()
 
 
-def register_autograd(forward: str, backward, backward_inplace) -> None:
-    """Registers the fake kernels and autograd of a logprobs forward op whose backward
-    ops are `backward` (fresh gradient) and `backward_inplace` (into the logits)."""
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved):
+    logits, labels, saved, entropies = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    if _double_backward.recording():
+        with_entropy = entropies.shape == labels.shape
 
-    def grad_fn(ctx, grad_logprobs, grad_entropy, _grad_saved):
-        logits, labels, saved, entropies = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        if _double_backward.recording():
-            with_entropy = entropies.shape == labels.shape
+        def recompute(x):
+            return reference.logprobs(x, labels, temperature=ctx.temperature, ignore_index=ctx.ignore_index,
+                                      entropy=with_entropy)
 
-            def recompute(x):
-                return reference.logprobs(x, labels, temperature=ctx.temperature, ignore_index=ctx.ignore_index,
-                                          entropy=with_entropy)
-
-            grads = (grad_logprobs, grad_entropy if with_entropy else None)
-            (grad,) = _double_backward.through_reference(recompute, (logits,), (True,), grads)
-            return grad, None, None, None, None, None
-        grad_logprobs = _row_grad(grad_logprobs, labels)
-        with_entropy = entropies.shape == labels.shape and grad_entropy is not None
-        grad_entropy = _row_grad(grad_entropy, labels) if with_entropy else None
-        args = (grad_logprobs, grad_entropy, logits, labels, saved, entropies, ctx.temperature, ctx.ignore_index)
-        if ctx.inplace_backward and not overlapping(logits):
-            backward_inplace(*args)
-            # The logits now hold the gradient: bump their version so that autograd raises
-            # where anything (another op's backward, a second backward through this one)
-            # still needs the old values, rather than reading the gradient as logits.
-            if not torch.compiler.is_compiling():
-                torch.autograd.graph.increment_version(logits)
-            grad = logits.detach()
-        else:
-            grad = backward(*args)
+        grads = (grad_logprobs, grad_entropy if with_entropy else None)
+        (grad,) = _double_backward.through_reference(recompute, (logits,), (True,), grads)
         return grad, None, None, None, None, None
+    grad_logprobs = _row_grad(grad_logprobs, labels)
+    with_entropy = entropies.shape == labels.shape and grad_entropy is not None
+    grad_entropy = _row_grad(grad_entropy, labels) if with_entropy else None
+    args = (grad_logprobs, grad_entropy, logits, labels, saved, entropies, ctx.temperature, ctx.ignore_index)
+    if ctx.inplace_backward and not overlapping(logits):
+        _registry.kernel("logprobs_backward_inplace", ctx.backend)(*args)
+        # The logits now hold the gradient: bump their version so that autograd raises
+        # where anything (another op's backward, a second backward through this one)
+        # still needs the old values, rather than reading the gradient as logits.
+        if not torch.compiler.is_compiling():
+            torch.autograd.graph.increment_version(logits)
+        grad = logits.detach()
+    else:
+        grad = _registry.kernel("logprobs_backward", ctx.backend)(*args)
+    return grad, None, None, None, None, None
 
-    torch.library.register_autograd(forward, grad_fn, setup_context=_setup_context)
 
-
-torch.library.register_fake("rlkernels::logprobs")(_fake_forward)
-torch.library.register_fake("rlkernels::logprobs_backward")(_fake_backward)
-torch.library.register_fake("rlkernels::logprobs_backward_inplace")(_fake_backward_inplace)
-torch.library.register_fake("rlkernels::logprobs_vocab_tile")(_fake_vocab_tile)
-register_autograd("rlkernels::logprobs", torch.ops.rlkernels.logprobs_backward,
-                  torch.ops.rlkernels.logprobs_backward_inplace)
+_registry.register(_OP, fake=_fake_forward, backward=_backward, setup_context=_setup_context)
+_registry.register("logprobs_backward", fake=_fake_backward)
+_registry.register("logprobs_backward_inplace", fake=_fake_backward_inplace)
+_registry.register("logprobs_vocab_tile", fake=_fake_vocab_tile)

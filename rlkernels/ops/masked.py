@@ -8,6 +8,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
+from . import _registry
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None, *,
@@ -46,7 +47,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | No
             out_shape[dim] = 1
         else:
             out_shape.pop(dim)
-    fn = torch.ops.rlkernels.masked_row_mean_triton if chosen == "triton" else torch.ops.rlkernels.masked_row_mean
+    fn = _registry.kernel("masked_row_mean", chosen)
     rows_m = rows_m.contiguous() if rows_m is not None else None
     return fn(rows_x.contiguous(), rows_m).reshape(out_shape)
 
@@ -68,8 +69,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_me
     with torch.no_grad():
         if chosen == "reference":
             return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-        fn = torch.ops.rlkernels.masked_whiten_triton if chosen == "triton" else torch.ops.rlkernels.masked_whiten
-        return fn(x.contiguous(), mask, shift_mean, eps)
+        return _registry.kernel("masked_whiten", chosen)(x.contiguous(), mask, shift_mean, eps)
 
 
 def _row_mean_fake(x, mask):
@@ -98,16 +98,6 @@ def _row_mean_backward(ctx, grad):
     return grad_x.to(ctx.x_dtype), None
 
 
-def register_row_mean(op_name: str) -> None:
-    """Fake kernel and autograd of an op with the masked_row_mean schema."""
-    torch.library.register_fake(op_name)(_row_mean_fake)
-    torch.library.register_autograd(op_name, _row_mean_backward, setup_context=_row_mean_setup)
-
-
-def register_whiten(op_name: str) -> None:
-    """Fake kernel of an op with the masked_whiten schema."""
-    torch.library.register_fake(op_name)(_whiten_fake)
-
-
-register_row_mean("rlkernels::masked_row_mean")
-register_whiten("rlkernels::masked_whiten")
+_registry.register("masked_row_mean", fake=_row_mean_fake, backward=_row_mean_backward,
+                   setup_context=_row_mean_setup)
+_registry.register("masked_whiten", fake=_whiten_fake)

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .. import _backend, _overlap, _validate as V, reference
+from . import _registry
 
 _PACK = "pack_tensors"
 _UNPACK = "unpack_tensors"
@@ -23,9 +24,9 @@ _MIX = "gossip_mix"
 
 
 def _written(*tensors: torch.Tensor) -> None:
-    """Bumps the version counters of tensors a compiled kernel wrote in place, as every
-    in-place PyTorch op does (and the Triton ops, declared mutating, do): a graph that
-    saved one of them then raises in backward instead of using the new values."""
+    """Bumps the version counters of tensors a kernel op (compiled or Triton) wrote in
+    place, as every in-place PyTorch op does: a graph that saved one of them then raises
+    in backward instead of using the new values."""
     if not torch.compiler.is_compiling():
         torch.autograd.graph.increment_version(tensors)
 
@@ -92,10 +93,8 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
     with torch.no_grad():
         if chosen == "reference":
             reference.pack_tensors(contiguous, out, scale)
-        elif chosen == "triton":
-            torch.ops.rlkernels.pack_tensors_triton(contiguous, out, scale)
         else:
-            torch.ops.rlkernels.pack_tensors(contiguous, out, scale)
+            _registry.kernel("pack_tensors", chosen)(contiguous, out, scale)
             _written(out)
     return out
 
@@ -125,10 +124,8 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
     with torch.no_grad():
         if chosen == "reference":
             reference.unpack_tensors(bucket, targets, scale)
-        elif chosen == "triton":
-            torch.ops.rlkernels.unpack_tensors_triton(bucket, targets, scale)
         else:
-            torch.ops.rlkernels.unpack_tensors(bucket, targets, scale)
+            _registry.kernel("unpack_tensors", chosen)(bucket, targets, scale)
             _written(*targets)
         for t, target in zip(tensors, targets):
             if t is not target:
@@ -172,31 +169,32 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
         if chosen == "reference":
             target.copy_(reference.gossip_mix(x, left, right, w_self, w_left, w_right))
         else:
-            fn = torch.ops.rlkernels.gossip_mix_triton if chosen == "triton" else torch.ops.rlkernels.gossip_mix
-            fn(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
-            if chosen != "triton":
-                _written(target)
+            mix = _registry.kernel("gossip_mix", chosen)
+            mix(x.contiguous(), left.contiguous(), right.contiguous(), w_self, w_left, w_right, target)
+            _written(target)
         if target is not out:
             out.copy_(target)
     return out
 
 
-@torch.library.register_fake("rlkernels::pack_tensors")
 def _pack_fake(tensors, bucket, scale):
     torch._check(bucket.dim() == 1, lambda: "bucket must be 1-D")
     torch._check(bucket.numel() == sum(t.numel() for t in tensors), lambda: "bucket size must match the tensors")
     return None
 
 
-@torch.library.register_fake("rlkernels::unpack_tensors")
 def _unpack_fake(bucket, tensors, scale):
     torch._check(bucket.dim() == 1, lambda: "bucket must be 1-D")
     torch._check(bucket.numel() == sum(t.numel() for t in tensors), lambda: "bucket size must match the tensors")
     return None
 
 
-@torch.library.register_fake("rlkernels::gossip_mix")
 def _gossip_mix_fake(x, left, right, w_self, w_left, w_right, out):
     torch._check(left.shape == x.shape and right.shape == x.shape and out.shape == x.shape,
                  lambda: "x, left, right and out must share one shape")
     return None
+
+
+_registry.register("pack_tensors", fake=_pack_fake)
+_registry.register("unpack_tensors", fake=_unpack_fake)
+_registry.register("gossip_mix", fake=_gossip_mix_fake)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate as V, reference
-from ..reference.losses import GRPO_LOSS_TYPES, KL_ESTIMATORS, POLICY_STATS, grpo_aggregation
-from . import _losses
+from ..reference.policy_loss import GRPO_LOSS_TYPES, KL_ESTIMATORS, POLICY_STATS, grpo_aggregation
+from . import _registry, _token_loss
+from ._token_loss import count_or, off_or
 
-_OP = "rlkernels::policy_loss"
+_OP = "policy_loss"
 
 
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -78,10 +79,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
         if max_completion_length <= 0:
             raise ValueError(f"{op}: max_completion_length must be > 0, got {max_completion_length}")
     # checked even where loss_type does not use them (a bad count is a bug upstream)
-    num_tokens = _losses.optional_positive(op, "num_tokens", num_tokens)
-    num_seqs = _losses.optional_positive(op, "num_seqs", num_seqs)
+    num_tokens = _token_loss.optional_positive(op, "num_tokens", num_tokens)
+    num_seqs = _token_loss.optional_positive(op, "num_seqs", num_seqs)
     V.float_tensor(op, "logprobs", logprobs, ndim=2)
-    _losses.unused_companion(op, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    _token_loss.unused_companion(op, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
     norm = grpo_aggregation(loss_type, logprobs.shape[0], logprobs.shape[1],
@@ -99,11 +100,11 @@ def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logpro
     clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
     if dual_clip is not None:
         dual_clip = V.number(op, "dual_clip", dual_clip, low=1.0, low_open=True)
-    log_ratio_clamp = _losses.optional_positive(op, "log_ratio_clamp", log_ratio_clamp, finite=False)
+    log_ratio_clamp = _token_loss.optional_positive(op, "log_ratio_clamp", log_ratio_clamp, finite=False)
     if log_ratio_clamp is not None and V.is_inf(log_ratio_clamp):
         log_ratio_clamp = None
-    num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
-    (logprobs, old_logprobs, advantages, weights, ref_logprobs), mask, device = _losses.token_tensors(
+    num_tokens, num_seqs, norm_length = _token_loss.normalisers(op, agg, num_tokens, num_seqs, norm_length)
+    (logprobs, old_logprobs, advantages, weights, ref_logprobs), mask, device = _token_loss.token_tensors(
         op, "logprobs", logprobs,
         {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights, "ref_logprobs": ref_logprobs},
         mask, per_row=("advantages",), required=("old_logprobs", "advantages"))
@@ -114,18 +115,17 @@ def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logpro
                                   num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length,
                                   weights=weights, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                                   kl=kl if kl != "none" else "k3")
-    fn = torch.ops.rlkernels.policy_loss_triton if chosen == "triton" else torch.ops.rlkernels.policy_loss
-    coefficients = [clip_low, clip_high, _losses.off_or(dual_clip), _losses.off_or(log_ratio_clamp), float(kl_coef),
-                    _losses.count_or(num_tokens), _losses.count_or(num_seqs), _losses.count_or(norm_length)]
+    fn = _registry.kernel(_OP, chosen)
+    coefficients = [clip_low, clip_high, off_or(dual_clip), off_or(log_ratio_clamp), float(kl_coef),
+                    count_or(num_tokens), count_or(num_seqs), count_or(norm_length)]
     loss, stats, _, _ = fn(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
-                           _losses.need_grad(logprobs))
-    return loss, _losses.stats_dict(POLICY_STATS, stats)
+                           _token_loss.need_grad(logprobs))
+    return loss, _token_loss.stats_dict(POLICY_STATS, stats)
 
 
-@torch.library.register_fake(_OP)
 def _policy_loss_fake(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, coefficients, kl, agg,
                       need_grad):
-    return _losses.fake_outputs(logprobs, len(POLICY_STATS), need_grad)
+    return _token_loss.fake_outputs(logprobs, len(POLICY_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd(_OP, 10, public_name="ppo_loss/grpo_loss")
+_token_loss.register(_OP, _policy_loss_fake, 10, public_name="ppo_loss/grpo_loss")

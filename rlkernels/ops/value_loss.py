@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate as V, reference
-from ..reference.losses import VALUE_STATS
-from . import _losses
+from ..reference.value_loss import VALUE_STATS
+from . import _registry, _token_loss
 
-_OP = "rlkernels::value_loss"
+_OP = "value_loss"
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: torch.Tensor,
@@ -33,23 +33,22 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
         old_values = values
     if old_values is None:
         raise ValueError(f"{op}: old_values is needed when clip is given")
-    num_tokens, num_seqs, norm_length = _losses.normalisers(op, agg, num_tokens, num_seqs, norm_length)
-    (values, old_values, returns), mask, device = _losses.token_tensors(
+    num_tokens, num_seqs, norm_length = _token_loss.normalisers(op, agg, num_tokens, num_seqs, norm_length)
+    (values, old_values, returns), mask, device = _token_loss.token_tensors(
         op, "values", values, {"old_values": old_values, "returns": returns}, mask, required=("returns",))
     chosen = _backend.resolve(op, backend, device)
     if chosen == "reference":
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, num_tokens=num_tokens,
                                     num_seqs=num_seqs, norm_length=norm_length)
-    fn = torch.ops.rlkernels.value_loss_triton if chosen == "triton" else torch.ops.rlkernels.value_loss
-    coefficients = [_losses.off_or(clip), _losses.count_or(num_tokens), _losses.count_or(num_seqs),
-                    _losses.count_or(norm_length)]
-    loss, stats, _, _ = fn(values, old_values, returns, mask, coefficients, agg, _losses.need_grad(values))
-    return loss, _losses.stats_dict(VALUE_STATS, stats)
+    fn = _registry.kernel(_OP, chosen)
+    coefficients = [_token_loss.off_or(clip), _token_loss.count_or(num_tokens), _token_loss.count_or(num_seqs),
+                    _token_loss.count_or(norm_length)]
+    loss, stats, _, _ = fn(values, old_values, returns, mask, coefficients, agg, _token_loss.need_grad(values))
+    return loss, _token_loss.stats_dict(VALUE_STATS, stats)
 
 
-@torch.library.register_fake(_OP)
 def _value_loss_fake(values, old_values, returns, mask, coefficients, agg, need_grad):
-    return _losses.fake_outputs(values, len(VALUE_STATS), need_grad)
+    return _token_loss.fake_outputs(values, len(VALUE_STATS), need_grad)
 
 
-_losses.register_token_loss_autograd(_OP, 7)
+_token_loss.register(_OP, _value_loss_fake, 7, public_name="value_loss")

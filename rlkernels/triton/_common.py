@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import triton
@@ -56,7 +55,6 @@ def on_inputs_device(fn):
     Triton launches on the current device and its current stream; a tensor on cuda:1
     while cuda:0 is current would be read by a kernel on the wrong GPU.  The CUDA
     kernels take a device guard for the same reason."""
-    signature = inspect.signature(fn, eval_str=True)
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -66,9 +64,6 @@ def on_inputs_device(fn):
         with torch.cuda.device(device):
             return fn(*args, **kwargs)
 
-    # torch.library reads the schema from the signature; give it the resolved types
-    # (the module's string annotations would be evaluated in this module's globals).
-    run.__signature__ = signature
     return run
 
 

@@ -1,15 +1,12 @@
 """GAE and discounted returns in Triton: a block of rows per program, the rows in
-the lanes, a reverse loop over time.  Registered with torch.library.custom_op (an
-opaque op with a fake kernel) so it behaves the same under the interpreter."""
+the lanes, a reverse loop over time."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op
 
-from ..ops.discounted_returns import register as register_discounted_returns
-from ..ops.gae import register as register_gae
+from ..ops._registry import triton_twin
 from . import _checks as C
 from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
@@ -82,7 +79,7 @@ def _check_rollout(op, rewards, mask, dones):
     return B, T
 
 
-@custom_op("rlkernels::gae_triton", mutates_args=())
+@triton_twin("gae")
 @on_inputs_device
 def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                dones: torch.Tensor | None, last_values: torch.Tensor | None, gamma: float,
@@ -104,7 +101,7 @@ def gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor |
     return advantages, returns
 
 
-@custom_op("rlkernels::discounted_returns_triton", mutates_args=())
+@triton_twin("discounted_returns")
 @on_inputs_device
 def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
                               dones: torch.Tensor | None, gamma: float) -> torch.Tensor:
@@ -118,7 +115,3 @@ def discounted_returns_triton(rewards: torch.Tensor, mask: torch.Tensor | None,
             coef_tensor(rewards.device, out_dtype, gamma),
             HAS_MASK=mask is not None, HAS_DONES=dones is not None, ACC=acc, BLOCK_B=_BLOCK_B)
     return returns
-
-
-register_gae("rlkernels::gae_triton")
-register_discounted_returns("rlkernels::discounted_returns_triton")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op
 
 from .._dtypes import acc_dtype
-from ..ops.kl_penalty import register
+from ..ops._registry import triton_twin
 from . import _checks as C
 from ._common import on_inputs_device
 
@@ -48,7 +47,7 @@ def _kl_penalty_kernel(lp_ptr, ref_ptr, value_ptr, slope_ptr, n, clamp, KIND: tl
     tl.store(slope_ptr + offs, d, mask=live)
 
 
-@custom_op("rlkernels::kl_penalty_triton", mutates_args=())
+@triton_twin("kl_penalty")
 @on_inputs_device
 def kl_penalty_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
                       clamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +68,3 @@ def kl_penalty_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: 
             lp, ref, value, slope, n, clamp if clamp != float("inf") else 0.0, KIND=KIND_CODES[kind],
             CLAMP=clamp != float("inf"), BLOCK=block)
     return value, slope
-
-
-register("rlkernels::kl_penalty_triton")

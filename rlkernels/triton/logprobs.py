@@ -1,10 +1,9 @@
-"""Log-probs, entropy and full-vocabulary KL from logits in Triton.
+"""Log-probs and entropy from logits in Triton.
 
 Forward: one program per row, streaming the vocabulary in blocks with an online
 maximum and base-2 sums (the same statistics as csrc/core/logprobs.h).  Backward:
 a 2-D grid (row, vocabulary block), each program recomputing p for its block
-from the saved row statistics.  Registered with torch.library.custom_op (opaque
-ops with fake kernels) so they behave the same under TRITON_INTERPRET=1."""
+from the saved row statistics."""
 from __future__ import annotations
 
 import math
@@ -13,12 +12,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, register_fake
 
-from ..ops.kl_from_logits import register_autograd as register_kl_autograd
-from ..ops.logprobs import _fake_vocab_tile, register_autograd as register_logprobs_autograd
+from ..ops._registry import triton_twin
 from . import _checks as C
-from ._common import bool_arg, cast_to, on_inputs_device
+from ._common import cast_to, on_inputs_device
 
 # Jitted code may read a module global only when it is a tl.constexpr (compiled Triton
 # rejects plain Python floats; the interpreter does not, which is why .ci/triton_aot.py
@@ -159,18 +156,7 @@ def _check_backward(op, grad_logprobs, grad_entropy, logits, labels, saved, entr
         C.row_floats(op, "entropy", entropy, logits, 1)
 
 
-def _check_kl_pair(op, logits, ref_logits, mask, temperature):
-    C.need(logits.dim() >= 1, op, "logits must have a vocabulary dimension")
-    C.floating(op, "logits", logits, C.LOGIT_FLOATS)
-    C.need(ref_logits.shape == logits.shape and ref_logits.dtype == logits.dtype, op,
-           f"ref_logits must have the shape and dtype of logits {tuple(logits.shape)}, got "
-           f"{tuple(ref_logits.shape)} {ref_logits.dtype}")
-    C.on_device(op, "ref_logits", ref_logits, logits)
-    C.optional_mask(op, "mask", mask, logits.shape[:-1], logits)
-    C.positive(op, "temperature", temperature)
-
-
-@custom_op("rlkernels::logprobs_triton", mutates_args=())
+@triton_twin("logprobs")
 @on_inputs_device
 def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,7 +194,7 @@ def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies
         1.0 / temperature, ENTROPY=with_entropy, BLOCK=block)
 
 
-@custom_op("rlkernels::logprobs_backward_triton", mutates_args=())
+@triton_twin("logprobs_backward")
 @on_inputs_device
 def logprobs_backward_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
                              labels: torch.Tensor, saved: torch.Tensor, entropy: torch.Tensor, temperature: float,
@@ -221,7 +207,7 @@ def logprobs_backward_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional
     return out
 
 
-@custom_op("rlkernels::logprobs_backward_inplace_triton", mutates_args=("logits",))
+@triton_twin("logprobs_backward_inplace")
 @on_inputs_device
 def logprobs_backward_inplace_triton(grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                                      logits: torch.Tensor, labels: torch.Tensor, saved: torch.Tensor,
@@ -235,20 +221,6 @@ def logprobs_backward_inplace_triton(grad_logprobs: torch.Tensor, grad_entropy: 
     else:
         logits.copy_(logprobs_backward_triton(grad_logprobs, grad_entropy, logits, labels, saved, entropy,
                                               temperature, ignore_index, vocab_start))
-
-
-@register_fake("rlkernels::logprobs_triton")
-def _logprobs_triton_fake(logits, labels, temperature, ignore_index, with_entropy, inplace_backward):
-    lead = logits.shape[:-1]
-    return (logits.new_empty(lead, dtype=torch.float32),
-            logits.new_empty(lead if with_entropy else (0,), dtype=torch.float32),
-            logits.new_empty((*lead, 2), dtype=torch.float32))
-
-
-@register_fake("rlkernels::logprobs_backward_triton")
-def _logprobs_backward_triton_fake(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
-                                   ignore_index, vocab_start=0):
-    return logits.new_empty(logits.shape)
 
 
 # ---- one vocabulary tile of rows (linear_logprobs) ------------------------------------------------
@@ -299,7 +271,7 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
         # the columns before the label are read only when its logit is the largest so far
         scan = tl.where(in_tile & candidate, local, 0)
         # a narrower block than the statistics' keeps this scan's registers in budget
-        # (4096 spilled on sm_80/sm_90 with entropy: .ci/triton_aot.py)
+        # (the full block spills with entropy: .ci/triton_aot.py)
         earlier = _any_at_least(base, scan, x_label, BLOCK // 4)
         top = candidate & tl.where(in_tile, (prev_m < x_label) & (~earlier), flag_in != 0.0)
         tl.store(out + 4, tl.where(top & (~ignored), 1.0, 0.0))
@@ -320,7 +292,7 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
         tl.store(out + 3, tl.where(ignored, 0.0, x_label))
 
 
-@custom_op("rlkernels::logprobs_vocab_tile_triton", mutates_args=("state",))
+@triton_twin("logprobs_vocab_tile")
 @on_inputs_device
 def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state: torch.Tensor, temperature: float,
                                ignore_index: int, vocab_start: int, with_entropy: bool, finish: bool) -> None:
@@ -337,163 +309,3 @@ def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state
         _vocab_tile_kernel[(N,)](x, labels, state, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
                                  _LOG2E / temperature, 1.0 / temperature, ENTROPY=bool(with_entropy),
                                  FINISH=bool(finish), TOP1=top1, BLOCK=_block(V))
-
-
-register_fake("rlkernels::logprobs_vocab_tile_triton")(_fake_vocab_tile)
-
-
-# ---- KL(pi || pi_ref) ----------------------------------------------------------------------------
-
-@triton.jit
-def _kl_shift(m):
-    """The value a row is centred on: its maximum, or 0 while that is -inf."""
-    return tl.where(m == -float("inf"), 0.0, m)
-
-
-@triton.jit
-def _kl_fwd_kernel(a_ptr, b_ptr, mask_ptr, kl_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
-                   b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    a_base = _row_base(a_ptr, row, inner, outer_stride, inner_stride)
-    b_base = _row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride)
-    n = V
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-        n = tl.where(keep, V, 0)
-    else:
-        keep = True
-    ma = tl.zeros([], dtype=tl.float32) - float("inf")
-    mb = tl.zeros([], dtype=tl.float32) - float("inf")
-    sa = tl.zeros([], dtype=tl.float32)
-    sb = tl.zeros([], dtype=tl.float32)
-    w = tl.zeros([], dtype=tl.float32)
-    for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        live = cols < V
-        a = tl.load(a_base + cols, mask=live, other=-float("inf")).to(tl.float32)
-        b = tl.load(b_base + cols, mask=live, other=-float("inf")).to(tl.float32)
-        # w is centred on both maxima (csrc/core/logprobs.h): moving one shifts every term
-        new_ma = tl.maximum(ma, tl.max(a, axis=0))
-        new_mb = tl.maximum(mb, tl.max(b, axis=0))
-        ca = tl.exp2(tl.where((new_ma == ma) | (ma == -float("inf")), 0.0, (ma - new_ma) * scale))
-        shift = ((_kl_shift(ma) - _kl_shift(new_ma)) - (_kl_shift(mb) - _kl_shift(new_mb))) * inv_t
-        w = tl.where(w == float("inf"), w, ca * (w + tl.where(sa == 0.0, 0.0, sa * shift)))
-        sa = sa * ca
-        ma = new_ma
-        sb = sb * tl.exp2(tl.where((new_mb == mb) | (mb == -float("inf")), 0.0, (mb - new_mb) * scale))
-        mb = new_mb
-        ya = (a - _kl_shift(ma)) * scale
-        yb = (b - _kl_shift(mb)) * scale
-        ea = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
-        eb = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
-        sa += tl.sum(ea, axis=0)
-        sb += tl.sum(eb, axis=0)
-        d = ((a - _kl_shift(ma)) - (b - _kl_shift(mb))) * inv_t
-        # q_j = 0 < p_j (however small p_j, which may underflow): KL is inf
-        ruled_out = (b == -float("inf")) & (a > -float("inf"))
-        w += tl.sum(tl.where(ruled_out, float("inf"), tl.where(ea == 0.0, 0.0, ea * d)), axis=0)
-    sa = tl.where(keep, sa, 1.0)
-    sb = tl.where(keep, sb, 1.0)
-    log_sa = tl.log(sa)
-    log_sb = tl.log(sb)
-    mean_ratio = w / sa
-    kl = mean_ratio - log_sa + log_sb
-    tl.store(kl_ptr + row, tl.where(keep, kl, 0.0))
-    tl.store(saved_ptr + 5 * row, tl.where(keep, ma, 0.0))
-    tl.store(saved_ptr + 5 * row + 1, tl.where(keep, log_sa, 0.0))
-    tl.store(saved_ptr + 5 * row + 2, tl.where(keep, mb, 0.0))
-    tl.store(saved_ptr + 5 * row + 3, tl.where(keep, log_sb, 0.0))
-    tl.store(saved_ptr + 5 * row + 4, tl.where(keep, mean_ratio, 0.0))
-
-
-@triton.jit
-def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, inner, outer_stride, inner_stride,
-                   b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
-                   LOGITS_GRAD: tl.constexpr, REF_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < V
-    a = tl.load(_row_base(a_ptr, row, inner, outer_stride, inner_stride) + cols, mask=live,
-                other=-float("inf")).to(tl.float32)
-    b = tl.load(_row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride) + cols, mask=live,
-                other=-float("inf")).to(tl.float32)
-    g = tl.load(g_ptr + row)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-    else:
-        keep = True
-    ya = (a - tl.load(saved_ptr + 5 * row)) * scale - tl.load(saved_ptr + 5 * row + 1) * LOG2E
-    p = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
-    if LOGITS_GRAD:
-        d = ((a - _kl_shift(tl.load(saved_ptr + 5 * row))) - (b - _kl_shift(tl.load(saved_ptr + 5 * row + 2)))) * inv_t
-        da = tl.where(p == 0.0, 0.0, g * p * (d - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
-        da = tl.where(keep, da, 0.0)
-        tl.store(ga_ptr + row * V + cols, cast_to(da, ga_ptr.dtype.element_ty), mask=live)
-    if REF_GRAD:
-        yb = (b - tl.load(saved_ptr + 5 * row + 2)) * scale - tl.load(saved_ptr + 5 * row + 3) * LOG2E
-        q = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
-        tl.store(gb_ptr + row * V + cols, cast_to(tl.where(keep, g * (q - p) * inv_t, 0.0), gb_ptr.dtype.element_ty), mask=live)
-
-
-@custom_op("rlkernels::kl_from_logits_triton", mutates_args=())
-@on_inputs_device
-def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: Optional[torch.Tensor],
-                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_kl_pair("kl_from_logits", logits, ref_logits, mask, temperature)
-    a, (inner, outer_stride, inner_stride) = readable(logits)
-    b, (b_inner, b_outer_stride, b_inner_stride) = readable(ref_logits)
-    lead = logits.shape[:-1]
-    V = logits.shape[-1]
-    N = math.prod(lead)
-    kl = torch.empty(lead, dtype=torch.float32, device=logits.device)
-    saved = torch.empty((*lead, 5), dtype=torch.float32, device=logits.device)
-    if N > 0:
-        _kl_fwd_kernel[(N,)](a, b, bool_arg(mask, kl), kl, saved, V, inner,
-                             outer_stride, inner_stride, b_inner, b_outer_stride, b_inner_stride,
-                             _LOG2E / temperature, 1.0 / temperature, HAS_MASK=mask is not None,
-                             BLOCK=min(_block(V), 2048))
-    return kl, saved
-
-
-@custom_op("rlkernels::kl_from_logits_backward_triton", mutates_args=())
-@on_inputs_device
-def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor,
-                                   mask: Optional[torch.Tensor], saved: torch.Tensor, temperature: float,
-                                   logits_grad: bool, ref_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_kl_pair("kl_from_logits_backward", logits, ref_logits, mask, temperature)
-    C.row_floats("kl_from_logits_backward", "grad_kl", grad_kl, logits, 1)
-    C.row_floats("kl_from_logits_backward", "saved", saved, logits, 5)
-    a, (inner, outer_stride, inner_stride) = readable(logits)
-    b, (b_inner, b_outer_stride, b_inner_stride) = readable(ref_logits)
-    V = logits.shape[-1]
-    N = math.prod(logits.shape[:-1])
-    grad_logits = logits.new_empty(logits.shape if logits_grad else (0,))
-    grad_ref = logits.new_empty(logits.shape if ref_grad else (0,))
-    if N > 0 and V > 0 and (logits_grad or ref_grad):
-        block = _block(V)
-        _kl_bwd_kernel[(N, triton.cdiv(V, block))](
-            a, b, bool_arg(mask, grad_kl), grad_kl, saved,
-            grad_logits if logits_grad else saved, grad_ref if ref_grad else saved, V, inner, outer_stride,
-            inner_stride, b_inner, b_outer_stride, b_inner_stride, _LOG2E / temperature, 1.0 / temperature,
-            HAS_MASK=mask is not None, LOGITS_GRAD=logits_grad, REF_GRAD=ref_grad, BLOCK=block)
-    return grad_logits, grad_ref
-
-
-@register_fake("rlkernels::kl_from_logits_triton")
-def _kl_triton_fake(logits, ref_logits, mask, temperature):
-    lead = logits.shape[:-1]
-    return logits.new_empty(lead, dtype=torch.float32), logits.new_empty((*lead, 5), dtype=torch.float32)
-
-
-@register_fake("rlkernels::kl_from_logits_backward_triton")
-def _kl_backward_triton_fake(grad_kl, logits, ref_logits, mask, saved, temperature, logits_grad, ref_grad):
-    return (logits.new_empty(logits.shape if logits_grad else (0,)),
-            logits.new_empty(logits.shape if ref_grad else (0,)))
-
-
-# Autograd of the Triton ops: the same formulas as the compiled ops, with the
-# Triton backward kernels.
-register_logprobs_autograd("rlkernels::logprobs_triton", torch.ops.rlkernels.logprobs_backward_triton,
-                           torch.ops.rlkernels.logprobs_backward_inplace_triton)
-register_kl_autograd("rlkernels::kl_from_logits_triton", torch.ops.rlkernels.kl_from_logits_backward_triton)

@@ -2,16 +2,15 @@
 in Triton.  One launch covers every tensor: the tensors' addresses travel in an int64
 table and each program copies one block of one tensor (a flat list of (tensor,
 block) work items, so a single large tensor and a thousand small ones both keep
-every program busy).  Registered with torch.library.custom_op like the other
-Triton kernels."""
+every program busy)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, register_fake
 
 from .._dtypes import acc_dtype
+from ..ops._registry import triton_twin
 from . import _checks as C
 from ._common import cast_to, on_inputs_device
 from ..reference.multi_tensor import scale_dtype
@@ -88,13 +87,13 @@ def _launch(tensors, bucket, scale, pack: bool):
                                        TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc], BLOCK=_BLOCK)
 
 
-@custom_op("rlkernels::pack_tensors_triton", mutates_args=("bucket",))
+@triton_twin("pack_tensors")
 @on_inputs_device
 def pack_tensors_triton(tensors: list[torch.Tensor], bucket: torch.Tensor, scale: float) -> None:
     _launch(tensors, bucket, scale, pack=True)
 
 
-@custom_op("rlkernels::unpack_tensors_triton", mutates_args=("tensors",))
+@triton_twin("unpack_tensors")
 @on_inputs_device
 def unpack_tensors_triton(bucket: torch.Tensor, tensors: list[torch.Tensor], scale: float) -> None:
     _launch(tensors, bucket, scale, pack=False)
@@ -112,7 +111,7 @@ def _gossip_mix_kernel(x_ptr, left_ptr, right_ptr, out_ptr, n, weights_ptr, ACC:
     tl.store(out_ptr + idx, cast_to(mixed, out_ptr.dtype.element_ty), mask=live)
 
 
-@custom_op("rlkernels::gossip_mix_triton", mutates_args=("out",))
+@triton_twin("gossip_mix")
 @on_inputs_device
 def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w_self: float, w_left: float,
                       w_right: float, out: torch.Tensor) -> None:
@@ -129,18 +128,3 @@ def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, 
     weights = torch.tensor([w_self, w_left, w_right], dtype=acc, device=x.device)
     _gossip_mix_kernel[(triton.cdiv(n, _BLOCK),)](x, left, right, out, n, weights, ACC=_TL[acc],
                                                     BLOCK=_BLOCK)
-
-
-@register_fake("rlkernels::pack_tensors_triton")
-def _pack_fake(tensors, bucket, scale):
-    return None
-
-
-@register_fake("rlkernels::unpack_tensors_triton")
-def _unpack_fake(bucket, tensors, scale):
-    return None
-
-
-@register_fake("rlkernels::gossip_mix_triton")
-def _gossip_mix_fake(x, left, right, w_self, w_left, w_right, out):
-    return None

@@ -6,10 +6,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, register_fake
 
-from ..ops.dpo_loss import register as register_dpo
-from ..ops.sequence_logprobs import register as register_sequence
+from ..ops._registry import triton_twin
 from . import _checks as C
 from ._common import acc_types, bool_arg, on_inputs_device
 
@@ -109,7 +107,7 @@ def _sequence_backward_kernel(g_ptr, m_ptr, n_ptr, out_ptr, T, HAS_MASK: tl.cons
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@custom_op("rlkernels::dpo_loss_triton", mutates_args=())
+@triton_twin("dpo_loss")
 @on_inputs_device
 def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float, kind: str, label_smoothing: float
@@ -131,7 +129,7 @@ def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     return tuple(outs)
 
 
-@custom_op("rlkernels::sequence_logprobs_triton", mutates_args=())
+@triton_twin("sequence_logprobs")
 @on_inputs_device
 def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | None, average: bool
                              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +145,7 @@ def sequence_logprobs_triton(token_logprobs: torch.Tensor, mask: torch.Tensor | 
     return out, counts
 
 
-@custom_op("rlkernels::sequence_logprobs_backward_triton", mutates_args=())
+@triton_twin("sequence_logprobs_backward")
 @on_inputs_device
 def sequence_logprobs_backward_triton(grad: torch.Tensor, mask: torch.Tensor | None, num_tokens: torch.Tensor,
                                       average: bool, T: int, dtype: torch.dtype) -> torch.Tensor:
@@ -167,12 +165,3 @@ def sequence_logprobs_backward_triton(grad: torch.Tensor, mask: torch.Tensor | N
             grad, bool_arg(mask, grad), num_tokens, out, T,
             HAS_MASK=mask is not None, AVERAGE=average, BLOCK_T=block)
     return out.to(dtype)
-
-
-@register_fake("rlkernels::sequence_logprobs_backward_triton")
-def _sequence_backward_fake(grad, mask, num_tokens, average, T, dtype):
-    return grad.new_empty((grad.shape[0], T), dtype=dtype)
-
-
-register_dpo("rlkernels::dpo_loss_triton")
-register_sequence("rlkernels::sequence_logprobs_triton", torch.ops.rlkernels.sequence_logprobs_backward_triton)

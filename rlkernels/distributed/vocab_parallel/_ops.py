@@ -9,6 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from ... import _validate as V
 from ...ops import _chunked
+from ...ops._registry import kernel
 from ...ops import _logits as L
 from ._comm import all_reduce_sum, gather_stats, layout
 from ._stats import (STAT_WIDTH, backward_logits, empty_state, klreference_backward, kl_shard_stats, owned,
@@ -119,10 +120,7 @@ class _KlFn(torch.autograd.Function):
         if backend == "reference":
             ga, gb = klreference_backward(g, a, b, flat_mask, saved, temperature)
         else:
-            op = (torch.ops.rlkernels.kl_from_logits_backward_triton if backend == "triton"
-                  else torch.ops.rlkernels.kl_from_logits_backward)
-            ga, gb = op(g, a.contiguous() if a.stride(-1) != 1 else a, b, flat_mask, saved, temperature, need_a,
-                        need_b)
+            ga, gb = kernel("kl_from_logits_backward", backend)(g, a, b, flat_mask, saved, temperature, need_a, need_b)
         return (ga.reshape(logits.shape) if need_a else None, gb.reshape(ref_logits.shape) if need_b else None,
                 None, None, None, None)
 
@@ -263,7 +261,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     loss on every rank.  loss_options: ppo_loss's (clip_low, clip_high, dual_clip,
     log_ratio_clamp, agg, num_tokens, num_seqs, norm_length, weights)."""
     from ...ops.policy_loss import _policy
-    from ...reference.losses import KL_ESTIMATORS, aggregate
+    from ...reference._token_loss import aggregate
+    from ...reference.policy_loss import KL_ESTIMATORS
 
     fn = "linear_ppo_loss"
     V.tensor(fn, "hidden", hidden, dtypes=L.LOGIT_DTYPES, ndim=3)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ... import reference
+from ...ops._registry import kernel
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -14,9 +15,7 @@ STAT_WIDTH = 5  # values a token sends per rank
 
 
 def tile_ops(backend: str):
-    if backend == "triton":
-        return torch.ops.rlkernels.logprobs_vocab_tile_triton, torch.ops.rlkernels.logprobs_backward_triton
-    return torch.ops.rlkernels.logprobs_vocab_tile, torch.ops.rlkernels.logprobs_backward
+    return kernel("logprobs_vocab_tile", backend), kernel("logprobs_backward", backend)
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,8 +116,7 @@ def kl_shard_stats(a, b, temperature, backend, mask):
         w = torch.where(ruled.any(-1), math.inf, terms.sum(-1))
         out = torch.stack([ma, ea.sum(-1), w, mb, eb.sum(-1)], -1)
     else:
-        op = torch.ops.rlkernels.kl_from_logits_triton if backend == "triton" else torch.ops.rlkernels.kl_from_logits
-        _, saved = op(a, b, None, temperature)
+        _, saved = kernel("kl_from_logits", backend)(a, b, None, temperature)
         saved = saved.to(torch.float64)
         sa, sb = torch.exp(saved[:, 1]), torch.exp(saved[:, 3])
         w = torch.where(sa > 0, saved[:, 4] * sa, 0.0)

@@ -1,5 +1,5 @@
-"""Policy, value and preference losses composed from PyTorch ops, written the way RL
-frameworks (verl, TRL) write them: the truth for tests and benchmarks and the
+"""PPO's and GRPO's clipped surrogate losses composed from PyTorch ops, written
+the way verl and TRL write them: the truth for tests and benchmarks and the
 `backend="reference"` path.  Gradients come from autograd.
 
 Masked slots are selected away (`torch.where`) before any arithmetic, so NaN or inf
@@ -7,54 +7,13 @@ there reaches neither the loss nor the gradient."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._dtypes import acc_dtype
+from ._token_loss import _masked_mean, _valid, aggregate
 
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 POLICY_STATS = ("clip_frac_upper", "clip_frac_lower", "clip_frac_dual", "approx_kl_k1", "approx_kl_k3",
                 "ratio_mean", "ratio_max", "kl", "num_tokens")
-VALUE_STATS = ("clip_frac", "num_tokens")
-
-
-def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(like, dtype=torch.bool) if mask is None else mask.bool()
-
-
-def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor | None, agg: str = "token-mean", *,
-              num_tokens: float | None = None, num_seqs: float | None = None,
-              norm_length: float | None = None) -> torch.Tensor:
-    """Reduces a [B, T] per-token loss (already 0 in masked slots) to a scalar.
-
-    n_t = num_tokens or the number of valid tokens; n_s = num_seqs or the number of
-    rows with a valid token; T_norm = norm_length or T.  A zero normaliser gives 0."""
-    valid = _valid(mask, loss_mat)
-    row_tokens = valid.sum(-1).to(loss_mat.dtype)
-    row_sums = loss_mat.sum(-1)
-    n_t = row_tokens.sum() if num_tokens is None else loss_mat.new_tensor(float(num_tokens))
-    n_s = (row_tokens > 0).sum().to(loss_mat.dtype) if num_seqs is None else loss_mat.new_tensor(float(num_seqs))
-    t_norm = loss_mat.new_tensor(float(loss_mat.shape[-1] if norm_length is None else norm_length))
-
-    def safe_div(num, den):
-        return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
-
-    if agg == "token-mean":
-        return safe_div(row_sums.sum(), n_t)
-    if agg == "token-sum":
-        return row_sums.sum()
-    if agg == "seq-mean-token-sum":
-        return safe_div(row_sums.sum(), n_s)
-    if agg == "seq-mean-token-mean":
-        return safe_div(safe_div(row_sums, row_tokens).sum(), n_s)
-    if agg == "seq-mean-token-sum-norm":
-        return safe_div(row_sums.sum(), n_s * t_norm)
-    raise ValueError(f"unknown agg {agg!r}")
-
-
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    total = torch.where(valid, x, 0).sum()
-    return torch.where(count > 0, total / count.clamp(min=1), 0)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
@@ -173,74 +132,3 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
     return ppo_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                     log_ratio_clamp=log_ratio_clamp, ref_logprobs=ref_logprobs if beta != 0.0 else None,
                     kl_coef=beta, kl=kl, **norm)
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: torch.Tensor,
-               mask: torch.Tensor | None = None, *, clip: float | None = None, agg: str = "token-mean",
-               num_tokens: float | None = None, num_seqs: float | None = None,
-               norm_length: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """verl's compute_value_loss: 0.5 max((v - R)^2, (old + clamp(v - old, +-clip) - R)^2);
-    clip_frac counts tokens where the clamp acts and the clipped term is the larger.
-    Only `values` is differentiated: old_values and returns are data (detached)."""
-    returns = returns.detach()
-    old_values = old_values.detach() if old_values is not None else None
-    acc = acc_dtype(values.dtype)
-    valid = _valid(mask, values)
-    zero = values.new_zeros((), dtype=acc)
-    v = torch.where(valid, values.to(acc), zero)
-    ret = torch.where(valid, returns.to(acc), zero)
-    losses1 = (v - ret).square()
-    clipped = torch.zeros_like(valid)
-    if clip is not None:
-        old = torch.where(valid, old_values.to(acc), zero)
-        v_clipped = old + torch.clamp(v - old, -clip, clip)
-        losses2 = (v_clipped - ret).square()
-        # verl's vf_clipfrac compares the two terms; inside [-clip, clip] they are equal
-        # in exact arithmetic, so only tokens where the clamp acts count.
-        clipped = (losses2 > losses1) & ((v - old).abs() > clip)
-        losses1 = torch.maximum(losses1, losses2)
-    loss_mat = torch.where(valid, 0.5 * losses1, zero)
-    loss = aggregate(loss_mat, valid, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    with torch.no_grad():
-        count = valid.sum().to(acc)
-        stats = {"clip_frac": _masked_mean(clipped.to(acc), valid, count), "num_tokens": count}
-    return loss, stats
-
-
-PREFERENCE_KINDS = ("sigmoid", "ipo", "hinge", "robust")
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, *, beta: float = 0.1, kind: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TRL's DPOTrainer.dpo_loss for loss_type sigmoid / ipo / hinge / robust on summed
-    sequence log-probs; returns (per-pair losses, chosen_rewards, rejected_rewards)."""
-    acc = acc_dtype(policy_chosen.dtype)
-    pc, pr, rc, rr = (t.to(acc) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
-    logits = (pc - pr) - (rc - rr)
-    ls = label_smoothing
-    if kind == "sigmoid":
-        losses = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
-    elif kind == "robust":
-        losses = (-F.logsigmoid(beta * logits) * (1 - ls) + F.logsigmoid(-beta * logits) * ls) / (1 - 2 * ls)
-    elif kind == "hinge":
-        losses = torch.relu(1 - beta * logits)
-    elif kind == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
-    chosen_rewards = (beta * (pc - rc)).detach()
-    rejected_rewards = (beta * (pr - rr)).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
-                      average: bool = False) -> torch.Tensor:
-    """Per-row sum (or mean, 0 for an empty row) of the valid token log-probs."""
-    acc = acc_dtype(token_logprobs.dtype)
-    valid = _valid(mask, token_logprobs)
-    sums = torch.where(valid, token_logprobs.to(acc), token_logprobs.new_zeros((), dtype=acc)).sum(-1)
-    if not average:
-        return sums
-    counts = valid.sum(-1).to(acc)
-    return torch.where(counts > 0, sums / counts.clamp(min=1), 0)

@@ -1,4 +1,4 @@
-"""Validation and autograd glue shared by the token-level losses (ppo_loss,
+"""Validation, fake kernels and autograd shared by the token-level losses (ppo_loss,
 grpo_loss, value_loss).  Their ops return (loss, stats, grad, row_scale): the
 per-token gradient before aggregation and each row's share of the aggregation,
 so backward is one broadcast multiply."""
@@ -8,8 +8,8 @@ import torch
 
 from .. import _validate as V
 from .._dtypes import acc_dtype
-from . import _double_backward
-from ..reference.losses import AGG_MODES
+from ..reference._token_loss import AGG_MODES
+from . import _double_backward, _registry
 
 
 def optional_positive(op: str, name: str, value, *, finite: bool = True) -> float | None:
@@ -99,32 +99,34 @@ def fake_outputs(primary: torch.Tensor, num_stats: int, need_grad: bool):
             primary.new_empty((B, T) if need_grad else (0,), dtype=dtype), primary.new_empty((B,), dtype=dtype))
 
 
-@torch.library.register_fake("rlkernels::scale_rows")
 def _scale_rows_fake(grad, row_scale, grad_loss, dtype):
     return grad.new_empty(grad.shape, dtype=dtype)
 
 
-def register_token_loss_autograd(op_name: str, num_inputs: int, scale_rows=None, public_name: str = "") -> None:
-    """Backward of a token loss op: d loss / d input_0 = grad_loss * row_scale[b] * grad[b, t],
-    computed by `scale_rows` (grad, row_scale, grad_loss, dtype) -> [B, T]: a kernel op, whose
-    small problems stay on one thread (a torch broadcast multiply would wake a thread pool)."""
-    scale_rows = torch.ops.rlkernels.scale_rows if scale_rows is None else scale_rows
-    public_name = public_name or op_name.split("::")[-1].removesuffix("_triton")
+def _setup_context(ctx, inputs, output):
+    _, stats, grad, row_scale = output
+    # the input only marks where a double backward must raise (a reference, no copy)
+    ctx.save_for_backward(grad, row_scale, inputs[0])
+    ctx.input_dtype = inputs[0].dtype
+    ctx.mark_non_differentiable(stats, grad, row_scale)
+    # The other outputs get no gradient: do not materialise zeros of their size.
+    ctx.set_materialize_grads(False)
 
-    def setup_context(ctx, inputs, output):
-        _, stats, grad, row_scale = output
-        # the input only marks where a double backward must raise (a reference, no copy)
-        ctx.save_for_backward(grad, row_scale, inputs[0])
-        ctx.input_dtype = inputs[0].dtype
-        ctx.mark_non_differentiable(stats, grad, row_scale)
-        # The other outputs get no gradient: do not materialise zeros of their size.
-        ctx.set_materialize_grads(False)
+
+def register(name: str, fake, num_inputs: int, public_name: str) -> None:
+    """Fake kernel and backward of a token loss op: d loss / d input_0 = grad_loss *
+    row_scale[b] * grad[b, t], computed by the scale_rows op (grad, row_scale, grad_loss,
+    dtype) -> [B, T]: a kernel, whose small problems stay on one thread (a torch broadcast
+    multiply would wake a thread pool)."""
 
     def backward(ctx, grad_loss, *unused):
         grad, row_scale, primary = ctx.saved_tensors
         if grad_loss is None or grad.dim() != 2:  # no gradient needed
             return (None,) * num_inputs
-        grad_input = scale_rows(grad, row_scale, grad_loss, ctx.input_dtype)
+        grad_input = _registry.kernel("scale_rows", ctx.backend)(grad, row_scale, grad_loss, ctx.input_dtype)
         return *_double_backward.first_order_only(public_name, (grad_input,), (primary,)), *((None,) * (num_inputs - 1))
 
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    _registry.register(name, fake=fake, backward=backward, setup_context=_setup_context)
+
+
+_registry.register("scale_rows", fake=_scale_rows_fake)
