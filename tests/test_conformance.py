@@ -69,7 +69,6 @@ BENCHMARKED_THROUGH = {"pack_tensors": "ring_all_reduce", "unpack_tensors": "rin
 # Known gaps: (public op, check) -> why.  The test fails once a gap is closed, so that
 # the entry goes too.
 KNOWN_GAPS = {
-    ("masked_mean", "benchmark"): "no benchmark case yet (rlkernels/benchmarks/advantages.py has masked_whiten only)",
 }
 
 KERNEL_NAMES = sorted({name for names in KERNEL_OPS.values() for name in names}

@@ -82,6 +82,12 @@ def cases(device: str, quick: bool) -> list[Case]:
         impls.append(Impl("torch", lambda: reference.masked_whiten(rewards, mask), baseline=True))
         out.append(Case("advantages", "masked_whiten", {"B": B, "T": T, "dtype": "float32"}, B * T * 9, impls))
 
+        impls = [Impl(f"rlkernels-{b}", lambda b=b: rlkernels.masked_mean(rewards, mask, dim=-1, backend=b))
+                 for b in _backends(device)]
+        impls.append(Impl("torch", lambda: (rewards * mask).sum(-1) / mask.sum(-1).clamp(min=1), baseline=True))
+        out.append(Case("advantages", "masked_mean", {"B": B, "T": T, "dtype": "float32", "dim": -1}, B * T * 5,
+                        impls))
+
     N, G = (1024, 16) if quick else (16384, 16)
     scores = torch.randn(N, device=device)
     impls = [Impl(f"rlkernels-{b}", lambda b=b: rlkernels.group_advantages(scores, G, backend=b))
