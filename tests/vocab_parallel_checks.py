@@ -212,6 +212,41 @@ def check_one_collective_without_check(rank, world):
     _close(lp, rlkernels.logprobs(full, labels), "log-probs with check=False")
 
 
+def check_public_functions_take_group(rank, world):
+    """rlkernels.logprobs / kl_from_logits / linear_logprobs / linear_ppo_loss with group=."""
+    vocab = 211
+    v0, v1 = shard_bounds(vocab, world, rank)
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(17)
+    full, ref = torch.randn(6, vocab, generator=g), torch.randn(6, vocab, generator=g)
+    labels = torch.randint(0, vocab, (6,), generator=g)
+    lp, h = rlkernels.logprobs(full[:, v0:v1], labels, entropy=True, group=group)
+    want_lp, want_h = rlkernels.logprobs(full, labels, entropy=True)
+    _close(lp, want_lp, "logprobs(group=)")
+    _close(h, want_h, "entropy with group=")
+    _close(rlkernels.kl_from_logits(full[:, v0:v1], ref[:, v0:v1], group=group), rlkernels.kl_from_logits(full, ref),
+           "kl_from_logits(group=)")
+    hidden, weight = torch.randn(2, 3, 8, generator=g), torch.randn(vocab, 8, generator=g)
+    tokens = torch.randint(0, vocab, (2, 3), generator=g)
+    _close(rlkernels.linear_logprobs(hidden, weight[v0:v1], tokens, group=group),
+           rlkernels.linear_logprobs(hidden, weight, tokens), "linear_logprobs(group=)", 5e-5, 5e-5)
+    old, adv = torch.full((2, 3), -5.0), torch.randn(2, 3, generator=g)
+    loss, _ = rlkernels.linear_ppo_loss(hidden, weight[v0:v1], tokens, old, adv, group=group, clip_low=0.1)
+    want, _ = rlkernels.linear_ppo_loss(hidden, weight, tokens, old, adv, clip_low=0.1)
+    _close(loss, want, "linear_ppo_loss(group=)", 1e-5, 1e-6)
+    for call, words in ((lambda: rlkernels.logprobs(full[:, v0:v1], labels, group=group, inplace_backward=True),
+                         "inplace_backward"),
+                        (lambda: rlkernels.linear_logprobs(hidden, weight[v0:v1], tokens, group=group, is_top1=True),
+                         "is_top1")):
+        try:
+            call()
+        except ValueError as exc:
+            if words not in str(exc):
+                raise AssertionError(f"error does not name {words}: {exc}") from exc
+        else:
+            raise AssertionError(f"{words} with group= did not raise")
+
+
 def check_mismatch_tokens(rank, world):
     n = 4 if rank != world - 1 else 5
     _expect_mismatch(lambda: VP.logprobs(torch.randn(n, 10), torch.zeros(n, dtype=torch.long), group=None,

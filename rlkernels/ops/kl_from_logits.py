@@ -13,7 +13,7 @@ _OP = "kl_from_logits"
 
 
 def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
-                   mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                   mask: torch.Tensor | None = None, group=None, backend: str = "auto") -> torch.Tensor:
     """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, with p = softmax(logits / T)
     and q = softmax(ref_logits / T).
 
@@ -22,7 +22,16 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     KL 0 and no gradient, and the kernels skip them.  Returns float32 of the leading shape.
     Gradients: dKL/dlogits_j = p_j (log p_j - log q_j - KL) / T and, when ref_logits
     requires grad, dKL/dref_logits_j = (q_j - p_j) / T, in the logits' dtype.
+    group: a torch.distributed process group over which the vocabulary is sharded
+    (tensor parallel): logits and ref_logits are this rank's contiguous shard, shards in
+    rank order; every rank gets the full-vocabulary result (docs/distributed.md,
+    rlkernels.distributed.vocab_parallel for the keywords that tune it).
     """
+    if group is not None:
+        from ..distributed import vocab_parallel
+
+        return vocab_parallel.kl_from_logits(logits, ref_logits, group=group, temperature=temperature, mask=mask,
+                                             backend=backend)
     L.logits_tensor(_OP, "logits", logits)
     L.logits_tensor(_OP, "ref_logits", ref_logits)
     V.same_shape(_OP, "ref_logits", ref_logits, "logits", logits)

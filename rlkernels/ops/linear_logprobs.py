@@ -33,7 +33,7 @@ _OP = "linear_logprobs"
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                     entropy: bool = False, mean_logits: bool = False, is_top1: bool = False,
-                    chunk_size: int | tuple[int, int] | None = None, backend: str = "auto"):
+                    chunk_size: int | tuple[int, int] | None = None, group=None, backend: str = "auto"):
     """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, without
     materialising the [N, V] logits.
 
@@ -50,7 +50,20 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     float32, no gradient) and is_top1 (bool: the label's logit is the largest and no
     earlier column's equals it, as argmax picks the first maximum; False where a row
     holds NaN).  Ignored tokens get 0 and False.
+    group: a torch.distributed process group over which the vocabulary is sharded
+    (tensor parallel): weight (and bias) are this rank's contiguous shard, shards in rank
+    order, labels global ids; every rank gets the full-vocabulary result (docs/distributed.md,
+    rlkernels.distributed.vocab_parallel for the keywords that tune it).
     """
+    if group is not None:
+        unsupported = [name for name, on in (("mean_logits", mean_logits), ("is_top1", is_top1),
+                                             ("chunk_size", chunk_size is not None)) if on]
+        if unsupported:
+            raise ValueError(f"{_OP}: {', '.join(unsupported)} not supported with group= (vocabulary-parallel)")
+        from ..distributed import vocab_parallel
+
+        return vocab_parallel.linear_logprobs(hidden, weight, labels, group=group, bias=bias, temperature=temperature,
+                                              ignore_index=ignore_index, entropy=entropy, backend=backend)
     V.tensor(_OP, "hidden", hidden, dtypes=L.LOGIT_DTYPES, min_ndim=1)
     V.tensor(_OP, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)
     if weight.shape[1] != hidden.shape[-1]:

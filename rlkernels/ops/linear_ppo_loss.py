@@ -38,7 +38,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     log_ratio_clamp: float | None = 20.0, agg: str = "token-mean", num_tokens: float | None = None,
                     num_seqs: float | None = None, norm_length: float | None = None,
                     weights: torch.Tensor | None = None, ignore_index: int = -100, chunk_size: int | None = None,
-                    backend: str = "auto") -> tuple[torch.Tensor, dict]:
+                    group=None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
     """The loss of ppo_loss (all its options) on logprobs = log softmax((hidden @ weight.T
     + bias) / temperature)[labels], plus ``beta * KL(pi || pi_ref)`` per token (k1/k2/k3 as
     in grpo_loss, needs ref_logprobs) minus ``entropy_coef * agg(entropy)`` (the entropy
@@ -57,7 +57,22 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     entropy_coef is non-zero).  On CUDA the batch's token counts are read to the host
     once per call (and the incoming gradient once per backward: when it is 1, the
     stored gradients are returned as they are, with no second weight-sized buffer).
+    group: a torch.distributed process group over which the vocabulary is sharded
+    (tensor parallel): weight (and bias) are this rank's contiguous shard, shards in rank
+    order, labels global ids; every rank gets the full-vocabulary result (docs/distributed.md,
+    rlkernels.distributed.vocab_parallel for the keywords that tune it).
     """
+    if group is not None:
+        if chunk_size is not None:
+            raise ValueError("linear_ppo_loss: chunk_size is not supported with group= (vocabulary-parallel)")
+        from ..distributed import vocab_parallel
+
+        return vocab_parallel.linear_ppo_loss(
+            hidden, weight, labels, old_logprobs, advantages, mask, group=group, ref_logprobs=ref_logprobs, beta=beta,
+            kl=kl, entropy_coef=entropy_coef, temperature=temperature, bias=bias, ignore_index=ignore_index,
+            backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+            norm_length=norm_length, weights=weights)
     op = linear_ppo_loss.__name__
     V.tensor(op, "hidden", hidden, dtypes=L.LOGIT_DTYPES, ndim=3)
     V.tensor(op, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)

@@ -12,7 +12,7 @@ _OP = "logprobs"
 
 
 def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-             entropy: bool = False, inplace_backward: bool = False, backend: str = "auto"):
+             entropy: bool = False, inplace_backward: bool = False, group=None, backend: str = "auto"):
     """log p(label) with p = softmax(logits / temperature), per token.
 
     logits: `[..., V]` float32, bfloat16 or float16 (float64 runs on the reference);
@@ -25,7 +25,18 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
     ``dlogits = (dlogp * (onehot - p) - dH * p * (log p + H)) / temperature``, written
     in the logits' dtype; inplace_backward=True writes them into the logits buffer
     (which the backward then overwrites) instead of a fresh tensor.
+    group: a torch.distributed process group over which the vocabulary is sharded
+    (tensor parallel): logits is this rank's contiguous shard, shards in rank order, labels
+    global ids; every rank gets the full-vocabulary result (docs/distributed.md,
+    rlkernels.distributed.vocab_parallel for the keywords that tune it).
     """
+    if group is not None:
+        if inplace_backward:
+            raise ValueError(f"{_OP}: inplace_backward is not supported with group= (vocabulary-parallel)")
+        from ..distributed import vocab_parallel
+
+        return vocab_parallel.logprobs(logits, labels, group=group, temperature=temperature,
+                                       ignore_index=ignore_index, entropy=entropy, backend=backend)
     L.logits_tensor(_OP, "logits", logits)
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
     labels = L.labels_for(_OP, labels, logits, ignore_index)

@@ -288,8 +288,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                           ignore_index=ignore_index, entropy=with_entropy, vocab_start=vocab_start, check=check,
                           timeout=timeout, reduce_hidden_grad=reduce_hidden_grad, backend=backend)
     logprobs, entropy = out if with_entropy else (out, None)
-    loss, stats = _policy(fn, logprobs, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs if beta > 0 else None,
-                          kl_coef=beta, kl=kl if beta > 0 else "none", backend=backend, **options)
+    loss, stats = _policy(fn, logprobs, old_logprobs, advantages, valid,
+                          ref_logprobs=ref_logprobs if beta > 0 else None, kl_coef=beta, kl=kl if beta > 0 else "none", backend=backend, **options)
     entropy_mean = torch.zeros((), dtype=loss.dtype, device=loss.device)
     if with_entropy:
         entropy = torch.where(valid, entropy.to(loss.dtype), 0)
