@@ -7,7 +7,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
-from . import _registry
+from . import _packed, _registry
 from ._rollout import rollout
 
 _OP = "gae"
@@ -15,8 +15,11 @@ _OP = "gae"
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *,
         dones: torch.Tensor | None = None, last_values: torch.Tensor | None = None,
-        gamma: float = 1.0, lam: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns for rollouts `[B, T]`.
+        gamma: float = 1.0, lam: float = 1.0, cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, max_seqlen: int | None = None,
+        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns for rollouts `[B, T]`, or packed `[total]` / `[1, total]`
+    with `cu_seqlens` (or `position_ids`; see docs/advantages.md, "Packed batches").
 
     For t = T-1 .. 0, starting from next_value = last_values (or 0) and carry = 0::
 
@@ -32,7 +35,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     after step t (no bootstrap, no carry across).  last_values `[B]` bootstraps
     truncated rows.  Accumulates in float32 (float64 input stays float64); outputs
     are float32 (float64).  Advantages are constants: no gradient flows.
+
+    Packed: each sequence is a row of its own (no bootstrap, no carry across a
+    boundary), last_values is `[S]`, outputs keep the packed layout.
     """
+    if cu_seqlens is not None or position_ids is not None:
+        pk = _packed.packing(_OP, "rewards", rewards, cu_seqlens, position_ids, max_seqlen)
+        advantages, returns = gae(pk.pad(_OP, "rewards", rewards), pk.pad(_OP, "values", values), pk.mask(_OP, mask),
+                                  dones=pk.pad(_OP, "dones", dones, False), last_values=last_values, gamma=gamma,
+                                  lam=lam, backend=backend)
+        return pk.unpad(advantages), pk.unpad(returns)
     V.float_tensor(_OP, "values", values, ndim=2)  # rollout() reads values=None as "no values"
     V.number(_OP, "lam", lam)  # and lam=None as "no lam"
     rewards, values, mask, dones, gamma, lam, device = rollout(
@@ -53,10 +65,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None, *,
                        dones: torch.Tensor | None = None, gamma: float = 1.0,
-                       backend: str = "auto") -> torch.Tensor:
+                       cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                       max_seqlen: int | None = None, backend: str = "auto") -> torch.Tensor:
     """G_t = r_t + gamma * G_{t+1} for rollouts `[B, T]`, computed backwards.  A masked
     step (mask 0) repeats the return of the next valid step; dones[b, t] = 1 ends an
-    episode after step t.  float32 output (float64 for float64 input)."""
+    episode after step t.  float32 output (float64 for float64 input).  Packed
+    `[total]` / `[1, total]` rows take `cu_seqlens` (or `position_ids`): no return
+    flows across a sequence boundary; the output keeps the packed layout."""
+    if cu_seqlens is not None or position_ids is not None:
+        op = "discounted_returns"
+        pk = _packed.packing(op, "rewards", rewards, cu_seqlens, position_ids, max_seqlen)
+        return pk.unpad(discounted_returns(pk.pad(op, "rewards", rewards), pk.mask(op, mask),
+                                           dones=pk.pad(op, "dones", dones, False), gamma=gamma, backend=backend))
     rewards, _, mask, dones, gamma, _, device = rollout("discounted_returns", rewards, mask, dones, gamma=gamma)
     chosen = _backend.resolve("discounted_returns", backend, device)
     with torch.no_grad():

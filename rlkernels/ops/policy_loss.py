@@ -7,7 +7,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from ..reference.policy_loss import GRPO_LOSS_TYPES, KL_ESTIMATORS, POLICY_STATS, grpo_aggregation
-from . import _registry, _token_loss
+from . import _packed, _registry, _token_loss
 from ._token_loss import count_or, off_or
 
 _OP = "policy_loss"
@@ -17,8 +17,12 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
              mask: torch.Tensor | None = None, *, clip_low: float = 0.2, clip_high: float | None = None,
              dual_clip: float | None = None, log_ratio_clamp: float | None = 20.0, agg: str = "token-mean",
              num_tokens: float | None = None, num_seqs: float | None = None, norm_length: float | None = None,
-             weights: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate over `[B, T]` tokens, with its gradient w.r.t. `logprobs`.
+             weights: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, max_seqlen: int | None = None,
+             backend: str = "auto") -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate over `[B, T]` tokens, with its gradient w.r.t. `logprobs`
+    (packed `[total]` / `[1, total]` tokens with `cu_seqlens` or `position_ids`: see
+    docs/losses.md, "Packed batches"; T is then max_seqlen).
 
     Per token (A = advantages, `[B, T]` or per sequence `[B]`)::
 
@@ -41,6 +45,14 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     approx_kl_k3 (mean of ratio - 1 - log ratio), ratio_mean, ratio_max, kl (0 here)
     and num_tokens (the valid tokens of this batch).  Only `logprobs` gets a gradient.
     """
+    if cu_seqlens is not None or position_ids is not None:
+        op = ppo_loss.__name__
+        pk = _packed.packing(op, "logprobs", logprobs, cu_seqlens, position_ids, max_seqlen)
+        return ppo_loss(pk.pad(op, "logprobs", logprobs), pk.pad(op, "old_logprobs", old_logprobs),
+                        _per_row_or_pad(pk, op, "advantages", advantages), pk.mask(op, mask), clip_low=clip_low,
+                        clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg,
+                        num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length,
+                        weights=pk.pad(op, "weights", weights), backend=backend)
     return _policy(ppo_loss.__name__, logprobs, old_logprobs, advantages, mask, weights=weights, ref_logprobs=None,
                    clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp,
                    kl_coef=0.0, kl="none", agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -52,7 +64,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
               kl: str = "k3", loss_type: str = "grpo", clip_low: float = 0.2, clip_high: float | None = None,
               max_completion_length: int | None = None, num_tokens: float | None = None,
               num_seqs: float | None = None, log_ratio_clamp: float | None = None,
-              backend: str = "auto") -> tuple[torch.Tensor, dict]:
+              cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+              max_seqlen: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
     """GRPO's loss as TRL's GRPOTrainer computes it, fused like ppo_loss::
 
         L = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * KL
@@ -66,8 +79,18 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
     further division by the gradient accumulation steps is the trainer's business.
     num_seqs overrides B for grpo/dr_grpo.  No log-ratio clamp unless log_ratio_clamp
     is given (TRL has none).  Stats as for ppo_loss, with kl the mean KL estimate.
+    Packed tokens take `cu_seqlens` / `position_ids` as ppo_loss does (B is then the
+    number of sequences, T max_seqlen).
     """
     op = grpo_loss.__name__
+    if cu_seqlens is not None or position_ids is not None:
+        pk = _packed.packing(op, "logprobs", logprobs, cu_seqlens, position_ids, max_seqlen)
+        return grpo_loss(pk.pad(op, "logprobs", logprobs), pk.pad(op, "old_logprobs", old_logprobs),
+                         _per_row_or_pad(pk, op, "advantages", advantages), pk.mask(op, mask),
+                         ref_logprobs=pk.pad(op, "ref_logprobs", ref_logprobs), beta=beta, kl=kl,
+                         loss_type=loss_type, clip_low=clip_low, clip_high=clip_high,
+                         max_completion_length=max_completion_length, num_tokens=num_tokens, num_seqs=num_seqs,
+                         log_ratio_clamp=log_ratio_clamp, backend=backend)
     V.choice(op, "loss_type", loss_type, GRPO_LOSS_TYPES)
     V.choice(op, "kl", kl, KL_ESTIMATORS)
     beta = V.number(op, "beta", beta, low=0.0, finite=True)
@@ -92,6 +115,14 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
                    ref_logprobs=ref_logprobs if use_kl else None, clip_low=clip_low, clip_high=clip_high,
                    dual_clip=None, log_ratio_clamp=log_ratio_clamp, kl_coef=beta, kl=kl if use_kl else "none",
                    backend=backend, **{"num_tokens": None, "num_seqs": None, "norm_length": None, **norm})
+
+
+def _per_row_or_pad(pk, op: str, name: str, value):
+    """A per-sequence tensor ([S] or [S, 1]) passes as it is; a per-token one is padded."""
+    if isinstance(value, torch.Tensor) and tuple(value.shape) in ((pk.num_seqs,), (pk.num_seqs, 1)) \
+            and tuple(value.shape) != tuple(pk.shape):
+        return value
+    return pk.pad(op, name, value)
 
 
 def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logprobs, clip_low, clip_high, dual_clip,

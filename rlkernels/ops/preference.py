@@ -8,7 +8,7 @@ import torch
 from .. import _backend, _validate as V, reference
 from ..reference.preference import PREFERENCE_KINDS
 from .._dtypes import acc_dtype
-from . import _double_backward, _registry
+from . import _double_backward, _packed, _registry
 
 _NAMES = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 
@@ -83,7 +83,8 @@ def _dpo_backward(ctx, grad_losses, *unused):
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = None, *, average: bool = False,
                       labels: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                      backend: str = "auto") -> torch.Tensor:
+                      cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      max_seqlen: int | None = None, backend: str = "auto") -> torch.Tensor:
     """sum_t mask[b, t] * token_logprobs[b, t] for each row of `[B, T]` (the log-prob of
     the whole completion), or with average=True the mean over the row's valid tokens
     (0 for a row without any).  Masked slots are selected away: NaN or -inf there
@@ -93,8 +94,23 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = 
     With `labels` `[B, T]`, the first argument is logits `[B, T, V]`: the token
     log-probs come from the fused `rlkernels.logprobs` kernel (at `temperature`), and
     tokens whose label is `ignore_index` count as masked; the gradient flows to the
-    logits."""
+    logits.
+
+    Packed: token_logprobs `[total]` / `[1, total]` (logits `[total, V]` / `[1, total, V]`
+    with labels of the token layout) and `cu_seqlens` or `position_ids` give one value
+    per sequence, `[S]`."""
     op = sequence_logprobs.__name__
+    packed = cu_seqlens is not None or position_ids is not None
+    if packed and labels is not None and isinstance(token_logprobs, torch.Tensor) and token_logprobs.dim() == 2:
+        # [total, V] logits: the token log-probs come from the [1, total, V] view, a layout
+        # the packed path takes as it is.
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            raise ValueError(f"{op}: labels must be [total] for [total, V] logits")
+        return sequence_logprobs(token_logprobs.unsqueeze(0), mask.reshape(1, -1) if isinstance(mask, torch.Tensor) else mask,
+                                 average=average, labels=labels.unsqueeze(0), temperature=temperature,
+                                 ignore_index=ignore_index, cu_seqlens=cu_seqlens,
+                                 position_ids=None if position_ids is None else position_ids.reshape(1, -1),
+                                 max_seqlen=max_seqlen, backend=backend)
     if labels is not None:
         V.float_tensor(op, "logits", token_logprobs, ndim=3)
         V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES, ndim=2)
@@ -110,7 +126,12 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = 
             mask = V.binary_mask(op, "mask", mask, labels.shape, labels.device) & labelled
         else:
             mask = labelled
-        return sequence_logprobs(per_token, mask, average=average, backend=backend)
+        return sequence_logprobs(per_token, mask, average=average, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                 max_seqlen=max_seqlen, backend=backend)
+    if packed:
+        pk = _packed.packing(op, "token_logprobs", token_logprobs, cu_seqlens, position_ids, max_seqlen)
+        return sequence_logprobs(pk.pad(op, "token_logprobs", token_logprobs), pk.mask(op, mask), average=average,
+                                 backend=backend)
     V.float_tensor(op, "token_logprobs", token_logprobs, ndim=2)
     if not isinstance(average, bool):
         raise TypeError(f"{op}: average must be a bool, got {type(average).__name__}")

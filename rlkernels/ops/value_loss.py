@@ -6,7 +6,7 @@ import torch
 
 from .. import _backend, _validate as V, reference
 from ..reference.value_loss import VALUE_STATS
-from . import _registry, _token_loss
+from . import _packed, _registry, _token_loss
 
 _OP = "value_loss"
 
@@ -14,8 +14,10 @@ _OP = "value_loss"
 def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: torch.Tensor,
                mask: torch.Tensor | None = None, *, clip: float | None = None, agg: str = "token-mean",
                num_tokens: float | None = None, num_seqs: float | None = None, norm_length: float | None = None,
-               backend: str = "auto") -> tuple[torch.Tensor, dict]:
-    """PPO's value loss over `[B, T]` tokens, with its gradient w.r.t. `values`::
+               cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+               max_seqlen: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
+    """PPO's value loss over `[B, T]` tokens, or packed `[total]` / `[1, total]` ones with
+    `cu_seqlens` / `position_ids` (as ppo_loss), with its gradient w.r.t. `values`::
 
         L = 0.5 * max((v - R)^2, (old + clamp(v - old, -clip, clip) - R)^2)   (clip given)
         L = 0.5 * (v - R)^2                                                   (clip=None)
@@ -27,6 +29,11 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
     vf_clipfrac) and num_tokens.  float32 loss (float64 for float64 input).
     """
     op = value_loss.__name__
+    if cu_seqlens is not None or position_ids is not None:
+        pk = _packed.packing(op, "values", values, cu_seqlens, position_ids, max_seqlen)
+        return value_loss(pk.pad(op, "values", values), pk.pad(op, "old_values", old_values),
+                          pk.pad(op, "returns", returns), pk.mask(op, mask), clip=clip, agg=agg,
+                          num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length, backend=backend)
     if clip is not None:
         clip = V.number(op, "clip", clip, low=0.0, low_open=True)
     elif old_values is None:

@@ -1,0 +1,168 @@
+"""Packed (padding-free) batches: S sequences concatenated into one row of `total`
+tokens, laid out as `[total]` (verl's nnz layout) or `[1, total]` (TRL's
+padding_free), with flash-attention's `cu_seqlens` (`[S + 1]` cumulative lengths
+from 0 to total) or `position_ids` that restart at 0 at each sequence start.
+
+The ops that depend on sequence boundaries run their padded kernel: a gather
+index from the packed row to a `[S, max_seqlen]` grid is built once per call on
+the tokens' device, the inputs are gathered onto the grid (padding slots masked
+out), the padded op runs, and token outputs are gathered back into the input's
+layout.  Gathers copy values exactly and their gradients are scatters of exact
+values, so a packed call gives what the padded call gives on the same grid.
+
+Checks that read the values of cu_seqlens / position_ids run on CPU tensors
+always and on CUDA only in the checked mode (RLKERNELS_CHECK=1): on CUDA they
+would be host syncs.  Pass `max_seqlen` as well and a CUDA call needs no host
+read at all; without it the longest length is read once (one sync)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .. import _validate as V
+
+CHECK_ENV = "RLKERNELS_CHECK"
+
+
+def checked_mode() -> bool:
+    """RLKERNELS_CHECK=1: the value checks that sync with the host run on CUDA too.
+    Uses rlkernels._validate's switch where it exists, else reads the variable."""
+    switch = getattr(V, "checked_mode", None) or getattr(V, "checked", None)
+    if callable(switch):
+        return bool(switch())
+    return os.environ.get(CHECK_ENV, "0") == "1"
+
+
+def _read_values(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cpu" or checked_mode()
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each packed token sits on the padded `[S, L]` grid, and back."""
+    shape: torch.Size           # the token layout of the inputs: (total,) or (1, total)
+    total: int
+    num_seqs: int
+    max_seqlen: int
+    src: torch.Tensor           # [S, L] int64: packed index of each grid slot (clamped on padding)
+    valid: torch.Tensor         # [S, L] bool: the slot holds a token
+    flat: torch.Tensor          # [total] int64: grid slot (s * L + t) of each packed token
+
+    def token_shape(self, trailing: tuple[int, ...] = ()) -> tuple[int, ...]:
+        return (*self.shape, *trailing)
+
+    def flatten(self, op: str, name: str, x, trailing: int = 0):
+        """x in the packed layout -> [total, ...]; non-tensors pass through (the padded
+        op names them in its type error)."""
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.dim() < trailing or tuple(x.shape[:x.dim() - trailing]) != tuple(self.shape):
+            extra = f" plus {trailing} trailing dims" if trailing else ""
+            raise ValueError(f"{op}: {name} must have the packed token shape {tuple(self.shape)}{extra}, "
+                             f"got {tuple(x.shape)}")
+        return x.reshape(self.total, *x.shape[x.dim() - trailing:])
+
+    def pad(self, op: str, name: str, x, fill=0, trailing: int = 0):
+        """x in the packed layout -> [S, L, ...] with `fill` on the padding slots."""
+        x = self.flatten(op, name, x, trailing)
+        if not isinstance(x, torch.Tensor):
+            return x
+        S, L = self.num_seqs, self.max_seqlen
+        rest = tuple(x.shape[1:])
+        if self.total == 0 or S * L == 0:
+            return x.new_full((S, L, *rest), fill)
+        grid = x[self.src]
+        keep = self.valid.reshape(S, L, *((1,) * len(rest)))
+        return torch.where(keep, grid, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+    def mask(self, op: str, mask) -> torch.Tensor:
+        """The padded op's mask: the grid's valid slots, and the caller's mask there."""
+        if mask is None:
+            return self.valid
+        device = self.valid.device
+        mask = V.binary_mask(op, "mask", mask, torch.Size(self.shape), device)
+        return self.pad(op, "mask", mask, False) & self.valid
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """[S, L, ...] -> the packed layout of the inputs."""
+        rest = tuple(y.shape[2:])
+        packed = y.reshape(self.num_seqs * self.max_seqlen, *rest)[self.flat]
+        return packed.reshape(*self.shape, *rest)
+
+
+def _index_tensor(op: str, name: str, value, device: torch.device) -> torch.Tensor:
+    V.tensor(op, name, value, dtypes=V.INDEX_DTYPES)
+    if value.device != device:
+        raise ValueError(f"{op}: {name} is on {value.device} but the tokens are on {device}")
+    return value
+
+
+def cu_from_position_ids(op: str, position_ids, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """position_ids restarting at 0 -> cu_seqlens (int64).  Finding the starts is a
+    nonzero(): one host sync on CUDA.  Sequences of length 0 cannot be written this way."""
+    _index_tensor(op, "position_ids", position_ids, device)
+    if tuple(position_ids.shape) != tuple(shape):
+        raise ValueError(f"{op}: position_ids must have the packed token shape {tuple(shape)}, "
+                         f"got {tuple(position_ids.shape)}")
+    pid = position_ids.reshape(-1).to(torch.int64)
+    total = pid.shape[0]
+    if total and _read_values(device):
+        follows = pid[1:] == pid[:-1] + 1
+        restarts = pid[1:] == 0
+        if bool(pid[0] != 0) or not bool((follows | restarts).all()):
+            raise ValueError(f"{op}: position_ids must start at 0 and count up by 1 within a sequence, "
+                             f"restarting at 0 where the next sequence starts")
+    starts = torch.nonzero(pid == 0).reshape(-1)
+    return torch.cat([starts, torch.full((1,), total, dtype=torch.int64, device=device)])
+
+
+def packing(op: str, primary_name: str, primary, cu_seqlens, position_ids, max_seqlen,
+            trailing: int = 0) -> Packing:
+    """Checks the packed layout of `primary` ([total] or [1, total], plus `trailing`
+    dims) and its boundaries; returns the gather indices."""
+    V.float_tensor(op, primary_name, primary)
+    lead = primary.dim() - trailing
+    if lead not in (1, 2) or (lead == 2 and primary.shape[0] != 1):
+        raise ValueError(f"{op}: a packed {primary_name} must be [total] or [1, total]"
+                         f"{' plus ' + str(trailing) + ' trailing dims' if trailing else ''}, "
+                         f"got shape {tuple(primary.shape)}")
+    shape = torch.Size(primary.shape[:lead])
+    total = shape[-1]
+    device = primary.device
+    if cu_seqlens is not None and position_ids is not None:
+        raise ValueError(f"{op}: pass cu_seqlens or position_ids, not both")
+    if position_ids is not None:
+        cu = cu_from_position_ids(op, position_ids, shape, device)
+    else:
+        cu = _index_tensor(op, "cu_seqlens", cu_seqlens, device)
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{op}: cu_seqlens must be 1-D [num_seqs + 1], got shape {tuple(cu.shape)}")
+        cu = cu.to(torch.int64)
+        if _read_values(device):
+            if bool(cu[0] != 0):
+                raise ValueError(f"{op}: cu_seqlens must start at 0, got {int(cu[0])}")
+            if cu.shape[0] > 1 and bool((cu[1:] < cu[:-1]).any()):
+                raise ValueError(f"{op}: cu_seqlens must be nondecreasing")
+            if int(cu[-1]) != total:
+                raise ValueError(f"{op}: cu_seqlens must end at the packed length {total} of "
+                                 f"{primary_name}, got {int(cu[-1])}")
+    cu = cu.contiguous()
+    S = cu.shape[0] - 1
+    lengths = cu[1:] - cu[:-1]
+    if max_seqlen is None:
+        L = int(lengths.max()) if S > 0 else 0  # the one host read of an unchecked CUDA call
+    else:
+        L = V.integer(op, "max_seqlen", max_seqlen, low=0)
+        if S > 0 and _read_values(device) and bool((lengths > L).any()):
+            raise ValueError(f"{op}: max_seqlen {L} is shorter than the longest sequence {int(lengths.max())}")
+    pos = torch.arange(L, dtype=torch.int64, device=device)
+    valid = pos < lengths.unsqueeze(1)
+    src = (cu[:-1].unsqueeze(1) + pos).clamp_(max=max(total - 1, 0))
+    tok = torch.arange(total, dtype=torch.int64, device=device)
+    seq = torch.searchsorted(cu[1:], tok, right=True).clamp_(max=max(S - 1, 0))
+    flat = (seq * L + (tok - cu[seq])).clamp_(min=0, max=max(S * L - 1, 0))
+    return Packing(shape, total, S, L, src, valid, flat)
