@@ -369,3 +369,36 @@ def test_bad_packed_tensors(backend):
         rlkernels.ppo_loss(torch.randn(2, 3), x, x, cu_seqlens=cu, backend=backend)
     with pytest.raises(TypeError, match="old_logprobs must have dtype"):
         rlkernels.ppo_loss(x, torch.zeros(6, dtype=torch.long), x, cu_seqlens=cu, backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_packed_path_needs_no_host_sync(backend, monkeypatch):
+    # With max_seqlen given and the checked mode off, a packed call never reads device
+    # values back; the result is the padded one (compiled CUDA kernels and Triton alike).
+    monkeypatch.delenv(_packed.CHECK_ENV, raising=False)
+    if backend == "triton" and not rlkernels.HAS_TRITON:
+        pytest.skip("triton is not importable")
+    torch.manual_seed(12)
+    total, S, L = sum(LENGTHS), len(LENGTHS), max(LENGTHS)
+    lp = torch.randn(total, device="cuda", requires_grad=True)
+    old, adv = torch.randn(total, device="cuda"), torch.randn(S, device="cuda")
+    mask = torch.rand(total, device="cuda") > 0.2
+    cu = cu_of(LENGTHS).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = rlkernels.ppo_loss(lp, old, adv, mask, agg="seq-mean-token-mean", cu_seqlens=cu, max_seqlen=L,
+                                     backend=backend)
+        (grad,) = torch.autograd.grad(loss, lp)
+        adv_t, _ = rlkernels.gae(old, old, mask, cu_seqlens=cu, max_seqlen=L, backend=backend)
+        seq = rlkernels.sequence_logprobs(old, mask, cu_seqlens=cu, max_seqlen=L, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lpp = pad(lp.detach(), LENGTHS).requires_grad_()
+    m = pad(mask, LENGTHS, fill=False)
+    padded, _ = rlkernels.ppo_loss(lpp, pad(old, LENGTHS), adv, m, agg="seq-mean-token-mean", backend=backend)
+    (grad_p,) = torch.autograd.grad(padded, lpp)
+    assert torch.equal(loss, padded) and torch.equal(grad, unpad(grad_p, LENGTHS))
+    assert torch.equal(adv_t, unpad(rlkernels.gae(pad(old, LENGTHS), pad(old, LENGTHS), m, backend=backend)[0],
+                                    LENGTHS))
+    assert torch.equal(seq, rlkernels.sequence_logprobs(pad(old, LENGTHS), m, backend=backend))

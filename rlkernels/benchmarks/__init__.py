@@ -8,6 +8,7 @@ FAMILIES = {
     "advantages": "rlkernels.benchmarks.advantages",
     "logprobs": "rlkernels.benchmarks.logprobs",
     "losses": "rlkernels.benchmarks.losses",
+    "packed": "rlkernels.benchmarks.packed",
     "distributed": "rlkernels.benchmarks.distributed",
     "overhead": "rlkernels.benchmarks.overhead",
     "busy": "rlkernels.benchmarks.busy",

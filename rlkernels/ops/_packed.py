@@ -66,31 +66,34 @@ class Packing:
                              f"got {tuple(x.shape)}")
         return x.reshape(self.total, *x.shape[x.dim() - trailing:])
 
-    def pad(self, op: str, name: str, x, fill=0, trailing: int = 0):
-        """x in the packed layout -> [S, L, ...] with `fill` on the padding slots."""
+    def pad(self, op: str, name: str, x, trailing: int = 0):
+        """x in the packed layout -> [S, L, ...].  Padding slots hold copies of real
+        tokens (one index_select, no fill pass): the padded ops select masked slots away,
+        and their gradient there is 0, which the scatter back adds exactly."""
         x = self.flatten(op, name, x, trailing)
         if not isinstance(x, torch.Tensor):
             return x
         S, L = self.num_seqs, self.max_seqlen
         rest = tuple(x.shape[1:])
         if self.total == 0 or S * L == 0:
-            return x.new_full((S, L, *rest), fill)
-        grid = x[self.src]
-        keep = self.valid.reshape(S, L, *((1,) * len(rest)))
-        return torch.where(keep, grid, torch.full((), fill, dtype=x.dtype, device=x.device))
+            return x.new_zeros((S, L, *rest))
+        return x.index_select(0, self.src.reshape(-1)).reshape(S, L, *rest)
+
+    def flags(self, op: str, name: str, flags) -> torch.Tensor | None:
+        """A 0/1 token tensor (mask, dones) -> bool [S, L], False on the padding slots."""
+        if flags is None:
+            return None
+        flags = V.binary_mask(op, name, flags, torch.Size(self.shape), self.valid.device)
+        return self.pad(op, name, flags) & self.valid
 
     def mask(self, op: str, mask) -> torch.Tensor:
         """The padded op's mask: the grid's valid slots, and the caller's mask there."""
-        if mask is None:
-            return self.valid
-        device = self.valid.device
-        mask = V.binary_mask(op, "mask", mask, torch.Size(self.shape), device)
-        return self.pad(op, "mask", mask, False) & self.valid
+        return self.valid if mask is None else self.flags(op, "mask", mask)
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         """[S, L, ...] -> the packed layout of the inputs."""
         rest = tuple(y.shape[2:])
-        packed = y.reshape(self.num_seqs * self.max_seqlen, *rest)[self.flat]
+        packed = y.reshape(self.num_seqs * self.max_seqlen, *rest).index_select(0, self.flat)
         return packed.reshape(*self.shape, *rest)
 
 
@@ -162,7 +165,11 @@ def packing(op: str, primary_name: str, primary, cu_seqlens, position_ids, max_s
     pos = torch.arange(L, dtype=torch.int64, device=device)
     valid = pos < lengths.unsqueeze(1)
     src = (cu[:-1].unsqueeze(1) + pos).clamp_(max=max(total - 1, 0))
-    tok = torch.arange(total, dtype=torch.int64, device=device)
-    seq = torch.searchsorted(cu[1:], tok, right=True).clamp_(max=max(S - 1, 0))
-    flat = (seq * L + (tok - cu[seq])).clamp_(min=0, max=max(S * L - 1, 0))
+    # grid slot of packed token i in sequence s: i + (s * L - cu[s]); output_size keeps
+    # repeat_interleave from reading the lengths' sum back to the host.
+    shift = torch.arange(S, dtype=torch.int64, device=device) * L - cu[:-1]
+    flat = torch.arange(total, dtype=torch.int64, device=device)
+    if S > 0 and total > 0:
+        flat += torch.repeat_interleave(shift, lengths, output_size=total)
+    flat = flat.clamp_(min=0, max=max(S * L - 1, 0))  # in range even for unchecked bad boundaries
     return Packing(shape, total, S, L, src, valid, flat)

@@ -42,7 +42,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
     if cu_seqlens is not None or position_ids is not None:
         pk = _packed.packing(_OP, "rewards", rewards, cu_seqlens, position_ids, max_seqlen)
         advantages, returns = gae(pk.pad(_OP, "rewards", rewards), pk.pad(_OP, "values", values), pk.mask(_OP, mask),
-                                  dones=pk.pad(_OP, "dones", dones, False), last_values=last_values, gamma=gamma,
+                                  dones=pk.flags(_OP, "dones", dones), last_values=last_values, gamma=gamma,
                                   lam=lam, backend=backend)
         return pk.unpad(advantages), pk.unpad(returns)
     V.float_tensor(_OP, "values", values, ndim=2)  # rollout() reads values=None as "no values"
@@ -76,7 +76,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None, 
         op = "discounted_returns"
         pk = _packed.packing(op, "rewards", rewards, cu_seqlens, position_ids, max_seqlen)
         return pk.unpad(discounted_returns(pk.pad(op, "rewards", rewards), pk.mask(op, mask),
-                                           dones=pk.pad(op, "dones", dones, False), gamma=gamma, backend=backend))
+                                           dones=pk.flags(op, "dones", dones), gamma=gamma, backend=backend))
     rewards, _, mask, dones, gamma, _, device = rollout("discounted_returns", rewards, mask, dones, gamma=gamma)
     chosen = _backend.resolve("discounted_returns", backend, device)
     with torch.no_grad():

@@ -106,11 +106,13 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = 
         # the packed path takes as it is.
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
             raise ValueError(f"{op}: labels must be [total] for [total, V] logits")
-        return sequence_logprobs(token_logprobs.unsqueeze(0), mask.reshape(1, -1) if isinstance(mask, torch.Tensor) else mask,
-                                 average=average, labels=labels.unsqueeze(0), temperature=temperature,
-                                 ignore_index=ignore_index, cu_seqlens=cu_seqlens,
-                                 position_ids=None if position_ids is None else position_ids.reshape(1, -1),
-                                 max_seqlen=max_seqlen, backend=backend)
+        def as_row(t):
+            return t.reshape(1, -1) if isinstance(t, torch.Tensor) else t
+
+        return sequence_logprobs(token_logprobs.unsqueeze(0), as_row(mask), average=average,
+                                 labels=labels.unsqueeze(0), temperature=temperature, ignore_index=ignore_index,
+                                 cu_seqlens=cu_seqlens, position_ids=as_row(position_ids), max_seqlen=max_seqlen,
+                                 backend=backend)
     if labels is not None:
         V.float_tensor(op, "logits", token_logprobs, ndim=3)
         V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES, ndim=2)
