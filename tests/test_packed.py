@@ -402,3 +402,14 @@ def test_cuda_packed_path_needs_no_host_sync(backend, monkeypatch):
     assert torch.equal(adv_t, unpad(rlkernels.gae(pad(old, LENGTHS), pad(old, LENGTHS), m, backend=backend)[0],
                                     LENGTHS))
     assert torch.equal(seq, rlkernels.sequence_logprobs(pad(old, LENGTHS), m, backend=backend))
+
+
+def test_packed_batch_example(capsys):
+    from test_examples import load
+
+    module = load("packed_batch")
+    assert module.__doc__ and "rlkernels" in module.__doc__
+    row = module.main(["--device", "cpu", "--seqs", "4", "--max-len", "12", "--vocab", "11"])
+    assert row["same_loss"] and row["same_sequence_logprobs"]
+    assert row["tokens"] <= row["padded_slots"]
+    assert "equal: True" in capsys.readouterr().out
