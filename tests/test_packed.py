@@ -413,3 +413,19 @@ def test_packed_batch_example(capsys):
     assert row["same_loss"] and row["same_sequence_logprobs"]
     assert row["tokens"] <= row["padded_slots"]
     assert "equal: True" in capsys.readouterr().out
+
+
+def test_bench_cases_run_and_report_the_padding():
+    from rlkernels.benchmarks import FAMILIES, packed
+
+    assert FAMILIES["packed"] == "rlkernels.benchmarks.packed"
+    cases = packed.cases("cpu", quick=True)
+    assert {c.name.split()[0] for c in cases} == {"grpo_loss", "sequence_logprobs", "gae"}
+    for case in cases:
+        p = case.params
+        assert p["tokens"] < p["padded_slots"] == p["tokens_processed"]
+        assert [impl.label for impl in case.impls] == ["padded", "packed"]
+        padded, ours = (impl.fn() for impl in case.impls)
+        assert len(padded) == len(ours) and all(torch.isfinite(t).all() for t in (*padded, *ours))
+    lengths = packed.grpo_lengths(64, 16, 4096)
+    assert min(lengths) >= 16 and max(lengths) <= 4096 and lengths == packed.grpo_lengths(64, 16, 4096)

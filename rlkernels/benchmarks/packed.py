@@ -20,7 +20,9 @@ def grpo_lengths(num_seqs: int, low: int, high: int, seed: int = 0) -> list[int]
 
 
 def _backend(device: str) -> str:
-    return "cpu" if device == "cpu" else ("triton" if rlkernels.HAS_TRITON else "cuda")
+    if device == "cpu":
+        return "cpu"
+    return "cuda" if rlkernels._library.has_compiled("cuda") else "triton"
 
 
 def _fwd_bwd(fn, leaf):
