@@ -286,7 +286,7 @@ def test_position_ids_give_the_cu_seqlens():
     pk = _packed.packing("t", "x", torch.zeros(8), None, _positions(lengths), None)
     ref = _packed.packing("t", "x", torch.zeros(8), cu_of(lengths), None, None)
     assert pk.num_seqs == 3 and pk.max_seqlen == 4
-    assert torch.equal(pk.flat, ref.flat) and torch.equal(pk.valid, ref.valid)
+    assert torch.equal(pk.flat, ref.flat) and torch.equal(pk.valid, ref.valid) and torch.equal(pk.src, ref.src)
     out = rlkernels.discounted_returns(torch.ones(1, 8), position_ids=_positions(lengths).unsqueeze(0))
     assert out.tolist() == [[3.0, 2.0, 1.0, 1.0, 4.0, 3.0, 2.0, 1.0]]
 

@@ -17,8 +17,6 @@ read at all; without it the longest length is read once (one sync)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 
 from .. import _validate as V
@@ -41,19 +39,54 @@ def _read_values(device: torch.device) -> bool:
     return device.type == "cpu" or checked_mode()
 
 
-@dataclass(frozen=True)
-class Packing:
-    """Where each packed token sits on the padded `[S, L]` grid, and back."""
-    shape: torch.Size           # the token layout of the inputs: (total,) or (1, total)
-    total: int
-    num_seqs: int
-    max_seqlen: int
-    src: torch.Tensor           # [S, L] int64: packed index of each grid slot (clamped on padding)
-    valid: torch.Tensor         # [S, L] bool: the slot holds a token
-    flat: torch.Tensor          # [total] int64: grid slot (s * L + t) of each packed token
+class _Gather(torch.autograd.Function):
+    """Packed tokens -> grid slots, whose gradient is the grid's gradient read back at
+    each token's own slot (a gather of `total` values: no scatter-add, no atomics, and
+    whatever the padding slots receive is never read)."""
 
-    def token_shape(self, trailing: tuple[int, ...] = ()) -> tuple[int, ...]:
-        return (*self.shape, *trailing)
+    @staticmethod
+    def forward(ctx, x, pk):
+        ctx.pk = pk
+        return x.index_select(0, pk.src.reshape(-1)).reshape(pk.num_seqs, pk.max_seqlen, *x.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        pk = ctx.pk
+        return grad.reshape(pk.num_seqs * pk.max_seqlen, *grad.shape[2:]).index_select(0, pk.flat), None
+
+
+class Packing:
+    """Where each packed token sits on the padded `[S, L]` grid, and back.
+
+    src   [S, L]: packed index of each grid slot (clamped on the padding slots);
+    valid [S, L] bool: the slot holds a token;
+    flat  [total]: grid slot s * L + t of each packed token (built on first use)."""
+
+    def __init__(self, shape: torch.Size, cu: torch.Tensor, lengths: torch.Tensor, max_seqlen: int):
+        self.shape, self.total = shape, shape[-1]
+        self.num_seqs, self.max_seqlen = cu.shape[0] - 1, max_seqlen
+        self._cu, self._lengths = cu, lengths
+        device = cu.device
+        # int32 indices where they fit: half the index traffic
+        self.index_dtype = torch.int32 if max(self.total, self.num_seqs * max_seqlen) < 2**31 else torch.int64
+        pos = torch.arange(max_seqlen, dtype=self.index_dtype, device=device)
+        self.valid = pos < lengths.unsqueeze(1)
+        self.src = (cu[:-1].to(self.index_dtype).unsqueeze(1) + pos).clamp_(max=max(self.total - 1, 0))
+        self._flat = None
+
+    @property
+    def flat(self) -> torch.Tensor:
+        if self._flat is None:
+            S, L, total, cu = self.num_seqs, self.max_seqlen, self.total, self._cu
+            # token i of sequence s sits at i + (s * L - cu[s]); output_size keeps
+            # repeat_interleave from reading the lengths' sum back to the host.
+            flat = torch.arange(total, dtype=torch.int64, device=cu.device)
+            if S > 0 and total > 0:
+                shift = torch.arange(S, dtype=torch.int64, device=cu.device) * L - cu[:-1]
+                flat += torch.repeat_interleave(shift, self._lengths, output_size=total)
+            # in range even for boundaries no check has read (CUDA outside the checked mode)
+            self._flat = flat.clamp_(min=0, max=max(S * L - 1, 0)).to(self.index_dtype)
+        return self._flat
 
     def flatten(self, op: str, name: str, x, trailing: int = 0):
         """x in the packed layout -> [total, ...]; non-tensors pass through (the padded
@@ -68,16 +101,16 @@ class Packing:
 
     def pad(self, op: str, name: str, x, trailing: int = 0):
         """x in the packed layout -> [S, L, ...].  Padding slots hold copies of real
-        tokens (one index_select, no fill pass): the padded ops select masked slots away,
-        and their gradient there is 0, which the scatter back adds exactly."""
+        tokens (one gather, no fill pass): the padded ops select masked slots away."""
         x = self.flatten(op, name, x, trailing)
         if not isinstance(x, torch.Tensor):
             return x
         S, L = self.num_seqs, self.max_seqlen
-        rest = tuple(x.shape[1:])
         if self.total == 0 or S * L == 0:
-            return x.new_zeros((S, L, *rest))
-        return x.index_select(0, self.src.reshape(-1)).reshape(S, L, *rest)
+            return x.new_zeros((S, L, *x.shape[1:]))
+        if x.requires_grad and torch.is_grad_enabled():
+            return _Gather.apply(x, self)
+        return x.index_select(0, self.src.reshape(-1)).reshape(S, L, *x.shape[1:])
 
     def flags(self, op: str, name: str, flags) -> torch.Tensor | None:
         """A 0/1 token tensor (mask, dones) -> bool [S, L], False on the padding slots."""
@@ -162,14 +195,4 @@ def packing(op: str, primary_name: str, primary, cu_seqlens, position_ids, max_s
         L = V.integer(op, "max_seqlen", max_seqlen, low=0)
         if S > 0 and _read_values(device) and bool((lengths > L).any()):
             raise ValueError(f"{op}: max_seqlen {L} is shorter than the longest sequence {int(lengths.max())}")
-    pos = torch.arange(L, dtype=torch.int64, device=device)
-    valid = pos < lengths.unsqueeze(1)
-    src = (cu[:-1].unsqueeze(1) + pos).clamp_(max=max(total - 1, 0))
-    # grid slot of packed token i in sequence s: i + (s * L - cu[s]); output_size keeps
-    # repeat_interleave from reading the lengths' sum back to the host.
-    shift = torch.arange(S, dtype=torch.int64, device=device) * L - cu[:-1]
-    flat = torch.arange(total, dtype=torch.int64, device=device)
-    if S > 0 and total > 0:
-        flat += torch.repeat_interleave(shift, lengths, output_size=total)
-    flat = flat.clamp_(min=0, max=max(S * L - 1, 0))  # in range even for unchecked bad boundaries
-    return Packing(shape, total, S, L, src, valid, flat)
+    return Packing(shape, cu, lengths, L)
