@@ -5,10 +5,11 @@ from 0 to total) or `position_ids` that restart at 0 at each sequence start.
 
 The ops that depend on sequence boundaries run their padded kernel: a gather
 index from the packed row to a `[S, max_seqlen]` grid is built once per call on
-the tokens' device, the inputs are gathered onto the grid (padding slots masked
-out), the padded op runs, and token outputs are gathered back into the input's
-layout.  Gathers copy values exactly and their gradients are scatters of exact
-values, so a packed call gives what the padded call gives on the same grid.
+the tokens' device, the inputs are gathered onto the grid (the padding slots are
+masked out), the padded op runs, and token outputs are gathered back into the
+input's layout.  A gather copies values exactly, and the gradient of a token is the
+grid's gradient at its slot, read back by another gather: a packed call gives what
+the padded call gives on the same grid, bit for bit.
 
 Checks that read the values of cu_seqlens / position_ids run on CPU tensors
 always and on CUDA only in the checked mode (RLKERNELS_CHECK=1): on CUDA they
@@ -17,6 +18,7 @@ read at all; without it the longest length is read once (one sync)."""
 from __future__ import annotations
 
 import os
+
 import torch
 
 from .. import _validate as V
@@ -107,7 +109,8 @@ class Packing:
             return x
         S, L = self.num_seqs, self.max_seqlen
         if self.total == 0 or S * L == 0:
-            return x.new_zeros((S, L, *x.shape[1:]))
+            grid = x.new_zeros((S, L, *x.shape[1:]))
+            return grid + x.sum() * 0 if x.requires_grad else grid  # keeps x in the graph
         if x.requires_grad and torch.is_grad_enabled():
             return _Gather.apply(x, self)
         return x.index_select(0, self.src.reshape(-1)).reshape(S, L, *x.shape[1:])
