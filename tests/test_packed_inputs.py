@@ -170,3 +170,18 @@ def test_empty_batch_has_a_zero_gradient(backend):
     loss, _ = rlkernels.ppo_loss(lp, torch.zeros(0), torch.zeros(2), cu_seqlens=cu_of([0, 0]), backend=backend)
     (grad,) = torch.autograd.grad(loss, lp)
     assert grad.shape == (0,) and loss.item() == 0.0
+
+
+def test_packed_call_compiles():
+    # torch.compile traces the packed path (the value checks are skipped while compiling)
+    cu = cu_of(LENGTHS)
+    lp, old, adv = torch.randn(sum(LENGTHS), requires_grad=True), torch.randn(sum(LENGTHS)), torch.randn(len(LENGTHS))
+
+    def loss(lp, old, adv, cu):
+        return rlkernels.ppo_loss(lp, old, adv, agg="seq-mean-token-mean", cu_seqlens=cu, max_seqlen=max(LENGTHS),
+                                  backend="cpu")[0]
+
+    compiled = torch.compile(loss)(lp, old, adv, cu)
+    eager = loss(lp, old, adv, cu)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(torch.autograd.grad(compiled, lp)[0], torch.autograd.grad(eager, lp)[0])
