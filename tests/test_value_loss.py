@@ -7,7 +7,8 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from rlkernels.reference.losses import AGG_MODES, VALUE_STATS
+from rlkernels.reference._token_loss import AGG_MODES
+from rlkernels.reference.value_loss import VALUE_STATS
 from support import TRITON_ON_CPU, close_stats, finite_scaled_close, loss_and_grad, poisoned, token_mask
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
