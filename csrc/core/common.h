@@ -21,6 +21,11 @@ template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 template <typename T> using acc_t = typename acc_type<T>::type;
 
+// Element type of a tensor a params struct points at.  The struct carries it
+// so that a kernel family's launcher can pick its template instance itself;
+// half and bfloat16 are the 16-bit IEEE and brain float formats.
+enum class Dtype : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+
 template <typename To, typename From>
 RLK_INLINE To cast(From x) { return static_cast<To>(x); }
 
