@@ -13,6 +13,19 @@
 #endif
 #define RLK_INLINE RLK_HOST_DEVICE inline
 
+// Declares a family's CUDA launcher beside its params struct, in CUDA builds
+// only: cudaError_t cuda::name(const Params& p, cudaStream_t stream), defined
+// in the family's .cu file, which picks the kernels' instance from p's dtype.
+#if defined(__CUDACC__) || defined(RLK_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#define RLK_CUDA_LAUNCHER(name, Params) \
+  namespace cuda {                      \
+  cudaError_t name(const Params& p, cudaStream_t stream); \
+  }
+#else
+#define RLK_CUDA_LAUNCHER(name, Params)
+#endif
+
 namespace rlk {
 
 // Accumulation type: reductions and recurrences run in float32 for every

@@ -114,4 +114,8 @@ struct GaeParams {
   void* returns = nullptr;
 };
 
+// The CUDA launchers (gae.cu).
+RLK_CUDA_LAUNCHER(launch_gae, GaeParams)
+RLK_CUDA_LAUNCHER(launch_discounted_returns, GaeParams)
+
 }  // namespace rlk

@@ -43,4 +43,7 @@ struct GroupAdvantagesParams {
   bool* all_equal = nullptr;             // [num_groups]
 };
 
+// The CUDA launchers (group_advantages.cu).
+RLK_CUDA_LAUNCHER(launch_group_advantages, GroupAdvantagesParams)
+
 }  // namespace rlk

@@ -117,4 +117,8 @@ struct KlFromLogitsParams {
   float* workspace = nullptr;
 };
 
+// The CUDA launchers (kl_from_logits.cu).
+RLK_CUDA_LAUNCHER(launch_kl_from_logits, KlFromLogitsParams)
+RLK_CUDA_LAUNCHER(launch_kl_from_logits_backward, KlFromLogitsParams)
+
 }  // namespace rlk

@@ -88,4 +88,7 @@ struct KlPenaltyParams {
   void* slope = nullptr;
 };
 
+// The CUDA launchers (kl_penalty.cu).
+RLK_CUDA_LAUNCHER(launch_kl_penalty, KlPenaltyParams)
+
 }  // namespace rlk

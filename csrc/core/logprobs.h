@@ -190,4 +190,15 @@ struct LogprobsParams {
   float* workspace = nullptr;
 };
 
+namespace cuda {
+// Blocks that share one row of a forward on the GPU (split-V for few long
+// rows): the params' splits; more than 1 needs the workspace.
+int logprobs_splits(int64_t N, int64_t V, int sm_count);
+}  // namespace cuda
+
+// The CUDA launchers (logprobs.cu).
+RLK_CUDA_LAUNCHER(launch_logprobs_forward, LogprobsParams)
+RLK_CUDA_LAUNCHER(launch_logprobs_vocab_tile, LogprobsParams)
+RLK_CUDA_LAUNCHER(launch_logprobs_backward, LogprobsParams)
+
 }  // namespace rlk

@@ -65,4 +65,8 @@ struct MaskedParams {
   void* out = nullptr;            // in the accumulation type
 };
 
+// The CUDA launchers (masked.cu).
+RLK_CUDA_LAUNCHER(launch_masked_row_mean, MaskedParams)
+RLK_CUDA_LAUNCHER(launch_masked_whiten, MaskedParams)
+
 }  // namespace rlk

@@ -65,4 +65,9 @@ struct GossipMixParams {
   void* out = nullptr;
 };
 
+// The CUDA launchers (multi_tensor.cu).
+RLK_CUDA_LAUNCHER(launch_pack_tensors, MultiTensorParams)
+RLK_CUDA_LAUNCHER(launch_unpack_tensors, MultiTensorParams)
+RLK_CUDA_LAUNCHER(launch_gossip_mix, GossipMixParams)
+
 }  // namespace rlk

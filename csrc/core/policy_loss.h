@@ -126,4 +126,7 @@ RLK_FORCE_INLINE PolicyToken<acc> policy_token(acc logprob, acc old_logprob, acc
   return out;
 }
 
+// The CUDA launchers (policy_loss.cu).
+RLK_CUDA_LAUNCHER(launch_policy_loss, PolicyLossParams)
+
 }  // namespace rlk

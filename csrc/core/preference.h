@@ -109,4 +109,9 @@ struct SequenceLogprobsParams {
   void* grad_tokens = nullptr;
 };
 
+// The CUDA launchers (preference.cu).
+RLK_CUDA_LAUNCHER(launch_dpo_loss, PreferenceParams)
+RLK_CUDA_LAUNCHER(launch_sequence_logprobs, SequenceLogprobsParams)
+RLK_CUDA_LAUNCHER(launch_sequence_logprobs_backward, SequenceLogprobsParams)
+
 }  // namespace rlk

@@ -153,4 +153,13 @@ inline void finalize_rows(const double* rows, int K, int max_slot, const TokenLo
                        static_cast<out_t*>(p.row_scale), static_cast<out_t*>(p.loss), static_cast<out_t*>(p.stats));
 }
 
+namespace cuda {
+// The doubles of TokenLossParams::workspace a token loss needs on the GPU
+// (slots: kPolicySlots or kValueSlots).
+int64_t token_loss_workspace(int64_t B, int64_t T, int slots);
+}  // namespace cuda
+
+// The CUDA launchers (token_loss.cu).
+RLK_CUDA_LAUNCHER(launch_scale_rows, ScaleRowsParams)
+
 }  // namespace rlk

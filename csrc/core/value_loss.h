@@ -65,4 +65,7 @@ struct ValueLossParams {
   double clip = INFINITY;  // +inf: no clipping
 };
 
+// The CUDA launchers (value_loss.cu).
+RLK_CUDA_LAUNCHER(launch_value_loss, ValueLossParams)
+
 }  // namespace rlk

@@ -6,7 +6,6 @@
 
 #include "../core/gae.h"
 #include "dispatch.cuh"
-#include "launchers.h"
 
 namespace rlk {
 namespace cuda {

@@ -7,7 +7,6 @@
 #include "../core/group_advantages.h"
 #include "block_reduce.cuh"
 #include "dispatch.cuh"
-#include "launchers.h"
 
 namespace rlk {
 namespace cuda {

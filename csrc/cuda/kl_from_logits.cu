@@ -8,7 +8,6 @@
 
 #include "../core/kl_from_logits.h"
 #include "dispatch.cuh"
-#include "launchers.h"
 #include "logits.cuh"
 
 namespace rlk {

@@ -5,7 +5,6 @@
 
 #include "../core/kl_penalty.h"
 #include "dispatch.cuh"
-#include "launchers.h"
 
 namespace rlk {
 namespace cuda {

@@ -15,7 +15,6 @@
 
 #include "../core/logprobs.h"
 #include "dispatch.cuh"
-#include "launchers.h"
 #include "logits.cuh"
 
 namespace rlk {

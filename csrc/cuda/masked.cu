@@ -7,7 +7,6 @@
 #include "../core/masked.h"
 #include "block_reduce.cuh"
 #include "dispatch.cuh"
-#include "launchers.h"
 
 namespace rlk {
 namespace cuda {

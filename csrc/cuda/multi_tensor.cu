@@ -11,7 +11,6 @@
 
 #include "../core/multi_tensor.h"
 #include "dispatch.cuh"
-#include "launchers.h"
 
 namespace rlk {
 namespace cuda {

@@ -5,7 +5,6 @@
 
 #include "../core/policy_loss.h"
 #include "dispatch.cuh"
-#include "launchers.h"
 #include "token_loss.cuh"
 
 namespace rlk {

@@ -8,7 +8,6 @@
 #include "../core/preference.h"
 #include "block_reduce.cuh"
 #include "dispatch.cuh"
-#include "launchers.h"
 
 namespace rlk {
 namespace cuda {

@@ -6,7 +6,6 @@
 #include <algorithm>
 
 #include "dispatch.cuh"
-#include "launchers.h"
 #include "token_loss.cuh"
 
 namespace rlk {

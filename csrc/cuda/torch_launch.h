@@ -1,6 +1,7 @@
-// What every torch-facing CUDA op file needs: the device guard, the current
-// stream and the launchers.  An op checks and fills its params with args/,
-// launches with the params whole, and turns a failed launch into an error.
+// What every torch-facing CUDA op file needs besides its args/ header (which
+// brings the family's params and launchers): the device guard and the current
+// stream.  An op fills its params with args/, launches with them whole, and
+// turns a failed launch into an error.
 #pragma once
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,7 +9,7 @@
 
 #include <cstdlib>
 
-#include "launchers.h"
+#include "../core/logprobs.h"
 
 namespace rlk {
 

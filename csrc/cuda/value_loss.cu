@@ -7,7 +7,6 @@
 
 #include "../core/value_loss.h"
 #include "dispatch.cuh"
-#include "launchers.h"
 #include "token_loss.cuh"
 
 namespace rlk {
