@@ -15,7 +15,7 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("masked_row_mean(Tensor x, Tensor? mask) -> Tensor");
   m.def("masked_whiten(Tensor x, Tensor? mask, bool shift_mean, float eps) -> Tensor");
 
-  // Token-level losses (issue 4).  One fused pass returns the loss, its
+  // Token-level losses.  One fused pass returns the loss, its
   // statistics, the per-token gradient before aggregation (empty unless
   // need_grad) and the per-row gradient scales; backward only rescales.
   // Scalars travel in one list (each schema argument costs the Python

@@ -3,13 +3,33 @@
 // only guard direct torch.ops calls against memory errors.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "core/common.h"
+
 namespace rlk {
 
+// The params structs' name for a floating dtype (the ops take no other).
+inline Dtype dtype_of(at::ScalarType type, const char* op) {
+  switch (type) {
+    case at::kFloat: return Dtype::f32;
+    case at::kDouble: return Dtype::f64;
+    case at::kHalf: return Dtype::f16;
+    case at::kBFloat16: return Dtype::bf16;
+    default: TORCH_CHECK(false, op, ": not implemented for '", c10::toString(type), "'");
+  }
+}
+
+// The accumulation dtype of a 16/32/64-bit input, which the ops output in.
 inline at::ScalarType out_dtype_for(at::ScalarType in) {
   return in == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// An empty tensor of `shape` in the accumulation dtype of `like`, on its device.
+inline at::Tensor empty_acc(at::IntArrayRef shape, const at::Tensor& like) {
+  return at::empty(shape, like.options().dtype(out_dtype_for(like.scalar_type())));
 }
 
 inline void check_rows(const at::Tensor& t, const char* name, int64_t B, int64_t T) {
@@ -26,6 +46,11 @@ inline const uint8_t* optional_bool_ptr(const c10::optional<at::Tensor>& t,
   return reinterpret_cast<const uint8_t*>(t->data_ptr<bool>());
 }
 
+// The data of an optional tensor, or null.
+inline const void* optional_data(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
 inline void check_same_device(const at::Tensor& ref, const c10::optional<at::Tensor>& t,
                               const char* name) {
   if (t.has_value())
@@ -35,8 +60,7 @@ inline void check_same_device(const at::Tensor& ref, const c10::optional<at::Ten
 
 }  // namespace rlk
 
-// ---- rows of [..., V] tensors (logprobs family) ----------------------------------------------
-#include <ATen/ops/empty.h>
+// ---- rows of [..., V] tensors (logprobs, kl_from_logits) ------------------------------------
 #include <vector>
 
 #include "core/rows.h"

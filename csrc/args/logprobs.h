@@ -1,7 +1,6 @@
-// Torch-side argument handling shared by the CPU and CUDA implementations of
-// the logprobs family (logprobs, kl_from_logits, kl_penalty): the checks that
-// keep direct torch.ops calls memory-safe, and the outputs each op allocates.
-// The Python layer validates first, with messages naming the argument.
+// logprobs, logprobs_vocab_tile and logprobs_backward: the checks that keep
+// direct torch.ops calls memory-safe (the Python layer validates first, naming
+// the argument), the outputs, and the one LogprobsParams both backends read.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -10,7 +9,6 @@
 #include <string>
 #include <tuple>
 
-#include "../core/kl_penalty.h"
 #include "../core/logprobs.h"
 #include "../torch_common.h"
 
@@ -34,37 +32,89 @@ inline void check_row_floats(const at::Tensor& t, const at::Tensor& logits, cons
 
 // ---- logprobs ----------------------------------------------------------------------------------
 
-// Checks the forward's arguments; returns its float32 outputs: log-probs, the
-// entropy (empty without it) and the (max, log-sum-exp) pair saved per row.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_outputs(const at::Tensor& logits,
-                                                                       const at::Tensor& labels, double temperature,
-                                                                       bool with_entropy) {
+// The logits' dtype as the kernels take it (float32, bfloat16 or float16).
+inline Dtype logits_dtype(const at::Tensor& logits, const char* op) {
+  const at::ScalarType t = logits.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+              ": logits must be float32, bfloat16 or float16, got ", t);
+  return dtype_of(t, op);
+}
+
+// What every op of the family fills alike: the rows of `logits` (x: the
+// logits themselves, or a contiguous copy where their rows cannot be addressed
+// in place, which the caller keeps alive), the labels and the scalars.
+inline LogprobsParams logits_rows(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                                  int64_t ignore_index, bool with_entropy, const char* op, at::Tensor& x) {
+  LogprobsParams p;
+  x = rows_readable(logits, &p.rows);
+  p.logits = x.data_ptr();
+  p.N = leading_numel(logits);
+  p.V = logits.size(-1);
+  p.dtype = logits_dtype(x, op);
+  p.labels = labels.data_ptr<int64_t>();
+  p.ignore_index = ignore_index;
+  p.temperature = temperature;
+  p.with_entropy = with_entropy;
+  return p;
+}
+
+struct LogprobsOutputs {
+  at::Tensor logits;  // as the kernel reads them
+  at::Tensor logprobs, entropy, saved;
+};
+
+// The forward: float32 log-probs, the entropy (empty without it) and the
+// (max, log-sum-exp) pair saved per row.
+inline LogprobsParams logprobs_args(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                                    int64_t ignore_index, bool with_entropy, LogprobsOutputs& out) {
   check_labels_shape(logits, labels, "logprobs");
   TORCH_CHECK(temperature > 0, "logprobs: temperature must be > 0, got ", temperature);
   const auto f32 = logits.options().dtype(at::kFloat);
-  return {at::empty(leading_shape(logits), f32),
-          at::empty(with_entropy ? leading_shape(logits) : std::vector<int64_t>{0}, f32),
-          at::empty(leading_shape(logits, 2), f32)};
+  out.logprobs = at::empty(leading_shape(logits), f32);
+  out.entropy = at::empty(with_entropy ? leading_shape(logits) : std::vector<int64_t>{0}, f32);
+  out.saved = at::empty(leading_shape(logits, 2), f32);
+  LogprobsParams p = logits_rows(logits, labels, temperature, ignore_index, with_entropy, "logprobs", out.logits);
+  p.logprobs = out.logprobs.data_ptr<float>();
+  p.entropy = with_entropy ? out.entropy.data_ptr<float>() : nullptr;
+  p.saved = out.saved.data_ptr<float>();
+  return p;
 }
 
-inline void check_logprobs_backward(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
-                                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
-                                    const at::Tensor& entropy, int64_t vocab_start) {
+// The backward of (a vocabulary tile of) the rows into `grad` (a fresh tensor
+// or the logits themselves, with an addressable row layout).
+inline LogprobsParams logprobs_backward_args(const at::Tensor& grad_logprobs,
+                                             const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                             const at::Tensor& labels, const at::Tensor& saved,
+                                             const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                             int64_t vocab_start, const at::Tensor& grad, at::Tensor& x) {
   check_labels_shape(logits, labels, "logprobs_backward");
   TORCH_CHECK(vocab_start >= 0, "logprobs_backward: vocab_start must be >= 0, got ", vocab_start);
   check_row_floats(grad_logprobs, logits, "grad_logprobs", 1);
   check_row_floats(saved, logits, "saved", 2);
-  if (grad_entropy.has_value()) {
+  const bool with_entropy = grad_entropy.has_value();
+  if (with_entropy) {
     check_row_floats(*grad_entropy, logits, "grad_entropy", 1);
     check_row_floats(entropy, logits, "entropy", 1);
   }
+  LogprobsParams p =
+      logits_rows(logits, labels, temperature, ignore_index, with_entropy, "logprobs_backward", x);
+  TORCH_CHECK(row_index_of(grad, &p.grad_rows), "internal: gradient without a row layout");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "internal: gradient dtype");
+  p.grad = grad.data_ptr();
+  p.vocab_start = vocab_start;
+  p.grad_logprobs = grad_logprobs.data_ptr<float>();
+  p.grad_entropy = with_entropy ? grad_entropy->data_ptr<float>() : nullptr;
+  p.entropy = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  p.saved = saved.data_ptr<float>();
+  return p;
 }
 
 // logprobs_vocab_tile: a tile of columns [vocab_start, vocab_start + V') of the
 // rows, and their running state (4 floats a row, or 5 with the arg-max flag,
-// core/logprobs.h).  Returns the state's width.
-inline int check_vocab_tile(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
-                            double temperature, int64_t vocab_start) {
+// core/logprobs.h).
+inline LogprobsParams logprobs_vocab_tile_args(const at::Tensor& logits, const at::Tensor& labels,
+                                               const at::Tensor& state, double temperature, int64_t ignore_index,
+                                               int64_t vocab_start, bool with_entropy, bool finish, at::Tensor& x) {
   check_labels_shape(logits, labels, "logprobs_vocab_tile");
   TORCH_CHECK(temperature > 0, "logprobs_vocab_tile: temperature must be > 0, got ", temperature);
   TORCH_CHECK(vocab_start >= 0, "logprobs_vocab_tile: vocab_start must be >= 0, got ", vocab_start);
@@ -74,86 +124,57 @@ inline int check_vocab_tile(const at::Tensor& logits, const at::Tensor& labels, 
                   state.device() == logits.device(),
               "logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row of logits "
               "(5 to also track whether the label is the arg-max)");
-  return width;
+  LogprobsParams p =
+      logits_rows(logits, labels, temperature, ignore_index, with_entropy, "logprobs_vocab_tile", x);
+  p.vocab_start = vocab_start;
+  p.state = state.data_ptr<float>();
+  p.width = width;
+  p.finish = finish;
+  return p;
 }
 
-// The logits' gradient, written by into(grad) (a backend's kernel, which needs
-// a row layout it can address) into a fresh tensor of the logits' shape...
-template <class Into>
-at::Tensor logprobs_grad_fresh(const at::Tensor& logits, Into&& into) {
+// A backend's logprobs_backward kernel: reads p, writes p.grad (the caller's
+// device guard, if any, comes from `logits`).
+using LogprobsBackwardRun = void (*)(const LogprobsParams& p, const at::Tensor& logits);
+
+template <LogprobsBackwardRun run>
+void logprobs_backward_into(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
+                            const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
+                            const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t vocab_start,
+                            const at::Tensor& grad) {
+  at::Tensor x;
+  run(logprobs_backward_args(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                             vocab_start, grad, x),
+      logits);
+}
+
+// logprobs_backward: the logits' gradient in a fresh tensor of their shape...
+template <LogprobsBackwardRun run>
+at::Tensor logprobs_backward_op(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
+                                const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
+                                const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                int64_t vocab_start) {
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  into(grad);
+  logprobs_backward_into<run>(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, ignore_index,
+                              vocab_start, grad);
   return grad;
 }
 
-// ...or over the logits themselves (inplace_backward); a layout the kernel
-// cannot address is computed aside and copied in.
-template <class Into>
-void logprobs_grad_inplace(const at::Tensor& logits, Into&& into) {
+// ...and logprobs_backward_inplace: over the logits themselves, or, for a layout
+// the kernels cannot address, computed aside and copied in.
+template <LogprobsBackwardRun run>
+void logprobs_backward_inplace_op(const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& saved,
+                                  const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                                  int64_t vocab_start) {
   RowIndex rows;
-  if (row_index_of(logits, &rows)) into(logits);
-  else logits.copy_(logprobs_grad_fresh(logits, into));
-}
-
-// ---- kl_from_logits ------------------------------------------------------------------------------
-
-inline void check_kl_pair(const at::Tensor& logits, const at::Tensor& ref_logits) {
-  TORCH_CHECK(logits.dim() >= 1, "kl_from_logits: logits must have a vocabulary dimension");
-  TORCH_CHECK(ref_logits.sizes() == logits.sizes(), "kl_from_logits: ref_logits must have the shape of logits ",
-              logits.sizes(), ", got ", ref_logits.sizes());
-  TORCH_CHECK(ref_logits.scalar_type() == logits.scalar_type() && ref_logits.device() == logits.device(),
-              "kl_from_logits: ref_logits must have the dtype and device of logits");
-}
-
-inline const bool* optional_row_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& logits) {
-  if (!mask.has_value()) return nullptr;
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->device() == logits.device() &&
-                  mask->sizes() == logits.sizes().slice(0, logits.dim() - 1),
-              "kl_from_logits: mask must be a contiguous bool tensor of the leading shape of logits");
-  return mask->data_ptr<bool>();
-}
-
-// Checks the forward's arguments; returns its float32 outputs: the KL per row
-// and the five row statistics the backward reuses.
-inline std::tuple<at::Tensor, at::Tensor> kl_outputs(const at::Tensor& logits, const at::Tensor& ref_logits,
-                                                     double temperature) {
-  check_kl_pair(logits, ref_logits);
-  TORCH_CHECK(temperature > 0, "kl_from_logits: temperature must be > 0, got ", temperature);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  return {at::empty(leading_shape(logits), f32), at::empty(leading_shape(logits, 5), f32)};
-}
-
-// Checks the backward's arguments; returns the gradients of the logits and of
-// the reference logits (empty where not wanted).
-inline std::tuple<at::Tensor, at::Tensor> kl_grad_outputs(const at::Tensor& grad_kl, const at::Tensor& logits,
-                                                          const at::Tensor& ref_logits, const at::Tensor& saved,
-                                                          bool logits_grad, bool ref_grad) {
-  check_kl_pair(logits, ref_logits);
-  check_row_floats(grad_kl, logits, "grad_kl", 1);
-  check_row_floats(saved, logits, "saved", 5);
-  return {at::empty(logits_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options()),
-          at::empty(ref_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options())};
-}
-
-// ---- kl_penalty ------------------------------------------------------------------------------------
-
-struct KlPenaltyArgs {
-  int code;                // the estimator (core/kl_penalty.h)
-  at::Tensor lp, ref;      // contiguous inputs
-  at::Tensor value, slope; // outputs in the accumulation dtype
-};
-
-inline KlPenaltyArgs kl_penalty_args(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                                     c10::string_view kind, double clamp) {
-  const int code = kl_kind_code(std::string(kind).c_str());
-  TORCH_CHECK(code >= 0, "kl_penalty: unknown kind '", kind, "'");
-  TORCH_CHECK(clamp > 0, "kl_penalty: clamp must be > 0, got ", clamp);
-  TORCH_CHECK(ref_logprobs.sizes() == logprobs.sizes() && ref_logprobs.scalar_type() == logprobs.scalar_type() &&
-                  ref_logprobs.device() == logprobs.device(),
-              "kl_penalty: ref_logprobs must have the shape, dtype and device of logprobs");
-  const at::Tensor lp = logprobs.contiguous();
-  const auto out = lp.options().dtype(out_dtype_for(lp.scalar_type()));
-  return {code, lp, ref_logprobs.contiguous(), at::empty(lp.sizes(), out), at::empty(lp.sizes(), out)};
+  if (row_index_of(logits, &rows)) {
+    logprobs_backward_into<run>(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
+                                ignore_index, vocab_start, logits);
+  } else {
+    logits.copy_(logprobs_backward_op<run>(grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature,
+                                           ignore_index, vocab_start));
+  }
 }
 
 }  // namespace rlk

@@ -98,4 +98,24 @@ RLK_INLINE void discounted_returns_row(const in_t* rewards, const uint8_t* mask,
   }
 }
 
+// The arguments of gae and discounted_returns, filled once by args/gae.h.
+// [B, T] inputs of `dtype`, [B, T] outputs in its accumulation type;
+// discounted_returns leaves values, last_values, lam and advantages unset.
+struct GaeParams {
+  int64_t B = 0, T = 0;
+  Dtype dtype = Dtype::f32;
+  const void* rewards = nullptr;
+  const void* values = nullptr;
+  const uint8_t* mask = nullptr;      // may be null
+  const uint8_t* dones = nullptr;     // may be null
+  const void* last_values = nullptr;  // [B] in the accumulation type, may be null
+  double gamma = 1.0, lam = 1.0;
+  void* advantages = nullptr;
+  void* returns = nullptr;
+};
+
+// The CUDA launchers (gae.cu).
+RLK_CUDA_LAUNCHER(launch_gae, GaeParams)
+RLK_CUDA_LAUNCHER(launch_discounted_returns, GaeParams)
+
 }  // namespace rlk

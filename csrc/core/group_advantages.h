@@ -29,4 +29,21 @@ RLK_INLINE acc unbiased_std(acc sq_dev_sum, int64_t n) {
   return n > 1 ? acc(sqrt(sq_dev_sum / acc(n - 1))) : acc(0);
 }
 
+// The arguments of group_advantages, filled once by args/group_advantages.h.
+// Groups are runs of group_size scores, or given by group_index (ids checked).
+struct GroupAdvantagesParams {
+  int64_t N = 0, group_size = 0, num_groups = 0;
+  Dtype dtype = Dtype::f32;
+  const void* scores = nullptr;
+  const int64_t* group_index = nullptr;  // may be null
+  int baseline = 0;                      // 0 mean, 1 leave-one-out
+  int scale = 0;                         // 0 group std, 1 batch std, 2 none
+  double eps = 0;
+  void* advantages = nullptr;            // [N] in the accumulation type
+  bool* all_equal = nullptr;             // [num_groups]
+};
+
+// The CUDA launchers (group_advantages.cu).
+RLK_CUDA_LAUNCHER(launch_group_advantages, GroupAdvantagesParams)
+
 }  // namespace rlk

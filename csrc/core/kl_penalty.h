@@ -75,4 +75,20 @@ RLK_INLINE void kl_penalty_element(acc logprob, acc ref_logprob, int kind, acc c
   *slope = d;
 }
 
+// The arguments of kl_penalty, filled once by args/kl_penalty.h: n contiguous
+// elements of `dtype` in, value and slope out in the accumulation type.
+struct KlPenaltyParams {
+  int64_t n = 0;
+  Dtype dtype = Dtype::f32;
+  const void* logprobs = nullptr;
+  const void* ref_logprobs = nullptr;
+  int kind = kKlK1;
+  double clamp = 0;
+  void* value = nullptr;
+  void* slope = nullptr;
+};
+
+// The CUDA launchers (kl_penalty.cu).
+RLK_CUDA_LAUNCHER(launch_kl_penalty, KlPenaltyParams)
+
 }  // namespace rlk

@@ -40,4 +40,34 @@ RLK_INLINE T gossip_mix_one(T x, T left, T right, acc w_self, acc w_left, acc w_
   return cast<T>(w_self * cast<acc>(x) + w_left * cast<acc>(left) + w_right * cast<acc>(right));
 }
 
+// The arguments of pack_tensors / unpack_tensors, filled once by
+// args/multi_tensor.h: `count` host pointers to contiguous tensors of
+// tensor_dtype, numels[i] elements each, laid end to end in the bucket.
+struct MultiTensorParams {
+  void* const* tensors = nullptr;
+  const int64_t* numels = nullptr;
+  int64_t count = 0, total = 0;
+  Dtype tensor_dtype = Dtype::f32;
+  void* bucket = nullptr;
+  Dtype bucket_dtype = Dtype::f32;
+  double scale = 1.0;
+};
+
+// The arguments of gossip_mix: out = w_self x + w_left left + w_right right
+// over n elements of `dtype` (out may alias an input).
+struct GossipMixParams {
+  int64_t n = 0;
+  Dtype dtype = Dtype::f32;
+  const void* x = nullptr;
+  const void* left = nullptr;
+  const void* right = nullptr;
+  double w_self = 0, w_left = 0, w_right = 0;
+  void* out = nullptr;
+};
+
+// The CUDA launchers (multi_tensor.cu).
+RLK_CUDA_LAUNCHER(launch_pack_tensors, MultiTensorParams)
+RLK_CUDA_LAUNCHER(launch_unpack_tensors, MultiTensorParams)
+RLK_CUDA_LAUNCHER(launch_gossip_mix, GossipMixParams)
+
 }  // namespace rlk

@@ -15,7 +15,10 @@
 #pragma once
 #include <limits>
 
+#include <math.h>
+
 #include "common.h"
+#include "token_loss.h"
 #include "vec_math.h"
 
 namespace rlk {
@@ -36,13 +39,21 @@ constexpr int kPolicySlots = 10;
 // approx_kl_k1, approx_kl_k3, ratio_mean, ratio_max, kl, num_tokens
 constexpr int kPolicyStats = 9;
 
-template <typename acc>
-struct PolicyParams {
-  acc ratio_low;        // 1 - clip_low
-  acc ratio_high;       // 1 + clip_high
-  acc dual_clip;        // +inf when off
-  acc log_ratio_clamp;  // +inf when off
-  acc kl_coef;
+// The arguments of policy_loss, filled once by args/policy_loss.h; the
+// coefficients are doubles, converted to the accumulation type where used.
+struct PolicyLossParams {
+  TokenLossParams rows;
+  const void* logprobs = nullptr;
+  const void* old_logprobs = nullptr;
+  const void* advantages = nullptr;    // [B, T], or [B] with advantages_per_row
+  bool advantages_per_row = false;
+  const void* weights = nullptr;       // may be null (weight 1)
+  const void* ref_logprobs = nullptr;  // may be null; read only with a KL estimator
+  KLKind kl = KLKind::none;
+  double clip_low = 0.2, clip_high = 0.2;
+  double dual_clip = INFINITY;         // +inf when off
+  double log_ratio_clamp = INFINITY;   // +inf when off
+  double kl_coef = 0;
 };
 
 template <typename acc>
@@ -55,16 +66,17 @@ struct PolicyToken {
 
 template <int kKL, typename acc>
 RLK_FORCE_INLINE PolicyToken<acc> policy_token(acc logprob, acc old_logprob, acc advantage, acc weight,
-                                         acc ref_logprob, const PolicyParams<acc>& p) {
+                                         acc ref_logprob, const PolicyLossParams& p) {
   PolicyToken<acc> out;
+  const acc ratio_low = acc(1.0 - p.clip_low), ratio_high = acc(1.0 + p.clip_high);
   const acc raw = logprob - old_logprob;
-  const acc c = p.log_ratio_clamp;
+  const acc c = acc(p.log_ratio_clamp);
   const acc pass = ((raw >= -c) & (raw <= c)) ? acc(1) : acc(0);
   acc log_ratio = raw < -c ? -c : raw;
   log_ratio = log_ratio > c ? c : log_ratio;
   const acc ratio = exp_acc(log_ratio);
-  acc clipped = ratio < p.ratio_low ? p.ratio_low : ratio;
-  clipped = clipped > p.ratio_high ? p.ratio_high : clipped;
+  acc clipped = ratio < ratio_low ? ratio_low : ratio;
+  clipped = clipped > ratio_high ? ratio_high : clipped;
   const acc unclipped_loss = -advantage * ratio;
   const acc clipped_loss = -advantage * clipped;
   // On a tie both branches have slope -A (clamp passes on its closed
@@ -77,7 +89,7 @@ RLK_FORCE_INLINE PolicyToken<acc> policy_token(acc logprob, acc old_logprob, acc
   // that 0 * inf gives for A = 0 is excluded by `negative`).  The flags are
   // 0/1 values, not bools, so that vectorised selects stay float-typed.
   const bool negative = advantage < acc(0);
-  const acc cap = -advantage * p.dual_clip;
+  const acc cap = -advantage * acc(p.dual_clip);
   const acc capped = (negative & (loss > cap)) ? acc(1) : acc(0);
   const acc tie = (negative & (loss == cap)) ? acc(1) : acc(0);
   loss = capped > acc(0) ? cap : loss;
@@ -86,8 +98,8 @@ RLK_FORCE_INLINE PolicyToken<acc> policy_token(acc logprob, acc old_logprob, acc
   // A constant branch has slope exactly 0, even where the ratio overflowed to
   // inf (autograd's 0 * inf would give NaN there).
   out.grad = weight * (slope == acc(0) ? acc(0) : slope * ratio) * pass;
-  out.clip_upper = ((advantage > acc(0)) & (ratio > p.ratio_high)) ? acc(1) : acc(0);
-  out.clip_lower = (negative & (ratio < p.ratio_low)) ? acc(1) : acc(0);
+  out.clip_upper = ((advantage > acc(0)) & (ratio > ratio_high)) ? acc(1) : acc(0);
+  out.clip_lower = (negative & (ratio < ratio_low)) ? acc(1) : acc(0);
   out.clip_dual = capped;
   out.k1 = -log_ratio;
   out.k3 = ratio - acc(1) - log_ratio;
@@ -108,10 +120,13 @@ RLK_FORCE_INLINE PolicyToken<acc> policy_token(acc logprob, acc old_logprob, acc
       dkl = acc(1) - e;
     }
     out.kl = kl;
-    out.loss += p.kl_coef * kl;
-    out.grad += p.kl_coef * dkl;
+    out.loss += acc(p.kl_coef) * kl;
+    out.grad += acc(p.kl_coef) * dkl;
   }
   return out;
 }
+
+// The CUDA launchers (policy_loss.cu).
+RLK_CUDA_LAUNCHER(launch_policy_loss, PolicyLossParams)
 
 }  // namespace rlk

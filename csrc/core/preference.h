@@ -76,4 +76,42 @@ RLK_INLINE PreferencePair<acc> preference_pair(PreferenceKind kind, acc beta, ac
   return out;
 }
 
+// The arguments of dpo_loss, filled once by args/preference.h: [B] inputs of
+// `dtype`, [B] outputs in its accumulation type.
+struct PreferenceParams {
+  int64_t B = 0;
+  Dtype dtype = Dtype::f32;
+  const void* policy_chosen = nullptr;
+  const void* policy_rejected = nullptr;
+  const void* ref_chosen = nullptr;
+  const void* ref_rejected = nullptr;
+  PreferenceKind kind = PreferenceKind::sigmoid;
+  double beta = 0, label_smoothing = 0;
+  void* losses = nullptr;
+  void* chosen_rewards = nullptr;
+  void* rejected_rewards = nullptr;
+  void* dlogits = nullptr;
+};
+
+// The arguments of sequence_logprobs (forward: token_logprobs of `dtype` in,
+// sums and counts out in its accumulation type) and of its backward (grad and
+// num_tokens in the accumulation type of `dtype`, grad_tokens out in `dtype`).
+struct SequenceLogprobsParams {
+  int64_t B = 0, T = 0;
+  Dtype dtype = Dtype::f32;
+  const uint8_t* mask = nullptr;  // [B, T], may be null
+  bool average = false;
+  const void* token_logprobs = nullptr;
+  void* sums = nullptr;
+  void* counts = nullptr;
+  const void* grad = nullptr;
+  const void* num_tokens = nullptr;
+  void* grad_tokens = nullptr;
+};
+
+// The CUDA launchers (preference.cu).
+RLK_CUDA_LAUNCHER(launch_dpo_loss, PreferenceParams)
+RLK_CUDA_LAUNCHER(launch_sequence_logprobs, SequenceLogprobsParams)
+RLK_CUDA_LAUNCHER(launch_sequence_logprobs_backward, SequenceLogprobsParams)
+
 }  // namespace rlk

@@ -6,7 +6,10 @@
 // clipped when v - old lies outside [-clip, clip] and the clipped term is
 // strictly the larger.
 #pragma once
+#include <math.h>
+
 #include "common.h"
+#include "token_loss.h"
 #include "vec_math.h"
 
 namespace rlk {
@@ -52,5 +55,17 @@ RLK_FORCE_INLINE ValueToken<acc> value_token(acc value, acc old_value, acc ret, 
   out.clipped = clip_wins ? acc(1) : acc(0);
   return out;
 }
+
+// The arguments of value_loss, filled once by args/value_loss.h.
+struct ValueLossParams {
+  TokenLossParams rows;
+  const void* values = nullptr;
+  const void* old_values = nullptr;
+  const void* returns = nullptr;
+  double clip = INFINITY;  // +inf: no clipping
+};
+
+// The CUDA launchers (value_loss.cu).
+RLK_CUDA_LAUNCHER(launch_value_loss, ValueLossParams)
 
 }  // namespace rlk

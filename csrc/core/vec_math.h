@@ -24,25 +24,23 @@
 
 namespace rlk {
 
-RLK_FORCE_INLINE uint32_t float_bits(float x) {
+// The bits of a float and back: CUDA's intrinsics on the device, memcpy (type
+// punning without undefined behaviour; a register move once optimised) elsewhere.
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
+RLK_FORCE_INLINE uint32_t float_bits(float x) { return __float_as_uint(x); }
+RLK_FORCE_INLINE float bits_float(uint32_t u) { return __uint_as_float(u); }
 #else
+RLK_FORCE_INLINE uint32_t float_bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
   return u;
-#endif
 }
-
 RLK_FORCE_INLINE float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
   float x;
   std::memcpy(&x, &u, sizeof(x));
   return x;
-#endif
 }
+#endif
 
 // e^x in float32, within 2 ulp of the correctly rounded value for normal
 // results (Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6

@@ -1,12 +1,10 @@
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <vector>
 
 #include "../core/group_advantages.h"
-#include "../args/advantages.h"
+#include "../args/group_advantages.h"
 
 namespace rlk {
 namespace {
@@ -20,18 +18,17 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
                                                         const c10::optional<at::Tensor>& group_index,
                                                         int64_t group_size, int64_t num_groups,
                                                         int64_t baseline, int64_t scale, double eps) {
-  check_group_args(scores, group_index, group_size, num_groups, baseline, scale);
-  const int64_t N = scores.size(0);
-  const int64_t* index = group_index.has_value() ? group_index->data_ptr<int64_t>() : nullptr;
+  at::Tensor advantages, all_equal;
+  const GroupAdvantagesParams p = group_advantages_args(scores, group_index, group_size, num_groups, baseline, scale,
+                                                        eps, advantages, all_equal);
+  const int64_t N = p.N;
+  const int64_t* index = p.group_index;
   for (int64_t i = 0; index && i < N; ++i)
     TORCH_CHECK(index[i] >= 0 && index[i] < num_groups, "group_advantages: group_index[", i, "] = ", index[i],
                 " is outside [0, ", num_groups, ")");
-  const auto out_dtype = out_dtype_for(scores.scalar_type());
-  auto advantages = at::empty({N}, scores.options().dtype(out_dtype));
-  auto all_equal = at::empty({num_groups}, scores.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "group_advantages_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* s = scores.data_ptr<scalar_t>();
+    const scalar_t* s = static_cast<const scalar_t*>(p.scores);
     auto group_of = [&](int64_t i) { return index ? index[i] : i / group_size; };
     std::vector<acc> sum(num_groups, acc(0)), sq(num_groups, acc(0)), lo(num_groups), hi(num_groups);
     std::vector<int64_t> count(num_groups, 0);
@@ -58,13 +55,13 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& scores
       batch_sq += (x - batch_mean) * (x - batch_mean);
     }
     const acc batch_std = unbiased_std(batch_sq, N);
-    acc* adv = advantages.data_ptr<acc>();
+    acc* adv = static_cast<acc*>(p.advantages);
     for (int64_t i = 0; i < N; ++i) {
       const int64_t g = group_of(i);
       adv[i] = group_advantage<acc>(cast<acc>(s[i]), mean[g], unbiased_std(sq[g], count[g]), batch_std,
-                                    count[g], int(baseline), int(scale), acc(eps));
+                                    count[g], p.baseline, p.scale, acc(p.eps));
     }
-    bool* eq = all_equal.data_ptr<bool>();
+    bool* eq = p.all_equal;
     // equal and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
     for (int64_t g = 0; g < num_groups; ++g)
       eq[g] = count[g] == 0 || (lo[g] == hi[g] && lo[g] > -acc(INFINITY) && lo[g] < acc(INFINITY));

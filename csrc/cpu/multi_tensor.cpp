@@ -8,7 +8,6 @@
 #include <cstring>
 #include <vector>
 
-#include "../core/multi_tensor.h"
 #include "../args/multi_tensor.h"
 
 namespace rlk {
@@ -25,11 +24,11 @@ struct Layout {
   int64_t total = 0;
 };
 
-Layout layout_of(at::TensorList tensors, const at::Tensor& bucket, const char* op) {
+Layout layout_of(const MultiTensorParams& p) {
   Layout layout;
-  for (int64_t numel : bucket_numels(tensors, bucket, op)) {
+  for (int64_t i = 0; i < p.count; ++i) {
     layout.offsets.push_back(layout.total);
-    layout.total += numel;
+    layout.total += p.numels[i];
   }
   return layout;
 }
@@ -38,7 +37,7 @@ Layout layout_of(at::TensorList tensors, const at::Tensor& bucket, const char* o
 // split into contiguous ranges across threads; a range may span many small
 // tensors or cover part of a large one.
 template <typename src_t, typename dst_t, bool kPack>
-void copy_all(const std::vector<char*>& pointers, const Layout& layout, char* bucket, double scale) {
+void copy_all(void* const* pointers, const Layout& layout, char* bucket, double scale) {
   using acc = scale_acc_t<dst_t>;
   const acc s = static_cast<acc>(scale);
   const bool plain = std::is_same<src_t, dst_t>::value && scale == 1.0;
@@ -54,11 +53,11 @@ void copy_all(const std::vector<char*>& pointers, const Layout& layout, char* bu
       const src_t* src;
       dst_t* dst;
       if (kPack) {
-        src = reinterpret_cast<const src_t*>(pointers[t]) + within;
+        src = static_cast<const src_t*>(pointers[t]) + within;
         dst = reinterpret_cast<dst_t*>(bucket) + a;
       } else {
         src = reinterpret_cast<const src_t*>(bucket) + a;
-        dst = reinterpret_cast<dst_t*>(pointers[t]) + within;
+        dst = static_cast<dst_t*>(pointers[t]) + within;
       }
       if (plain) {
         std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), sizeof(dst_t) * (b - a));
@@ -69,51 +68,52 @@ void copy_all(const std::vector<char*>& pointers, const Layout& layout, char* bu
   });
 }
 
+c10::ScalarType scalar_type_of(Dtype dtype) {
+  switch (dtype) {
+    case Dtype::f64: return at::kDouble;
+    case Dtype::f16: return at::kHalf;
+    case Dtype::bf16: return at::kBFloat16;
+    default: return at::kFloat;
+  }
+}
+
+// The tensors' and the bucket's dtypes pick the copy (source first).
 template <bool kPack>
-void dispatch_copy(at::ScalarType src_type, at::ScalarType dst_type, const std::vector<char*>& pointers,
-                   const Layout& layout, char* bucket, double scale) {
+void copy_tensors(at::TensorList tensors, const at::Tensor& bucket, double scale) {
+  MultiTensorCall call;
+  multi_tensor_args(tensors, bucket, scale, kPack, call);
+  const MultiTensorParams& p = call.params;
+  if (p.total == 0) return;
+  const Layout layout = layout_of(p);
+  const at::ScalarType src_type = scalar_type_of(kPack ? p.tensor_dtype : p.bucket_dtype);
+  const at::ScalarType dst_type = scalar_type_of(kPack ? p.bucket_dtype : p.tensor_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src_type, "multi_tensor_copy", [&] {
     using src_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst_type, "multi_tensor_copy", [&] {
-      copy_all<src_t, scalar_t, kPack>(pointers, layout, bucket, scale);
+      copy_all<src_t, scalar_t, kPack>(p.tensors, layout, static_cast<char*>(p.bucket), p.scale);
     });
   });
 }
 
 void pack_tensors_cpu(at::TensorList tensors, const at::Tensor& bucket, double scale) {
-  const Layout layout = layout_of(tensors, bucket, "pack_tensors");
-  if (layout.total == 0) return;
-  std::vector<char*> pointers;
-  pointers.reserve(tensors.size());
-  for (const auto& t : tensors) pointers.push_back(static_cast<char*>(t.data_ptr()));
-  dispatch_copy<true>(tensors[0].scalar_type(), bucket.scalar_type(), pointers, layout,
-                      static_cast<char*>(bucket.data_ptr()), scale);
+  copy_tensors<true>(tensors, bucket, scale);
 }
 
 void unpack_tensors_cpu(const at::Tensor& bucket, at::TensorList tensors, double scale) {
-  const Layout layout = layout_of(tensors, bucket, "unpack_tensors");
-  if (layout.total == 0) return;
-  std::vector<char*> pointers;
-  pointers.reserve(tensors.size());
-  for (const auto& t : tensors) pointers.push_back(static_cast<char*>(t.data_ptr()));
-  dispatch_copy<false>(bucket.scalar_type(), tensors[0].scalar_type(), pointers, layout,
-                       static_cast<char*>(bucket.data_ptr()), scale);
+  copy_tensors<false>(tensors, bucket, scale);
 }
 
 void gossip_mix_cpu(const at::Tensor& x, const at::Tensor& left, const at::Tensor& right, double w_self,
                     double w_left, double w_right, const at::Tensor& out) {
-  check_like(x, "x", x, "gossip_mix");
-  check_like(left, "left", x, "gossip_mix");
-  check_like(right, "right", x, "gossip_mix");
-  check_like(out, "out", x, "gossip_mix");
-  const int64_t n = x.numel();
+  const GossipMixParams p = gossip_mix_args(x, left, right, w_self, w_left, w_right, out);
+  const int64_t n = p.n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gossip_mix", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* lp = left.const_data_ptr<scalar_t>();
-    const scalar_t* rp = right.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const acc ws = static_cast<acc>(w_self), wl = static_cast<acc>(w_left), wr = static_cast<acc>(w_right);
+    const scalar_t* xp = static_cast<const scalar_t*>(p.x);
+    const scalar_t* lp = static_cast<const scalar_t*>(p.left);
+    const scalar_t* rp = static_cast<const scalar_t*>(p.right);
+    scalar_t* op = static_cast<scalar_t*>(p.out);
+    const acc ws = static_cast<acc>(p.w_self), wl = static_cast<acc>(p.w_left), wr = static_cast<acc>(p.w_right);
     at::parallel_for(0, n, kMixGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) op[i] = gossip_mix_one<scalar_t>(xp[i], lp[i], rp[i], ws, wl, wr);
     });

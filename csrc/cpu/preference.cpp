@@ -2,11 +2,9 @@
 // and sequence_logprobs, the masked per-row sums (or means) that feed it.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include "../core/preference.h"
-#include "../args/losses.h"
-#include "../torch_common.h"
+#include "../args/preference.h"
 #include "simd_loops.h"
 
 namespace rlk {
@@ -15,25 +13,24 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
     const at::Tensor& policy_chosen, const at::Tensor& policy_rejected, const at::Tensor& ref_chosen,
     const at::Tensor& ref_rejected, double beta, c10::string_view kind, double label_smoothing) {
-  const PreferenceKind k = check_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind);
-  const int64_t B = policy_chosen.size(0);
-  const auto opts = policy_chosen.options().dtype(out_dtype_for(policy_chosen.scalar_type()));
-  auto losses = at::empty({B}, opts), chosen = at::empty({B}, opts), rejected = at::empty({B}, opts);
-  auto dlogits = at::empty({B}, opts);
+  PreferenceOutputs out;
+  const PreferenceParams p =
+      dpo_loss_args(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind, label_smoothing, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, policy_chosen.scalar_type(), "dpo_loss_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* pc = policy_chosen.data_ptr<scalar_t>();
-    const scalar_t* pr = policy_rejected.data_ptr<scalar_t>();
-    const scalar_t* rc = ref_chosen.data_ptr<scalar_t>();
-    const scalar_t* rr = ref_rejected.data_ptr<scalar_t>();
-    acc* out_loss = losses.data_ptr<acc>();
-    acc* out_chosen = chosen.data_ptr<acc>();
-    acc* out_rejected = rejected.data_ptr<acc>();
-    acc* out_dlogits = dlogits.data_ptr<acc>();
-    at::parallel_for(0, B, 1 << 14, [&](int64_t begin, int64_t end) {
+    const scalar_t* pc = static_cast<const scalar_t*>(p.policy_chosen);
+    const scalar_t* pr = static_cast<const scalar_t*>(p.policy_rejected);
+    const scalar_t* rc = static_cast<const scalar_t*>(p.ref_chosen);
+    const scalar_t* rr = static_cast<const scalar_t*>(p.ref_rejected);
+    acc* out_loss = static_cast<acc*>(p.losses);
+    acc* out_chosen = static_cast<acc*>(p.chosen_rewards);
+    acc* out_rejected = static_cast<acc*>(p.rejected_rewards);
+    acc* out_dlogits = static_cast<acc*>(p.dlogits);
+    at::parallel_for(0, p.B, 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const PreferencePair<acc> pair = preference_pair<acc>(k, acc(beta), acc(label_smoothing), cast<acc>(pc[b]),
-                                                              cast<acc>(pr[b]), cast<acc>(rc[b]), cast<acc>(rr[b]));
+        const PreferencePair<acc> pair =
+            preference_pair<acc>(p.kind, acc(p.beta), acc(p.label_smoothing), cast<acc>(pc[b]), cast<acc>(pr[b]),
+                                 cast<acc>(rc[b]), cast<acc>(rr[b]));
         out_loss[b] = pair.loss;
         out_dlogits[b] = pair.dlogits;
         out_chosen[b] = pair.chosen_reward;
@@ -41,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
       }
     });
   });
-  return {losses, chosen, rejected, dlogits};
+  return out.tuple();
 }
 
 // lane_sum of x[i] where valid[i] (exact zeros elsewhere: NaN in a masked slot stays
@@ -60,16 +57,16 @@ RLK_CPU_CLONES double masked_lane_sum(const acc* __restrict__ x, const uint8_t* 
 
 std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token_logprobs,
                                                          const c10::optional<at::Tensor>& mask, bool average) {
-  const uint8_t* mask_p = check_sequence_logprobs(token_logprobs, mask);
-  const int64_t B = token_logprobs.size(0), T = token_logprobs.size(1);
-  const auto opts = token_logprobs.options().dtype(out_dtype_for(token_logprobs.scalar_type()));
-  auto sums = at::empty({B}, opts), counts = at::empty({B}, opts);
+  at::Tensor sums, counts;
+  const SequenceLogprobsParams p = sequence_logprobs_args(token_logprobs, mask, average, sums, counts);
+  const int64_t B = p.B, T = p.T;
+  const uint8_t* mask_p = p.mask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, token_logprobs.scalar_type(), "sequence_logprobs_cpu",
                                   [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* x = token_logprobs.data_ptr<scalar_t>();
-    acc* out = sums.data_ptr<acc>();
-    acc* out_counts = counts.data_ptr<acc>();
+    const scalar_t* x = static_cast<const scalar_t*>(p.token_logprobs);
+    acc* out = static_cast<acc*>(p.sums);
+    acc* out_counts = static_cast<acc*>(p.counts);
     at::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
       alignas(64) acc staging[cpu::kChunk];
       for (int64_t b = begin; b < end; ++b) {
@@ -88,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
           }
         }
         out_counts[b] = acc(count);
-        out[b] = acc(average ? (count > 0 ? total / double(count) : 0.0) : total);
+        out[b] = acc(p.average ? (count > 0 ? total / double(count) : 0.0) : total);
       }
     });
   });
@@ -100,17 +97,18 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
 at::Tensor sequence_logprobs_backward_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& mask,
                                          const at::Tensor& num_tokens, bool average, int64_t T,
                                          at::ScalarType dtype) {
-  const uint8_t* mask_p = check_sequence_logprobs_backward(grad, mask, num_tokens, T, dtype);
-  const int64_t B = grad.size(0);
-  auto out = at::empty({B, T}, grad.options().dtype(dtype));
+  at::Tensor out;
+  const SequenceLogprobsParams p = sequence_logprobs_backward_args(grad, mask, num_tokens, average, T, dtype, out);
+  const int64_t B = p.B;
+  const uint8_t* mask_p = p.mask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sequence_logprobs_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const acc* g = grad.data_ptr<acc>();
-    const acc* n = num_tokens.data_ptr<acc>();
-    scalar_t* o = out.data_ptr<scalar_t>();
+    const acc* g = static_cast<const acc*>(p.grad);
+    const acc* n = static_cast<const acc*>(p.num_tokens);
+    scalar_t* o = static_cast<scalar_t*>(p.grad_tokens);
     at::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const acc per_row = average ? (n[b] > acc(0) ? g[b] / n[b] : acc(0)) : g[b];
+        const acc per_row = p.average ? (n[b] > acc(0) ? g[b] / n[b] : acc(0)) : g[b];
         const scalar_t value = static_cast<scalar_t>(per_row), zero = static_cast<scalar_t>(0);
         scalar_t* row = o + b * T;
         if (mask_p == nullptr) {

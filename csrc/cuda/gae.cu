@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "../core/gae.h"
-#include "launchers.h"
+#include "dispatch.cuh"
 
 namespace rlk {
 namespace cuda {
@@ -42,39 +42,28 @@ unsigned int blocks_for(int64_t rows) { return static_cast<unsigned int>((rows +
 
 }  // namespace
 
-template <typename in_t, typename out_t>
-cudaError_t launch_gae(const in_t* rewards, const in_t* values, const uint8_t* mask,
-                       const uint8_t* dones, const out_t* last_values, int64_t B, int64_t T,
-                       double gamma, double lam, out_t* advantages, out_t* returns,
-                       cudaStream_t stream) {
-  if (B == 0 || T == 0) return cudaSuccess;
-  gae_kernel<in_t, out_t><<<blocks_for(B), kThreads, 0, stream>>>(
-      rewards, values, mask, dones, last_values, B, T, out_t(gamma), out_t(lam), advantages, returns);
-  return cudaGetLastError();
+cudaError_t launch_gae(const GaeParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0) return cudaSuccess;
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using out_t = acc_t<in_t>;
+    gae_kernel<in_t, out_t><<<blocks_for(p.B), kThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.rewards), static_cast<const in_t*>(p.values), p.mask, p.dones,
+        static_cast<const out_t*>(p.last_values), p.B, p.T, out_t(p.gamma), out_t(p.lam),
+        static_cast<out_t*>(p.advantages), static_cast<out_t*>(p.returns));
+  });
 }
 
-template <typename in_t, typename out_t>
-cudaError_t launch_discounted_returns(const in_t* rewards, const uint8_t* mask, const uint8_t* dones,
-                                      int64_t B, int64_t T, double gamma, out_t* returns,
-                                      cudaStream_t stream) {
-  if (B == 0 || T == 0) return cudaSuccess;
-  discounted_returns_kernel<in_t, out_t><<<blocks_for(B), kThreads, 0, stream>>>(
-      rewards, mask, dones, B, T, out_t(gamma), returns);
-  return cudaGetLastError();
+cudaError_t launch_discounted_returns(const GaeParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0) return cudaSuccess;
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using out_t = acc_t<in_t>;
+    discounted_returns_kernel<in_t, out_t><<<blocks_for(p.B), kThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.rewards), p.mask, p.dones, p.B, p.T, out_t(p.gamma),
+        static_cast<out_t*>(p.returns));
+  });
 }
-
-#define RLK_INSTANTIATE(in_t, out_t)                                                              \
-  template cudaError_t launch_gae<in_t, out_t>(const in_t*, const in_t*, const uint8_t*,          \
-                                               const uint8_t*, const out_t*, int64_t, int64_t,    \
-                                               double, double, out_t*, out_t*, cudaStream_t);     \
-  template cudaError_t launch_discounted_returns<in_t, out_t>(const in_t*, const uint8_t*,        \
-                                                              const uint8_t*, int64_t, int64_t,   \
-                                                              double, out_t*, cudaStream_t);
-RLK_INSTANTIATE(float, float)
-RLK_INSTANTIATE(double, double)
-RLK_INSTANTIATE(__half, float)
-RLK_INSTANTIATE(__nv_bfloat16, float)
-#undef RLK_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace rlk

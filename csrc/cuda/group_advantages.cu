@@ -6,7 +6,7 @@
 
 #include "../core/group_advantages.h"
 #include "block_reduce.cuh"
-#include "launchers.h"
+#include "dispatch.cuh"
 
 namespace rlk {
 namespace cuda {
@@ -82,25 +82,16 @@ __global__ void group_advantages_kernel(const in_t* __restrict__ scores, const i
 
 }  // namespace
 
-template <typename in_t, typename out_t>
-cudaError_t launch_group_advantages(const in_t* scores, const int64_t* group_index, int64_t N,
-                                    int64_t group_size, int64_t num_groups, int baseline, int scale,
-                                    double eps, out_t* advantages, bool* all_equal, cudaStream_t stream) {
-  if (num_groups == 0) return cudaSuccess;
-  group_advantages_kernel<in_t, out_t><<<static_cast<unsigned int>(num_groups), kThreads, 0, stream>>>(
-      scores, group_index, N, group_size, baseline, scale, out_t(eps), advantages, all_equal);
-  return cudaGetLastError();
+cudaError_t launch_group_advantages(const GroupAdvantagesParams& p, cudaStream_t stream) {
+  if (p.num_groups == 0) return cudaSuccess;
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using out_t = acc_t<in_t>;
+    group_advantages_kernel<in_t, out_t><<<static_cast<unsigned int>(p.num_groups), kThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.scores), p.group_index, p.N, p.group_size, p.baseline, p.scale, out_t(p.eps),
+        static_cast<out_t*>(p.advantages), p.all_equal);
+  });
 }
-
-#define RLK_INSTANTIATE(in_t, out_t)                                                                 \
-  template cudaError_t launch_group_advantages<in_t, out_t>(const in_t*, const int64_t*, int64_t,    \
-                                                            int64_t, int64_t, int, int, double,      \
-                                                            out_t*, bool*, cudaStream_t);
-RLK_INSTANTIATE(float, float)
-RLK_INSTANTIATE(double, double)
-RLK_INSTANTIATE(__half, float)
-RLK_INSTANTIATE(__nv_bfloat16, float)
-#undef RLK_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace rlk

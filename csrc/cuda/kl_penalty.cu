@@ -4,7 +4,7 @@
 #include <cuda_fp16.h>
 
 #include "../core/kl_penalty.h"
-#include "launchers.h"
+#include "dispatch.cuh"
 
 namespace rlk {
 namespace cuda {
@@ -24,25 +24,18 @@ __global__ void kl_penalty_kernel(const in_t* __restrict__ logprobs, const in_t*
 
 }  // namespace
 
-template <typename in_t, typename out_t>
-cudaError_t launch_kl_penalty(const in_t* logprobs, const in_t* ref_logprobs, int64_t n, int kind, double clamp,
-                              out_t* value, out_t* slope, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  int64_t blocks = (n + kThreads - 1) / kThreads;
+cudaError_t launch_kl_penalty(const KlPenaltyParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  int64_t blocks = (p.n + kThreads - 1) / kThreads;
   if (blocks > 65535) blocks = 65535;
-  kl_penalty_kernel<in_t, out_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-      logprobs, ref_logprobs, n, kind, out_t(clamp), value, slope);
-  return cudaGetLastError();
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using out_t = acc_t<in_t>;
+    kl_penalty_kernel<in_t, out_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.logprobs), static_cast<const in_t*>(p.ref_logprobs), p.n, p.kind,
+        out_t(p.clamp), static_cast<out_t*>(p.value), static_cast<out_t*>(p.slope));
+  });
 }
-
-#define RLK_INSTANTIATE(in_t, out_t)                                                                        \
-  template cudaError_t launch_kl_penalty<in_t, out_t>(const in_t*, const in_t*, int64_t, int, double, out_t*, \
-                                                      out_t*, cudaStream_t);
-RLK_INSTANTIATE(float, float)
-RLK_INSTANTIATE(double, double)
-RLK_INSTANTIATE(__half, float)
-RLK_INSTANTIATE(__nv_bfloat16, float)
-#undef RLK_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace rlk

@@ -1,4 +1,5 @@
-// Log-probs, entropy and full-vocabulary KL on the GPU (torch-free).
+// Log-probs and entropy from logits on the GPU (torch-free): logprobs, its
+// vocabulary tiles and its backward.
 //
 // Forward: a block per row, or per part of a row when rows are few and long
 // (split-V: the parts write partial statistics, a second small kernel merges
@@ -13,51 +14,15 @@
 #include <cstdint>
 
 #include "../core/logprobs.h"
-#include "launchers.h"
+#include "dispatch.cuh"
+#include "logits.cuh"
 
 namespace rlk {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 // Each part of a split row holds at least this many logits.
 constexpr int64_t kMinSplit = 8192;
-// Backward: logits per block along the vocabulary.
-constexpr int64_t kBackwardChunk = 4096;
-
-template <typename T>
-__device__ __forceinline__ int64_t misalignment(const T* p) {
-  return int64_t(reinterpret_cast<uintptr_t>(p) & 15);
-}
-
-// Calls f(j, a_j, b_j) for j in [0, n) over the block's threads, with 16-byte
-// loads where both rows share their alignment (b may equal a, kTwo = false reads only a).
-template <typename T, bool kTwo, typename F>
-__device__ __forceinline__ void for_each(const T* a, const T* b, int64_t n, F&& f) {
-  constexpr int kPack = 16 / sizeof(T);
-  int64_t head = n;
-  if (!kTwo || misalignment(a) == misalignment(b)) {
-    head = ((16 - misalignment(a)) & 15) / int64_t(sizeof(T));
-    if (head > n) head = n;
-  }
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x)
-    f(j, cast<float>(a[j]), kTwo ? cast<float>(b[j]) : 0.0f);
-  const int64_t packs = (n - head) / kPack;
-  const uint4* av = reinterpret_cast<const uint4*>(a + head);
-  const uint4* bv = reinterpret_cast<const uint4*>(b + head);
-  for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) {
-    const uint4 ra = __ldg(av + k);
-    const uint4 rb = kTwo ? __ldg(bv + k) : ra;
-    const T* va = reinterpret_cast<const T*>(&ra);
-    const T* vb = reinterpret_cast<const T*>(&rb);
-#pragma unroll
-    for (int e = 0; e < kPack; ++e) f(head + k * kPack + e, cast<float>(va[e]), kTwo ? cast<float>(vb[e]) : 0.0f);
-  }
-  for (int64_t j = head + packs * kPack + threadIdx.x; j < n; j += blockDim.x)
-    f(j, cast<float>(a[j]), kTwo ? cast<float>(b[j]) : 0.0f);
-}
 
 template <bool kEntropy>
 __device__ __forceinline__ SoftmaxStats shfl_stats(const SoftmaxStats& st, int offset) {
@@ -77,25 +42,6 @@ __device__ SoftmaxStats block_merge(SoftmaxStats st, float scale) {
     st = lane < kWarps ? warp_stats[lane] : stats_empty();
     for (int offset = 16; offset > 0; offset >>= 1)
       st = stats_merge<kEntropy>(st, shfl_stats<kEntropy>(st, offset), scale);
-  }
-  return st;
-}
-
-__device__ __forceinline__ KlStats shfl_kl(const KlStats& st, int offset) {
-  return KlStats{__shfl_xor_sync(kFullMask, st.ma, offset), __shfl_xor_sync(kFullMask, st.sa, offset),
-                 __shfl_xor_sync(kFullMask, st.w, offset), __shfl_xor_sync(kFullMask, st.mb, offset),
-                 __shfl_xor_sync(kFullMask, st.sb, offset)};
-}
-
-__device__ KlStats block_merge_kl(KlStats st, float scale, float inv_t) {
-  __shared__ KlStats warp_stats[kWarps];
-  for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale, inv_t);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_stats[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < kWarps ? warp_stats[lane] : kl_stats_empty();
-    for (int offset = 16; offset > 0; offset >>= 1) st = kl_stats_merge(st, shfl_kl(st, offset), scale, inv_t);
   }
   return st;
 }
@@ -267,96 +213,6 @@ __global__ void __launch_bounds__(kThreads)
     out[j] = cast<T>(logprobs_grad(cast<float>(x[j]), j == local_label, m, scale, log2_s, g, gh, h, inv_t));
 }
 
-// ---- KL(pi || pi_ref) ---------------------------------------------------------------------------
-
-__device__ void write_masked_kl(int64_t row, float* kl, float* saved) {
-  kl[row] = 0.0f;
-  for (int k = 0; k < 5; ++k) saved[5 * row + k] = 0.0f;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    kl_forward_kernel(const T* __restrict__ logits, RowIndex rows, const T* __restrict__ ref, RowIndex ref_rows,
-                      int64_t V, int64_t chunk, const bool* __restrict__ mask, float scale, float inv_t,
-                      float* __restrict__ kl, float* __restrict__ saved, float* __restrict__ partial) {
-  const int64_t row = blockIdx.x;
-  if (mask != nullptr && !mask[row]) {
-    if (partial == nullptr && threadIdx.x == 0) write_masked_kl(row, kl, saved);
-    return;
-  }
-  const int64_t begin = int64_t(blockIdx.y) * chunk;
-  const int64_t n = begin < V ? (V - begin < chunk ? V - begin : chunk) : 0;
-  const T* a = logits + rows.offset(row) + begin;
-  const T* b = ref + ref_rows.offset(row) + begin;
-  KlStats st = kl_stats_empty();
-  for_each<T, true>(a, b, n, [&](int64_t, float va, float vb) { kl_stats_push(st, va, vb, scale, inv_t); });
-  st = block_merge_kl(st, scale, inv_t);
-  if (threadIdx.x != 0) return;
-  if (partial != nullptr) {
-    float* out = partial + 5 * (row * gridDim.y + blockIdx.y);
-    out[0] = st.ma;
-    out[1] = st.sa;
-    out[2] = st.w;
-    out[3] = st.mb;
-    out[4] = st.sb;
-    return;
-  }
-  kl[row] = kl_finish(st, saved + 5 * row);
-}
-
-__global__ void kl_finish_kernel(int64_t N, const bool* __restrict__ mask, float scale, float inv_t,
-                                 float* __restrict__ kl, float* __restrict__ saved,
-                                 const float* __restrict__ partial, int splits) {
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= N) return;
-  if (mask != nullptr && !mask[row]) {
-    write_masked_kl(row, kl, saved);
-    return;
-  }
-  KlStats st = kl_stats_empty();
-  for (int k = 0; k < splits; ++k) {
-    const float* p = partial + 5 * (row * splits + k);
-    st = kl_stats_merge(st, KlStats{p[0], p[1], p[2], p[3], p[4]}, scale, inv_t);
-  }
-  kl[row] = kl_finish(st, saved + 5 * row);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    kl_backward_kernel(const T* __restrict__ logits, RowIndex rows, const T* __restrict__ ref, RowIndex ref_rows,
-                       int64_t V, const bool* __restrict__ mask, const float* __restrict__ grad_kl,
-                       const float* __restrict__ saved, float scale, float inv_t, T* __restrict__ grad_logits,
-                       T* __restrict__ grad_ref) {
-  const int64_t row = blockIdx.x;
-  const int64_t begin = int64_t(blockIdx.y) * kBackwardChunk;
-  if (begin >= V) return;
-  const int64_t n = V - begin < kBackwardChunk ? V - begin : kBackwardChunk;
-  const float g = (mask != nullptr && !mask[row]) ? 0.0f : grad_kl[row];
-  const bool masked = mask != nullptr && !mask[row];
-  const T* a = logits + rows.offset(row) + begin;
-  const T* b = ref + ref_rows.offset(row) + begin;
-  T* ga = grad_logits ? grad_logits + row * V + begin : nullptr;
-  T* gb = grad_ref ? grad_ref + row * V + begin : nullptr;
-  const float* s = saved + 5 * row;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    if (masked) {
-      if (ga) ga[j] = cast<T>(0.0f);
-      if (gb) gb[j] = cast<T>(0.0f);
-      continue;
-    }
-    const float va = cast<float>(a[j]), vb = cast<float>(b[j]);
-    if (ga) ga[j] = cast<T>(kl_grad_logits(va, vb, s, scale, inv_t, g));
-    if (gb) gb[j] = cast<T>(kl_grad_ref_logits(va, vb, s, scale, inv_t, g));
-  }
-}
-
-int64_t split_chunk(int64_t V, int splits) {
-  const int64_t chunk = (V + splits - 1) / splits;
-  return (chunk + 15) / 16 * 16;  // parts start 16-element aligned relative to the row
-}
-
-unsigned int blocks_for(int64_t count, int per_block) { return static_cast<unsigned int>((count + per_block - 1) / per_block); }
-
 }  // namespace
 
 int logprobs_splits(int64_t N, int64_t V, int sm_count) {
@@ -369,117 +225,68 @@ int logprobs_splits(int64_t N, int64_t V, int sm_count) {
   return int(splits > 65535 ? 65535 : splits);
 }
 
-template <typename T>
-cudaError_t launch_logprobs_forward(const T* logits, RowIndex rows, int64_t N, int64_t V, const int64_t* labels,
-                                    int64_t ignore_index, double temperature, bool with_entropy, float* logprobs,
-                                    float* entropy, float* saved, float* workspace, int splits,
-                                    cudaStream_t stream) {
-  if (N == 0) return cudaSuccess;
-  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
-  const int64_t chunk = splits > 1 ? split_chunk(V, splits) : (V > 0 ? V : 1);
-  const dim3 grid(static_cast<unsigned int>(N), static_cast<unsigned int>(splits));
-  float* partial = splits > 1 ? workspace : nullptr;
-  if (with_entropy)
-    logprobs_forward_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, rows, V, chunk, labels, ignore_index, scale,
-                                                                    inv_t, logprobs, entropy, saved, partial);
-  else
-    logprobs_forward_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, rows, V, chunk, labels, ignore_index,
-                                                                     scale, inv_t, logprobs, entropy, saved, partial);
-  if (splits > 1) {
-    if (with_entropy)
-      logprobs_finish_kernel<T, true><<<blocks_for(N, 128), 128, 0, stream>>>(
-          logits, rows, N, V, labels, ignore_index, scale, inv_t, logprobs, entropy, saved, partial, splits);
+cudaError_t launch_logprobs_forward(const LogprobsParams& p, cudaStream_t stream) {
+  if (p.N == 0) return cudaSuccess;
+  const ForwardLaunch f = forward_launch(p);
+  return launch_logits_typed(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* logits = static_cast<const T*>(p.logits);
+    if (p.with_entropy)
+      logprobs_forward_kernel<T, true><<<f.grid, kThreads, 0, stream>>>(logits, p.rows, p.V, f.chunk, p.labels,
+                                                                        p.ignore_index, f.scale, f.inv_t, p.logprobs,
+                                                                        p.entropy, p.saved, f.partial);
     else
-      logprobs_finish_kernel<T, false><<<blocks_for(N, 128), 128, 0, stream>>>(
-          logits, rows, N, V, labels, ignore_index, scale, inv_t, logprobs, entropy, saved, partial, splits);
-  }
-  return cudaGetLastError();
+      logprobs_forward_kernel<T, false><<<f.grid, kThreads, 0, stream>>>(logits, p.rows, p.V, f.chunk, p.labels,
+                                                                         p.ignore_index, f.scale, f.inv_t, p.logprobs,
+                                                                         p.entropy, p.saved, f.partial);
+    if (p.splits > 1) {
+      if (p.with_entropy)
+        logprobs_finish_kernel<T, true><<<blocks_for(p.N, 128), 128, 0, stream>>>(
+            logits, p.rows, p.N, p.V, p.labels, p.ignore_index, f.scale, f.inv_t, p.logprobs, p.entropy, p.saved,
+            f.partial, p.splits);
+      else
+        logprobs_finish_kernel<T, false><<<blocks_for(p.N, 128), 128, 0, stream>>>(
+            logits, p.rows, p.N, p.V, p.labels, p.ignore_index, f.scale, f.inv_t, p.logprobs, p.entropy, p.saved,
+            f.partial, p.splits);
+    }
+  });
 }
 
-template <typename T>
-cudaError_t launch_logprobs_vocab_tile(const T* logits, RowIndex rows, int64_t N, int64_t V, const int64_t* labels,
-                                       int64_t ignore_index, int64_t vocab_start, double temperature,
-                                       bool with_entropy, float* state, int width, bool finish,
-                                       cudaStream_t stream) {
-  if (N == 0) return cudaSuccess;
-  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
-  const dim3 grid(static_cast<unsigned int>(N));
-  if (with_entropy)
-    logprobs_vocab_tile_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-        logits, rows, V, labels, ignore_index, vocab_start, scale, inv_t, state, width, finish);
-  else
-    logprobs_vocab_tile_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-        logits, rows, V, labels, ignore_index, vocab_start, scale, inv_t, state, width, finish);
-  return cudaGetLastError();
+cudaError_t launch_logprobs_vocab_tile(const LogprobsParams& p, cudaStream_t stream) {
+  if (p.N == 0) return cudaSuccess;
+  const float scale = log2_scale(p.temperature), inv_t = inv_temperature(p.temperature);
+  const dim3 grid(static_cast<unsigned int>(p.N));
+  return launch_logits_typed(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* logits = static_cast<const T*>(p.logits);
+    if (p.with_entropy)
+      logprobs_vocab_tile_kernel<T, true><<<grid, kThreads, 0, stream>>>(
+          logits, p.rows, p.V, p.labels, p.ignore_index, p.vocab_start, scale, inv_t, p.state, p.width, p.finish);
+    else
+      logprobs_vocab_tile_kernel<T, false><<<grid, kThreads, 0, stream>>>(
+          logits, p.rows, p.V, p.labels, p.ignore_index, p.vocab_start, scale, inv_t, p.state, p.width, p.finish);
+  });
 }
 
-template <typename T>
-cudaError_t launch_logprobs_backward(const T* logits, RowIndex rows, T* grad, RowIndex grad_rows, int64_t N,
-                                     int64_t V, const int64_t* labels, int64_t ignore_index, int64_t vocab_start,
-                                     const float* grad_logprobs, const float* grad_entropy, const float* entropy,
-                                     const float* saved, double temperature, cudaStream_t stream) {
-  if (N == 0 || V == 0) return cudaSuccess;
-  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
-  const dim3 grid(static_cast<unsigned int>(N), blocks_for(V, int(kBackwardChunk)));
-  if (grad_entropy != nullptr)
-    logprobs_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, rows, grad, grad_rows, V, labels,
-                                                                     ignore_index, vocab_start, grad_logprobs,
-                                                                     grad_entropy,
-                                                                     entropy, saved, scale, inv_t);
-  else
-    logprobs_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, rows, grad, grad_rows, V, labels,
-                                                                      ignore_index, vocab_start, grad_logprobs,
-                                                                      grad_entropy,
-                                                                      entropy, saved, scale, inv_t);
-  return cudaGetLastError();
+// p.grad may alias p.logits (in-place backward).
+cudaError_t launch_logprobs_backward(const LogprobsParams& p, cudaStream_t stream) {
+  if (p.N == 0 || p.V == 0) return cudaSuccess;
+  const float scale = log2_scale(p.temperature), inv_t = inv_temperature(p.temperature);
+  const dim3 grid(static_cast<unsigned int>(p.N), blocks_for(p.V, int(kBackwardChunk)));
+  return launch_logits_typed(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* logits = static_cast<const T*>(p.logits);
+    T* grad = static_cast<T*>(p.grad);
+    if (p.grad_entropy != nullptr)
+      logprobs_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(
+          logits, p.rows, grad, p.grad_rows, p.V, p.labels, p.ignore_index, p.vocab_start, p.grad_logprobs,
+          p.grad_entropy, p.entropy, p.saved, scale, inv_t);
+    else
+      logprobs_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(
+          logits, p.rows, grad, p.grad_rows, p.V, p.labels, p.ignore_index, p.vocab_start, p.grad_logprobs,
+          p.grad_entropy, p.entropy, p.saved, scale, inv_t);
+  });
 }
-
-template <typename T>
-cudaError_t launch_kl_forward(const T* logits, RowIndex rows, const T* ref, RowIndex ref_rows, int64_t N, int64_t V,
-                              const bool* mask, double temperature, float* kl, float* saved, float* workspace,
-                              int splits, cudaStream_t stream) {
-  if (N == 0) return cudaSuccess;
-  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
-  const int64_t chunk = splits > 1 ? split_chunk(V, splits) : (V > 0 ? V : 1);
-  const dim3 grid(static_cast<unsigned int>(N), static_cast<unsigned int>(splits));
-  float* partial = splits > 1 ? workspace : nullptr;
-  kl_forward_kernel<T><<<grid, kThreads, 0, stream>>>(logits, rows, ref, ref_rows, V, chunk, mask, scale, inv_t, kl,
-                                                      saved, partial);
-  if (splits > 1)
-    kl_finish_kernel<<<blocks_for(N, 128), 128, 0, stream>>>(N, mask, scale, inv_t, kl, saved, partial, splits);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_kl_backward(const T* logits, RowIndex rows, const T* ref, RowIndex ref_rows, int64_t N, int64_t V,
-                               const bool* mask, const float* grad_kl, const float* saved, double temperature,
-                               T* grad_logits, T* grad_ref, cudaStream_t stream) {
-  if (N == 0 || V == 0 || (grad_logits == nullptr && grad_ref == nullptr)) return cudaSuccess;
-  const float scale = float(kLog2e / temperature), inv_t = float(1.0 / temperature);
-  const dim3 grid(static_cast<unsigned int>(N), blocks_for(V, int(kBackwardChunk)));
-  kl_backward_kernel<T><<<grid, kThreads, 0, stream>>>(logits, rows, ref, ref_rows, V, mask, grad_kl, saved, scale,
-                                                       inv_t, grad_logits, grad_ref);
-  return cudaGetLastError();
-}
-
-#define RLK_INSTANTIATE(T)                                                                                       \
-  template cudaError_t launch_logprobs_forward<T>(const T*, RowIndex, int64_t, int64_t, const int64_t*, int64_t, \
-                                                  double, bool, float*, float*, float*, float*, int,             \
-                                                  cudaStream_t);                                                 \
-  template cudaError_t launch_logprobs_vocab_tile<T>(const T*, RowIndex, int64_t, int64_t, const int64_t*, int64_t,  \
-                                                     int64_t, double, bool, float*, int, bool, cudaStream_t);      \
-  template cudaError_t launch_logprobs_backward<T>(const T*, RowIndex, T*, RowIndex, int64_t, int64_t,           \
-                                                   const int64_t*, int64_t, int64_t, const float*, const float*, \
-                                                   const float*, const float*, double, cudaStream_t);            \
-  template cudaError_t launch_kl_forward<T>(const T*, RowIndex, const T*, RowIndex, int64_t, int64_t,            \
-                                            const bool*, double, float*, float*, float*, int, cudaStream_t);     \
-  template cudaError_t launch_kl_backward<T>(const T*, RowIndex, const T*, RowIndex, int64_t, int64_t,           \
-                                             const bool*, const float*, const float*, double, T*, T*,            \
-                                             cudaStream_t);
-RLK_INSTANTIATE(float)
-RLK_INSTANTIATE(__half)
-RLK_INSTANTIATE(__nv_bfloat16)
-#undef RLK_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace rlk

@@ -10,7 +10,7 @@
 #include <type_traits>
 
 #include "../core/multi_tensor.h"
-#include "launchers.h"
+#include "dispatch.cuh"
 
 namespace rlk {
 namespace cuda {
@@ -111,58 +111,38 @@ __global__ void gossip_mix_kernel(const T* __restrict__ x, const T* left, const 
     out[i] = gossip_mix_one<T>(x[i], left[i], right[i], w_self, w_left, w_right);
 }
 
+// Both dtypes of a copy pick its instance: src_t the one read, dst_t the one written.
+template <bool kPack>
+cudaError_t launch_copy_typed(const MultiTensorParams& p, cudaStream_t stream) {
+  if (p.total == 0) return cudaSuccess;
+  return launch_typed(kPack ? p.tensor_dtype : p.bucket_dtype, [&](auto src_tag) {
+    return launch_typed(kPack ? p.bucket_dtype : p.tensor_dtype, [&](auto dst_tag) {
+      return launch_copy<decltype(src_tag), decltype(dst_tag), kPack>(p.tensors, p.numels, p.count, p.bucket,
+                                                                      p.scale, stream);
+    });
+  });
+}
+
 }  // namespace
 
-template <typename src_t, typename dst_t>
-cudaError_t launch_pack_tensors(const src_t* const* tensors, const int64_t* numels, int64_t count,
-                                dst_t* bucket, double scale, cudaStream_t stream) {
-  return launch_copy<src_t, dst_t, true>(const_cast<void* const*>(reinterpret_cast<const void* const*>(tensors)),
-                                         numels, count, bucket, scale, stream);
+cudaError_t launch_pack_tensors(const MultiTensorParams& p, cudaStream_t stream) {
+  return launch_copy_typed<true>(p, stream);
 }
 
-template <typename src_t, typename dst_t>
-cudaError_t launch_unpack_tensors(const src_t* bucket, dst_t* const* tensors, const int64_t* numels,
-                                  int64_t count, double scale, cudaStream_t stream) {
-  return launch_copy<src_t, dst_t, false>(reinterpret_cast<void* const*>(tensors), numels, count,
-                                          const_cast<src_t*>(bucket), scale, stream);
+cudaError_t launch_unpack_tensors(const MultiTensorParams& p, cudaStream_t stream) {
+  return launch_copy_typed<false>(p, stream);
 }
 
-template <typename T>
-cudaError_t launch_gossip_mix(const T* x, const T* left, const T* right, int64_t n, double w_self,
-                              double w_left, double w_right, T* out, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16);
-  gossip_mix_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-      x, left, right, n, acc_t<T>(w_self), acc_t<T>(w_left), acc_t<T>(w_right), out);
-  return cudaGetLastError();
+cudaError_t launch_gossip_mix(const GossipMixParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((p.n + kThreads - 1) / kThreads, int64_t(1) << 16);
+  return launch_typed(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gossip_mix_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.x), static_cast<const T*>(p.left), static_cast<const T*>(p.right), p.n,
+        acc_t<T>(p.w_self), acc_t<T>(p.w_left), acc_t<T>(p.w_right), static_cast<T*>(p.out));
+  });
 }
-
-#define RLK_INSTANTIATE_COPY(src_t, dst_t)                                                          \
-  template cudaError_t launch_pack_tensors<src_t, dst_t>(const src_t* const*, const int64_t*,       \
-                                                         int64_t, dst_t*, double, cudaStream_t);    \
-  template cudaError_t launch_unpack_tensors<src_t, dst_t>(const src_t*, dst_t* const*,             \
-                                                           const int64_t*, int64_t, double,         \
-                                                           cudaStream_t);
-#define RLK_INSTANTIATE_FROM(src_t)          \
-  RLK_INSTANTIATE_COPY(src_t, float)         \
-  RLK_INSTANTIATE_COPY(src_t, double)        \
-  RLK_INSTANTIATE_COPY(src_t, __half)        \
-  RLK_INSTANTIATE_COPY(src_t, __nv_bfloat16)
-RLK_INSTANTIATE_FROM(float)
-RLK_INSTANTIATE_FROM(double)
-RLK_INSTANTIATE_FROM(__half)
-RLK_INSTANTIATE_FROM(__nv_bfloat16)
-#undef RLK_INSTANTIATE_FROM
-#undef RLK_INSTANTIATE_COPY
-
-#define RLK_INSTANTIATE_MIX(T)                                                                     \
-  template cudaError_t launch_gossip_mix<T>(const T*, const T*, const T*, int64_t, double, double, \
-                                            double, T*, cudaStream_t);
-RLK_INSTANTIATE_MIX(float)
-RLK_INSTANTIATE_MIX(double)
-RLK_INSTANTIATE_MIX(__half)
-RLK_INSTANTIATE_MIX(__nv_bfloat16)
-#undef RLK_INSTANTIATE_MIX
 
 }  // namespace cuda
 }  // namespace rlk

@@ -7,7 +7,7 @@
 
 #include "../core/preference.h"
 #include "block_reduce.cuh"
-#include "launchers.h"
+#include "dispatch.cuh"
 
 namespace rlk {
 namespace cuda {
@@ -69,52 +69,43 @@ __global__ void sequence_logprobs_backward_kernel(const acc* __restrict__ grad, 
 
 }  // namespace
 
-template <typename out_t, typename acc>
-cudaError_t launch_sequence_logprobs_backward(const acc* grad, const uint8_t* mask, const acc* num_tokens,
-                                              bool average, int64_t B, int64_t T, out_t* out, cudaStream_t stream) {
-  if (B * T == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>((B * T + kPairThreads - 1) / kPairThreads, int64_t(1) << 16);
-  sequence_logprobs_backward_kernel<out_t, acc><<<static_cast<unsigned int>(blocks), kPairThreads, 0, stream>>>(
-      grad, mask, num_tokens, average, B, T, out);
-  return cudaGetLastError();
+cudaError_t launch_dpo_loss(const PreferenceParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  const unsigned int blocks = static_cast<unsigned int>((p.B + kPairThreads - 1) / kPairThreads);
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using acc = acc_t<in_t>;
+    dpo_loss_kernel<in_t, acc><<<blocks, kPairThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.policy_chosen), static_cast<const in_t*>(p.policy_rejected),
+        static_cast<const in_t*>(p.ref_chosen), static_cast<const in_t*>(p.ref_rejected), p.B, p.kind, acc(p.beta),
+        acc(p.label_smoothing), static_cast<acc*>(p.losses), static_cast<acc*>(p.chosen_rewards),
+        static_cast<acc*>(p.rejected_rewards), static_cast<acc*>(p.dlogits));
+  });
 }
 
-template <typename in_t, typename acc>
-cudaError_t launch_dpo_loss(const in_t* policy_chosen, const in_t* policy_rejected, const in_t* ref_chosen,
-                            const in_t* ref_rejected, int64_t B, int kind, double beta, double label_smoothing,
-                            acc* losses, acc* chosen_rewards, acc* rejected_rewards, acc* dlogits,
-                            cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  const unsigned int blocks = static_cast<unsigned int>((B + kPairThreads - 1) / kPairThreads);
-  dpo_loss_kernel<in_t, acc><<<blocks, kPairThreads, 0, stream>>>(
-      policy_chosen, policy_rejected, ref_chosen, ref_rejected, B, static_cast<PreferenceKind>(kind), acc(beta),
-      acc(label_smoothing), losses, chosen_rewards, rejected_rewards, dlogits);
-  return cudaGetLastError();
+cudaError_t launch_sequence_logprobs(const SequenceLogprobsParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using acc = acc_t<in_t>;
+    sequence_logprobs_kernel<in_t, acc><<<static_cast<unsigned int>(p.B), kRowThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.token_logprobs), p.mask, p.T, p.average, static_cast<acc*>(p.sums),
+        static_cast<acc*>(p.counts));
+  });
 }
 
-template <typename in_t, typename acc>
-cudaError_t launch_sequence_logprobs(const in_t* token_logprobs, const uint8_t* mask, int64_t B, int64_t T,
-                                     bool average, acc* out, acc* counts, cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  sequence_logprobs_kernel<in_t, acc><<<static_cast<unsigned int>(B), kRowThreads, 0, stream>>>(
-      token_logprobs, mask, T, average, out, counts);
-  return cudaGetLastError();
+// p.dtype is the output's (the gradient of token_logprobs).
+cudaError_t launch_sequence_logprobs_backward(const SequenceLogprobsParams& p, cudaStream_t stream) {
+  if (p.B * p.T == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((p.B * p.T + kPairThreads - 1) / kPairThreads, int64_t(1) << 16);
+  return launch_typed(p.dtype, [&](auto tag) {
+    using out_t = decltype(tag);
+    using acc = acc_t<out_t>;
+    sequence_logprobs_backward_kernel<out_t, acc><<<static_cast<unsigned int>(blocks), kPairThreads, 0, stream>>>(
+        static_cast<const acc*>(p.grad), p.mask, static_cast<const acc*>(p.num_tokens), p.average, p.B, p.T,
+        static_cast<out_t*>(p.grad_tokens));
+  });
 }
-
-#define RLK_INSTANTIATE(in_t, acc)                                                                            \
-  template cudaError_t launch_dpo_loss<in_t, acc>(const in_t*, const in_t*, const in_t*, const in_t*,        \
-                                                  int64_t, int, double, double, acc*, acc*, acc*, acc*,      \
-                                                  cudaStream_t);                                             \
-  template cudaError_t launch_sequence_logprobs<in_t, acc>(const in_t*, const uint8_t*, int64_t, int64_t,    \
-                                                           bool, acc*, acc*, cudaStream_t);   \
-  template cudaError_t launch_sequence_logprobs_backward<in_t, acc>(const acc*, const uint8_t*, const acc*,  \
-                                                                    bool, int64_t, int64_t, in_t*,         \
-                                                                    cudaStream_t);
-RLK_INSTANTIATE(float, float)
-RLK_INSTANTIATE(double, double)
-RLK_INSTANTIATE(__half, float)
-RLK_INSTANTIATE(__nv_bfloat16, float)
-#undef RLK_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace rlk

@@ -8,7 +8,7 @@
 
 #include "../../csrc/core/gae.h"
 #include "../../csrc/core/group_advantages.h"
-#include "../../csrc/core/masked_stats.h"
+#include "../../csrc/core/masked.h"
 
 namespace {
 
@@ -79,7 +79,7 @@ void test_group_advantage_formulas() {
   expect_near(rlk::unbiased_std<double>(14.0 / 3.0, 3), std, 1e-14, "unbiased std", 0);
 }
 
-void test_masked_stats_skip_nan() {
+void test_masked_skip_nan() {
   const float nan = std::nanf("");
   std::vector<float> x = {1, nan, 3, nan, 5};
   std::vector<uint8_t> mask = {1, 0, 1, 0, 1};
@@ -97,7 +97,7 @@ void test_masked_stats_skip_nan() {
 
 int main() {
   test_group_advantage_formulas();
-  test_masked_stats_skip_nan();
+  test_masked_skip_nan();
   test_gae_matches_definition();
   test_gae_mask_selects();
   test_dones_cut_the_episode();

@@ -1,4 +1,4 @@
-// Unit tests of the torch-free logprobs core (csrc/core/logprobs.h,
+// Unit tests of the torch-free logprobs core (csrc/core/logprobs.h, csrc/core/kl_from_logits.h,
 // csrc/core/kl_penalty.h) and of the portable SIMD layer (csrc/cpu/simd.h),
 // each against a direct double-precision transcription of its definition.
 #include <cmath>
@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "../../csrc/core/kl_from_logits.h"
 #include "../../csrc/core/kl_penalty.h"
 #include "../../csrc/core/logprobs.h"
 #include "../../csrc/cpu/simd.h"

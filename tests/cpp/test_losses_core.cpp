@@ -1,4 +1,4 @@
-// Unit tests of the torch-free loss core (csrc/core/{vec_math,loss_agg,policy_loss,
+// Unit tests of the torch-free loss core (csrc/core/{vec_math,token_loss,policy_loss,
 // value_loss,preference}.h), run by ctest: each routine against a direct
 // transcription of its definition in double precision.
 #include <cmath>
@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "../../csrc/core/loss_agg.h"
+#include "../../csrc/core/token_loss.h"
 #include "../../csrc/core/policy_loss.h"
 #include "../../csrc/core/preference.h"
 #include "../../csrc/core/value_loss.h"
@@ -43,7 +43,12 @@ void test_exp_f32() {
 void test_policy_token() {
   std::mt19937 rng(3);
   std::normal_distribution<double> normal;
-  rlk::PolicyParams<double> p{0.8, 1.28, 3.0, 20.0, 0.1};
+  rlk::PolicyLossParams p;
+  p.clip_low = 0.2;  // ratio in [0.8, 1.28]
+  p.clip_high = 0.28;
+  p.dual_clip = 3.0;
+  p.log_ratio_clamp = 20.0;
+  p.kl_coef = 0.1;
   auto definition = [&](double lp, double old, double adv, double w, double ref) {
     double lr = std::min(std::max(lp - old, -20.0), 20.0);
     double r = std::exp(lr);
@@ -66,8 +71,12 @@ void test_policy_token() {
     expect_near(tok.k3, r - 1 - (lp - old), 1e-12, "k3", i);
   }
   // A constant branch has slope 0 even where the ratio overflows.
-  rlk::PolicyParams<float> q{0.8f, 1.2f, std::numeric_limits<float>::infinity(),
-                             std::numeric_limits<float>::infinity(), 0.0f};
+  rlk::PolicyLossParams q;
+  q.clip_low = 0.2;
+  q.clip_high = 0.2;
+  q.dual_clip = std::numeric_limits<double>::infinity();
+  q.log_ratio_clamp = std::numeric_limits<double>::infinity();
+  q.kl_coef = 0.0;
   const auto tok = rlk::policy_token<0, float>(0.0f, -200.0f, 1.0f, 1.0f, 0.0f, q);
   expect_near(tok.grad, 0.0, 0, "overflowed ratio grad", 0);
   expect_near(tok.loss, -1.2, 1e-6, "overflowed ratio loss", 0);

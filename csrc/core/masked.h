@@ -53,4 +53,20 @@ RLK_INLINE acc whiten_value(acc x, bool valid, const WhitenCoef<acc>& c) {
   return valid ? (x - c.mean) * c.inv_std + c.shift : acc(0);
 }
 
+// The arguments of masked_row_mean (rows x cols, a mean per row) and of
+// masked_whiten (one row of every element), filled once by args/masked.h.
+struct MaskedParams {
+  int64_t rows = 0, cols = 0;
+  Dtype dtype = Dtype::f32;
+  const void* x = nullptr;
+  const uint8_t* mask = nullptr;  // x's layout, may be null
+  bool shift_mean = false;        // masked_whiten
+  double eps = 0;                 // masked_whiten
+  void* out = nullptr;            // in the accumulation type
+};
+
+// The CUDA launchers (masked.cu).
+RLK_CUDA_LAUNCHER(launch_masked_row_mean, MaskedParams)
+RLK_CUDA_LAUNCHER(launch_masked_whiten, MaskedParams)
+
 }  // namespace rlk

@@ -4,9 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "../core/masked_stats.h"
+#include "../core/masked.h"
 #include "block_reduce.cuh"
-#include "launchers.h"
+#include "dispatch.cuh"
 
 namespace rlk {
 namespace cuda {
@@ -59,32 +59,25 @@ __global__ void masked_whiten_kernel(const in_t* __restrict__ x, const uint8_t* 
 
 }  // namespace
 
-template <typename in_t, typename out_t>
-cudaError_t launch_masked_row_mean(const in_t* x, const uint8_t* mask, int64_t R, int64_t C, out_t* out,
-                                   cudaStream_t stream) {
-  if (R == 0) return cudaSuccess;
-  masked_row_mean_kernel<in_t, out_t><<<static_cast<unsigned int>(R), kThreads, 0, stream>>>(x, mask, C, out);
-  return cudaGetLastError();
+cudaError_t launch_masked_row_mean(const MaskedParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using out_t = acc_t<in_t>;
+    masked_row_mean_kernel<in_t, out_t><<<static_cast<unsigned int>(p.rows), kThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.x), p.mask, p.cols, static_cast<out_t*>(p.out));
+  });
 }
 
-template <typename in_t, typename out_t>
-cudaError_t launch_masked_whiten(const in_t* x, const uint8_t* mask, int64_t N, bool shift_mean, double eps,
-                                 out_t* out, cudaStream_t stream) {
-  if (N == 0) return cudaSuccess;
-  masked_whiten_kernel<in_t, out_t><<<1, kWhitenThreads, 0, stream>>>(x, mask, N, shift_mean, out_t(eps), out);
-  return cudaGetLastError();
+cudaError_t launch_masked_whiten(const MaskedParams& p, cudaStream_t stream) {
+  if (p.cols == 0) return cudaSuccess;
+  return launch_typed(p.dtype, [&](auto tag) {
+    using in_t = decltype(tag);
+    using out_t = acc_t<in_t>;
+    masked_whiten_kernel<in_t, out_t><<<1, kWhitenThreads, 0, stream>>>(
+        static_cast<const in_t*>(p.x), p.mask, p.cols, p.shift_mean, out_t(p.eps), static_cast<out_t*>(p.out));
+  });
 }
-
-#define RLK_INSTANTIATE(in_t, out_t)                                                                     \
-  template cudaError_t launch_masked_row_mean<in_t, out_t>(const in_t*, const uint8_t*, int64_t, int64_t, \
-                                                           out_t*, cudaStream_t);                         \
-  template cudaError_t launch_masked_whiten<in_t, out_t>(const in_t*, const uint8_t*, int64_t, bool,      \
-                                                         double, out_t*, cudaStream_t);
-RLK_INSTANTIATE(float, float)
-RLK_INSTANTIATE(double, double)
-RLK_INSTANTIATE(__half, float)
-RLK_INSTANTIATE(__nv_bfloat16, float)
-#undef RLK_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace rlk

@@ -1,25 +1,25 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <vector>
 
-#include "../core/masked_stats.h"
-#include "../args/advantages.h"
+#include "../core/masked.h"
+#include "../args/masked.h"
 #include "simd_loops.h"
 
 namespace rlk {
 namespace {
 
 at::Tensor masked_row_mean_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
-  const uint8_t* m = check_row_mean_args(x, mask);
-  const int64_t R = x.size(0), C = x.size(1);
-  auto out = at::empty({R}, x.options().dtype(out_dtype_for(x.scalar_type())));
+  at::Tensor out;
+  const MaskedParams p = masked_row_mean_args(x, mask, out);
+  const int64_t R = p.rows, C = p.cols;
+  const uint8_t* m = p.mask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_row_mean_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    acc* op = out.data_ptr<acc>();
+    const scalar_t* xp = static_cast<const scalar_t*>(p.x);
+    acc* op = static_cast<acc*>(p.out);
     at::parallel_for(0, R, cpu::row_grain(C, cpu::kElementsPerTask),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -33,12 +33,13 @@ at::Tensor masked_row_mean_cpu(const at::Tensor& x, const c10::optional<at::Tens
 
 at::Tensor masked_whiten_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& mask, bool shift_mean,
                              double eps) {
-  const uint8_t* m = check_whiten_args(x, mask);
-  const int64_t N = x.numel();
-  auto out = at::empty(x.sizes(), x.options().dtype(out_dtype_for(x.scalar_type())));
+  at::Tensor out;
+  const MaskedParams p = masked_whiten_args(x, mask, shift_mean, eps, out);
+  const int64_t N = p.cols;
+  const uint8_t* m = p.mask;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_whiten_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = static_cast<const scalar_t*>(p.x);
     // Fixed-size chunks whose partial sums are added in chunk order: the result
     // does not depend on the number of threads.
     constexpr int64_t kChunk = int64_t(1) << 15;
@@ -65,8 +66,8 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const c10::optional<at::Tensor
     });
     acc sq = 0;
     for (acc p : partial_sq) sq += p;
-    const WhitenCoef<acc> c = whiten_coefficients<acc>(mean, sq, s.count, shift_mean, acc(eps));
-    acc* op = out.data_ptr<acc>();
+    const WhitenCoef<acc> c = whiten_coefficients<acc>(mean, sq, s.count, p.shift_mean, acc(p.eps));
+    acc* op = static_cast<acc*>(p.out);
     at::parallel_for(0, N, 4 * kChunk, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) op[i] = whiten_value<acc>(cast<acc>(xp[i]), m == nullptr || m[i], c);
     });

@@ -29,6 +29,34 @@ enum class Agg : int {
   seq_mean_token_sum_norm = 4,
 };
 
+// What policy_loss and value_loss share, filled by args/token_loss.h.  Inputs
+// are [B, T] of `dtype`; outputs are in its accumulation type.  A normaliser
+// < 0 means "count it" (norm_length: use T).
+struct TokenLossParams {
+  int64_t B = 0, T = 0;
+  Dtype dtype = Dtype::f32;
+  const uint8_t* mask = nullptr;  // may be null
+  Agg agg = Agg::token_mean;
+  double num_tokens = -1, num_seqs = -1, norm_length = -1;
+  void* grad = nullptr;           // [B, T] per-token gradient, null unless wanted
+  void* row_scale = nullptr;      // [B]
+  void* loss = nullptr;           // one value
+  void* stats = nullptr;          // the loss's statistics
+  double* workspace = nullptr;    // CUDA: per-chunk partial sums (token_loss_workspace doubles)
+};
+
+// The arguments of scale_rows, the token losses' backward:
+// out[b, t] = grad[b, t] * (grad_loss * row_scale[b]), out of `dtype`, the
+// rest in its accumulation type.
+struct ScaleRowsParams {
+  int64_t B = 0, T = 0;
+  Dtype dtype = Dtype::f32;
+  const void* grad = nullptr;
+  const void* row_scale = nullptr;
+  const void* grad_loss = nullptr;  // one value
+  void* out = nullptr;
+};
+
 // Layout of the per-row (or per-chunk) partial sums every token loss keeps:
 // slot 0 the row's loss sum, slot 1 its valid-token count, then the loss's
 // own statistics.
@@ -117,5 +145,21 @@ inline void finalize_rows(const double* rows, int64_t B, int K, int max_slot, Ag
   }
   stats[K - kFirstStatSlot] = out_t(tokens);
 }
+
+// finalize_rows for a token loss's params (outputs in out_t, the accumulation type).
+template <typename out_t>
+inline void finalize_rows(const double* rows, int K, int max_slot, const TokenLossParams& p) {
+  finalize_rows<out_t>(rows, p.B, K, max_slot, p.agg, p.num_tokens, p.num_seqs, p.norm_length, p.T,
+                       static_cast<out_t*>(p.row_scale), static_cast<out_t*>(p.loss), static_cast<out_t*>(p.stats));
+}
+
+namespace cuda {
+// The doubles of TokenLossParams::workspace a token loss needs on the GPU
+// (slots: kPolicySlots or kValueSlots).
+int64_t token_loss_workspace(int64_t B, int64_t T, int slots);
+}  // namespace cuda
+
+// The CUDA launchers (token_loss.cu).
+RLK_CUDA_LAUNCHER(launch_scale_rows, ScaleRowsParams)
 
 }  // namespace rlk

@@ -1,0 +1,157 @@
+// Full-vocabulary KL(pi || pi_ref) from two rows of logits on the CPU, and its
+// backward: the streaming block passes of cpu/logprobs.cpp over both rows at
+// once (statistics: core/kl_from_logits.h).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "../args/kl_from_logits.h"
+#include "../core/kl_from_logits.h"
+#include "logits.h"
+
+namespace rlk {
+namespace {
+
+// the SIMD layer and the row-pass helpers of logits.h
+using namespace cpu;
+
+// What both KL passes read first: the two rows' bases and softmax's scales,
+// also as vectors.
+template <int W, class T>
+struct KlPass : LogitsPass<T> {
+  const T* ref_base;
+  vf<W> vscale, vinv_t, zero;
+
+  RLK_ALWAYS_INLINE explicit KlPass(const KlFromLogitsParams& p)
+      : LogitsPass<T>(p), ref_base(static_cast<const T*>(p.ref)), vscale(splat<W>(this->scale)),
+        vinv_t(splat<W>(this->inv_t)), zero(splat<W>(0.0f)) {}
+};
+
+// The forward of row i: its KL and the five saved statistics.
+template <int W, class T>
+RLK_ALWAYS_INLINE void kl_row(const KlFromLogitsParams& a, const KlPass<W, T>& pass, int64_t i) {
+  const int64_t V = a.V;
+  const vf<W> vscale = pass.vscale, vinv_t = pass.vinv_t, zero = pass.zero;
+  const vf<W> vinf = splat<W>(INFINITY), vminus_inf = splat<W>(-INFINITY);
+  float* saved = a.saved + 5 * i;
+  if (a.mask != nullptr && !a.mask[i]) {
+    a.kl[i] = 0.0f;
+    for (int k = 0; k < 5; ++k) saved[k] = 0.0f;
+    return;
+  }
+  const T* xa = pass.base + a.rows.offset(i);
+  const T* xb = pass.ref_base + a.ref_rows.offset(i);
+  KlStats st = kl_stats_empty();
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - b0);
+    // a block that raises a maximum re-centres the sums so far (core/kl_from_logits.h)
+    st = kl_stats_merge(st, KlStats{block_max<W>(xa + b0, n), 0.0f, 0.0f, block_max<W>(xb + b0, n), 0.0f},
+                        pass.scale, pass.inv_t);
+    const vf<W> vma = splat<W>(kl_shift(st.ma));
+    const vf<W> vmb = splat<W>(kl_shift(st.mb));
+    vf<W> sa = zero, sb = zero, w = zero;
+    for (int64_t j = b0; j < b0 + n; j += W) {
+      prefetch_step<W>(xa + j, n);  // the next blocks, for their max passes
+      prefetch_step<W>(xb + j, n);
+      const int64_t left = b0 + n - j;
+      const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
+      const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
+      const vf<W> ea = simd::exp2<W>((va - vma) * vscale);
+      const vf<W> eb = simd::exp2<W>((vb - vmb) * vscale);
+      sa += ea;
+      sb += eb;
+      // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN); q_j = 0 < p_j
+      // (however small p_j) makes KL inf
+      const vf<W> term = ea == 0.0f ? zero : ea * (((va - vma) - (vb - vmb)) * vinv_t);
+      w += (vb == vminus_inf) & (va > vminus_inf) ? vinf : term;
+    }
+    st.sa += hsum<W>(sa);
+    st.sb += hsum<W>(sb);
+    st.w += hsum<W>(w);
+  }
+  a.kl[i] = kl_finish(st, saved);
+}
+
+// The backward of row i: the gradients wanted, dense rows of V.
+template <int W, class T>
+RLK_ALWAYS_INLINE void kl_grad_row(const KlFromLogitsParams& a, const KlPass<W, T>& pass, int64_t i) {
+  const int64_t V = a.V;
+  const vf<W> vscale = pass.vscale, vinv_t = pass.vinv_t, zero = pass.zero;
+  T* ga = a.grad_logits ? static_cast<T*>(a.grad_logits) + i * V : nullptr;
+  T* gb = a.grad_ref ? static_cast<T*>(a.grad_ref) + i * V : nullptr;
+  const float g = a.grad_kl[i];
+  if ((a.mask != nullptr && !a.mask[i])) {
+    if (ga) std::memset(static_cast<void*>(ga), 0, size_t(V) * sizeof(T));
+    if (gb) std::memset(static_cast<void*>(gb), 0, size_t(V) * sizeof(T));
+    return;
+  }
+  const float* saved = a.saved + 5 * i;
+  const T* xa = pass.base + a.rows.offset(i);
+  const T* xb = pass.ref_base + a.ref_rows.offset(i);
+  const vf<W> vma = splat<W>(saved[0]), vla = splat<W>(saved[1] * kLog2e);
+  const vf<W> vmb = splat<W>(saved[2]), vlb = splat<W>(saved[3] * kLog2e);
+  const vf<W> va_shift = splat<W>(kl_shift(saved[0])), vb_shift = splat<W>(kl_shift(saved[2]));
+  const vf<W> vmean = splat<W>(saved[4]), vg_t = splat<W>(g * pass.inv_t);
+  for (int64_t j = 0; j < V; j += W) {
+    prefetch_step<W>(xa + j, kStreamAheadBytes / int64_t(sizeof(T)));
+    prefetch_step<W>(xb + j, kStreamAheadBytes / int64_t(sizeof(T)));
+    const int64_t left = V - j;
+    const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
+    const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
+    const vf<W> p = simd::exp2<W>((va - vma) * vscale - vla);
+    if (ga) {
+      const vf<W> d = p == 0.0f ? zero : vg_t * p * (((va - va_shift) - (vb - vb_shift)) * vinv_t - vmean);
+      if (left >= W) store<W>(ga + j, d);
+      else store_partial<W>(ga + j, d, left);
+    }
+    if (gb) {
+      const vf<W> q = simd::exp2<W>((vb - vmb) * vscale - vlb);
+      const vf<W> d = vg_t * (q - p);
+      if (left >= W) store<W>(gb + j, d);
+      else store_partial<W>(gb + j, d, left);
+    }
+  }
+}
+
+template <class T, bool kBackward>
+struct KlRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const KlFromLogitsParams& a, int64_t begin, int64_t end) {
+    const KlPass<W, T> pass(a);
+    for (int64_t i = begin; i < end; ++i) {
+      if (kBackward) kl_grad_row<W, T>(a, pass, i);
+      else kl_row<W, T>(a, pass, i);
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> kl_from_logits_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                                      const c10::optional<at::Tensor>& mask, double temperature) {
+  KlFromLogitsTensors t;
+  const KlFromLogitsParams p = kl_from_logits_args(logits, ref_logits, mask, temperature, t);
+  run_logits_rows<KlRows>(p, /*backward=*/false, logits_row_grain(2 * p.V));
+  return {t.first, t.second};
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& logits,
+                                                               const at::Tensor& ref_logits,
+                                                               const c10::optional<at::Tensor>& mask,
+                                                               const at::Tensor& saved, double temperature,
+                                                               bool logits_grad, bool ref_grad) {
+  KlFromLogitsTensors t;
+  const KlFromLogitsParams p =
+      kl_from_logits_backward_args(grad_kl, logits, ref_logits, mask, saved, temperature, logits_grad, ref_grad, t);
+  if (logits_grad || ref_grad) run_logits_rows<KlRows>(p, /*backward=*/true, logits_row_grain(2 * p.V));
+  return {t.first, t.second};
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("kl_from_logits", &rlk::kl_from_logits_cpu);
+  m.impl("kl_from_logits_backward", &rlk::kl_from_logits_backward_cpu);
+}

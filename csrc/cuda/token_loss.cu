@@ -1,0 +1,42 @@
+// scale_rows on the GPU, the backward of policy_loss and value_loss, and the
+// workspace size of their chunked forward (token_loss.cuh).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "dispatch.cuh"
+#include "token_loss.cuh"
+
+namespace rlk {
+namespace cuda {
+namespace {
+
+template <typename out_t, typename acc>
+__global__ void scale_rows_kernel(const acc* __restrict__ grad, const acc* __restrict__ row_scale,
+                                  const acc* __restrict__ grad_loss, int64_t B, int64_t T, out_t* __restrict__ out) {
+  const acc g = *grad_loss;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B * T; i += stride)
+    out[i] = cast<out_t>(grad[i] * (g * row_scale[i / T]));
+}
+
+}  // namespace
+
+int64_t token_loss_workspace(int64_t B, int64_t T, int slots) { return B * chunks_for(T) * slots; }
+
+// p.dtype is the output's; grad, row_scale and grad_loss are in its accumulation type.
+cudaError_t launch_scale_rows(const ScaleRowsParams& p, cudaStream_t stream) {
+  if (p.B * p.T == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((p.B * p.T + kThreads - 1) / kThreads, int64_t(1) << 16);
+  return launch_typed(p.dtype, [&](auto tag) {
+    using out_t = decltype(tag);
+    using acc = acc_t<out_t>;
+    scale_rows_kernel<out_t, acc><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+        static_cast<const acc*>(p.grad), static_cast<const acc*>(p.row_scale), static_cast<const acc*>(p.grad_loss),
+        p.B, p.T, static_cast<out_t*>(p.out));
+  });
+}
+
+}  // namespace cuda
+}  // namespace rlk
