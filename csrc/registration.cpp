@@ -1,6 +1,6 @@
 // Every rlkernels schema, in one place.  Backends add implementations with
-// TORCH_LIBRARY_IMPL in their own files; Triton kernels register from Python
-// as rlkernels::<op>_triton.
+// TORCH_LIBRARY_IMPL in their own files; the Triton twins (rlkernels::<op>_triton)
+// take these schemas in rlkernels/ops/_registry.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(rlkernels, m) {

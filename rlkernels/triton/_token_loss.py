@@ -1,7 +1,7 @@
 """What the Triton token-level losses (policy_loss, value_loss) share: one program
 per (row, chunk of BLOCK_T tokens) computes the per-token loss and gradient and
 stores the chunk's partial sums; one finalising program here turns those into the
-loss, the per-row gradient scales (the aggregation of csrc/core/loss_agg.h) and the
+loss, the per-row gradient scales (the aggregation of csrc/core/token_loss.h) and the
 statistics.  Also the scale_rows twin, the backward of both losses."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def token_chunk(m_ptr, T, n_chunks, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexp
 def _finalize_kernel(part_ptr, row_scale_ptr, loss_ptr, stats_ptr, B, n_chunks, coef_ptr,
                      SLOTS: tl.constexpr, SLOT_PAD: tl.constexpr, MAX_SLOT: tl.constexpr, AGG: tl.constexpr,
                      ACC: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One program: sums the chunk partials per row, applies agg (csrc/core/loss_agg.h)."""
+    """One program: sums the chunk partials per row, applies agg (csrc/core/token_loss.h)."""
     slots = tl.arange(0, SLOT_PAD)
     slot_ok = slots < SLOTS
     is_max = slots == MAX_SLOT
@@ -142,7 +142,7 @@ def empty_batch(B, agg, need_grad, loss, stats, grad, row_scale):
 
 def check_token_loss(op, primary_name, primary, companions, mask, agg, coefficients, num_coefficients,
                       per_row=()):
-    """The twin of check_token_loss (csrc/args/losses.h): a [B, T] primary, companions
+    """The twin of token_loss_args (csrc/args/token_loss.h): a [B, T] primary, companions
     of its shape and dtype ([B] allowed for the names in per_row), a bool mask."""
     B, T = C.rows(op, primary_name, primary)
     for name, t in companions.items():
