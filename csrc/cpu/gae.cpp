@@ -1,6 +1,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "parallel.h"
 #include "../core/gae.h"
 #include "../args/gae.h"
 #include "simd_loops.h"
@@ -28,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const acc g = acc(p.gamma), l = acc(p.lam);
     constexpr int64_t R = 4;
     const int64_t blocks = (B + R - 1) / R;
-    at::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(T) / R), [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, blocks, std::max<int64_t>(1, row_grain(T) / R), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t b = blk * R;
         const int64_t o = b * T;
@@ -66,7 +67,7 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const c10::optional
     using acc = acc_t<scalar_t>;
     const scalar_t* r = static_cast<const scalar_t*>(p.rewards);
     acc* ret = static_cast<acc*>(p.returns);
-    at::parallel_for(0, p.B, row_grain(p.T), [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, p.B, row_grain(p.T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t o = b * p.T;
         discounted_returns_row<scalar_t, acc>(r + o, p.mask ? p.mask + o : nullptr, p.dones ? p.dones + o : nullptr,

@@ -5,6 +5,7 @@
 
 #include <type_traits>
 
+#include "parallel.h"
 #include "../args/kl_penalty.h"
 
 namespace rlk {
@@ -24,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& logprobs, co
     const acc c = acc(p.clamp);
     // The kind is a template argument, so each loop holds one formula and vectorises.
     auto run = [&](auto kind) {
-      at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+      rlk::cpu::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
           kl_penalty_element<acc>(acc(a[i]), acc(b[i]), decltype(kind)::value, c, v + i, d + i);
       });

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "parallel.h"
 #include "../core/logprobs.h"
 #include "simd.h"
 #include "simd_loops.h"
@@ -83,7 +84,7 @@ template <template <class, bool> class Rows, class Params>
 void run_logits_rows(const Params& p, bool flag, int64_t grain) {
   auto run = [&](auto tag) {
     using S = decltype(tag);
-    at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
       if (flag) simd::run_simd<Rows<S, true>>(p, begin, end);
       else simd::run_simd<Rows<S, false>>(p, begin, end);
     });

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "parallel.h"
 #include "../core/masked.h"
 #include "../args/masked.h"
 #include "simd_loops.h"
@@ -20,7 +21,7 @@ at::Tensor masked_row_mean_cpu(const at::Tensor& x, const c10::optional<at::Tens
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = static_cast<const scalar_t*>(p.x);
     acc* op = static_cast<acc*>(p.out);
-    at::parallel_for(0, R, cpu::row_grain(C, cpu::kElementsPerTask),
+    rlk::cpu::parallel_for(0, R, cpu::row_grain(C, cpu::kElementsPerTask),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const MaskedSums<acc> s = masked_sums<scalar_t, acc>(xp + r * C, m ? m + r * C : nullptr, C);
@@ -46,7 +47,7 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const c10::optional<at::Tensor
     const int64_t chunks = (N + kChunk - 1) / kChunk;
     std::vector<MaskedSums<acc>> partial(chunks);
     std::vector<acc> partial_sq(chunks);
-    at::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t lo = k * kChunk, n = std::min(kChunk, N - lo);
         partial[k] = masked_sums<scalar_t, acc>(xp + lo, m ? m + lo : nullptr, n);
@@ -58,7 +59,7 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const c10::optional<at::Tensor
       s.count += p.count;
     }
     const acc mean = s.count > 0 ? s.sum / acc(s.count) : acc(0);
-    at::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, chunks, 4, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t lo = k * kChunk, n = std::min(kChunk, N - lo);
         partial_sq[k] = masked_sq_dev<scalar_t, acc>(xp + lo, m ? m + lo : nullptr, n, mean);
@@ -68,7 +69,7 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const c10::optional<at::Tensor
     for (acc p : partial_sq) sq += p;
     const WhitenCoef<acc> c = whiten_coefficients<acc>(mean, sq, s.count, p.shift_mean, acc(p.eps));
     acc* op = static_cast<acc*>(p.out);
-    at::parallel_for(0, N, 4 * kChunk, [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, N, 4 * kChunk, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) op[i] = whiten_value<acc>(cast<acc>(xp[i]), m == nullptr || m[i], c);
     });
   });

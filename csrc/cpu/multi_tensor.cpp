@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
 #include "../args/multi_tensor.h"
 
 namespace rlk {
@@ -43,7 +44,7 @@ void copy_all(void* const* pointers, const Layout& layout, char* bucket, double 
   const bool plain = std::is_same<src_t, dst_t>::value && scale == 1.0;
   const auto& offsets = layout.offsets;
   const int64_t count = static_cast<int64_t>(offsets.size());
-  at::parallel_for(0, layout.total, kCopyGrain, [&](int64_t lo, int64_t hi) {
+  rlk::cpu::parallel_for(0, layout.total, kCopyGrain, [&](int64_t lo, int64_t hi) {
     int64_t t = std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin() - 1;
     for (; t < count && offsets[t] < hi; ++t) {
       const int64_t end_t = t + 1 < count ? offsets[t + 1] : layout.total;
@@ -114,7 +115,7 @@ void gossip_mix_cpu(const at::Tensor& x, const at::Tensor& left, const at::Tenso
     const scalar_t* rp = static_cast<const scalar_t*>(p.right);
     scalar_t* op = static_cast<scalar_t*>(p.out);
     const acc ws = static_cast<acc>(p.w_self), wl = static_cast<acc>(p.w_left), wr = static_cast<acc>(p.w_right);
-    at::parallel_for(0, n, kMixGrain, [&](int64_t lo, int64_t hi) {
+    rlk::cpu::parallel_for(0, n, kMixGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) op[i] = gossip_mix_one<scalar_t>(xp[i], lp[i], rp[i], ws, wl, wr);
     });
   });

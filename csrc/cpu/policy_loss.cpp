@@ -16,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "parallel.h"
 #include "../args/policy_loss.h"
 #include "../core/policy_loss.h"
 #include "token_loss.h"
@@ -93,7 +94,7 @@ void policy_rows(const PolicyLossParams& p, double* rows) {
   const scalar_t* ref_logprobs = static_cast<const scalar_t*>(p.ref_logprobs);
   const uint8_t* mask = p.rows.mask;
   acc* grad = static_cast<acc*>(p.rows.grad);
-  at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+  rlk::cpu::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     alignas(64) acc lp_buf[kChunk], old_buf[kChunk], adv_buf[kChunk], w_buf[kChunk], ref_buf[kChunk];
     alignas(64) acc ones[kChunk];
     ChunkScratch<acc, kPolicyArrays> scratch;

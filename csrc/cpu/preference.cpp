@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "parallel.h"
 #include "../core/preference.h"
 #include "../args/preference.h"
 #include "simd_loops.h"
@@ -26,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
     acc* out_chosen = static_cast<acc*>(p.chosen_rewards);
     acc* out_rejected = static_cast<acc*>(p.rejected_rewards);
     acc* out_dlogits = static_cast<acc*>(p.dlogits);
-    at::parallel_for(0, p.B, 1 << 14, [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, p.B, 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const PreferencePair<acc> pair =
             preference_pair<acc>(p.kind, acc(p.beta), acc(p.label_smoothing), cast<acc>(pc[b]), cast<acc>(pr[b]),
@@ -67,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
     const scalar_t* x = static_cast<const scalar_t*>(p.token_logprobs);
     acc* out = static_cast<acc*>(p.sums);
     acc* out_counts = static_cast<acc*>(p.counts);
-    at::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
       alignas(64) acc staging[cpu::kChunk];
       for (int64_t b = begin; b < end; ++b) {
         double total = 0;
@@ -106,7 +107,7 @@ at::Tensor sequence_logprobs_backward_cpu(const at::Tensor& grad, const c10::opt
     const acc* g = static_cast<const acc*>(p.grad);
     const acc* n = static_cast<const acc*>(p.num_tokens);
     scalar_t* o = static_cast<scalar_t*>(p.grad_tokens);
-    at::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const acc per_row = p.average ? (n[b] > acc(0) ? g[b] / n[b] : acc(0)) : g[b];
         const scalar_t value = static_cast<scalar_t>(per_row), zero = static_cast<scalar_t>(0);

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "parallel.h"
 #include "../args/token_loss.h"
 #include "simd_loops.h"
 
@@ -28,7 +29,7 @@ at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& row_scale, c
     const acc* in = static_cast<const acc*>(p.grad);
     const acc* scale = static_cast<const acc*>(p.row_scale);
     scalar_t* o = static_cast<scalar_t*>(p.out);
-    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+    rlk::cpu::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) scale_row<scalar_t, acc>(in + b * T, g * scale[b], T, o + b * T);
     });
   });

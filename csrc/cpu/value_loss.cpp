@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "parallel.h"
 #include "../args/value_loss.h"
 #include "../core/value_loss.h"
 #include "token_loss.h"
@@ -55,7 +56,7 @@ void value_rows(const ValueLossParams& p, double* rows) {
   const uint8_t* mask = p.rows.mask;
   acc* grad = static_cast<acc*>(p.rows.grad);
   const acc clip = kClip ? acc(p.clip) : acc(0);
-  at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+  rlk::cpu::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     alignas(64) acc value_buf[kChunk], old_buf[kChunk], ret_buf[kChunk];
     ChunkScratch<acc, kValueArrays> scratch;
     for (int64_t b = begin; b < end; ++b) {
