@@ -19,11 +19,8 @@ TORCH_LIBRARY(rlkernels, m) {
   // statistics, the per-token gradient before aggregation (empty unless
   // need_grad) and the per-row gradient scales; backward only rescales.
   // Scalars travel in one list (each schema argument costs the Python
-  // autograd wrapper several microseconds per call):
-  //   policy: [clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length]
-  //   value:  [clip, num_tokens, num_seqs, norm_length]
-  // with inf for "off" (dual_clip, log_ratio_clamp, clip) and -1 for "count it"
-  // (num_tokens, num_seqs; norm_length -1 means T).
+  // autograd wrapper several microseconds per call); its order is written where
+  // the list is read, csrc/args/policy_loss.h and csrc/args/value_loss.h.
   m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, Tensor? weights, "
         "Tensor? ref_logprobs, float[] coefficients, str kl, str agg, bool need_grad) "
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");

@@ -23,7 +23,9 @@ inline PolicyLossParams policy_loss_args(const at::Tensor& logprobs, const at::T
                                          const c10::optional<at::Tensor>& ref_logprobs,
                                          c10::ArrayRef<double> coefficients, c10::string_view kl,
                                          c10::string_view agg, bool need_grad, TokenLossOutputs& out) {
-  // [clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length]
+  // [clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, num_tokens, num_seqs, norm_length],
+  // with inf for "off" (dual_clip, log_ratio_clamp) and -1 for "count it" (num_tokens,
+  // num_seqs; norm_length -1 means T)
   const auto& c = coefficients;
   TORCH_CHECK(c.size() == 8, "policy_loss takes 8 coefficients, got ", c.size());
   PolicyLossParams p;

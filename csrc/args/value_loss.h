@@ -10,7 +10,7 @@ inline ValueLossParams value_loss_args(const at::Tensor& values, const at::Tenso
                                        const at::Tensor& returns, const c10::optional<at::Tensor>& mask,
                                        c10::ArrayRef<double> coefficients, c10::string_view agg, bool need_grad,
                                        TokenLossOutputs& out) {
-  // [clip, num_tokens, num_seqs, norm_length]
+  // [clip, num_tokens, num_seqs, norm_length]: clip inf for "off", -1 for "count it"
   const auto& c = coefficients;
   TORCH_CHECK(c.size() == 4, "value_loss takes 4 coefficients, got ", c.size());
   ValueLossParams p;
