@@ -12,8 +12,42 @@ NONE, FULL, PARTIAL = "none", "full", "partial"
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # torch strides are >= 0
     return start, start + (last + 1) * t.element_size()
+
+
+def span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) that `t` may touch ((0, 0): nothing, also
+    while torch.compile traces, where there are no addresses)."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return 0, 0
+    return _byte_range(t)
+
+
+def outside(t: torch.Tensor, region: tuple[int, int]) -> bool:
+    """True when `t` cannot touch any byte of `region` (a span(); same device assumed):
+    the cheap test that lets a caller skip the full overlap check."""
+    if t.numel() == 0 or region[0] == region[1]:
+        return True
+    begin, end = _byte_range(t)
+    return end <= region[0] or region[1] <= begin
+
+
+def first_shared(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
+    """(i, j) with i < j for two of `tensors` whose bytes may overlap, or None: the
+    byte ranges sorted by start and swept once, O(n log n) instead of all pairs."""
+    if torch.compiler.is_compiling():
+        return None
+    spans = sorted((*_byte_range(t), i) for i, t in enumerate(tensors) if t.numel() > 0)
+    reach, owner = None, None
+    for begin, end, i in spans:
+        if reach is not None and begin < reach and tensors[i].device == tensors[owner].device:
+            return (min(i, owner), max(i, owner))
+        if reach is None or end > reach:
+            reach, owner = end, i
+    return None
 
 
 def status(a: torch.Tensor, b: torch.Tensor) -> str:

@@ -291,3 +291,19 @@ def test_direct_op_calls_check_sizes():
         torch.ops.rlkernels.pack_tensors([torch.randn(4, 2).t()], torch.empty(8), 1.0)
     with pytest.raises(RuntimeError, match="left must have the shape of x"):
         torch.ops.rlkernels.gossip_mix(torch.randn(3), torch.randn(2), torch.randn(3), 1.0, 0.0, 0.0, torch.empty(3))
+
+
+def test_unpack_finds_targets_sharing_memory_anywhere_in_a_long_list():
+    # targets are checked against each other by sorted byte ranges, not pair by pair:
+    # overlaps between the first and the last, or between neighbours in memory order, are found
+    base = torch.zeros(4000)
+    parts = [base[i * 40:(i + 1) * 40] for i in range(100)]
+    bucket = torch.ones(4000 + 10)
+    clash = base[3990:4000]  # inside parts[99]
+    with pytest.raises(ValueError, match=r"tensors\[(0|100)\].*tensors\[(99|100)\]|tensors\[100\] .*tensors\[99\]"):
+        rlkernels.unpack_tensors(bucket, parts + [clash])
+    first_last = [base[0:10]] + [torch.zeros(10) for _ in range(50)] + [base[5:15]]
+    with pytest.raises(ValueError, match=r"tensors\[51\] partially overlaps tensors\[0\]"):
+        rlkernels.unpack_tensors(torch.ones(520), first_last)
+    rlkernels.unpack_tensors(torch.arange(4000.0), parts)  # disjoint neighbours are fine
+    assert torch.equal(base, torch.arange(4000.0))

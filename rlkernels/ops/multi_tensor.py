@@ -83,7 +83,11 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
         return out
     contiguous = [t.contiguous() for t in tensors]
     offset = 0
+    region = _overlap.span(out)
     for i, t in enumerate(contiguous):
+        if t.device == out.device and _overlap.outside(t, region):
+            offset += t.numel()
+            continue
         # A tensor may be its own slice of the bucket (elementwise in place); no other sharing.
         own = out[offset:offset + t.numel()].view(t.shape) if t.dtype == out.dtype else None
         if own is None or _overlap.status(own, t) != _overlap.FULL:
@@ -113,13 +117,19 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
     targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
                for t in tensors]
     offset = 0
+    region = _overlap.span(bucket)
     for i, t in enumerate(targets):
+        if t.device == bucket.device and _overlap.outside(t, region):
+            offset += t.numel()
+            continue
         own = bucket[offset:offset + t.numel()].view(t.shape) if t.dtype == bucket.dtype else None
         if own is None or _overlap.status(own, t) != _overlap.FULL:
             _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
-        for j in range(i):
-            _overlap.check_output(_UNPACK, f"tensors[{i}]", t, f"tensors[{j}]", targets[j], allow_full=False)
         offset += t.numel()
+    shared = _overlap.first_shared(targets)
+    if shared is not None:
+        j, i = shared
+        _overlap.check_output(_UNPACK, f"tensors[{i}]", targets[i], f"tensors[{j}]", targets[j], allow_full=False)
     chosen = _backend.resolve(_UNPACK, backend, bucket.device)
     with torch.no_grad():
         if chosen == "reference":
