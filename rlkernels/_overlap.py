@@ -6,6 +6,7 @@ already overwritten; PyTorch's own ops refuse that, and so do ours."""
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 NONE, FULL, PARTIAL = "none", "full", "partial"
 
@@ -16,12 +17,17 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
+def _fake(t: torch.Tensor) -> bool:
+    # FakeTensorMode's tensors (shape propagation, the host-sync test) have no memory
+    return isinstance(t, FakeTensor)
+
+
 def status(a: torch.Tensor, b: torch.Tensor) -> str:
     """NONE, FULL (same elements, same layout, same dtype) or PARTIAL (any other shared
     memory; conservative for interleaved strided views, which the ops never pass)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return NONE
-    if torch.compiler.is_compiling():  # no addresses while tracing
+    if torch.compiler.is_compiling() or _fake(a) or _fake(b):  # no addresses while tracing
         return NONE
     a_begin, a_end = _byte_range(a)
     b_begin, b_end = _byte_range(b)

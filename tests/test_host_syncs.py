@@ -1,0 +1,201 @@
+"""No host syncs on CUDA (issue 13): every public op runs on fake CUDA tensors, where any
+read of tensor data on the host raises, forward and backward, with the data-dependent
+arguments present (0/1 masks in float, labels with ignore_index, group ids).  In the
+checked mode (rlkernels.set_checks) the same calls must read data, and on CPU tensors
+the checks keep their errors.  The cases are .ci/sync_cases.py, which the GPU check also
+runs on a real GPU (.ci/gpu_sync_check.py).
+
+A CPU-only torch needs a CUDA device guard for Python indexing of fake CUDA tensors
+(tests/fake_cuda.py registers c10's fake one), and autograd's engine cannot run on
+them at all, so the backward is driven by hand: every torch.ops.rlkernels
+call of the forward is recorded, and its registered setup_context and backward run on
+fake gradients.  The bodies of the Python-defined ops (linear_logprobs and its backward,
+linear_policy_loss) run as well, not only their fake kernels."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fake_cuda
+import rlkernels
+from rlkernels import _library
+from rlkernels.ops import _registry
+
+# (the package's attributes of these names are the functions: import the modules)
+_lin = importlib.import_module("rlkernels.ops.linear_logprobs")
+_lpl = importlib.import_module("rlkernels.ops.linear_ppo_loss")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("sync_cases", os.path.join(ROOT, ".ci", "sync_cases.py"))
+cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cases)
+
+PUBLIC = sorted(rlkernels.ops.__all__)
+# The ops defined in Python (torch.library.custom_op): their bodies, run on the fake tensors too.
+BODIES = {"linear_logprobs": _lin._linear_logprobs, "linear_logprobs_backward": _lin._linear_logprobs_backward,
+          "linear_policy_loss": _lpl._linear_policy_loss}
+CUSTOM_AUTOGRAD = {"linear_logprobs": _lin, "linear_policy_loss": _lpl}
+SUFFIX = _registry.TWIN_SUFFIX
+
+
+def test_every_public_op_has_a_case():
+    assert sorted(cases.CASES) == PUBLIC
+    assert set(cases.CHECKED) <= set(PUBLIC)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fake_cuda_guard(tmp_path_factory):
+    why = fake_cuda.install(str(tmp_path_factory.mktemp("fake_cuda")))
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def _checks_off():
+    previous = rlkernels.set_checks(False)
+    yield
+    rlkernels.set_checks(previous)
+
+
+@pytest.fixture
+def compiled_cuda(monkeypatch):
+    """backend="cuda" on fake CUDA tensors: the build reports CUDA kernels, so the compiled
+    ops (their fake kernels) run."""
+    monkeypatch.setattr(_library, "COMPILED_BACKENDS", _library.COMPILED_BACKENDS | {"cuda"})
+
+
+class _Recorder(TorchDispatchMode):
+    """Records each torch.ops.rlkernels call with its inputs and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "rlkernels":
+            self.calls.append((func._schema.name.split("::")[1], args, kwargs or {}, out))
+        return out
+
+
+class _Ctx:
+    """What a registered setup_context and backward use of autograd's ctx."""
+
+    def __init__(self, inputs, backend):
+        self.needs_input_grad = tuple(isinstance(a, torch.Tensor) and a.is_floating_point() for a in inputs)
+        self.backend = backend
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def _autograd_of(name):
+    """(setup_context, backward) of the op `name` and the ctx.backend it sees, or None."""
+    if name in CUSTOM_AUTOGRAD:
+        module = CUSTOM_AUTOGRAD[name]
+        return module._setup_context, module._backward, None
+    base, backend = (name[: -len(SUFFIX)], "triton") if name.endswith(SUFFIX) else (name, "compiled")
+    spec = _registry._SPECS.get(base)
+    if spec is None or spec.backward is None:
+        return None
+    return spec.setup_context, spec.backward, backend
+
+
+def _backward(calls) -> int:
+    """Runs the registered backward of every recorded call that has one; returns how many."""
+    done = 0
+    for name, args, kwargs, out in list(calls):
+        found = _autograd_of(name)
+        if found is None:
+            continue
+        setup, backward, backend = found
+        outputs = out if isinstance(out, tuple) else (out,)
+        ctx = _Ctx(args, backend)
+        if setup is not None:
+            setup(ctx, args, out)
+        grads = [torch.ones_like(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else None
+                 for o in outputs]
+        with torch.no_grad():
+            backward(ctx, *grads)
+        done += 1
+    return done
+
+
+def _run_fake(name: str, backend: str) -> int:
+    """The case `name` forward, backward and op bodies on fake CUDA tensors; returns the
+    number of backward functions run."""
+    with FakeTensorMode():
+        run, _ = cases.build(name, "cuda", grad=False)
+        recorder = _Recorder()
+        with recorder:
+            outputs = cases.floats(run(backend))
+            assert outputs and all(t.device.type == "cuda" for t in outputs)
+            backwards = _backward(recorder.calls)
+        for op, args, kwargs, _ in recorder.calls:
+            if op in BODIES:
+                BODIES[op]._init_fn(*args, **kwargs)
+    return backwards
+
+
+def _backends():
+    yield pytest.param("auto", marks=pytest.mark.skipif(not rlkernels.HAS_TRITON, reason="triton not importable"))
+    yield "cuda"
+
+
+@pytest.mark.parametrize("backend", list(_backends()))
+@pytest.mark.parametrize("name", PUBLIC)
+def test_no_host_read_on_cuda(name, backend, compiled_cuda):
+    if backend == "auto":
+        # without CUDA kernels in this build, auto would pick Triton: check it does
+        _library.COMPILED_BACKENDS = _library.COMPILED_BACKENDS - {"cuda"}
+        assert rlkernels._backend.resolve(name, "auto", torch.device("cuda")) == "triton"
+    backwards = _run_fake(name, backend)
+    run, leaves = cases.build(name, "cpu", grad=True)
+    if any(t.requires_grad for t in cases.floats(run("cpu"))):
+        assert backwards > 0, f"{name}: no backward was run"
+
+
+@pytest.mark.parametrize("name", cases.CHECKED)
+def test_checked_mode_reads_the_data(name, compiled_cuda):
+    with rlkernels.checked():
+        with pytest.raises(DataDependentOutputException):
+            _run_fake(name, "cuda")
+    _run_fake(name, "cuda")  # and off again after the block
+
+
+def test_set_checks_and_checked():
+    assert rlkernels.checks_enabled() is False
+    assert rlkernels.set_checks(True) is False
+    assert rlkernels.checks_enabled() is True
+    with rlkernels.checked(False):
+        assert rlkernels.checks_enabled() is False
+        with rlkernels.checked():
+            assert rlkernels.checks_enabled() is True
+        assert rlkernels.checks_enabled() is False
+    assert rlkernels.set_checks(False) is True
+    with pytest.raises(TypeError):
+        rlkernels.set_checks(1)
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False), ("true", True)])
+def test_env_variable_read_at_import(value, on):
+    code = "import rlkernels; print(rlkernels.checks_enabled())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT, "RLKERNELS_CHECK": value})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(on)
