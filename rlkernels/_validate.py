@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from ._checkmode import reads_data
+from . import _checkmode
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -125,6 +125,6 @@ def binary_mask(op: str, name: str, mask, shape: torch.Size, device: torch.devic
     if mask.is_complex():
         raise TypeError(f"{op}: {name} must be bool, integer or floating, got {mask.dtype}")
     as_bool = mask != 0
-    if mask.numel() > 0 and reads_data(mask) and bool((as_bool & (mask != 1)).any()):
+    if mask.numel() > 0 and _checkmode.reads_data(mask) and bool((as_bool & (mask != 1)).any()):
         raise ValueError(f"{op}: {name} must hold only 0 and 1 (or be bool)")
     return as_bool.contiguous()

@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fake_cuda
+from support import TRITON_ON_CPU
 import rlkernels
 from rlkernels import _library
 from rlkernels.ops import _registry
@@ -199,3 +200,114 @@ def test_env_variable_read_at_import(value, on):
                           env={**os.environ, "PYTHONPATH": ROOT, "RLKERNELS_CHECK": value})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(on)
+
+
+# ---- CPU tensors: the checks and their errors are unchanged, checked mode or not ----------------
+
+@pytest.mark.parametrize("checks", [False, True])
+def test_cpu_errors_unchanged(checks):
+    with rlkernels.checked(checks):
+        logits = torch.randn(2, 3, 5)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\) or equal ignore_index=-100; "
+                                             r"got 5 at flat index 1"):
+            rlkernels.logprobs(logits, torch.tensor([[0, 5, 1], [2, 3, 4]]))
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\).*got -3 at flat index 0"):
+            rlkernels.linear_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([-3, 1]))
+        with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+            rlkernels.masked_mean(torch.randn(2, 3), torch.tensor([[1, 0.5, 0], [1, 1, 1]]))
+        with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+            rlkernels.linear_ppo_loss(torch.randn(1, 2, 4), torch.randn(5, 4), torch.tensor([[1, 2]]),
+                                      torch.randn(1, 2), torch.randn(1), torch.tensor([[2, 0]]))
+        with pytest.raises(ValueError, match=r"group_index values must lie in \[0, 2\), got \[0, 2\]"):
+            rlkernels.group_advantages(torch.randn(4), group_index=torch.tensor([0, 1, 2, 0]), num_groups=2)
+
+
+# ---- the default CUDA path, on CPU tensors: what bad data gives there ----------------------------
+
+@pytest.fixture
+def unread(monkeypatch):
+    """Runs the ops as on CUDA outside the checked mode: no tensor data read on the host."""
+    monkeypatch.setattr(rlkernels._checkmode, "reads_data", lambda t: False)
+
+
+triton_only = pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+BAD_LABELS = torch.tensor([[0, 7, -100, 3], [-5, 2, 100, 6]])
+BAD = BAD_LABELS.ne(-100) & (BAD_LABELS.lt(0) | BAD_LABELS.ge(7))
+
+
+@triton_only
+def test_triton_out_of_range_labels_give_nan(unread):
+    logits, hidden, weight = torch.randn(2, 4, 7), torch.randn(2, 4, 5), torch.randn(7, 5)
+    good = torch.where(BAD, 0, BAD_LABELS)
+    for got, want in ((rlkernels.logprobs(logits, BAD_LABELS, backend="triton"),
+                       rlkernels.logprobs(logits, good, backend="triton")),
+                      (rlkernels.linear_logprobs(hidden, weight, BAD_LABELS, backend="triton"),
+                       rlkernels.linear_logprobs(hidden, weight, good, backend="triton"))):
+        assert torch.equal(got.isnan(), BAD)
+        assert torch.equal(got[~BAD], want[~BAD])
+    assert rlkernels.sequence_logprobs(logits, labels=BAD_LABELS, backend="triton").isnan().all()
+
+
+@triton_only
+def test_triton_stray_group_ids_give_nan(unread):
+    scores, index = torch.randn(6), torch.tensor([0, 1, 5, -1, 1, 0])
+    advantages, _ = rlkernels.group_advantages(scores, group_index=index, num_groups=2, backend="triton")
+    assert torch.equal(advantages.isnan(), (index < 0) | (index >= 2))
+    # no group at all: every id is stray (no kernel runs; still NaN, not uninitialised memory)
+    advantages, all_equal = rlkernels.group_advantages(scores, group_index=index, num_groups=0, backend="triton")
+    assert advantages.isnan().all() and all_equal.numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=triton_only)])
+def test_non_binary_mask_counts_as_true(unread, backend):
+    x = torch.randn(3, 4)
+    mask = torch.tensor([[1, 0.5, 0, 2], [0, 0, 0, 3], [1, 1, 1, 1.0]])
+    got = rlkernels.masked_mean(x, mask, backend=backend)
+    assert torch.allclose(got, rlkernels.masked_mean(x, mask != 0, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=triton_only)])
+@pytest.mark.parametrize("agg, chunk", [("token-mean", None), ("seq-mean-token-mean", None),
+                                        ("seq-mean-token-mean", 3), ("seq-mean-token-sum-norm", 4),
+                                        ("token-sum", 2), ("seq-mean-token-sum", None)])
+@pytest.mark.parametrize("given", [False, True])
+def test_linear_ppo_loss_device_counts_match(monkeypatch, backend, agg, chunk, given):
+    """The sync-free pieces (counts on the device, every token through the lm-head) give
+    the loss, stats and gradients of the counted ones."""
+    torch.manual_seed(1)
+    hidden, weight, bias = torch.randn(3, 7, 8), torch.randn(13, 8), torch.randn(13)
+    labels = torch.randint(0, 13, (3, 7))
+    labels[0, :2] = -100
+    mask = torch.rand(3, 7) > 0.3
+    mask[2] = False  # a row without a valid token
+    old, adv = torch.randn(3, 7) - 2.0, torch.randn(3)
+    counts = dict(num_tokens=9.0, num_seqs=2.0, norm_length=8.0) if given else {}
+    results = []
+    for read in (True, False):
+        monkeypatch.setattr(rlkernels._checkmode, "reads_data", lambda t, read=read: read)
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        loss, stats = rlkernels.linear_ppo_loss(leaves[0], leaves[1], labels, old, adv, mask, bias=leaves[2],
+                                                entropy_coef=0.05, agg=agg, chunk_size=chunk, backend=backend,
+                                                **counts)
+        grads = torch.autograd.grad(loss * 3.0, leaves)
+        results.append([loss, *(stats[k] for k in sorted(stats)), *grads])
+    for counted, on_device in zip(*results):
+        torch.testing.assert_close(on_device, counted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=triton_only)])
+def test_linear_logprobs_keeping_every_row_matches(monkeypatch, backend):
+    torch.manual_seed(2)
+    hidden, weight, bias = torch.randn(3, 5, 8), torch.randn(11, 8), torch.randn(11)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :3] = -100
+    results = []
+    for read in (True, False):
+        monkeypatch.setattr(rlkernels._checkmode, "reads_data", lambda t, read=read: read)
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        outs = rlkernels.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], entropy=True,
+                                         mean_logits=True, is_top1=True, backend=backend)
+        grads = torch.autograd.grad(outs[0].sum() + outs[1].sum(), leaves)
+        results.append([*outs, *grads])
+    for kept, every in zip(*results):
+        torch.testing.assert_close(every, kept, rtol=1e-5, atol=1e-6)

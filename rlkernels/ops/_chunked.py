@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .._checkmode import reads_data
+from .. import _checkmode
 
 # Default budget for one tile of logits, counted in float32.
 CHUNK_BYTES = 64 << 20
@@ -207,7 +207,7 @@ def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     ignored rows (prompt, padding) need no logits at all.  Finding them reads the
     labels on the host, so on CUDA outside the checked mode every row is kept (None):
     the row kernels give ignored rows 0 and no gradient, at the cost of their matmuls."""
-    if not reads_data(labels):
+    if not _checkmode.reads_data(labels):
         return None
     keep = labels != ignore_index
     if bool(keep.all()):

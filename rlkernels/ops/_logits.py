@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _validate as V
+from .. import _backend, _checkmode, _validate as V
 
 # Dtypes the compiled and Triton kernels read; float64 runs on the reference.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,7 +49,7 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
     if labels.device != logits.device:
         raise ValueError(f"{op}: labels is on {labels.device} but {logits_name} is on {logits.device}")
     vocab = logits.shape[-1] if vocab is None else vocab
-    if labels.numel() > 0 and V.reads_data(labels):
+    if labels.numel() > 0 and _checkmode.reads_data(labels):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             where = int(bad.flatten().nonzero()[0, 0])

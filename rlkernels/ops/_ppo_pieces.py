@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checkmode import reads_data
+from .. import _checkmode
 
 # The coefficients' slots of the normalisers (after clip_low, clip_high, dual_clip,
 # log_ratio_clamp, kl_coef).
@@ -30,14 +30,14 @@ _TOKENS, _SEQS, _NORM = 5, 6, 7
 def pieces(valid: torch.Tensor, chunk: int, agg: str, coefficients: list[float]):
     """Whole rows when a row fits `chunk` tokens, else segments of one row; counted or
     scaled on the device as the module doc says, chosen by whether `valid` may be read."""
-    if reads_data(valid):
+    if _checkmode.reads_data(valid):
         return _counted(valid, chunk, agg, coefficients)
     return _on_device(valid, chunk, agg, coefficients)
 
 
 def on_device(valid: torch.Tensor) -> bool:
     """Whether pieces() gives device-scaled pieces for `valid` (and keeps every token)."""
-    return not reads_data(valid)
+    return not _checkmode.reads_data(valid)
 
 
 def span(rows: slice, cols: slice, T: int) -> slice:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _validate as V, reference
+from .. import _backend, _checkmode, _validate as V, reference
 from .._dtypes import acc_dtype
 from . import _registry
 
@@ -66,7 +66,7 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
         # Reads the ids: skipped on CUDA outside the checked mode and while torch.compile
         # traces; the kernels then handle them: the CPU op raises, the CUDA and Triton ops
         # write NaN for a stray id (docs/numerics.md).
-        if N and V.reads_data(index):
+        if N and _checkmode.reads_data(index):
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= groups:
                 raise ValueError(f"{_OP}: group_index values must lie in [0, {groups}), got [{lo}, {hi}]")

@@ -20,7 +20,7 @@ import torch
 from torch.library import custom_op, register_fake
 
 from .. import _validate as V
-from .._checkmode import reads_data
+from .. import _checkmode
 from ..reference._token_loss import aggregate
 from ..reference.policy_loss import KL_ESTIMATORS, POLICY_STATS
 from . import _chunked, _double_backward, _ppo_pieces, _registry, _token_loss
@@ -334,7 +334,7 @@ def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     # is (no second weight-sized buffer, nothing mutated).  Traced (compile, opcheck), on
     # CUDA outside the checked mode (reading grad_loss would be a host sync) or for any
     # other grad_loss, scale out of place.
-    if (type(saved) is torch.Tensor and type(grad_loss) is torch.Tensor and reads_data(grad_loss)
+    if (type(saved) is torch.Tensor and type(grad_loss) is torch.Tensor and _checkmode.reads_data(grad_loss)
             and bool(grad_loss == 1)):
         return saved
     return saved * grad_loss.to(saved.dtype)
