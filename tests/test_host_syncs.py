@@ -87,6 +87,18 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+class _OpNames(TorchDispatchMode):
+    """The names of every op dispatched inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 class _Ctx:
     """What a registered setup_context and backward use of autograd's ctx."""
 
@@ -311,3 +323,17 @@ def test_linear_logprobs_keeping_every_row_matches(monkeypatch, backend):
         results.append([*outs, *grads])
     for kept, every in zip(*results):
         torch.testing.assert_close(every, kept, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not rlkernels.HAS_TRITON, reason="triton not importable")
+def test_triton_scalars_are_filled_on_a_gpu_not_copied():
+    """The Triton ops' scalar tensors: on CUDA written by fills (no host-to-device copy,
+    which syncs and cannot be captured in a graph); the values are the same."""
+    from rlkernels.triton._common import coef_tensor
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        with _OpNames() as seen:
+            t = coef_tensor("cuda", torch.float64, 0.5, 2.0, float("inf"))
+        assert t.device.type == "cuda" and t.dtype == torch.float64 and t.shape == (3,)
+    assert seen.names and not any("copy" in name or "lift" in name for name in seen.names), seen.names
+    assert torch.equal(coef_tensor("cpu", torch.float64, 0.5, 2.0), torch.tensor([0.5, 2.0], dtype=torch.float64))
