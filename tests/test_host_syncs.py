@@ -149,9 +149,9 @@ def _backward(calls) -> int:
     return done
 
 
-def _run_fake(name: str, backend: str) -> int:
+def _run_fake(name: str, backend: str) -> tuple[int, list]:
     """The case `name` forward, backward and op bodies on fake CUDA tensors; returns the
-    number of backward functions run."""
+    number of backward functions run and (shape, dtype) of each floating output."""
     with FakeTensorMode():
         run, _ = cases.build(name, "cuda", grad=False)
         recorder = _Recorder()
@@ -162,7 +162,7 @@ def _run_fake(name: str, backend: str) -> int:
         for op, args, kwargs, _ in recorder.calls:
             if op in BODIES:
                 BODIES[op]._init_fn(*args, **kwargs)
-    return backwards
+    return backwards, [(tuple(t.shape), t.dtype) for t in outputs]
 
 
 def _backends():
@@ -177,9 +177,12 @@ def test_no_host_read_on_cuda(name, backend, compiled_cuda):
         # without CUDA kernels in this build, auto would pick Triton: check it does
         _library.COMPILED_BACKENDS = _library.COMPILED_BACKENDS - {"cuda"}
         assert rlkernels._backend.resolve(name, "auto", torch.device("cuda")) == "triton"
-    backwards = _run_fake(name, backend)
+    backwards, meta = _run_fake(name, backend)
     run, leaves = cases.build(name, "cpu", grad=True)
-    if any(t.requires_grad for t in cases.floats(run("cpu"))):
+    on_cpu = cases.floats(run("cpu"))
+    # the same outputs as the CPU op gives, shape and dtype
+    assert meta == [(tuple(t.shape), t.dtype) for t in on_cpu]
+    if any(t.requires_grad for t in on_cpu):
         assert backwards > 0, f"{name}: no backward was run"
 
 
