@@ -194,6 +194,16 @@ def test_checked_mode_reads_the_data(name, compiled_cuda):
     _run_fake(name, "cuda")  # and off again after the block
 
 
+def test_group_count_from_the_ids_is_the_one_read_left():
+    """Without num_groups the output's size is the largest id + 1: read on the host even
+    on CUDA (documented; the cases pass num_groups)."""
+    with FakeTensorMode():
+        scores, index = torch.randn(6, device="cuda"), torch.zeros(6, dtype=torch.int64, device="cuda")
+        rlkernels.group_advantages(scores, group_index=index, num_groups=1)
+        with pytest.raises(DataDependentOutputException):
+            rlkernels.group_advantages(scores, group_index=index)
+
+
 def test_set_checks_and_checked():
     assert rlkernels.checks_enabled() is False
     assert rlkernels.set_checks(True) is False

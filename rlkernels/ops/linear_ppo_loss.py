@@ -6,7 +6,8 @@ For each chunk: logits = hidden @ weight.T (+ bias) into one reused buffer; the
 fused log-softmax row kernel (rlkernels::logprobs) gives log-probs, entropies and
 softmax statistics; the fused policy op (rlkernels::policy_loss) gives the chunk's
 share of the loss, its statistics and d loss / d log-prob (the aggregation only
-needs the batch's token and sequence counts, taken from the mask up front); the
+needs the batch's token and sequence counts: read from the mask up front, or kept on
+the device on CUDA, _ppo_pieces.py); the
 row kernel's in-place backward turns the logits into d loss / d logits, and two
 matmuls add the chunk's gradients for hidden and weight.  Three matmuls in all,
 as many as the composed forward and backward; backward only scales the stored
