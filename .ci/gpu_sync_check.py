@@ -1,5 +1,5 @@
 """Every public op on a GPU without a host sync (issue 13): each case of
-.ci/sync_cases.py, per backend, is run
+tests/sync_cases.py, per backend, is run
 
   1. forward and backward under torch.cuda.set_sync_debug_mode("error"), where any
      synchronising CUDA call (a read of tensor data, a blocking copy) raises;
@@ -25,8 +25,8 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sync_cases  # noqa: E402  (.ci/sync_cases.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import sync_cases  # noqa: E402  (tests/sync_cases.py)
 
 import rlkernels  # noqa: E402
 

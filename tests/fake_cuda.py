@@ -47,7 +47,9 @@ def install(build_dir: str) -> str | None:
         f.write(_SOURCE)
     command = [compiler, "-O1", "-shared", "-fPIC", "-std=c++17", *(f"-I{p}" for p in include_paths()[:1]), source,
                f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}", "-o", shared]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # (without the sanitizer run's preloaded libraries: the compiler is not ours to check)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     if done.returncode != 0:
         return f"the fake CUDA guard did not compile: {done.stderr[-500:]}"
     handle = ctypes.CDLL(shared)

@@ -2,7 +2,7 @@
 read of tensor data on the host raises, forward and backward, with the data-dependent
 arguments present (0/1 masks in float, labels with ignore_index, group ids).  In the
 checked mode (rlkernels.set_checks) the same calls must read data, and on CPU tensors
-the checks keep their errors.  The cases are .ci/sync_cases.py, which the GPU check also
+the checks keep their errors.  The cases are tests/sync_cases.py, which the GPU check also
 runs on a real GPU (.ci/gpu_sync_check.py).
 
 A CPU-only torch needs a CUDA device guard for Python indexing of fake CUDA tensors
@@ -14,7 +14,6 @@ linear_policy_loss) run as well, not only their fake kernels."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fake_cuda
+import sync_cases as cases
 from support import TRITON_ON_CPU
 import rlkernels
 from rlkernels import _library
@@ -35,9 +35,6 @@ _lin = importlib.import_module("rlkernels.ops.linear_logprobs")
 _lpl = importlib.import_module("rlkernels.ops.linear_ppo_loss")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("sync_cases", os.path.join(ROOT, ".ci", "sync_cases.py"))
-cases = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cases)
 
 PUBLIC = sorted(rlkernels.ops.__all__)
 # The ops defined in Python (torch.library.custom_op): their bodies, run on the fake tensors too.

@@ -1,11 +1,12 @@
-"""One call of every public op, for the host-sync checks: tests/test_host_syncs.py runs
+"""One call of every public op, for the host-sync checks (a plain module, no pytest, so
+that .ci/gpu_sync_check.py can import it too): tests/test_host_syncs.py runs
 them on fake CUDA tensors (FakeTensorMode, no GPU), .ci/gpu_sync_check.py on a GPU
 under torch.cuda.set_sync_debug_mode("error") and inside a CUDA graph capture.
 
 Each case builds its inputs with the data-dependent arguments present (0/1 masks in
 float, labels with ignore_index, group ids, dones) and returns (run, leaves): run(backend)
 calls the op and returns its floating outputs; leaves are the inputs that get a gradient
-(requires_grad set when `grad` is True).  `checked` names the cases whose op has a data
+(requires_grad set when `grad` is True).  CHECKED names the cases whose op has a data
 check that the checked mode (rlkernels.set_checks) turns on for CUDA tensors."""
 from __future__ import annotations
 
