@@ -6,7 +6,9 @@ nvcc; ninja, setuptools and pybind11 as found; nothing downloaded) it
   1. records the machine (GPU, capability, driver, torch, Triton, nvcc),
   2. builds the extension in place for this GPU's architecture only,
   3. runs every op x {cuda, triton} x dtype against the reference, with gradients and
-     opcheck (.ci/gpu_ops_check.py: needs no pytest),
+     opcheck (.ci/gpu_ops_check.py: needs no pytest), then every op with no host sync:
+     under torch.cuda.set_sync_debug_mode("error") and captured in a CUDA graph
+     (.ci/gpu_sync_check.py),
   4. runs the op test files' CUDA and Triton cases with pytest, where pytest is installed,
   5. runs compute-sanitizer memcheck and racecheck over the CUDA kernels (tiny shapes),
   6. runs `rlkernels bench --device cuda --quick`,
@@ -32,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("machine", "build", "ops", "pytest", "memcheck", "racecheck", "bench", "liger")
+STEPS = ("machine", "build", "ops", "syncs", "pytest", "memcheck", "racecheck", "bench", "liger")
 OP_TEST_FILES = ("test_gae.py", "test_group_advantages.py", "test_masked.py", "test_kl_from_logits.py",
                  "test_kl_penalty.py", "test_linear_logprobs.py", "test_linear_ppo_loss.py", "test_logprobs.py",
                  "test_policy_loss.py", "test_value_loss.py", "test_preference.py", "test_multi_tensor.py",
@@ -102,6 +104,9 @@ def plan(args, arch: str | None) -> list[Step]:
         Step("ops", [py, ".ci/gpu_ops_check.py", "--device", "cuda", "--backends", "cuda", "triton",
                      "--json", os.path.join(out, "ops.json")], 240,
              "every op x {cuda, triton} x dtype against the reference, gradients, opcheck"),
+        Step("syncs", [py, ".ci/gpu_sync_check.py", "--backends", "cuda", "triton",
+                       "--json", os.path.join(out, "syncs.json")], 180,
+             "every op x {cuda, triton} with no host sync: sync debug mode \"error\", CUDA graph capture"),
         Step("pytest", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cuda or triton",
                         "--junitxml", os.path.join(out, "pytest.xml")]
              + [os.path.join("tests", f) for f in OP_TEST_FILES], 240,

@@ -8,6 +8,7 @@ from . import _library
 
 _library.require_compiled()
 from ._backend import BACKENDS
+from ._checkmode import checked, checks_enabled, set_checks  # noqa: E402  (the checked mode)
 
 HAS_TRITON, _TRITON_WHY = _library.triton_status()
 if HAS_TRITON:
@@ -41,5 +42,7 @@ def info() -> dict:
 
 
 # The public ops are those of rlkernels.ops; the rest is build information and the
-# averaging module.
+# averaging module.  The checked mode's switches (checked, checks_enabled,
+# set_checks) are attributes of the package, left out of __all__ with the ops'
+# helpers, since the tests read __all__ as the list of ops.
 __all__ = ["BACKENDS", "info", "distributed", *ops.__all__]

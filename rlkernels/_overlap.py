@@ -6,6 +6,7 @@ already overwritten; PyTorch's own ops refuse that, and so do ours."""
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 NONE, FULL, PARTIAL = "none", "full", "partial"
 
@@ -18,10 +19,15 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
+def _fake(t: torch.Tensor) -> bool:
+    # FakeTensorMode's tensors (shape propagation, the host-sync test) have no memory
+    return isinstance(t, FakeTensor)
+
+
 def span(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, one past the last byte) that `t` may touch ((0, 0): nothing, also
     while torch.compile traces, where there are no addresses)."""
-    if t.numel() == 0 or torch.compiler.is_compiling():
+    if t.numel() == 0 or torch.compiler.is_compiling() or _fake(t):
         return 0, 0
     return _byte_range(t)
 
@@ -29,7 +35,7 @@ def span(t: torch.Tensor) -> tuple[int, int]:
 def outside(t: torch.Tensor, region: tuple[int, int]) -> bool:
     """True when `t` cannot touch any byte of `region` (a span(); same device assumed):
     the cheap test that lets a caller skip the full overlap check."""
-    if t.numel() == 0 or region[0] == region[1]:
+    if t.numel() == 0 or region[0] == region[1] or _fake(t):
         return True
     begin, end = _byte_range(t)
     return end <= region[0] or region[1] <= begin
@@ -40,7 +46,7 @@ def first_shared(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
     byte ranges sorted by start and swept once, O(n log n) instead of all pairs."""
     if torch.compiler.is_compiling():
         return None
-    spans = sorted((*_byte_range(t), i) for i, t in enumerate(tensors) if t.numel() > 0)
+    spans = sorted((*_byte_range(t), i) for i, t in enumerate(tensors) if t.numel() > 0 and not _fake(t))
     reach, owner = None, None
     for begin, end, i in spans:
         if reach is not None and begin < reach and tensors[i].device == tensors[owner].device:
@@ -55,7 +61,7 @@ def status(a: torch.Tensor, b: torch.Tensor) -> str:
     memory; conservative for interleaved strided views, which the ops never pass)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return NONE
-    if torch.compiler.is_compiling():  # no addresses while tracing
+    if torch.compiler.is_compiling() or _fake(a) or _fake(b):  # no addresses while tracing
         return NONE
     a_begin, a_end = _byte_range(a)
     b_begin, b_end = _byte_range(b)

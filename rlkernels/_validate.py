@@ -6,12 +6,10 @@ from typing import Iterable
 
 import torch
 
+from . import _checkmode
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 def tensor(op: str, name: str, value, *, dtypes: Iterable[torch.dtype] | None = None,
@@ -111,7 +109,9 @@ def choice(op: str, name: str, value, options: Iterable[str]) -> str:
 
 def binary_mask(op: str, name: str, mask, shape: torch.Size, device: torch.device | None = None) -> torch.Tensor | None:
     """Validates a 0/1 mask of `shape` and returns it as a contiguous bool tensor.
-    A bool mask costs no pass; other dtypes are checked to hold only 0 and 1."""
+    A bool mask costs no pass; other dtypes are checked to hold only 0 and 1 where the
+    data may be read (CPU tensors, or the checked mode: _checkmode.py); elsewhere any
+    non-zero value counts as True."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -125,6 +125,6 @@ def binary_mask(op: str, name: str, mask, shape: torch.Size, device: torch.devic
     if mask.is_complex():
         raise TypeError(f"{op}: {name} must be bool, integer or floating, got {mask.dtype}")
     as_bool = mask != 0
-    if not _compiling() and mask.numel() > 0 and bool((as_bool & (mask != 1)).any()):
+    if mask.numel() > 0 and _checkmode.reads_data(mask) and bool((as_bool & (mask != 1)).any()):
         raise ValueError(f"{op}: {name} must hold only 0 and 1 (or be bool)")
     return as_bool.contiguous()

@@ -17,6 +17,7 @@ from support import TRITON_ON_CPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, ".ci", "gpu_check.py")
 OPS = os.path.join(ROOT, ".ci", "gpu_ops_check.py")
+SYNCS = os.path.join(ROOT, ".ci", "gpu_sync_check.py")
 
 
 def run(script, *args, env=None):
@@ -30,7 +31,7 @@ def test_dry_run_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     names = [s["name"] for s in report["steps"]]
-    assert names == ["machine", "build", "ops", "pytest", "memcheck", "racecheck", "bench", "liger"]
+    assert names == ["machine", "build", "ops", "syncs", "pytest", "memcheck", "racecheck", "bench", "liger"]
     machine = report["steps"][0]
     assert machine["status"] == "passed", machine
     assert json.loads(machine["output_tail"][machine["output_tail"].index("{"):])["torch"] == torch.__version__
@@ -114,3 +115,14 @@ def test_op_matrix_runs_on_the_cpu(backends):
                "dpo_loss", env={"TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 failed" in done.stdout
+
+
+def test_sync_check_lists_every_public_op():
+    import rlkernels
+
+    done = run(SYNCS, "--list")
+    assert done.returncode == 0, done.stderr
+    assert {line.split()[0] for line in done.stdout.splitlines()} == set(rlkernels.ops.__all__)
+    if not torch.cuda.is_available():
+        done = run(SYNCS, "--ops", "gae")
+        assert done.returncode == 2 and "no GPU" in done.stderr

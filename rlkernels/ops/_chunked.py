@@ -34,6 +34,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .. import _checkmode
+
 # Default budget for one tile of logits, counted in float32.
 CHUNK_BYTES = 64 << 20
 # Vocabulary block of the lm-head tiles (linear_logprobs' forward and backward).  Fixed,
@@ -202,7 +204,11 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
 
 def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows whose label is not ignore_index, or None when all are kept:
-    ignored rows (prompt, padding) need no logits at all."""
+    ignored rows (prompt, padding) need no logits at all.  Finding them reads the
+    labels on the host, so on CUDA outside the checked mode every row is kept (None):
+    the row kernels give ignored rows 0 and no gradient, at the cost of their matmuls."""
+    if not _checkmode.reads_data(labels):
+        return None
     keep = labels != ignore_index
     if bool(keep.all()):
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _validate as V
+from .. import _backend, _checkmode, _validate as V
 
 # Dtypes the compiled and Triton kernels read; float64 runs on the reference.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -36,10 +36,11 @@ def index(op: str, name: str, value) -> int:
 def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, vocab: int | None = None,
                logits_name: str = "logits") -> torch.Tensor:
     """Checks labels of logits' leading shape with values in [0, V) or ignore_index, and
-    returns them as contiguous int64.  The range check reads the labels (a device
-    sync on CUDA) so that no out-of-range index reaches a kernel; it is skipped
-    while torch.compile traces, where the kernels' own checks remain (the CPU ops
-    raise, the CUDA and Triton ops give NaN: docs/numerics.md)."""
+    returns them as contiguous int64.  The range check reads the labels, so it runs
+    only where that is cheap or asked for (CPU tensors, or the checked mode on CUDA:
+    _checkmode.py) and never while torch.compile traces; elsewhere the kernels' own
+    handling remains (the CPU ops raise, the CUDA and Triton ops give NaN:
+    docs/numerics.md)."""
     V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES)
     lead = logits.shape[:-1]
     if labels.shape != lead:
@@ -48,7 +49,7 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
     if labels.device != logits.device:
         raise ValueError(f"{op}: labels is on {labels.device} but {logits_name} is on {logits.device}")
     vocab = logits.shape[-1] if vocab is None else vocab
-    if not V._compiling() and labels.numel() > 0:
+    if labels.numel() > 0 and _checkmode.reads_data(labels):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             where = int(bad.flatten().nonzero()[0, 0])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _validate as V, reference
+from .. import _backend, _checkmode, _validate as V, reference
 from .._dtypes import acc_dtype
 from . import _registry
 
@@ -19,7 +19,8 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
     and a per-group `all_equal` flag `[G]`.
 
     Groups are contiguous runs of `group_size`, or given by `group_index` `[N]`
-    (ids in [0, num_groups), variable sizes; num_groups, at most N, defaults to max id + 1).
+    (ids in [0, num_groups), variable sizes; num_groups, at most N, defaults to max id + 1,
+    which reads the ids on the host: pass num_groups to keep a CUDA call free of syncs).
 
     - baseline="mean", scale="group": GRPO, (s - mean_g) / (std_g + eps), unbiased std.
     - scale="none": Dr. GRPO (no std division); scale="batch": divide by the std of
@@ -62,9 +63,10 @@ def group_advantages(scores: torch.Tensor, group_size: int | None = None, group_
                 raise ValueError(f"{_OP}: num_groups must lie in [0, {N}] (at most one group per score), "
                                  f"got {num_groups}")
             groups = num_groups
-        # Skipped while torch.compile traces (it would read the ids); the kernels then
-        # check them: the CPU op raises, the CUDA and Triton ops write NaN.
-        if N and not torch.compiler.is_compiling():
+        # Reads the ids: skipped on CUDA outside the checked mode and while torch.compile
+        # traces; the kernels then handle them: the CPU op raises, the CUDA and Triton ops
+        # write NaN for a stray id (docs/numerics.md).
+        if N and _checkmode.reads_data(index):
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= groups:
                 raise ValueError(f"{_OP}: group_index values must lie in [0, {groups}), got [{lo}, {hi}]")

@@ -9,7 +9,9 @@ tile into each token's running softmax statistics and, at the row's last block,
 writes its log-prob, entropy and the row statistics the backward keeps (8 bytes
 a token).  Backward: the same tiles recomputed, turned into d loss / d logits in
 place by the fused backward kernel, and fed to the matmuls for hidden, weight
-and bias.  Rows whose label is ignore_index are dropped before any matmul.
+and bias.  Rows whose label is ignore_index are dropped before any matmul, except
+on CUDA outside the checked mode (finding them would be a host sync): there they
+go through the matmuls and the kernels give them 0 and no gradient.
 
 The mean logit needs no pass over the logits: the mean over the vocabulary of
 hidden @ weight.T + bias is hidden @ mean(weight) + mean(bias), one [V, H]
@@ -114,9 +116,10 @@ def mean_logit(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     column_sum = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
     for v0 in range(0, vocab, _MEAN_BLOCK):
         column_sum += weight[v0:v0 + _MEAN_BLOCK].sum(0, dtype=torch.float64)
-    offset = bias.sum(dtype=torch.float64) / vocab if bias is not None else 0.0
     mean_row = (column_sum / vocab).to(torch.float32)
-    means = torch.mv(torch.where(valid[:, None], hidden, 0).to(torch.float32), mean_row) + float(offset)
+    means = torch.mv(torch.where(valid[:, None], hidden, 0).to(torch.float32), mean_row)
+    if bias is not None:  # added as a 0-dim float32 tensor: no host read of the bias
+        means = means + (bias.sum(dtype=torch.float64) / vocab).to(torch.float32)
     return torch.where(valid, means / temperature, 0.0)
 
 

@@ -6,7 +6,8 @@ For each chunk: logits = hidden @ weight.T (+ bias) into one reused buffer; the
 fused log-softmax row kernel (rlkernels::logprobs) gives log-probs, entropies and
 softmax statistics; the fused policy op (rlkernels::policy_loss) gives the chunk's
 share of the loss, its statistics and d loss / d log-prob (the aggregation only
-needs the batch's token and sequence counts, taken from the mask up front); the
+needs the batch's token and sequence counts: read from the mask up front, or kept on
+the device on CUDA, _ppo_pieces.py); the
 row kernel's in-place backward turns the logits into d loss / d logits, and two
 matmuls add the chunk's gradients for hidden and weight.  Three matmuls in all,
 as many as the composed forward and backward; backward only scales the stored
@@ -20,9 +21,10 @@ import torch
 from torch.library import custom_op, register_fake
 
 from .. import _validate as V
+from .. import _checkmode
 from ..reference._token_loss import aggregate
 from ..reference.policy_loss import KL_ESTIMATORS, POLICY_STATS
-from . import _chunked, _double_backward, _registry, _token_loss
+from . import _chunked, _double_backward, _ppo_pieces, _registry, _token_loss
 from . import _logits as L
 from .policy_loss import _policy
 
@@ -54,9 +56,12 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     Gradients flow to hidden, weight and bias; they are computed in the forward sweep
     (no recomputation), so the forward holds grad-sized buffers for them.  Returns
     (loss, stats): ppo_loss's stats plus "entropy" (mean over valid tokens, 0 unless
-    entropy_coef is non-zero).  On CUDA the batch's token counts are read to the host
-    once per call (and the incoming gradient once per backward: when it is 1, the
-    stored gradients are returned as they are, with no second weight-sized buffer).
+    entropy_coef is non-zero).  On CUDA the call reads no data on the host (outside the
+    checked mode, rlkernels.set_checks): the batch's counts stay on the device, masked
+    tokens go through the lm-head (with no gradient), and backward scales the stored
+    gradients out of place (a second weight-sized buffer).  On the CPU, and in the checked
+    mode, the counts are read once per call, masked tokens skip the lm-head, and a
+    backward with gradient 1 hands the stored gradients over as they are.
     group: a torch.distributed process group over which the vocabulary is sharded
     (tensor parallel): weight (and bias) are this rank's contiguous shard, shards in rank
     order, labels global ids; every rank gets the full-vocabulary result (docs/distributed.md,
@@ -167,38 +172,6 @@ def _composed(hidden, weight, labels, old_logprobs, advantages, valid, *, ref_lo
 
 # ---- the op: one sweep over chunks, gradients included -------------------------------------
 
-def _pieces(valid: torch.Tensor, chunk: int, agg: str, coefficients: list[float]):
-    """Yields (rows, cols, agg, coefficients) pieces of the [B, T] token grid: whole rows
-    when a row fits `chunk` tokens, else segments of one row.  The batch's normalisers are
-    resolved here (counted where not given), so every piece computes its exact share of
-    the loss; a row segment under seq-mean-token-mean uses seq-mean-token-sum with
-    num_seqs = n_s * (the row's valid tokens), the same per-row scale."""
-    B, T = valid.shape
-    coefficients = list(coefficients)
-    if coefficients[5] < 0:
-        coefficients[5] = float(valid.sum())
-    row_tokens = valid.sum(-1)
-    if coefficients[6] < 0:
-        coefficients[6] = float((row_tokens > 0).sum())
-    if coefficients[7] < 0:
-        coefficients[7] = float(T)
-    if T <= chunk:
-        rows = max(1, chunk // max(T, 1))
-        for r0 in range(0, B, rows):
-            yield slice(r0, min(r0 + rows, B)), slice(0, T), agg, coefficients
-        return
-    counts = row_tokens.tolist()
-    for b in range(B):
-        if counts[b] == 0:
-            continue
-        piece_agg, piece_coefficients = agg, coefficients
-        if agg == "seq-mean-token-mean":
-            piece_agg = "seq-mean-token-sum"
-            piece_coefficients = coefficients[:6] + [coefficients[6] * counts[b], coefficients[7]]
-        for c0 in range(0, T, chunk):
-            yield slice(b, b + 1), slice(c0, min(c0 + chunk, T)), piece_agg, piece_coefficients
-
-
 def _kernels(backend: str):
     return tuple(_registry.kernel(name, backend) for name in ("logprobs", "logprobs_backward_inplace", "policy_loss"))
 
@@ -259,25 +232,41 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     ratio_max = torch.zeros((), dtype=torch.float64, device=hidden.device)
     tokens = torch.zeros((), dtype=torch.float64, device=hidden.device)
     entropy_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for rows, cols, piece_agg, piece_coefficients in _pieces(valid, chunk, agg, coefficients):
+    # Masked tokens are dropped before the lm-head where the mask may be read; on CUDA
+    # outside the checked mode every token of a piece goes through it (_ppo_pieces.py).
+    every_token = _ppo_pieces.on_device(valid)
+    for rows, cols, piece_agg, piece_coefficients, scale in _ppo_pieces.pieces(valid, chunk, agg, coefficients):
         piece_valid = valid[rows, cols]
-        kept = token_index[rows, cols][piece_valid]
         logprobs = torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device)
         entropy = torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device) if with_entropy else None
-        n = kept.numel()
+        if every_token:
+            flat = _ppo_pieces.span(rows, cols, T)
+            kept_hidden, kept_labels = flat_hidden[flat], labels.reshape(-1)[flat]
+            n = kept_hidden.shape[0]
+        else:
+            kept = token_index[rows, cols][piece_valid]
+            n = kept.numel()
         if n > 0:
-            kept_hidden = flat_hidden.index_select(0, kept)
+            if not every_token:
+                kept_hidden = flat_hidden.index_select(0, kept)
+                kept_labels = labels.reshape(-1).index_select(0, kept)
             # the logits linear_logprobs gives these tokens, bit for bit (on-policy ratio 1)
             logits = _chunked.row_logits(buffer, kept_hidden, weight, bias)
-            kept_labels = labels.reshape(-1).index_select(0, kept)
             lp, ent, saved = row_forward(logits, kept_labels, temperature, ignore_index, with_entropy, True)
-            logprobs[piece_valid] = lp.to(acc)
-            if with_entropy:
-                entropy[piece_valid] = ent.to(acc)
+            if every_token:  # ignored tokens: 0 from the row kernel
+                logprobs = lp.to(acc).reshape(piece_valid.shape)
+                entropy = ent.to(acc).reshape(piece_valid.shape) if with_entropy else None
+            else:
+                logprobs[piece_valid] = lp.to(acc)
+                if with_entropy:
+                    entropy[piece_valid] = ent.to(acc)
         piece_loss, piece_stats, grad, row_scale = policy(
             logprobs, old_logprobs[rows, cols].contiguous(), _piece(advantages, rows, cols), piece_valid,
             _piece(weights, rows, cols), _piece(ref_logprobs, rows, cols), piece_coefficients, kl, piece_agg,
             any_grad)
+        if scale is not None:  # the batch's normalisation, as a device tensor (or a given count)
+            row_scale = row_scale * (scale.to(row_scale.dtype) if isinstance(scale, torch.Tensor) else scale)
+            piece_loss = piece_loss.double() * scale
         loss += piece_loss.double()
         count = piece_stats[-1].double()
         tokens += count
@@ -288,13 +277,18 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
             entropy_sum += entropy.double().sum()
         if n == 0 or not any_grad:
             continue
-        grad_logprobs = (grad * row_scale.unsqueeze(-1))[piece_valid].float()
+        def kept_values(t):  # the kept tokens' values, in the order of the rows of logits
+            return t.reshape(-1).contiguous() if every_token else t[piece_valid]
+
+        grad_logprobs = kept_values(grad * row_scale.unsqueeze(-1)).float()
         grad_entropy = None
         if with_entropy:
-            grad_entropy = (-entropy_coef * row_scale.unsqueeze(-1)).expand(piece_valid.shape)[piece_valid].float()
+            grad_entropy = kept_values((-entropy_coef * row_scale.unsqueeze(-1)).expand(piece_valid.shape)).float()
         row_backward_inplace(grad_logprobs, grad_entropy, logits, kept_labels, saved, ent, temperature,
                              ignore_index)
-        if needs_hidden:
+        if needs_hidden and every_token:
+            torch.mm(logits, weight, out=flat_grad_hidden[flat])
+        elif needs_hidden:
             flat_grad_hidden.index_copy_(0, kept, torch.mm(logits, weight))
         if needs_weight:
             if wide:
@@ -338,9 +332,10 @@ def _setup_context(ctx, inputs, output):
 
 def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     # The usual loss.backward() passes grad_loss = 1: hand the stored gradient over as it
-    # is (no second weight-sized buffer, nothing mutated).  Traced (compile, opcheck) or
-    # for any other grad_loss, scale out of place.
-    if (type(saved) is torch.Tensor and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    # is (no second weight-sized buffer, nothing mutated).  Traced (compile, opcheck), on
+    # CUDA outside the checked mode (reading grad_loss would be a host sync) or for any
+    # other grad_loss, scale out of place.
+    if (type(saved) is torch.Tensor and type(grad_loss) is torch.Tensor and _checkmode.reads_data(grad_loss)
             and bool(grad_loss == 1)):
         return saved
     return saved * grad_loss.to(saved.dtype)

@@ -39,8 +39,17 @@ def acc_types(dtype: torch.dtype):
 
 def coef_tensor(device, dtype, *values) -> torch.Tensor:
     # Scalars travel in a tensor of the accumulation dtype: Triton would round a
-    # float argument to float32, which a float64 computation must not see.
-    return torch.tensor(values, dtype=dtype, device=device)
+    # float argument to float32, which a float64 computation must not see.  On a GPU
+    # each value is written by a fill kernel that carries it as an argument: building
+    # the tensor on the host and copying it over would wait for the copy (a sync, which
+    # torch.cuda.set_sync_debug_mode flags) and cannot be captured in a CUDA graph.
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, value in enumerate(values):
+        out[i].fill_(value)
+    return out
 
 
 def bool_arg(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ..ops._registry import triton_twin
 from . import _checks as C
-from ._common import acc_types, on_inputs_device
+from ._common import acc_types, coef_tensor, on_inputs_device
 
 _AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
               "seq-mean-token-sum-norm": 4}
@@ -114,8 +114,7 @@ def token_warps(block: int) -> int:
 
 def finalize(partials, B, T, n_chunks, slots, max_slot, agg, num_tokens, num_seqs, norm_length, out_dtype, acc,
               loss, stats, row_scale):
-    coef = torch.tensor([num_tokens, num_seqs, float(T) if norm_length < 0 else norm_length],
-                        dtype=out_dtype, device=partials.device)
+    coef = coef_tensor(partials.device, out_dtype, num_tokens, num_seqs, float(T) if norm_length < 0 else norm_length)
     _finalize_kernel[(1,)](partials, row_scale, loss, stats, B, n_chunks, coef, SLOTS=slots, SLOT_PAD=_SLOT_PAD,
                            MAX_SLOT=max_slot, AGG=_AGG_CODES[agg], ACC=acc, BLOCK_B=64)
 

@@ -107,7 +107,11 @@ def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | No
     out_dtype, acc = acc_types(scores.dtype)
     advantages = torch.empty(N, dtype=out_dtype, device=scores.device)
     all_equal = torch.empty(num_groups, dtype=torch.bool, device=scores.device)
-    if num_groups > 0:
+    if num_groups == 0:
+        # No program runs, so none flags the ids (all outside the empty range): NaN, as a
+        # stray id gets, rather than uninitialised memory.
+        advantages.fill_(float("nan"))
+    else:
         _group_advantages_kernel[(num_groups,)](
             scores, group_index if group_index is not None else scores, advantages, all_equal.view(torch.int8),
             N, max(group_size, 1), coef_tensor(scores.device, out_dtype, eps),

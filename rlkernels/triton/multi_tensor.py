@@ -12,7 +12,7 @@ import triton.language as tl
 from .._dtypes import acc_dtype
 from ..ops._registry import triton_twin
 from . import _checks as C
-from ._common import cast_to, on_inputs_device
+from ._common import cast_to, coef_tensor, on_inputs_device
 from ..reference.multi_tensor import scale_dtype
 
 _BLOCK = 2048
@@ -82,7 +82,7 @@ def _launch(tensors, bucket, scale, pack: bool):
     acc = scale_dtype(dst_dtype)
     plain = scale == 1.0 and tensor_dtype == bucket.dtype
     table, items = _work_items(tensors, bucket.device)
-    scale_t = torch.tensor([scale], dtype=acc, device=bucket.device)
+    scale_t = coef_tensor(bucket.device, acc, scale)
     _multi_tensor_copy_kernel[(items,)](*table, bucket, scale_t, PACK=pack, PLAIN=plain,
                                        TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc], BLOCK=_BLOCK)
 
@@ -125,6 +125,6 @@ def gossip_mix_triton(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, 
     if n == 0:
         return
     acc = acc_dtype(x.dtype)
-    weights = torch.tensor([w_self, w_left, w_right], dtype=acc, device=x.device)
+    weights = coef_tensor(x.device, acc, w_self, w_left, w_right)
     _gossip_mix_kernel[(triton.cdiv(n, _BLOCK),)](x, left, right, out, n, weights, ACC=_TL[acc],
                                                     BLOCK=_BLOCK)

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from ..ops._registry import triton_twin
 from . import _checks as C
-from ._common import acc_types, bool_arg, on_inputs_device
+from ._common import acc_types, bool_arg, coef_tensor, on_inputs_device
 
 _KINDS = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}
 
@@ -122,7 +122,7 @@ def dpo_loss_triton(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     out_dtype, acc = acc_types(policy_chosen.dtype)
     outs = [torch.empty((B,), dtype=out_dtype, device=policy_chosen.device) for _ in range(4)]
     if B > 0:
-        coef = torch.tensor([beta, label_smoothing], dtype=out_dtype, device=policy_chosen.device)
+        coef = coef_tensor(policy_chosen.device, out_dtype, beta, label_smoothing)
         block = 256
         _dpo_kernel[(triton.cdiv(B, block),)](policy_chosen, policy_rejected, ref_chosen, ref_rejected, *outs, B,
                                                coef, KIND=_KINDS[kind], ACC=acc, BLOCK=block)
