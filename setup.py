@@ -72,7 +72,9 @@ def _extension():
         # The default: A100 and H100 code, plus sm_90 PTX that newer GPUs (Blackwell)
         # JIT-compile at load instead of failing with "no kernel image".
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        # One .cu per family: kernels and launchers, then its torch ops behind
+        # #ifdef TORCH_EXTENSION_NAME, which BuildExtension passes to nvcc too.
+        sources += _sources("csrc/cuda/*.cu")
         extra["nvcc"] = ["-O3", "-lineinfo"]
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("RLK_WITH_CUDA", None), ("RLK_CUDA_ARCHS", f'"{archs}"')]

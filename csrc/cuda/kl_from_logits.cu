@@ -144,3 +144,51 @@ cudaError_t launch_kl_from_logits_backward(const KlFromLogitsParams& p, cudaStre
 
 }  // namespace cuda
 }  // namespace rlk
+
+// ---------------------------------------------------------------------------
+// Torch side: the registered ops, which check their arguments (args/kl_from_logits.h),
+// launch on the current stream and turn a failed launch into an error.  Only
+// the extension build compiles it: torch.utils.cpp_extension passes
+// -DTORCH_EXTENSION_NAME to nvcc, plain nvcc (the torch-free CMake check) does
+// not, so this file also builds without torch.
+#ifdef TORCH_EXTENSION_NAME
+#include "../args/kl_from_logits.h"
+#include "torch_launch.h"
+
+namespace rlk {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> kl_from_logits_cuda(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                                       const c10::optional<at::Tensor>& mask, double temperature) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  KlFromLogitsTensors t;
+  KlFromLogitsParams p = kl_from_logits_args(logits, ref_logits, mask, temperature, t);
+  p.splits = forward_splits(p.N, p.V);
+  const at::Tensor workspace =
+      at::empty({p.splits > 1 ? 5 * p.N * p.splits : 0}, logits.options().dtype(at::kFloat));
+  p.workspace = p.splits > 1 ? workspace.data_ptr<float>() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_kl_from_logits(p, current_stream()));
+  return {t.first, t.second};
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& logits,
+                                                                const at::Tensor& ref_logits,
+                                                                const c10::optional<at::Tensor>& mask,
+                                                                const at::Tensor& saved, double temperature,
+                                                                bool logits_grad, bool ref_grad) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  KlFromLogitsTensors t;
+  const KlFromLogitsParams p =
+      kl_from_logits_backward_args(grad_kl, logits, ref_logits, mask, saved, temperature, logits_grad, ref_grad, t);
+  C10_CUDA_CHECK(cuda::launch_kl_from_logits_backward(p, current_stream()));
+  return {t.first, t.second};
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) {
+  m.impl("kl_from_logits", &rlk::kl_from_logits_cuda);
+  m.impl("kl_from_logits_backward", &rlk::kl_from_logits_backward_cuda);
+}
+#endif  // TORCH_EXTENSION_NAME

@@ -39,3 +39,31 @@ cudaError_t launch_kl_penalty(const KlPenaltyParams& p, cudaStream_t stream) {
 
 }  // namespace cuda
 }  // namespace rlk
+
+// ---------------------------------------------------------------------------
+// Torch side: the registered ops, which check their arguments (args/kl_penalty.h),
+// launch on the current stream and turn a failed launch into an error.  Only
+// the extension build compiles it: torch.utils.cpp_extension passes
+// -DTORCH_EXTENSION_NAME to nvcc, plain nvcc (the torch-free CMake check) does
+// not, so this file also builds without torch.
+#ifdef TORCH_EXTENSION_NAME
+#include "../args/kl_penalty.h"
+#include "torch_launch.h"
+
+namespace rlk {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> kl_penalty_cuda(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                                                   c10::string_view kind, double clamp) {
+  c10::cuda::CUDAGuard guard(logprobs.device());
+  KlPenaltyTensors t;
+  const KlPenaltyParams p = kl_penalty_args(logprobs, ref_logprobs, kind, clamp, t);
+  C10_CUDA_CHECK(cuda::launch_kl_penalty(p, current_stream()));
+  return {t.value, t.slope};
+}
+
+}  // namespace
+}  // namespace rlk
+
+TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) { m.impl("kl_penalty", &rlk::kl_penalty_cuda); }
+#endif  // TORCH_EXTENSION_NAME

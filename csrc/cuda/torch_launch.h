@@ -1,4 +1,4 @@
-// What every torch-facing CUDA op file needs besides its args/ header (which
+// What the torch part of every csrc/cuda/<family>.cu needs besides its args/ header (which
 // brings the family's params and launchers): the device guard and the current
 // stream.  An op fills its params with args/, launches with them whole, and
 // turns a failed launch into an error.
