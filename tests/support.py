@@ -196,3 +196,25 @@ def tie_logits(V, device):
     logits[11, V - 2] = 7
     labels[11] = 17
     return logits, labels
+
+
+class RankSuites:
+    """Runs a suite of named checks once per world size on local gloo ranks (start-up
+    paid once) and reports each check of each world as its own test."""
+
+    def __init__(self, run_suite, checks, *, timeout_s: float, pg_timeout_s: float):
+        self.run_suite, self.names = run_suite, list(checks)
+        self.timeout_s, self.pg_timeout_s = timeout_s, pg_timeout_s
+        self._results: dict = {}
+
+    def check(self, world: int, name: str) -> None:
+        from rlkernels.distributed._launch import run_ranks
+
+        if world not in self._results:
+            self._results[world] = run_ranks(self.run_suite, world, args=(self.names,), timeout_s=self.timeout_s,
+                                             pg_timeout_s=self.pg_timeout_s)
+        results = self._results[world]
+        crashed = [f"--- rank {r.rank} ---\n{r.error}" for r in results if not r.ok]
+        assert not crashed, "\n".join(crashed)
+        failures = [f"--- rank {r.rank} ---\n{r.value[name]}" for r in results if r.value[name] is not None]
+        assert not failures, "\n".join(failures)

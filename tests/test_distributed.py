@@ -16,29 +16,19 @@ import torch.distributed as dist
 
 import distributed_checks
 from rlkernels.distributed import DecentralizedAverager, average_parameters, gossip_average, ring_all_reduce
-from rlkernels.distributed._launch import run_ranks
+from support import RankSuites
 
 WORLD_SIZES = [2, 3, 4]
 SUITE_DEADLINE_S = 150.0
 PG_TIMEOUT_S = 30.0
-_suites: dict = {}
-
-
-def suite(world: int):
-    if world not in _suites:
-        _suites[world] = run_ranks(distributed_checks.run_suite, world, args=(list(distributed_checks.CHECKS),),
-                                   timeout_s=SUITE_DEADLINE_S, pg_timeout_s=PG_TIMEOUT_S)
-    return _suites[world]
+SUITES = RankSuites(distributed_checks.run_suite, distributed_checks.CHECKS, timeout_s=SUITE_DEADLINE_S,
+                    pg_timeout_s=PG_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", list(distributed_checks.CHECKS))
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_multi_rank(world, name):
-    results = suite(world)
-    crashed = [f"--- rank {r.rank} ---\n{r.error}" for r in results if not r.ok]
-    assert not crashed, "\n".join(crashed)
-    failures = [f"--- rank {r.rank} ---\n{r.value[name]}" for r in results if r.value[name] is not None]
-    assert not failures, "\n".join(failures)
+    SUITES.check(world, name)
 
 
 # Faults (dead, stalled and mismatched ranks): tests/test_distributed_faults.py.

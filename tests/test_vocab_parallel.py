@@ -9,25 +9,16 @@ import torch
 import vocab_parallel_checks as C
 from rlkernels.distributed import vocab_parallel as VP
 from rlkernels.distributed._launch import run_ranks
+from support import RankSuites
 
 WORLD_SIZES = [2, 4]
-_suites: dict = {}
-
-
-def suite(world: int):
-    if world not in _suites:
-        _suites[world] = run_ranks(C.run_suite, world, args=(list(C.CHECKS),), timeout_s=300, pg_timeout_s=60)
-    return _suites[world]
+SUITES = RankSuites(C.run_suite, C.CHECKS, timeout_s=300, pg_timeout_s=60)
 
 
 @pytest.mark.parametrize("name", list(C.CHECKS))
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_multi_rank(world, name):
-    results = suite(world)
-    crashed = [f"--- rank {r.rank} ---\n{r.error}" for r in results if not r.ok]
-    assert not crashed, "\n".join(crashed)
-    failures = [f"--- rank {r.rank} ---\n{r.value[name]}" for r in results if r.value[name] is not None]
-    assert not failures, "\n".join(failures)
+    SUITES.check(world, name)
 
 
 @pytest.mark.parametrize("fault", ["kill", "stall"])

@@ -69,3 +69,35 @@ def choose_backend(op: str, backend: str, device: torch.device, dtype: torch.dty
                             "float64 runs on backend='reference'")
         return "reference"
     return chosen
+
+
+def lm_head(op: str, hidden, weight, bias, *, hidden_ndim: int | None = None, rows: str = "V") -> torch.device:
+    """Checks hidden [..., H] (or exactly `hidden_ndim` dims), the lm-head weight [rows, H]
+    and bias [rows] (or None): floating dtypes the kernels read, one dtype, one device.
+    Returns the device."""
+    if hidden_ndim is None:
+        V.tensor(op, "hidden", hidden, dtypes=LOGIT_DTYPES, min_ndim=1)
+    else:
+        V.tensor(op, "hidden", hidden, dtypes=LOGIT_DTYPES, ndim=hidden_ndim)
+    V.tensor(op, "weight", weight, dtypes=LOGIT_DTYPES, ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: weight must have shape [{rows}, {hidden.shape[-1]}] (hidden size last), "
+                         f"got {tuple(weight.shape)}")
+    V.same_dtype(op, "weight", weight, "hidden", hidden)
+    if bias is not None:
+        V.tensor(op, "bias", bias, dtypes=LOGIT_DTYPES, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+        V.same_dtype(op, "bias", bias, "hidden", hidden)
+    return V.same_device(op, hidden=hidden, weight=weight, bias=bias)
+
+
+def logits_pair(op: str, logits, ref_logits, mask):
+    """Checks two [..., V] logits of one shape, dtype and device and a 0/1 mask of their
+    leading shape; returns (device, mask as bool or None)."""
+    logits_tensor(op, "logits", logits)
+    logits_tensor(op, "ref_logits", ref_logits)
+    V.same_shape(op, "ref_logits", ref_logits, "logits", logits)
+    V.same_dtype(op, "ref_logits", ref_logits, "logits", logits)
+    device = V.same_device(op, logits=logits, ref_logits=ref_logits)
+    return device, V.binary_mask(op, "mask", mask, logits.shape[:-1], device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V, reference
+from .. import reference
 from .._dtypes import acc_dtype
 from . import _double_backward, _logits as L, _registry
 
@@ -32,12 +32,7 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
 
         return vocab_parallel.kl_from_logits(logits, ref_logits, group=group, temperature=temperature, mask=mask,
                                              backend=backend)
-    L.logits_tensor(_OP, "logits", logits)
-    L.logits_tensor(_OP, "ref_logits", ref_logits)
-    V.same_shape(_OP, "ref_logits", ref_logits, "logits", logits)
-    V.same_dtype(_OP, "ref_logits", ref_logits, "logits", logits)
-    device = V.same_device(_OP, logits=logits, ref_logits=ref_logits)
-    mask = V.binary_mask(_OP, "mask", mask, logits.shape[:-1], device)
+    device, mask = L.logits_pair(_OP, logits, ref_logits, mask)
     temperature = L.temperature(_OP, temperature)
     chosen = L.choose_backend(_OP, backend, device, logits.dtype)
     if logits.shape[-1] == 0:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.library import custom_op, register_fake
 
-from .. import _validate as V, reference
+from .. import reference
 from . import _chunked, _double_backward, _registry
 from . import _logits as L
 
@@ -66,18 +66,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
         return vocab_parallel.linear_logprobs(hidden, weight, labels, group=group, bias=bias, temperature=temperature,
                                               ignore_index=ignore_index, entropy=entropy, backend=backend)
-    V.tensor(_OP, "hidden", hidden, dtypes=L.LOGIT_DTYPES, min_ndim=1)
-    V.tensor(_OP, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{_OP}: weight must have shape [V, {hidden.shape[-1]}] (hidden size last), "
-                         f"got {tuple(weight.shape)}")
-    V.same_dtype(_OP, "weight", weight, "hidden", hidden)
-    if bias is not None:
-        V.tensor(_OP, "bias", bias, dtypes=L.LOGIT_DTYPES, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{_OP}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-        V.same_dtype(_OP, "bias", bias, "hidden", hidden)
-    device = V.same_device(_OP, hidden=hidden, weight=weight, bias=bias)
+    device = L.lm_head(_OP, hidden, weight, bias)
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
     labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
     temperature = L.temperature(_OP, temperature)

@@ -79,16 +79,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
             norm_length=norm_length, weights=weights)
     op = linear_ppo_loss.__name__
-    V.tensor(op, "hidden", hidden, dtypes=L.LOGIT_DTYPES, ndim=3)
-    V.tensor(op, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{op}: weight must have shape [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
-    V.same_dtype(op, "weight", weight, "hidden", hidden)
-    if bias is not None:
-        V.tensor(op, "bias", bias, dtypes=L.LOGIT_DTYPES, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-        V.same_dtype(op, "bias", bias, "hidden", hidden)
+    L.lm_head(op, hidden, weight, bias, hidden_ndim=3)
     beta = V.number(op, "beta", beta, low=0.0, finite=True)
     entropy_coef = V.number(op, "entropy_coef", entropy_coef, finite=True)
     V.choice(op, "kl", kl, KL_ESTIMATORS)

@@ -58,6 +58,17 @@ class _LogprobsFn(torch.autograd.Function):
         return (grad.reshape(logits.shape),) + (None,) * 6
 
 
+def _labels(fn: str, labels, like: torch.Tensor, like_name: str) -> None:
+    """Global label ids of like's leading shape, on its device (values are checked across
+    the ranks by the header exchange)."""
+    V.tensor(fn, "labels", labels, dtypes=V.INDEX_DTYPES)
+    if labels.shape != like.shape[:-1]:
+        raise ValueError(f"{fn}: labels must have the leading shape of {like_name} {tuple(like.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != like.device:
+        raise ValueError(f"{fn}: labels is on {labels.device} but {like_name} is on {like.device}")
+
+
 def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, group, temperature: float = 1.0,
              ignore_index: int = -100, entropy: bool = False, vocab_start: int | None = None, check: bool = True,
              timeout=None, backend: str = "auto"):
@@ -69,12 +80,7 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, group, temperature: 
     L.logits_tensor(fn, "logits", logits)
     ignore_index = L.index(fn, "ignore_index", ignore_index)
     temperature = L.temperature(fn, temperature)
-    V.tensor(fn, "labels", labels, dtypes=V.INDEX_DTYPES)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"{fn}: labels must have the leading shape of logits {tuple(logits.shape[:-1])}, "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"{fn}: labels is on {labels.device} but logits is on {logits.device}")
+    _labels(fn, labels, logits, "logits")
     chosen = _choose(fn, backend, logits.device, logits.dtype)
     where = layout(fn, group, tokens=labels.numel(), local_vocab=logits.shape[-1], dtype=logits.dtype,
                    device=logits.device, labels=labels, ignore_index=ignore_index,
@@ -131,12 +137,7 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, group, tem
     rank's shard [..., V_r] of the same columns.  Every rank gets KL(pi || pi_ref) over the
     full vocabulary; gradients reach this rank's shards."""
     fn = "kl_from_logits"
-    L.logits_tensor(fn, "logits", logits)
-    L.logits_tensor(fn, "ref_logits", ref_logits)
-    V.same_shape(fn, "ref_logits", ref_logits, "logits", logits)
-    V.same_dtype(fn, "ref_logits", ref_logits, "logits", logits)
-    device = V.same_device(fn, logits=logits, ref_logits=ref_logits)
-    mask = V.binary_mask(fn, "mask", mask, logits.shape[:-1], device)
+    device, mask = L.logits_pair(fn, logits, ref_logits, mask)
     temperature = L.temperature(fn, temperature)
     chosen = _choose(fn, backend, device, logits.dtype)
     where = layout(fn, group, tokens=math.prod(logits.shape[:-1]), local_vocab=logits.shape[-1], dtype=logits.dtype,
@@ -216,24 +217,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     log-probs; weight and bias get this shard's gradient; hidden gets the sum over the
     shards (one all-reduce of [N, H] in the backward) unless reduce_hidden_grad=False."""
     fn = "linear_logprobs"
-    V.tensor(fn, "hidden", hidden, dtypes=L.LOGIT_DTYPES, min_ndim=1)
-    V.tensor(fn, "weight", weight, dtypes=L.LOGIT_DTYPES, ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{fn}: weight must have shape [V_r, {hidden.shape[-1]}] (hidden size last), "
-                         f"got {tuple(weight.shape)}")
-    V.same_dtype(fn, "weight", weight, "hidden", hidden)
-    if bias is not None:
-        V.tensor(fn, "bias", bias, dtypes=L.LOGIT_DTYPES, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{fn}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-        V.same_dtype(fn, "bias", bias, "hidden", hidden)
-    device = V.same_device(fn, hidden=hidden, weight=weight, bias=bias)
+    device = L.lm_head(fn, hidden, weight, bias, rows="V_r")
     ignore_index = L.index(fn, "ignore_index", ignore_index)
     temperature = L.temperature(fn, temperature)
-    V.tensor(fn, "labels", labels, dtypes=V.INDEX_DTYPES)
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{fn}: labels must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(labels.shape)}")
+    _labels(fn, labels, hidden, "hidden")
     chosen = _choose(fn, backend, device, hidden.dtype)
     where = layout(fn, group, tokens=labels.numel(), local_vocab=weight.shape[0], dtype=hidden.dtype, device=device,
                    labels=labels, ignore_index=ignore_index,
