@@ -10,6 +10,8 @@ from .._dtypes import acc_dtype
 from . import _packed, _registry
 from ._rollout import rollout
 
+__all__ = ["gae", "discounted_returns"]
+
 _OP = "gae"
 
 

@@ -7,6 +7,8 @@ from .. import _backend, _checkmode, _validate as V, reference
 from .._dtypes import acc_dtype
 from . import _registry
 
+__all__ = ["group_advantages"]
+
 _OP = "group_advantages"
 _BASELINES = {"mean": 0, "loo": 1}
 _SCALES = {"group": 0, "batch": 1, "none": 2}

@@ -9,6 +9,8 @@ from .. import reference
 from .._dtypes import acc_dtype
 from . import _double_backward, _logits as L, _registry
 
+__all__ = ["kl_from_logits"]
+
 _OP = "kl_from_logits"
 
 

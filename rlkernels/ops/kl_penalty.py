@@ -10,6 +10,8 @@ from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
 from . import _double_backward, _registry
 
+__all__ = ["kl_penalty"]
+
 _OP = "kl_penalty"
 KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs", "k1+", "k3+")
 

@@ -29,6 +29,8 @@ from .. import reference
 from . import _chunked, _double_backward, _registry
 from . import _logits as L
 
+__all__ = ["linear_logprobs"]
+
 _OP = "linear_logprobs"
 
 

@@ -28,6 +28,8 @@ from . import _chunked, _double_backward, _ppo_pieces, _registry, _token_loss
 from . import _logits as L
 from .policy_loss import _policy
 
+__all__ = ["linear_ppo_loss"]
+
 _OP = "linear_ppo_loss"
 STATS = POLICY_STATS + ("entropy",)
 

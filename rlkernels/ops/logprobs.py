@@ -8,6 +8,8 @@ import torch
 from .. import reference
 from . import _double_backward, _logits as L, _registry
 
+__all__ = ["logprobs"]
+
 _OP = "logprobs"
 
 

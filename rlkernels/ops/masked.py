@@ -10,6 +10,8 @@ from .. import _backend, _validate as V, reference
 from .._dtypes import acc_dtype
 from . import _registry
 
+__all__ = ["masked_mean", "masked_whiten"]
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None, *,
                 keepdim: bool = False, backend: str = "auto") -> torch.Tensor:

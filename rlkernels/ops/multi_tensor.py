@@ -18,6 +18,8 @@ import torch
 from .. import _backend, _overlap, _validate as V, reference
 from . import _registry
 
+__all__ = ["pack_tensors", "unpack_tensors", "gossip_mix"]
+
 _PACK = "pack_tensors"
 _UNPACK = "unpack_tensors"
 _MIX = "gossip_mix"

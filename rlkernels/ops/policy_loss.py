@@ -10,6 +10,8 @@ from ..reference.policy_loss import GRPO_LOSS_TYPES, KL_ESTIMATORS, POLICY_STATS
 from . import _packed, _registry, _token_loss
 from ._token_loss import count_or, off_or
 
+__all__ = ["ppo_loss", "grpo_loss"]
+
 _OP = "policy_loss"
 
 

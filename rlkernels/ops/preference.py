@@ -10,6 +10,8 @@ from ..reference.preference import PREFERENCE_KINDS
 from .._dtypes import acc_dtype
 from . import _double_backward, _packed, _registry
 
+__all__ = ["dpo_loss", "sequence_logprobs"]
+
 _NAMES = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 
 

@@ -8,6 +8,8 @@ from .. import _backend, _validate as V, reference
 from ..reference.value_loss import VALUE_STATS
 from . import _packed, _registry, _token_loss
 
+__all__ = ["value_loss"]
+
 _OP = "value_loss"
 
 

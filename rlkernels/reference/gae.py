@@ -6,6 +6,8 @@ import torch
 
 from .._dtypes import acc_dtype
 
+__all__ = ["gae", "discounted_returns"]
+
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *,
         dones: torch.Tensor | None = None, last_values: torch.Tensor | None = None,

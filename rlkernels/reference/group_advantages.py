@@ -5,6 +5,8 @@ import torch
 
 from .._dtypes import acc_dtype
 
+__all__ = ["group_advantages"]
+
 BASELINES = ("mean", "loo")
 SCALES = ("group", "batch", "none")
 

@@ -7,6 +7,8 @@ import torch
 from .._dtypes import acc_dtype
 from .logprobs import _scaled
 
+__all__ = ["kl_from_logits"]
+
 
 def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
                    mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,8 @@ import torch
 
 from .._dtypes import acc_dtype
 
+__all__ = ["kl_penalty"]
+
 
 class _StraightThrough(torch.autograd.Function):
     """`value` forward, k2's gradient r = logprob - ref_logprob backward (and k2's

@@ -8,6 +8,8 @@ import torch
 
 from .._dtypes import acc_dtype
 
+__all__ = ["logprobs", "logprobs_per_row", "logprobs_vocab_tile", "linear_logprobs"]
+
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
     p = logp.exp()

@@ -5,6 +5,8 @@ import torch
 
 from .._dtypes import acc_dtype
 
+__all__ = ["masked_mean", "masked_whiten"]
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None,
                 keepdim: bool = False) -> torch.Tensor:
     """Mean over the entries where mask is 1 (selected, so masked NaN never enters);

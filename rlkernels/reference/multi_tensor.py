@@ -12,6 +12,8 @@ import torch
 
 from .._dtypes import acc_dtype
 
+__all__ = ["pack_tensors", "unpack_tensors", "gossip_mix"]
+
 _HALF = (torch.float16, torch.bfloat16)
 
 

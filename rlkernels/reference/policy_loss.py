@@ -11,6 +11,8 @@ import torch
 from .._dtypes import acc_dtype
 from ._token_loss import _masked_mean, _valid, aggregate
 
+__all__ = ["ppo_loss", "grpo_loss"]
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 POLICY_STATS = ("clip_frac_upper", "clip_frac_lower", "clip_frac_dual", "approx_kl_k1", "approx_kl_k3",
                 "ratio_mean", "ratio_max", "kl", "num_tokens")

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from .._dtypes import acc_dtype
 from ._token_loss import _valid
 
+__all__ = ["dpo_loss", "sequence_logprobs"]
+
 PREFERENCE_KINDS = ("sigmoid", "ipo", "hinge", "robust")
 
 

@@ -7,6 +7,8 @@ import torch
 from .._dtypes import acc_dtype
 from ._token_loss import _masked_mean, _valid, aggregate
 
+__all__ = ["value_loss"]
+
 VALUE_STATS = ("clip_frac", "num_tokens")
 
 
