@@ -103,6 +103,8 @@ cudaError_t launch_group_advantages(const GroupAdvantagesParams& p, cudaStream_t
 // -DTORCH_EXTENSION_NAME to nvcc, plain nvcc (the torch-free CMake check) does
 // not, so this file also builds without torch.
 #ifdef TORCH_EXTENSION_NAME
+#include <limits>
+
 #include "../args/group_advantages.h"
 #include "torch_launch.h"
 
@@ -119,6 +121,12 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& score
   at::Tensor advantages, all_equal;
   const GroupAdvantagesParams p = group_advantages_args(scores, group_index, group_size, num_groups, baseline, scale,
                                                         eps, advantages, all_equal);
+  if (p.num_groups == 0) {
+    // No group to launch a block for: every id lies outside [0, 0), so every score gets
+    // the NaN a stray id gets (never the uninitialised output).
+    advantages.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {advantages, all_equal};
+  }
   C10_CUDA_CHECK(cuda::launch_group_advantages(p, current_stream()));
   return {advantages, all_equal};
 }
