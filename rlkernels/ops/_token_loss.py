@@ -82,7 +82,7 @@ def need_grad(tensor: torch.Tensor) -> bool:
 
 
 def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = {name: stats[i] for i, name in enumerate(names)}
+    out = dict(zip(names, stats.unbind(0)))  # one call for every view (indexing costs ~1 us each)
     if "ratio_max" in out:
         # A NaN ratio makes the ratio sum NaN, but max reductions (CPU, CUDA and Triton
         # alike) may skip it: take NaN from the mean so that the maximum keeps it too.
