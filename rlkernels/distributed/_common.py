@@ -133,6 +133,13 @@ def _describe(tensors: list[torch.Tensor]) -> list[str]:
     return [f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" for t in tensors]
 
 
+def comm_device(group, device: torch.device) -> torch.device:
+    """Where a message for `group` must live: NCCL only moves CUDA tensors."""
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_same_everywhere(fn: str, tensors: list[torch.Tensor], where: Ring, what: str = "params",
                           settings: dict | None = None, rnd: Round | None = None) -> None:
     """Raises AveragingMismatchError (a ValueError) on every rank when the ranks'
@@ -145,9 +152,7 @@ def check_same_everywhere(fn: str, tensors: list[torch.Tensor], where: Ring, wha
     described = _describe(tensors)
     shown = ", ".join(f"{k}={v!r}" for k, v in (settings or {}).items())
     digest = hashlib.blake2b("|".join(described + [shown]).encode(), digest_size=8).digest()
-    device = tensors[0].device if tensors else torch.device("cpu")
-    if dist.get_backend(where.group) == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = comm_device(where.group, tensors[0].device if tensors else torch.device("cpu"))
     local = torch.tensor([len(tensors), sum(t.numel() for t in tensors),
                           int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(local) for _ in range(where.size)]

@@ -16,7 +16,7 @@ and the merged row statistics); the lm-head op all-reduces the [N, H] hidden
 gradient, the sum of every shard's contribution (which a Megatron column-parallel
 layer does in its own backward when `reduce_hidden_grad=False`).
 
-Before the exchange, with check=True (the default), the ranks compare a 12-value
+Before the exchange, with check=True (the default), the ranks compare an 8-value
 header (token count, dtype, shard size, settings, label range and checksum) in one
 small all_gather: a mismatch raises VocabParallelMismatchError on every rank before
 any statistics move.  With check=False and `vocab_start=` given, a call makes exactly

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ... import _validate as V
-from .._common import _cause, ring, timeout_arg
+from .._common import _cause, comm_device, ring, timeout_arg
 
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
 
@@ -30,38 +30,35 @@ class VocabParallelMismatchError(VocabParallelError, ValueError):
 
 
 class _Layout:
-    def __init__(self, fn, group, rank, size, vocab_start, vocab, timeout):
-        self.fn, self.group, self.rank, self.size = fn, group, rank, size
-        self.vocab_start, self.vocab, self.timeout = vocab_start, vocab, timeout
+    """This rank in the call: who it is, the timeout, and where its shard starts
+    (vocab, the full vocabulary, is None when the header exchange was skipped)."""
+
+    def __init__(self, fn, group, rank, size, timeout, vocab_start=None, vocab=None):
+        self.fn, self.group, self.rank, self.size, self.timeout = fn, group, rank, size, timeout
+        self.vocab_start, self.vocab = vocab_start, vocab
 
 
-def _wait(layout_or_args, work, stage):
-    fn, rank, size, timeout = layout_or_args
+def _wait(where: _Layout, work, stage: str) -> None:
     start = time.monotonic()
     try:
-        if timeout is None:
+        if where.timeout is None:
             work.wait()
         else:
-            work.wait(timeout=timeout)
+            work.wait(timeout=where.timeout)
     except RuntimeError as exc:
         raise VocabParallelError(
-            f"rlkernels.distributed.vocab_parallel.{fn}: rank {rank} of {size}: {stage} failed after "
-            f"{time.monotonic() - start:.1f} s: {_cause(exc)}  No output was written; the process group is "
-            "likely unusable now: destroy it and create a new one.", fn=fn, rank=rank, size=size,
-            stage=stage) from exc
+            f"rlkernels.distributed.vocab_parallel.{where.fn}: rank {where.rank} of {where.size}: {stage} failed "
+            f"after {time.monotonic() - start:.1f} s: {_cause(exc)}  No output was written; the process group is "
+            "likely unusable now: destroy it and create a new one.", fn=where.fn, rank=where.rank,
+            size=where.size, stage=stage) from exc
 
 
-def _comm_device(group, like: torch.device) -> torch.device:
-    if dist.get_backend(group) == "nccl" and like.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return like
-
-
-def _all_gather(fn, where, tensor: torch.Tensor, timeout, stage: str) -> torch.Tensor:
-    out = [torch.empty_like(tensor) for _ in range(where.size)]
-    work = dist.all_gather(out, tensor, group=where.group, async_op=True)
-    _wait((fn, where.rank, where.size, timeout), work, stage)
-    return torch.stack(out)
+def _all_gather(where: _Layout, tensor: torch.Tensor, stage: str) -> torch.Tensor:
+    """[ranks, ...] of every rank's `tensor`, on tensor's device."""
+    sent = tensor.to(comm_device(where.group, tensor.device))
+    out = [torch.empty_like(sent) for _ in range(where.size)]
+    _wait(where, dist.all_gather(out, sent, group=where.group, async_op=True), stage)
+    return torch.stack(out).to(tensor.device)
 
 
 _PRIME = 65521  # keeps every term of the label checksum below 2**32
@@ -84,18 +81,18 @@ def layout(fn: str, group, *, tokens: int, local_vocab: int, dtype: torch.dtype,
            timeout) -> _Layout:
     """Where this rank's shard starts and the full vocabulary size; with check=True the
     header exchange that raises VocabParallelMismatchError on every rank."""
-    where = ring(f"vocab_parallel.{fn}", group)
-    timeout = timeout_arg(f"vocab_parallel.{fn}", timeout)
+    me = ring(f"vocab_parallel.{fn}", group)
+    where = _Layout(fn, group, me.rank, me.size, timeout_arg(f"vocab_parallel.{fn}", timeout))
     if vocab_start is not None:
         vocab_start = V.integer(fn, "vocab_start", vocab_start, low=0)
     if not check and vocab_start is not None:
-        return _Layout(fn, group, where.rank, where.size, vocab_start, None, timeout)
+        where.vocab_start = vocab_start
+        return where
     lo, hi, checksum = _label_digest(labels, ignore_index) if check and labels is not None else (0, -1, 0)
     header = [tokens, _DTYPE_CODES.get(dtype, 0), local_vocab, -1 if vocab_start is None else vocab_start,
               lo, hi, checksum, zlib.crc32(repr(settings).encode())]
-    header += [0] * (12 - len(header))
-    local = torch.tensor(header[:12], dtype=torch.int64, device=_comm_device(group, device))
-    table = _all_gather(fn, where, local, timeout, "the header exchange (shard sizes and settings)").cpu()
+    local = torch.tensor(header, dtype=torch.int64, device=device)
+    table = _all_gather(where, local, "the header exchange (shard sizes and settings)").cpu()
     sizes = table[:, 2].tolist()
     starts = [sum(sizes[:r]) for r in range(where.size)]
     vocab = sum(sizes)
@@ -105,7 +102,8 @@ def layout(fn: str, group, *, tokens: int, local_vocab: int, dtype: torch.dtype,
             raise VocabParallelMismatchError(
                 f"rlkernels.distributed.vocab_parallel.{fn}: {problem} (raised on every rank before any "
                 "statistics moved; nothing was written)", fn=fn, rank=where.rank, size=where.size, stage="check")
-    return _Layout(fn, group, where.rank, where.size, starts[where.rank], vocab, timeout)
+    where.vocab_start, where.vocab = starts[where.rank], vocab
+    return where
 
 
 def _mismatch(table: torch.Tensor, starts: list[int], vocab: int, ignore_index: int) -> str:
@@ -133,20 +131,12 @@ def _mismatch(table: torch.Tensor, starts: list[int], vocab: int, ignore_index: 
 
 
 
-class _RingView:
-    def __init__(self, group, rank, size):
-        self.group, self.rank, self.size = group, rank, size
-
-
 def gather_stats(where: _Layout, stats: torch.Tensor) -> torch.Tensor:
     """[ranks, n, width] statistics of every rank's shard, on stats' device."""
-    sent = stats.to(_comm_device(where.group, stats.device))
-    ring_view = _RingView(where.group, where.rank, where.size)
-    return _all_gather(where.fn, ring_view, sent, where.timeout, "the statistics exchange").to(stats.device)
+    return _all_gather(where, stats, "the statistics exchange")
 
 
 def all_reduce_sum(where: _Layout, tensor: torch.Tensor, stage: str) -> torch.Tensor:
-    sent = tensor.to(_comm_device(where.group, tensor.device))
-    work = dist.all_reduce(sent, group=where.group, async_op=True)
-    _wait((where.fn, where.rank, where.size, where.timeout), work, stage)
+    sent = tensor.to(comm_device(where.group, tensor.device))
+    _wait(where, dist.all_reduce(sent, group=where.group, async_op=True), stage)
     return sent.to(tensor.device)

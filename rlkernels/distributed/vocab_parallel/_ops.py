@@ -247,8 +247,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     above): the log-probs (and entropy) over the full vocabulary, then the same policy
     loss on every rank.  loss_options: ppo_loss's (clip_low, clip_high, dual_clip,
     log_ratio_clamp, agg, num_tokens, num_seqs, norm_length, weights)."""
-    from ...ops.policy_loss import _policy
-    from ...reference._token_loss import aggregate
+    from ...ops.linear_ppo_loss import loss_from_logprobs
     from ...reference.policy_loss import KL_ESTIMATORS
 
     fn = "linear_ppo_loss"
@@ -275,17 +274,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                           ignore_index=ignore_index, entropy=with_entropy, vocab_start=vocab_start, check=check,
                           timeout=timeout, reduce_hidden_grad=reduce_hidden_grad, backend=backend)
     logprobs, entropy = out if with_entropy else (out, None)
-    loss, stats = _policy(fn, logprobs, old_logprobs, advantages, valid,
-                          ref_logprobs=ref_logprobs if beta > 0 else None, kl_coef=beta, kl=kl if beta > 0 else "none", backend=backend, **options)
-    entropy_mean = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    if with_entropy:
-        entropy = torch.where(valid, entropy.to(loss.dtype), 0)
-        loss = loss - entropy_coef * aggregate(entropy, valid, options["agg"], num_tokens=options["num_tokens"],
-                                               num_seqs=options["num_seqs"], norm_length=options["norm_length"])
-        count = valid.sum()
-        entropy_mean = torch.where(count > 0, entropy.detach().sum() / count.clamp(min=1), 0)
-    stats["entropy"] = entropy_mean
-    return loss, stats
+    return loss_from_logprobs(fn, logprobs, entropy, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs,
+                              beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend, **options)
 
 
 _LOSS_DEFAULTS = {"clip_low": 0.2, "clip_high": None, "dual_clip": None, "log_ratio_clamp": 20.0,
