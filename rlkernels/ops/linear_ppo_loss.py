@@ -147,13 +147,24 @@ def _composed(hidden, weight, labels, old_logprobs, advantages, valid, *, ref_lo
     out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
                           entropy=with_entropy, backend="reference")
     logprobs, entropy = out if with_entropy else (out, None)
-    loss, stats = _policy(linear_ppo_loss.__name__, logprobs, old_logprobs, advantages, valid, weights=weights,
-                          ref_logprobs=ref_logprobs if beta > 0 else None, clip_low=clip_low, clip_high=clip_high,
-                          dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, kl_coef=beta,
+    return loss_from_logprobs(linear_ppo_loss.__name__, logprobs, entropy, old_logprobs, advantages, valid,
+                              ref_logprobs=ref_logprobs, beta=beta, kl=kl, entropy_coef=entropy_coef,
+                              backend="reference", weights=weights, clip_low=clip_low, clip_high=clip_high,
+                              dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens,
+                              num_seqs=num_seqs, norm_length=norm_length)
+
+
+def loss_from_logprobs(op, logprobs, entropy, old_logprobs, advantages, valid, *, ref_logprobs, beta, kl,
+                       entropy_coef, backend, agg, num_tokens, num_seqs, norm_length, **policy_options):
+    """The composed loss once the log-probs (and, with entropy_coef, the entropy) exist:
+    the policy loss with its KL term, minus the aggregated entropy bonus; stats gain
+    "entropy".  The reference path and the vocabulary-parallel one share it."""
+    loss, stats = _policy(op, logprobs, old_logprobs, advantages, valid,
+                          ref_logprobs=ref_logprobs if beta > 0 else None, kl_coef=beta,
                           kl=kl if beta > 0 else "none", agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                          norm_length=norm_length, backend="reference")
+                          norm_length=norm_length, backend=backend, **policy_options)
     entropy_mean = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    if with_entropy:
+    if entropy_coef != 0.0:
         entropy = torch.where(valid, entropy.to(loss.dtype), 0)
         loss = loss - entropy_coef * aggregate(entropy, valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                                norm_length=norm_length)
