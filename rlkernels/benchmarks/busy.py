@@ -5,7 +5,7 @@ The family starts one spinning process per core itself (each bounded: it exits o
 its own after a deadline, and is killed when the family ends), then times every
 case alternately with torch.set_num_threads(1) and with all threads.  A parallel
 region that waits for a thread the OS has not scheduled shows up as "all threads"
-far slower than "one thread"; the goal (issue "per-call cost") is at most 1.5x.
+far slower than "one thread"; the goal is at most 1.5x.
 PyTorch's own softmax and log_softmax+gather run beside ours as the yardstick.
 
 Run alone: python -m rlkernels.benchmarks.busy [--quick]"""
@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 import torch
 
 import rlkernels
+
+from .harness import timed_rows
 
 GOAL_RATIO = 1.5
 _SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
@@ -105,14 +107,7 @@ def run(device: str, quick: bool) -> list[dict]:
                         one.append(a)
                         all_.append(b)
                 t1, tn = statistics.median(one), statistics.median(all_)
-                results = [
-                    {"label": "1 thread", "baseline": True, "median_ms": t1 * 1e3},
-                    {"label": f"{many} threads", "baseline": False, "median_ms": tn * 1e3},
-                ]
-                for row in results:
-                    row.update(gbps=None, roof_fraction=None, peak_extra_mb=None,
-                               speedup_vs={"1 thread": t1 / (row["median_ms"] / 1e3)},
-                               memory_vs={"1 thread": None})
+                results = timed_rows([("1 thread", True, t1), (f"{many} threads", False, tn)])
                 rows.append({"family": "busy", "name": name,
                              "params": {**params, "busy_processes": cores, "repeats": repeats},
                              "bytes_moved": 0, "results": results,

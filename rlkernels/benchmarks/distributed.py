@@ -23,6 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from .harness import timed_rows
+
 WORLD = 4
 
 
@@ -45,15 +47,8 @@ def _case(name: str, params: dict, bytes_moved: int, impls: list[tuple[str, bool
             elapsed = _timed_once(fn)
             if i >= warmup:
                 times[k].append(elapsed)
-    results = []
-    for (label, baseline, _), samples in zip(impls, times):
-        median = statistics.median(samples)
-        results.append({"label": label, "baseline": baseline, "median_ms": median * 1e3,
-                        "gbps": bytes_moved / median / 1e9 if bytes_moved else None, "roof_fraction": None,
-                        "peak_extra_mb": None})
-    for row in results:
-        row["speedup_vs"] = {b["label"]: b["median_ms"] / row["median_ms"] for b in results if b["baseline"]}
-        row["memory_vs"] = {b["label"]: None for b in results if b["baseline"]}
+    results = timed_rows([(label, baseline, statistics.median(samples))
+                          for (label, baseline, _), samples in zip(impls, times)], bytes_moved)
     return {"family": "distributed", "name": name, "params": {**params, "repeats": repeats},
             "bytes_moved": bytes_moved, "results": results}
 

@@ -219,6 +219,19 @@ def run_case(case: Case, device: str, roof: float, quick: bool) -> dict:
             "results": results}
 
 
+def timed_rows(timings: list[tuple[str, bool, float]], bytes_moved: int = 0) -> list[dict]:
+    """Result rows of implementations timed outside run_case (their own processes or
+    timing loops): (label, is_baseline, median seconds) each, ratios against the
+    baselines, no memory column."""
+    results = [{"label": label, "baseline": baseline, "median_ms": seconds * 1e3,
+                "gbps": bytes_moved / seconds / 1e9 if bytes_moved else None, "roof_fraction": None,
+                "peak_extra_mb": None} for label, baseline, seconds in timings]
+    for row in results:
+        row["speedup_vs"] = {b["label"]: b["median_ms"] / row["median_ms"] for b in results if b["baseline"]}
+        row["memory_vs"] = {b["label"]: None for b in results if b["baseline"]}
+    return results
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [

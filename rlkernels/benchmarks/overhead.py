@@ -30,6 +30,8 @@ import torch
 import rlkernels
 from rlkernels import reference as R
 
+from .harness import timed_rows
+
 GOAL_RATIO = 2.0  # rlkernels may cost at most this multiple of the composed PyTorch
 GOAL_EXTRA_US = 15.0  # and at most this many microseconds above one native aten op
 
@@ -211,11 +213,7 @@ def _per_call_seconds(impls: list[tuple[str, Callable[[], object]]], device: str
 
 
 def _row(spec: Spec, mode: str, calls: int, labels: list[str], seconds: list[float]) -> dict:
-    results = [{"label": label, "baseline": label != "rlkernels", "median_ms": s * 1e3, "gbps": None,
-                "roof_fraction": None, "peak_extra_mb": None} for label, s in zip(labels, seconds)]
-    for row in results:
-        row["speedup_vs"] = {b["label"]: b["median_ms"] / row["median_ms"] for b in results if b["baseline"]}
-        row["memory_vs"] = {b["label"]: None for b in results if b["baseline"]}
+    results = timed_rows([(label, label != "rlkernels", s) for label, s in zip(labels, seconds)])
     ours, composed, native = seconds
     return {"family": "overhead", "name": f"{spec.name} {mode}", "params": {"shape": spec.shape, "calls": calls},
             "bytes_moved": 0, "results": results,
