@@ -61,6 +61,21 @@ def _bucket(op: str, bucket, total: int, device) -> torch.Tensor:
     return bucket
 
 
+def _sharing_bucket(bucket: torch.Tensor, tensors: list[torch.Tensor]):
+    """Yields (i, tensor) for the tensors that may share memory with the bucket other
+    than as their own slice of it (a tensor may be its own slice: the copy is then
+    elementwise in place).  Tensors whose bytes lie outside the bucket cost one test."""
+    offset = 0
+    region = _overlap.span(bucket)
+    for i, t in enumerate(tensors):
+        start, offset = offset, offset + t.numel()
+        if t.device == bucket.device and _overlap.outside(t, region):
+            continue
+        own = bucket[start:offset].view(t.shape) if t.dtype == bucket.dtype else None
+        if own is None or _overlap.status(own, t) != _overlap.FULL:
+            yield i, t
+
+
 def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None, scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
     """Flattens `tensors` (one dtype, one device) into one 1-D bucket holding
@@ -84,17 +99,8 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
     if total == 0:
         return out
     contiguous = [t.contiguous() for t in tensors]
-    offset = 0
-    region = _overlap.span(out)
-    for i, t in enumerate(contiguous):
-        if t.device == out.device and _overlap.outside(t, region):
-            offset += t.numel()
-            continue
-        # A tensor may be its own slice of the bucket (elementwise in place); no other sharing.
-        own = out[offset:offset + t.numel()].view(t.shape) if t.dtype == out.dtype else None
-        if own is None or _overlap.status(own, t) != _overlap.FULL:
-            _overlap.check_output(_PACK, "out", out, f"tensors[{i}]", t, allow_full=False)
-        offset += t.numel()
+    for i, t in _sharing_bucket(out, contiguous):
+        _overlap.check_output(_PACK, "out", out, f"tensors[{i}]", t, allow_full=False)
     chosen = _backend.resolve(_PACK, backend, out.device)
     with torch.no_grad():
         if chosen == "reference":
@@ -118,16 +124,8 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
         return
     targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
                for t in tensors]
-    offset = 0
-    region = _overlap.span(bucket)
-    for i, t in enumerate(targets):
-        if t.device == bucket.device and _overlap.outside(t, region):
-            offset += t.numel()
-            continue
-        own = bucket[offset:offset + t.numel()].view(t.shape) if t.dtype == bucket.dtype else None
-        if own is None or _overlap.status(own, t) != _overlap.FULL:
-            _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
-        offset += t.numel()
+    for i, t in _sharing_bucket(bucket, targets):
+        _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
     shared = _overlap.first_shared(targets)
     if shared is not None:
         j, i = shared
