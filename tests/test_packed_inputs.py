@@ -39,12 +39,12 @@ def test_wider_max_seqlen_and_empty_batches(backend):
     assert adv.shape == (1, 0)
 
 
-def test_checked_mode_switch(monkeypatch):
-    monkeypatch.delenv(_packed.CHECK_ENV, raising=False)
-    assert _packed._read_values(torch.device("cpu"))
-    assert not _packed._read_values(torch.device("cuda"))  # a host sync: checked mode only
-    monkeypatch.setenv(_packed.CHECK_ENV, "1")
-    assert _packed._read_values(torch.device("cuda"))
+def test_checked_mode_switch():
+    with rlkernels.checked(False):
+        assert _packed._read_values(torch.device("cpu"))
+        assert not _packed._read_values(torch.device("cuda"))  # a host sync: checked mode only
+    with rlkernels.checked():
+        assert _packed._read_values(torch.device("cuda"))
 
 
 def _calls():
@@ -109,7 +109,7 @@ def test_bad_packed_tensors(backend):
 def test_cuda_packed_path_needs_no_host_sync(backend, monkeypatch):
     # With max_seqlen given and the checked mode off, a packed call never reads device
     # values back; the result is the padded one (compiled CUDA kernels and Triton alike).
-    monkeypatch.delenv(_packed.CHECK_ENV, raising=False)
+    monkeypatch.setattr(rlkernels._checkmode, "_enabled", False)
     if backend == "triton" and not rlkernels.HAS_TRITON:
         pytest.skip("triton is not importable")
     torch.manual_seed(12)

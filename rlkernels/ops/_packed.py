@@ -17,28 +17,16 @@ would be host syncs.  Pass `max_seqlen` as well and a CUDA call needs no host
 read at all; without it the longest length is read once (one sync)."""
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .. import _validate as V
-
-CHECK_ENV = "RLKERNELS_CHECK"
-
-
-def checked_mode() -> bool:
-    """RLKERNELS_CHECK=1: the value checks that sync with the host run on CUDA too.
-    Uses rlkernels._validate's switch where it exists, else reads the variable."""
-    switch = getattr(V, "checked_mode", None) or getattr(V, "checked", None)
-    if callable(switch):
-        return bool(switch())
-    return os.environ.get(CHECK_ENV, "0") == "1"
-
+from .. import _checkmode, _validate as V
 
 def _read_values(device: torch.device) -> bool:
+    """Whether the cu_seqlens / position_ids values may be read: on CPU tensors, and on
+    CUDA in the checked mode (rlkernels._checkmode, which every data check follows)."""
     if torch.compiler.is_compiling():
         return False
-    return device.type == "cpu" or checked_mode()
+    return device.type == "cpu" or _checkmode.checks_enabled()
 
 
 class _Gather(torch.autograd.Function):
