@@ -1,6 +1,6 @@
 // Full-vocabulary KL(pi || pi_ref) from two rows of logits on the GPU
 // (torch-free), and its backward: the block layout of logprobs.cu over both
-// rows at once (statistics: core/kl_from_logits.h).
+// rows at once, fixed vocabulary chunks included (statistics: core/kl_from_logits.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -118,6 +118,7 @@ __global__ void __launch_bounds__(kThreads)
 
 cudaError_t launch_kl_from_logits(const KlFromLogitsParams& p, cudaStream_t stream) {
   if (p.N == 0) return cudaSuccess;
+  if (!forward_fits(p)) return cudaErrorInvalidValue;
   const ForwardLaunch f = forward_launch(p);
   return launch_logits_typed(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -163,7 +164,11 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_cuda(const at::Tensor& logits,
   c10::cuda::CUDAGuard guard(logits.device());
   KlFromLogitsTensors t;
   KlFromLogitsParams p = kl_from_logits_args(logits, ref_logits, mask, temperature, t);
-  p.splits = forward_splits(p.N, p.V);
+  const int64_t chunks = cuda::vocab_chunks(p.V);
+  TORCH_CHECK(chunks <= cuda::kMaxVocabChunks, "kl_from_logits: the vocabulary (", p.V, ") exceeds ",
+              cuda::kMaxVocabChunks * cuda::kVocabChunk, " logits a row on CUDA");
+  p.splits = static_cast<int>(chunks);
+  TORCH_CHECK(p.N <= 0x7fffffff, "kl_from_logits: ", p.N, " rows exceed 2^31 - 1 on CUDA");
   const at::Tensor workspace =
       at::empty({p.splits > 1 ? 5 * p.N * p.splits : 0}, logits.options().dtype(at::kFloat));
   p.workspace = p.splits > 1 ? workspace.data_ptr<float>() : nullptr;

@@ -1,9 +1,9 @@
 // Log-probs and entropy from logits on the GPU (torch-free): logprobs, its
 // vocabulary tiles and its backward.
 //
-// Forward: a block per row, or per part of a row when rows are few and long
-// (split-V: the parts write partial statistics, a second small kernel merges
-// them).  Each thread streams its elements with 16-byte loads, keeping running
+// Forward: a block per fixed chunk of kVocabChunk logits of a row (logits.cuh);
+// a row of several chunks has them write their statistics and a second small
+// kernel merge them in chunk order, so a row's result never depends on N.  Each thread streams its elements with 16-byte loads, keeping running
 // statistics in float32 (core/logprobs.h); warps and then the block merge them.
 // Backward: a 2-D grid of (row, vocabulary chunk), each element recomputed from
 // the row's saved statistics and written in the logits' dtype, possibly over
@@ -20,9 +20,6 @@
 namespace rlk {
 namespace cuda {
 namespace {
-
-// Each part of a split row holds at least this many logits.
-constexpr int64_t kMinSplit = 8192;
 
 template <bool kEntropy>
 __device__ __forceinline__ SoftmaxStats shfl_stats(const SoftmaxStats& st, int offset) {
@@ -215,18 +212,9 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-int logprobs_splits(int64_t N, int64_t V, int sm_count) {
-  if (N <= 0 || V <= 0) return 1;
-  const int64_t want_blocks = int64_t(sm_count > 0 ? sm_count : 1) * 4;
-  if (N >= want_blocks) return 1;
-  int64_t splits = (want_blocks + N - 1) / N;
-  const int64_t most = V / kMinSplit > 1 ? V / kMinSplit : 1;
-  if (splits > most) splits = most;
-  return int(splits > 65535 ? 65535 : splits);
-}
-
 cudaError_t launch_logprobs_forward(const LogprobsParams& p, cudaStream_t stream) {
   if (p.N == 0) return cudaSuccess;
+  if (!forward_fits(p)) return cudaErrorInvalidValue;
   const ForwardLaunch f = forward_launch(p);
   return launch_logits_typed(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -313,7 +301,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& l
   c10::cuda::CUDAGuard guard(logits.device());
   LogprobsOutputs out;
   LogprobsParams p = logprobs_args(logits, labels, temperature, ignore_index, with_entropy, out);
-  p.splits = forward_splits(p.N, p.V);
+  const int64_t chunks = cuda::vocab_chunks(p.V);
+  TORCH_CHECK(chunks <= cuda::kMaxVocabChunks, "logprobs: the vocabulary (", p.V, ") exceeds ",
+              cuda::kMaxVocabChunks * cuda::kVocabChunk, " logits a row on CUDA");
+  p.splits = static_cast<int>(chunks);
+  TORCH_CHECK(p.N <= 0x7fffffff, "logprobs: ", p.N, " rows exceed 2^31 - 1 on CUDA");
   const at::Tensor workspace =
       at::empty({p.splits > 1 ? 3 * p.N * p.splits : 0}, logits.options().dtype(at::kFloat));
   p.workspace = p.splits > 1 ? workspace.data_ptr<float>() : nullptr;
