@@ -31,11 +31,7 @@ import sync_cases  # noqa: E402  (tests/sync_cases.py)
 import rlkernels  # noqa: E402
 
 # (op, backend, stage) -> why it is expected to fail today.
-KNOWN = {
-    ("pack_tensors", "triton", "graph"): "the Triton work table is built on the host and copied each call "
-                                         "(issue 13, multi_tensor: build it once, on the device)",
-    ("unpack_tensors", "triton", "graph"): "as pack_tensors",
-}
+KNOWN: dict = {}
 
 
 def _step(run, leaves, backend):

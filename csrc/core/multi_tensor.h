@@ -40,6 +40,36 @@ RLK_INLINE T gossip_mix_one(T x, T left, T right, acc w_self, acc w_left, acc w_
   return cast<T>(w_self * cast<acc>(x) + w_left * cast<acc>(left) + w_right * cast<acc>(right));
 }
 
+// How the GPU kernel (multi_tensor.cu) shares a copy among its blocks: every
+// tensor is cut into tiles of `tile` elements, tile k of tensor t being tile
+// first[t] + k of the launch.  first[] holds count + 1 entries, first[count] the
+// number of tiles; an empty tensor owns none (its first equals the next one's).
+// Returns first[count].
+inline int64_t tile_starts(const int64_t* numels, int count, int64_t tile, int64_t* first) {
+  int64_t next = 0;
+  for (int t = 0; t < count; ++t) {
+    first[t] = next;
+    next += (numels[t] + tile - 1) / tile;
+  }
+  first[count] = next;
+  return next;
+}
+
+// The tensor owning tile `tile` < first[count]: the t with first[t] <= tile <
+// first[t + 1], by binary search (the first entries never decrease).
+RLK_INLINE int tile_owner(const int64_t* first, int count, int64_t tile) {
+  int lo = 0, hi = count;  // first[lo] <= tile < first[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (first[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 // The arguments of pack_tensors / unpack_tensors, filled once by
 // args/multi_tensor.h: `count` host pointers to contiguous tensors of
 // tensor_dtype, numels[i] elements each, laid end to end in the bucket.

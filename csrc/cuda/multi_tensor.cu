@@ -1,8 +1,12 @@
 // Multi-tensor pack/unpack and the gossip mixing step on the GPU.
 //
-// Pack/unpack pass the tensor table in the kernel parameters (no device
-// allocation, no host-device copy): one launch covers up to kMaxTensors
-// tensors, blockIdx.y picks the tensor and the x blocks stride over it.
+// Pack/unpack pass a per-tensor table in the kernel parameters: up to
+// kMaxTensors tensors a launch, each cut into tiles of kTile elements
+// (core/multi_tensor.h tile_starts), and a 1-D grid whose blocks find the tensor
+// of each tile by a binary search over the table (tile_owner).  Nothing is
+// allocated or copied to the device: the parameters travel with the launch, and a
+// CUDA graph captures them with it.  Every block copies whole tiles, so one huge
+// tensor and many small ones keep every block equally busy.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,34 +22,41 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
-// 48 x (8 + 8 + 8) bytes keeps the parameter block well under CUDA's 4 KB.
-constexpr int kMaxTensors = 48;
-constexpr int64_t kMaxBlocksPerTensor = 1024;
+constexpr int64_t kTile = int64_t(kThreads) * kUnroll;
+// 128 x 8 + 2 x 129 x 8 bytes (about 3.1 KB) keeps the parameters under CUDA's 4 KB.
+constexpr int kMaxTensors = 128;
+// Blocks of a launch; each walks its tiles with a grid stride.
+constexpr int64_t kMaxBlocks = int64_t(1) << 16;
 
 struct TensorTable {
   void* pointers[kMaxTensors];
-  int64_t numels[kMaxTensors];
-  int64_t offsets[kMaxTensors];  // start of each tensor inside the bucket
+  int64_t offsets[kMaxTensors + 1];  // start of each tensor inside the bucket, then its end
+  int64_t first[kMaxTensors + 1];    // first tile of each tensor, then the number of tiles
+  int count;
 };
+static_assert(sizeof(TensorTable) + 3 * sizeof(void*) <= 4096, "kernel parameters over 4 KB");
 
 // kPlain (same dtype, scale 1) copies bits: under --use_fast_math a trip
 // through arithmetic would flush subnormal values to zero.
 template <typename src_t, typename dst_t, bool kPack, bool kPlain>
-__global__ void multi_tensor_copy_kernel(TensorTable table, void* bucket, scale_acc_t<dst_t> scale) {
-  const int t = blockIdx.y;
-  const int64_t n = table.numels[t];
-  const src_t* src;
-  dst_t* dst;
-  if (kPack) {
-    src = static_cast<const src_t*>(table.pointers[t]);
-    dst = static_cast<dst_t*>(bucket) + table.offsets[t];
-  } else {
-    src = static_cast<const src_t*>(bucket) + table.offsets[t];
-    dst = static_cast<dst_t*>(table.pointers[t]);
-  }
-  const int64_t stride = int64_t(gridDim.x) * kThreads * kUnroll;
-  for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll; base < n; base += stride) {
-    // Loads first, then stores: kUnroll independent loads in flight per thread.
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_copy_kernel(const __grid_constant__ TensorTable table, void* bucket, scale_acc_t<dst_t> scale) {
+  const int64_t tiles = table.first[table.count];
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int t = tile_owner(table.first, table.count, tile);
+    const int64_t n = table.offsets[t + 1] - table.offsets[t];
+    const int64_t base = (tile - table.first[t]) * kTile;
+    const src_t* src;
+    dst_t* dst;
+    if (kPack) {
+      src = static_cast<const src_t*>(table.pointers[t]);
+      dst = static_cast<dst_t*>(bucket) + table.offsets[t];
+    } else {
+      src = static_cast<const src_t*>(bucket) + table.offsets[t];
+      dst = static_cast<dst_t*>(table.pointers[t]);
+    }
+    // Loads first, then stores: kUnroll independent loads in flight per thread;
+    // consecutive threads touch consecutive elements.
     src_t values[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -70,30 +81,27 @@ template <typename src_t, typename dst_t, bool kPack>
 cudaError_t launch_copy(void* const* pointers, const int64_t* numels, int64_t count, void* bucket,
                         double scale, cudaStream_t stream) {
   int64_t offset = 0;
-  for (int64_t first = 0; first < count; first += kMaxTensors) {
+  for (int64_t start = 0; start < count; start += kMaxTensors) {
     TensorTable table;
-    const int in_table = static_cast<int>(std::min<int64_t>(kMaxTensors, count - first));
-    int64_t largest = 0;
-    for (int k = 0; k < in_table; ++k) {
-      table.pointers[k] = pointers[first + k];
-      table.numels[k] = numels[first + k];
+    table.count = static_cast<int>(std::min<int64_t>(kMaxTensors, count - start));
+    for (int k = 0; k < table.count; ++k) {
+      table.pointers[k] = pointers[start + k];
       table.offsets[k] = offset;
-      offset += numels[first + k];
-      largest = std::max(largest, numels[first + k]);
+      offset += numels[start + k];
     }
-    if (largest == 0) continue;
-    const int64_t per_block = int64_t(kThreads) * kUnroll;
-    const dim3 grid(static_cast<unsigned int>(std::min(kMaxBlocksPerTensor, (largest + per_block - 1) / per_block)),
-                    static_cast<unsigned int>(in_table));
+    table.offsets[table.count] = offset;
+    const int64_t tiles = tile_starts(numels + start, table.count, kTile, table.first);
+    if (tiles == 0) continue;
+    const unsigned int blocks = static_cast<unsigned int>(std::min(tiles, kMaxBlocks));
     const auto s = static_cast<scale_acc_t<dst_t>>(scale);
     if constexpr (std::is_same<src_t, dst_t>::value) {
       if (scale == 1.0) {
-        multi_tensor_copy_kernel<src_t, dst_t, kPack, true><<<grid, kThreads, 0, stream>>>(table, bucket, s);
+        multi_tensor_copy_kernel<src_t, dst_t, kPack, true><<<blocks, kThreads, 0, stream>>>(table, bucket, s);
       } else {
-        multi_tensor_copy_kernel<src_t, dst_t, kPack, false><<<grid, kThreads, 0, stream>>>(table, bucket, s);
+        multi_tensor_copy_kernel<src_t, dst_t, kPack, false><<<blocks, kThreads, 0, stream>>>(table, bucket, s);
       }
     } else {
-      multi_tensor_copy_kernel<src_t, dst_t, kPack, false><<<grid, kThreads, 0, stream>>>(table, bucket, s);
+      multi_tensor_copy_kernel<src_t, dst_t, kPack, false><<<blocks, kThreads, 0, stream>>>(table, bucket, s);
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

@@ -1,9 +1,15 @@
 """Pack/unpack between many tensors and one flat bucket, and the gossip mixing step,
-in Triton.  One launch covers every tensor: the tensors' addresses travel in an int64
-table and each program copies one block of one tensor (a flat list of (tensor,
-block) work items, so a single large tensor and a thousand small ones both keep
-every program busy)."""
+in Triton.  One launch covers every tensor: each program copies one block of
+_BLOCK elements of one tensor, and finds which by a binary search over the
+tensors' first program numbers in a per-tensor table (so a single large tensor and
+a thousand small ones both keep every program busy).  The table holds O(number of
+tensors) values, is built once per parameter set and stays on the device
+(`_table`): a repeated call with the same tensors copies nothing to the device and
+never waits for it, so an averaging round can be captured in a CUDA graph once a
+first call has built its table."""
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import triton
@@ -16,22 +22,39 @@ from ._common import cast_to, coef_tensor, on_inputs_device
 from ..reference.multi_tensor import scale_dtype
 
 _BLOCK = 2048
+# Parameter sets whose tables are kept (an averager alternates pack and unpack over
+# the same few buckets of tensors).
+_TABLES_KEPT = 16
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
        torch.bfloat16: tl.bfloat16}
 
+# Rows of the int64 table, each count + 1 long: every tensor's first program (and
+# the total number of programs last), its address, its start in the bucket, its numel
+# (tl.constexpr: jitted code reads them).
+_FIRST, _ADDRESS, _OFFSET, _NUMEL = (tl.constexpr(row) for row in range(4))
+
 
 @triton.jit
-def _multi_tensor_copy_kernel(addresses_ptr, offsets_ptr, numels_ptr, work_tensor_ptr, work_block_ptr,
-                              bucket_ptr, scale_ptr, PACK: tl.constexpr, PLAIN: tl.constexpr,
-                              TENSOR_DTYPE: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK: tl.constexpr):
-    item = tl.program_id(0)
-    t = tl.load(work_tensor_ptr + item)
-    block = tl.load(work_block_ptr + item).to(tl.int64)
-    numel = tl.load(numels_ptr + t)
-    offset = tl.load(offsets_ptr + t)
-    tensor_ptr = tl.load(addresses_ptr + t).to(tl.pointer_type(TENSOR_DTYPE))
+def _multi_tensor_copy_kernel(table_ptr, count, bucket_ptr, scale_ptr, PACK: tl.constexpr, PLAIN: tl.constexpr,
+                              TENSOR_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                              STEPS: tl.constexpr):
+    program = tl.program_id(0).to(tl.int64)
+    width = count + 1
+    # The tensor t with first[t] <= program < first[t + 1]: an empty tensor owns no
+    # program (its first equals the next one's), and first[count] is the total.
+    lo = program * 0
+    hi = lo + count
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        below = tl.load(table_ptr + _FIRST * width + mid) <= program
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    t = lo
+    block = program - tl.load(table_ptr + _FIRST * width + t)
+    tensor_ptr = tl.load(table_ptr + _ADDRESS * width + t).to(tl.pointer_type(TENSOR_DTYPE))
+    offset = tl.load(table_ptr + _OFFSET * width + t)
+    numel = tl.load(table_ptr + _NUMEL * width + t)
     idx = block * BLOCK + tl.arange(0, BLOCK)
     live = idx < numel
     if PACK:
@@ -48,17 +71,43 @@ def _multi_tensor_copy_kernel(addresses_ptr, offsets_ptr, numels_ptr, work_tenso
     tl.store(dst, out, mask=live)
 
 
-def _work_items(tensors, device):
-    """Per tensor: its start in the bucket; per work item: (tensor index, block index)."""
-    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-    offsets = torch.cumsum(numels, 0) - numels
+def _host_table(tensors) -> torch.Tensor:
+    """The [4, count + 1] int64 table of `tensors` (rows _FIRST, _ADDRESS, _OFFSET, _NUMEL)."""
+    numels = torch.tensor([t.numel() for t in tensors] + [0], dtype=torch.int64)
+    table = torch.zeros(4, len(tensors) + 1, dtype=torch.int64)
     blocks = (numels + _BLOCK - 1) // _BLOCK
-    work_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), blocks)
-    first = torch.cumsum(blocks, 0) - blocks
-    work_block = (torch.arange(work_tensor.numel(), dtype=torch.int64) - first[work_tensor.long()]).to(torch.int32)
-    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    table = [addresses, offsets, numels, work_tensor, work_block]
-    return [x.to(device, non_blocking=True) for x in table], int(work_tensor.numel())
+    table[_FIRST.value] = torch.cumsum(blocks, 0) - blocks
+    table[_ADDRESS.value, :-1] = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    table[_OFFSET.value] = torch.cumsum(numels, 0) - numels
+    table[_NUMEL.value] = numels
+    return table
+
+
+def _upload(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Blocking (the host table is pageable): once it returns, a later call on any
+    # stream may read the copy.  Only a new parameter set gets here.
+    return table.to(device)
+
+
+_tables: OrderedDict = OrderedDict()
+
+
+def _table(tensors, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The device table of `tensors` and the number of programs, from the cache when
+    this parameter set (every tensor's address, numel and dtype, and the device) has
+    been seen.  A table holds only addresses and sizes, so a key that matches describes
+    the current tensors exactly, even where a freed tensor's memory went to a new one."""
+    key = (device, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
+    found = _tables.get(key)
+    if found is None:
+        host = _host_table(tensors)
+        found = (_upload(host, device), int(host[_FIRST.value, -1]))
+        _tables[key] = found
+        if len(_tables) > _TABLES_KEPT:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return found
 
 
 def _check_bucket(op, tensors, bucket):
@@ -81,10 +130,12 @@ def _launch(tensors, bucket, scale, pack: bool):
     dst_dtype = bucket.dtype if pack else tensor_dtype
     acc = scale_dtype(dst_dtype)
     plain = scale == 1.0 and tensor_dtype == bucket.dtype
-    table, items = _work_items(tensors, bucket.device)
+    table, programs = _table(tensors, bucket.device)
     scale_t = coef_tensor(bucket.device, acc, scale)
-    _multi_tensor_copy_kernel[(items,)](*table, bucket, scale_t, PACK=pack, PLAIN=plain,
-                                       TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc], BLOCK=_BLOCK)
+    count = len(tensors)
+    _multi_tensor_copy_kernel[(programs,)](table, count, bucket, scale_t, PACK=pack, PLAIN=plain,
+                                           TENSOR_DTYPE=_TL[tensor_dtype], ACC=_TL[acc], BLOCK=_BLOCK,
+                                           STEPS=count.bit_length())
 
 
 @triton_twin("pack_tensors")
