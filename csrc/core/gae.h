@@ -10,6 +10,20 @@
 
 namespace rlk {
 
+// One step of gae_row at time t (rows run backwards): `done` and `valid` are
+// dones[t] and mask[t]; updates the running (next_value, carry), whose carry is
+// then the advantage at t.
+template <typename acc>
+RLK_INLINE void gae_step(acc r, acc v, bool valid, bool done, acc gamma, acc gl, acc& next_value, acc& carry) {
+  if (done) {
+    next_value = acc(0);
+    carry = acc(0);
+  }
+  const acc a = r + gamma * next_value - v + gl * carry;
+  next_value = valid ? v : next_value;
+  carry = valid ? a : carry;
+}
+
 template <typename in_t, typename out_t, typename acc = acc_t<in_t>>
 RLK_INLINE void gae_row(const in_t* rewards, const in_t* values,
                         const uint8_t* mask, const uint8_t* dones,
@@ -19,16 +33,9 @@ RLK_INLINE void gae_row(const in_t* rewards, const in_t* values,
   acc carry = acc(0);
   const acc gl = gamma * lam;
   for (int64_t t = T - 1; t >= 0; --t) {
-    const acc r = cast<acc>(rewards[t]);
     const acc v = cast<acc>(values[t]);
-    if (dones != nullptr && dones[t]) {
-      next_value = acc(0);
-      carry = acc(0);
-    }
-    const acc a = r + gamma * next_value - v + gl * carry;
-    const bool valid = mask == nullptr || mask[t] != 0;
-    next_value = valid ? v : next_value;
-    carry = valid ? a : carry;
+    gae_step<acc>(cast<acc>(rewards[t]), v, mask == nullptr || mask[t] != 0, dones != nullptr && dones[t] != 0,
+                  gamma, gl, next_value, carry);
     advantages[t] = cast<out_t>(carry);
     returns[t] = cast<out_t>(carry + v);
   }
@@ -83,17 +90,23 @@ inline void gae_rows(const in_t* __restrict__ rewards, const in_t* __restrict__ 
   }
 }
 
-// Discounted reward-to-go with the same carry-through mask rule.
+// Discounted reward-to-go with the same carry-through mask rule: one step, then
+// the row.
+template <typename acc>
+RLK_INLINE void discounted_step(acc r, bool valid, bool done, acc gamma, acc& carry) {
+  if (done) carry = acc(0);
+  const acc g = r + gamma * carry;
+  carry = valid ? g : carry;
+}
+
 template <typename in_t, typename out_t, typename acc = acc_t<in_t>>
 RLK_INLINE void discounted_returns_row(const in_t* rewards, const uint8_t* mask,
                                        const uint8_t* dones, int64_t T,
                                        acc gamma, out_t* returns) {
   acc carry = acc(0);
   for (int64_t t = T - 1; t >= 0; --t) {
-    if (dones != nullptr && dones[t]) carry = acc(0);
-    const acc g = cast<acc>(rewards[t]) + gamma * carry;
-    const bool valid = mask == nullptr || mask[t] != 0;
-    carry = valid ? g : carry;
+    discounted_step<acc>(cast<acc>(rewards[t]), mask == nullptr || mask[t] != 0, dones != nullptr && dones[t] != 0,
+                         gamma, carry);
     returns[t] = cast<out_t>(carry);
   }
 }
