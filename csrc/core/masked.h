@@ -53,6 +53,21 @@ RLK_INLINE acc whiten_value(acc x, bool valid, const WhitenCoef<acc>& c) {
   return valid ? (x - c.mean) * c.inv_std + c.shift : acc(0);
 }
 
+// How the GPU's masked_whiten cuts its n values among blocks: parts of
+// whiten_part_size(n) values (a multiple of kWhitenTile, the last part shorter),
+// at most kWhitenMaxParts of them.  The cut depends on n alone, and the parts'
+// sums are merged in part order, so the result does not depend on the GPU.
+constexpr int64_t kWhitenTile = 8192;
+constexpr int64_t kWhitenMaxParts = 1024;
+
+inline int64_t whiten_part_size(int64_t n) {
+  const int64_t even = (n + kWhitenMaxParts - 1) / kWhitenMaxParts;
+  const int64_t tiles = (even + kWhitenTile - 1) / kWhitenTile;
+  return (tiles > 1 ? tiles : 1) * kWhitenTile;
+}
+
+inline int64_t whiten_parts(int64_t n) { return n > 0 ? (n + whiten_part_size(n) - 1) / whiten_part_size(n) : 0; }
+
 // The arguments of masked_row_mean (rows x cols, a mean per row) and of
 // masked_whiten (one row of every element), filled once by args/masked.h.
 struct MaskedParams {
@@ -63,6 +78,9 @@ struct MaskedParams {
   bool shift_mean = false;        // masked_whiten
   double eps = 0;                 // masked_whiten
   void* out = nullptr;            // in the accumulation type
+  // masked_whiten on CUDA: 3 x 8 bytes per part (whiten_parts(cols)) of partial
+  // counts, sums and squared deviations
+  int64_t* workspace = nullptr;
 };
 
 // The CUDA launchers (masked.cu).

@@ -1,11 +1,13 @@
-// Unit tests of the multi_tensor work decomposition (csrc/core/multi_tensor.h)
-// that the CUDA pack/unpack kernel uses, run by ctest: every tile maps back to
-// the tensor and block a direct walk over the tensors gives.
+// Unit tests of how the CUDA kernels split their work among blocks, run by
+// ctest: multi_tensor's tiles (csrc/core/multi_tensor.h) map back to the tensor
+// and block a direct walk over the tensors gives; masked_whiten's parts
+// (csrc/core/masked.h) cover the values exactly, within the block limit.
 #include <cstdint>
 #include <cstdio>
 #include <random>
 #include <vector>
 
+#include "../../csrc/core/masked.h"
 #include "../../csrc/core/multi_tensor.h"
 
 namespace {
@@ -57,14 +59,27 @@ void test_tile_owner() {
   }
 }
 
+void test_whiten_parts() {
+  for (int64_t n : {int64_t(1), int64_t(8191), int64_t(8192), int64_t(8193), int64_t(1000000),
+                    rlk::kWhitenTile * rlk::kWhitenMaxParts, rlk::kWhitenTile * rlk::kWhitenMaxParts + 1,
+                    int64_t(3) << 33}) {
+    const int64_t size = rlk::whiten_part_size(n), parts = rlk::whiten_parts(n);
+    expect(size % rlk::kWhitenTile == 0 && size > 0, "part size a multiple of the tile", n, size);
+    expect(parts >= 1 && parts <= rlk::kWhitenMaxParts, "parts within the block limit", n, parts);
+    expect((parts - 1) * size < n && parts * size >= n, "parts cover the values, none empty", n, parts);
+  }
+  expect(rlk::whiten_parts(0) == 0, "no part for no value", 0, rlk::whiten_parts(0));
+}
+
 }  // namespace
 
 int main() {
   test_tile_owner();
+  test_whiten_parts();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
   }
-  std::printf("multi_tensor core: all passed\n");
+  std::printf("work split core: all passed\n");
   return 0;
 }
