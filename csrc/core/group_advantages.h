@@ -41,6 +41,13 @@ struct GroupAdvantagesParams {
   double eps = 0;
   void* advantages = nullptr;            // [N] in the accumulation type
   bool* all_equal = nullptr;             // [num_groups]
+  // CUDA with a group_index: the positions of the scores stably sorted by id,
+  // and where each group's run starts in that order (num_groups + 1 entries;
+  // ids below 0 come before starts[0], ids past the groups from starts[num_groups])
+  const int64_t* order = nullptr;
+  const int64_t* starts = nullptr;
+  // CUDA with the batch scale: one accumulation-type slot for the batch's std
+  void* batch_std = nullptr;
 };
 
 // The CUDA launchers (group_advantages.cu).
