@@ -60,7 +60,8 @@ __device__ __forceinline__ void load_flags(const uint8_t* __restrict__ mask, con
   for (int r = 0; r < kLanes; ++r) {
     if (row0 + r >= B) continue;
     const int64_t i = (row0 + r) * T + t0 + lane;
-    flags[r][lane] = uint8_t((mask == nullptr || mask[i] != 0 ? kValid : 0) | (dones != nullptr && dones[i] ? kDone : 0));
+    const bool valid = mask == nullptr || mask[i] != 0, done = dones != nullptr && dones[i] != 0;
+    flags[r][lane] = uint8_t((valid ? kValid : 0) | (done ? kDone : 0));
   }
 }
 

@@ -3,8 +3,10 @@
 //
 // Forward: a block per fixed chunk of kVocabChunk logits of a row (logits.cuh);
 // a row of several chunks has them write their statistics and a second small
-// kernel merge them in chunk order, so a row's result never depends on N.  Each thread streams its elements with 16-byte loads, keeping running
-// statistics in float32 (core/logprobs.h); warps and then the block merge them.
+// kernel merge them in chunk order, so a row's result never depends on N.  Each
+// thread streams its elements (16-byte loads where the row is aligned), keeping
+// running statistics in float32 (core/logprobs.h); warps and then the block
+// merge them.
 // Backward: a 2-D grid of (row, vocabulary chunk), each element recomputed from
 // the row's saved statistics and written in the logits' dtype, possibly over
 // the logits themselves.
