@@ -38,7 +38,7 @@ STEPS = ("machine", "build", "ops", "syncs", "pytest", "memcheck", "racecheck", 
 OP_TEST_FILES = ("test_gae.py", "test_group_advantages.py", "test_masked.py", "test_kl_from_logits.py",
                  "test_kl_penalty.py", "test_linear_logprobs.py", "test_linear_ppo_loss.py", "test_logprobs.py",
                  "test_policy_loss.py", "test_value_loss.py", "test_preference.py", "test_multi_tensor.py",
-                 "test_triton_gpu_semantics.py")
+                 "test_triton_gpu_semantics.py", "test_cuda_kernels.py")
 
 
 @dataclass
