@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from rlkernels import reference
+from rlkernels._library import BUILD_INFO
 from support import TRITON_ON_CPU, assert_close, tie_logits
+
+
+VOCAB_CHUNK = BUILD_INFO["vocab_chunk"]  # the chunk rule's width (core/logprobs.h)
 
 
 def _tile_op(backend):
@@ -40,11 +44,11 @@ def _adversarial_logits(N, V, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("V,width", [(101, 7), (101, 101), (300, 64), (5000, 2048), (6000, 4096)])
+@pytest.mark.parametrize("V,width", [(101, 7), (101, 101), (300, 64), (5000, 2048), (6000, 4096), (20000, 8192)])
 def test_vocab_tiles_match_whole_row(backend_device, dtype, V, width):
     """Tiles merged in order give the whole-row log-probs, entropy and row statistics:
     against the float64 reference always, and bit for bit with the CPU whole-row kernel
-    when tiles are whole multiples of its 2048-wide blocks (linear_logprobs' tiles)."""
+    when tiles start on its vocabulary chunks' edges (linear_logprobs' tiles)."""
     backend, device = backend_device
     logits, labels = _adversarial_logits(9, V, dtype, device)
     state = _run_tiles(_tile_op(backend), logits, labels, width, temperature=0.7)
@@ -54,7 +58,7 @@ def test_vocab_tiles_match_whole_row(backend_device, dtype, V, width):
     whole = torch.ops.rlkernels.logprobs_triton if backend == "triton" else torch.ops.rlkernels.logprobs
     lp, ent, saved = whole(logits, labels, 0.7, -100, True, False)
     assert torch.equal(state[5], torch.zeros(4, device=device))  # ignored row
-    if backend == "cpu" and (width % 2048 == 0 or width >= V):
+    if backend == "cpu" and (width % VOCAB_CHUNK == 0 or width >= V):
         assert torch.equal(state[:, 0], lp) and torch.equal(state[:, 1], ent) and torch.equal(state[:, 2:], saved)
     else:
         assert torch.equal(state[:, 2], saved[:, 0])  # the maximum is exact whatever the tiling

@@ -12,28 +12,53 @@ from ...ops import _chunked
 from ...ops._registry import kernel
 from ...ops import _logits as L
 from ._comm import all_reduce_sum, gather_stats, layout
-from ._stats import (STAT_WIDTH, backward_logits, empty_state, klreference_backward, kl_shard_stats, owned,
-                     reference_backward, shard_state, stat_dtype, tile_ops, merge_kl_stats, merge_softmax_stats)
+from ._comm import VocabParallelMismatchError
+from ._stats import (CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CHUNK, backward_logits, chunks, empty_state,
+                     exact_chunk_state, fold_exact, klreference_backward, kl_shard_stats, owned, reference_backward,
+                     shard_state, stat_dtype, tile_ops, merge_kl_stats, merge_softmax_stats)
 
 
-def _choose(fn, backend, device, dtype):
-    return L.choose_backend(fn, backend, device, dtype)
+def _choose(fn, backend, device, dtype, exact=False):
+    chosen = L.choose_backend(fn, backend, device, dtype)
+    if exact and chosen != "cpu":
+        raise ValueError(f"{fn}: exact=True folds the chunk statistics with the CPU kernels, so it needs CPU tensors "
+                         f"and backend 'cpu' or 'auto'; got backend {backend!r} on {device}")
+    return chosen
+
+
+def _exact_layout(fn, where) -> None:
+    """exact=True needs every shard to start on a chunk edge: raised on every rank alike
+    (they all hold the same shard table) before any statistics move."""
+    for r, start in enumerate(where.starts):
+        if start % VOCAB_CHUNK:
+            raise VocabParallelMismatchError(
+                f"rlkernels.distributed.vocab_parallel.{fn}: exact=True needs every shard to start on a multiple "
+                f"of the vocabulary chunk ({VOCAB_CHUNK} columns), but rank {r} starts at column {start} (shard "
+                f"sizes in rank order: {where.sizes}); nothing was written", fn=fn, rank=where.rank,
+                size=where.size, stage="check")
 
 
 # ---- logprobs ----------------------------------------------------------------------------------
 
 class _LogprobsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, where, temperature, ignore_index, with_entropy, backend):
+    def forward(ctx, logits, labels, where, temperature, ignore_index, with_entropy, backend, exact):
         n, width = labels.numel(), logits.shape[-1]
         x = logits.reshape(n, width)
         flat = labels.reshape(n)
-        state = empty_state(n, logits.device, stat_dtype(logits.dtype))
-        if width:
-            shard_state(x, flat, state, temperature, ignore_index, where.vocab_start, with_entropy, backend)
-        stats = torch.cat([state, owned(flat, where.vocab_start, width, state.dtype)[:, None]], 1)
-        gathered = gather_stats(where, stats)
-        logprob, entropy, saved = merge_softmax_stats(gathered, temperature, flat != ignore_index)
+        if exact:
+            state = exact_chunk_state(n, where, logits.device)
+            if width:  # this shard's chunks into their slots
+                tile_ops("cpu")[0](x, flat, state, temperature, ignore_index, where.vocab_start, with_entropy, False)
+            logprob, entropy, saved = fold_exact(where, state, flat, temperature, ignore_index, with_entropy,
+                                                 lambda mine: gather_stats(where, mine))
+        else:
+            state = empty_state(n, logits.device, stat_dtype(logits.dtype))
+            if width:
+                shard_state(x, flat, state, temperature, ignore_index, where.vocab_start, with_entropy, backend)
+            stats = torch.cat([state, owned(flat, where.vocab_start, width, state.dtype)[:, None]], 1)
+            gathered = gather_stats(where, stats)
+            logprob, entropy, saved = merge_softmax_stats(gathered, temperature, flat != ignore_index)
         ctx.save_for_backward(logits, labels, saved, entropy)
         ctx.options = (temperature, ignore_index, where.vocab_start, backend, with_entropy)
         lead = labels.shape
@@ -45,17 +70,17 @@ class _LogprobsFn(torch.autograd.Function):
         logits, labels, saved, entropy = ctx.saved_tensors
         temperature, ignore_index, vocab_start, backend, with_entropy = ctx.options
         if not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 8
         n, width = labels.numel(), logits.shape[-1]
         wide = saved.dtype
         g = torch.zeros(n, dtype=wide, device=logits.device) if grad_lp is None else \
             grad_lp.reshape(n).to(wide).contiguous()
         gh = None if (grad_h is None or not with_entropy) else grad_h.reshape(n).to(wide).contiguous()
         if width == 0:
-            return (torch.zeros_like(logits),) + (None,) * 6
+            return (torch.zeros_like(logits),) + (None,) * 7
         grad = backward_logits(g, gh, logits.reshape(n, width), labels.reshape(n).to(torch.int64).contiguous(),
                                 saved, entropy, temperature, ignore_index, vocab_start, backend)
-        return (grad.reshape(logits.shape),) + (None,) * 6
+        return (grad.reshape(logits.shape),) + (None,) * 7
 
 
 def _labels(fn: str, labels, like: torch.Tensor, like_name: str) -> None:
@@ -71,23 +96,27 @@ def _labels(fn: str, labels, like: torch.Tensor, like_name: str) -> None:
 
 def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, group, temperature: float = 1.0,
              ignore_index: int = -100, entropy: bool = False, vocab_start: int | None = None, check: bool = True,
-             timeout=None, backend: str = "auto"):
+             timeout=None, exact: bool = False, backend: str = "auto"):
     """rlkernels.logprobs on a vocabulary sharded over `group`: `logits` [..., V_r] is this
     rank's contiguous shard (shards in rank order; sizes may differ), labels are global
     ids.  Every rank gets the log-probs (and entropy) over the full vocabulary; the
-    gradient reaches this rank's logits shard."""
+    gradient reaches this rank's logits shard.  exact=True (CPU; every shard starting on
+    a multiple of VOCAB_CHUNK columns): the unsharded CPU op's bits, values and gradients."""
     fn = "logprobs"
     L.logits_tensor(fn, "logits", logits)
     ignore_index = L.index(fn, "ignore_index", ignore_index)
     temperature = L.temperature(fn, temperature)
     _labels(fn, labels, logits, "logits")
-    chosen = _choose(fn, backend, logits.device, logits.dtype)
+    exact = V.flag(fn, "exact", exact)
+    chosen = _choose(fn, backend, logits.device, logits.dtype, exact)
     where = layout(fn, group, tokens=labels.numel(), local_vocab=logits.shape[-1], dtype=logits.dtype,
                    device=logits.device, labels=labels, ignore_index=ignore_index,
-                   settings=(temperature, ignore_index, bool(entropy)), check=check, vocab_start=vocab_start,
-                   timeout=timeout)
+                   settings=(temperature, ignore_index, bool(entropy), exact), check=check, vocab_start=vocab_start,
+                   timeout=timeout, every_shard=exact)
+    if exact:
+        _exact_layout(fn, where)
     values, entropies = _LogprobsFn.apply(logits, labels.to(torch.int64).contiguous(), where, temperature,
-                                          ignore_index, bool(entropy), chosen)
+                                          ignore_index, bool(entropy), chosen, exact)
     return (values, entropies) if entropy else values
 
 
