@@ -25,7 +25,8 @@ A peer that exits or stalls past `timeout` raises VocabParallelError on every li
 rank; outputs are fresh tensors, so nothing is half-written."""
 from ._comm import VocabParallelError, VocabParallelMismatchError
 from ._ops import kl_from_logits, linear_logprobs, linear_ppo_loss, logprobs, traffic_bytes
-from ._stats import STAT_WIDTH, merge_kl_stats, merge_softmax_stats
+from ._stats import CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CHUNK, merge_kl_stats, merge_softmax_stats
 
 __all__ = ["logprobs", "kl_from_logits", "linear_logprobs", "linear_ppo_loss", "VocabParallelError",
-           "VocabParallelMismatchError", "STAT_WIDTH", "traffic_bytes", "merge_softmax_stats", "merge_kl_stats"]
+           "VocabParallelMismatchError", "STAT_WIDTH", "CHUNK_STAT_WIDTH", "VOCAB_CHUNK", "traffic_bytes",
+           "merge_softmax_stats", "merge_kl_stats"]
