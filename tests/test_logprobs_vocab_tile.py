@@ -163,3 +163,34 @@ def test_vocab_tile_top1_opcheck():
         torch.library.opcheck(op.default, (logits[:, :20], labels, state.clone(), 0.9, -100, 0, True, False))
         op(logits[:, :20], labels, state, 0.9, -100, 0, True, False)
         torch.library.opcheck(op.default, (logits[:, 20:], labels, state, 0.9, -100, 20, True, True))
+
+
+# ---- the chunk-state mode (CPU): one state per vocabulary chunk, folded with finish ---------------
+
+def test_vocab_tile_chunk_state_opcheck_and_bad_input():
+    """A [N, C, 4] state: tiles on chunk edges fill their chunks' slots, finish folds them
+    (bitwise against the whole row: tests/test_vocab_parallel_exact.py)."""
+    op = torch.ops.rlkernels.logprobs_vocab_tile
+    V = VOCAB_CHUNK + 50
+    logits, labels = _adversarial_logits(6, V, torch.float32, "cpu")
+    state = torch.zeros(6, 2, 4)
+    torch.library.opcheck(op.default, (logits[:, VOCAB_CHUNK:], labels, state.clone(), 0.9, -100, VOCAB_CHUNK, True,
+                                       False))
+    op(logits[:, :VOCAB_CHUNK], labels, state, 0.9, -100, 0, True, False)
+    op(logits[:, VOCAB_CHUNK:], labels, state, 0.9, -100, VOCAB_CHUNK, True, False)
+    torch.library.opcheck(op.default, (logits[:, :0], labels, state, 0.9, -100, V, True, True))
+    op(logits[:, :0], labels, state, 0.9, -100, V, True, True)
+    lp, ent, saved = torch.ops.rlkernels.logprobs(logits, labels, 0.9, -100, True, False)
+    assert torch.equal(state[:, 0, 0], lp) and torch.equal(state[:, 0, 1], ent)
+    assert torch.equal(state[:, 0, 2:], saved)
+    assert torch.equal(state[5, 0], torch.zeros(4))  # ignored row
+    with pytest.raises(RuntimeError, match=f"vocab_start must be a multiple of the vocabulary chunk \\({VOCAB_CHUNK}"):
+        op(logits[:, 10:20], labels, torch.zeros(6, 2, 4), 1.0, -100, 10, True, False)
+    with pytest.raises(RuntimeError, match="reaches past the state's 1 chunks"):
+        op(logits, labels, torch.zeros(6, 1, 4), 1.0, -100, 0, True, False)
+    with pytest.raises(RuntimeError, match="with finish, the row ends at"):
+        op(logits[:, :0], labels, torch.zeros(6, 3, 4), 1.0, -100, V, True, True)
+    past = labels.clone()
+    past[0] = V  # in the last chunk's columns but past the row's end
+    with pytest.raises(RuntimeError, match=f"label {V} at flat index 0 is outside"):
+        op(logits[:, :0], past, torch.zeros(6, 2, 4), 1.0, -100, V, True, True)
