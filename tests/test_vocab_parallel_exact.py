@@ -1,7 +1,7 @@
 """Bitwise results: the chunk rule of the CPU log-prob and KL kernels (single process)
 and the exact mode of rlkernels.distributed.vocab_parallel (exact=True) on 2 and 4 gloo
 ranks.  The chunk width is the real one (VOCAB_CHUNK = 8192 columns); shards start on
-chunk edges with uneven sizes (three chunks, none, one, a short last shard) and every
+chunk edges with uneven sizes (three chunks, one, a short shard, none) and every
 result is compared with torch.equal against the unsharded CPU op: log-probs, entropy,
 gradients, the lm-head ops; labels in other shards and on chunk edges, ignore_index,
 temperature, bf16, -inf chunks and huge logits."""
@@ -20,7 +20,8 @@ from rlkernels.distributed import vocab_parallel as VP
 from support import RankSuites
 
 K = VP.VOCAB_CHUNK
-SIZES = {2: [3 * K, K + 100], 4: [3 * K, 0, K, 100]}  # columns of each rank's shard, in rank order
+# columns of each rank's shard, in rank order (the empty last one starts off the chunk edges)
+SIZES = {2: [3 * K, K + 100], 4: [3 * K, K, 100, 0]}
 SHAPE = (2, 4)
 
 

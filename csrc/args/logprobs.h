@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -110,11 +111,13 @@ inline LogprobsParams logprobs_backward_args(const at::Tensor& grad_logprobs,
 }
 
 // logprobs_vocab_tile: a tile of columns [vocab_start, vocab_start + V') of the
-// rows, and their running state (4 floats a row, or 5 with the arg-max flag,
+// rows, and their running state (4 floats a row, or 5 with the arg-max flag), or one
+// state per vocabulary chunk where the backend's kernel has that mode (chunk_states;
 // core/logprobs.h).
 inline LogprobsParams logprobs_vocab_tile_args(const at::Tensor& logits, const at::Tensor& labels,
                                                const at::Tensor& state, double temperature, int64_t ignore_index,
-                                               int64_t vocab_start, bool with_entropy, bool finish, at::Tensor& x) {
+                                               int64_t vocab_start, bool with_entropy, bool finish, at::Tensor& x,
+                                               bool chunk_states = false) {
   check_labels_shape(logits, labels, "logprobs_vocab_tile");
   TORCH_CHECK(temperature > 0, "logprobs_vocab_tile: temperature must be > 0, got ", temperature);
   TORCH_CHECK(vocab_start >= 0, "logprobs_vocab_tile: vocab_start must be >= 0, got ", vocab_start);
@@ -130,6 +133,8 @@ inline LogprobsParams logprobs_vocab_tile_args(const at::Tensor& logits, const a
               "logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row of logits "
               "(5 to also track whether the label is the arg-max), or [..., C, 4] with 4 per vocabulary chunk");
   if (chunked) {
+    TORCH_CHECK(chunk_states, "logprobs_vocab_tile: a state per vocabulary chunk ([..., C, 4]) is supported by the CPU "
+                "kernel only so far");
     TORCH_CHECK(V == 0 || vocab_start % kVocabChunk == 0, "logprobs_vocab_tile: with a state per chunk, vocab_start "
                 "must be a multiple of the vocabulary chunk (", kVocabChunk, "), got ", vocab_start);
     TORCH_CHECK(V == 0 || chunk_of(vocab_start) + vocab_chunks(V) <= chunks, "logprobs_vocab_tile: the tile [",

@@ -5,9 +5,10 @@
 // order (the chunk rule, core/logprobs.h).  A chunk is read in blocks of kBlock
 // elements that stay in L1: a max pass over the block, a rescale of the running
 // sums when the maximum grew, then the exp pass (sum-exp and, for entropy, the
-// weighted sum).  Memory traffic is the logits once; no [N, V] temporary exists.  Backward: one more pass that recomputes p from the
-// saved row statistics and writes the gradient in the logits' dtype, into a
-// fresh tensor or into the logits buffer itself.
+// weighted sum).  Memory traffic is the logits once; no [N, V] temporary exists.
+// Backward: one more pass that recomputes p from the saved row statistics and
+// writes the gradient in the logits' dtype, into a fresh tensor or into the logits
+// buffer itself.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -211,7 +212,7 @@ void logprobs_vocab_tile_cpu(const at::Tensor& logits, const at::Tensor& labels,
                              bool finish) {
   at::Tensor x;
   const LogprobsParams p = logprobs_vocab_tile_args(logits, labels, state, temperature, ignore_index, vocab_start,
-                                                    with_entropy, finish, x);
+                                                    with_entropy, finish, x, /*chunk_states=*/true);
   check_label_range(finish ? vocab_start + p.V : INT64_MAX, p, "logprobs_vocab_tile");
   if (p.chunks > 0) run_logits_rows<ChunkTileRows>(p, p.with_entropy, logits_row_grain(std::max<int64_t>(p.V, 1)));
   else run_logits_rows<TileRows>(p, p.with_entropy, logits_row_grain(p.V));

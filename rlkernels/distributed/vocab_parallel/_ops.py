@@ -26,10 +26,10 @@ def _choose(fn, backend, device, dtype, exact=False):
 
 
 def _exact_layout(fn, where) -> None:
-    """exact=True needs every shard to start on a chunk edge: raised on every rank alike
-    (they all hold the same shard table) before any statistics move."""
-    for r, start in enumerate(where.starts):
-        if start % VOCAB_CHUNK:
+    """exact=True needs every shard (but empty ones) to start on a chunk edge: raised on
+    every rank alike (they all hold the same shard table) before any statistics move."""
+    for r, (start, size) in enumerate(zip(where.starts, where.sizes)):
+        if size and start % VOCAB_CHUNK:
             raise VocabParallelMismatchError(
                 f"rlkernels.distributed.vocab_parallel.{fn}: exact=True needs every shard to start on a multiple "
                 f"of the vocabulary chunk ({VOCAB_CHUNK} columns), but rank {r} starts at column {start} (shard "
