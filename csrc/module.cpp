@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <string>
 
+#include "core/logprobs.h"
+
 #ifndef RLK_CUDA_ARCHS
 #define RLK_CUDA_ARCHS ""
 #endif
@@ -32,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
     info["openmp"] = false;
 #endif
     info["threads"] = at::get_num_threads();
+    info["vocab_chunk"] = static_cast<long>(rlk::kVocabChunk);  // the chunk rule's width (core/logprobs.h)
     return info;
   });
 }

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from rlkernels import reference
+from rlkernels._library import BUILD_INFO
 from support import TRITON_ON_CPU, assert_close, tie_logits
+
+
+VOCAB_CHUNK = BUILD_INFO["vocab_chunk"]  # the chunk rule's width (core/logprobs.h)
 
 
 def _tile_op(backend):
@@ -40,11 +44,11 @@ def _adversarial_logits(N, V, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("V,width", [(101, 7), (101, 101), (300, 64), (5000, 2048), (6000, 4096)])
+@pytest.mark.parametrize("V,width", [(101, 7), (101, 101), (300, 64), (5000, 2048), (6000, 4096), (20000, 8192)])
 def test_vocab_tiles_match_whole_row(backend_device, dtype, V, width):
     """Tiles merged in order give the whole-row log-probs, entropy and row statistics:
     against the float64 reference always, and bit for bit with the CPU whole-row kernel
-    when tiles are whole multiples of its 2048-wide blocks (linear_logprobs' tiles)."""
+    when tiles start on its vocabulary chunks' edges (linear_logprobs' tiles)."""
     backend, device = backend_device
     logits, labels = _adversarial_logits(9, V, dtype, device)
     state = _run_tiles(_tile_op(backend), logits, labels, width, temperature=0.7)
@@ -54,7 +58,7 @@ def test_vocab_tiles_match_whole_row(backend_device, dtype, V, width):
     whole = torch.ops.rlkernels.logprobs_triton if backend == "triton" else torch.ops.rlkernels.logprobs
     lp, ent, saved = whole(logits, labels, 0.7, -100, True, False)
     assert torch.equal(state[5], torch.zeros(4, device=device))  # ignored row
-    if backend == "cpu" and (width % 2048 == 0 or width >= V):
+    if backend == "cpu" and (width % VOCAB_CHUNK == 0 or width >= V):
         assert torch.equal(state[:, 0], lp) and torch.equal(state[:, 1], ent) and torch.equal(state[:, 2:], saved)
     else:
         assert torch.equal(state[:, 2], saved[:, 0])  # the maximum is exact whatever the tiling
@@ -159,3 +163,34 @@ def test_vocab_tile_top1_opcheck():
         torch.library.opcheck(op.default, (logits[:, :20], labels, state.clone(), 0.9, -100, 0, True, False))
         op(logits[:, :20], labels, state, 0.9, -100, 0, True, False)
         torch.library.opcheck(op.default, (logits[:, 20:], labels, state, 0.9, -100, 20, True, True))
+
+
+# ---- the chunk-state mode (CPU): one state per vocabulary chunk, folded with finish ---------------
+
+def test_vocab_tile_chunk_state_opcheck_and_bad_input():
+    """A [N, C, 4] state: tiles on chunk edges fill their chunks' slots, finish folds them
+    (bitwise against the whole row: tests/test_vocab_parallel_exact.py)."""
+    op = torch.ops.rlkernels.logprobs_vocab_tile
+    V = VOCAB_CHUNK + 50
+    logits, labels = _adversarial_logits(6, V, torch.float32, "cpu")
+    state = torch.zeros(6, 2, 4)
+    torch.library.opcheck(op.default, (logits[:, VOCAB_CHUNK:], labels, state.clone(), 0.9, -100, VOCAB_CHUNK, True,
+                                       False))
+    op(logits[:, :VOCAB_CHUNK], labels, state, 0.9, -100, 0, True, False)
+    op(logits[:, VOCAB_CHUNK:], labels, state, 0.9, -100, VOCAB_CHUNK, True, False)
+    torch.library.opcheck(op.default, (logits[:, :0], labels, state, 0.9, -100, V, True, True))
+    op(logits[:, :0], labels, state, 0.9, -100, V, True, True)
+    lp, ent, saved = torch.ops.rlkernels.logprobs(logits, labels, 0.9, -100, True, False)
+    assert torch.equal(state[:, 0, 0], lp) and torch.equal(state[:, 0, 1], ent)
+    assert torch.equal(state[:, 0, 2:], saved)
+    assert torch.equal(state[5, 0], torch.zeros(4))  # ignored row
+    with pytest.raises(RuntimeError, match=f"vocab_start must be a multiple of the vocabulary chunk \\({VOCAB_CHUNK}"):
+        op(logits[:, 10:20], labels, torch.zeros(6, 2, 4), 1.0, -100, 10, True, False)
+    with pytest.raises(RuntimeError, match="reaches past the state's 1 chunks"):
+        op(logits, labels, torch.zeros(6, 1, 4), 1.0, -100, 0, True, False)
+    with pytest.raises(RuntimeError, match="with finish, the row ends at"):
+        op(logits[:, :0], labels, torch.zeros(6, 3, 4), 1.0, -100, V, True, True)
+    past = labels.clone()
+    past[0] = V  # in the last chunk's columns but past the row's end
+    with pytest.raises(RuntimeError, match=f"label {V} at flat index 0 is outside"):
+        op(logits[:, :0], past, torch.zeros(6, 2, 4), 1.0, -100, V, True, True)

@@ -309,12 +309,14 @@ CHECKS = {name[len("check_"):]: fn for name, fn in list(globals().items())
 CHECKS.update(logprobs=check_logprobs, kl=check_kl, linear=check_linear)
 
 
-def run_suite(rank: int, world: int, names: list[str]) -> dict:
-    """Runs each named check; returns {name: None or the failure's traceback}."""
+def run_suite(rank: int, world: int, names: list[str], checks: dict | None = None) -> dict:
+    """Runs each named check (of `checks`, CHECKS by default); returns {name: None or the
+    failure's traceback}."""
+    checks = CHECKS if checks is None else checks
     out = {}
     for name in names:
         try:
-            CHECKS[name](rank, world)
+            checks[name](rank, world)
             out[name] = None
         except BaseException:  # noqa: BLE001 - reported per check
             out[name] = traceback.format_exc()

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -110,26 +111,45 @@ inline LogprobsParams logprobs_backward_args(const at::Tensor& grad_logprobs,
 }
 
 // logprobs_vocab_tile: a tile of columns [vocab_start, vocab_start + V') of the
-// rows, and their running state (4 floats a row, or 5 with the arg-max flag,
+// rows, and their running state (4 floats a row, or 5 with the arg-max flag), or one
+// state per vocabulary chunk where the backend's kernel has that mode (chunk_states;
 // core/logprobs.h).
 inline LogprobsParams logprobs_vocab_tile_args(const at::Tensor& logits, const at::Tensor& labels,
                                                const at::Tensor& state, double temperature, int64_t ignore_index,
-                                               int64_t vocab_start, bool with_entropy, bool finish, at::Tensor& x) {
+                                               int64_t vocab_start, bool with_entropy, bool finish, at::Tensor& x,
+                                               bool chunk_states = false) {
   check_labels_shape(logits, labels, "logprobs_vocab_tile");
   TORCH_CHECK(temperature > 0, "logprobs_vocab_tile: temperature must be > 0, got ", temperature);
   TORCH_CHECK(vocab_start >= 0, "logprobs_vocab_tile: vocab_start must be >= 0, got ", vocab_start);
   const int64_t N = leading_numel(logits);
-  const int width = N > 0 && state.numel() == N * kTileWidthTop1 ? kTileWidthTop1 : kTileWidth;
-  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.numel() == N * width &&
-                  state.device() == logits.device(),
+  const int64_t V = logits.size(-1);
+  // [..., C, 4] with the labels' leading shape: one state per vocabulary chunk (core/logprobs.h)
+  const bool chunked = state.dim() == labels.dim() + 2 && state.size(-1) == kTileWidth &&
+                       state.sizes().slice(0, labels.dim()) == labels.sizes();
+  const int64_t chunks = chunked ? state.size(-2) : 0;
+  const int width = !chunked && N > 0 && state.numel() == N * kTileWidthTop1 ? kTileWidthTop1 : kTileWidth;
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() &&
+                  state.numel() == N * width * std::max<int64_t>(chunks, 1) && state.device() == logits.device(),
               "logprobs_vocab_tile: state must be a contiguous float32 tensor with 4 values per row of logits "
-              "(5 to also track whether the label is the arg-max)");
+              "(5 to also track whether the label is the arg-max), or [..., C, 4] with 4 per vocabulary chunk");
+  if (chunked) {
+    TORCH_CHECK(chunk_states, "logprobs_vocab_tile: a state per vocabulary chunk ([..., C, 4]) is supported by the CPU "
+                "kernel only so far");
+    TORCH_CHECK(V == 0 || vocab_start % kVocabChunk == 0, "logprobs_vocab_tile: with a state per chunk, vocab_start "
+                "must be a multiple of the vocabulary chunk (", kVocabChunk, "), got ", vocab_start);
+    TORCH_CHECK(V == 0 || chunk_of(vocab_start) + vocab_chunks(V) <= chunks, "logprobs_vocab_tile: the tile [",
+                vocab_start, ", ", vocab_start + V, ") reaches past the state's ", chunks, " chunks");
+    TORCH_CHECK(!finish || vocab_chunks(vocab_start + V) == chunks, "logprobs_vocab_tile: with finish, the row ends "
+                "at ", vocab_start + V, " columns, which is ", vocab_chunks(vocab_start + V),
+                " chunks, but state holds ", chunks);
+  }
   LogprobsParams p =
       logits_rows(logits, labels, temperature, ignore_index, with_entropy, "logprobs_vocab_tile", x);
   p.vocab_start = vocab_start;
   p.state = state.data_ptr<float>();
   p.width = width;
   p.finish = finish;
+  p.chunks = chunks;
   return p;
 }
 

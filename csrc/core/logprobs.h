@@ -13,6 +13,14 @@
 //
 // Partial statistics of one row (vector lanes, CUDA threads, blocks of a split
 // row) merge with stats_merge.
+//
+// The chunk rule (every backend): a row is reduced as ceil(V / kVocabChunk) chunks
+// of kVocabChunk columns (the last one shorter), each chunk's statistics computed
+// from an empty state, then folded in chunk order in float32: acc = stats_merge(acc,
+// chunk), acc starting empty.  How a backend reduces inside a chunk is its own, but the
+// same values must give the same bits wherever the chunk sits (its row, its batch, its
+// address).  Rows cut on chunk edges (vocabulary tiles, vocabulary-parallel shards)
+// then give the whole row's bits by folding their chunks' statistics in order.
 #pragma once
 #include <math.h>
 
@@ -60,6 +68,10 @@ RLK_INLINE void stats_push(SoftmaxStats& st, float x, float scale) {
   if (kEntropy) st.t += e * y;
 }
 
+constexpr int64_t kVocabChunk = 8192;
+
+RLK_INLINE int64_t vocab_chunks(int64_t V) { return (V + kVocabChunk - 1) / kVocabChunk; }
+
 template <bool kEntropy>
 RLK_INLINE SoftmaxStats stats_merge(SoftmaxStats a, SoftmaxStats b, float scale) {
   if (b.m > a.m) {
@@ -86,8 +98,9 @@ RLK_INLINE float logprob_of(float x_label, float m, float log_s, float inv_t) {
 // The lm-head's logits of a token arrive as tiles of columns [v0, v0 + n).  A float32
 // state of 4 values per row carries (m, s, t, label logit) from tile to tile, the
 // first tile (v0 = 0) starting from nothing, and holds (log p(label), H, m, ln s)
-// after the last one; a fifth value, when present, the arg-max flag (below).  A kernel that adds each tile's elements in the order its
-// whole-row pass would (tiles of whole kernel blocks) gives that pass's bits.
+// after the last one; a fifth value, when present, the arg-max flag (below).  A tile folds
+// its own chunks (counted from the tile's first column) into the state, so tiles that
+// start on chunk edges give the whole-row pass's bits.
 RLK_INLINE SoftmaxStats tile_stats_in(const float* state, int64_t vocab_start) {
   return vocab_start == 0 ? stats_empty() : SoftmaxStats{state[0], state[1], state[2]};
 }
@@ -115,6 +128,15 @@ RLK_INLINE void tile_stats_out(float* state, const SoftmaxStats& st, float x_lab
   state[2] = st.m;
   state[3] = log_s;
 }
+
+// Chunk-state mode (the state shaped [..., C, 4]: one state per chunk of the row, C =
+// vocab_chunks(V)).  A tile starting on a chunk edge writes each of its chunks'
+// statistics, from an empty state, into that chunk's slot, (m, s, t, label logit or 0
+// where the label lies elsewhere); tiles may come in any order, or from other processes
+// (the vocabulary-parallel exact mode gathers them).  With finish the slots are folded
+// in chunk order, as the whole-row kernel folds, and the first slot gets the finished
+// (log p(label), H, m, ln s).  A tile of width 0 at vocab_start = V only folds.
+RLK_INLINE int64_t chunk_of(int64_t column) { return column / kVocabChunk; }
 
 // A row whose label is ignore_index: 0 everywhere, as the whole-row forward writes.
 RLK_INLINE void tile_stats_ignored(float* state, int width = 4) {
@@ -180,6 +202,7 @@ struct LogprobsParams {
   float* state = nullptr;
   int width = kTileWidth;
   bool finish = false;
+  int64_t chunks = 0;        // chunk-state mode: the state's chunks per row (0: a running state)
   // backward: grad may alias logits; grad_entropy is null without the entropy term
   void* grad = nullptr;
   RowIndex grad_rows{};

@@ -1,6 +1,6 @@
 // Full-vocabulary KL(pi || pi_ref) from two rows of logits on the CPU, and its
 // backward: the streaming block passes of cpu/logprobs.cpp over both rows at
-// once (statistics: core/kl_from_logits.h).
+// once, chunks folded in order as there (statistics: core/kl_from_logits.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -30,20 +30,13 @@ struct KlPass : LogitsPass<T> {
         vinv_t(splat<W>(this->inv_t)), zero(splat<W>(0.0f)) {}
 };
 
-// The forward of row i: its KL and the five saved statistics.
+// The statistics of one chunk (n <= kVocabChunk pairs of logits) from an empty
+// state, in kBlock-wide blocks; element j of the chunk goes to lane j % W wherever
+// the chunk lies in memory.
 template <int W, class T>
-RLK_ALWAYS_INLINE void kl_row(const KlFromLogitsParams& a, const KlPass<W, T>& pass, int64_t i) {
-  const int64_t V = a.V;
+RLK_ALWAYS_INLINE KlStats kl_chunk(const KlPass<W, T>& pass, const T* xa, const T* xb, int64_t V) {
   const vf<W> vscale = pass.vscale, vinv_t = pass.vinv_t, zero = pass.zero;
   const vf<W> vinf = splat<W>(INFINITY), vminus_inf = splat<W>(-INFINITY);
-  float* saved = a.saved + 5 * i;
-  if (a.mask != nullptr && !a.mask[i]) {
-    a.kl[i] = 0.0f;
-    for (int k = 0; k < 5; ++k) saved[k] = 0.0f;
-    return;
-  }
-  const T* xa = pass.base + a.rows.offset(i);
-  const T* xb = pass.ref_base + a.ref_rows.offset(i);
   KlStats st = kl_stats_empty();
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = std::min(kBlock, V - b0);
@@ -72,6 +65,30 @@ RLK_ALWAYS_INLINE void kl_row(const KlFromLogitsParams& a, const KlPass<W, T>& p
     st.sb += hsum<W>(sb);
     st.w += hsum<W>(w);
   }
+  return st;
+}
+
+// The chunk rule's fold step for KL (core/logprobs.h), compiled once outside the
+// per-ISA copies, as cpu/logits.h's fold_chunk and for the same reason.
+__attribute__((noinline)) KlStats fold_kl_chunk(KlStats acc, KlStats chunk, float scale, float inv_t) {
+  return kl_stats_merge(acc, chunk, scale, inv_t);
+}
+
+// The forward of row i: its KL and the five saved statistics, chunks folded in order.
+template <int W, class T>
+RLK_ALWAYS_INLINE void kl_row(const KlFromLogitsParams& a, const KlPass<W, T>& pass, int64_t i) {
+  float* saved = a.saved + 5 * i;
+  if (a.mask != nullptr && !a.mask[i]) {
+    a.kl[i] = 0.0f;
+    for (int k = 0; k < 5; ++k) saved[k] = 0.0f;
+    return;
+  }
+  const T* xa = pass.base + a.rows.offset(i);
+  const T* xb = pass.ref_base + a.ref_rows.offset(i);
+  KlStats st = kl_stats_empty();
+  for (int64_t c0 = 0; c0 < a.V; c0 += kVocabChunk)
+    st = fold_kl_chunk(st, kl_chunk<W, T>(pass, xa + c0, xb + c0, std::min(kVocabChunk, a.V - c0)), pass.scale,
+                       pass.inv_t);
   a.kl[i] = kl_finish(st, saved);
 }
 

@@ -29,6 +29,7 @@ using simd::vmax;
 
 // A block of logits stays in L1 between its max pass and its exp pass.
 constexpr int64_t kBlock = 2048;
+static_assert(kVocabChunk % kBlock == 0, "a vocabulary chunk is whole blocks");
 
 // Software prefetch from inside the compute loops.  The forward is compute-bound
 // on exp while its block sits in L1; without prefetch the next block's max pass
@@ -48,6 +49,16 @@ RLK_ALWAYS_INLINE void prefetch_step(const T* p, int64_t ahead) {
 // Single-pass loops (the backward passes) prefetch this many bytes ahead.
 constexpr int64_t kStreamAheadBytes = 8192;
 
+
+// The chunk rule's fold step (core/logprobs.h), compiled once, outside the per-ISA
+// copies of the kernels: the whole-row kernel and the fold of chunk statistics that
+// arrive from elsewhere (logprobs_vocab_tile's chunk states, the vocabulary-parallel
+// exact mode) then run the same instructions, whereas differently targeted inlined
+// copies may contract a * b + c into an FMA differently.
+template <bool kEntropy>
+__attribute__((noinline)) SoftmaxStats fold_chunk(SoftmaxStats acc, SoftmaxStats chunk, float scale) {
+  return stats_merge<kEntropy>(acc, chunk, scale);
+}
 
 inline int64_t logits_row_grain(int64_t V) { return row_grain(V, kElementsPerTask); }
 

@@ -1,13 +1,14 @@
 // Log-probs and entropy from logits on the CPU (logprobs, its vocabulary tiles
 // and its backward).
 //
-// Forward: one streaming pass per row.  The row is read in blocks of kBlock
+// Forward: one streaming pass per row, in chunks of kVocabChunk columns folded in
+// order (the chunk rule, core/logprobs.h).  A chunk is read in blocks of kBlock
 // elements that stay in L1: a max pass over the block, a rescale of the running
 // sums when the maximum grew, then the exp pass (sum-exp and, for entropy, the
-// weighted sum, see core/logprobs.h).  Memory traffic is the logits once; no
-// [N, V] temporary exists.  Backward: one more pass that recomputes p from the
-// saved row statistics and writes the gradient in the logits' dtype, into a
-// fresh tensor or into the logits buffer itself.
+// weighted sum).  Memory traffic is the logits once; no [N, V] temporary exists.
+// Backward: one more pass that recomputes p from the saved row statistics and
+// writes the gradient in the logits' dtype, into a fresh tensor or into the logits
+// buffer itself.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -25,9 +26,15 @@ namespace {
 // the SIMD layer and the row-pass helpers of logits.h
 using namespace cpu;
 
+// The statistics of one chunk (n <= kVocabChunk elements) from an empty state, in
+// kBlock-wide blocks that stay in L1: the block's maximum, a rescale of the sums so
+// far when it grew, then the exp pass.  Element j of the chunk always goes to lane
+// j % (2 W), whatever the chunk's address (unaligned loads, no peeling), so the same
+// values give the same bits anywhere.
 template <int W, class T, bool kEntropy>
-RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale, SoftmaxStats st = stats_empty()) {
+RLK_ALWAYS_INLINE SoftmaxStats chunk_stats(const T* x, int64_t V, float scale) {
   const vf<W> vscale = splat<W>(scale);
+  SoftmaxStats st = stats_empty();
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = std::min(kBlock, V - b0);
     const T* xb = x + b0;
@@ -59,6 +66,14 @@ RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale, Sof
     st.s += hsum<W>(s0 + s1);
     if (kEntropy) st.t += hsum<W>(t0 + t1);
   }
+  return st;
+}
+
+// V columns folded into `st` by the chunk rule (core/logprobs.h), chunks counted from x.
+template <int W, class T, bool kEntropy>
+RLK_ALWAYS_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float scale, SoftmaxStats st = stats_empty()) {
+  for (int64_t c0 = 0; c0 < V; c0 += kVocabChunk)
+    st = fold_chunk<kEntropy>(st, chunk_stats<W, T, kEntropy>(x + c0, std::min(kVocabChunk, V - c0), scale), scale);
   return st;
 }
 
@@ -136,7 +151,7 @@ struct TileRows {
       }
       const T* x = pass.base + a.rows.offset(i);
       const SoftmaxStats before = tile_stats_in(state, a.vocab_start);
-      // kBlock-aligned tiles continue the whole-row pass exactly (row_stats' blocks)
+      // a tile that starts on a chunk edge continues the whole-row pass exactly
       const SoftmaxStats st = row_stats<W, T, kEntropy>(x, a.V, pass.scale, before);
       const int64_t local = label - a.vocab_start;
       const bool label_here = local >= 0 && local < a.V;
@@ -153,14 +168,54 @@ struct TileRows {
   }
 };
 
+// The chunk-state mode of the tile op (core/logprobs.h): each chunk of the tile into
+// its own slot, then, with finish, the fold of all the row's slots in chunk order, the
+// very fold the whole-row forward runs.
+template <class T, bool kEntropy>
+struct ChunkTileRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const LogprobsParams& a, int64_t begin, int64_t end) {
+    const LogitsPass<T> pass(a);
+    const int64_t first = a.V > 0 ? chunk_of(a.vocab_start) : 0;
+    for (int64_t i = begin; i < end; ++i) {
+      float* slots = a.state + i * a.chunks * kTileWidth;
+      const int64_t label = a.labels[i];
+      if (label == a.ignore_index) {
+        for (int64_t c = first; c < first + vocab_chunks(a.V); ++c) tile_stats_ignored(slots + c * kTileWidth);
+        if (a.finish) tile_stats_ignored(slots);
+        continue;
+      }
+      const T* x = pass.base + a.rows.offset(i);
+      for (int64_t c0 = 0; c0 < a.V; c0 += kVocabChunk) {
+        const int64_t n = std::min(kVocabChunk, a.V - c0);
+        const SoftmaxStats st = chunk_stats<W, T, kEntropy>(x + c0, n, pass.scale);
+        const int64_t local = label - a.vocab_start - c0;
+        const float x_label = local >= 0 && local < n ? to_float(x[c0 + local]) : 0.0f;
+        tile_stats_out<kEntropy>(slots + (first + c0 / kVocabChunk) * kTileWidth, st, x_label, false, pass.inv_t);
+      }
+      if (a.finish) {
+        SoftmaxStats acc = stats_empty();
+        for (int64_t c = 0; c < a.chunks; ++c) {
+          const float* slot = slots + c * kTileWidth;
+          acc = fold_chunk<kEntropy>(acc, SoftmaxStats{slot[0], slot[1], slot[2]}, pass.scale);
+        }
+        // the label lies in [0, vocab_start + V) (checked), so in one of the slots
+        const float x_label = slots[chunk_of(label) * kTileWidth + 3];
+        tile_stats_out<kEntropy>(slots, acc, x_label, true, pass.inv_t);
+      }
+    }
+  }
+};
+
 void logprobs_vocab_tile_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
                              double temperature, int64_t ignore_index, int64_t vocab_start, bool with_entropy,
                              bool finish) {
   at::Tensor x;
   const LogprobsParams p = logprobs_vocab_tile_args(logits, labels, state, temperature, ignore_index, vocab_start,
-                                                    with_entropy, finish, x);
+                                                    with_entropy, finish, x, /*chunk_states=*/true);
   check_label_range(finish ? vocab_start + p.V : INT64_MAX, p, "logprobs_vocab_tile");
-  run_logits_rows<TileRows>(p, p.with_entropy, logits_row_grain(p.V));
+  if (p.chunks > 0) run_logits_rows<ChunkTileRows>(p, p.with_entropy, logits_row_grain(std::max<int64_t>(p.V, 1)));
+  else run_logits_rows<TileRows>(p, p.with_entropy, logits_row_grain(p.V));
 }
 
 // ---- logprobs backward ----------------------------------------------------------------------

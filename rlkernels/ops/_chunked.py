@@ -41,11 +41,12 @@ CHUNK_BYTES = 64 << 20
 # Vocabulary block of the lm-head tiles (linear_logprobs' forward and backward).  Fixed,
 # not sized from the batch: a token's logits then come from the same matmul shapes, and
 # its row statistics merge tile by tile in the same order, whatever the batch (and the
-# backward recomputes the forward's logits bit for bit).  A multiple of the CPU kernel's
-# block (2048), so the tiles continue its whole-row pass exactly.  Vocabulary tiles
+# backward recomputes the forward's logits bit for bit).  A multiple of the vocabulary
+# chunk (kVocabChunk, core/logprobs.h), so the tiles fold the whole-row pass's chunks
+# exactly (and vocabulary-parallel shards on chunk edges tile alike).  Vocabulary tiles
 # over all tokens also beat token chunks over the whole vocabulary on the CPU: MKL
 # repacks the whole weight for every chunk (figures in docs).
-VOCAB_BLOCK = 4096
+VOCAB_BLOCK = 8192
 # Row granularity of the lm-head matmuls.  A BLAS picks its code path, and so the
 # summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul (or of
 # a thread's 1-3 row share of a larger one) round differently from the same rows in a

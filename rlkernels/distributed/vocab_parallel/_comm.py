@@ -36,6 +36,8 @@ class _Layout:
     def __init__(self, fn, group, rank, size, timeout, vocab_start=None, vocab=None):
         self.fn, self.group, self.rank, self.size, self.timeout = fn, group, rank, size, timeout
         self.vocab_start, self.vocab = vocab_start, vocab
+        self.starts: list[int] | None = None  # every rank's first column (after the header exchange)
+        self.sizes: list[int] | None = None
 
 
 def _wait(where: _Layout, work, stage: str) -> None:
@@ -78,14 +80,16 @@ def _label_digest(labels: torch.Tensor, ignore_index: int) -> tuple[int, int, in
 
 def layout(fn: str, group, *, tokens: int, local_vocab: int, dtype: torch.dtype, device: torch.device,
            labels: torch.Tensor | None, ignore_index: int, settings: tuple, check: bool, vocab_start,
-           timeout) -> _Layout:
+           timeout, every_shard: bool = False) -> _Layout:
     """Where this rank's shard starts and the full vocabulary size; with check=True the
-    header exchange that raises VocabParallelMismatchError on every rank."""
+    header exchange that raises VocabParallelMismatchError on every rank.  every_shard:
+    the caller needs every rank's shard (the exact mode), so the header is exchanged
+    even with check=False and vocab_start given."""
     me = ring(f"vocab_parallel.{fn}", group)
     where = _Layout(fn, group, me.rank, me.size, timeout_arg(f"vocab_parallel.{fn}", timeout))
     if vocab_start is not None:
         vocab_start = V.integer(fn, "vocab_start", vocab_start, low=0)
-    if not check and vocab_start is not None:
+    if not check and vocab_start is not None and not every_shard:
         where.vocab_start = vocab_start
         return where
     lo, hi, checksum = _label_digest(labels, ignore_index) if check and labels is not None else (0, -1, 0)
@@ -103,6 +107,7 @@ def layout(fn: str, group, *, tokens: int, local_vocab: int, dtype: torch.dtype,
                 f"rlkernels.distributed.vocab_parallel.{fn}: {problem} (raised on every rank before any "
                 "statistics moved; nothing was written)", fn=fn, rank=where.rank, size=where.size, stage="check")
     where.vocab_start, where.vocab = starts[where.rank], vocab
+    where.starts, where.sizes = starts, sizes
     return where
 
 

@@ -11,29 +11,53 @@ from ... import _validate as V
 from ...ops import _chunked
 from ...ops._registry import kernel
 from ...ops import _logits as L
-from ._comm import all_reduce_sum, gather_stats, layout
-from ._stats import (STAT_WIDTH, backward_logits, empty_state, klreference_backward, kl_shard_stats, owned,
-                     reference_backward, shard_state, stat_dtype, tile_ops, merge_kl_stats, merge_softmax_stats)
+from ._comm import VocabParallelMismatchError, all_reduce_sum, gather_stats, layout
+from ._stats import (CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CHUNK, backward_logits, empty_state,
+                     exact_chunk_state, fold_exact, klreference_backward, kl_shard_stats, owned, reference_backward,
+                     shard_state, stat_dtype, tile_ops, merge_kl_stats, merge_softmax_stats)
 
 
-def _choose(fn, backend, device, dtype):
-    return L.choose_backend(fn, backend, device, dtype)
+def _choose(fn, backend, device, dtype, exact=False):
+    chosen = L.choose_backend(fn, backend, device, dtype)
+    if exact and chosen != "cpu":
+        raise ValueError(f"{fn}: exact=True folds the chunk statistics with the CPU kernels, so it needs CPU tensors "
+                         f"and backend 'cpu' or 'auto'; got backend {backend!r} on {device}")
+    return chosen
+
+
+def _exact_layout(fn, where) -> None:
+    """exact=True needs every shard (but empty ones) to start on a chunk edge: raised on
+    every rank alike (they all hold the same shard table) before any statistics move."""
+    for r, (start, size) in enumerate(zip(where.starts, where.sizes)):
+        if size and start % VOCAB_CHUNK:
+            raise VocabParallelMismatchError(
+                f"rlkernels.distributed.vocab_parallel.{fn}: exact=True needs every shard to start on a multiple "
+                f"of the vocabulary chunk ({VOCAB_CHUNK} columns), but rank {r} starts at column {start} (shard "
+                f"sizes in rank order: {where.sizes}); nothing was written", fn=fn, rank=where.rank,
+                size=where.size, stage="check")
 
 
 # ---- logprobs ----------------------------------------------------------------------------------
 
 class _LogprobsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, where, temperature, ignore_index, with_entropy, backend):
+    def forward(ctx, logits, labels, where, temperature, ignore_index, with_entropy, backend, exact):
         n, width = labels.numel(), logits.shape[-1]
         x = logits.reshape(n, width)
         flat = labels.reshape(n)
-        state = empty_state(n, logits.device, stat_dtype(logits.dtype))
-        if width:
-            shard_state(x, flat, state, temperature, ignore_index, where.vocab_start, with_entropy, backend)
-        stats = torch.cat([state, owned(flat, where.vocab_start, width, state.dtype)[:, None]], 1)
-        gathered = gather_stats(where, stats)
-        logprob, entropy, saved = merge_softmax_stats(gathered, temperature, flat != ignore_index)
+        if exact:
+            state = exact_chunk_state(n, where, logits.device)
+            if width:  # this shard's chunks into their slots
+                tile_ops("cpu")[0](x, flat, state, temperature, ignore_index, where.vocab_start, with_entropy, False)
+            logprob, entropy, saved = fold_exact(where, state, flat, temperature, ignore_index, with_entropy,
+                                                 lambda mine: gather_stats(where, mine))
+        else:
+            state = empty_state(n, logits.device, stat_dtype(logits.dtype))
+            if width:
+                shard_state(x, flat, state, temperature, ignore_index, where.vocab_start, with_entropy, backend)
+            stats = torch.cat([state, owned(flat, where.vocab_start, width, state.dtype)[:, None]], 1)
+            gathered = gather_stats(where, stats)
+            logprob, entropy, saved = merge_softmax_stats(gathered, temperature, flat != ignore_index)
         ctx.save_for_backward(logits, labels, saved, entropy)
         ctx.options = (temperature, ignore_index, where.vocab_start, backend, with_entropy)
         lead = labels.shape
@@ -45,17 +69,17 @@ class _LogprobsFn(torch.autograd.Function):
         logits, labels, saved, entropy = ctx.saved_tensors
         temperature, ignore_index, vocab_start, backend, with_entropy = ctx.options
         if not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 8
         n, width = labels.numel(), logits.shape[-1]
         wide = saved.dtype
         g = torch.zeros(n, dtype=wide, device=logits.device) if grad_lp is None else \
             grad_lp.reshape(n).to(wide).contiguous()
         gh = None if (grad_h is None or not with_entropy) else grad_h.reshape(n).to(wide).contiguous()
         if width == 0:
-            return (torch.zeros_like(logits),) + (None,) * 6
+            return (torch.zeros_like(logits),) + (None,) * 7
         grad = backward_logits(g, gh, logits.reshape(n, width), labels.reshape(n).to(torch.int64).contiguous(),
                                 saved, entropy, temperature, ignore_index, vocab_start, backend)
-        return (grad.reshape(logits.shape),) + (None,) * 6
+        return (grad.reshape(logits.shape),) + (None,) * 7
 
 
 def _labels(fn: str, labels, like: torch.Tensor, like_name: str) -> None:
@@ -71,23 +95,27 @@ def _labels(fn: str, labels, like: torch.Tensor, like_name: str) -> None:
 
 def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, group, temperature: float = 1.0,
              ignore_index: int = -100, entropy: bool = False, vocab_start: int | None = None, check: bool = True,
-             timeout=None, backend: str = "auto"):
+             timeout=None, exact: bool = False, backend: str = "auto"):
     """rlkernels.logprobs on a vocabulary sharded over `group`: `logits` [..., V_r] is this
     rank's contiguous shard (shards in rank order; sizes may differ), labels are global
     ids.  Every rank gets the log-probs (and entropy) over the full vocabulary; the
-    gradient reaches this rank's logits shard."""
+    gradient reaches this rank's logits shard.  exact=True (CPU; every shard starting on
+    a multiple of VOCAB_CHUNK columns): the unsharded CPU op's bits, values and gradients."""
     fn = "logprobs"
     L.logits_tensor(fn, "logits", logits)
     ignore_index = L.index(fn, "ignore_index", ignore_index)
     temperature = L.temperature(fn, temperature)
     _labels(fn, labels, logits, "logits")
-    chosen = _choose(fn, backend, logits.device, logits.dtype)
+    exact = V.flag(fn, "exact", exact)
+    chosen = _choose(fn, backend, logits.device, logits.dtype, exact)
     where = layout(fn, group, tokens=labels.numel(), local_vocab=logits.shape[-1], dtype=logits.dtype,
                    device=logits.device, labels=labels, ignore_index=ignore_index,
-                   settings=(temperature, ignore_index, bool(entropy)), check=check, vocab_start=vocab_start,
-                   timeout=timeout)
+                   settings=(temperature, ignore_index, bool(entropy), exact), check=check, vocab_start=vocab_start,
+                   timeout=timeout, every_shard=exact)
+    if exact:
+        _exact_layout(fn, where)
     values, entropies = _LogprobsFn.apply(logits, labels.to(torch.int64).contiguous(), where, temperature,
-                                          ignore_index, bool(entropy), chosen)
+                                          ignore_index, bool(entropy), chosen, exact)
     return (values, entropies) if entropy else values
 
 
@@ -151,10 +179,23 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, group, tem
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, where, temperature, ignore_index, with_entropy, backend,
-                reduce_hidden_grad):
+                reduce_hidden_grad, exact):
         n, width = labels.shape[0], weight.shape[0]
+        # exact: the unsharded op's tiles, sized from the whole vocabulary (its blocks, VOCAB_BLOCK
+        # wide, start on chunk edges in every shard), each tile into its chunks' slots
+        tiles = _chunked.lm_head_tiles(n, where.vocab if exact else width)
+        if exact:
+            state = exact_chunk_state(n, where, hidden.device)
+            tile, _ = tile_ops("cpu")
+            for t0, t1, v0, _v1, logits in _chunked.tiled_logits(hidden, weight, bias, tiles):
+                tile(logits, labels[t0:t1], state[t0:t1], temperature, ignore_index, where.vocab_start + v0,
+                     with_entropy, False)
+            logprob, entropy, saved = fold_exact(where, state, labels, temperature, ignore_index, with_entropy,
+                                                 lambda mine: gather_stats(where, mine))
+            ctx.save_for_backward(hidden, weight, bias, labels, saved, entropy)
+            ctx.options = (where, temperature, ignore_index, with_entropy, backend, reduce_hidden_grad, exact)
+            return logprob, entropy
         state = empty_state(n, hidden.device, stat_dtype(hidden.dtype))
-        tiles = _chunked.lm_head_tiles(n, width)
         if backend == "reference":
             if width:
                 logits = hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())
@@ -168,18 +209,18 @@ class _LinearFn(torch.autograd.Function):
         gathered = gather_stats(where, stats)
         logprob, entropy, saved = merge_softmax_stats(gathered, temperature, labels != ignore_index)
         ctx.save_for_backward(hidden, weight, bias, labels, saved, entropy)
-        ctx.options = (where, temperature, ignore_index, with_entropy, backend, reduce_hidden_grad, tiles)
+        ctx.options = (where, temperature, ignore_index, with_entropy, backend, reduce_hidden_grad, exact)
         return logprob, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lp, grad_h):
         hidden, weight, bias, labels, saved, entropy = ctx.saved_tensors
-        where, temperature, ignore_index, with_entropy, backend, reduce_hidden_grad, tiles = ctx.options
+        where, temperature, ignore_index, with_entropy, backend, reduce_hidden_grad, exact = ctx.options
         needs = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                  bias is not None and bool(ctx.needs_input_grad[2]))
         if not any(needs):
-            return (None,) * 10
+            return (None,) * 11
         n = labels.shape[0]
         g = torch.zeros(n, dtype=saved.dtype, device=hidden.device) if grad_lp is None else \
             grad_lp.to(saved.dtype).contiguous()
@@ -192,45 +233,60 @@ class _LinearFn(torch.autograd.Function):
             grad_hidden, grad_weight, grad_bias = (x.to(hidden.dtype) for x in grads)
         else:
             _, backward = tile_ops(backend)
+            # exact: the unsharded backward's rows (ignored ones dropped) and tiles, so the weight
+            # and bias gradients come from the same sums
+            rows = _chunked.kept_rows(labels, ignore_index) if exact else None
+            kept = [t if rows is None or t is None else t[rows] for t in (hidden, labels, g, gh, saved, entropy)]
+            kept_hidden, kept_labels, kept_g, kept_gh, kept_saved, kept_entropy = kept
+            tiles = _chunked.lm_head_tiles(kept_hidden.shape[0], where.vocab if exact else weight.shape[0])
 
             def grad_logits(t0, t1, v0, v1, logits):
-                return backward(g[t0:t1], None if gh is None else gh[t0:t1], logits, labels[t0:t1], saved[t0:t1],
-                                entropy[t0:t1], temperature, ignore_index, where.vocab_start + v0)
+                return backward(kept_g[t0:t1], None if kept_gh is None else kept_gh[t0:t1], logits,
+                                kept_labels[t0:t1], kept_saved[t0:t1], kept_entropy[t0:t1], temperature,
+                                ignore_index, where.vocab_start + v0)
 
             grad_hidden, grad_weight, grad_bias = _chunked.chunked_linear_backward(
-                hidden, weight, bias, tiles, grad_logits, (needs[0], needs[1], needs[2]))
+                kept_hidden, weight, bias, tiles, grad_logits, (needs[0], needs[1], needs[2]))
+            if needs[0] and rows is not None:
+                grad_hidden = torch.zeros(hidden.shape, dtype=grad_hidden.dtype,
+                                          device=hidden.device).index_copy_(0, rows, grad_hidden)
         if needs[0] and reduce_hidden_grad and where.size > 1:
             wide = grad_hidden.to(torch.float32) if grad_hidden.dtype in (torch.float16, torch.bfloat16) \
                 else grad_hidden
             grad_hidden = all_reduce_sum(where, wide, "the hidden-gradient all-reduce").to(hidden.dtype)
         return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None,
-                grad_bias if needs[2] else None) + (None,) * 7
+                grad_bias if needs[2] else None) + (None,) * 8
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, group,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                     entropy: bool = False, vocab_start: int | None = None, check: bool = True, timeout=None,
-                    reduce_hidden_grad: bool = True, backend: str = "auto"):
+                    reduce_hidden_grad: bool = True, exact: bool = False, backend: str = "auto"):
     """rlkernels.linear_logprobs with the lm-head sharded over `group`: weight [V_r, H]
     (and bias [V_r]) are this rank's rows of the full [V, H] head, in rank order; hidden
     and labels (global ids) are the same on every rank.  Every rank gets the full-vocabulary
     log-probs; weight and bias get this shard's gradient; hidden gets the sum over the
-    shards (one all-reduce of [N, H] in the backward) unless reduce_hidden_grad=False."""
+    shards (one all-reduce of [N, H] in the backward) unless reduce_hidden_grad=False.
+    exact=True (as logprobs'): the unsharded op's log-probs, entropy and weight and bias
+    gradients bit for bit; the hidden gradient sums the shards in another order."""
     fn = "linear_logprobs"
     device = L.lm_head(fn, hidden, weight, bias, rows="V_r")
     ignore_index = L.index(fn, "ignore_index", ignore_index)
     temperature = L.temperature(fn, temperature)
     _labels(fn, labels, hidden, "hidden")
-    chosen = _choose(fn, backend, device, hidden.dtype)
+    exact = V.flag(fn, "exact", exact)
+    chosen = _choose(fn, backend, device, hidden.dtype, exact)
     where = layout(fn, group, tokens=labels.numel(), local_vocab=weight.shape[0], dtype=hidden.dtype, device=device,
                    labels=labels, ignore_index=ignore_index,
-                   settings=(temperature, ignore_index, bool(entropy), hidden.shape[-1]), check=check,
-                   vocab_start=vocab_start, timeout=timeout)
+                   settings=(temperature, ignore_index, bool(entropy), hidden.shape[-1], exact), check=check,
+                   vocab_start=vocab_start, timeout=timeout, every_shard=exact)
+    if exact:
+        _exact_layout(fn, where)
     lead = labels.shape
     flat_hidden = hidden.reshape(labels.numel(), hidden.shape[-1]).contiguous()
     values, entropies = _LinearFn.apply(flat_hidden, weight.contiguous(), bias, labels.reshape(-1).to(torch.int64),
                                         where, temperature, ignore_index, bool(entropy), chosen,
-                                        bool(reduce_hidden_grad))
+                                        bool(reduce_hidden_grad), exact)
     values, entropies = values.reshape(lead), entropies.reshape(lead)
     return (values, entropies) if entropy else values
 
@@ -242,7 +298,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, kl: str = "k3",
                     entropy_coef: float = 0.0, temperature: float = 1.0, bias: torch.Tensor | None = None,
                     ignore_index: int = -100, vocab_start: int | None = None, check: bool = True, timeout=None,
-                    reduce_hidden_grad: bool = True, backend: str = "auto", **loss_options):
+                    reduce_hidden_grad: bool = True, exact: bool = False, backend: str = "auto", **loss_options):
     """rlkernels.linear_ppo_loss with the lm-head sharded over `group` (as linear_logprobs
     above): the log-probs (and entropy) over the full vocabulary, then the same policy
     loss on every rank.  loss_options: ppo_loss's (clip_low, clip_high, dual_clip,
@@ -272,7 +328,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with_entropy = entropy_coef != 0.0
     out = linear_logprobs(hidden, weight, labels, group=group, bias=bias, temperature=temperature,
                           ignore_index=ignore_index, entropy=with_entropy, vocab_start=vocab_start, check=check,
-                          timeout=timeout, reduce_hidden_grad=reduce_hidden_grad, backend=backend)
+                          timeout=timeout, reduce_hidden_grad=reduce_hidden_grad, exact=exact, backend=backend)
     logprobs, entropy = out if with_entropy else (out, None)
     return loss_from_logprobs(fn, logprobs, entropy, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs,
                               beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend, **options)
@@ -283,10 +339,13 @@ _LOSS_DEFAULTS = {"clip_low": 0.2, "clip_high": None, "dual_clip": None, "log_ra
 _LOSS_OPTIONS = tuple(_LOSS_DEFAULTS)
 
 
-def traffic_bytes(tokens: int, world: int, *, kind: str = "logprobs") -> int:
-    """Bytes each rank receives for the statistics exchange of one call (all_gather of
-    STAT_WIDTH float32 a token from every other rank)."""
+def traffic_bytes(tokens: int, world: int, *, kind: str = "logprobs", shard_chunks: int | None = None) -> int:
+    """Bytes each rank receives for the statistics exchange of one call: an all_gather of
+    STAT_WIDTH float32 a token from every other rank or, in the exact mode (shard_chunks:
+    the chunks of the widest shard, ceil(V_r / VOCAB_CHUNK)), CHUNK_STAT_WIDTH float32 a
+    chunk and token."""
     del kind  # both families send STAT_WIDTH values a token
-    return tokens * STAT_WIDTH * 4 * (world - 1)
+    per_token = STAT_WIDTH if shard_chunks is None else CHUNK_STAT_WIDTH * shard_chunks
+    return tokens * per_token * 4 * (world - 1)
 
 

@@ -1,5 +1,7 @@
 """Per-token softmax and KL statistics of one vocabulary shard, and their merge
-across shards (float64, in rank order, so every rank computes the same bits)."""
+across shards: float64, in rank order (every rank computes the same bits), or, in the
+exact mode, per-chunk statistics folded by the compiled kernel as the unsharded op
+folds them (the unsharded op's bits)."""
 from __future__ import annotations
 
 import math
@@ -7,11 +9,20 @@ import math
 import torch
 
 from ... import reference
+from ..._library import BUILD_INFO
 from ...ops._registry import kernel
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 STAT_WIDTH = 5  # values a token sends per rank
+# The kernels' vocabulary chunk (kVocabChunk, csrc/core/logprobs.h): each chunk's
+# statistics from an empty state, folded in chunk order.
+VOCAB_CHUNK = int(BUILD_INFO.get("vocab_chunk", 8192))
+CHUNK_STAT_WIDTH = 4  # values a token sends per chunk in the exact mode (m, s, t, label logit)
+
+
+def chunks(columns: int) -> int:
+    return -(-columns // VOCAB_CHUNK)
 
 
 def tile_ops(backend: str):
@@ -71,6 +82,33 @@ def merge_softmax_stats(gathered: torch.Tensor, temperature: float, valid: torch
     saved = torch.stack([top, log_s], -1)
     out = stat_dtype(gathered.dtype)
     return logprob.to(out), entropy.to(out), saved.to(out)
+
+
+def exact_chunk_state(n: int, where, device) -> torch.Tensor:
+    """float32 [n, chunks(V), 4]: one slot per chunk of the whole vocabulary, the
+    logprobs_vocab_tile chunk-state layout (csrc/core/logprobs.h)."""
+    return torch.zeros(n, chunks(where.vocab), CHUNK_STAT_WIDTH, device=device)
+
+
+def fold_exact(where, state, labels, temperature, ignore_index, with_entropy, gather):
+    """Every rank's chunks into `state` (this rank's already written), then the fold
+    in chunk order by the compiled tile op.  Returns float32 (log-prob, entropy, saved
+    [n, 2] = (max, ln s)), the unsharded CPU forward's bits.  One all_gather of
+    [n, widest shard's chunks, 4] float32."""
+    n = labels.shape[0]
+    counts = [chunks(size) for size in where.sizes]
+    first = where.vocab_start // VOCAB_CHUNK
+    mine = state.new_zeros(n, max(counts), CHUNK_STAT_WIDTH)
+    mine[:, : counts[where.rank]] = state[:, first: first + counts[where.rank]]
+    gathered = gather(mine)
+    for r, (start, count) in enumerate(zip(where.starts, counts)):
+        if r != where.rank and count:
+            state[:, start // VOCAB_CHUNK: start // VOCAB_CHUNK + count] = gathered[r, :, :count]
+    tile, _ = tile_ops("cpu")
+    # a tile of no columns at the vocabulary's end: folds the slots and finishes the rows
+    tile(state.new_empty(n, 0), labels, state, temperature, ignore_index, where.vocab, with_entropy, True)
+    done = state[:, 0]
+    return done[:, 0].clone(), done[:, 1].clone(), done[:, 2:].clone()
 
 
 def backward_logits(grad_lp, grad_h, logits2d, labels, saved, entropy, temperature, ignore_index, vocab_start,
