@@ -30,6 +30,14 @@ def float_tensor(op: str, name: str, value, **kw) -> torch.Tensor:
     return tensor(op, name, value, dtypes=FLOAT_DTYPES, **kw)
 
 
+def as_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`value` in `dtype`, contiguous: itself where it already is (a no-op Tensor.to
+    still costs a microsecond or more a call)."""
+    if value.dtype != dtype:
+        value = value.to(dtype)
+    return value.contiguous()
+
+
 def same_shape(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if value.shape != ref.shape:
         raise ValueError(f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}")

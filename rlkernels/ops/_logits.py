@@ -56,7 +56,7 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
             value = int(labels.flatten()[where])
             raise ValueError(f"{op}: labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                              f"got {value} at flat index {where}")
-    return labels.to(torch.int64).contiguous()
+    return V.as_dtype(labels, torch.int64)
 
 
 def choose_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -44,12 +44,12 @@ def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, pe
         dtype = torch.promote_types(dtype, value.dtype)
     device = V.same_device(op, **{primary_name: primary}, **others, mask=mask)
     mask = V.binary_mask(op, "mask", mask, primary.shape, device)
-    promoted = [primary.to(dtype).contiguous()]
+    promoted = [V.as_dtype(primary, dtype)]
     for name, value in others.items():
         if value is not None:
             if name in per_row and value.dim() == 2 and value.shape[1] == 1 and primary.shape[1] != 1:
                 value = value.reshape(B)
-            value = value.to(dtype).contiguous()
+            value = V.as_dtype(value, dtype)
         promoted.append(value)
     return promoted, mask, device
 
@@ -119,6 +119,7 @@ def register(name: str, fake, num_inputs: int, public_name: str) -> None:
     dtype) -> [B, T]: a kernel, whose small problems stay on one thread (a torch broadcast
     multiply would wake a thread pool)."""
 
+    # The Triton twin's autograd; the compiled op's is csrc/autograd/token_loss.cpp, the same steps.
     def backward(ctx, grad_loss, *unused):
         grad, row_scale, primary = ctx.saved_tensors
         if grad_loss is None or grad.dim() != 2:  # no gradient needed

@@ -90,6 +90,7 @@ def _row_mean_setup(ctx, inputs, output):
     ctx.columns = x.shape[1]
 
 
+# The Triton twin's autograd; the compiled op's is csrc/autograd/masked.cpp, the same formula in ATen.
 def _row_mean_backward(ctx, grad):
     (mask,) = ctx.saved_tensors
     if mask is None:
