@@ -32,8 +32,10 @@ struct MaskedRowMean : public torch::autograd::Function<MaskedRowMean> {
       const c10::Scalar divisor = columns > 1 ? c10::Scalar(columns) : c10::Scalar(1);
       grad_x = grad.div(divisor).unsqueeze(1).expand_symint({-1, columns});
     } else {
-      const at::Tensor count = mask.sum(1, /*keepdim=*/true).clamp_min(1).to(grad.scalar_type());
-      grad_x = at::where(mask, grad.unsqueeze(1) / count, at::zeros({}, grad.options()));
+      // The integer count converts to grad's dtype inside the division (type promotion), as
+      // the Python twin's explicit cast does; a scalar 0 needs no tensor of its own.
+      const at::Tensor count = mask.sum(1, /*keepdim=*/true).clamp_min_(1);
+      grad_x = at::where(mask, grad.unsqueeze(1) / count, 0);
     }
     return {grad_x.to(static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt())), at::Tensor()};
   }

@@ -29,25 +29,37 @@ def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, pe
     the tensors promoted to one float dtype and contiguous, in the order given, then the
     bool mask and device."""
     V.float_tensor(op, primary_name, primary, ndim=2)
-    B = primary.shape[0]
-    dtype = primary.dtype
+    shape, dtype, device = primary.shape, primary.dtype, primary.device
+    B = shape[0]
+    # A companion of the primary's shape, dtype and device (the usual call) passes every
+    # check below as it is; the others take them one by one, in the order that decides
+    # which error a bad call gets.
+    uniform = True
     for name, value in others.items():
         if value is None:
             if name in required:
                 raise TypeError(f"{op}: {name} must be a torch.Tensor, got None")
             continue
+        if isinstance(value, torch.Tensor) and value.dtype == primary.dtype and value.shape == shape \
+                and value.device == device:
+            continue
+        uniform = False
         V.float_tensor(op, name, value)
         if name in per_row and value.shape in ((B,), (B, 1)):
             pass
         else:
             V.same_shape(op, name, value, primary_name, primary)
-        dtype = torch.promote_types(dtype, value.dtype)
-    device = V.same_device(op, **{primary_name: primary}, **others, mask=mask)
-    mask = V.binary_mask(op, "mask", mask, primary.shape, device)
+        if value.dtype != dtype:
+            dtype = torch.promote_types(dtype, value.dtype)
+    if not uniform:
+        V.same_device(op, **{primary_name: primary}, **others, mask=mask)
+    elif mask is not None:
+        V.same_device(op, **{primary_name: primary}, mask=mask)
+    mask = V.binary_mask(op, "mask", mask, shape, device)
     promoted = [V.as_dtype(primary, dtype)]
     for name, value in others.items():
         if value is not None:
-            if name in per_row and value.dim() == 2 and value.shape[1] == 1 and primary.shape[1] != 1:
+            if name in per_row and value.dim() == 2 and value.shape[1] == 1 and shape[1] != 1:
                 value = value.reshape(B)
             value = V.as_dtype(value, dtype)
         promoted.append(value)

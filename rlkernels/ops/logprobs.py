@@ -41,15 +41,24 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
                                        ignore_index=ignore_index, entropy=entropy, backend=backend)
     L.logits_tensor(_OP, "logits", logits)
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
-    labels = L.labels_for(_OP, labels, logits, ignore_index)
+    labels = L.labels_for(_OP, labels, logits, ignore_index, check_range=False)
     temperature = L.temperature(_OP, temperature)
     entropy, inplace_backward = bool(entropy), bool(inplace_backward)
     chosen = L.choose_backend(_OP, backend, logits.device, logits.dtype)
+    if chosen != "cpu":
+        # The CPU op checks the label range in one pass of its own (csrc/cpu/logprobs.cpp);
+        # the other backends do not.
+        L.label_range(_OP, labels, logits.shape[-1], ignore_index)
     if chosen == "reference":
         return reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                   entropy=entropy)
     op = _registry.kernel(_OP, chosen)
-    values, entropies, _ = op(logits, labels, temperature, ignore_index, entropy, inplace_backward)
+    try:
+        values, entropies, _ = op(logits, labels, temperature, ignore_index, entropy, inplace_backward)
+    except RuntimeError:
+        if chosen == "cpu":  # the CPU op's label check: raise the public ValueError instead
+            L.label_range(_OP, labels, logits.shape[-1], ignore_index)
+        raise
     return (values, entropies) if entropy else values
 
 

@@ -39,11 +39,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | No
         out_shape = kept if keepdim else []
     else:
         dim = dim % x.dim()
-        rows_x = x.movedim(dim, -1)
+        last = dim == x.dim() - 1  # the usual case: no movedim views to make
+        rows_x = x if last else x.movedim(dim, -1)
         kept = list(rows_x.shape[:-1])
         rows = math.prod(kept)  # explicit: -1 is ambiguous when the reduced dim is empty
         rows_x = rows_x.reshape(rows, x.shape[dim])
-        rows_m = mask.movedim(dim, -1).reshape(rows, x.shape[dim]) if mask is not None else None
+        if mask is not None:
+            rows_m = (mask if last else mask.movedim(dim, -1)).reshape(rows, x.shape[dim])
+        else:
+            rows_m = None
         out_shape = list(x.shape)
         if keepdim:
             out_shape[dim] = 1

@@ -48,7 +48,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     for name, value in tensors.items():
         V.float_tensor(op, name, value)
         V.same_shape(op, name, value, "policy_chosen", policy_chosen)
-        dtype = torch.promote_types(dtype, value.dtype)
+        if value.dtype != dtype:
+            dtype = torch.promote_types(dtype, value.dtype)
     device = V.same_device(op, **tensors)
     pc, pr, rc, rr = (V.as_dtype(t, dtype) for t in tensors.values())
     chosen = _backend.resolve(op, backend, device)
