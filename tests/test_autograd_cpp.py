@@ -215,3 +215,16 @@ def test_compiled_backward_matches_eager():
     (eager,) = torch.autograd.grad(loss(logits), logits)
     (compiled,) = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(logits), logits)
     assert_close(compiled, eager, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"] + (["triton"] if TRITON_ON_CPU else []))
+def test_ratio_max_keeps_a_nan_ratio(backend):
+    """The stats' NaN rule (the CPU front end reads the mean instead of selecting on it)."""
+    lp = torch.randn(2, 5)
+    old = lp + 0.1
+    lp[1, 2] = float("nan")
+    _, stats = rlkernels.ppo_loss(lp, old, torch.randn(2, 5), backend=backend)
+    assert stats["ratio_mean"].isnan() and stats["ratio_max"].isnan()
+    assert stats["ratio_max"] is not stats["ratio_mean"]
+    _, clean = rlkernels.ppo_loss(lp.nan_to_num(0.0), old, torch.randn(2, 5), backend=backend)
+    assert not clean["ratio_max"].isnan() and clean["ratio_max"] >= clean["ratio_mean"] * (1 - 1e-6)

@@ -4,6 +4,8 @@ per-token gradient before aggregation and each row's share of the aggregation,
 so backward is one broadcast multiply."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _validate as V
@@ -98,8 +100,14 @@ def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.T
     if "ratio_max" in out:
         # A NaN ratio makes the ratio sum NaN, but max reductions (CPU, CUDA and Triton
         # alike) may skip it: take NaN from the mean so that the maximum keeps it too.
+        # On the CPU one read of the mean (against two ops) leaves only a NaN to pay;
+        # elsewhere the select stays on the device (no host sync, checked mode or not),
+        # and so does it while torch.compile traces.
         mean = out["ratio_mean"]
-        out["ratio_max"] = torch.where(mean.isnan(), mean, out["ratio_max"])
+        if mean.device.type != "cpu" or torch.compiler.is_compiling():
+            out["ratio_max"] = torch.where(mean.isnan(), mean, out["ratio_max"])
+        elif math.isnan(mean.item()):
+            out["ratio_max"] = mean.clone()
     return out
 
 
