@@ -39,7 +39,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | No
         out_shape = kept if keepdim else []
     else:
         dim = dim % x.dim()
-        last = dim == x.dim() - 1  # the usual case: no movedim views to make
+        if x.dim() == 2 and dim == 1:
+            # Already the op's [R, C] rows (the usual call): no views to make or undo.
+            out = _registry.kernel("masked_row_mean", chosen)(x.contiguous(), mask)
+            return out.unsqueeze(1) if keepdim else out
+        last = dim == x.dim() - 1  # no movedim views to make
         rows_x = x if last else x.movedim(dim, -1)
         kept = list(rows_x.shape[:-1])
         rows = math.prod(kept)  # explicit: -1 is ambiguous when the reduced dim is empty
