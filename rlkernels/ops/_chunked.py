@@ -230,6 +230,24 @@ def eager(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def eager_function(body: Callable, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """The autograd.Function of an lm-head op's eager path: `body(*inputs)` with the op's
+    own setup_context and backward (what torch.library registers for the op)."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = body(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return Eager
+
+
 def wants_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd would record a call on these inputs."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -251,13 +251,10 @@ def _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weight
     flat_hidden = hidden.reshape(B * T, H)
     flat_grad_hidden = grad_hidden.reshape(B * T, H) if needs_hidden else None
     buffer = hidden.new_empty((_chunked.padded_rows(min(chunk, B * T)), vocab)) if B * T > 0 else None
-    # float64 running totals, from the first piece on (one piece: no additions):
-    # loss, valid tokens, the stats x tokens, ratio max, entropy sum
+    # float64 totals from the first piece on: loss, tokens, stats x tokens, ratio max, entropy sum
     loss = tokens = sums = ratio_max = entropy_sum = None
-    # Masked tokens are dropped before the lm-head where the mask may be read; on CUDA
-    # outside the checked mode every token of a piece goes through it (_ppo_pieces.py),
-    # and so do they in small problems, where the gathers and scatters of dropping them
-    # cost more than their matmul rows.
+    # Masked tokens are dropped before the lm-head where the mask may be read; on CUDA outside
+    # the checked mode (_ppo_pieces.py) and in small problems every token goes through it.
     on_device = _ppo_pieces.on_device(valid)
     every_token = on_device or B * T * vocab * H <= _EVERY_TOKEN_MACS
     for rows, cols, piece_agg, piece_coefficients, scale in _ppo_pieces.pieces(valid, chunk, agg, coefficients):
@@ -398,17 +395,5 @@ def _backward(ctx, grad_loss, *unused):
 torch.library.register_autograd("rlkernels::linear_policy_loss", _backward, setup_context=_setup_context)
 
 
-class _Eager(torch.autograd.Function):
-    """The op in eager mode (_chunked.eager): its body called directly, with the op's own
-    setup_context and backward, without torch.library's custom-op dispatch and Python
-    autograd wrapper (as linear_logprobs._Eager)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _sweep(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+# eager calls (_chunked.eager): the body without the custom op's dispatch and Python autograd
+_Eager = _chunked.eager_function(_sweep, _setup_context, _backward)
