@@ -245,8 +245,7 @@ def _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weight
     acc = old_logprobs.dtype
     wide = weight.dtype in (torch.float16, torch.bfloat16)
     grad_hidden = torch.zeros_like(hidden) if needs_hidden else hidden.new_empty(0)
-    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32 if wide else weight.dtype, device=weight.device)
-                   if needs_weight else weight.new_empty(0))
+    grad_weight = None if needs_weight else weight.new_empty(0)  # the first piece's product, then sums
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if needs_bias else weight.new_empty(0)
     flat_hidden = hidden.reshape(B * T, H)
     flat_grad_hidden = grad_hidden.reshape(B * T, H) if needs_hidden else None
@@ -327,11 +326,12 @@ def _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weight
             torch.mm(logits, weight, out=flat_grad_hidden[flat])
         elif needs_hidden:
             flat_grad_hidden.index_copy_(0, kept, torch.mm(logits, weight))
-        if needs_weight:
-            if wide:
-                grad_weight.add_(torch.mm(logits.t(), kept_hidden))
-            else:
-                grad_weight.addmm_(logits.t(), kept_hidden)
+        if needs_weight and grad_weight is None:  # no [V, H] zero fill and read-back for one piece
+            grad_weight = torch.mm(logits.t(), kept_hidden).to(torch.float32 if wide else weight.dtype)
+        elif needs_weight and wide:
+            grad_weight.add_(torch.mm(logits.t(), kept_hidden))
+        elif needs_weight:
+            grad_weight.addmm_(logits.t(), kept_hidden)
         if needs_bias:
             grad_bias.add_(logits.sum(0, dtype=torch.float32))
     if loss is None:  # no piece: an empty batch, or no valid token in any row
@@ -343,7 +343,9 @@ def _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weight
     entropy_mean = (torch.where(tokens > 0, entropy_sum / tokens.clamp(min=1), 0) if entropy_sum is not None
                     else torch.zeros((), dtype=torch.float64, device=hidden.device))
     stats = torch.cat([means, tokens.reshape(1), entropy_mean.reshape(1)]).to(acc)
-    if needs_weight and wide:
+    if grad_weight is None:  # no token reached the lm-head
+        grad_weight = torch.zeros_like(weight)
+    elif needs_weight and wide:
         grad_weight = grad_weight.to(weight.dtype)
     if needs_bias:
         grad_bias = grad_bias.to(bias.dtype)
