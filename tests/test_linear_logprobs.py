@@ -10,6 +10,7 @@ import torch
 
 import rlkernels
 from rlkernels import reference
+from rlkernels._library import BUILD_INFO
 from rlkernels.ops import _chunked
 from support import TRITON_ON_CPU, assert_close, low_precision_bound, tie_logits
 
@@ -120,7 +121,8 @@ def test_chunk_rows_and_tiles():
     tokens, block = _chunked.lm_head_tiles(100_000, 50257)
     assert block == _chunked.VOCAB_BLOCK and tokens * block * 4 <= _chunked.CHUNK_BYTES and tokens % 16 == 0
     assert _chunked.lm_head_tiles(10, 300) == (10, 300)
-    assert _chunked.VOCAB_BLOCK % 2048 == 0  # tiles continue the CPU kernel's whole-row blocks
+    # tiles continue the kernels' whole-row vocabulary chunks (kVocabChunk, the chunk rule)
+    assert _chunked.VOCAB_BLOCK % BUILD_INFO["vocab_chunk"] == 0
 
 
 @pytest.mark.parametrize("tiles", [(23, 50), (6, 50), (23, 7), (6, 7), (1, 1)])
