@@ -381,8 +381,9 @@ def test_linear_logprobs_small_problem_keeps_its_tiles(monkeypatch):
     turned the kept tiles into gradients in place."""
     lin = importlib.import_module("rlkernels.ops.linear_logprobs")
     torch.manual_seed(5)
-    hidden, weight, bias = torch.randn(3, 7, 16), torch.randn(9000, 16) * 0.3, torch.randn(9000)  # 3 blocks
-    labels = torch.randint(0, 9000, (3, 7))
+    V = 2 * _chunked.VOCAB_BLOCK + 808  # 3 vocabulary blocks, the last one short
+    hidden, weight, bias = torch.randn(3, 7, 16), torch.randn(V, 16) * 0.3, torch.randn(V)
+    labels = torch.randint(0, V, (3, 7))
     labels[0, :3] = -100
     upstream = (torch.randn(3, 7), torch.randn(3, 7))
     recomputed = []
