@@ -75,15 +75,11 @@ def test_kl_one_tile_with_finish_and_strided_rows():
     _same(state[..., 0, 1:], want_saved, "saved statistics")
 
 
-def _tile_ops():
-    return [torch.ops.rlkernels.kl_vocab_tile] + ([torch.ops.rlkernels.kl_vocab_tile_triton]
-                                                  if TRITON_ON_CPU else [])
-
-
 def test_kl_vocab_tile_opcheck_and_bad_input():
     g = torch.Generator().manual_seed(7)
     x, ref = torch.randn(3, 50, generator=g), torch.randn(3, 50, generator=g)
-    for op in _tile_ops():
+    ops = [torch.ops.rlkernels.kl_vocab_tile] + ([torch.ops.rlkernels.kl_vocab_tile_triton] if TRITON_ON_CPU else [])
+    for op in ops:
         torch.library.opcheck(op.default, (x, ref, torch.zeros(3, 1, SLOT), 0.9, 0, True))
         torch.library.opcheck(op.default, (x[:, :0], ref[:, :0], torch.zeros(3, 1, SLOT), 0.9, 50, True))
         state = torch.zeros(3, 1, SLOT)
@@ -114,7 +110,7 @@ def test_kl_vocab_tile_triton_twin_matches_the_cpu_op():
     g = torch.Generator().manual_seed(8)
     x, ref = (_rows(t)[:, : 2 * K + 77].contiguous() for t in _pair(g, 4 * K))
     states = []
-    for op in _tile_ops():
+    for op in (torch.ops.rlkernels.kl_vocab_tile, torch.ops.rlkernels.kl_vocab_tile_triton):
         state = torch.zeros(x.shape[0], 3, SLOT)
         op(x[:, :K], ref[:, :K], state, 0.7, 0, False)
         op(x[:, K:], ref[:, K:], state, 0.7, K, True)
