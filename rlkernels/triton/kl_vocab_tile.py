@@ -148,6 +148,6 @@ def kl_vocab_tile_triton(logits: torch.Tensor, ref_logits: torch.Tensor, state: 
         b, (b_inner, b_outer_stride, b_inner_stride) = readable(ref_logits)
         _chunk_kernel[(N, tile_chunks)](a, b, state, V, inner, outer_stride, inner_stride, b_inner, b_outer_stride,
                                         b_inner_stride, chunks, vocab_start // _CHUNK, scale, inv_t, CHUNK=_CHUNK,
-                                        BLOCK=min(_CHUNK, max(16, triton.next_power_of_2(V))))
+                                        BLOCK=min(2048, max(16, triton.next_power_of_2(V))))
     if finish and chunks > 0:
         _fold_kernel[(N,)](state, chunks, scale, inv_t)
