@@ -86,3 +86,12 @@ def _backward(ctx, grad_kl, _grad_saved):
 
 _registry.register(_OP, fake=_fake_forward, backward=_backward, setup_context=_setup_context)
 _registry.register("kl_from_logits_backward", fake=_fake_backward)
+
+
+# kl_vocab_tile: KL's chunk rule in pieces (csrc/core/kl_from_logits.h), which
+# rlkernels.distributed.vocab_parallel.kl_from_logits(exact=True) runs; no public function.
+def _fake_kl_vocab_tile(logits, ref_logits, state, temperature, vocab_start, finish):
+    return None  # updates `state` in place
+
+
+_registry.register("kl_vocab_tile", fake=_fake_kl_vocab_tile)
