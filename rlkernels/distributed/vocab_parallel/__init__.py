@@ -37,5 +37,4 @@ from ._stats import (CHUNK_STAT_WIDTH, KL_CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CH
 
 __all__ = ["logprobs", "kl_from_logits", "linear_logprobs", "linear_ppo_loss", "VocabParallelError",
            "VocabParallelMismatchError", "STAT_WIDTH", "CHUNK_STAT_WIDTH", "KL_CHUNK_STAT_WIDTH", "VOCAB_CHUNK",
-           "traffic_bytes",
-           "merge_softmax_stats", "merge_kl_stats"]
+           "traffic_bytes", "merge_softmax_stats", "merge_kl_stats"]
