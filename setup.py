@@ -47,7 +47,8 @@ def _extension():
 
     sanitize = _sanitizers()
     use_cuda = _want_cuda() and not sanitize
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # csrc/autograd: the compiled ops' autograd (Autograd dispatch key), for CPU and CUDA alike.
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/autograd/*.cpp")
     # -fopenmp: ATen's parallel_for is an inline OpenMP region in the header; without
     # the flag it silently runs on one thread.  -fno-trapping-math lets GCC if-convert
     # (and so vectorise) loops with selects around floating-point arithmetic; results

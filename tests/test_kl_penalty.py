@@ -70,6 +70,34 @@ def test_kl_penalty_low_precision_and_nan(backend_device):
         assert torch.isnan(rlkernels.kl_penalty(lp, ref, kind, backend=backend)).all()
 
 
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs", "k3+"])
+def test_kl_penalty_cpu_chunks_tasks_and_16bit_staging(kind):
+    """The CPU kernel's seams: 16-bit inputs staged in 512-element chunks (a tail
+    included), and a float32 tensor long enough to be split over two threads;
+    every element against the float64 reference, values and gradients."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, dtype in ((1537, torch.float16), (1537, torch.bfloat16), ((1 << 19) + 37, torch.float32)):
+            lp, ref = penalty_inputs(n, dtype=dtype)
+            x = lp.clone().requires_grad_()
+            value = rlkernels.kl_penalty(x, ref, kind, backend="cpu")
+            assert value.dtype == torch.float32
+            g = torch.randn(n)
+            (value * g).sum().backward()
+            xr = lp.double().requires_grad_()
+            expected = reference.kl_penalty(xr, ref.double(), kind)
+            (expected * g.double()).sum().backward()
+            assert_close(value, expected, dtype=torch.float32, msg=f"{kind} {dtype} value")
+            if dtype == torch.float32:
+                assert_close(x.grad, xr.grad, msg=f"{kind} grad")
+            else:  # the float32 gradient rounded once to the input's dtype: within 2x that rounding
+                torch.testing.assert_close(x.grad.double(), xr.grad, rtol=torch.finfo(dtype).eps, atol=1e-5,
+                                           msg=f"{kind} {dtype} grad")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_kl_penalty_shapes_opcheck_compile():
     lp, ref = penalty_inputs(12)
     lp2, ref2 = lp.view(3, 4), ref.view(3, 4).t().contiguous().t()  # strided reference

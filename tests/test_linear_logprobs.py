@@ -3,11 +3,14 @@ gradients of hidden, weight and bias), chunk sizes that divide neither N nor V,
 ignored rows, low precision, opcheck, torch.compile and bad input."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import rlkernels
 from rlkernels import reference
+from rlkernels._library import BUILD_INFO
 from rlkernels.ops import _chunked
 from support import TRITON_ON_CPU, assert_close, low_precision_bound, tie_logits
 
@@ -118,7 +121,8 @@ def test_chunk_rows_and_tiles():
     tokens, block = _chunked.lm_head_tiles(100_000, 50257)
     assert block == _chunked.VOCAB_BLOCK and tokens * block * 4 <= _chunked.CHUNK_BYTES and tokens % 16 == 0
     assert _chunked.lm_head_tiles(10, 300) == (10, 300)
-    assert _chunked.VOCAB_BLOCK % 2048 == 0  # tiles continue the CPU kernel's whole-row blocks
+    # tiles continue the kernels' whole-row vocabulary chunks (kVocabChunk, the chunk rule)
+    assert _chunked.VOCAB_BLOCK % BUILD_INFO["vocab_chunk"] == 0
 
 
 @pytest.mark.parametrize("tiles", [(23, 50), (6, 50), (23, 7), (6, 7), (1, 1)])
@@ -345,3 +349,58 @@ def test_is_top1_nan_row_is_false(backend_device):
     hidden, weight, bias = _as_linear(logits, torch.float32)
     _, is_top1 = rlkernels.linear_logprobs(hidden, weight, labels, bias=bias, is_top1=True, backend=backend)
     assert not bool(is_top1[0]) and bool(is_top1[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_logprobs_eager_path_equals_the_op(monkeypatch, dtype):
+    """Eager calls run the op's body and backward body under a torch.autograd.Function
+    (_chunked.eager); the custom op (what torch.compile and fake tensors get) gives the
+    same bits, with ignored rows, entropy, is_top1 and a bias, in several tiles."""
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 9, 16).to(dtype)
+    weight, bias = torch.randn(40, 16).to(dtype), torch.randn(40).to(dtype)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[1, 3:6] = -100
+    upstream = (torch.randn(2, 9), torch.randn(2, 9))
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(_chunked, "eager", lambda *tensors, eager=eager: eager)
+        params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        lp, ent, top1 = rlkernels.linear_logprobs(params[0], params[1], labels, bias=params[2], entropy=True,
+                                                  is_top1=True, chunk_size=(5, 16))
+        grads = torch.autograd.grad((lp, ent), params, upstream)
+        results.append((lp, ent, top1, *grads))
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+
+
+def test_linear_logprobs_small_problem_keeps_its_tiles(monkeypatch):
+    """When all tiles fit the budget, the eager forward keeps them and the backward
+    uses them instead of recomputing: the same bits as recomputing, and a second
+    backward through the same graph (retain_graph) recomputes, since the first one
+    turned the kept tiles into gradients in place."""
+    lin = importlib.import_module("rlkernels.ops.linear_logprobs")
+    torch.manual_seed(5)
+    V = 2 * _chunked.VOCAB_BLOCK + 808  # 3 vocabulary blocks, the last one short
+    hidden, weight, bias = torch.randn(3, 7, 16), torch.randn(V, 16) * 0.3, torch.randn(V)
+    labels = torch.randint(0, V, (3, 7))
+    labels[0, :3] = -100
+    upstream = (torch.randn(3, 7), torch.randn(3, 7))
+    recomputed = []
+    real_row_logits = _chunked.row_logits
+    monkeypatch.setattr(_chunked, "row_logits", lambda *a: recomputed.append(1) or real_row_logits(*a))
+    results = []
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(lin, "_keeps_tiles", lambda *a: False)
+        params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        lp, ent = rlkernels.linear_logprobs(params[0], params[1], labels, bias=params[2], entropy=True)
+        del recomputed[:]
+        first = torch.autograd.grad((lp, ent), params, upstream, retain_graph=True)
+        assert len(recomputed) == (0 if keep else 6)  # 2 token chunks (16 + 2 kept rows) x 3 vocabulary blocks
+        second = torch.autograd.grad((lp, ent), params, upstream)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        results.append((lp, ent, *first))
+    for kept, recomputed_result in zip(*results):
+        assert torch.equal(kept, recomputed_result)

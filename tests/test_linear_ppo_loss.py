@@ -2,13 +2,18 @@
 values and gradients w.r.t. hidden, weight and bias, with KL and entropy terms."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import rlkernels
 from rlkernels import reference
+from rlkernels.ops import _chunked
 from rlkernels.reference._token_loss import aggregate
 from support import scaled_close
+
+_lpl = importlib.import_module("rlkernels.ops.linear_ppo_loss")
 
 
 def composed(hidden, weight, bias, labels, old, adv, mask, *, ref=None, beta=0.0, entropy_coef=0.0,
@@ -47,8 +52,12 @@ def problem(B, T, H, V, dtype, device):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("beta,entropy_coef", [(0.0, 0.0), (0.05, 0.01)])
 @pytest.mark.parametrize("chunk_size", [5, 16])  # row segments, whole rows
-def test_linear_ppo_loss_matches_composed(backend_device, agg, beta, entropy_coef, chunk_size):
+@pytest.mark.parametrize("drop_masked", [False, True], ids=["every-token", "drop-masked"])
+def test_linear_ppo_loss_matches_composed(backend_device, agg, beta, entropy_coef, chunk_size, drop_masked,
+                                          monkeypatch):
     backend, device = backend_device
+    if drop_masked:  # small problems send masked tokens through the lm-head; this one drops them as large ones do
+        monkeypatch.setattr(_lpl, "_EVERY_TOKEN_MACS", -1)
     B, T, H, V = 3, 7, 16, 50
     hidden, weight, bias, labels, old, adv, mask, ref = problem(B, T, H, V, torch.float32, device)
     kw = dict(beta=beta, entropy_coef=entropy_coef, temperature=0.7, dual_clip=3.0, agg=agg)
@@ -142,3 +151,27 @@ def test_linear_ppo_loss_backward_twice():
     loss.backward(retain_graph=True)   # grad_loss 1: the stored gradient itself
     (3.0 * loss).backward()            # scaled, out of place
     scaled_close(h.grad, 4.0 * g)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.02])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_linear_ppo_loss_eager_path_equals_the_op(monkeypatch, entropy_coef, chunk_size):
+    """Eager calls run the op's body under a torch.autograd.Function (_chunked.eager);
+    the custom op (what torch.compile and fake tensors get) gives the same bits."""
+    hidden, weight, bias, labels, old, adv, mask, ref = problem(3, 7, 16, 50, torch.float32, "cpu")
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(_chunked, "eager", lambda *tensors, eager=eager: eager)
+        params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss, stats = rlkernels.linear_ppo_loss(params[0], params[1], labels, old, adv, mask, bias=params[2],
+                                                ref_logprobs=ref, beta=0.05, entropy_coef=entropy_coef,
+                                                chunk_size=chunk_size)
+        grads = torch.autograd.grad(loss * 2.0, params)
+        results.append((loss, torch.stack(list(stats.values())), *grads))
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+    # without gradients the body runs as it is, with the same result
+    with torch.no_grad():
+        loss, _ = rlkernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, bias=bias, ref_logprobs=ref,
+                                            beta=0.05, entropy_coef=entropy_coef, chunk_size=chunk_size)
+    assert torch.equal(loss, results[0][0])

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "vec_math.h"
 
 namespace rlk {
 
@@ -36,8 +37,10 @@ RLK_INLINE acc clamp_keep_nan(acc x, acc lo, acc hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// Straight-line selects and exp_acc (vec_math.h), so that the CPU loop over
+// elements vectorises, and every backend rounds e^c the same way.
 template <typename acc>
-RLK_INLINE void kl_penalty_element(acc logprob, acc ref_logprob, int kind, acc clamp, acc* value, acc* slope) {
+RLK_FORCE_INLINE void kl_penalty_element(acc logprob, acc ref_logprob, int kind, acc clamp, acc* value, acc* slope) {
   const acc r = logprob - ref_logprob;
   acc v, d;
   switch (kind) {
@@ -52,9 +55,9 @@ RLK_INLINE void kl_penalty_element(acc logprob, acc ref_logprob, int kind, acc c
     case kKlK3:
     case kKlK3Plus: {
       const acc c = -r;
-      const bool inside = c >= acc(-20) && c <= acc(20);
+      const bool inside = (c >= acc(-20)) & (c <= acc(20));
       const acc cc = clamp_keep_nan(c, acc(-20), acc(20));
-      const acc ratio = exp(cc);
+      const acc ratio = exp_acc(cc);
       v = ratio - cc - acc(1);
       d = inside ? acc(1) - ratio : acc(0);
       break;
@@ -65,11 +68,12 @@ RLK_INLINE void kl_penalty_element(acc logprob, acc ref_logprob, int kind, acc c
       break;
   }
   const bool straight_through = kind == kKlK1Plus || kind == kKlK3Plus;
-  if (clamp < acc(INFINITY)) {
-    const bool inside = v >= -clamp && v <= clamp;
-    v = clamp_keep_nan(v, -clamp, clamp);
-    if (!inside) d = acc(0);
-  }
+  // Selects rather than an `if (clamp < inf)` block: clamping to [-inf, inf] leaves
+  // v as it is, and `clamps` keeps d (NaN included) when there is no clamp.
+  const bool clamps = clamp < acc(INFINITY);
+  const bool outside = !((v >= -clamp) & (v <= clamp));
+  v = clamp_keep_nan(v, -clamp, clamp);
+  d = (clamps & outside) ? acc(0) : d;
   if (straight_through) d = r;
   *value = v;
   *slope = d;

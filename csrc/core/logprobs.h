@@ -208,16 +208,11 @@ struct LogprobsParams {
   RowIndex grad_rows{};
   const float* grad_logprobs = nullptr;
   const float* grad_entropy = nullptr;
-  // CUDA forward: blocks per row, and their 3 * N * splits floats of partial statistics
+  // CUDA forward: chunks per row (ceil(V / kVocabChunk)), and their 3 * N * splits floats of
+  // partial statistics when there is more than one
   int splits = 1;
   float* workspace = nullptr;
 };
-
-namespace cuda {
-// Blocks that share one row of a forward on the GPU (split-V for few long
-// rows): the params' splits; more than 1 needs the workspace.
-int logprobs_splits(int64_t N, int64_t V, int sm_count);
-}  // namespace cuda
 
 // The CUDA launchers (logprobs.cu).
 RLK_CUDA_LAUNCHER(launch_logprobs_forward, LogprobsParams)

@@ -1,5 +1,6 @@
 """Benchmark harness: every implementation of a case is timed in the same
-process (median after warm-up), with ratios against the baselines of the same
+process, interleaved (one call of each per round; median after warm-up, more
+rounds for fast cases), with ratios against the baselines of the same
 run, effective bandwidth against the memory roof measured in this run, and
 peak extra memory.
 
@@ -124,19 +125,41 @@ def peak_extra_bytes(fn: Callable[[], object], device: str, setup: Callable[[], 
     return max(peak, 0) * 1024
 
 
-def time_impl(impl: Impl, device: str, warmup: int, repeats: int) -> list[float]:
-    times = []
-    for i in range(warmup + repeats):
-        if impl.setup is not None:
-            impl.setup()
-        _sync(device)
-        start = time.perf_counter()
-        out = impl.fn()
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        del out
-        if i >= warmup:
-            times.append(elapsed)
+def time_call(impl: Impl, device: str) -> float:
+    """Seconds of one call (its untimed setup first)."""
+    if impl.setup is not None:
+        impl.setup()
+    _sync(device)
+    start = time.perf_counter()
+    out = impl.fn()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    del out
+    return elapsed
+
+
+# Fast cases get more samples: a handful of sub-millisecond calls is at the mercy of
+# one preemption or thread wake-up on a shared machine (the quick table's small rows
+# moved by 0.8-1.2x between runs with 5 samples).  Up to FAST_SAMPLES rounds, within
+# about FAST_BUDGET_S seconds of calls per case.
+FAST_SAMPLES = 200
+FAST_BUDGET_S = 1.0
+
+
+def time_interleaved(impls: list[Impl], device: str, warmup: int, repeats: int) -> list[list[float]]:
+    """Per implementation, the seconds of its timed calls.  The calls run in rounds, one
+    call of each implementation per round, so that load from other processes falls on
+    all of them alike; cases whose round is short get more rounds (FAST_SAMPLES)."""
+    last = [0.0] * len(impls)
+    for _ in range(max(warmup, 1)):
+        last = [time_call(impl, device) for impl in impls]
+    round_s = sum(last)
+    if round_s > 0:
+        repeats = max(repeats, min(FAST_SAMPLES, int(FAST_BUDGET_S / round_s)))
+    times: list[list[float]] = [[] for _ in impls]
+    for _ in range(repeats):
+        for impl, samples in zip(impls, times):
+            samples.append(time_call(impl, device))
     return times
 
 
@@ -199,8 +222,7 @@ def run_case(case: Case, device: str, roof: float, quick: bool) -> dict:
     if case.repeats is not None and not quick:
         warmup, repeats = case.repeats
     results = []
-    for impl in case.impls:
-        times = time_impl(impl, device, warmup, repeats)
+    for impl, times in zip(case.impls, time_interleaved(case.impls, device, warmup, repeats)):
         median = statistics.median(times)
         results.append({
             "label": impl.label,

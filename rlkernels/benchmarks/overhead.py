@@ -12,6 +12,10 @@ same inputs, interleaved so that load falls on all alike:
   the floor any op of that size pays.
 
 Each sample times `calls` back-to-back calls; the row reports the median per call.
+Samples are short (10 calls, well under a millisecond) and many: on a loaded machine a
+sample that spans a preemption is an outlier the median drops, where 100-call samples
+of the fwd+bwd rows (3-7 ms) were preempted so often that their medians doubled (load
+average 10 on 2 cores).
 Goal (docs/benchmarks): rlkernels within 2x of `composed` and at most 15 us above
 `native`; `summary()` lists the rows that miss it.  Runs on one thread, the setting
 where a per-call cost is not hidden behind thread wake-ups.
@@ -223,7 +227,7 @@ def _row(spec: Spec, mode: str, calls: int, labels: list[str], seconds: list[flo
 
 
 def run(device: str, quick: bool) -> list[dict]:
-    calls, warmup, repeats = (20, 1, 5) if quick else (100, 2, 15)
+    calls, warmup, repeats = (10, 2, 9) if quick else (10, 20, 301)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []

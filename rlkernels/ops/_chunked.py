@@ -127,21 +127,27 @@ def chunked_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def tiled_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 tiles: tuple[int, int]) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+                 tiles: tuple[int, int], keep: list | None = None) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
     """Yields (t0, t1, v0, v1, logits) with logits = hidden[t0:t1] @ weight[v0:v1].T (+ bias):
     token chunks outside, vocabulary blocks inside (in order), each tile a view of one
-    buffer that the next tile overwrites.  The backward's tiles hold the same bits."""
+    buffer that the next tile overwrites.  The backward's tiles hold the same bits.
+    With a list `keep`, each tile gets a buffer of its own, appended to `keep` (the
+    padded tile: the logits chunked_linear_backward would recompute)."""
     chunk, block = tiles
     n, vocab = hidden.shape[0], weight.shape[0]
     if n == 0 or vocab == 0:
         return
-    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab))
+    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if keep is None else None
     for t0 in range(0, n, chunk):
         t1 = min(t0 + chunk, n)
         rows = padded_rows(t1 - t0)
         for v0 in range(0, vocab, block):
             v1 = min(v0 + block, vocab)
-            tile = buffer[: rows * (v1 - v0)].view(rows, v1 - v0)
+            if keep is None:
+                tile = buffer[: rows * (v1 - v0)].view(rows, v1 - v0)
+            else:
+                tile = hidden.new_empty((rows, v1 - v0))
+                keep.append(tile)
             yield t0, t1, v0, v1, row_logits(tile, hidden[t0:t1], weight[v0:v1],
                                              bias[v0:v1] if bias is not None else None)
 
@@ -149,10 +155,12 @@ def tiled_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             tiles: tuple[int, int],
                             grad_logits: Callable[[int, int, int, int, torch.Tensor], torch.Tensor],
-                            needs: tuple[bool, bool, bool] = (True, True, True)):
+                            needs: tuple[bool, bool, bool] = (True, True, True),
+                            kept: list[torch.Tensor] | None = None):
     """Recomputes the logits tile by tile, asks grad_logits(t0, t1, v0, v1, logits) for
     d loss / d logits of each tile, and returns (grad_hidden, grad_weight, grad_bias)
-    (None where `needs` is False)."""
+    (None where `needs` is False).  `kept`: the forward's tiles (tiled_logits' `keep`,
+    same tiles), used instead of recomputing them, and overwritten."""
     needs_hidden, needs_weight, needs_bias = needs
     chunk, block = tiles
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -165,7 +173,7 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     block_sum = None
     if needs_weight and not whole:
         block_sum = torch.empty((min(block, vocab), weight.shape[1]), dtype=wide, device=weight.device)
-    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if n > 0 else None
+    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if n > 0 and kept is None else None
     for v0 in range(0, vocab if n > 0 else 0, block):
         v1 = min(v0 + block, vocab)
         weight_block = weight[v0:v1]
@@ -177,8 +185,11 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
             # the forward's logits, bit for bit when the tiles are the forward's (tiled_logits):
             # the saved row statistics then describe exactly these logits
             rows = padded_rows(t1 - t0)
-            tile = row_logits(buffer[: rows * (v1 - v0)].view(rows, v1 - v0), hidden[t0:t1], weight_block,
-                              bias_block)
+            if kept is not None:
+                tile = kept[(t0 // chunk) * -(-vocab // block) + v0 // block][: t1 - t0]  # tiled_logits' order
+            else:
+                tile = row_logits(buffer[: rows * (v1 - v0)].view(rows, v1 - v0), hidden[t0:t1], weight_block,
+                                  bias_block)
             dlogits = grad_logits(t0, t1, v0, v1, tile)
             if needs_hidden:
                 if narrow:
@@ -201,6 +212,46 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     if needs_bias and bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+# Tensor classes the eager path takes (a Parameter is a plain tensor to dispatch).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors: torch.Tensor | None) -> bool:
+    """True where the lm-head ops, defined in Python, may run their bodies under a
+    torch.autograd.Function instead of through their torch.library custom op: plain
+    tensors, no torch.compile trace, no dispatch or torch-function mode (fake tensors,
+    FlopCounterMode, a `with torch.device(...)` block) and no functorch transform.  The
+    custom op's dispatch and Python autograd wrapper cost more than the whole fused
+    forward and backward on small inputs."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def eager_function(body: Callable, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """The autograd.Function of an lm-head op's eager path: `body(*inputs)` with the op's
+    own setup_context and backward (what torch.library registers for the op)."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = body(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return Eager
+
+
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record a call on these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:

@@ -12,12 +12,38 @@ checks ``torch.is_grad_enabled()`` and then either
   names the op (`first_order_only`: the fused losses, whose kernels keep no inputs to
   recompute from).
 
-Plain first-order backward (grad mode off) takes neither path and costs nothing."""
+Plain first-order backward (grad mode off) takes neither path and costs nothing.
+
+The compiled ops' C++ autograd (csrc/autograd/) reaches these same paths through
+`from_cpp`, so each double backward is written once, here and in the ops' modules
+(`recorded(name)` registers one)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+
+# name -> the recorded backward that csrc/autograd/<family>.cpp calls through from_cpp.
+_RECORDED: dict[str, Callable] = {}
+
+
+def recorded(name: str):
+    """Decorator: `fn` is the recorded (double-differentiable) backward of the op `name`,
+    for the Python autograd of its Triton twin and, through from_cpp, its C++ autograd."""
+
+    def register(fn: Callable) -> Callable:
+        assert name not in _RECORDED, name
+        _RECORDED[name] = fn
+        return fn
+
+    return register
+
+
+def from_cpp(name: str, *args) -> tuple:
+    """Called by the C++ autograd inside a recorded backward only (rlk::autograd::
+    python_backward): the op's recorded backward, or first_order_only, as a tuple."""
+    result = first_order_only(*args) if name == "first_order_only" else _RECORDED[name](*args)
+    return tuple(result)
 
 
 def recording() -> bool:

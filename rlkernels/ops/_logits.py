@@ -34,13 +34,13 @@ def index(op: str, name: str, value) -> int:
 
 
 def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, vocab: int | None = None,
-               logits_name: str = "logits") -> torch.Tensor:
+               logits_name: str = "logits", check_range: bool = True) -> torch.Tensor:
     """Checks labels of logits' leading shape with values in [0, V) or ignore_index, and
-    returns them as contiguous int64.  The range check reads the labels, so it runs
-    only where that is cheap or asked for (CPU tensors, or the checked mode on CUDA:
-    _checkmode.py) and never while torch.compile traces; elsewhere the kernels' own
-    handling remains (the CPU ops raise, the CUDA and Triton ops give NaN:
-    docs/numerics.md)."""
+    returns them as contiguous int64.  The range check (label_range; skipped with
+    check_range=False) reads the labels, so it runs only where that is cheap or asked
+    for (CPU tensors, or the checked mode on CUDA: _checkmode.py) and never while
+    torch.compile traces; elsewhere the kernels' own handling remains (the CPU ops
+    raise, the CUDA and Triton ops give NaN: docs/numerics.md)."""
     V.tensor(op, "labels", labels, dtypes=V.INDEX_DTYPES)
     lead = logits.shape[:-1]
     if labels.shape != lead:
@@ -48,7 +48,14 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
                          f"got {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"{op}: labels is on {labels.device} but {logits_name} is on {logits.device}")
-    vocab = logits.shape[-1] if vocab is None else vocab
+    if check_range:
+        label_range(op, labels, logits.shape[-1] if vocab is None else vocab, ignore_index)
+    return V.as_dtype(labels, torch.int64)
+
+
+def label_range(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The ValueError of labels outside [0, vocab) that are not ignore_index, naming the
+    first; on tensors whose data may be read (see labels_for)."""
     if labels.numel() > 0 and _checkmode.reads_data(labels):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
@@ -56,7 +63,6 @@ def labels_for(op: str, labels, logits: torch.Tensor, ignore_index: int, *, voca
             value = int(labels.flatten()[where])
             raise ValueError(f"{op}: labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                              f"got {value} at flat index {where}")
-    return labels.to(torch.int64).contiguous()
 
 
 def choose_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -8,12 +8,16 @@ else is derived from it here:
   registers the Triton host function for the CPU (TRITON_INTERPRET=1) and CUDA
   dispatch keys;
 - `register(name, fake=..., backward=..., setup_context=...)` is the one call per
-  op that gives the compiled op and its Triton twin the same fake kernel and the
-  same autograd, whichever of the two is defined first;
+  op that gives the compiled op and its Triton twin the same fake kernel, whichever
+  of the two is defined first, and the twin its Python autograd;
 - `kernel(name, backend)` is the torch op a backend runs.
 
-Autograd sees which of the two ops it serves as `ctx.backend` ("triton" or
-"compiled"), so a backward calls `kernel("<name>_backward", ctx.backend)`.
+The compiled op's autograd is C++ (csrc/autograd/<family>.cpp, the op's Autograd
+dispatch key): a Python autograd wrapper costs ~20-50 us a call.  `register` checks
+that it is there for every op given a `backward`, whose Python form then serves the
+Triton twin, with `ctx.backend` = "triton" (so a backward calls
+`kernel("<name>_backward", ctx.backend)`).  docs/adding-an-op.md says where each
+piece of a backward lives.
 
 Why not `torch.library.triton_op` + `wrap_triton` (evaluated on torch 2.13): under
 TRITON_INTERPRET=1, torch.compile traces a triton_op by running its body on fake
@@ -52,10 +56,18 @@ def twin_name(name: str) -> str:
     return name + TWIN_SUFFIX
 
 
+_KERNELS: dict[tuple[str, str], object] = {}
+
+
 def kernel(name: str, backend: str):
     """The torch op that `backend` runs for the op `name`: its Triton twin for
-    "triton", otherwise the compiled op (whose dispatch keys hold CPU and CUDA)."""
-    return getattr(torch.ops.rlkernels, twin_name(name) if backend == "triton" else name)
+    "triton", otherwise the compiled op (whose dispatch keys hold CPU and CUDA).
+    Held once found: the lookup through torch.ops costs more than a dictionary's."""
+    key = (name, backend)
+    found = _KERNELS.get(key)
+    if found is None:
+        found = _KERNELS[key] = getattr(torch.ops.rlkernels, twin_name(name) if backend == "triton" else name)
+    return found
 
 
 def compiled_schema(name: str) -> torch.FunctionSchema:
@@ -105,6 +117,12 @@ def _apply(name: str, target: str, backend: str) -> None:
     qualified = f"{NAMESPACE}::{target}"
     torch.library.register_fake(qualified)(spec.fake)
     if spec.backward is None:
+        return
+    if backend == "compiled":
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Autograd"):
+            raise RuntimeError(f"{qualified} has a backward but no C++ autograd kernel "
+                               f"(TORCH_LIBRARY_IMPL(rlkernels, Autograd, m) in csrc/autograd/): "
+                               "rebuild the extension")
         return
     setup = spec.setup_context
 

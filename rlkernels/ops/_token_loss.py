@@ -4,6 +4,8 @@ per-token gradient before aggregation and each row's share of the aggregation,
 so backward is one broadcast multiply."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _validate as V
@@ -29,27 +31,39 @@ def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, pe
     the tensors promoted to one float dtype and contiguous, in the order given, then the
     bool mask and device."""
     V.float_tensor(op, primary_name, primary, ndim=2)
-    B = primary.shape[0]
-    dtype = primary.dtype
+    shape, dtype, device = primary.shape, primary.dtype, primary.device
+    B = shape[0]
+    # A companion of the primary's shape, dtype and device (the usual call) passes every
+    # check below as it is; the others take them one by one, in the order that decides
+    # which error a bad call gets.
+    uniform = True
     for name, value in others.items():
         if value is None:
             if name in required:
                 raise TypeError(f"{op}: {name} must be a torch.Tensor, got None")
             continue
+        if isinstance(value, torch.Tensor) and value.dtype == primary.dtype and value.shape == shape \
+                and value.device == device:
+            continue
+        uniform = False
         V.float_tensor(op, name, value)
         if name in per_row and value.shape in ((B,), (B, 1)):
             pass
         else:
             V.same_shape(op, name, value, primary_name, primary)
-        dtype = torch.promote_types(dtype, value.dtype)
-    device = V.same_device(op, **{primary_name: primary}, **others, mask=mask)
-    mask = V.binary_mask(op, "mask", mask, primary.shape, device)
-    promoted = [primary.to(dtype).contiguous()]
+        if value.dtype != dtype:
+            dtype = torch.promote_types(dtype, value.dtype)
+    if not uniform:
+        V.same_device(op, **{primary_name: primary}, **others, mask=mask)
+    elif mask is not None:
+        V.same_device(op, **{primary_name: primary}, mask=mask)
+    mask = V.binary_mask(op, "mask", mask, shape, device)
+    promoted = [V.as_dtype(primary, dtype)]
     for name, value in others.items():
         if value is not None:
-            if name in per_row and value.dim() == 2 and value.shape[1] == 1 and primary.shape[1] != 1:
+            if name in per_row and value.dim() == 2 and value.shape[1] == 1 and shape[1] != 1:
                 value = value.reshape(B)
-            value = value.to(dtype).contiguous()
+            value = V.as_dtype(value, dtype)
         promoted.append(value)
     return promoted, mask, device
 
@@ -86,8 +100,14 @@ def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.T
     if "ratio_max" in out:
         # A NaN ratio makes the ratio sum NaN, but max reductions (CPU, CUDA and Triton
         # alike) may skip it: take NaN from the mean so that the maximum keeps it too.
+        # On the CPU one read of the mean (against two ops) leaves only a NaN to pay;
+        # elsewhere the select stays on the device (no host sync, checked mode or not),
+        # and so does it while torch.compile traces.
         mean = out["ratio_mean"]
-        out["ratio_max"] = torch.where(mean.isnan(), mean, out["ratio_max"])
+        if mean.device.type != "cpu" or torch.compiler.is_compiling():
+            out["ratio_max"] = torch.where(mean.isnan(), mean, out["ratio_max"])
+        elif math.isnan(mean.item()):
+            out["ratio_max"] = mean.clone()
     return out
 
 
@@ -119,6 +139,7 @@ def register(name: str, fake, num_inputs: int, public_name: str) -> None:
     dtype) -> [B, T]: a kernel, whose small problems stay on one thread (a torch broadcast
     multiply would wake a thread pool)."""
 
+    # The Triton twin's autograd; the compiled op's is csrc/autograd/token_loss.cpp, the same steps.
     def backward(ctx, grad_loss, *unused):
         grad, row_scale, primary = ctx.saved_tensors
         if grad_loss is None or grad.dim() != 2:  # no gradient needed

@@ -64,17 +64,24 @@ def _setup_context(ctx, inputs, output):
     ctx.temperature = temperature
 
 
+@_double_backward.recorded(_OP)
+def _recorded_backward(grad_kl, logits, ref_logits, mask, temperature, logits_grad, ref_grad):
+    """The gradients recomputed through the reference, differentiably (None where not needed)."""
+    def recompute(x, ref):
+        return reference.kl_from_logits(x, ref, temperature=temperature, mask=mask)
+
+    return _double_backward.through_reference(recompute, (logits, ref_logits), (logits_grad, ref_grad), (grad_kl,))
+
+
+# The Triton twin's autograd; the compiled op's is csrc/autograd/kl_from_logits.cpp, the same steps.
 def _backward(ctx, grad_kl, _grad_saved):
     logits, ref_logits, mask, saved = ctx.saved_tensors
     logits_grad, ref_grad = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
     if not (logits_grad or ref_grad):
         return None, None, None, None
     if _double_backward.recording():
-        def recompute(x, ref):
-            return reference.kl_from_logits(x, ref, temperature=ctx.temperature, mask=mask)
-
-        grad_logits, grad_ref = _double_backward.through_reference(
-            recompute, (logits, ref_logits), (logits_grad, ref_grad), (grad_kl,))
+        grad_logits, grad_ref = _recorded_backward(grad_kl, logits, ref_logits, mask, ctx.temperature, logits_grad,
+                                                   ref_grad)
         return grad_logits, grad_ref, None, None
     if grad_kl is None:
         grad_kl = torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)

@@ -40,8 +40,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     kind = V.choice(_OP, "kind", kind, KINDS)
     if clamp is not None:
         clamp = V.number(_OP, "clamp", clamp, low=0.0, low_open=True)
-    common = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
-    logprobs, ref_logprobs = logprobs.to(common), ref_logprobs.to(common)
+    if logprobs.dtype != ref_logprobs.dtype:
+        common = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
+        logprobs, ref_logprobs = logprobs.to(common), ref_logprobs.to(common)
     chosen = _backend.resolve(_OP, backend, device)
     if chosen == "reference":
         return reference.kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp)
@@ -64,13 +65,19 @@ def _setup_context(ctx, inputs, output):
     ctx.kind, ctx.clamp = kind, clamp
 
 
+@_double_backward.recorded(_OP)
+def _recorded_backward(grad_value, logprobs, ref_logprobs, kind, clamp, logprobs_grad, ref_grad):
+    """The gradients through the reference: the saved slope is a constant to autograd, the
+    reference's graph carries the curvature."""
+    return _double_backward.through_reference(lambda lp, ref: reference.kl_penalty(lp, ref, kind, clamp=clamp),
+                                              (logprobs, ref_logprobs), (logprobs_grad, ref_grad), (grad_value,))
+
+
+# The Triton twin's autograd; the compiled op's is csrc/autograd/kl_penalty.cpp, the same steps.
 def _backward(ctx, grad_value, _grad_slope):
     slope, logprobs, ref_logprobs = ctx.saved_tensors
     if _double_backward.recording():
-        # The saved slope is a constant to autograd; the reference's graph carries the curvature.
-        grads = _double_backward.through_reference(
-            lambda lp, ref: reference.kl_penalty(lp, ref, ctx.kind, clamp=ctx.clamp), (logprobs, ref_logprobs),
-            ctx.needs_input_grad[:2], (grad_value,))
+        grads = _recorded_backward(grad_value, logprobs, ref_logprobs, ctx.kind, ctx.clamp, *ctx.needs_input_grad[:2])
         return grads[0], grads[1], None, None
     grad = grad_value * slope if grad_value is not None else torch.zeros_like(slope)
     grad_logprobs = grad.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None

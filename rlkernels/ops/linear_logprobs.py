@@ -1,5 +1,5 @@
 """rlkernels.linear_logprobs: per-token log-probs (and entropy) straight from
-hidden states and the lm-head, never holding more than one tile of logits.
+hidden states and the lm-head, holding at most chunk_size x V logits at a time.
 Optionally also two row statistics TRL's fused lm-head reports: the mean logit
 over the vocabulary and whether the label is the arg-max.
 
@@ -9,7 +9,10 @@ tile into each token's running softmax statistics and, at the row's last block,
 writes its log-prob, entropy and the row statistics the backward keeps (8 bytes
 a token).  Backward: the same tiles recomputed, turned into d loss / d logits in
 place by the fused backward kernel, and fed to the matmuls for hidden, weight
-and bias.  Rows whose label is ignore_index are dropped before any matmul, except
+and bias.  When all the tiles fit that budget at once (small problems, the
+default tile size, eager mode), the forward keeps them for the backward instead
+of reusing one buffer, and the backward skips the recomputation (three matmuls
+instead of four; _keeps_tiles).  Rows whose label is ignore_index are dropped before any matmul, except
 on CUDA outside the checked mode (finding them would be a host sync): there they
 go through the matmuls and the kernels give them 0 and no gradient.
 
@@ -20,6 +23,7 @@ Whether the label is the arg-max comes from the tile kernel, which tracks it in 
 fifth state value per row (csrc/core/logprobs.h)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -47,8 +51,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     leading shape, in [0, V) or ignore_index.  chunk_size: the logits held at a time, as
     a number of full rows (default: as many as 64 MiB of float32 logits hold); peak extra
     memory is about chunk_size x V logits, spent on tiles of vocabulary blocks (4096
-    wide) times tokens, forward and backward; or a (tokens, vocabulary) pair fixing the
-    tile.  Returns float32 log-probs of the leading shape, 0 on ignored tokens;
+    wide) times tokens, forward and backward (when all the kept tokens' logits fit, they
+    are held from the forward to the backward, which then need not recompute them); or
+    a (tokens, vocabulary) pair fixing the tile (always recomputed).  Returns float32 log-probs of the leading shape, 0 on ignored tokens;
     gradients flow to hidden, weight and bias.  With any of the flags, a tuple: the
     log-probs, then for each flag set, in this order, entropy (float32, with gradient),
     mean_logits (the mean over the vocabulary of the temperature-scaled logits,
@@ -85,9 +90,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(labels.numel(), hidden.shape[-1])  # (-1 is ambiguous when H = 0)
     flat_labels = labels.reshape(-1)
-    values, entropies, _, top1 = torch.ops.rlkernels.linear_logprobs(
-        flat_hidden, weight, flat_labels, bias, temperature, ignore_index, entropy, is_top1, tile_tokens, tile_vocab,
-        budget, chosen)
+    args = (flat_hidden, weight, flat_labels, bias, temperature, ignore_index, entropy, is_top1, tile_tokens,
+            tile_vocab, budget, chosen)
+    if not _chunked.eager(flat_hidden, weight, flat_labels, bias):
+        values, entropies, _, top1 = torch.ops.rlkernels.linear_logprobs(*args)
+    elif _chunked.wants_grad(flat_hidden, weight, bias):
+        values, entropies, _, top1 = _Eager.apply(*args)
+    else:
+        values, entropies, _, top1 = _forward(*args)
     outputs = [values.reshape(lead)]
     if entropy:
         outputs.append(entropies.reshape(lead))
@@ -141,6 +151,18 @@ def _tiling(chunk_size, N: int, vocab: int) -> tuple[int, int, int]:
     return 0, 0, max(1, min(tokens, max(N, 1))) * max(vocab, 1) * 4
 
 
+def _keeps_tiles(n: int, vocab: int, tiles: tuple[int, int], fixed: bool, budget: int) -> bool:
+    """Whether the forward keeps its tiles for the backward instead of the backward
+    recomputing them: when all of them fit the budget at once (at most `budget` bytes
+    of float32 logits, padded rows included) and the tile size was not fixed by the
+    caller.  A small problem then does three matmuls instead of four (the fused
+    backward's recomputation is a quarter of its time once the matmuls dominate);
+    the logits it holds from forward to backward stay within what chunk_size allows."""
+    chunk = tiles[0]
+    rows = (n // chunk) * _chunked.padded_rows(chunk) + _chunked.padded_rows(n % chunk)
+    return not fixed and rows * vocab * 4 <= budget
+
+
 def _tiles(n: int, vocab: int, tile_tokens: int, tile_vocab: int, budget: int) -> tuple[int, int]:
     tokens, block = _chunked.lm_head_tiles(n, vocab, budget)
     return tile_tokens or tokens, tile_vocab or block
@@ -155,31 +177,49 @@ def _linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                      temperature: float, ignore_index: int, with_entropy: bool, with_top1: bool, tile_tokens: int,
                      tile_vocab: int, budget: int,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, with_top1, tile_tokens,
+                    tile_vocab, budget, backend)
+
+
+def _forward(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, with_top1, tile_tokens, tile_vocab,
+             budget, backend, keep=None):
+    """The op's body: (log-probs, entropies, saved row statistics, is_top1).  With a list
+    `keep` (the eager path's backward), the tiles go into it when all of them fit the
+    budget at once (_keeps_tiles)."""
     vocab_tile, _ = _row_ops(backend)
     N, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    values = torch.zeros(N, **f32)
-    entropies = torch.zeros(N if with_entropy else 0, **f32)
-    saved = torch.zeros(N, 2, **f32)
-    top1 = torch.zeros(N if with_top1 else 0, dtype=torch.bool, device=hidden.device)
     rows = _chunked.kept_rows(labels, ignore_index)
     kept_hidden, kept_labels = (hidden, labels) if rows is None else (hidden[rows], labels[rows])
     n = kept_hidden.shape[0]
-    if n == 0:
-        return values, entropies, saved, top1
     # per kept token: running (max, sum, entropy sum, label logit), then (log p, H, max, ln s);
     # with_top1 adds the arg-max flag as a fifth value
     state = torch.empty(n, 5 if with_top1 else 4, **f32)
-    tiles = _tiles(n, vocab, tile_tokens, tile_vocab, budget)
-    for t0, t1, v0, v1, logits in _chunked.tiled_logits(kept_hidden, weight, bias, tiles):
-        vocab_tile(logits, kept_labels[t0:t1], state[t0:t1], temperature, ignore_index, v0, with_entropy, v1 == vocab)
-    span = slice(None) if rows is None else rows
-    values[span] = state[:, 0]
-    saved[span] = state[:, 2:4]
+    if n > 0:
+        tiles = _tiles(n, vocab, tile_tokens, tile_vocab, budget)
+        if keep is not None and not _keeps_tiles(n, vocab, tiles, tile_tokens or tile_vocab, budget):
+            keep = None
+        for t0, t1, v0, v1, logits in _chunked.tiled_logits(kept_hidden, weight, bias, tiles, keep):
+            vocab_tile(logits, kept_labels[t0:t1], state[t0:t1], temperature, ignore_index, v0, with_entropy,
+                       v1 == vocab)
+    no_top1 = torch.empty(0, dtype=torch.bool, device=hidden.device)
+    if rows is None:  # every row went through the kernels: the outputs are state's columns (copies)
+        def column(c):
+            return state[:, c].clone(memory_format=torch.contiguous_format)
+
+        return (column(0), column(1) if with_entropy else state.new_empty(0),
+                state[:, 2:4].clone(memory_format=torch.contiguous_format),
+                state[:, 4] != 0 if with_top1 else no_top1)
+    values = torch.zeros(N, **f32)
+    entropies = torch.zeros(N if with_entropy else 0, **f32)
+    saved = torch.zeros(N, 2, **f32)
+    top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device) if with_top1 else no_top1
+    values[rows] = state[:, 0]
+    saved[rows] = state[:, 2:4]
     if with_entropy:
-        entropies[span] = state[:, 1]
+        entropies[rows] = state[:, 1]
     if with_top1:
-        top1[span] = state[:, 4] != 0
+        top1[rows] = state[:, 4] != 0
     return values, entropies, saved, top1
 
 
@@ -198,6 +238,15 @@ def _linear_logprobs_backward(grad_logprobs: torch.Tensor, grad_entropy: Optiona
                               temperature: float, ignore_index: int, tile_tokens: int, tile_vocab: int, budget: int,
                               backend: str, needs_hidden: bool, needs_weight: bool,
                               needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_body(grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature,
+                          ignore_index, tile_tokens, tile_vocab, budget, backend, needs_hidden, needs_weight,
+                          needs_bias)
+
+
+def _backward_body(grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature,
+                   ignore_index, tile_tokens, tile_vocab, budget, backend, needs_hidden, needs_weight, needs_bias,
+                   kept=None):
+    """The backward op's body; `kept`: the forward's tiles (_forward's `keep`), if it kept them."""
     _, backward_inplace = _row_ops(backend)
     rows = _chunked.kept_rows(labels, ignore_index)
     N = hidden.shape[0]
@@ -219,7 +268,8 @@ def _linear_logprobs_backward(grad_logprobs: torch.Tensor, grad_entropy: Optiona
 
     tiles = _tiles(kept_hidden.shape[0], weight.shape[0], tile_tokens, tile_vocab, budget)
     grad_hidden, grad_weight, grad_bias = _chunked.chunked_linear_backward(
-        kept_hidden, weight, bias, tiles, grad_logits, (needs_hidden, needs_weight, needs_bias and bias is not None))
+        kept_hidden, weight, bias, tiles, grad_logits, (needs_hidden, needs_weight, needs_bias and bias is not None),
+        kept)
     if needs_hidden and rows is not None:
         full = torch.zeros_like(hidden)
         full[rows] = grad_hidden
@@ -265,7 +315,13 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
             recompute, (hidden, weight, bias), (needs_hidden, needs_weight, needs_bias and bias is not None),
             (grad_logprobs, grad_entropy))
         return (grad_hidden, grad_weight, None, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 4)
-    grad_hidden, grad_weight, grad_bias = torch.ops.rlkernels.linear_logprobs_backward(
+    # the eager path (_Eager) calls the backward op's body itself, as it did the forward's,
+    # with the forward's tiles where it kept them (used once: the backward overwrites them)
+    backward_op = torch.ops.rlkernels.linear_logprobs_backward
+    if getattr(ctx, "eager", False):
+        backward_op = functools.partial(_backward_body, kept=ctx.kept)
+        ctx.kept = None
+    grad_hidden, grad_weight, grad_bias = backward_op(
         grad_logprobs, grad_entropy, hidden, weight, labels, bias, saved, entropies, temperature, ignore_index,
         tile_tokens, tile_vocab, budget, backend, bool(needs_hidden), bool(needs_weight), bool(needs_bias))
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None, None,
@@ -273,3 +329,27 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
 
 
 torch.library.register_autograd("rlkernels::linear_logprobs", _backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The op in eager mode (_chunked.eager): its body and backward body called directly,
+    with the op's own setup_context and backward.  What this skips is torch.library's
+    custom-op dispatch and Python autograd wrapper, measured at about 45 us of a 80 us
+    forward and 50 us of the backward on tiny inputs; torch.compile, fake tensors,
+    functorch transforms and tensor subclasses keep the op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        kept: list[torch.Tensor] = []
+        output = _forward(*inputs, keep=kept)
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        # (an intermediate of the op, not an input or output: a ctx attribute)
+        ctx.kept = kept or None
+        ctx.mark_non_differentiable(output[2], output[3])
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)

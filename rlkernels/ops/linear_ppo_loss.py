@@ -131,10 +131,15 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     _token_loss.count_or(num_tokens), _token_loss.count_or(num_seqs), _token_loss.count_or(norm_length)]
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     chunk = _chunked.chunk_rows(labels.numel(), weight.shape[0], chunk_size)
-    loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss(
-        hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
-        ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index,
-        chunk, chosen, needs)
+    args = (hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
+            ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index,
+            chunk, chosen, needs)
+    if not _chunked.eager(hidden, weight, bias, labels, old_logprobs, advantages, valid, weights, ref_logprobs):
+        loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss(*args)
+    elif any(needs):
+        loss, stats, _, _, _ = _Eager.apply(*args)
+    else:
+        loss, stats, _, _, _ = _sweep(*args)
     return loss, _token_loss.stats_dict(STATS, stats)
 
 
@@ -181,6 +186,15 @@ def _kernels(backend: str):
     return tuple(_registry.kernel(name, backend) for name in ("logprobs", "logprobs_backward_inplace", "policy_loss"))
 
 
+# Below this many multiply-adds of the lm-head (B * T * V * H), masked tokens go through
+# it: dropping them costs a gather, two scatters and a host read (tens of microseconds).
+_EVERY_TOKEN_MACS = 1 << 20
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
 def _piece(t: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
     if t is None:
         return None
@@ -215,6 +229,13 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                         coefficients: list[float], kl: str, agg: str, entropy_coef: float, temperature: float,
                         ignore_index: int, chunk: int, backend: str, needs: list[bool]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, coefficients,
+                  kl, agg, entropy_coef, temperature, ignore_index, chunk, backend, needs)
+
+
+def _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, coefficients, kl, agg,
+           entropy_coef, temperature, ignore_index, chunk, backend, needs):
+    """The op's body: (loss, stats, grad_hidden, grad_weight, grad_bias)."""
     _check_op_args(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, needs)
     row_forward, row_backward_inplace, policy = _kernels(backend)
     B, T, H = hidden.shape
@@ -225,30 +246,31 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     acc = old_logprobs.dtype
     wide = weight.dtype in (torch.float16, torch.bfloat16)
     grad_hidden = torch.zeros_like(hidden) if needs_hidden else hidden.new_empty(0)
-    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32 if wide else weight.dtype, device=weight.device)
-                   if needs_weight else weight.new_empty(0))
+    grad_weight = None if needs_weight else weight.new_empty(0)  # the first piece's product, then sums
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if needs_bias else weight.new_empty(0)
     flat_hidden = hidden.reshape(B * T, H)
     flat_grad_hidden = grad_hidden.reshape(B * T, H) if needs_hidden else None
-    token_index = torch.arange(B * T, device=hidden.device).reshape(B, T)
     buffer = hidden.new_empty((_chunked.padded_rows(min(chunk, B * T)), vocab)) if B * T > 0 else None
-    loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    sums = torch.zeros(len(POLICY_STATS) - 1, dtype=torch.float64, device=hidden.device)  # stats x tokens
-    ratio_max = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    tokens = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    entropy_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    # Masked tokens are dropped before the lm-head where the mask may be read; on CUDA
-    # outside the checked mode every token of a piece goes through it (_ppo_pieces.py).
-    every_token = _ppo_pieces.on_device(valid)
+    # float64 totals from the first piece on: loss, tokens, stats x tokens, ratio max, entropy sum
+    loss = tokens = sums = ratio_max = entropy_sum = None
+    # Masked tokens are dropped before the lm-head where the mask may be read; on CUDA outside
+    # the checked mode (_ppo_pieces.py) and in small problems every token goes through it.
+    on_device = _ppo_pieces.on_device(valid)
+    every_token = on_device or B * T * vocab * H <= _EVERY_TOKEN_MACS
     for rows, cols, piece_agg, piece_coefficients, scale in _ppo_pieces.pieces(valid, chunk, agg, coefficients):
-        piece_valid = valid[rows, cols]
-        logprobs = torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device)
-        entropy = torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device) if with_entropy else None
+        whole = rows == slice(0, B) and cols == slice(0, T)  # the batch in one piece: no slicing
+        piece_valid = valid if whole else valid[rows, cols]
+        def zeros():
+            return torch.zeros(piece_valid.shape, dtype=acc, device=hidden.device)
+
         if every_token:
             flat = _ppo_pieces.span(rows, cols, T)
             kept_hidden, kept_labels = flat_hidden[flat], labels.reshape(-1)[flat]
+            if not on_device:  # a masked token's hidden state (NaN, inf) must not reach grad weight as 0 * NaN
+                kept_hidden = torch.where(piece_valid.reshape(-1, 1), kept_hidden, 0)
             n = kept_hidden.shape[0]
         else:
+            token_index = torch.arange(B * T, device=hidden.device).reshape(B, T)
             kept = token_index[rows, cols][piece_valid]
             n = kept.numel()
         if n > 0:
@@ -262,24 +284,34 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                 logprobs = lp.to(acc).reshape(piece_valid.shape)
                 entropy = ent.to(acc).reshape(piece_valid.shape) if with_entropy else None
             else:
+                logprobs = zeros()
                 logprobs[piece_valid] = lp.to(acc)
+                entropy = zeros() if with_entropy else None
                 if with_entropy:
                     entropy[piece_valid] = ent.to(acc)
+        else:
+            logprobs, entropy = zeros(), zeros() if with_entropy else None
+        def piece(t):
+            return t.contiguous() if whole and t is not None else _piece(t, rows, cols)
+
         piece_loss, piece_stats, grad, row_scale = policy(
-            logprobs, old_logprobs[rows, cols].contiguous(), _piece(advantages, rows, cols), piece_valid,
-            _piece(weights, rows, cols), _piece(ref_logprobs, rows, cols), piece_coefficients, kl, piece_agg,
-            any_grad)
+            logprobs, piece(old_logprobs), piece(advantages), piece_valid, piece(weights), piece(ref_logprobs),
+            piece_coefficients, kl, piece_agg, any_grad)
         if scale is not None:  # the batch's normalisation, as a device tensor (or a given count)
             row_scale = row_scale * (scale.to(row_scale.dtype) if isinstance(scale, torch.Tensor) else scale)
             piece_loss = piece_loss.double() * scale
-        loss += piece_loss.double()
-        count = piece_stats[-1].double()
-        tokens += count
-        sums += piece_stats[:-1].double() * count
-        ratio_max = torch.maximum(ratio_max, piece_stats[POLICY_STATS.index("ratio_max")].double())
+        piece_stats = piece_stats.double()
+        count = piece_stats[-1]
+        piece_ratio_max = piece_stats[POLICY_STATS.index("ratio_max")]
+        loss = _add(loss, piece_loss.double())
         if with_entropy:
-            loss -= entropy_coef * (row_scale.double() * entropy.double().sum(-1)).sum()
-            entropy_sum += entropy.double().sum()
+            loss = loss - entropy_coef * (row_scale.double() * entropy.double().sum(-1)).sum()
+        tokens = _add(tokens, count)
+        sums = _add(sums, piece_stats[:-1] * count)
+        # ratios are >= 0 (or NaN, which maximum keeps), as the 0 the totals start from
+        ratio_max = piece_ratio_max if ratio_max is None else torch.maximum(ratio_max, piece_ratio_max)
+        if with_entropy:
+            entropy_sum = _add(entropy_sum, entropy.double().sum())
         if n == 0 or not any_grad:
             continue
         def kept_values(t):  # the kept tokens' values, in the order of the rows of logits
@@ -295,20 +327,26 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
             torch.mm(logits, weight, out=flat_grad_hidden[flat])
         elif needs_hidden:
             flat_grad_hidden.index_copy_(0, kept, torch.mm(logits, weight))
-        if needs_weight:
-            if wide:
-                grad_weight.add_(torch.mm(logits.t(), kept_hidden))
-            else:
-                grad_weight.addmm_(logits.t(), kept_hidden)
+        if needs_weight and grad_weight is None:  # no [V, H] zero fill and read-back for one piece
+            grad_weight = torch.mm(logits.t(), kept_hidden).to(torch.float32 if wide else weight.dtype)
+        elif needs_weight and wide:
+            grad_weight.add_(torch.mm(logits.t(), kept_hidden))
+        elif needs_weight:
+            grad_weight.addmm_(logits.t(), kept_hidden)
         if needs_bias:
             grad_bias.add_(logits.sum(0, dtype=torch.float32))
-    stats = torch.zeros(len(STATS), dtype=acc, device=hidden.device)
+    if loss is None:  # no piece: an empty batch, or no valid token in any row
+        zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        loss = tokens = ratio_max = zero
+        sums = torch.zeros(len(POLICY_STATS) - 1, dtype=torch.float64, device=hidden.device)
     means = torch.where(tokens > 0, sums / tokens.clamp(min=1), 0)
-    stats[: len(POLICY_STATS) - 1] = means.to(acc)
-    stats[POLICY_STATS.index("ratio_max")] = ratio_max.to(acc)
-    stats[POLICY_STATS.index("num_tokens")] = tokens.to(acc)
-    stats[len(POLICY_STATS)] = torch.where(tokens > 0, entropy_sum / tokens.clamp(min=1), 0).to(acc)
-    if needs_weight and wide:
+    means[POLICY_STATS.index("ratio_max")] = ratio_max
+    entropy_mean = (torch.where(tokens > 0, entropy_sum / tokens.clamp(min=1), 0) if entropy_sum is not None
+                    else torch.zeros((), dtype=torch.float64, device=hidden.device))
+    stats = torch.cat([means, tokens.reshape(1), entropy_mean.reshape(1)]).to(acc)
+    if grad_weight is None:  # no token reached the lm-head
+        grad_weight = torch.zeros_like(weight)
+    elif needs_weight and wide:
         grad_weight = grad_weight.to(weight.dtype)
     if needs_bias:
         grad_bias = grad_bias.to(bias.dtype)
@@ -358,3 +396,7 @@ def _backward(ctx, grad_loss, *unused):
 
 
 torch.library.register_autograd("rlkernels::linear_policy_loss", _backward, setup_context=_setup_context)
+
+
+# eager calls (_chunked.eager): the body without the custom op's dispatch and Python autograd
+_Eager = _chunked.eager_function(_sweep, _setup_context, _backward)

@@ -43,15 +43,24 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
                                        ignore_index=ignore_index, entropy=entropy, exact=exact, backend=backend)
     L.logits_tensor(_OP, "logits", logits)
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
-    labels = L.labels_for(_OP, labels, logits, ignore_index)
+    labels = L.labels_for(_OP, labels, logits, ignore_index, check_range=False)
     temperature = L.temperature(_OP, temperature)
     entropy, inplace_backward = bool(entropy), bool(inplace_backward)
     chosen = L.choose_backend(_OP, backend, logits.device, logits.dtype)
+    if chosen != "cpu":
+        # The CPU op checks the label range in one pass of its own (csrc/cpu/logprobs.cpp);
+        # the other backends do not.
+        L.label_range(_OP, labels, logits.shape[-1], ignore_index)
     if chosen == "reference":
         return reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                   entropy=entropy)
     op = _registry.kernel(_OP, chosen)
-    values, entropies, _ = op(logits, labels, temperature, ignore_index, entropy, inplace_backward)
+    try:
+        values, entropies, _ = op(logits, labels, temperature, ignore_index, entropy, inplace_backward)
+    except RuntimeError:
+        if chosen == "cpu":  # the CPU op's label check: raise the public ValueError instead
+            L.label_range(_OP, labels, logits.shape[-1], ignore_index)
+        raise
     return (values, entropies) if entropy else values
 
 
@@ -102,19 +111,24 @@ def _row_grad(grad: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
     return grad.to(torch.float32).contiguous()
 
 
+@_double_backward.recorded(_OP)
+def _recorded_backward(grad_logprobs, grad_entropy, logits, labels, temperature, ignore_index, with_entropy):
+    """The gradient to logits recomputed through the reference, differentiably."""
+    def recompute(x):
+        return reference.logprobs(x, labels, temperature=temperature, ignore_index=ignore_index, entropy=with_entropy)
+
+    return _double_backward.through_reference(recompute, (logits,), (True,), (grad_logprobs, grad_entropy))
+
+
+# The Triton twin's autograd; the compiled op's is csrc/autograd/logprobs.cpp, the same steps.
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved):
     logits, labels, saved, entropies = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
     if _double_backward.recording():
         with_entropy = entropies.shape == labels.shape
-
-        def recompute(x):
-            return reference.logprobs(x, labels, temperature=ctx.temperature, ignore_index=ctx.ignore_index,
-                                      entropy=with_entropy)
-
-        grads = (grad_logprobs, grad_entropy if with_entropy else None)
-        (grad,) = _double_backward.through_reference(recompute, (logits,), (True,), grads)
+        (grad,) = _recorded_backward(grad_logprobs, grad_entropy if with_entropy else None, logits, labels,
+                                     ctx.temperature, ctx.ignore_index, with_entropy)
         return grad, None, None, None, None, None
     grad_logprobs = _row_grad(grad_logprobs, labels)
     with_entropy = entropies.shape == labels.shape and grad_entropy is not None

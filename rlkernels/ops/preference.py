@@ -48,9 +48,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     for name, value in tensors.items():
         V.float_tensor(op, name, value)
         V.same_shape(op, name, value, "policy_chosen", policy_chosen)
-        dtype = torch.promote_types(dtype, value.dtype)
+        if value.dtype != dtype:
+            dtype = torch.promote_types(dtype, value.dtype)
     device = V.same_device(op, **tensors)
-    pc, pr, rc, rr = (t.to(dtype).contiguous() for t in tensors.values())
+    pc, pr, rc, rr = (V.as_dtype(t, dtype) for t in tensors.values())
     chosen = _backend.resolve(op, backend, device)
     if chosen == "reference":
         return reference.dpo_loss(pc, pr, rc, rr, beta=beta, kind=kind, label_smoothing=label_smoothing)
@@ -73,6 +74,7 @@ def _dpo_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+# The Triton twin's autograd; the compiled op's is csrc/autograd/preference.cpp, the same steps.
 def _dpo_backward(ctx, grad_losses, *unused):
     if grad_losses is None:
         return (None,) * 7
@@ -169,18 +171,26 @@ def _sequence_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@_double_backward.recorded("sequence_logprobs")
+def _recorded_sequence_backward(grad_out, mask, counts, average, T):
+    """The gradient (in the counts' dtype) in torch ops: linear in grad_out, it stays
+    differentiable."""
+    grad_out = grad_out.to(counts.dtype)
+    share = (torch.ones((counts.shape[0], T), dtype=counts.dtype, device=counts.device)
+             if mask is None else mask.to(counts.dtype))
+    if average:
+        share = share / counts.clamp(min=1).unsqueeze(1)
+    return (grad_out.unsqueeze(1) * share,)
+
+
+# The Triton twin's autograd; the compiled op's is csrc/autograd/preference.cpp, the same steps.
 def _sequence_backward(ctx, grad_out, unused):
     if grad_out is None:
         return None, None, None
     mask, counts = ctx.saved_tensors
     if _double_backward.recording():
-        # The gradient is linear in grad_out: written in torch ops it stays differentiable.
-        grad_out = grad_out.to(counts.dtype)
-        share = (torch.ones((counts.shape[0], ctx.T), dtype=counts.dtype, device=counts.device)
-                 if mask is None else mask.to(counts.dtype))
-        if ctx.average:
-            share = share / counts.clamp(min=1).unsqueeze(1)
-        return (grad_out.unsqueeze(1) * share).to(ctx.dtype), None, None
+        (grad,) = _recorded_sequence_backward(grad_out, mask, counts, ctx.average, ctx.T)
+        return grad.to(ctx.dtype), None, None
     backward = _registry.kernel("sequence_logprobs_backward", ctx.backend)
     grad = backward(grad_out.to(counts.dtype).contiguous(), mask, counts, ctx.average, ctx.T, ctx.dtype)
     return grad, None, None
