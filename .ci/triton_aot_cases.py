@@ -38,10 +38,10 @@ import rlkernels  # noqa: E402,F401  (imports the Triton modules: their ops and 
 from rlkernels import triton as rlk_triton  # noqa: E402
 from rlkernels.ops._registry import TWINS  # noqa: E402
 from rlkernels.triton import (_token_loss, gae, group_advantages, kl_from_logits, kl_penalty,  # noqa: E402
-                              logprobs, masked, multi_tensor, policy_loss, preference, value_loss)
+                              kl_vocab_tile, logprobs, masked, multi_tensor, policy_loss, preference, value_loss)
 
-MODULES = (gae, group_advantages, masked, kl_penalty, logprobs, kl_from_logits, _token_loss, policy_loss,
-           value_loss, multi_tensor, preference)
+MODULES = (gae, group_advantages, masked, kl_penalty, logprobs, kl_from_logits, kl_vocab_tile, _token_loss,
+           policy_loss, value_loss, multi_tensor, preference)
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 
@@ -108,6 +108,12 @@ def cases(quick: bool):
                 yield "kl_from_logits_backward_triton", f"{name} mask={with_mask} grads={lg},{rg}", (
                     lambda x=x, m=m, lead=lead, lg=lg, rg=rg: kl_from_logits.kl_from_logits_backward_triton(
                         meta(*lead), x, x, m, meta(*lead, 5), 1.0, lg, rg))
+        # KL's per-chunk statistics: the whole row as one tile with finish, and a fold alone
+        chunks = -(-x.shape[-1] // 8192)
+        for tile, start in ((x, 0), (x[..., :0], x.shape[-1])):
+            yield "kl_vocab_tile_triton", f"{name} tile of {tile.shape[-1]} finish", (
+                lambda tile=tile, start=start, lead=lead, chunks=chunks: kl_vocab_tile.kl_vocab_tile_triton(
+                    tile, tile, meta(*lead, chunks, 6), 1.0, start, True))
 
     seq_shapes = ((1, 1), (256, 4096), (8, 4096), (1024, 127))
     seq_dtypes = (F32, BF16, F16, F64)

@@ -56,6 +56,12 @@ TORCH_LIBRARY(rlkernels, m) {
         "-> (Tensor kl, Tensor saved)");
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "
         "Tensor saved, float temperature, bool logits_grad, bool ref_grad) -> (Tensor, Tensor)");
+  // KL's chunk rule in pieces (the vocabulary-parallel exact mode): a tile
+  // [vocab_start, vocab_start + V') of both rows writes its chunks' statistics into
+  // `state` (float32 [..., C, 6], a slot per vocabulary chunk); with finish the slots are
+  // folded and the first holds (KL, saved) (csrc/core/kl_from_logits.h).
+  m.def("kl_vocab_tile(Tensor logits, Tensor ref_logits, Tensor(a!) state, float temperature, int vocab_start, "
+        "bool finish) -> ()");
   m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str kind, float clamp) -> (Tensor value, Tensor slope)");
 
   // Parameter averaging (rlkernels.distributed): many tensors <-> one flat

@@ -98,6 +98,7 @@ def _samples() -> dict[str, Sample]:
         "kl_from_logits": Sample([logits, _randn(B, V), _mask(B), 1.0], free=("logits",)),
         "kl_from_logits_backward": Sample([torch.randn(B), logits, _randn(B, V), _mask(B), torch.randn(B, 5), 1.0,
                                            True, True], free=("logits",)),
+        "kl_vocab_tile": Sample([logits, _randn(B, V), torch.zeros(B, 1, 6), 1.0, 0, True], free=("logits",)),
         "kl_penalty": Sample([tokens[0], tokens[1], "k3", 10.0], free=("logprobs",)),
         "pack_tensors": Sample([[torch.randn(2, 3), torch.randn(4)], torch.empty(10), 0.5]),
         "unpack_tensors": Sample([torch.randn(10), [torch.empty(2, 3), torch.empty(4)], 0.5]),

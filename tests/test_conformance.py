@@ -40,7 +40,7 @@ KERNEL_OPS = {
     "masked_mean": ("masked_row_mean",),
     "masked_whiten": ("masked_whiten",),
     "logprobs": ("logprobs", "logprobs_backward", "logprobs_backward_inplace"),
-    "kl_from_logits": ("kl_from_logits", "kl_from_logits_backward"),
+    "kl_from_logits": ("kl_from_logits", "kl_from_logits_backward", "kl_vocab_tile"),
     "kl_penalty": ("kl_penalty",),
     "ppo_loss": ("policy_loss", "scale_rows"),
     "grpo_loss": ("policy_loss", "scale_rows"),

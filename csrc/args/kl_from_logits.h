@@ -79,4 +79,43 @@ inline KlFromLogitsParams kl_from_logits_backward_args(const at::Tensor& grad_kl
   return p;
 }
 
+// kl_vocab_tile: a tile [vocab_start, vocab_start + V') of both rows and their
+// per-chunk state [..., C, kKlSlotWidth] (core/kl_from_logits.h); chunk_states: the
+// backend's kernel has that mode (the CPU's so far).
+inline KlFromLogitsParams kl_vocab_tile_args(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                             const at::Tensor& state, double temperature, int64_t vocab_start,
+                                             bool finish, KlFromLogitsTensors& t, bool chunk_states) {
+  const char* op = "kl_vocab_tile";
+  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have a vocabulary dimension");
+  TORCH_CHECK(ref_logits.sizes() == logits.sizes(), op, ": ref_logits must have the shape of logits ",
+              logits.sizes(), ", got ", ref_logits.sizes());
+  TORCH_CHECK(ref_logits.scalar_type() == logits.scalar_type() && ref_logits.device() == logits.device(), op,
+              ": ref_logits must have the dtype and device of logits");
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
+  const int64_t V = logits.size(-1);
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.device() == logits.device() &&
+                  state.dim() == logits.dim() + 1 && state.size(-1) == kKlSlotWidth &&
+                  state.sizes().slice(0, lead.size()) == lead,
+              op, ": state must be a contiguous float32 tensor [..., C, ", kKlSlotWidth,
+              "] with the leading shape of logits ", lead, " (one slot per vocabulary chunk), got ", state.sizes(),
+              " ", state.scalar_type());
+  TORCH_CHECK(chunk_states, op, ": a state per vocabulary chunk is supported by the CPU kernel only so far");
+  const int64_t chunks = state.size(-2);
+  TORCH_CHECK(V == 0 || vocab_start % kVocabChunk == 0, op, ": vocab_start must be a multiple of the vocabulary "
+              "chunk (", kVocabChunk, "), got ", vocab_start);
+  TORCH_CHECK(V == 0 || chunk_of(vocab_start) + vocab_chunks(V) <= chunks, op, ": the tile [", vocab_start, ", ",
+              vocab_start + V, ") reaches past the state's ", chunks, " chunks");
+  TORCH_CHECK(!finish || vocab_chunks(vocab_start + V) == chunks, op, ": with finish, the row ends at ",
+              vocab_start + V, " columns, which is ", vocab_chunks(vocab_start + V), " chunks, but state holds ",
+              chunks);
+  KlFromLogitsParams p = kl_from_logits_params(logits, ref_logits, c10::nullopt, temperature, op, t.a, t.b);
+  p.vocab_start = vocab_start;
+  p.state = state.data_ptr<float>();
+  p.chunks = chunks;
+  p.finish = finish;
+  return p;
+}
+
 }  // namespace rlk

@@ -95,7 +95,28 @@ RLK_INLINE float kl_grad_ref_logits(float a, float b, const float* saved, float 
   return g * (q - p) * inv_t;
 }
 
-// The arguments of kl_from_logits and its backward, filled once by
+// ---- per-chunk statistics (kl_vocab_tile: the vocabulary-parallel exact mode) ----------------
+// The chunk rule (core/logprobs.h) for KL: a state of C = vocab_chunks(V) slots a row,
+// kKlSlotWidth floats each.  A tile of columns [vocab_start, vocab_start + V') starting on
+// a chunk edge writes each of its chunks' statistics, from an empty state, into that
+// chunk's slot as (ma, sa, w, mb, sb, 0); tiles may come in any order or from other
+// processes.  With finish the C slots are folded in chunk order, as the whole-row kernel
+// folds, and the first slot gets (KL, saved[0..4]) (kl_finish).  The sixth value gives the
+// finished slot room for KL; the chunks' sixth values carry nothing and need not travel.
+constexpr int kKlSlotWidth = 6;
+
+RLK_INLINE void kl_slot_out(float* slot, const KlStats& st) {
+  slot[0] = st.ma;
+  slot[1] = st.sa;
+  slot[2] = st.w;
+  slot[3] = st.mb;
+  slot[4] = st.sb;
+  slot[5] = 0.0f;
+}
+
+RLK_INLINE KlStats kl_slot_in(const float* slot) { return KlStats{slot[0], slot[1], slot[2], slot[3], slot[4]}; }
+
+// The arguments of kl_from_logits, its backward and kl_vocab_tile, filled once by
 // args/kl_from_logits.h.  saved: 5 floats a row (kl_finish).
 struct KlFromLogitsParams {
   Dtype dtype = Dtype::f32;  // of both logits: f32, f16 or bf16
@@ -112,6 +133,11 @@ struct KlFromLogitsParams {
   const float* grad_kl = nullptr;
   void* grad_logits = nullptr;
   void* grad_ref = nullptr;
+  // kl_vocab_tile: the tile's first column and the rows' slots (chunks a row, kKlSlotWidth each)
+  int64_t vocab_start = 0;
+  float* state = nullptr;
+  int64_t chunks = 0;
+  bool finish = false;
   // CUDA forward: blocks per row, and their 5 * N * splits floats of partial statistics
   int splits = 1;
   float* workspace = nullptr;

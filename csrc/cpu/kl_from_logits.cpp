@@ -145,6 +145,40 @@ struct KlRows {
   }
 };
 
+// kl_vocab_tile (core/kl_from_logits.h): each chunk of the tile into its slot, by the
+// whole-row kernel's kl_chunk; with finish, the fold of the row's slots in chunk order
+// by the same fold_kl_chunk, and the same kl_finish.
+template <class T, bool kUnused>
+struct KlChunkTileRows {
+  template <int W>
+  static RLK_ALWAYS_INLINE void run(const KlFromLogitsParams& a, int64_t begin, int64_t end) {
+    const KlPass<W, T> pass(a);
+    const int64_t first = a.V > 0 ? chunk_of(a.vocab_start) : 0;
+    for (int64_t i = begin; i < end; ++i) {
+      float* slots = a.state + i * a.chunks * kKlSlotWidth;
+      const T* xa = pass.base + a.rows.offset(i);
+      const T* xb = pass.ref_base + a.ref_rows.offset(i);
+      for (int64_t c0 = 0; c0 < a.V; c0 += kVocabChunk)
+        kl_slot_out(slots + (first + c0 / kVocabChunk) * kKlSlotWidth,
+                    kl_chunk<W, T>(pass, xa + c0, xb + c0, std::min(kVocabChunk, a.V - c0)));
+      if (a.finish && a.chunks > 0) {
+        KlStats st = kl_stats_empty();
+        for (int64_t c = 0; c < a.chunks; ++c)
+          st = fold_kl_chunk(st, kl_slot_in(slots + c * kKlSlotWidth), pass.scale, pass.inv_t);
+        slots[0] = kl_finish(st, slots + 1);
+      }
+    }
+  }
+};
+
+void kl_vocab_tile_cpu(const at::Tensor& logits, const at::Tensor& ref_logits, const at::Tensor& state,
+                       double temperature, int64_t vocab_start, bool finish) {
+  KlFromLogitsTensors t;
+  const KlFromLogitsParams p =
+      kl_vocab_tile_args(logits, ref_logits, state, temperature, vocab_start, finish, t, /*chunk_states=*/true);
+  run_logits_rows<KlChunkTileRows>(p, false, logits_row_grain(std::max<int64_t>(2 * p.V, 1)));
+}
+
 std::tuple<at::Tensor, at::Tensor> kl_from_logits_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
                                                       const c10::optional<at::Tensor>& mask, double temperature) {
   KlFromLogitsTensors t;
@@ -171,4 +205,5 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cpu(const at::Tensor&
 TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
   m.impl("kl_from_logits", &rlk::kl_from_logits_cpu);
   m.impl("kl_from_logits_backward", &rlk::kl_from_logits_backward_cpu);
+  m.impl("kl_vocab_tile", &rlk::kl_vocab_tile_cpu);
 }

@@ -189,11 +189,20 @@ std::tuple<at::Tensor, at::Tensor> kl_from_logits_backward_cuda(const at::Tensor
   return {t.first, t.second};
 }
 
+// The CUDA kernels have no per-chunk state yet: the shared check refuses it, naming the op.
+void kl_vocab_tile_cuda(const at::Tensor& logits, const at::Tensor& ref_logits, const at::Tensor& state,
+                        double temperature, int64_t vocab_start, bool finish) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  KlFromLogitsTensors t;
+  kl_vocab_tile_args(logits, ref_logits, state, temperature, vocab_start, finish, t, /*chunk_states=*/false);
+}
+
 }  // namespace
 }  // namespace rlk
 
 TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) {
   m.impl("kl_from_logits", &rlk::kl_from_logits_cuda);
   m.impl("kl_from_logits_backward", &rlk::kl_from_logits_backward_cuda);
+  m.impl("kl_vocab_tile", &rlk::kl_vocab_tile_cuda);
 }
 #endif  // TORCH_EXTENSION_NAME

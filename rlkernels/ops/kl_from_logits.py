@@ -15,7 +15,8 @@ _OP = "kl_from_logits"
 
 
 def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
-                   mask: torch.Tensor | None = None, group=None, backend: str = "auto") -> torch.Tensor:
+                   mask: torch.Tensor | None = None, group=None, exact: bool = False,
+                   backend: str = "auto") -> torch.Tensor:
     """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token, with p = softmax(logits / T)
     and q = softmax(ref_logits / T).
 
@@ -27,13 +28,14 @@ def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperatur
     group: a torch.distributed process group over which the vocabulary is sharded
     (tensor parallel): logits and ref_logits are this rank's contiguous shard, shards in
     rank order; every rank gets the full-vocabulary result (docs/distributed.md,
-    rlkernels.distributed.vocab_parallel for the keywords that tune it).
+    rlkernels.distributed.vocab_parallel for the keywords that tune it); exact=True there
+    gives the unsharded CPU op's bits (CPU, shards on chunk edges; ignored without group).
     """
     if group is not None:
         from ..distributed import vocab_parallel
 
         return vocab_parallel.kl_from_logits(logits, ref_logits, group=group, temperature=temperature, mask=mask,
-                                             backend=backend)
+                                             exact=exact, backend=backend)
     device, mask = L.logits_pair(_OP, logits, ref_logits, mask)
     temperature = L.temperature(_OP, temperature)
     chosen = L.choose_backend(_OP, backend, device, logits.dtype)
@@ -91,3 +93,12 @@ def _backward(ctx, grad_kl, _grad_saved):
 
 _registry.register(_OP, fake=_fake_forward, backward=_backward, setup_context=_setup_context)
 _registry.register("kl_from_logits_backward", fake=_fake_backward)
+
+
+# kl_vocab_tile: KL's chunk rule in pieces (csrc/core/kl_from_logits.h), which
+# rlkernels.distributed.vocab_parallel.kl_from_logits(exact=True) runs; no public function.
+def _fake_kl_vocab_tile(logits, ref_logits, state, temperature, vocab_start, finish):
+    return None  # updates `state` in place
+
+
+_registry.register("kl_vocab_tile", fake=_fake_kl_vocab_tile)

@@ -41,7 +41,8 @@ _OP = "linear_logprobs"
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                     entropy: bool = False, mean_logits: bool = False, is_top1: bool = False,
-                    chunk_size: int | tuple[int, int] | None = None, group=None, backend: str = "auto"):
+                    chunk_size: int | tuple[int, int] | None = None, group=None, exact: bool = False,
+                    backend: str = "auto"):
     """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, without
     materialising the [N, V] logits.
 
@@ -62,7 +63,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     group: a torch.distributed process group over which the vocabulary is sharded
     (tensor parallel): weight (and bias) are this rank's contiguous shard, shards in rank
     order, labels global ids; every rank gets the full-vocabulary result (docs/distributed.md,
-    rlkernels.distributed.vocab_parallel for the keywords that tune it).
+    rlkernels.distributed.vocab_parallel for the keywords that tune it); exact=True there
+    gives the unsharded CPU op's bits (CPU, shards on chunk edges; ignored without group).
     """
     if group is not None:
         unsupported = [name for name, on in (("mean_logits", mean_logits), ("is_top1", is_top1),
@@ -72,7 +74,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         from ..distributed import vocab_parallel
 
         return vocab_parallel.linear_logprobs(hidden, weight, labels, group=group, bias=bias, temperature=temperature,
-                                              ignore_index=ignore_index, entropy=entropy, backend=backend)
+                                              ignore_index=ignore_index, entropy=entropy, exact=exact, backend=backend)
     device = L.lm_head(_OP, hidden, weight, bias)
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
     labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")

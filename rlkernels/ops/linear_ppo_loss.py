@@ -42,7 +42,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     log_ratio_clamp: float | None = 20.0, agg: str = "token-mean", num_tokens: float | None = None,
                     num_seqs: float | None = None, norm_length: float | None = None,
                     weights: torch.Tensor | None = None, ignore_index: int = -100, chunk_size: int | None = None,
-                    group=None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
+                    group=None, exact: bool = False, backend: str = "auto") -> tuple[torch.Tensor, dict]:
     """The loss of ppo_loss (all its options) on logprobs = log softmax((hidden @ weight.T
     + bias) / temperature)[labels], plus ``beta * KL(pi || pi_ref)`` per token (k1/k2/k3 as
     in grpo_loss, needs ref_logprobs) minus ``entropy_coef * agg(entropy)`` (the entropy
@@ -67,7 +67,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     group: a torch.distributed process group over which the vocabulary is sharded
     (tensor parallel): weight (and bias) are this rank's contiguous shard, shards in rank
     order, labels global ids; every rank gets the full-vocabulary result (docs/distributed.md,
-    rlkernels.distributed.vocab_parallel for the keywords that tune it).
+    rlkernels.distributed.vocab_parallel for the keywords that tune it); exact=True there
+    gives the unsharded CPU op's log-probs bit for bit (CPU, shards on chunk edges).
     """
     if group is not None:
         if chunk_size is not None:
@@ -77,7 +78,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         return vocab_parallel.linear_ppo_loss(
             hidden, weight, labels, old_logprobs, advantages, mask, group=group, ref_logprobs=ref_logprobs, beta=beta,
             kl=kl, entropy_coef=entropy_coef, temperature=temperature, bias=bias, ignore_index=ignore_index,
-            backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            exact=exact, backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
             log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
             norm_length=norm_length, weights=weights)
     op = linear_ppo_loss.__name__

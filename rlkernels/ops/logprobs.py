@@ -14,7 +14,8 @@ _OP = "logprobs"
 
 
 def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-             entropy: bool = False, inplace_backward: bool = False, group=None, backend: str = "auto"):
+             entropy: bool = False, inplace_backward: bool = False, group=None, exact: bool = False,
+             backend: str = "auto"):
     """log p(label) with p = softmax(logits / temperature), per token.
 
     logits: `[..., V]` float32, bfloat16 or float16 (float64 runs on the reference);
@@ -30,7 +31,8 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
     group: a torch.distributed process group over which the vocabulary is sharded
     (tensor parallel): logits is this rank's contiguous shard, shards in rank order, labels
     global ids; every rank gets the full-vocabulary result (docs/distributed.md,
-    rlkernels.distributed.vocab_parallel for the keywords that tune it).
+    rlkernels.distributed.vocab_parallel for the keywords that tune it); exact=True there
+    gives the unsharded CPU op's bits (CPU, shards on chunk edges; ignored without group).
     """
     if group is not None:
         if inplace_backward:
@@ -38,7 +40,7 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
         from ..distributed import vocab_parallel
 
         return vocab_parallel.logprobs(logits, labels, group=group, temperature=temperature,
-                                       ignore_index=ignore_index, entropy=entropy, backend=backend)
+                                       ignore_index=ignore_index, entropy=entropy, exact=exact, backend=backend)
     L.logits_tensor(_OP, "logits", logits)
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
     labels = L.labels_for(_OP, labels, logits, ignore_index, check_range=False)

@@ -6,6 +6,7 @@ from . import group_advantages  # noqa: F401
 from . import masked  # noqa: F401
 from . import logprobs  # noqa: F401
 from . import kl_from_logits  # noqa: F401
+from . import kl_vocab_tile  # noqa: F401
 from . import kl_penalty  # noqa: F401
 from . import _token_loss  # noqa: F401
 from . import policy_loss  # noqa: F401

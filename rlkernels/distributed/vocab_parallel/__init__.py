@@ -24,16 +24,17 @@ one collective; check=False without vocab_start still exchanges the shard sizes.
 A peer that exits or stalls past `timeout` raises VocabParallelError on every live
 rank; outputs are fresh tensors, so nothing is half-written.
 
-exact=True (logprobs and the lm-head ops, CPU tensors, every shard starting on a
-multiple of VOCAB_CHUNK columns): each rank sends its chunks' statistics instead,
-CHUNK_STAT_WIDTH float32 a chunk of the widest shard and token, and every rank folds
+exact=True (every op, CPU tensors, every shard starting on a multiple of VOCAB_CHUNK
+columns): each rank sends its chunks' statistics instead, CHUNK_STAT_WIDTH float32 a
+chunk of the widest shard and token (KL_CHUNK_STAT_WIDTH for KL), and every rank folds
 all chunks in vocabulary order with the compiled fold of the unsharded kernel, whose
 bits it then gets (docs/distributed.md).  The header is then always exchanged: it
 carries the shard sizes."""
 from ._comm import VocabParallelError, VocabParallelMismatchError
 from ._ops import kl_from_logits, linear_logprobs, linear_ppo_loss, logprobs, traffic_bytes
-from ._stats import CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CHUNK, merge_kl_stats, merge_softmax_stats
+from ._stats import (CHUNK_STAT_WIDTH, KL_CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CHUNK, merge_kl_stats,
+                     merge_softmax_stats)
 
 __all__ = ["logprobs", "kl_from_logits", "linear_logprobs", "linear_ppo_loss", "VocabParallelError",
-           "VocabParallelMismatchError", "STAT_WIDTH", "CHUNK_STAT_WIDTH", "VOCAB_CHUNK", "traffic_bytes",
-           "merge_softmax_stats", "merge_kl_stats"]
+           "VocabParallelMismatchError", "STAT_WIDTH", "CHUNK_STAT_WIDTH", "KL_CHUNK_STAT_WIDTH", "VOCAB_CHUNK",
+           "traffic_bytes", "merge_softmax_stats", "merge_kl_stats"]

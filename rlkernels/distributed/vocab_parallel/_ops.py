@@ -12,9 +12,9 @@ from ...ops import _chunked
 from ...ops._registry import kernel
 from ...ops import _logits as L
 from ._comm import VocabParallelMismatchError, all_reduce_sum, gather_stats, layout
-from ._stats import (CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CHUNK, backward_logits, empty_state,
-                     exact_chunk_state, fold_exact, klreference_backward, kl_shard_stats, owned, reference_backward,
-                     shard_state, stat_dtype, tile_ops, merge_kl_stats, merge_softmax_stats)
+from ._stats import (CHUNK_STAT_WIDTH, KL_CHUNK_STAT_WIDTH, STAT_WIDTH, VOCAB_CHUNK, backward_logits, empty_state,
+                     exact_chunk_state, fold_exact, fold_exact_kl, klreference_backward, kl_shard_stats, owned,
+                     reference_backward, shard_state, stat_dtype, tile_ops, merge_kl_stats, merge_softmax_stats)
 
 
 def _choose(fn, backend, device, dtype, exact=False):
@@ -121,14 +121,19 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, group, temperature: 
 
 class _KlFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ref_logits, mask, where, temperature, backend):
+    def forward(ctx, logits, ref_logits, mask, where, temperature, backend, exact):
         width = logits.shape[-1]
         n = logits.numel() // width if width else math.prod(logits.shape[:-1])
         a, b = logits.reshape(n, width), ref_logits.reshape(n, width)
         flat_mask = None if mask is None else mask.reshape(n)
-        stats = kl_shard_stats(a, b, temperature, backend, flat_mask).to(stat_dtype(logits.dtype))
-        gathered = gather_stats(where, stats)
-        kl, saved = merge_kl_stats(gathered, temperature)
+        if exact:
+            kl, saved = fold_exact_kl(where, a, b, temperature, lambda mine: gather_stats(where, mine))
+            if flat_mask is not None:  # as the unsharded kernel writes masked rows: 0 everywhere
+                saved = torch.where(flat_mask[:, None], saved, 0.0)
+        else:
+            stats = kl_shard_stats(a, b, temperature, backend, flat_mask).to(stat_dtype(logits.dtype))
+            gathered = gather_stats(where, stats)
+            kl, saved = merge_kl_stats(gathered, temperature)
         if flat_mask is not None:
             kl = torch.where(flat_mask, kl, 0.0)
         ctx.save_for_backward(logits, ref_logits, mask, saved)
@@ -142,12 +147,12 @@ class _KlFn(torch.autograd.Function):
         temperature, backend = ctx.options
         need_a, need_b = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_a or need_b):
-            return (None,) * 6
+            return (None,) * 7
         width = logits.shape[-1]
         n = saved.shape[0]
         if width == 0:
             return (torch.zeros_like(logits) if need_a else None, torch.zeros_like(ref_logits) if need_b else None,
-                    None, None, None, None)
+                    None, None, None, None, None)
         a, b = logits.reshape(n, width), ref_logits.reshape(n, width)
         g = grad_kl.reshape(n).to(saved.dtype).contiguous()
         flat_mask = None if mask is None else mask.reshape(n)
@@ -156,22 +161,28 @@ class _KlFn(torch.autograd.Function):
         else:
             ga, gb = kernel("kl_from_logits_backward", backend)(g, a, b, flat_mask, saved, temperature, need_a, need_b)
         return (ga.reshape(logits.shape) if need_a else None, gb.reshape(ref_logits.shape) if need_b else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, *, group, temperature: float = 1.0,
-                   mask: torch.Tensor | None = None, check: bool = True, timeout=None, backend: str = "auto"):
+                   mask: torch.Tensor | None = None, check: bool = True, timeout=None, exact: bool = False,
+                   backend: str = "auto"):
     """rlkernels.kl_from_logits on a vocabulary sharded over `group`: both logits are this
     rank's shard [..., V_r] of the same columns.  Every rank gets KL(pi || pi_ref) over the
-    full vocabulary; gradients reach this rank's shards."""
+    full vocabulary; gradients reach this rank's shards.  exact=True (as logprobs'): the
+    unsharded CPU op's KL and gradients bit for bit."""
     fn = "kl_from_logits"
     device, mask = L.logits_pair(fn, logits, ref_logits, mask)
     temperature = L.temperature(fn, temperature)
-    chosen = _choose(fn, backend, device, logits.dtype)
+    exact = V.flag(fn, "exact", exact)
+    chosen = _choose(fn, backend, device, logits.dtype, exact)
     where = layout(fn, group, tokens=math.prod(logits.shape[:-1]), local_vocab=logits.shape[-1], dtype=logits.dtype,
-                   device=device, labels=None, ignore_index=0, settings=(temperature, mask is not None),
-                   check=check, vocab_start=None if check else 0, timeout=timeout)
-    return _KlFn.apply(logits, ref_logits, None if mask is None else mask.to(torch.bool), where, temperature, chosen)
+                   device=device, labels=None, ignore_index=0, settings=(temperature, mask is not None, exact),
+                   check=check, vocab_start=None if check else 0, timeout=timeout, every_shard=exact)
+    if exact:
+        _exact_layout(fn, where)
+    return _KlFn.apply(logits, ref_logits, None if mask is None else mask.to(torch.bool), where, temperature, chosen,
+                       exact)
 
 
 # ---- linear_logprobs ---------------------------------------------------------------------------
@@ -343,9 +354,13 @@ def traffic_bytes(tokens: int, world: int, *, kind: str = "logprobs", shard_chun
     """Bytes each rank receives for the statistics exchange of one call: an all_gather of
     STAT_WIDTH float32 a token from every other rank or, in the exact mode (shard_chunks:
     the chunks of the widest shard, ceil(V_r / VOCAB_CHUNK)), CHUNK_STAT_WIDTH float32 a
-    chunk and token."""
-    del kind  # both families send STAT_WIDTH values a token
-    per_token = STAT_WIDTH if shard_chunks is None else CHUNK_STAT_WIDTH * shard_chunks
+    chunk and token (KL_CHUNK_STAT_WIDTH for kind="kl")."""
+    if kind not in ("logprobs", "kl"):
+        raise ValueError(f"traffic_bytes: kind must be 'logprobs' or 'kl', got {kind!r}")
+    if shard_chunks is None:
+        per_token = STAT_WIDTH  # both families send STAT_WIDTH values a token
+    else:
+        per_token = (KL_CHUNK_STAT_WIDTH if kind == "kl" else CHUNK_STAT_WIDTH) * shard_chunks
     return tokens * per_token * 4 * (world - 1)
 
 

@@ -19,6 +19,10 @@ STAT_WIDTH = 5  # values a token sends per rank
 # statistics from an empty state, folded in chunk order.
 VOCAB_CHUNK = int(BUILD_INFO.get("vocab_chunk", 8192))
 CHUNK_STAT_WIDTH = 4  # values a token sends per chunk in the exact mode (m, s, t, label logit)
+# KL's exact mode: kl_vocab_tile's slots (csrc/core/kl_from_logits.h) hold KL_SLOT_WIDTH
+# floats, of which a chunk's first KL_CHUNK_STAT_WIDTH (ma, sa, w, mb, sb) travel.
+KL_SLOT_WIDTH = 6
+KL_CHUNK_STAT_WIDTH = 5
 
 
 def chunks(columns: int) -> int:
@@ -96,19 +100,44 @@ def fold_exact(where, state, labels, temperature, ignore_index, with_entropy, ga
     [n, 2] = (max, ln s)), the unsharded CPU forward's bits.  One all_gather of
     [n, widest shard's chunks, 4] float32."""
     n = labels.shape[0]
-    counts = [chunks(size) for size in where.sizes]
-    first = where.vocab_start // VOCAB_CHUNK
-    mine = state.new_zeros(n, max(counts), CHUNK_STAT_WIDTH)
-    mine[:, : counts[where.rank]] = state[:, first: first + counts[where.rank]]
-    gathered = gather(mine)
-    for r, (start, count) in enumerate(zip(where.starts, counts)):
-        if r != where.rank and count:
-            state[:, start // VOCAB_CHUNK: start // VOCAB_CHUNK + count] = gathered[r, :, :count]
+    _gather_chunks(where, state, CHUNK_STAT_WIDTH, gather)
     tile, _ = tile_ops("cpu")
     # a tile of no columns at the vocabulary's end: folds the slots and finishes the rows
     tile(state.new_empty(n, 0), labels, state, temperature, ignore_index, where.vocab, with_entropy, True)
     done = state[:, 0]
     return done[:, 0].clone(), done[:, 1].clone(), done[:, 2:].clone()
+
+
+def _gather_chunks(where, state, width, gather):
+    """Every other rank's chunk slots into `state` [n, chunks(V), slot] (this rank's are
+    written): one all_gather of [n, widest shard's chunks, width] float32."""
+    n = state.shape[0]
+    counts = [chunks(size) for size in where.sizes]
+    first = where.vocab_start // VOCAB_CHUNK
+    mine = state.new_zeros(n, max(counts), width)
+    mine[:, : counts[where.rank]] = state[:, first: first + counts[where.rank], :width]
+    gathered = gather(mine)
+    for r, (start, count) in enumerate(zip(where.starts, counts)):
+        if r != where.rank and count:
+            state[:, start // VOCAB_CHUNK: start // VOCAB_CHUNK + count, :width] = gathered[r, :, :count]
+
+
+def fold_exact_kl(where, a, b, temperature, gather):
+    """KL's exact mode: this shard's chunks by kl_vocab_tile, every rank's chunks
+    gathered, then the fold and finish by the same op (the unsharded CPU kernel's
+    fold_kl_chunk and kl_finish).  a, b: this rank's [n, V_r] rows.  Returns float32 (KL
+    [n], saved [n, 5]), the unsharded CPU forward's bits (masked rows aside)."""
+    n = a.shape[0]
+    if where.vocab == 0:  # no chunk to fold: the unsharded op's empty sum
+        return a.new_zeros(n, dtype=torch.float32), a.new_zeros(n, 5, dtype=torch.float32)
+    state = torch.zeros(n, chunks(where.vocab), KL_SLOT_WIDTH, device=a.device)
+    tile = kernel("kl_vocab_tile", "cpu")
+    if a.shape[1]:
+        tile(a, b, state, temperature, where.vocab_start, False)
+    _gather_chunks(where, state, KL_CHUNK_STAT_WIDTH, gather)
+    # a tile of no columns at the vocabulary's end: folds the slots and finishes the rows
+    tile(a[:, :0], b[:, :0], state, temperature, where.vocab, True)
+    return state[:, 0, 0].clone(), state[:, 0, 1:].clone()
 
 
 def backward_logits(grad_lp, grad_h, logits2d, labels, saved, entropy, temperature, ignore_index, vocab_start,
