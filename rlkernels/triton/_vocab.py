@@ -116,17 +116,17 @@ def span_stats(x_ptr, off0, off1, m, s, t, scale, ENTROPY: tl.constexpr, BLOCK: 
     lo = (off0 + VEC - 1) // VEC * VEC
     hi = off1 // VEC * VEC
     head = off0 + tl.arange(0, VEC)
-    x = tl.load(x_ptr + head, mask=(head < lo) & (head < off1), other=-float("inf")).to(tl.float32)
-    m, s, t = stats_add(x, m, s, t, scale, ENTROPY)
+    edge = tl.load(x_ptr + head, mask=(head < lo) & (head < off1), other=-float("inf")).to(tl.float32)
+    m, s, t = stats_add(edge, m, s, t, scale, ENTROPY)
     lo = tl.multiple_of(lo, VEC)
     hi = tl.multiple_of(hi, VEC)
     for start in range(lo, hi, BLOCK):
         cols = tl.multiple_of(start, VEC) + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
-        m, s, t = stats_add(x, m, s, t, scale, ENTROPY)
+        block = tl.load(x_ptr + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
+        m, s, t = stats_add(block, m, s, t, scale, ENTROPY)
     tail = tl.maximum(lo, hi) + tl.arange(0, VEC)
-    x = tl.load(x_ptr + tail, mask=tail < off1, other=-float("inf")).to(tl.float32)
-    return stats_add(x, m, s, t, scale, ENTROPY)
+    edge = tl.load(x_ptr + tail, mask=tail < off1, other=-float("inf")).to(tl.float32)
+    return stats_add(edge, m, s, t, scale, ENTROPY)
 
 
 @triton.jit

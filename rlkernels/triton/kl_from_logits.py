@@ -92,8 +92,8 @@ def _kl_span(a_ptr, b_ptr, off0, off1, delta, scale, inv_t, SAME: tl.constexpr, 
     hi = tl.multiple_of(hi, VEC)
     for start in range(lo, hi, BLOCK):
         cols = tl.multiple_of(start, VEC) + tl.arange(0, BLOCK)
-        a, b = _kl_load(a_ptr, b_ptr, cols, delta, cols < hi, SAME)
-        ma, sa, w, mb, sb = _kl_add(a, b, ma, sa, w, mb, sb, scale, inv_t)
+        block_a, block_b = _kl_load(a_ptr, b_ptr, cols, delta, cols < hi, SAME)
+        ma, sa, w, mb, sb = _kl_add(block_a, block_b, ma, sa, w, mb, sb, scale, inv_t)
     tail = tl.maximum(lo, hi) + tl.arange(0, VEC)
     a, b = _kl_load(a_ptr, b_ptr, tail, delta, tail < off1, SAME)
     return _kl_add(a, b, ma, sa, w, mb, sb, scale, inv_t)
