@@ -183,32 +183,63 @@ def _kl_merge_kernel(mask_ptr, part_ptr, kl_ptr, saved_ptr, K, scale, inv_t, HAS
 
 
 @triton.jit
-def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, inner, outer_stride, inner_stride,
-                   b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
-                   LOGITS_GRAD: tl.constexpr, REF_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < V
-    a = tl.load(row_base(a_ptr, row, inner, outer_stride, inner_stride) + cols, mask=live,
-                other=-float("inf")).to(tl.float32)
-    b = tl.load(row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride) + cols, mask=live,
-                other=-float("inf")).to(tl.float32)
-    g = tl.load(g_ptr + row)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
+def _kl_grad_tile(a_ptr, b_ptr, ga_ptr, gb_ptr, offs, a_offs, b_offs, live, keep, g, saved, scale, inv_t,
+                  LOGITS_GRAD: tl.constexpr, REF_GRAD: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        a = tl.load(a_ptr + a_offs, mask=live, other=-float("inf")).to(tl.float32)
+        b = tl.load(b_ptr + b_offs, mask=live, other=-float("inf")).to(tl.float32)
     else:
-        keep = True
-    ya = (a - tl.load(saved_ptr + 5 * row)) * scale - tl.load(saved_ptr + 5 * row + 1) * LOG2E
+        a = tl.load(a_ptr + a_offs).to(tl.float32)
+        b = tl.load(b_ptr + b_offs).to(tl.float32)
+    ya = (a - tl.load(saved)) * scale - tl.load(saved + 1) * LOG2E
     p = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
     if LOGITS_GRAD:
-        d = ((a - _kl_shift(tl.load(saved_ptr + 5 * row))) - (b - _kl_shift(tl.load(saved_ptr + 5 * row + 2)))) * inv_t
-        da = tl.where(p == 0.0, 0.0, g * p * (d - tl.load(saved_ptr + 5 * row + 4)) * inv_t)
-        da = tl.where(keep, da, 0.0)
-        tl.store(ga_ptr + row * V + cols, cast_to(da, ga_ptr.dtype.element_ty), mask=live)
+        d = ((a - _kl_shift(tl.load(saved))) - (b - _kl_shift(tl.load(saved + 2)))) * inv_t
+        da = tl.where(p == 0.0, 0.0, g * p * (d - tl.load(saved + 4)) * inv_t)
+        da = cast_to(tl.where(keep, da, 0.0), ga_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(ga_ptr + offs, da, mask=live)
+        else:
+            tl.store(ga_ptr + offs, da)
     if REF_GRAD:
-        yb = (b - tl.load(saved_ptr + 5 * row + 2)) * scale - tl.load(saved_ptr + 5 * row + 3) * LOG2E
+        yb = (b - tl.load(saved + 2)) * scale - tl.load(saved + 3) * LOG2E
         q = tl.exp2(tl.where(yb < FLOOR, FLOOR, yb))
-        tl.store(gb_ptr + row * V + cols, cast_to(tl.where(keep, g * (q - p) * inv_t, 0.0), gb_ptr.dtype.element_ty), mask=live)
+        db = cast_to(tl.where(keep, g * (q - p) * inv_t, 0.0), gb_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(gb_ptr + offs, db, mask=live)
+        else:
+            tl.store(gb_ptr + offs, db)
+
+
+@triton.jit
+def _kl_bwd_kernel(a_ptr, b_ptr, mask_ptr, g_ptr, saved_ptr, ga_ptr, gb_ptr, V, inner, outer_stride, inner_stride,
+                   b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
+                   LOGITS_GRAD: tl.constexpr, REF_GRAD: tl.constexpr, SAME: tl.constexpr, BLOCK: tl.constexpr,
+                   VEC: tl.constexpr):
+    """Grid (row, tile) over the contiguous gradients, tiles at 16-byte boundaries as
+    logprobs' backward (inner tiles unmasked, whole vectors); SAME: both logits rows
+    are laid out as the gradients'."""
+    row = tl.program_id(0).to(tl.int64)
+    start = row * V
+    lo = tl.multiple_of(start - start % VEC + tl.program_id(1).to(tl.int64) * BLOCK, VEC)
+    offs = lo + tl.arange(0, BLOCK)
+    cols = offs - start
+    live = (cols >= 0) & (cols < V)
+    if SAME:
+        a_offs = offs
+        b_offs = offs
+    else:
+        a_offs = row_offset(row, inner, outer_stride, inner_stride) + cols
+        b_offs = row_offset(row, b_inner, b_outer_stride, b_inner_stride) + cols
+    g = tl.load(g_ptr + row)
+    keep = _kept(mask_ptr, row, HAS_MASK)
+    saved = saved_ptr + 5 * row
+    if (lo >= start) & (lo + BLOCK <= start + V):
+        _kl_grad_tile(a_ptr, b_ptr, ga_ptr, gb_ptr, offs, a_offs, b_offs, live, keep, g, saved, scale, inv_t,
+                      LOGITS_GRAD, REF_GRAD, False)
+    else:
+        _kl_grad_tile(a_ptr, b_ptr, ga_ptr, gb_ptr, offs, a_offs, b_offs, live, keep, g, saved, scale, inv_t,
+                      LOGITS_GRAD, REF_GRAD, True)
 
 
 @triton_twin("kl_from_logits")
@@ -259,9 +290,12 @@ def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, 
     grad_ref = logits.new_empty(logits.shape if ref_grad else (0,))
     if N > 0 and V > 0 and (logits_grad or ref_grad):
         block = block_for(V)
-        _kl_bwd_kernel[(N, triton.cdiv(V, block))](
+        vec = vector_width(a)
+        dense = (N, N * V, V)  # the gradients' rows: contiguous [N, V]
+        same = (inner, outer_stride, inner_stride) == (b_inner, b_outer_stride, b_inner_stride) == dense
+        _kl_bwd_kernel[(N, triton.cdiv(V + vec - 1, block))](
             a, b, bool_arg(mask, grad_kl), grad_kl, saved,
             grad_logits if logits_grad else saved, grad_ref if ref_grad else saved, V, inner, outer_stride,
             inner_stride, b_inner, b_outer_stride, b_inner_stride, _LOG2E / temperature, 1.0 / temperature,
-            HAS_MASK=mask is not None, LOGITS_GRAD=logits_grad, REF_GRAD=ref_grad, BLOCK=block)
+            HAS_MASK=mask is not None, LOGITS_GRAD=logits_grad, REF_GRAD=ref_grad, SAME=same, BLOCK=block, VEC=vec)
     return grad_logits, grad_ref

@@ -85,18 +85,12 @@ def _logprobs_merge_kernel(x_ptr, labels_ptr, part_ptr, lp_ptr, ent_ptr, saved_p
 
 
 @triton.jit
-def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, saved_ptr, V,
-                         inner, outer_stride, inner_stride, o_inner, o_outer_stride, o_inner_stride,
-                         ignore_index, vocab_start, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < V
-    x = tl.load(row_base(x_ptr, row, inner, outer_stride, inner_stride) + cols, mask=live,
-                other=-float("inf")).to(tl.float32)
-    label = tl.load(labels_ptr + row)
-    g = tl.load(g_ptr + row)
-    m = tl.load(saved_ptr + 2 * row)
-    log2_s = tl.load(saved_ptr + 2 * row + 1) * LOG2E
+def _grad_tile(x_ptr, out_ptr, offs, o_offs, cols, live, label, g, row, gh_ptr, ent_ptr, m, log2_s, ignore_index,
+               vocab_start, scale, inv_t, ENTROPY: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(x_ptr + offs, mask=live, other=-float("inf")).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs).to(tl.float32)
     y = (x - m) * scale - log2_s
     y = tl.where(y < FLOOR, FLOOR, y)
     p = tl.exp2(y)
@@ -107,8 +101,41 @@ def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, sav
     d = (d + tl.where(cols + vocab_start == label, g, 0.0)) * inv_t
     d = tl.where(label < 0, float("nan"), d)  # no tile holds a negative label: flag the row
     d = tl.where(label == ignore_index, 0.0, d)
-    out = row_base(out_ptr, row, o_inner, o_outer_stride, o_inner_stride)
-    tl.store(out + cols, cast_to(d, out_ptr.dtype.element_ty), mask=live)
+    d = cast_to(d, out_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(out_ptr + o_offs, d, mask=live)
+    else:
+        tl.store(out_ptr + o_offs, d)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, saved_ptr, V,
+                         inner, outer_stride, inner_stride, o_inner, o_outer_stride, o_inner_stride,
+                         ignore_index, vocab_start, scale, inv_t, ENTROPY: tl.constexpr, SAME: tl.constexpr,
+                         BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Grid (row, tile).  Tiles start at 16-byte boundaries of memory, not of the row,
+    so that the tiles inside the row read and write whole vectors without a mask
+    (a row of odd length starts anywhere); the row's two edge tiles are masked."""
+    row = tl.program_id(0).to(tl.int64)
+    start = row_offset(row, inner, outer_stride, inner_stride)
+    lo = tl.multiple_of(start - start % VEC + tl.program_id(1).to(tl.int64) * BLOCK, VEC)
+    offs = lo + tl.arange(0, BLOCK)
+    cols = offs - start
+    if SAME:
+        o_offs = offs
+    else:
+        o_offs = row_offset(row, o_inner, o_outer_stride, o_inner_stride) + cols
+    live = (cols >= 0) & (cols < V)
+    label = tl.load(labels_ptr + row)
+    g = tl.load(g_ptr + row)
+    m = tl.load(saved_ptr + 2 * row)
+    log2_s = tl.load(saved_ptr + 2 * row + 1) * LOG2E
+    if (lo >= start) & (lo + BLOCK <= start + V):
+        _grad_tile(x_ptr, out_ptr, offs, o_offs, cols, live, label, g, row, gh_ptr, ent_ptr, m, log2_s, ignore_index,
+                   vocab_start, scale, inv_t, ENTROPY, False)
+    else:
+        _grad_tile(x_ptr, out_ptr, offs, o_offs, cols, live, label, g, row, gh_ptr, ent_ptr, m, log2_s, ignore_index,
+                   vocab_start, scale, inv_t, ENTROPY, True)
 
 
 def _check_backward(op, grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, vocab_start):
@@ -166,11 +193,15 @@ def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies
         return
     with_entropy = grad_entropy is not None
     block = block_for(V)
-    _logprobs_bwd_kernel[(N, triton.cdiv(V, block))](
+    vec = vector_width(x)
+    # one tile more where the row's first vector starts before it (cdiv over V + VEC - 1)
+    _logprobs_bwd_kernel[(N, triton.cdiv(V + vec - 1, block))](
         x, out, labels, grad_logprobs, grad_entropy if with_entropy else grad_logprobs,
         entropies if with_entropy else grad_logprobs, saved, V, inner, outer_stride, inner_stride,
         o_inner, o_outer_stride, o_inner_stride, ignore_index, vocab_start, _LOG2E / temperature,
-        1.0 / temperature, ENTROPY=with_entropy, BLOCK=block)
+        1.0 / temperature, ENTROPY=with_entropy, SAME=(inner, outer_stride, inner_stride) == (o_inner, o_outer_stride,
+                                                                                            o_inner_stride),
+        BLOCK=block, VEC=vec)
 
 
 @triton_twin("logprobs_backward")
