@@ -16,7 +16,7 @@ from ..ops._registry import triton_twin
 from . import _checks as C
 from . import _vocab
 from ._common import bool_arg, cast_to, on_inputs_device
-from ._vocab import _LOG2E, FLOOR, LOG2E, block_for, readable, row_base, row_offset, vector_width
+from ._vocab import _LOG2E, FLOOR, LOG2E, block_for, readable, row_offset, vector_width
 
 
 def _check_kl_pair(op, logits, ref_logits, mask, temperature):
