@@ -137,7 +137,7 @@ def test_rows_of_odd_length_get_vector_loads(tmp_path):
             if "V=50257" not in ptx.splitlines()[0] and "V=4097" not in ptx.splitlines()[0]:
                 continue
             assert "ld.global.v4.b32" in ptx, f"no 128-bit load in {path}"
-            if "bwd" in kernel:
+            if "bwd" in kernel and "[:, :-1]" not in ptx.splitlines()[0]:  # a slice's gradient is laid out apart
                 assert "st.global.v4.b32" in ptx, f"no 128-bit store in {path}"
             checked += 1
     assert checked >= 4, os.listdir(tmp_path)
