@@ -77,8 +77,8 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, batch_ptr, N, grou
         tl.store(adv_ptr + offs, tl.where(n > 1.0, centred, 0.0), mask=member)
     if HAS_INDEX:
         if g == 0:  # an id outside [0, num_groups) belongs to no program: the first one flags it
-            for start in range(0, N, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
+            for chunk in range(0, N, BLOCK):  # (not `start`: an int64 in the loops above)
+                offs = chunk + tl.arange(0, BLOCK)
                 live = offs < N
                 ids = tl.load(idx_ptr + offs, mask=live, other=0)
                 stray = live & ((ids < 0) | (ids >= tl.num_programs(0)))
