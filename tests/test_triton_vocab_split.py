@@ -161,10 +161,9 @@ def test_split_kl_with_strided_reference(device, chunk_of):
 
 @pytest.mark.parametrize("V,chunk", [(136, 64), (141, 64), (4099, 8192)])
 def test_a_rows_result_does_not_depend_on_the_batch(device, chunk_of, V, chunk):
-    """Bitwise: the split and its merge order depend on V only.  A row keeps its bits in
-    a batch of any size (the same position: rows of odd V start at different 16-byte
-    phases, and the aligned reads peel a phase-dependent head), and wherever it sits
-    when V is a multiple of the vector width (136)."""
+    """Bitwise: the split, the blocks and the merge order depend on V only, so a row
+    keeps its bits in a batch of any size and wherever it sits (alone, at a row of
+    another 16-byte phase when V is odd)."""
     chunk_of(chunk)
     logits, labels = adversarial(8, V, 64, torch.float32, device)
     ref = torch.randn_like(logits)
@@ -177,11 +176,14 @@ def test_a_rows_result_does_not_depend_on_the_batch(device, chunk_of, V, chunk):
         kl_part = torch.ops.rlkernels.kl_from_logits_triton(logits[rows].clone(), ref[rows].clone(), None, 1.0)
         for ours, whole in zip(kl_part, kl_full):
             assert torch.equal(ours, whole[rows])
-    if V % 8 == 0:
-        for row in (3, 5, 7):
-            alone = torch.ops.rlkernels.logprobs_triton(logits[row:row + 1].clone(), labels[row:row + 1].clone(), 1.0,
-                                                        -100, True, False)
-            for ours, whole in zip(alone, full):
-                assert torch.equal(ours, whole[row:row + 1])
+    for row in (3, 5, 7):
+        alone = torch.ops.rlkernels.logprobs_triton(logits[row:row + 1].clone(), labels[row:row + 1].clone(), 1.0,
+                                                    -100, True, False)
+        for ours, whole in zip(alone, full):
+            assert torch.equal(ours, whole[row:row + 1])
+        kl_alone = torch.ops.rlkernels.kl_from_logits_triton(logits[row:row + 1].clone(), ref[row:row + 1].clone(),
+                                                             None, 1.0)
+        for ours, whole in zip(kl_alone, kl_full):
+            assert torch.equal(ours, whole[row:row + 1])
     again = torch.ops.rlkernels.logprobs_triton(logits, labels, 1.0, -100, True, False)
     assert all(torch.equal(x, y) for x, y in zip(again, full))

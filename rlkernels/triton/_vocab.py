@@ -70,7 +70,7 @@ def block_for(V: int, limit: int = 4096) -> int:
 
 
 def vector_width(t: torch.Tensor) -> int:
-    """Elements in one 16-byte load: the alignment the span readers peel to."""
+    """Elements in one 16-byte load: the alignment the backward's tiles start at."""
     return max(1, 16 // t.element_size())
 
 
@@ -106,27 +106,17 @@ def stats_add(x, m, s, t, scale, ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def span_stats(x_ptr, off0, off1, m, s, t, scale, ENTROPY: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """Adds the logits at element offsets [off0, off1) of x_ptr to (m, s, t).
-
-    A row of odd length starts at any element, and a load whose mask ends at an
-    unaligned bound cannot be vectorised, so the span is read as a head up to the
-    first multiple of VEC, a body of whole VEC-element (16-byte) vectors whose mask
-    bound is a multiple of VEC, and a tail of under VEC elements."""
-    lo = (off0 + VEC - 1) // VEC * VEC
-    hi = off1 // VEC * VEC
-    head = off0 + tl.arange(0, VEC)
-    edge = tl.load(x_ptr + head, mask=(head < lo) & (head < off1), other=-float("inf")).to(tl.float32)
-    m, s, t = stats_add(edge, m, s, t, scale, ENTROPY)
-    lo = tl.multiple_of(lo, VEC)
-    hi = tl.multiple_of(hi, VEC)
+def span_stats(base, lo, hi, m, s, t, scale, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Adds the row's logits at columns [lo, hi) (base: its first logit) to (m, s, t),
+    in blocks of BLOCK columns from lo.  The blocks follow the columns, not the
+    addresses: a row's sums are the same bits wherever it sits in memory (a row alone,
+    in a batch, packed or padded), at the cost of scalar loads where a row of odd V
+    starts off a 16-byte boundary (docs/gpu-kernels.md)."""
     for start in range(lo, hi, BLOCK):
-        cols = tl.multiple_of(start, VEC) + tl.arange(0, BLOCK)
-        block = tl.load(x_ptr + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
+        cols = start + tl.arange(0, BLOCK)
+        block = tl.load(base + cols, mask=cols < hi, other=-float("inf")).to(tl.float32)
         m, s, t = stats_add(block, m, s, t, scale, ENTROPY)
-    tail = tl.maximum(lo, hi) + tl.arange(0, VEC)
-    edge = tl.load(x_ptr + tail, mask=tail < off1, other=-float("inf")).to(tl.float32)
-    return stats_add(edge, m, s, t, scale, ENTROPY)
+    return m, s, t
 
 
 @triton.jit

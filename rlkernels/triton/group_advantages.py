@@ -31,42 +31,42 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, batch_ptr, N, grou
     group_size scores; ids: every score, keeping its group's."""
     g = tl.program_id(0)
     if HAS_INDEX:
-        lo = tl.zeros([], dtype=tl.int64)
-        hi = lo + N
+        begin = tl.zeros([], dtype=tl.int64)
+        end = begin + N
     else:
-        lo = g.to(tl.int64) * group_size
-        hi = lo + group_size
+        begin = g.to(tl.int64) * group_size
+        end = begin + group_size
     eps = tl.load(coef_ptr)
     total = tl.zeros([BLOCK], dtype=ACC)
     count = tl.zeros([BLOCK], dtype=ACC)
-    low = tl.full([BLOCK], float("inf"), dtype=ACC)
-    high = tl.full([BLOCK], float("-inf"), dtype=ACC)
+    lo = tl.full([BLOCK], float("inf"), dtype=ACC)
+    hi = tl.full([BLOCK], float("-inf"), dtype=ACC)
     nans = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(lo, hi, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        live = offs < hi
+        live = offs < end
         x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
         member = _members(idx_ptr, offs, live, g, HAS_INDEX)
         total += tl.where(member, x, 0.0)
         count += tl.where(member, 1.0, 0.0)
         nans += tl.where(member & (x != x), 1.0, 0.0)
-        low = tl.where(member & (x < low), x, low)
-        high = tl.where(member & (x > high), x, high)
+        lo = tl.where(member & (x < lo), x, lo)
+        hi = tl.where(member & (x > hi), x, hi)
     n = tl.sum(count, axis=0)
     mean = tl.sum(total, axis=0) / tl.maximum(n, 1.0)
     sq = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(lo, hi, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        live = offs < hi
+        live = offs < end
         x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
         member = _members(idx_ptr, offs, live, g, HAS_INDEX)
         sq += tl.where(member, (x - mean) * (x - mean), 0.0)
     std = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n - 1.0, 1.0))
     if SCALE == 1:  # the whole batch's std, computed once (masked.mean_and_variance)
         std = tl.sqrt(tl.load(batch_ptr + 1))
-    for start in range(lo, hi, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        live = offs < hi
+        live = offs < end
         x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
         member = _members(idx_ptr, offs, live, g, HAS_INDEX)
         centred = x - mean
@@ -85,9 +85,9 @@ def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, batch_ptr, N, grou
                 tl.store(adv_ptr + offs, tl.full([BLOCK], float("nan"), dtype=ACC), mask=stray)
     # counted, not left to min/max (a GPU's drop NaN): a group holding NaN is never all-equal
     # and finite: a group of +-inf scores has NaN advantages, which a skip must not hide
-    least = tl.min(low, axis=0)
-    equal = (n == 0.0) | ((least == tl.max(high, axis=0)) & (tl.sum(nans, axis=0) == 0.0)
-                          & (least > -float("inf")) & (least < float("inf")))
+    low = tl.min(lo, axis=0)
+    equal = (n == 0.0) | ((low == tl.max(hi, axis=0)) & (tl.sum(nans, axis=0) == 0.0) & (low > -float("inf"))
+                          & (low < float("inf")))
     tl.store(eq_ptr + g, equal.to(tl.int8))
 
 

@@ -16,7 +16,7 @@ from ..ops._registry import triton_twin
 from . import _checks as C
 from . import _vocab
 from ._common import bool_arg, cast_to, on_inputs_device
-from ._vocab import _LOG2E, FLOOR, LOG2E, block_for, readable, row_offset, vector_width
+from ._vocab import _LOG2E, FLOOR, LOG2E, block_for, readable, row_base, row_offset, vector_width
 
 
 def _check_kl_pair(op, logits, ref_logits, mask, temperature):
@@ -64,39 +64,21 @@ def _kl_add(a, b, ma, sa, w, mb, sb, scale, inv_t):
 
 
 @triton.jit
-def _kl_load(a_ptr, b_ptr, offs, delta, live, SAME: tl.constexpr):
-    """Both rows' logits at the policy row's element offsets `offs` (the reference
-    row sits `delta` elements further; SAME: same layout, delta is 0)."""
-    a = tl.load(a_ptr + offs, mask=live, other=-float("inf")).to(tl.float32)
-    b_offs = offs if SAME else offs + delta
-    b = tl.load(b_ptr + b_offs, mask=live, other=-float("inf")).to(tl.float32)
-    return a, b
-
-
-@triton.jit
-def _kl_span(a_ptr, b_ptr, off0, off1, delta, scale, inv_t, SAME: tl.constexpr, BLOCK: tl.constexpr,
-             VEC: tl.constexpr):
-    """The statistics of the policy logits at [off0, off1) and their reference
-    partners, from nothing; peeled to 16-byte alignment as _vocab.span_stats."""
+def _kl_span(a_base, b_base, lo, hi, scale, inv_t, BLOCK: tl.constexpr):
+    """The statistics of the row pair's columns [lo, hi), from nothing, in blocks of
+    columns (the bits do not depend on where the rows sit: _vocab.span_stats)."""
     ma = tl.zeros([], dtype=tl.float32) - float("inf")
     mb = tl.zeros([], dtype=tl.float32) - float("inf")
     sa = tl.zeros([], dtype=tl.float32)
     sb = tl.zeros([], dtype=tl.float32)
     w = tl.zeros([], dtype=tl.float32)
-    lo = (off0 + VEC - 1) // VEC * VEC
-    hi = off1 // VEC * VEC
-    head = off0 + tl.arange(0, VEC)
-    a, b = _kl_load(a_ptr, b_ptr, head, delta, (head < lo) & (head < off1), SAME)
-    ma, sa, w, mb, sb = _kl_add(a, b, ma, sa, w, mb, sb, scale, inv_t)
-    lo = tl.multiple_of(lo, VEC)
-    hi = tl.multiple_of(hi, VEC)
     for start in range(lo, hi, BLOCK):
-        cols = tl.multiple_of(start, VEC) + tl.arange(0, BLOCK)
-        block_a, block_b = _kl_load(a_ptr, b_ptr, cols, delta, cols < hi, SAME)
-        ma, sa, w, mb, sb = _kl_add(block_a, block_b, ma, sa, w, mb, sb, scale, inv_t)
-    tail = tl.maximum(lo, hi) + tl.arange(0, VEC)
-    a, b = _kl_load(a_ptr, b_ptr, tail, delta, tail < off1, SAME)
-    return _kl_add(a, b, ma, sa, w, mb, sb, scale, inv_t)
+        cols = start + tl.arange(0, BLOCK)
+        live = cols < hi
+        a = tl.load(a_base + cols, mask=live, other=-float("inf")).to(tl.float32)
+        b = tl.load(b_base + cols, mask=live, other=-float("inf")).to(tl.float32)
+        ma, sa, w, mb, sb = _kl_add(a, b, ma, sa, w, mb, sb, scale, inv_t)
+    return ma, sa, w, mb, sb
 
 
 @triton.jit
@@ -125,29 +107,28 @@ def _kept(mask_ptr, row, HAS_MASK: tl.constexpr):
 @triton.jit
 def _kl_fwd_kernel(a_ptr, b_ptr, mask_ptr, kl_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
                    b_inner, b_outer_stride, b_inner_stride, scale, inv_t, HAS_MASK: tl.constexpr,
-                   SAME: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+                   BLOCK: tl.constexpr):
     """A row of at most VOCAB_CHUNK logits: one program reads it whole."""
     row = tl.program_id(0).to(tl.int64)
-    start = row_offset(row, inner, outer_stride, inner_stride)
-    delta = row_offset(row, b_inner, b_outer_stride, b_inner_stride) - start
     keep = _kept(mask_ptr, row, HAS_MASK)
-    ma, sa, w, mb, sb = _kl_span(a_ptr, b_ptr, start, start + tl.where(keep, V, 0), delta, scale, inv_t, SAME,
-                                 BLOCK, VEC)
+    ma, sa, w, mb, sb = _kl_span(row_base(a_ptr, row, inner, outer_stride, inner_stride),
+                                 row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride), 0,
+                                 tl.where(keep, V, 0), scale, inv_t, BLOCK)
     _kl_finish(row, keep, ma, sa, w, mb, sb, kl_ptr, saved_ptr)
 
 
 @triton.jit
 def _kl_chunk_kernel(a_ptr, b_ptr, mask_ptr, part_ptr, V, inner, outer_stride, inner_stride, b_inner, b_outer_stride,
-                     b_inner_stride, scale, inv_t, CHUNK: tl.constexpr, HAS_MASK: tl.constexpr, SAME: tl.constexpr,
-                     BLOCK: tl.constexpr, VEC: tl.constexpr):
+                     b_inner_stride, scale, inv_t, CHUNK: tl.constexpr, HAS_MASK: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """Grid (row, chunk): (ma, sa, w, mb, sb) of one chunk of a row pair, from nothing."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
-    start = row_offset(row, inner, outer_stride, inner_stride)
-    delta = row_offset(row, b_inner, b_outer_stride, b_inner_stride) - start
     lo = chunk * CHUNK
-    hi = tl.where(_kept(mask_ptr, row, HAS_MASK), tl.minimum(lo + CHUNK, V), lo)
-    ma, sa, w, mb, sb = _kl_span(a_ptr, b_ptr, start + lo, start + hi, delta, scale, inv_t, SAME, BLOCK, VEC)
+    hi = tl.where(_kept(mask_ptr, row, HAS_MASK), tl.where(lo + CHUNK < V, lo + CHUNK, V), lo)
+    ma, sa, w, mb, sb = _kl_span(row_base(a_ptr, row, inner, outer_stride, inner_stride),
+                                 row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride), lo, hi, scale, inv_t,
+                                 BLOCK)
     out = part_ptr + 5 * (row * tl.num_programs(1) + chunk)
     tl.store(out, ma)
     tl.store(out + 1, sa)
@@ -258,8 +239,7 @@ def kl_from_logits_triton(logits: torch.Tensor, ref_logits: torch.Tensor, mask: 
         return kl, saved
     scale, inv_t = _LOG2E / temperature, 1.0 / temperature
     rows = (inner, outer_stride, inner_stride, b_inner, b_outer_stride, b_inner_stride)
-    common = dict(HAS_MASK=mask is not None, VEC=vector_width(a),
-                  SAME=(inner, outer_stride, inner_stride) == (b_inner, b_outer_stride, b_inner_stride))
+    common = dict(HAS_MASK=mask is not None)
     mask_arg = bool_arg(mask, kl)
     K = _vocab.chunks(V)
     if K == 1:

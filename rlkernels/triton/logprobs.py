@@ -39,8 +39,7 @@ def _finish_row(base, row, label, ignored, m, s, t, V, lp_ptr, ent_ptr, saved_pt
 
 @triton.jit
 def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
-                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
-                         VEC: tl.constexpr):
+                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     """A row of at most VOCAB_CHUNK logits: one program reads it whole."""
     row = tl.program_id(0).to(tl.int64)
     start = row_offset(row, inner, outer_stride, inner_stride)
@@ -49,24 +48,24 @@ def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner
     m = tl.zeros([], dtype=tl.float32) - float("inf")
     s = tl.zeros([], dtype=tl.float32)
     t = tl.zeros([], dtype=tl.float32)
-    m, s, t = span_stats(x_ptr, start, start + tl.where(ignored, 0, V), m, s, t, scale, ENTROPY, BLOCK, VEC)
+    m, s, t = span_stats(x_ptr + start, 0, tl.where(ignored, 0, V), m, s, t, scale, ENTROPY, BLOCK)
     _finish_row(x_ptr + start, row, label, ignored, m, s, t, V, lp_ptr, ent_ptr, saved_ptr, inv_t, ENTROPY)
 
 
 @triton.jit
 def _logprobs_chunk_kernel(x_ptr, labels_ptr, part_ptr, V, inner, outer_stride, inner_stride, ignore_index, scale,
-                           CHUNK: tl.constexpr, ENTROPY: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+                           CHUNK: tl.constexpr, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (row, chunk): the (m, s, t) of one chunk of a row, from nothing."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     start = row_offset(row, inner, outer_stride, inner_stride)
     ignored = tl.load(labels_ptr + row) == ignore_index
     lo = chunk * CHUNK
-    hi = tl.where(ignored, lo, tl.minimum(lo + CHUNK, V))
+    hi = tl.where(ignored, lo, tl.where(lo + CHUNK < V, lo + CHUNK, V))
     m = tl.zeros([], dtype=tl.float32) - float("inf")
     s = tl.zeros([], dtype=tl.float32)
     t = tl.zeros([], dtype=tl.float32)
-    m, s, t = span_stats(x_ptr, start + lo, start + hi, m, s, t, scale, ENTROPY, BLOCK, VEC)
+    m, s, t = span_stats(x_ptr + start, lo, hi, m, s, t, scale, ENTROPY, BLOCK)
     out = part_ptr + 3 * (row * tl.num_programs(1) + chunk)
     tl.store(out, m)
     tl.store(out + 1, s)
@@ -167,7 +166,7 @@ def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     if N == 0:
         return values, entropies, saved
     scale, inv_t = _LOG2E / temperature, 1.0 / temperature
-    common = dict(ENTROPY=with_entropy, VEC=vector_width(x))
+    common = dict(ENTROPY=with_entropy)
     K = _vocab.chunks(V)
     ent_out = entropies if with_entropy else values
     if K == 1:
@@ -249,7 +248,7 @@ def _any_at_least(base, n, bound, BLOCK: tl.constexpr):
 @triton.jit
 def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
                        scale, inv_t, ENTROPY: tl.constexpr, FINISH: tl.constexpr, TOP1: tl.constexpr,
-                       BLOCK: tl.constexpr, VEC: tl.constexpr):
+                       BLOCK: tl.constexpr):
     """Merges the tile's statistics into the row's state (m, s, t, label logit); with
     FINISH the state becomes (log p, H, m, ln s), as csrc/core/logprobs.h's tile_stats_out.
     With TOP1 a fifth value per row is the arg-max flag of tile_top1_next there."""
@@ -265,7 +264,7 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
     t = tl.where(first, 0.0, tl.load(out + 2))
     x_label = tl.where(first, 0.0, tl.load(out + 3))
     prev_m = m
-    m, s, t = span_stats(x_ptr, start, start + tl.where(ignored, 0, V), m, s, t, scale, ENTROPY, BLOCK, VEC)
+    m, s, t = span_stats(base, 0, tl.where(ignored, 0, V), m, s, t, scale, ENTROPY, BLOCK)
     local = label - vocab_start
     in_tile = (local >= 0) & (local < V) & (~ignored)
     x_label = tl.where(in_tile, tl.load(base + tl.where(in_tile, local, 0), mask=in_tile, other=0.0).to(tl.float32),
@@ -318,5 +317,4 @@ def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state
     if N > 0:
         _vocab_tile_kernel[(N,)](x, labels, state, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
                                  _LOG2E / temperature, 1.0 / temperature, ENTROPY=bool(with_entropy),
-                                 FINISH=bool(finish), TOP1=top1, BLOCK=block_for(V),
-                                 VEC=vector_width(x))
+                                 FINISH=bool(finish), TOP1=top1, BLOCK=block_for(V))
