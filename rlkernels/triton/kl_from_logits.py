@@ -269,7 +269,7 @@ def kl_from_logits_backward_triton(grad_kl: torch.Tensor, logits: torch.Tensor, 
     grad_logits = logits.new_empty(logits.shape if logits_grad else (0,))
     grad_ref = logits.new_empty(logits.shape if ref_grad else (0,))
     if N > 0 and V > 0 and (logits_grad or ref_grad):
-        block = block_for(V)
+        block = block_for(V, 2048)  # as logprobs' backward: registers of the two paths
         vec = vector_width(a)
         dense = (N, N * V, V)  # the gradients' rows: contiguous [N, V]
         same = (inner, outer_stride, inner_stride) == (b_inner, b_outer_stride, b_inner_stride) == dense

@@ -176,7 +176,7 @@ def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     chunk = _vocab.VOCAB_CHUNK
     parts = torch.empty((N, K, 3), **f32)
     _logprobs_chunk_kernel[(N, K)](x, labels, parts, V, inner, outer_stride, inner_stride, ignore_index, scale,
-                                   CHUNK=chunk, BLOCK=block_for(chunk), **common)
+                                   CHUNK=chunk, BLOCK=block_for(chunk, 2048), **common)
     _logprobs_merge_kernel[(N,)](x, labels, parts, values, ent_out, saved, V, K, inner, outer_stride, inner_stride,
                                  ignore_index, scale, inv_t, KB=triton.next_power_of_2(K), ENTROPY=with_entropy)
     return values, entropies, saved
@@ -191,7 +191,9 @@ def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies
     if N == 0 or V == 0:
         return
     with_entropy = grad_entropy is not None
-    block = block_for(V)
+    # 2048: the two paths (whole vectors inside the row, masked at its edges) of a
+    # 4096-wide tile took 254 registers on sm_90
+    block = block_for(V, 2048)
     vec = vector_width(x)
     # one tile more where the row's first vector starts before it (cdiv over V + VEC - 1)
     _logprobs_bwd_kernel[(N, triton.cdiv(V + vec - 1, block))](
