@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=int, nargs="+", default=[80, 90],
                         help="compute capabilities to compile for (default: 80 90)")
-    parser.add_argument("--quick", action="store_true", help="one vocabulary size instead of four")
+    parser.add_argument("--quick", action="store_true", help="two vocabulary sizes (one whole-row, one split) instead of five")
     parser.add_argument("--ops", nargs="+", help="only the Triton ops whose names contain one of these")
     parser.add_argument("--markdown", help="write the summary table to this file")
     parser.add_argument("--json", help="write every compiled variant to this file")

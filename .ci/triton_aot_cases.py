@@ -62,13 +62,16 @@ def mask(*shape):
     return meta(*shape, dtype=torch.bool)
 
 
-VOCABS = (32000, 50257, 128256, 151936)
+# 4097: a row of at most logprobs' vocabulary chunk (one program per row, odd length);
+# the others are split into chunks (a (row, chunk) grid and a merge).
+VOCABS = (4097, 32000, 50257, 128256, 151936)
+QUICK_VOCABS = (4097, 50257)
 LOGIT_DTYPES = (F32, BF16, F16)
 
 
 def logits_cases(quick: bool):
     """(name, logits) over the vocabularies, dtypes and token counts of real models."""
-    vocabs = VOCABS[1:2] if quick else VOCABS
+    vocabs = QUICK_VOCABS if quick else VOCABS
     for V in vocabs:
         for dtype in LOGIT_DTYPES:
             d = str(dtype).split(".")[1]
@@ -115,6 +118,7 @@ def cases(quick: bool):
                 lambda tile=tile, start=start, lead=lead, chunks=chunks: kl_vocab_tile.kl_vocab_tile_triton(
                     tile, tile, meta(*lead, chunks, 6), 1.0, start, True))
 
+    # GAE's tile shape follows T: [1, 512] tiles at T = 4096, [4, 128] at T = 127, [32, 16] at T = 1
     seq_shapes = ((1, 1), (256, 4096), (8, 4096), (1024, 127))
     seq_dtypes = (F32, BF16, F16, F64)
     for (B, L) in seq_shapes:
@@ -191,7 +195,9 @@ def cases(quick: bool):
                     lambda B=B, dtype=dtype, kind=kind:
                     preference.dpo_loss_triton(*(meta(B, dtype=dtype) for _ in range(4)), 0.1, kind, 0.1))
             # groups of one, of 8 where 8 divides the batch, and ids given per score
+            # (contiguous groups read with a block that fits them: 16 at size 1 and 8, 1024 at 4096)
             layouts = [(B, False)] + ([(B // 8, False)] if B % 8 == 0 else []) + [(max(B // 8, 1), True)]
+            layouts += [(1, False)] if B == 4096 else []
             for G, idx in layouts:
                 for baseline in (0, 1):
                     for scale in (0, 1, 2):

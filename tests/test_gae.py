@@ -10,6 +10,10 @@ from rlkernels import reference
 from support import TRITON_ON_CPU, assert_close, low_precision_bound
 
 SHAPES = [(1, 1), (3, 7), (64, 7), (1, 1024), (64, 1024), (64, 129)]
+# The Triton kernels scan time with tl.associative_scan, which the interpreter runs one
+# element at a time (~1 ms each): the large shapes run on a GPU only, and the tiles'
+# crossings are reached at small sizes in test_gae_tiles.py.
+heavy = pytest.mark.interpreter_heavy(lambda p: p["B"] * p["T"] > 4096)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
@@ -49,6 +53,7 @@ def check_against_truth(ours, torch_same, truth, dtype, valid=None):
 @pytest.mark.parametrize("B,T", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["none", "random", "gaps"])
+@heavy
 def test_gae_matches_reference(backend_device, B, T, dtype, mask_kind):
     backend, device = backend_device
     rewards, values = rollout(B, T, dtype, device)
@@ -125,6 +130,7 @@ def test_gae_fully_masked_row_is_zero(backend_device):
 @pytest.mark.parametrize("B,T", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["none", "gaps"])
+@heavy
 def test_discounted_returns_matches_reference(backend_device, B, T, dtype, mask_kind):
     backend, device = backend_device
     rewards = torch.randn(B, T, device=device).to(dtype)

@@ -94,3 +94,27 @@ def test_opcheck_and_compile():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU and not torch.cuda.is_available(), reason="Triton does not run here")
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("N,group_size", [(4100, 2050), (96, 32), (9, 1)])
+def test_triton_contiguous_groups_read_only_their_own(monkeypatch, scale, N, group_size):
+    """Contiguous groups: each Triton program reads its own group (in blocks fitted to
+    it: 2050 spans three of 1024), so a NaN score poisons its group alone; the batch std
+    comes from one multi-program pass (slices lowered to 64 entries here)."""
+    from rlkernels.triton import masked as triton_masked
+    monkeypatch.setattr(triton_masked, "_SLICE", 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scores = torch.randn(N, dtype=torch.float64, device=device) * 3 + 100
+    adv, equal = rlkernels.group_advantages(scores.float(), group_size, scale=scale, backend="triton")
+    truth, truth_equal = reference.group_advantages(scores, group_size, scale=scale)
+    same, _ = reference.group_advantages(scores.float(), group_size, scale=scale)
+    matches_truth(adv, truth, same, torch.float32)
+    assert torch.equal(equal.cpu(), truth_equal.cpu())
+    if N // group_size > 1 and group_size > 1 and scale != "batch":  # a group of one is 0 whatever its score
+        poisoned = scores.float().clone()
+        poisoned[group_size - 1] = float("nan")
+        adv_p, equal_p = rlkernels.group_advantages(poisoned, group_size, scale=scale, backend="triton")
+        assert torch.isnan(adv_p[:group_size]).all() and not bool(equal_p[0])
+        assert torch.equal(adv_p[group_size:], adv[group_size:])

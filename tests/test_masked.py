@@ -98,3 +98,29 @@ def test_opcheck_and_compile():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU and not torch.cuda.is_available(), reason="Triton does not run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_triton_whiten_over_many_slices(monkeypatch, dtype, shift_mean):
+    """masked_whiten's Triton passes split the tensor into slices (one program each)
+    merged by one program: slices lowered to 64 entries, a partial last slice, a slice
+    with no valid entry, poison under the mask, and a large common offset (the merge
+    of the slices' squared deviations must not cancel)."""
+    from rlkernels.triton import masked as triton_masked
+    monkeypatch.setattr(triton_masked, "_SLICE", 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = (torch.randn(5, 97, dtype=torch.float64, device=device) * 2 + 1e3).to(dtype)
+    mask = torch.rand(5, 97, device=device) > 0.3
+    mask[1] = False                      # entries 97..193: slice 2 holds nothing valid
+    x = torch.where(mask, x, torch.full_like(x, float("nan")))
+    out = rlkernels.masked_whiten(x, mask, shift_mean=shift_mean, backend="triton")
+    truth = reference.masked_whiten(x.double(), mask, shift_mean=shift_mean)
+    same = reference.masked_whiten(x, mask, shift_mean=shift_mean)
+    assert torch.isfinite(out).all() and torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    matches_truth(out, truth, same, dtype, floor=1e-4)
+    one = torch.zeros(200, dtype=torch.bool, device=device)
+    one[150] = True                      # a single valid entry: variance 0
+    single = rlkernels.masked_whiten(torch.randn(200, device=device), one, backend="triton")
+    assert torch.equal(single, torch.zeros_like(single))

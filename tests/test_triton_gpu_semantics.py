@@ -116,3 +116,29 @@ def test_triton_ops_launch_on_their_inputs_device():
     for e, g in zip(list(expected) + list(expected_gae), list(got) + list(got_gae)):
         assert g.device == torch.device("cuda", 1)
         torch.testing.assert_close(g.cpu(), e.cpu(), rtol=0, atol=0)
+
+
+def test_rows_of_odd_length_get_vector_loads(tmp_path):
+    """V = 50257 and 4097 (odd): the backwards' inner tiles, aligned to 16 bytes of
+    memory, load and store 128-bit vectors (ld/st.global.v4) in the PTX compiled for a
+    GPU, not scalars (docs/gpu-kernels.md).  (The forwards' reductions keep blocks of
+    columns, so that a row's bits do not depend on its address.)"""
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, ".ci", "triton_aot.py"), "--quick", "--quiet", "--targets", "90",
+         "--ops", "logprobs_backward_triton", "kl_from_logits_backward_triton", "--ptx-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items()
+                                                          if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    checked = 0
+    for kernel in ("logprobs._logprobs_bwd_kernel", "kl_from_logits._kl_bwd_kernel"):
+        for path in glob.glob(str(tmp_path / f"{kernel}-sm_90-*.ptx")):
+            ptx = open(path).read()
+            case = ptx.splitlines()[0]
+            # a slice of a larger tensor is laid out apart from its dense gradient: one side is unaligned
+            if "[:, :-1]" in case or ("V=50257" not in case and "V=4097" not in case):
+                continue
+            assert "ld.global.v4.b32" in ptx, f"no 128-bit load in {path}"
+            assert "st.global.v4.b32" in ptx, f"no 128-bit store in {path}"
+            checked += 1
+    assert checked >= 4, os.listdir(tmp_path)

@@ -1,5 +1,7 @@
-"""Group advantages in Triton: one program per group scanning the scores in blocks
-(members selected by index)."""
+"""Group advantages in Triton: one program per group.  Contiguous groups (group_size):
+a program reads only its own scores, O(N) in all; ids (group_index): each program
+scans every score for its members, O(groups x N).  The batch std (scale="batch") is
+computed once by masked.mean_and_variance, not by every program."""
 from __future__ import annotations
 
 import torch
@@ -9,72 +11,74 @@ import triton.language as tl
 from ..ops._registry import triton_twin
 from . import _checks as C
 from ._common import acc_types, coef_tensor, on_inputs_device
+from .masked import mean_and_variance
 
 _BLOCK = 128
 
 
 @triton.jit
-def _members(idx_ptr, offs, live, g, group_size, HAS_INDEX: tl.constexpr):
+def _members(idx_ptr, offs, live, g, HAS_INDEX: tl.constexpr):
     if HAS_INDEX:
         return live & (tl.load(idx_ptr + offs, mask=live, other=-1) == g)
-    return live & (offs // group_size == g)
+    return live
 
 
 @triton.jit
-def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, N, group_size, coef_ptr,
+def _group_advantages_kernel(s_ptr, idx_ptr, adv_ptr, eq_ptr, batch_ptr, N, group_size, coef_ptr,
                              HAS_INDEX: tl.constexpr, LOO: tl.constexpr, SCALE: tl.constexpr,
                              ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per group.  Contiguous groups: the program reads its own
+    group_size scores; ids: every score, keeping its group's."""
     g = tl.program_id(0)
+    if HAS_INDEX:
+        begin = tl.zeros([], dtype=tl.int64)
+        end = begin + N
+    else:
+        begin = g.to(tl.int64) * group_size
+        end = begin + group_size
     eps = tl.load(coef_ptr)
     total = tl.zeros([BLOCK], dtype=ACC)
     count = tl.zeros([BLOCK], dtype=ACC)
     lo = tl.full([BLOCK], float("inf"), dtype=ACC)
     hi = tl.full([BLOCK], float("-inf"), dtype=ACC)
     nans = tl.zeros([BLOCK], dtype=ACC)
-    batch_total = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, N, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        live = offs < N
+        live = offs < end
         x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
-        member = _members(idx_ptr, offs, live, g, group_size, HAS_INDEX)
+        member = _members(idx_ptr, offs, live, g, HAS_INDEX)
         total += tl.where(member, x, 0.0)
         count += tl.where(member, 1.0, 0.0)
         nans += tl.where(member & (x != x), 1.0, 0.0)
         lo = tl.where(member & (x < lo), x, lo)
         hi = tl.where(member & (x > hi), x, hi)
-        batch_total += tl.where(live, x, 0.0)
     n = tl.sum(count, axis=0)
     mean = tl.sum(total, axis=0) / tl.maximum(n, 1.0)
-    batch_mean = tl.sum(batch_total, axis=0) / tl.maximum(N, 1).to(ACC)
     sq = tl.zeros([BLOCK], dtype=ACC)
-    batch_sq = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, N, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        live = offs < N
+        live = offs < end
         x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
-        member = _members(idx_ptr, offs, live, g, group_size, HAS_INDEX)
+        member = _members(idx_ptr, offs, live, g, HAS_INDEX)
         sq += tl.where(member, (x - mean) * (x - mean), 0.0)
-        batch_sq += tl.where(live, (x - batch_mean) * (x - batch_mean), 0.0)
     std = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n - 1.0, 1.0))
-    batch_std = tl.sqrt(tl.sum(batch_sq, axis=0) / tl.maximum(N - 1, 1).to(ACC))
-    for start in range(0, N, BLOCK):
+    if SCALE == 1:  # the whole batch's std, computed once (masked.mean_and_variance)
+        std = tl.sqrt(tl.load(batch_ptr + 1))
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        live = offs < N
+        live = offs < end
         x = tl.load(s_ptr + offs, mask=live, other=0.0).to(ACC)
-        member = _members(idx_ptr, offs, live, g, group_size, HAS_INDEX)
+        member = _members(idx_ptr, offs, live, g, HAS_INDEX)
         centred = x - mean
         if LOO:
             centred = centred * n / tl.maximum(n - 1.0, 1.0)
-        if SCALE == 0:
+        if SCALE != 2:
             centred = centred / (std + eps)
-        if SCALE == 1:
-            centred = centred / (batch_std + eps)
-        adv = tl.where(n > 1.0, centred, 0.0)
-        tl.store(adv_ptr + offs, adv, mask=member)
+        tl.store(adv_ptr + offs, tl.where(n > 1.0, centred, 0.0), mask=member)
     if HAS_INDEX:
         if g == 0:  # an id outside [0, num_groups) belongs to no program: the first one flags it
-            for start in range(0, N, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
+            for chunk in range(0, N, BLOCK):  # (not `start`: an int64 in the loops above)
+                offs = chunk + tl.arange(0, BLOCK)
                 live = offs < N
                 ids = tl.load(idx_ptr + offs, mask=live, other=0)
                 stray = live & ((ids < 0) | (ids >= tl.num_programs(0)))
@@ -112,8 +116,11 @@ def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | No
         # stray id gets, rather than uninitialised memory.
         advantages.fill_(float("nan"))
     else:
+        batch = mean_and_variance(scores, None, acc) if scale == 1 else advantages
+        # contiguous groups: a block that fits the group, so a program reads it once
+        block = _BLOCK if group_index is not None else max(16, min(1024, triton.next_power_of_2(group_size)))
         _group_advantages_kernel[(num_groups,)](
             scores, group_index if group_index is not None else scores, advantages, all_equal.view(torch.int8),
-            N, max(group_size, 1), coef_tensor(scores.device, out_dtype, eps),
-            HAS_INDEX=group_index is not None, LOO=baseline == 1, SCALE=scale, ACC=acc, BLOCK=_BLOCK)
+            batch, N, max(group_size, 1), coef_tensor(scores.device, out_dtype, eps),
+            HAS_INDEX=group_index is not None, LOO=baseline == 1, SCALE=scale, ACC=acc, BLOCK=block)
     return advantages, all_equal

@@ -1,9 +1,11 @@
 """Log-probs and entropy from logits in Triton.
 
-Forward: one program per row, streaming the vocabulary in blocks with an online
-maximum and base-2 sums (the same statistics as csrc/core/logprobs.h).  Backward:
-a 2-D grid (row, vocabulary block), each program recomputing p for its block
-from the saved row statistics."""
+Forward: the softmax statistics of csrc/core/logprobs.h (online maximum, base-2
+sums), one program per row when it holds at most _vocab.VOCAB_CHUNK logits, else a
+(row, chunk) grid writing each chunk's statistics and a per-row merge (the split
+depends on V only: batch invariant).  Backward: a 2-D grid (row, vocabulary block),
+each program recomputing p for its block from the saved row statistics.  The grids
+and why: docs/gpu-kernels.md."""
 from __future__ import annotations
 
 import math
@@ -15,96 +17,16 @@ import triton.language as tl
 
 from ..ops._registry import triton_twin
 from . import _checks as C
+from . import _vocab
 from ._common import cast_to, on_inputs_device
+from ._vocab import (_LOG2E, FLOOR, LN2, LOG2E, block_for, merge_parts, readable, row_base, row_index, row_offset,
+                     span_stats, vector_width)
 
-# Jitted code may read a module global only when it is a tl.constexpr (compiled Triton
-# rejects plain Python floats; the interpreter does not, which is why .ci/triton_aot.py
-# compiles every kernel for real GPUs).  Host code uses the plain floats.
-_LOG2E = 1.4426950408889634
-LOG2E = tl.constexpr(_LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)
-FLOOR = tl.constexpr(-160.0)  # exp2 below this is 0 in float32; keeps 0 * y finite at y = -inf
-
-
-def row_index(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(inner, outer_stride, inner_stride) addressing the rows of a [..., V] tensor
-    in place (leading dims merged where strides allow), or None; see csrc/core/rows.h."""
-    V = t.shape[-1]
-    if 0 in t.shape[:-1]:  # no rows: any layout addresses them (and an empty tensor's strides are arbitrary)
-        return 1, V, V
-    if V > 1 and t.stride(-1) != 1:
-        return None
-    dims: list[list[int]] = []  # innermost first: [size, stride]
-    for d in range(t.dim() - 2, -1, -1):
-        size, stride = t.shape[d], t.stride(d)
-        if size == 1:
-            continue
-        if dims and stride == dims[-1][1] * dims[-1][0]:
-            dims[-1][0] *= size
-            continue
-        if len(dims) == 2:
-            return None
-        dims.append([size, stride])
-    if not dims:
-        return 1, V, V
-    if len(dims) == 1:
-        return dims[0][0], dims[0][1] * dims[0][0], dims[0][1]
-    return dims[0][0], dims[1][1], dims[0][1]
-
-
-def readable(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    index = row_index(t)
-    if index is None:
-        t = t.contiguous()
-        index = row_index(t)
-    return t, index
-
-
-def _block(V: int) -> int:
-    return max(16, min(4096, triton.next_power_of_2(max(V, 1))))
-
+_row_base = row_base  # the name other Triton modules import from here (kl_vocab_tile.py on main)
 
 @triton.jit
-def _row_base(ptr, row, inner, outer_stride, inner_stride):
-    return ptr + (row // inner) * outer_stride + (row % inner) * inner_stride
-
-
-@triton.jit
-def _stream_stats(base, V, n, m, s, t, scale, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
-    """Adds the row's logits [0, n) (n is V, or 0 to skip the row) to the running
-    statistics (m, s, t), BLOCK at a time with an online maximum."""
-    for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        new_m = tl.maximum(m, tl.max(x, axis=0))
-        dy = tl.where((new_m == m) | (m == -float("inf")), 0.0, (m - new_m) * scale)
-        c = tl.exp2(dy)
-        if ENTROPY:
-            t = c * (t + dy * s)
-        s = s * c
-        m = new_m
-        shift = tl.where(m == -float("inf"), 0.0, m)
-        y = (x - shift) * scale
-        y = tl.where(y < FLOOR, FLOOR, y)
-        e = tl.exp2(y)
-        s += tl.sum(e, axis=0)
-        if ENTROPY:
-            t += tl.sum(e * y, axis=0)
-    return m, s, t
-
-
-@triton.jit
-def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
-                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = _row_base(x_ptr, row, inner, outer_stride, inner_stride)
-    label = tl.load(labels_ptr + row)
-    ignored = label == ignore_index
-    n = tl.where(ignored, 0, V)
-    m = tl.zeros([], dtype=tl.float32) - float("inf")
-    s = tl.zeros([], dtype=tl.float32)
-    t = tl.zeros([], dtype=tl.float32)
-    m, s, t = _stream_stats(base, V, n, m, s, t, scale, ENTROPY, BLOCK)
+def _finish_row(base, row, label, ignored, m, s, t, V, lp_ptr, ent_ptr, saved_ptr, inv_t, ENTROPY: tl.constexpr):
+    """Writes a row's log-prob, entropy and saved (m, ln s) from its statistics."""
     log_s = tl.log(tl.where(ignored, 1.0, s))
     # an out-of-range label is never used as an address; its log-prob is NaN
     in_range = (label >= 0) & (label < V)
@@ -118,18 +40,58 @@ def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner
 
 
 @triton.jit
-def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, saved_ptr, V,
-                         inner, outer_stride, inner_stride, o_inner, o_outer_stride, o_inner_stride,
-                         ignore_index, vocab_start, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+def _logprobs_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, saved_ptr, V, inner, outer_stride, inner_stride,
+                         ignore_index, scale, inv_t, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """A row of at most VOCAB_CHUNK logits: one program reads it whole."""
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < V
-    x = tl.load(_row_base(x_ptr, row, inner, outer_stride, inner_stride) + cols, mask=live,
-                other=-float("inf")).to(tl.float32)
+    start = row_offset(row, inner, outer_stride, inner_stride)
     label = tl.load(labels_ptr + row)
-    g = tl.load(g_ptr + row)
-    m = tl.load(saved_ptr + 2 * row)
-    log2_s = tl.load(saved_ptr + 2 * row + 1) * LOG2E
+    ignored = label == ignore_index
+    m = tl.zeros([], dtype=tl.float32) - float("inf")
+    s = tl.zeros([], dtype=tl.float32)
+    t = tl.zeros([], dtype=tl.float32)
+    m, s, t = span_stats(x_ptr + start, 0, tl.where(ignored, 0, V), m, s, t, scale, ENTROPY, BLOCK)
+    _finish_row(x_ptr + start, row, label, ignored, m, s, t, V, lp_ptr, ent_ptr, saved_ptr, inv_t, ENTROPY)
+
+
+@triton.jit
+def _logprobs_chunk_kernel(x_ptr, labels_ptr, part_ptr, V, inner, outer_stride, inner_stride, ignore_index, scale,
+                           CHUNK: tl.constexpr, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (row, chunk): the (m, s, t) of one chunk of a row, from nothing."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    start = row_offset(row, inner, outer_stride, inner_stride)
+    ignored = tl.load(labels_ptr + row) == ignore_index
+    lo = chunk * CHUNK
+    hi = tl.where(ignored, lo, tl.where(lo + CHUNK < V, lo + CHUNK, V))
+    m = tl.zeros([], dtype=tl.float32) - float("inf")
+    s = tl.zeros([], dtype=tl.float32)
+    t = tl.zeros([], dtype=tl.float32)
+    m, s, t = span_stats(x_ptr + start, lo, hi, m, s, t, scale, ENTROPY, BLOCK)
+    out = part_ptr + 3 * (row * tl.num_programs(1) + chunk)
+    tl.store(out, m)
+    tl.store(out + 1, s)
+    tl.store(out + 2, t)
+
+
+@triton.jit
+def _logprobs_merge_kernel(x_ptr, labels_ptr, part_ptr, lp_ptr, ent_ptr, saved_ptr, V, K, inner, outer_stride,
+                           inner_stride, ignore_index, scale, inv_t, ENTROPY: tl.constexpr, KB: tl.constexpr):
+    """One program per row: its chunks' statistics merged, then the outputs."""
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    m, s, t = merge_parts(part_ptr + 3 * K * row, K, scale, ENTROPY, KB)
+    _finish_row(row_base(x_ptr, row, inner, outer_stride, inner_stride), row, label, label == ignore_index, m, s, t,
+                V, lp_ptr, ent_ptr, saved_ptr, inv_t, ENTROPY)
+
+
+@triton.jit
+def _grad_tile(x_ptr, out_ptr, offs, o_offs, cols, live, label, g, row, gh_ptr, ent_ptr, m, log2_s, ignore_index,
+               vocab_start, scale, inv_t, ENTROPY: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(x_ptr + offs, mask=live, other=-float("inf")).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs).to(tl.float32)
     y = (x - m) * scale - log2_s
     y = tl.where(y < FLOOR, FLOOR, y)
     p = tl.exp2(y)
@@ -140,8 +102,41 @@ def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, sav
     d = (d + tl.where(cols + vocab_start == label, g, 0.0)) * inv_t
     d = tl.where(label < 0, float("nan"), d)  # no tile holds a negative label: flag the row
     d = tl.where(label == ignore_index, 0.0, d)
-    out = _row_base(out_ptr, row, o_inner, o_outer_stride, o_inner_stride)
-    tl.store(out + cols, cast_to(d, out_ptr.dtype.element_ty), mask=live)
+    d = cast_to(d, out_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(out_ptr + o_offs, d, mask=live)
+    else:
+        tl.store(out_ptr + o_offs, d)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(x_ptr, out_ptr, labels_ptr, g_ptr, gh_ptr, ent_ptr, saved_ptr, V,
+                         inner, outer_stride, inner_stride, o_inner, o_outer_stride, o_inner_stride,
+                         ignore_index, vocab_start, scale, inv_t, ENTROPY: tl.constexpr, SAME: tl.constexpr,
+                         BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Grid (row, tile).  Tiles start at 16-byte boundaries of memory, not of the row,
+    so that the tiles inside the row read and write whole vectors without a mask
+    (a row of odd length starts anywhere); the row's two edge tiles are masked."""
+    row = tl.program_id(0).to(tl.int64)
+    start = row_offset(row, inner, outer_stride, inner_stride)
+    lo = tl.multiple_of(start - start % VEC + tl.program_id(1).to(tl.int64) * BLOCK, VEC)
+    offs = lo + tl.arange(0, BLOCK)
+    cols = offs - start
+    if SAME:
+        o_offs = offs
+    else:
+        o_offs = row_offset(row, o_inner, o_outer_stride, o_inner_stride) + cols
+    live = (cols >= 0) & (cols < V)
+    label = tl.load(labels_ptr + row)
+    g = tl.load(g_ptr + row)
+    m = tl.load(saved_ptr + 2 * row)
+    log2_s = tl.load(saved_ptr + 2 * row + 1) * LOG2E
+    if (lo >= start) & (lo + BLOCK <= start + V):
+        _grad_tile(x_ptr, out_ptr, offs, o_offs, cols, live, label, g, row, gh_ptr, ent_ptr, m, log2_s, ignore_index,
+                   vocab_start, scale, inv_t, ENTROPY, False)
+    else:
+        _grad_tile(x_ptr, out_ptr, offs, o_offs, cols, live, label, g, row, gh_ptr, ent_ptr, m, log2_s, ignore_index,
+                   vocab_start, scale, inv_t, ENTROPY, True)
 
 
 def _check_backward(op, grad_logprobs, grad_entropy, logits, labels, saved, entropy, temperature, vocab_start):
@@ -170,10 +165,22 @@ def logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     values = torch.empty(lead, **f32)
     entropies = torch.empty(lead if with_entropy else (0,), **f32)
     saved = torch.empty((*lead, 2), **f32)
-    if N > 0:
-        _logprobs_fwd_kernel[(N,)](
-            x, labels, values, entropies if with_entropy else values, saved, V, inner, outer_stride, inner_stride,
-            ignore_index, _LOG2E / temperature, 1.0 / temperature, ENTROPY=with_entropy, BLOCK=_block(V))
+    if N == 0:
+        return values, entropies, saved
+    scale, inv_t = _LOG2E / temperature, 1.0 / temperature
+    common = dict(ENTROPY=with_entropy)
+    K = _vocab.chunks(V)
+    ent_out = entropies if with_entropy else values
+    if K == 1:
+        _logprobs_fwd_kernel[(N,)](x, labels, values, ent_out, saved, V, inner, outer_stride, inner_stride,
+                                   ignore_index, scale, inv_t, BLOCK=block_for(V), **common)
+        return values, entropies, saved
+    chunk = _vocab.VOCAB_CHUNK
+    parts = torch.empty((N, K, 3), **f32)
+    _logprobs_chunk_kernel[(N, K)](x, labels, parts, V, inner, outer_stride, inner_stride, ignore_index, scale,
+                                   CHUNK=chunk, BLOCK=block_for(chunk, 2048), **common)
+    _logprobs_merge_kernel[(N,)](x, labels, parts, values, ent_out, saved, V, K, inner, outer_stride, inner_stride,
+                                 ignore_index, scale, inv_t, KB=triton.next_power_of_2(K), ENTROPY=with_entropy)
     return values, entropies, saved
 
 
@@ -186,12 +193,18 @@ def _backward_into(grad_logprobs, grad_entropy, logits, labels, saved, entropies
     if N == 0 or V == 0:
         return
     with_entropy = grad_entropy is not None
-    block = _block(V)
-    _logprobs_bwd_kernel[(N, triton.cdiv(V, block))](
+    # 2048: the two paths (whole vectors inside the row, masked at its edges) of a
+    # 4096-wide tile took 254 registers on sm_90
+    block = block_for(V, 2048)
+    vec = vector_width(x)
+    # one tile more where the row's first vector starts before it (cdiv over V + VEC - 1)
+    _logprobs_bwd_kernel[(N, triton.cdiv(V + vec - 1, block))](
         x, out, labels, grad_logprobs, grad_entropy if with_entropy else grad_logprobs,
         entropies if with_entropy else grad_logprobs, saved, V, inner, outer_stride, inner_stride,
         o_inner, o_outer_stride, o_inner_stride, ignore_index, vocab_start, _LOG2E / temperature,
-        1.0 / temperature, ENTROPY=with_entropy, BLOCK=block)
+        1.0 / temperature, ENTROPY=with_entropy, SAME=(inner, outer_stride, inner_stride) == (o_inner, o_outer_stride,
+                                                                                            o_inner_stride),
+        BLOCK=block, VEC=vec)
 
 
 @triton_twin("logprobs_backward")
@@ -244,7 +257,8 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
     FINISH the state becomes (log p, H, m, ln s), as csrc/core/logprobs.h's tile_stats_out.
     With TOP1 a fifth value per row is the arg-max flag of tile_top1_next there."""
     row = tl.program_id(0).to(tl.int64)
-    base = _row_base(x_ptr, row, inner, outer_stride, inner_stride)
+    start = row_offset(row, inner, outer_stride, inner_stride)
+    base = x_ptr + start
     out = state_ptr + (5 if TOP1 else 4) * row
     label = tl.load(labels_ptr + row)
     ignored = label == ignore_index
@@ -254,8 +268,7 @@ def _vocab_tile_kernel(x_ptr, labels_ptr, state_ptr, V, inner, outer_stride, inn
     t = tl.where(first, 0.0, tl.load(out + 2))
     x_label = tl.where(first, 0.0, tl.load(out + 3))
     prev_m = m
-    n = tl.where(ignored, 0, V)
-    m, s, t = _stream_stats(base, V, n, m, s, t, scale, ENTROPY, BLOCK)
+    m, s, t = span_stats(base, 0, tl.where(ignored, 0, V), m, s, t, scale, ENTROPY, BLOCK)
     local = label - vocab_start
     in_tile = (local >= 0) & (local < V) & (~ignored)
     x_label = tl.where(in_tile, tl.load(base + tl.where(in_tile, local, 0), mask=in_tile, other=0.0).to(tl.float32),
@@ -308,4 +321,4 @@ def logprobs_vocab_tile_triton(logits: torch.Tensor, labels: torch.Tensor, state
     if N > 0:
         _vocab_tile_kernel[(N,)](x, labels, state, V, inner, outer_stride, inner_stride, ignore_index, vocab_start,
                                  _LOG2E / temperature, 1.0 / temperature, ENTROPY=bool(with_entropy),
-                                 FINISH=bool(finish), TOP1=top1, BLOCK=_block(V))
+                                 FINISH=bool(finish), TOP1=top1, BLOCK=block_for(V))
