@@ -14,52 +14,24 @@ from .._library import BUILD_INFO
 from ..ops._registry import triton_twin
 from . import _checks as C
 from ._common import on_inputs_device
-from .logprobs import _LOG2E, FLOOR, _row_base, readable
+from ._vocab import _LOG2E, readable, row_base
+from .kl_from_logits import _kl_shift, _kl_span
 
 _CHUNK = int(BUILD_INFO.get("vocab_chunk", 8192))
 _SLOT = 6  # kKlSlotWidth: (ma, sa, w, mb, sb, 0), or (KL, saved[0..4]) when finished
 
 
 @triton.jit
-def _kl_shift(m):
-    """The value a row is centred on: its maximum, or 0 while that is -inf."""
-    return tl.where(m == -float("inf"), 0.0, m)
-
-
-@triton.jit
 def _chunk_kernel(a_ptr, b_ptr, state_ptr, V, inner, outer_stride, inner_stride, b_inner, b_outer_stride,
                   b_inner_stride, chunks, first, scale, inv_t, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (row, chunk of the tile): the chunk's statistics from nothing, as the
+    kl_from_logits forward computes a chunk (_kl_span), into the chunk's slot."""
     row = tl.program_id(0).to(tl.int64)
     begin = tl.program_id(1).to(tl.int64) * CHUNK
     end = tl.minimum(begin + CHUNK, V)
-    a_base = _row_base(a_ptr, row, inner, outer_stride, inner_stride)
-    b_base = _row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride)
-    ma = tl.zeros([], dtype=tl.float32) - float("inf")
-    mb = tl.zeros([], dtype=tl.float32) - float("inf")
-    for start in range(begin, end, BLOCK):  # the chunk's maxima first: every term centred on them
-        cols = start + tl.arange(0, BLOCK)
-        live = cols < end
-        ma = tl.maximum(ma, tl.max(tl.load(a_base + cols, mask=live, other=-float("inf")).to(tl.float32), axis=0))
-        mb = tl.maximum(mb, tl.max(tl.load(b_base + cols, mask=live, other=-float("inf")).to(tl.float32), axis=0))
-    sha = _kl_shift(ma)
-    shb = _kl_shift(mb)
-    sa = tl.zeros([], dtype=tl.float32)
-    sb = tl.zeros([], dtype=tl.float32)
-    w = tl.zeros([], dtype=tl.float32)
-    for start in range(begin, end, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        live = cols < end
-        a = tl.load(a_base + cols, mask=live, other=-float("inf")).to(tl.float32)
-        b = tl.load(b_base + cols, mask=live, other=-float("inf")).to(tl.float32)
-        ya = (a - sha) * scale
-        yb = (b - shb) * scale
-        ea = tl.exp2(tl.where(ya < FLOOR, FLOOR, ya))
-        sa += tl.sum(ea, axis=0)
-        sb += tl.sum(tl.exp2(tl.where(yb < FLOOR, FLOOR, yb)), axis=0)
-        d = ((a - sha) - (b - shb)) * inv_t
-        # q_j = 0 < p_j (however small p_j): KL is inf
-        ruled_out = (b == -float("inf")) & (a > -float("inf"))
-        w += tl.sum(tl.where(ruled_out, float("inf"), tl.where(ea == 0.0, 0.0, ea * d)), axis=0)
+    ma, sa, w, mb, sb = _kl_span(row_base(a_ptr, row, inner, outer_stride, inner_stride),
+                                 row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride), begin, end, scale,
+                                 inv_t, BLOCK)
     slot = state_ptr + (row * chunks + first + tl.program_id(1)) * 6
     tl.store(slot, ma)
     tl.store(slot + 1, sa)

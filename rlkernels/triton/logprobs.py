@@ -22,7 +22,6 @@ from ._common import cast_to, on_inputs_device
 from ._vocab import (_LOG2E, FLOOR, LN2, LOG2E, block_for, merge_parts, readable, row_base, row_index, row_offset,
                      span_stats, vector_width)
 
-_row_base = row_base  # the name other Triton modules import from here (kl_vocab_tile.py on main)
 
 @triton.jit
 def _finish_row(base, row, label, ignored, m, s, t, V, lp_ptr, ent_ptr, saved_ptr, inv_t, ENTROPY: tl.constexpr):
