@@ -18,9 +18,10 @@ TORCH_LIBRARY(rlkernels, m) {
   // Token-level losses.  One fused pass returns the loss, its
   // statistics, the per-token gradient before aggregation (empty unless
   // need_grad) and the per-row gradient scales; backward only rescales.
-  // Scalars travel in one list (each schema argument costs the Python
-  // autograd wrapper several microseconds per call); its order is written where
-  // the list is read, csrc/args/policy_loss.h and csrc/args/value_loss.h.
+  // Scalars travel in one list (each schema argument costs the Triton twins'
+  // Python autograd wrapper microseconds per call; the compiled ops' autograd is
+  // C++, csrc/autograd); its order is written where the list is read,
+  // csrc/args/policy_loss.h and csrc/args/value_loss.h.
   m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, Tensor? weights, "
         "Tensor? ref_logprobs, float[] coefficients, str kl, str agg, bool need_grad) "
         "-> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
