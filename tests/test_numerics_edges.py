@@ -158,6 +158,8 @@ def test_triton_sources_keep_nan_in_min_max():
         ("kl_from_logits.py", "tl.max(mbs, axis=0)"): "a chunk holding a NaN logit has a NaN sum (merged)",
         ("kl_from_logits.py", "tl.maximum(ma, tl.max(a, axis=0))"): "a NaN logit still enters the sums (exp2)",
         ("kl_from_logits.py", "tl.maximum(mb, tl.max(b, axis=0))"): "a NaN logit still enters the sums (exp2)",
+        ("kl_vocab_tile.py", "tl.maximum(ma, pma)"): "a chunk holding a NaN logit has a NaN sum (folded)",
+        ("kl_vocab_tile.py", "tl.maximum(mb, pmb)"): "a chunk holding a NaN logit has a NaN sum (folded)",
         ("policy_loss.py", "tl.max(tl.where(valid, ratio, 0.0).to(ACC), axis=0)"): "ratio_max takes NaN from the mean",
         ("_token_loss.py", "tl.maximum(tile, x)"): "ratio_max takes NaN from the mean",
         ("_token_loss.py", "tl.maximum(totals, tl.max(tile, axis=0))"): "ratio_max takes NaN from the mean",

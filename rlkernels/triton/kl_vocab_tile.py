@@ -28,7 +28,7 @@ def _chunk_kernel(a_ptr, b_ptr, state_ptr, V, inner, outer_stride, inner_stride,
     kl_from_logits forward computes a chunk (_kl_span), into the chunk's slot."""
     row = tl.program_id(0).to(tl.int64)
     begin = tl.program_id(1).to(tl.int64) * CHUNK
-    end = tl.minimum(begin + CHUNK, V)
+    end = tl.where(begin + CHUNK < V, begin + CHUNK, V)
     ma, sa, w, mb, sb = _kl_span(row_base(a_ptr, row, inner, outer_stride, inner_stride),
                                  row_base(b_ptr, row, b_inner, b_outer_stride, b_inner_stride), begin, end, scale,
                                  inv_t, BLOCK)
