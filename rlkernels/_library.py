@@ -18,6 +18,9 @@ except ImportError as exc:  # pragma: no cover - only for broken installs
     BUILD_INFO = {"backends": []}
 
 COMPILED_BACKENDS = frozenset(BUILD_INFO["backends"])
+# The logits kernels' vocabulary chunk (kVocabChunk, csrc/core/logprobs.h): every backend
+# reduces a row as chunks this wide, each from an empty state.  The one Python copy of it.
+VOCAB_CHUNK: int = int(BUILD_INFO.get("vocab_chunk", 8192))
 
 try:
     import triton  # noqa: F401

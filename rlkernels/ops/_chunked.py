@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 
 from .. import _checkmode
+from .._library import VOCAB_CHUNK
 
 # Default budget for one tile of logits, counted in float32.
 CHUNK_BYTES = 64 << 20
@@ -46,7 +47,7 @@ CHUNK_BYTES = 64 << 20
 # exactly (and vocabulary-parallel shards on chunk edges tile alike).  Vocabulary tiles
 # over all tokens also beat token chunks over the whole vocabulary on the CPU: MKL
 # repacks the whole weight for every chunk (figures in docs).
-VOCAB_BLOCK = 8192
+VOCAB_BLOCK = VOCAB_CHUNK
 # Row granularity of the lm-head matmuls.  A BLAS picks its code path, and so the
 # summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul (or of
 # a thread's 1-3 row share of a larger one) round differently from the same rows in a

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _library
+
 # Jitted code may read a module global only when it is a tl.constexpr (compiled Triton
 # rejects plain Python floats; the interpreter does not, which is why .ci/triton_aot.py
 # compiles every kernel for real GPUs).  Host code uses the plain floats.
@@ -23,7 +25,7 @@ FLOOR = tl.constexpr(-160.0)  # exp2 below this is 0 in float32; keeps 0 * y fin
 # depends on V alone, never on the number of rows, so a row's result is the same in
 # any batch (the CUDA kernels split the same way).  Read at each call: tests lower it
 # to reach the split path at interpreter-sized vocabularies.
-VOCAB_CHUNK = 8192
+VOCAB_CHUNK = _library.VOCAB_CHUNK
 
 
 def chunks(V: int) -> int:

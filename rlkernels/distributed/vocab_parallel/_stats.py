@@ -9,15 +9,12 @@ import math
 import torch
 
 from ... import reference
-from ..._library import BUILD_INFO
+from ..._library import VOCAB_CHUNK
 from ...ops._registry import kernel
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 STAT_WIDTH = 5  # values a token sends per rank
-# The kernels' vocabulary chunk (kVocabChunk, csrc/core/logprobs.h): each chunk's
-# statistics from an empty state, folded in chunk order.
-VOCAB_CHUNK = int(BUILD_INFO.get("vocab_chunk", 8192))
 CHUNK_STAT_WIDTH = 4  # values a token sends per chunk in the exact mode (m, s, t, label logit)
 # KL's exact mode: kl_vocab_tile's slots (csrc/core/kl_from_logits.h) hold KL_SLOT_WIDTH
 # floats, of which a chunk's first KL_CHUNK_STAT_WIDTH (ma, sa, w, mb, sb) travel.
