@@ -11,7 +11,6 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import rlkernels
 import vocab_parallel_checks as C
@@ -200,17 +199,8 @@ def check_two_collectives_without_check(rank, world):
     g = torch.Generator().manual_seed(24)
     full, labels = _problem(g, sum(SIZES[world]))
     v0, v1 = _bounds(world, rank)
-    calls, original = [], dist.all_gather
-
-    def counting(out, tensor, *args, **kwargs):
-        calls.append((tensor.dtype, tuple(tensor.shape)))
-        return original(out, tensor, *args, **kwargs)
-
-    dist.all_gather = counting
-    try:
+    with C.counted_all_gathers() as calls:
         lp = VP.logprobs(full[..., v0:v1], labels, group=None, vocab_start=v0, check=False, exact=True)
-    finally:
-        dist.all_gather = original
     widest = max(-(-size // K) for size in SIZES[world])
     expected = [(torch.int64, (8,)), (torch.float32, (labels.numel(), widest, VP.CHUNK_STAT_WIDTH))]
     if calls != expected:

@@ -172,17 +172,8 @@ def check_kl_two_collectives_without_check(rank, world):
     g = torch.Generator().manual_seed(32)
     full, full_ref = _pair(g, sum(SIZES[world]))
     v0, v1 = _bounds(world, rank)
-    calls, original = [], dist.all_gather
-
-    def counting(out, tensor, *args, **kwargs):
-        calls.append((tensor.dtype, tuple(tensor.shape)))
-        return original(out, tensor, *args, **kwargs)
-
-    dist.all_gather = counting
-    try:
+    with C.counted_all_gathers() as calls:
         kl = VP.kl_from_logits(full[..., v0:v1], full_ref[..., v0:v1], group=None, check=False, exact=True)
-    finally:
-        dist.all_gather = original
     n, widest = full.numel() // full.shape[-1], max(-(-size // K) for size in SIZES[world])
     expected = [(torch.int64, (8,)), (torch.float32, (n, widest, VP.KL_CHUNK_STAT_WIDTH))]
     if calls != expected:

@@ -4,6 +4,7 @@ full-vocabulary inputs from one seed, takes its shard, and compares the sharded 
 with the unsharded one: values, entropy, KL and the gradient of its own shard."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -189,6 +190,22 @@ def check_empty_shard(rank, world):
     _close(VP.kl_from_logits(full[:, v0:v1], ref[:, v0:v1], group=None), rlkernels.kl_from_logits(full, ref), "KL")
 
 
+@contextlib.contextmanager
+def counted_all_gathers():
+    """Yields a list that receives (dtype, shape) of every dist.all_gather made inside."""
+    calls, original = [], dist.all_gather
+
+    def counting(out, tensor, *args, **kwargs):
+        calls.append((tensor.dtype, tuple(tensor.shape)))
+        return original(out, tensor, *args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        yield calls
+    finally:
+        dist.all_gather = original
+
+
 def check_one_collective_without_check(rank, world):
     """check=False with vocab_start: one all_gather a call, of 5 float32 a token; the
     backward of the logits ops talks to nobody."""
@@ -197,20 +214,10 @@ def check_one_collective_without_check(rank, world):
     g = torch.Generator().manual_seed(15)
     full = torch.randn(N, vocab, generator=g)
     labels = torch.randint(0, vocab, (N,), generator=g)
-    calls = []
-    original = dist.all_gather
-
-    def counting(out, tensor, *args, **kwargs):
-        calls.append((tensor.dtype, tuple(tensor.shape)))
-        return original(out, tensor, *args, **kwargs)
-
-    dist.all_gather = counting
-    try:
+    with counted_all_gathers() as calls:
         shard = full[:, v0:v1].clone().requires_grad_(True)
         lp = VP.logprobs(shard, labels, group=None, vocab_start=v0, check=False)
         lp.sum().backward()
-    finally:
-        dist.all_gather = original
     if calls != [(torch.float32, (N, VP.STAT_WIDTH))]:
         raise AssertionError(f"expected one all_gather of [N, {VP.STAT_WIDTH}] float32, got {calls}")
     _close(lp, rlkernels.logprobs(full, labels), "log-probs with check=False")
