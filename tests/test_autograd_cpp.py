@@ -219,12 +219,20 @@ def test_compiled_backward_matches_eager():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"] + (["triton"] if TRITON_ON_CPU else []))
 def test_ratio_max_keeps_a_nan_ratio(backend):
-    """The stats' NaN rule (the CPU front end reads the mean instead of selecting on it)."""
+    """The stats' NaN rule: the kernels' finalize step takes NaN from the ratio sum (a max
+    reduction skips it); a NaN under the mask reaches neither."""
     lp = torch.randn(2, 5)
     old = lp + 0.1
     lp[1, 2] = float("nan")
     _, stats = rlkernels.ppo_loss(lp, old, torch.randn(2, 5), backend=backend)
     assert stats["ratio_mean"].isnan() and stats["ratio_max"].isnan()
     assert stats["ratio_max"] is not stats["ratio_mean"]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 2] = False
+    _, masked = rlkernels.ppo_loss(lp, old, torch.randn(2, 5), mask, backend=backend)
+    assert not masked["ratio_max"].isnan() and not masked["ratio_mean"].isnan()
+    assert masked["ratio_max"] >= masked["ratio_mean"] * (1 - 1e-6)
+    _, grpo = rlkernels.grpo_loss(lp, old, torch.randn(2), ref_logprobs=old, beta=0.1, backend=backend)
+    assert grpo["ratio_max"].isnan()
     _, clean = rlkernels.ppo_loss(lp.nan_to_num(0.0), old, torch.randn(2, 5), backend=backend)
     assert not clean["ratio_max"].isnan() and clean["ratio_max"] >= clean["ratio_mean"] * (1 - 1e-6)

@@ -113,7 +113,8 @@ namespace rlk {
 
 // Turns per-row partial sums (rows[b * K + slot], slot 0 the row's loss sum,
 // slot 1 its token count, slots 2.. statistics summed over valid tokens, the
-// slot `max_slot` a running maximum instead) into the loss, the per-row
+// slot `max_slot` a running maximum instead, of the values that slot max_slot - 1
+// sums) into the loss, the per-row
 // gradient scales and the statistics: means over the batch's valid tokens
 // (the maximum for max_slot; 0 when nothing is valid) followed by the
 // number of valid tokens.  Host code; the CUDA finalise kernel applies the
@@ -135,13 +136,18 @@ inline void finalize_rows(const double* rows, int64_t B, int K, int max_slot, Ag
     total += scale * rows[b * K + kSlotLoss];
   }
   *loss = out_t(total);
+  double previous = 0;  // the sum of slot k - 1 over the rows
   for (int k = kFirstStatSlot; k < K; ++k) {
     double value = 0;
     for (int64_t b = 0; b < B; ++b) {
       const double x = rows[b * K + k];
       value = k == max_slot ? (x > value ? x : value) : value + x;
     }
+    // A running maximum skips NaN; the slot before max_slot sums the same values, so a
+    // NaN there (some value is NaN) makes the maximum NaN too, as torch's max would.
+    if (k == max_slot && previous != previous) value = previous;
     stats[k - kFirstStatSlot] = out_t(k == max_slot ? value : (tokens > 0 ? value / tokens : 0.0));
+    previous = value;
   }
   stats[K - kFirstStatSlot] = out_t(tokens);
 }

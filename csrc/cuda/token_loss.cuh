@@ -82,7 +82,9 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(
     *loss = acc(total);
 #pragma unroll
     for (int k = kFirstStatSlot; k < K; ++k)
-      stats[k - kFirstStatSlot] = acc(k == kMaxSlot ? totals[k] : (tokens > 0 ? totals[k] / tokens : 0.0));
+      // the maximum skips NaN; the sum before it (the same values) keeps it (core/token_loss.h)
+      stats[k - kFirstStatSlot] = acc(k == kMaxSlot ? (isnan(totals[k - 1]) ? totals[k - 1] : totals[k])
+                                                    : (tokens > 0 ? totals[k] / tokens : 0.0));
     stats[K - kFirstStatSlot] = acc(tokens);
   }
 }

@@ -4,8 +4,6 @@ per-token gradient before aggregation and each row's share of the aggregation,
 so backward is one broadcast multiply."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _validate as V
@@ -32,6 +30,19 @@ def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, pe
     bool mask and device."""
     V.float_tensor(op, primary_name, primary, ndim=2)
     shape, dtype, device = primary.shape, primary.dtype, primary.device
+    # The usual call: companions of the primary's dtype, shape and device, a bool mask of
+    # the shape (or none), all contiguous.  They pass every check below as they are.
+    if (mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == shape
+                         and mask.device == device and mask.is_contiguous())) and primary.is_contiguous():
+        for name, value in others.items():
+            if value is None:
+                if name in required:
+                    break
+            elif not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == shape
+                      and value.device == device and value.is_contiguous()):
+                break
+        else:
+            return [primary, *others.values()], mask, device
     B = shape[0]
     # A companion of the primary's shape, dtype and device (the usual call) passes every
     # check below as it is; the others take them one by one, in the order that decides
@@ -96,19 +107,9 @@ def need_grad(tensor: torch.Tensor) -> bool:
 
 
 def stats_dict(names: tuple[str, ...], stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = dict(zip(names, stats.unbind(0)))  # one call for every view (indexing costs ~1 us each)
-    if "ratio_max" in out:
-        # A NaN ratio makes the ratio sum NaN, but max reductions (CPU, CUDA and Triton
-        # alike) may skip it: take NaN from the mean so that the maximum keeps it too.
-        # On the CPU one read of the mean (against two ops) leaves only a NaN to pay;
-        # elsewhere the select stays on the device (no host sync, checked mode or not),
-        # and so does it while torch.compile traces.
-        mean = out["ratio_mean"]
-        if mean.device.type != "cpu" or torch.compiler.is_compiling():
-            out["ratio_max"] = torch.where(mean.isnan(), mean, out["ratio_max"])
-        elif math.isnan(mean.item()):
-            out["ratio_max"] = mean.clone()
-    return out
+    # one call for every view (indexing costs ~1 us each); every backend's kernel keeps a
+    # NaN ratio in ratio_max itself (finalize_rows, csrc/core/token_loss.h)
+    return dict(zip(names, stats.unbind(0)))
 
 
 def fake_outputs(primary: torch.Tensor, num_stats: int, need_grad: bool):

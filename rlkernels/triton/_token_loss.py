@@ -54,6 +54,9 @@ def _finalize_kernel(part_ptr, row_scale_ptr, loss_ptr, stats_ptr, B, n_chunks, 
         totals = tl.where(is_max, tl.maximum(totals, tl.max(tile, axis=0)), totals + tl.sum(tile, axis=0))
         row_tokens = tl.sum(tl.where(slots[None, :] == 1, tile, 0.0), axis=1)
         seqs += tl.where(row_ok & (row_tokens > 0), 1.0, 0.0)
+    # The maximum skips NaN; slot MAX_SLOT - 1 sums the same values and keeps it (core/token_loss.h).
+    summed = tl.sum(tl.where(slots == MAX_SLOT - 1, totals, 0.0), axis=0)
+    totals = tl.where(is_max, tl.where(summed != summed, summed, totals), totals)
     counted_tokens = tl.sum(tl.where(slots == 1, totals, 0.0), axis=0)
     counted_seqs = tl.sum(seqs, axis=0)
     given_tokens = tl.load(coef_ptr)
