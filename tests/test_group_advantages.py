@@ -66,7 +66,8 @@ def test_opcheck_and_compile():
     for args in [(scores, None, 4, 3, 0, 0, 1e-6), (scores.double(), index, 0, 3, 1, 1, 1e-6)]:
         torch.library.opcheck(torch.ops.rlkernels.group_advantages.default, args)
     if TRITON_ON_CPU:
-        torch.library.opcheck(torch.ops.rlkernels.group_advantages_triton.default, (scores, None, 4, 3, 0, 0, 1e-6))
+        for args in [(scores, None, 4, 3, 0, 0, 1e-6), (scores.double(), index, 0, 3, 1, 1, 1e-6)]:
+            torch.library.opcheck(torch.ops.rlkernels.group_advantages_triton.default, args)
 
     @torch.compile(fullgraph=True, backend="eager")
     def fn(s):
