@@ -194,9 +194,11 @@ def cases(quick: bool):
                 yield "dpo_loss_triton", f"{d} kind={kind}", (
                     lambda B=B, dtype=dtype, kind=kind:
                     preference.dpo_loss_triton(*(meta(B, dtype=dtype) for _ in range(4)), 0.1, kind, 0.1))
-            # groups of one, of 8 where 8 divides the batch, and ids given per score
-            # (contiguous groups read with a block that fits them: 16 at size 1 and 8, 1024 at 4096)
+            # groups of one, of 8 where 8 divides the batch, and ids given per score, groups of 8
+            # and of about 1024 on average (a block fits the group: 16 at size 1 and 8, 1024 at
+            # 1024 and more; ids: the mean group's, each program reading its run of the id order)
             layouts = [(B, False)] + ([(B // 8, False)] if B % 8 == 0 else []) + [(max(B // 8, 1), True)]
+            layouts += [(B // 1024, True)] if B >= 1024 else []
             layouts += [(1, False)] if B == 4096 else []
             for G, idx in layouts:
                 for baseline in (0, 1):
