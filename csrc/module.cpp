@@ -5,7 +5,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
 #include <torch/python.h>
+#include <algorithm>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/logprobs.h"
 
@@ -14,6 +17,56 @@
 #endif
 
 namespace py = pybind11;
+
+namespace {
+
+// pack_tensors' / unpack_tensors' front-end checks, when they all pass, in one call:
+// True only where the Python checks (rlkernels/ops/multi_tensor.py) would pass too:
+// plain tensors of one floating dtype on one device, each contiguous, none sharing a byte
+// with `bucket` other than as its own slice of it, and (for unpack's targets) none with
+// another.  False means "not shown": the caller runs the Python checks, which raise the
+// exact error (or pass a case this test is too coarse for).
+bool multi_tensor_clear(const at::Tensor& bucket, const py::sequence& tensors, bool distinct) {
+  const py::object tensor_type = py::module_::import("torch").attr("Tensor");
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  const auto plain = [](const at::Tensor& t) {
+    return t.defined() && t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) &&
+           !t.is_meta() && t.is_contiguous();
+  };
+  if (!plain(bucket)) return false;
+  const auto bucket_begin = reinterpret_cast<uintptr_t>(bucket.data_ptr());
+  const uintptr_t bucket_end = bucket_begin + bucket.numel() * bucket.element_size();
+  int64_t offset = 0;
+  std::optional<at::ScalarType> dtype;
+  std::optional<c10::Device> device;
+  for (const py::handle item : tensors) {
+    if (!py::isinstance(item, tensor_type)) return false;
+    const at::Tensor t = item.cast<at::Tensor>();
+    if (!plain(t) || !at::isFloatingType(t.scalar_type())) return false;
+    if (dtype.has_value() && (*dtype != t.scalar_type() || *device != t.device())) return false;
+    dtype = t.scalar_type();
+    device = t.device();
+    const int64_t start = offset;
+    offset += t.numel();
+    if (t.numel() == 0) continue;
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t end = begin + t.numel() * t.element_size();
+    if (t.device() == bucket.device() && begin < bucket_end && bucket_begin < end) {
+      // only its own slice, same dtype (the elementwise copy in place)
+      if (t.scalar_type() != bucket.scalar_type() || begin != bucket_begin + start * bucket.element_size()) {
+        return false;
+      }
+    }
+    if (distinct) spans.emplace_back(begin, end);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) return false;
+  }
+  return true;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlkernels compiled kernels";
@@ -43,6 +96,7 @@ PYBIND11_MODULE(_C, m) {
   // vector's storage, made below autograd (the stats take no gradient, and the vector
   // itself never reaches the caller), which costs 2 us against 3.5 for Tensor.unbind's
   // nine tracked views.  Eager, plain tensors only (_token_loss.stats_dict).
+  m.def("multi_tensor_clear", &multi_tensor_clear);
   m.def("stat_views", [](const py::tuple& names, const at::Tensor& stats) {
     TORCH_CHECK(stats.dim() == 1 && stats.size(0) == static_cast<int64_t>(names.size()),
                 "stat_views: stats must be 1-D with one value per name");

@@ -307,3 +307,83 @@ def test_unpack_finds_targets_sharing_memory_anywhere_in_a_long_list():
         rlkernels.unpack_tensors(torch.ones(520), first_last)
     rlkernels.unpack_tensors(torch.arange(4000.0), parts)  # disjoint neighbours are fine
     assert torch.equal(base, torch.arange(4000.0))
+
+
+def _python_checks_pass(op, bucket, tensors) -> bool:
+    """Whether the front end's Python checks (the slow path) accept the call."""
+    from rlkernels.ops import multi_tensor as M
+
+    try:
+        M._tensor_list(op, tensors)
+        targets = [t.contiguous() for t in tensors]
+        for i, t in M._sharing_bucket(bucket, targets):
+            rlkernels._overlap.check_output(op, "t", t, "bucket", bucket, allow_full=False)
+        if op == "unpack_tensors":
+            shared = rlkernels._overlap.first_shared(targets)
+            if shared is not None:
+                j, i = shared
+                rlkernels._overlap.check_output(op, "a", targets[i], "b", targets[j], allow_full=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_all_clear_never_passes_what_python_refuses(seed):
+    """_C.multi_tensor_clear lets pack/unpack skip the Python checks: it may say "not
+    shown" too often, never "clear" where those checks raise.  Layouts drawn at random:
+    views into one storage that may be the bucket's (own slices, shifted slices, other
+    dtypes, overlapping or strided views), separate tensors, mixed dtypes."""
+    from rlkernels._library import _C
+
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        return int(torch.randint(0, n, (1,), generator=g))
+
+    storage = torch.zeros(256)
+    bucket_start = draw(8)
+    sizes = [1 + draw(12) for _ in range(1 + draw(5))]
+    bucket = storage[bucket_start: bucket_start + sum(sizes)]
+    tensors, offset = [], 0
+    for size in sizes:
+        kind = draw(7)
+        if kind == 0:  # its own slice of the bucket
+            t = bucket[offset: offset + size]
+        elif kind == 1:  # a shifted slice (partial overlap)
+            start = bucket_start + offset + 1 + draw(3)
+            t = storage[start: start + size]
+        elif kind == 2:  # another dtype over the same bytes
+            t = storage[bucket_start + offset: bucket_start + offset + size].view(torch.int32).view(torch.float32)
+            t = t if draw(2) else storage.view(torch.int32)[bucket_start + offset: bucket_start + offset + size]
+        elif kind == 3:  # strided view elsewhere in the storage
+            start = 128 + draw(64)
+            t = storage[start: start + 2 * size: 2]
+        elif kind == 4:  # a view elsewhere that may overlap another drawn view
+            start = 128 + draw(16)
+            t = storage[start: start + size]
+        elif kind == 5:
+            t = torch.randn(size, dtype=torch.float64 if draw(4) == 0 else torch.float32)
+        else:
+            t = torch.randn(size)
+        tensors.append(t)
+        offset += size
+    for op, distinct in (("pack_tensors", False), ("unpack_tensors", True)):
+        clear = _C.multi_tensor_clear(bucket, tensors, distinct)
+        if clear:
+            assert _python_checks_pass(op, bucket, tensors), (op, seed)
+
+
+def test_compiled_all_clear_takes_the_usual_call():
+    """The fast path is taken by plain calls (separate tensors, or the bucket's own slices)."""
+    from rlkernels._library import _C
+
+    tensors = [torch.randn(5), torch.randn(3, 2)]
+    bucket = torch.empty(11)
+    assert _C.multi_tensor_clear(bucket, tensors, True)
+    assert _C.multi_tensor_clear(bucket, [bucket[:5], bucket[5:].view(3, 2)], False)
+    assert not _C.multi_tensor_clear(bucket, [bucket[1:6], tensors[1]], False)
+    assert not _C.multi_tensor_clear(bucket, [tensors[0], tensors[0][1:]], True)
+    assert not _C.multi_tensor_clear(bucket, [tensors[0], tensors[1].t()], True)
+    assert not _C.multi_tensor_clear(bucket, [tensors[0], tensors[1].double()], True)
+    assert not _C.multi_tensor_clear(bucket, [tensors[0], torch.arange(6)], True)

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .. import _backend, _overlap, _validate as V, reference
+from .._library import _C
 from . import _registry
 
 __all__ = ["pack_tensors", "unpack_tensors", "gossip_mix"]
@@ -44,6 +45,15 @@ def _tensor_list(op: str, tensors) -> list[torch.Tensor]:
         if t.device != tensors[0].device:
             raise ValueError(f"{op}: tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
     return list(tensors)
+
+
+def _clear(bucket, tensors, *, distinct: bool) -> bool:
+    """True where every check of _tensor_list, the contiguity and the overlap checks below
+    would pass (one compiled call, _C.multi_tensor_clear: the Python checks cost 1-2 us a
+    tensor); False sends the call through them, and their exact errors.  Eager calls only
+    (no addresses while torch.compile traces)."""
+    return (_C is not None and isinstance(bucket, torch.Tensor) and isinstance(tensors, (list, tuple))
+            and not torch.compiler.is_compiling() and _C.multi_tensor_clear(bucket, tensors, distinct))
 
 
 def _scale(op: str, scale) -> float:
@@ -82,7 +92,9 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
     `tensors[0].flatten() * scale, tensors[1].flatten() * scale, ...`, cast to `dtype`
     (default: the tensors' dtype) or written into `out` (a contiguous 1-D tensor of
     the total element count, whose dtype then decides).  Returns the bucket."""
-    tensors = _tensor_list(_PACK, tensors)
+    clear = isinstance(out, torch.Tensor) and _clear(out, tensors, distinct=False)
+    if not clear:
+        tensors = _tensor_list(_PACK, tensors)
     scale = _scale(_PACK, scale)
     total = sum(t.numel() for t in tensors)
     device = tensors[0].device if tensors else (out.device if isinstance(out, torch.Tensor) else None)
@@ -98,9 +110,10 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
             raise TypeError(f"{_PACK}: dtype={dtype} disagrees with out's dtype {out.dtype}")
     if total == 0:
         return out
-    contiguous = [t.contiguous() for t in tensors]
-    for i, t in _sharing_bucket(out, contiguous):
-        _overlap.check_output(_PACK, "out", out, f"tensors[{i}]", t, allow_full=False)
+    contiguous = tensors if clear else [t.contiguous() for t in tensors]
+    if not clear:
+        for i, t in _sharing_bucket(out, contiguous):
+            _overlap.check_output(_PACK, "out", out, f"tensors[{i}]", t, allow_full=False)
     chosen = _backend.resolve(_PACK, backend, out.device)
     with torch.no_grad():
         if chosen == "reference":
@@ -116,20 +129,26 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
     """Writes `bucket[offset_i : offset_i + numel_i] * scale` into `tensors[i]` in place
     (cast to the tensors' dtype), the inverse of pack_tensors.  Non-contiguous targets
     are filled through a contiguous copy."""
-    tensors = _tensor_list(_UNPACK, tensors)
+    clear = _clear(bucket, tensors, distinct=True)
+    if not clear:
+        tensors = _tensor_list(_UNPACK, tensors)
     scale = _scale(_UNPACK, scale)
     total = sum(t.numel() for t in tensors)
     _bucket(_UNPACK, bucket, total, tensors[0].device if tensors else None)
     if total == 0:
         return
-    targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
-               for t in tensors]
-    for i, t in _sharing_bucket(bucket, targets):
-        _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
-    shared = _overlap.first_shared(targets)
-    if shared is not None:
-        j, i = shared
-        _overlap.check_output(_UNPACK, f"tensors[{i}]", targets[i], f"tensors[{j}]", targets[j], allow_full=False)
+    if clear:
+        targets = tensors
+    else:
+        targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+                   for t in tensors]
+        for i, t in _sharing_bucket(bucket, targets):
+            _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
+        shared = _overlap.first_shared(targets)
+        if shared is not None:
+            j, i = shared
+            _overlap.check_output(_UNPACK, f"tensors[{i}]", targets[i], f"tensors[{j}]", targets[j],
+                                  allow_full=False)
     chosen = _backend.resolve(_UNPACK, backend, bucket.device)
     with torch.no_grad():
         if chosen == "reference":
