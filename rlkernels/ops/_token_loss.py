@@ -31,16 +31,19 @@ def token_tensors(op: str, primary_name: str, primary, others: dict, mask, *, pe
     bool mask and device."""
     V.float_tensor(op, primary_name, primary, ndim=2)
     shape, dtype, device = primary.shape, primary.dtype, primary.device
-    # The usual call: companions of the primary's dtype, shape and device, a bool mask of
-    # the shape (or none), all contiguous.  They pass every check below as they are.
+    # The usual call: companions of the primary's dtype, shape (or [B] where per row) and
+    # device, a bool mask of the shape (or none), all contiguous.  They pass every check
+    # below as they are.
     if (mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == shape
                          and mask.device == device and mask.is_contiguous())) and primary.is_contiguous():
         for name, value in others.items():
             if value is None:
                 if name in required:
                     break
-            elif not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == shape
-                      and value.device == device and value.is_contiguous()):
+            elif not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.device == device
+                      and (value.shape == shape or (name in per_row and value.dim() == 1
+                                                    and value.shape[0] == shape[0]))
+                      and value.is_contiguous()):
                 break
         else:
             return [primary, *others.values()], mask, device
