@@ -111,6 +111,7 @@ struct Piece {
   int64_t r0, r1, c0, c1;
   std::string agg;
   std::vector<double> coefficients;
+  bool all_valid = false;     // known to have no masked token (counted pieces)
   at::Tensor scale;           // undefined: none, or see `number`
   std::optional<double> number;
 };
@@ -149,7 +150,12 @@ std::vector<Piece> counted_pieces(const at::Tensor& valid, int64_t chunk, const 
   std::vector<Piece> out;
   if (T <= chunk) {
     const int64_t rows = std::max<int64_t>(1, chunk / std::max<int64_t>(T, 1));
-    for (int64_t r0 = 0; r0 < B; r0 += rows) out.push_back({r0, std::min(r0 + rows, B), 0, T, agg, coefficients});
+    for (int64_t r0 = 0; r0 < B; r0 += rows) {
+      const int64_t r1 = std::min(r0 + rows, B);
+      int64_t valid_tokens = 0;
+      for (int64_t b = r0; b < r1; ++b) valid_tokens += counts[b];
+      out.push_back({r0, r1, 0, T, agg, coefficients, valid_tokens == (r1 - r0) * T});
+    }
     return out;
   }
   for (int64_t b = 0; b < B; ++b) {
@@ -161,7 +167,7 @@ std::vector<Piece> counted_pieces(const at::Tensor& valid, int64_t chunk, const 
       piece_coefficients[kSeqs] = coefficients[kSeqs] * static_cast<double>(counts[b]);
     }
     for (int64_t c0 = 0; c0 < T; c0 += chunk) {
-      out.push_back({b, b + 1, c0, std::min(c0 + chunk, T), piece_agg, piece_coefficients});
+      out.push_back({b, b + 1, c0, std::min(c0 + chunk, T), piece_agg, piece_coefficients, counts[b] == T});
     }
   }
   return out;
@@ -309,6 +315,11 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
                                             : counted_pieces(valid, chunk, agg_name, coefficient_list);
   // float64 totals from the first piece on: loss, tokens, stats x tokens, ratio max, entropy sum
   at::Tensor loss, tokens, sums, ratio_max, entropy_sum;
+  // One float32 piece needs no totals: they would give its own loss and stats back, bit for
+  // bit (a float32 stat s times an integer count n <= 2^29 is exact in float64, so
+  // s * n / n == s; and the policy kernels give 0 for the stats of 0 tokens).
+  const bool one_piece = plan.size() == 1 && acc == at::kFloat;
+  at::Tensor piece_loss_f32, piece_stats_f32;
   for (const Piece& piece : plan) {
     const bool whole = piece.r0 == 0 && piece.r1 == B && piece.c0 == 0 && piece.c1 == T;  // no slicing
     const at::Tensor piece_valid = whole ? valid : valid.slice(0, piece.r0, piece.r1).slice(1, piece.c0, piece.c1);
@@ -319,7 +330,8 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
     if (every_token) {
       kept_hidden = flat_hidden.slice(0, span_start, span_stop);
       kept_labels = flat_labels.slice(0, span_start, span_stop);
-      if (!on_device) {  // a masked token's hidden state (NaN, inf) must not reach grad weight as 0 * NaN
+      // a masked token's hidden state (NaN, inf) must not reach grad weight as 0 * NaN
+      if (!on_device && !piece.all_valid) {
         kept_hidden = at::where(piece_valid.reshape({-1, 1}), kept_hidden, 0);
       }
     } else {
@@ -356,7 +368,12 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
         k.policy.call(logprobs, *cut(old_logprobs, piece, whole), *cut(advantages, piece, whole), piece_valid,
                       cut(weights, piece, whole), cut(ref_logprobs, piece, whole), piece.coefficients, kl, piece.agg,
                       any_grad);
-    at::Tensor piece_loss64 = piece_loss.to(at::kDouble);
+    const bool scaled = piece.scale.defined() || piece.number.has_value();
+    if (one_piece) {
+      piece_loss_f32 = piece_loss;
+      piece_stats_f32 = piece_stats;
+    }
+    at::Tensor piece_loss64 = !one_piece || scaled || with_entropy ? piece_loss.to(at::kDouble) : at::Tensor();
     if (piece.scale.defined()) {  // the batch's normalisation, as a device tensor
       row_scale = row_scale * piece.scale.to(row_scale.scalar_type());
       piece_loss64 = piece_loss64 * piece.scale;
@@ -364,18 +381,26 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
       row_scale = row_scale * *piece.number;
       piece_loss64 = piece_loss64 * *piece.number;
     }
-    piece_stats = piece_stats.to(at::kDouble);
-    const at::Tensor count = piece_stats.select(0, -1);
-    const at::Tensor piece_ratio_max = piece_stats.select(0, kRatioMaxSlot);
-    loss = accumulate(loss, piece_loss64);
-    if (with_entropy) {
-      loss = loss - (row_scale.to(at::kDouble) * entropy.to(at::kDouble).sum(-1)).sum() * entropy_coef;
+    if (one_piece) {
+      if (piece_loss64.defined()) loss = piece_loss64;
+      if (with_entropy) {
+        loss = loss - (row_scale.to(at::kDouble) * entropy.to(at::kDouble).sum(-1)).sum() * entropy_coef;
+        entropy_sum = entropy.to(at::kDouble).sum();
+      }
+    } else {
+      piece_stats = piece_stats.to(at::kDouble);
+      const at::Tensor count = piece_stats.select(0, -1);
+      const at::Tensor piece_ratio_max = piece_stats.select(0, kRatioMaxSlot);
+      loss = accumulate(loss, piece_loss64);
+      if (with_entropy) {
+        loss = loss - (row_scale.to(at::kDouble) * entropy.to(at::kDouble).sum(-1)).sum() * entropy_coef;
+      }
+      tokens = accumulate(tokens, count);
+      sums = accumulate(sums, piece_stats.slice(0, 0, -1) * count);
+      // ratios are >= 0 (or NaN, which maximum keeps), as the 0 the totals start from
+      ratio_max = ratio_max.defined() ? at::maximum(ratio_max, piece_ratio_max) : piece_ratio_max;
+      if (with_entropy) entropy_sum = accumulate(entropy_sum, entropy.to(at::kDouble).sum());
     }
-    tokens = accumulate(tokens, count);
-    sums = accumulate(sums, piece_stats.slice(0, 0, -1) * count);
-    // ratios are >= 0 (or NaN, which maximum keeps), as the 0 the totals start from
-    ratio_max = ratio_max.defined() ? at::maximum(ratio_max, piece_ratio_max) : piece_ratio_max;
-    if (with_entropy) entropy_sum = accumulate(entropy_sum, entropy.to(at::kDouble).sum());
     if (n == 0 || !any_grad) continue;
     // the kept tokens' values, in the order of the rows of logits
     const auto kept_values = [&](const at::Tensor& t) {
@@ -404,17 +429,27 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
     }
     if (needs_bias) grad_bias.add_(logits.sum(0, false, at::kFloat));
   }
-  if (!loss.defined()) {  // no piece: an empty batch, or no valid token in any row
-    const at::Tensor zero = at::zeros({}, f64);
-    loss = tokens = ratio_max = zero;
-    sums = at::zeros({kRatioMaxSlot + 2}, f64);
+  at::Tensor stats;
+  if (one_piece) {
+    stats = at::constant_pad_nd(piece_stats_f32, {0, 1}, 0);  // the entropy slot
+    if (with_entropy) {
+      const at::Tensor count = piece_stats_f32.select(0, -1).to(at::kDouble);
+      stats.select(0, -1).copy_(at::where(count.gt(0), entropy_sum / count.clamp_min(1), 0));
+    }
+    if (!loss.defined()) loss = piece_loss_f32;
+  } else {
+    if (!loss.defined()) {  // no piece: an empty batch, or no valid token in any row
+      const at::Tensor zero = at::zeros({}, f64);
+      loss = tokens = ratio_max = zero;
+      sums = at::zeros({kRatioMaxSlot + 2}, f64);
+    }
+    const at::Tensor any_tokens = tokens.gt(0);
+    const at::Tensor means = at::where(any_tokens, sums / tokens.clamp_min(1), 0);
+    means.select(0, kRatioMaxSlot).copy_(ratio_max);
+    const at::Tensor entropy_mean =
+        entropy_sum.defined() ? at::where(any_tokens, entropy_sum / tokens.clamp_min(1), 0) : at::zeros({}, f64);
+    stats = at::cat({means, tokens.reshape({1}), entropy_mean.reshape({1})}).to(acc);
   }
-  const at::Tensor any_tokens = tokens.gt(0);
-  const at::Tensor means = at::where(any_tokens, sums / tokens.clamp_min(1), 0);
-  means.select(0, kRatioMaxSlot).copy_(ratio_max);
-  const at::Tensor entropy_mean =
-      entropy_sum.defined() ? at::where(any_tokens, entropy_sum / tokens.clamp_min(1), 0) : at::zeros({}, f64);
-  const at::Tensor stats = at::cat({means, tokens.reshape({1}), entropy_mean.reshape({1})}).to(acc);
   if (needs_weight && !grad_weight.defined()) {  // no token reached the lm-head
     grad_weight = at::zeros_like(weight);
   } else if (needs_weight && wide) {

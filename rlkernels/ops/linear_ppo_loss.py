@@ -94,13 +94,16 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     valid = V.binary_mask(op, "mask", mask, labels.shape, device)
     if valid is not None:
         # Masked tokens need no logits: give them the ignored label.
-        labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
-    labels = L.labels_for(op, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
+        labels = torch.where(valid, labels, ignore_index)
+    chosen = L.choose_backend(op, backend, device, hidden.dtype)
+    # The CPU row kernel checks the label range in its own pass (csrc/cpu/logprobs.cpp) and
+    # sees every label that is not ignore_index: its error becomes label_range's below.
+    labels = L.labels_for(op, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden",
+                          check_range=chosen != "cpu")
     _token_loss.unused_companion(op, "ref_logprobs", ref_logprobs, "labels", labels)
     valid = labels != ignore_index
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be an int >= 1, got {chunk_size!r}")
-    chosen = L.choose_backend(op, backend, device, hidden.dtype)
     if chosen == "reference":
         return _composed(hidden, weight, labels, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs,
                          beta=beta, kl=kl, entropy_coef=entropy_coef, temperature=temperature, bias=bias,
@@ -131,10 +134,15 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     vocab = weight.shape[0]
     chunk = _chunked.chunk_rows(B * T, vocab, chunk_size)
     pieces = _ppo_pieces.mode(valid, B * T * vocab * H <= _EVERY_TOKEN_MACS)
-    loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss.default(
-        hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
-        ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index, chunk,
-        chosen, needs, pieces)
+    try:
+        loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss.default(
+            hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
+            ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index,
+            chunk, chosen, needs, pieces)
+    except RuntimeError:
+        if chosen == "cpu":  # the row kernel's label check: raise the public ValueError instead
+            L.label_range(op, labels, weight.shape[0], ignore_index)
+        raise
     return loss, _token_loss.stats_dict(STATS, stats)
 
 
