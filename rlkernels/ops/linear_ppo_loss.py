@@ -1,17 +1,21 @@
 """rlkernels.linear_ppo_loss: from the last hidden states and the lm-head straight to
-the PPO/GRPO loss, in one sweep over token chunks that never holds the [N, V]
+the PPO/GRPO loss, in one sweep over token pieces that never holds the [N, V]
 logits and computes the gradients on the way.
 
-For each chunk: logits = hidden @ weight.T (+ bias) into one reused buffer; the
-fused log-softmax row kernel (rlkernels::logprobs) gives log-probs, entropies and
-softmax statistics; the fused policy op (rlkernels::policy_loss) gives the chunk's
-share of the loss, its statistics and d loss / d log-prob (the aggregation only
-needs the batch's token and sequence counts: read from the mask up front, or kept on
-the device on CUDA, _ppo_pieces.py); the
-row kernel's in-place backward turns the logits into d loss / d logits, and two
-matmuls add the chunk's gradients for hidden and weight.  Three matmuls in all,
-as many as the composed forward and backward; backward only scales the stored
-gradients by the incoming one.  Chunks are whole rows when a row fits the
+This module is the front end (argument checks naming the argument, the reference
+path, the fake kernel); the sweep is the C++ op rlkernels::linear_policy_loss
+(csrc/lm_head/linear_policy_loss.cpp, one device-generic body over ATen ops and the
+dispatcher) with its autograd in C++ (csrc/autograd/linear_policy_loss.cpp).  For each
+piece: logits = hidden @ weight.T (+ bias) into one reused buffer, on the row blocks of
+_chunked.row_logits (so the log-probs are linear_logprobs' bits); the fused log-softmax
+row kernel (rlkernels::logprobs) gives log-probs, entropies and softmax statistics; the
+fused policy op (rlkernels::policy_loss) gives the piece's share of the loss, its
+statistics and d loss / d log-prob (the aggregation only needs the batch's token and
+sequence counts: read from the mask up front, or kept on the device on CUDA,
+_ppo_pieces.py); the row kernel's in-place backward turns the logits into d loss /
+d logits, and two matmuls add the piece's gradients for hidden and weight.  Three
+matmuls in all, as many as the composed forward and backward; backward only scales the
+stored gradients by the incoming one.  Pieces are whole rows when a row fits the
 budget, else segments of one row (the loss's per-row normalisers stay exact)."""
 from __future__ import annotations
 
@@ -110,20 +114,26 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                          clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                          log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
                          norm_length=norm_length, weights=weights, ignore_index=ignore_index)
-    # Validate and promote the token tensors the way ppo_loss does (on a float32 stand-in
-    # for the log-probs), and the scalars into the policy op's coefficients.
+    # Validate and promote the token tensors the way ppo_loss does, and the scalars into the
+    # policy op's coefficients.
     clip_low = V.number(op, "clip_low", clip_low, low=0.0, high=1.0, low_open=True, high_open=True)
     clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
     if dual_clip is not None:
         dual_clip = V.number(op, "dual_clip", dual_clip, low=1.0, low_open=True)
     log_ratio_clamp = _token_loss.optional_positive(op, "log_ratio_clamp", log_ratio_clamp, finite=False)
     num_tokens, num_seqs, norm_length = _token_loss.normalisers(op, agg, num_tokens, num_seqs, norm_length)
-    stand_in = torch.empty(labels.shape, dtype=torch.float32, device=device)
-    (_, old_logprobs, advantages, weights, ref_logprobs), _, _ = _token_loss.token_tensors(
-        op, "logprobs", stand_in,
-        {"old_logprobs": old_logprobs, "advantages": advantages, "weights": weights,
-         "ref_logprobs": ref_logprobs if beta > 0 else None},
-        None, per_row=("advantages",), required=("old_logprobs", "advantages"))
+    # (old_logprobs leads: the log-probs themselves are float32, or float64 with a float64
+    # token tensor, so the promoted dtype only tells float64 from the rest)
+    V.float_tensor(op, "old_logprobs", old_logprobs, ndim=2)
+    if old_logprobs.shape != labels.shape:
+        raise ValueError(f"{op}: old_logprobs must have the shape of labels {tuple(labels.shape)}, "
+                         f"got {tuple(old_logprobs.shape)}")
+    if old_logprobs.device != device:
+        raise ValueError(f"{op}: old_logprobs is on {old_logprobs.device} but hidden is on {device}")
+    (old_logprobs, advantages, weights, ref_logprobs), _, _ = _token_loss.token_tensors(
+        op, "old_logprobs", old_logprobs,
+        {"advantages": advantages, "weights": weights, "ref_logprobs": ref_logprobs if beta > 0 else None},
+        None, per_row=("advantages",), required=("advantages",))
     token_dtype = torch.float32 if old_logprobs.dtype != torch.float64 else torch.float64
     old_logprobs, advantages, weights, ref_logprobs = (
         None if t is None else V.as_dtype(t, token_dtype) for t in (old_logprobs, advantages, weights, ref_logprobs))
