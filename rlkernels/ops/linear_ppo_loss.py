@@ -33,6 +33,9 @@ __all__ = ["linear_ppo_loss"]
 
 _OP = "linear_ppo_loss"
 STATS = POLICY_STATS + ("entropy",)
+# Below this many multiply-adds of the lm-head (B * T * V * H), masked tokens go through
+# it: dropping them costs a gather, two scatters and a host read (tens of microseconds).
+_EVERY_TOKEN_MACS = 1 << 20
 
 
 def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
@@ -83,7 +86,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
             norm_length=norm_length, weights=weights)
     op = linear_ppo_loss.__name__
-    L.lm_head(op, hidden, weight, bias, hidden_ndim=3)
+    device = L.lm_head(op, hidden, weight, bias, hidden_ndim=3)
     beta = V.number(op, "beta", beta, low=0.0, finite=True)
     entropy_coef = V.number(op, "entropy_coef", entropy_coef, finite=True)
     V.choice(op, "kl", kl, KL_ESTIMATORS)
@@ -92,7 +95,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     V.tensor(op, "labels", labels, ndim=2)
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"{op}: labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
-    device = V.same_device(op, hidden=hidden, weight=weight, bias=bias, labels=labels)
+    if labels.device != device:
+        raise ValueError(f"{op}: labels is on {labels.device} but hidden is on {device}")
     ignore_index = L.index(op, "ignore_index", ignore_index)
     temperature = L.temperature(op, temperature)
     valid = V.binary_mask(op, "mask", mask, labels.shape, device)
@@ -145,7 +149,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     chunk = _chunked.chunk_rows(B * T, vocab, chunk_size)
     pieces = _ppo_pieces.mode(valid, B * T * vocab * H <= _EVERY_TOKEN_MACS)
     try:
-        loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss.default(
+        loss, stats, _, _, _ = _SWEEP(
             hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
             ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index,
             chunk, chosen, needs, pieces)
@@ -195,9 +199,7 @@ def loss_from_logprobs(op, logprobs, entropy, old_logprobs, advantages, valid, *
 
 # ---- the op: one sweep over pieces, gradients included (C++) ---------------------------------
 
-# Below this many multiply-adds of the lm-head (B * T * V * H), masked tokens go through
-# it: dropping them costs a gather, two scatters and a host read (tens of microseconds).
-_EVERY_TOKEN_MACS = 1 << 20
+_SWEEP = torch.ops.rlkernels.linear_policy_loss.default
 
 
 @register_fake("rlkernels::linear_policy_loss")
