@@ -29,6 +29,14 @@ TORCH_LIBRARY(rlkernels, m) {
         "bool need_grad) -> (Tensor loss, Tensor stats, Tensor grad, Tensor row_scale)");
   // Their backward: grad[b, t] * grad_loss * row_scale[b], in `dtype`.
   m.def("scale_rows(Tensor grad, Tensor row_scale, Tensor grad_loss, ScalarType dtype) -> Tensor");
+  // linear_ppo_loss' sweep (csrc/lm_head/linear_policy_loss.cpp): the loss, its stats
+  // (policy_loss' and the entropy mean) and the gradients of hidden, weight and bias for
+  // d loss = 1 (empty where `needs` is False), which its backward scales.  pieces:
+  // "counted", "counted-valid" or "device" (rlkernels/ops/_ppo_pieces.py).
+  m.def("linear_policy_loss(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor old_logprobs, "
+        "Tensor advantages, Tensor valid, Tensor? weights, Tensor? ref_logprobs, float[] coefficients, str kl, "
+        "str agg, float entropy_coef, float temperature, int ignore_index, int chunk, str backend, bool[] needs, "
+        "str pieces) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Preference losses over per-sequence log-probs; dlogits (d loss / d z per
   // pair) is saved for backward.  sequence_logprobs: masked per-row sums (or
   // means with average) and the rows' valid-token counts.

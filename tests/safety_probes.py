@@ -118,7 +118,7 @@ def _samples() -> dict[str, Sample]:
         out[f"linear_policy_loss/{backend}"] = Sample(
             [hidden.reshape(B, T, 4), weight, token_labels.reshape(B, T), torch.randn(V), tokens[0], tokens[1],
              _mask(B, T), torch.rand(B, T), tokens[2], policy_coef, "k3", "token-mean", 0.01, 1.0, -100, 4,
-             backend, [True, True, True]],
+             backend, [True, True, True], "counted"],
             free=("hidden", "weight"), ids={"labels": out_of_vocab}, matmul=("hidden", "weight"))
     return out
 

@@ -9,8 +9,9 @@ A CPU-only torch needs a CUDA device guard for Python indexing of fake CUDA tens
 (tests/fake_cuda.py registers c10's fake one), and autograd's engine cannot run on
 them at all, so the backward is driven by hand: every torch.ops.rlkernels
 call of the forward is recorded, and its registered setup_context and backward run on
-fake gradients.  The bodies of the Python-defined ops (linear_logprobs and its backward,
-linear_policy_loss) run as well, not only their fake kernels."""
+fake gradients.  The bodies of the composite ops (linear_logprobs and its backward, Python;
+linear_policy_loss, C++ over ATen ops and the dispatcher) run as well, not only their fake
+kernels."""
 from __future__ import annotations
 
 import importlib
@@ -32,15 +33,42 @@ from rlkernels.ops import _registry
 
 # (the package's attributes of these names are the functions: import the modules)
 _lin = importlib.import_module("rlkernels.ops.linear_logprobs")
-_lpl = importlib.import_module("rlkernels.ops.linear_ppo_loss")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PUBLIC = sorted(rlkernels.ops.__all__)
-# The ops defined in Python (torch.library.custom_op): their bodies, run on the fake tensors too.
-BODIES = {"linear_logprobs": _lin._linear_logprobs, "linear_logprobs_backward": _lin._linear_logprobs_backward,
-          "linear_policy_loss": _lpl._linear_policy_loss}
-CUSTOM_AUTOGRAD = {"linear_logprobs": _lin, "linear_policy_loss": _lpl}
+
+
+def _cuda_kernel(name):
+    """The CUDA kernel of the C++ op `name` called directly (below its fake kernel): a
+    device-generic body over ATen ops, so on fake tensors every op it runs is faked, and
+    a host read of data raises."""
+    overload = getattr(torch.ops.rlkernels, name).default
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return lambda *args, **kwargs: overload.redispatch(keyset, *args, **kwargs)
+
+
+# The composite ops: their bodies, run on the fake tensors too.
+BODIES = {"linear_logprobs": _lin._linear_logprobs._init_fn,
+          "linear_logprobs_backward": _lin._linear_logprobs_backward._init_fn,
+          "linear_policy_loss": _cuda_kernel("linear_policy_loss")}
+
+
+class _LinearPolicyLossAutograd:
+    """What linear_policy_loss' C++ autograd (csrc/autograd/linear_policy_loss.cpp) does on
+    CUDA, as a setup_context and backward this test can drive: the stored gradients scaled
+    out of place."""
+
+    @staticmethod
+    def _setup_context(ctx, inputs, output):
+        ctx.outputs = output
+
+    @staticmethod
+    def _backward(ctx, grad_loss, *_unused):
+        return tuple(saved * grad_loss.to(saved.dtype) for saved in ctx.outputs[2:])
+
+
+CUSTOM_AUTOGRAD = {"linear_logprobs": _lin, "linear_policy_loss": _LinearPolicyLossAutograd}
 SUFFIX = _registry.TWIN_SUFFIX
 
 
@@ -158,7 +186,7 @@ def _run_fake(name: str, backend: str) -> tuple[int, list]:
             backwards = _backward(recorder.calls)
         for op, args, kwargs, _ in recorder.calls:
             if op in BODIES:
-                BODIES[op]._init_fn(*args, **kwargs)
+                BODIES[op](*args, **kwargs)
     return backwards, [(tuple(t.shape), t.dtype) for t in outputs]
 
 

@@ -9,7 +9,6 @@ import torch
 
 import rlkernels
 from rlkernels import reference
-from rlkernels.ops import _chunked
 from rlkernels.reference._token_loss import aggregate
 from support import scaled_close
 
@@ -124,8 +123,10 @@ def test_linear_ppo_loss_opcheck_and_compile():
     valid = labels != -100
     sample = (hidden.requires_grad_(), weight.requires_grad_(), labels, bias, old, adv, valid, None, ref,
               [0.2, 0.2, 3.0, 20.0, 0.1, -1.0, -1.0, -1.0], "k3", "token-mean", 0.01, 1.0, -100, 4, "cpu",
-              [True, True, False])
+              [True, True, False], "counted")
     torch.library.opcheck(torch.ops.rlkernels.linear_policy_loss.default, sample)
+    for pieces in ("counted-valid", "device"):
+        torch.library.opcheck(torch.ops.rlkernels.linear_policy_loss.default, sample[:-1] + (pieces,))
 
     @torch.compile(fullgraph=True, backend="eager")
     def step(h, w):
@@ -155,23 +156,19 @@ def test_linear_ppo_loss_backward_twice():
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.02])
 @pytest.mark.parametrize("chunk_size", [None, 4])
-def test_linear_ppo_loss_eager_path_equals_the_op(monkeypatch, entropy_coef, chunk_size):
-    """Eager calls run the op's body under a torch.autograd.Function (_chunked.eager);
-    the custom op (what torch.compile and fake tensors get) gives the same bits."""
+def test_linear_ppo_loss_grad_mode_keeps_the_bits(entropy_coef, chunk_size):
+    """The op's C++ autograd (gradients wanted) and the plain op (no_grad) give the same
+    loss and stats bits; backward hands over the gradients the forward computed, scaled."""
     hidden, weight, bias, labels, old, adv, mask, ref = problem(3, 7, 16, 50, torch.float32, "cpu")
-    results = []
-    for eager in (True, False):
-        monkeypatch.setattr(_chunked, "eager", lambda *tensors, eager=eager: eager)
-        params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        loss, stats = rlkernels.linear_ppo_loss(params[0], params[1], labels, old, adv, mask, bias=params[2],
-                                                ref_logprobs=ref, beta=0.05, entropy_coef=entropy_coef,
-                                                chunk_size=chunk_size)
-        grads = torch.autograd.grad(loss * 2.0, params)
-        results.append((loss, torch.stack(list(stats.values())), *grads))
-    for eager, op in zip(*results):
-        assert torch.equal(eager, op)
-    # without gradients the body runs as it is, with the same result
+    kw = dict(bias=bias, ref_logprobs=ref, beta=0.05, entropy_coef=entropy_coef, chunk_size=chunk_size)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, stats = rlkernels.linear_ppo_loss(params[0], params[1], labels, old, adv, mask,
+                                            **{**kw, "bias": params[2]})
+    once = torch.autograd.grad(loss, params, retain_graph=True)
+    twice = torch.autograd.grad(loss * 2.0, params)
+    for g1, g2 in zip(once, twice):
+        assert torch.equal(g1 * 2.0, g2)
     with torch.no_grad():
-        loss, _ = rlkernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, bias=bias, ref_logprobs=ref,
-                                            beta=0.05, entropy_coef=entropy_coef, chunk_size=chunk_size)
-    assert torch.equal(loss, results[0][0])
+        plain, plain_stats = rlkernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, **kw)
+    assert torch.equal(loss, plain)
+    assert torch.equal(torch.stack(list(stats.values())), torch.stack(list(plain_stats.values())))
