@@ -47,8 +47,10 @@ def _extension():
 
     sanitize = _sanitizers()
     use_cuda = _want_cuda() and not sanitize
-    # csrc/autograd: the compiled ops' autograd (Autograd dispatch key), for CPU and CUDA alike.
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/autograd/*.cpp")
+    # csrc/autograd: the compiled ops' autograd (Autograd dispatch key), for CPU and CUDA alike;
+    # csrc/lm_head: device-generic op bodies over ATen ops and the dispatcher (CPU and CUDA keys).
+    sources = (_sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/lm_head/*.cpp")
+               + _sources("csrc/autograd/*.cpp"))
     # -fopenmp: ATen's parallel_for is an inline OpenMP region in the header; without
     # the flag it silently runs on one thread.  -fno-trapping-math lets GCC if-convert
     # (and so vectorise) loops with selects around floating-point arithmetic; results

@@ -3,8 +3,10 @@
 // build information.
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <string>
 
+#include "core/lm_head.h"
 #include "core/logprobs.h"
 
 #ifndef RLK_CUDA_ARCHS
@@ -35,6 +37,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["threads"] = at::get_num_threads();
     info["vocab_chunk"] = static_cast<long>(rlk::kVocabChunk);  // the chunk rule's width (core/logprobs.h)
+    info["vocab_block"] = static_cast<long>(rlk::lm_head::kVocabBlock);
+    info["gemm_rows"] = static_cast<long>(rlk::lm_head::kGemmRows);
+    info["chunk_bytes"] = static_cast<long>(rlk::lm_head::kChunkBytes);
     return info;
   });
+  // The lm-head tile rules (core/lm_head.h), for the Python compositions (ops/_chunked.py).
+  m.def("chunk_rows", &rlk::lm_head::chunk_rows, py::arg("n"), py::arg("vocab"), py::arg("chunk_size"),
+        py::arg("budget"));
+  m.def("lm_head_tiles", &rlk::lm_head::tiles, py::arg("n"), py::arg("vocab"), py::arg("budget"));
 }

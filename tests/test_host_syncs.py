@@ -9,8 +9,9 @@ A CPU-only torch needs a CUDA device guard for Python indexing of fake CUDA tens
 (tests/fake_cuda.py registers c10's fake one), and autograd's engine cannot run on
 them at all, so the backward is driven by hand: every torch.ops.rlkernels
 call of the forward is recorded, and its registered setup_context and backward run on
-fake gradients.  The bodies of the Python-defined ops (linear_logprobs and its backward,
-linear_policy_loss) run as well, not only their fake kernels."""
+fake gradients.  The bodies of the composite ops (linear_logprobs and its backward, C++
+over ATen ops and the dispatcher; linear_policy_loss, Python) run as well, not only their
+fake kernels."""
 from __future__ import annotations
 
 import importlib
@@ -31,16 +32,48 @@ from rlkernels import _library
 from rlkernels.ops import _registry
 
 # (the package's attributes of these names are the functions: import the modules)
-_lin = importlib.import_module("rlkernels.ops.linear_logprobs")
 _lpl = importlib.import_module("rlkernels.ops.linear_ppo_loss")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PUBLIC = sorted(rlkernels.ops.__all__)
-# The ops defined in Python (torch.library.custom_op): their bodies, run on the fake tensors too.
-BODIES = {"linear_logprobs": _lin._linear_logprobs, "linear_logprobs_backward": _lin._linear_logprobs_backward,
-          "linear_policy_loss": _lpl._linear_policy_loss}
-CUSTOM_AUTOGRAD = {"linear_logprobs": _lin, "linear_policy_loss": _lpl}
+
+
+def _cuda_kernel(name):
+    """The CUDA kernel of the C++ op `name` called directly (below its fake kernel): a
+    device-generic body over ATen ops, so on fake tensors every op it runs is faked, and
+    a host read of data raises."""
+    overload = getattr(torch.ops.rlkernels, name).default
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return lambda *args, **kwargs: overload.redispatch(keyset, *args, **kwargs)
+
+
+# The composite ops: their bodies, run on the fake tensors too.
+BODIES = {"linear_logprobs": _cuda_kernel("linear_logprobs"),
+          "linear_logprobs_backward": _cuda_kernel("linear_logprobs_backward"),
+          "linear_policy_loss": _lpl._linear_policy_loss._init_fn}
+
+
+class _LinearLogprobsAutograd:
+    """What linear_logprobs' C++ autograd (csrc/autograd/linear_logprobs.cpp) does, as a
+    setup_context and backward this test can drive: the backward op on the saved tensors."""
+
+    @staticmethod
+    def _setup_context(ctx, inputs, output):
+        ctx.inputs, ctx.outputs = inputs, output
+
+    @staticmethod
+    def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
+        (hidden, weight, labels, bias, temperature, ignore_index, with_entropy, _, tile_tokens, tile_vocab, budget,
+         drop_ignored, backend) = ctx.inputs
+        _, entropies, saved, _ = ctx.outputs
+        return torch.ops.rlkernels.linear_logprobs_backward(
+            grad_logprobs, grad_entropy if with_entropy else None, hidden, weight, labels, bias, saved, entropies,
+            temperature, ignore_index, tile_tokens, tile_vocab, budget, drop_ignored, backend, True, True,
+            bias is not None)
+
+
+CUSTOM_AUTOGRAD = {"linear_logprobs": _LinearLogprobsAutograd, "linear_policy_loss": _lpl}
 SUFFIX = _registry.TWIN_SUFFIX
 
 
@@ -158,7 +191,7 @@ def _run_fake(name: str, backend: str) -> tuple[int, list]:
             backwards = _backward(recorder.calls)
         for op, args, kwargs, _ in recorder.calls:
             if op in BODIES:
-                BODIES[op]._init_fn(*args, **kwargs)
+                BODIES[op](*args, **kwargs)
     return backwards, [(tuple(t.shape), t.dtype) for t in outputs]
 
 
