@@ -130,10 +130,11 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     coefficients = [clip_low, clip_high, _token_loss.off_or(dual_clip), _token_loss.off_or(log_ratio_clamp), beta,
                     _token_loss.count_or(num_tokens), _token_loss.count_or(num_seqs), _token_loss.count_or(norm_length)]
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    chunk = _chunked.chunk_rows(labels.numel(), weight.shape[0], chunk_size)
+    # the chunk rows come from the tile rule (C++, csrc/core/lm_head.h) inside the op's body,
+    # which torch.compile does not trace: 0 asks for the budget's
     args = (hidden.contiguous(), weight.contiguous(), labels, bias, old_logprobs, advantages, valid, weights,
             ref_logprobs, coefficients, kl if beta > 0 else "none", agg, entropy_coef, temperature, ignore_index,
-            chunk, chosen, needs)
+            chunk_size or 0, chosen, needs)
     if not _chunked.eager(hidden, weight, bias, labels, old_logprobs, advantages, valid, weights, ref_logprobs):
         loss, stats, _, _, _ = torch.ops.rlkernels.linear_policy_loss(*args)
     elif any(needs):
@@ -227,19 +228,21 @@ def _linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                         bias: Optional[torch.Tensor], old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         valid: torch.Tensor, weights: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor],
                         coefficients: list[float], kl: str, agg: str, entropy_coef: float, temperature: float,
-                        ignore_index: int, chunk: int, backend: str, needs: list[bool]
+                        ignore_index: int, chunk_size: int, backend: str, needs: list[bool]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, coefficients,
-                  kl, agg, entropy_coef, temperature, ignore_index, chunk, backend, needs)
+                  kl, agg, entropy_coef, temperature, ignore_index, chunk_size, backend, needs)
 
 
 def _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, coefficients, kl, agg,
-           entropy_coef, temperature, ignore_index, chunk, backend, needs):
-    """The op's body: (loss, stats, grad_hidden, grad_weight, grad_bias)."""
+           entropy_coef, temperature, ignore_index, chunk_size, backend, needs):
+    """The op's body: (loss, stats, grad_hidden, grad_weight, grad_bias); chunk_size 0: the
+    chunk rows from the budget."""
     _check_op_args(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs, needs)
     row_forward, row_backward_inplace, policy = _kernels(backend)
     B, T, H = hidden.shape
     vocab = weight.shape[0]
+    chunk = _chunked.chunk_rows(B * T, vocab, chunk_size or None)
     needs_hidden, needs_weight, needs_bias = needs[0], needs[1], needs[2] and bias is not None
     any_grad = needs_hidden or needs_weight or needs_bias
     with_entropy = entropy_coef != 0.0
@@ -355,7 +358,8 @@ def _sweep(hidden, weight, labels, bias, old_logprobs, advantages, valid, weight
 
 @register_fake("rlkernels::linear_policy_loss")
 def _linear_policy_loss_fake(hidden, weight, labels, bias, old_logprobs, advantages, valid, weights, ref_logprobs,
-                             coefficients, kl, agg, entropy_coef, temperature, ignore_index, chunk, backend, needs):
+                             coefficients, kl, agg, entropy_coef, temperature, ignore_index, chunk_size, backend,
+                             needs):
     acc = old_logprobs.dtype
     needs_bias = needs[2] and bias is not None
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((len(STATS),), dtype=acc),
