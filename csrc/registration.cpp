@@ -54,8 +54,9 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("logprobs_vocab_tile(Tensor logits, Tensor labels, Tensor(a!) state, float temperature, int ignore_index, "
         "int vocab_start, bool with_entropy, bool finish) -> ()");
   // Log-probs (and entropy) straight from hidden states and the lm-head, the [N, V] logits
-  // one tile at a time (csrc/lm_head/linear_logprobs.cpp).  Outputs: log-probs, entropies,
-  // the row statistics the backward keeps ([N, 2]) and is_top1.  tile_tokens/tile_vocab 0:
+  // one tile at a time (csrc/lm_head/linear_logprobs.cpp).  hidden [..., H], labels [...]
+  // (N tokens); outputs of labels' shape: log-probs, entropies ([0] without with_entropy),
+  // the row statistics the backward keeps ([N, 2]) and is_top1 ([0] without with_top1).  tile_tokens/tile_vocab 0:
   // from the budget (csrc/core/lm_head.h); drop_ignored: the op may read the labels on the
   // host to drop ignored rows (rlkernels._checkmode.reads_data); backend: the tile kernels'
   // ("cpu", "cuda" or "triton").  The backward recomputes the tiles (its autograd hands it

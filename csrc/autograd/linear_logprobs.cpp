@@ -103,10 +103,12 @@ struct LinearLogprobs : public torch::autograd::Function<LinearLogprobs> {
     const at::Tensor& entropies = saved_tensors[5];
     const double temperature = ctx->saved_data["temperature"].toDouble();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const c10::SymInt N = hidden.sym_size(0);
-    const at::Tensor grad_logprobs = grads[0].defined() ? grads[0].to(at::kFloat).contiguous()
-                                                        : at::zeros_symint({N}, hidden.options().dtype(at::kFloat));
-    const bool with_entropy = grads[1].defined() && entropies.sym_size(0) == N && N > 0;
+    // (log-probs and entropies have labels' shape, entropies [0] without entropy)
+    const c10::SymInt N = labels.sym_numel();
+    const at::Tensor grad_logprobs =
+        grads[0].defined() ? grads[0].to(at::kFloat).contiguous()
+                           : at::zeros_symint(labels.sym_sizes(), hidden.options().dtype(at::kFloat));
+    const bool with_entropy = grads[1].defined() && entropies.sym_numel() == N && N > 0;
     std::optional<at::Tensor> grad_entropy;
     if (with_entropy) grad_entropy = grads[1].to(at::kFloat).contiguous();
     if (recording()) {

@@ -45,23 +45,41 @@ c10::TypedOperatorHandle<BackwardInplaceSig> backward_inplace_op(c10::string_vie
   return compiled;
 }
 
-// Indices of the rows whose label is not ignore_index, or nullopt when all are kept
-// (or when the caller may not read the labels: drop_ignored is False on CUDA outside
-// the checked mode, rlkernels._checkmode.reads_data).  Ignored rows then go through the
-// matmuls and the kernels give them 0 and no gradient.
-std::optional<at::Tensor> kept_rows(const at::Tensor& labels, int64_t ignore_index, bool drop_ignored) {
-  if (!drop_ignored) return std::nullopt;
+// The ValueError of a label outside [0, vocab) that is not ignore_index, naming the first
+// (the public function's message, rlkernels/ops/_logits.py label_range).
+[[noreturn]] void bad_label(int64_t vocab, int64_t ignore_index, int64_t value, int64_t where) {
+  TORCH_CHECK_VALUE(false, "linear_logprobs: labels must lie in [0, ", vocab, ") or equal ignore_index=", ignore_index,
+                    "; got ", value, " at flat index ", where);
+}
+
+// Indices of the rows whose label is not ignore_index, or nullopt when all are kept.  With
+// drop_ignored false (CUDA outside the checked mode, torch.compile: the caller may not read
+// the labels on the host, rlkernels._checkmode.reads_data) every row is kept: ignored rows
+// go through the matmuls and the kernels give them 0 and no gradient.  Where the labels
+// are read, their range is checked in the same pass (the public function leaves it here).
+std::optional<at::Tensor> kept_rows(const at::Tensor& labels, int64_t ignore_index, int64_t vocab,
+                                    bool drop_ignored) {
+  if (!drop_ignored || labels.numel() == 0) return std::nullopt;
   const bool direct = labels.is_cpu() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                       !labels.unsafeGetTensorImpl()->is_python_dispatch();
-  if (!direct) {  // (fake tensors in the checked mode land here, and raise at the read)
+  if (!direct) {  // (fake tensors in the checked mode land here, and raise at the first read)
     const at::Tensor keep = labels.ne(ignore_index);
+    const at::Tensor bad = keep.logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
+    if (bad.any().item<bool>()) {
+      const int64_t where = bad.flatten().nonzero()[0][0].item<int64_t>();
+      bad_label(vocab, ignore_index, labels.flatten()[where].item<int64_t>(), where);
+    }
     if (keep.all().item<bool>()) return std::nullopt;
     return keep.nonzero().squeeze(1);
   }
   const int64_t* label = labels.const_data_ptr<int64_t>();
   const int64_t n = labels.numel();
   int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) kept += label[i] != ignore_index;
+  for (int64_t i = 0; i < n; ++i) {
+    if (label[i] == ignore_index) continue;
+    if (label[i] < 0 || label[i] >= vocab) bad_label(vocab, ignore_index, label[i], i);
+    ++kept;
+  }
   if (kept == n) return std::nullopt;
   at::Tensor rows = at::empty({kept}, labels.options());
   int64_t* row = rows.data_ptr<int64_t>();
@@ -119,6 +137,20 @@ struct RowChunk {
   }
 };
 
+// hidden [..., H] as [N, H] and labels [...] as [N], N = labels.numel() (hidden's
+// leading shape may hold a 0, where -1 would be ambiguous).
+std::pair<at::Tensor, at::Tensor> flat(const at::Tensor& hidden, const at::Tensor& labels) {
+  const int64_t N = labels.numel();
+  return {hidden.reshape({N, hidden.size(-1)}), labels.reshape({N})};
+}
+
+// A per-token tensor of labels' shape, as [N].
+at::Tensor per_token(const at::Tensor& t, const at::Tensor& labels, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == labels.sizes(), "linear_logprobs_backward: ", name, " must have the labels' shape ",
+                    labels.sizes(), ", got ", t.sizes());
+  return t.reshape({labels.numel()});
+}
+
 std::optional<at::Tensor> pick(const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& rows,
                                int64_t N) {
   if (!rows.has_value() || !t.has_value() || t->size(0) != N) return t;
@@ -132,16 +164,17 @@ at::Tensor pick(const at::Tensor& t, const std::optional<at::Tensor>& rows, int6
 
 }  // namespace
 
-LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& hidden, const at::Tensor& weight,
-                                           const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& lead_hidden, const at::Tensor& weight,
+                                           const at::Tensor& lead_labels, const std::optional<at::Tensor>& bias,
                                            double temperature, int64_t ignore_index, bool with_entropy,
                                            bool with_top1, int64_t tile_tokens, int64_t tile_vocab, int64_t budget,
                                            bool drop_ignored, c10::string_view backend,
                                            std::vector<at::Tensor>* keep) {
   const auto vocab_tile = vocab_tile_op(backend);
+  const auto [hidden, labels] = flat(lead_hidden, lead_labels);
   const int64_t N = hidden.size(0), vocab = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
-  const std::optional<at::Tensor> rows = kept_rows(labels, ignore_index, drop_ignored);
+  const std::optional<at::Tensor> rows = kept_rows(labels, ignore_index, vocab, drop_ignored);
   const at::Tensor kept_hidden = rows ? hidden.index_select(0, *rows) : hidden;
   const at::Tensor kept_labels = rows ? labels.index_select(0, *rows) : labels;
   const int64_t n = kept_hidden.size(0);
@@ -176,11 +209,12 @@ LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& hidden, const at::T
     }
   }
   const at::Tensor no_top1 = at::empty({0}, hidden.options().dtype(at::kBool));
+  const auto lead = lead_labels.sizes();
   if (!rows) {  // every row went through the kernels: the outputs are state's columns (copies)
-    auto column = [&](int64_t c) { return state.select(1, c).clone(at::MemoryFormat::Contiguous); };
+    auto column = [&](int64_t c) { return state.select(1, c).clone(at::MemoryFormat::Contiguous).view(lead); };
     return {column(0), with_entropy ? column(1) : state.new_empty({0}),
             state.slice(1, 2, 4).clone(at::MemoryFormat::Contiguous),
-            with_top1 ? state.select(1, 4).ne(0) : no_top1};
+            with_top1 ? state.select(1, 4).ne(0).view(lead) : no_top1};
   }
   at::Tensor values = at::zeros({N}, f32);
   at::Tensor entropies = at::zeros({with_entropy ? N : 0}, f32);
@@ -190,18 +224,25 @@ LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& hidden, const at::T
   saved.index_copy_(0, *rows, state.slice(1, 2, 4));
   if (with_entropy) entropies.index_copy_(0, *rows, state.select(1, 1));
   if (with_top1) top1.index_copy_(0, *rows, state.select(1, 4).ne(0));
-  return {values, entropies, saved, top1};
+  return {values.view(lead), with_entropy ? entropies.view(lead) : entropies, saved,
+          with_top1 ? top1.view(lead) : top1};
 }
 
 LinearLogprobsGrads linear_logprobs_backward_body(
-    const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
-    const at::Tensor& weight, const at::Tensor& labels, const std::optional<at::Tensor>& bias, const at::Tensor& saved,
-    const at::Tensor& entropies, double temperature, int64_t ignore_index, int64_t tile_tokens, int64_t tile_vocab,
-    int64_t budget, bool drop_ignored, c10::string_view backend, bool needs_hidden, bool needs_weight,
-    bool needs_bias, const std::vector<at::Tensor>* kept) {
+    const at::Tensor& lead_grad_logprobs, const std::optional<at::Tensor>& lead_grad_entropy,
+    const at::Tensor& lead_hidden, const at::Tensor& weight, const at::Tensor& lead_labels,
+    const std::optional<at::Tensor>& bias, const at::Tensor& saved, const at::Tensor& lead_entropies,
+    double temperature, int64_t ignore_index, int64_t tile_tokens, int64_t tile_vocab, int64_t budget,
+    bool drop_ignored, c10::string_view backend, bool needs_hidden, bool needs_weight, bool needs_bias,
+    const std::vector<at::Tensor>* kept) {
   const auto backward_inplace = backward_inplace_op(backend);
-  const std::optional<at::Tensor> rows = kept_rows(labels, ignore_index, drop_ignored);
+  const auto [hidden, labels] = flat(lead_hidden, lead_labels);
+  const at::Tensor grad_logprobs = per_token(lead_grad_logprobs, lead_labels, "grad_logprobs");
+  std::optional<at::Tensor> grad_entropy;
+  if (lead_grad_entropy) grad_entropy = per_token(*lead_grad_entropy, lead_labels, "grad_entropy");
+  const at::Tensor entropies = grad_entropy ? per_token(lead_entropies, lead_labels, "entropies") : lead_entropies;
   const int64_t N = hidden.size(0), vocab = weight.size(0);
+  const std::optional<at::Tensor> rows = kept_rows(labels, ignore_index, vocab, drop_ignored);
   const at::Tensor kept_hidden = pick(hidden, rows, N);
   const at::Tensor kept_labels = pick(labels, rows, N);
   const at::Tensor kept_grad = pick(grad_logprobs, rows, N);
@@ -283,6 +324,7 @@ LinearLogprobsGrads linear_logprobs_backward_body(
     full.index_copy_(0, *rows, grad_hidden);
     grad_hidden = full;
   }
+  if (needs_hidden) grad_hidden = grad_hidden.view(lead_hidden.sizes());
   if (needs_bias) grad_bias = grad_bias.to(bias->scalar_type());
   const at::Tensor none = hidden.new_empty({0});
   return {needs_hidden ? grad_hidden : none, needs_weight ? grad_weight : none, needs_bias ? grad_bias : none};

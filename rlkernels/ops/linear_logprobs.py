@@ -81,31 +81,33 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                                               ignore_index=ignore_index, entropy=entropy, exact=exact, backend=backend)
     device = L.lm_head(_OP, hidden, weight, bias)
     ignore_index = L.index(_OP, "ignore_index", ignore_index)
-    labels = L.labels_for(_OP, labels, hidden, ignore_index, vocab=weight.shape[0], logits_name="hidden")
+    # (the label range: checked by the op where it reads the labels to drop ignored rows)
+    labels = L.labels_for(_OP, labels, hidden, ignore_index, logits_name="hidden", check_range=False)
     temperature = L.temperature(_OP, temperature)
     entropy, mean_logits, is_top1 = bool(entropy), bool(mean_logits), bool(is_top1)
     N = labels.numel()
     tile_tokens, tile_vocab, budget = _tiling(chunk_size, N, weight.shape[0])  # checked on every backend
     chosen = L.choose_backend(_OP, backend, device, hidden.dtype)
     if chosen == "reference":
+        L.label_range(_OP, labels, weight.shape[0], ignore_index)
         return reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                          ignore_index=ignore_index, entropy=entropy, mean_logits=mean_logits,
                                          is_top1=is_top1)
-    lead = hidden.shape[:-1]
-    flat_hidden = hidden.reshape(N, hidden.shape[-1])  # (-1 is ambiguous when H = 0)
-    flat_labels = labels.reshape(-1)
-    # the op (C++, csrc/lm_head/ and csrc/autograd/linear_logprobs.cpp) drops ignored rows
-    # where reading the labels on the host is allowed
-    values, entropies, _, top1 = _FORWARD(flat_hidden, weight, flat_labels, bias, temperature, ignore_index, entropy,
-                                          is_top1, tile_tokens, tile_vocab, budget,
-                                          _checkmode.reads_data(flat_labels), chosen)
-    outputs = [values.reshape(lead)]
+    # the op (C++, csrc/lm_head/ and csrc/autograd/linear_logprobs.cpp) takes hidden [..., H]
+    # and labels [...] as they are, and drops ignored rows where it may read the labels
+    values, entropies, _, top1 = _FORWARD(hidden, weight, labels, bias, temperature, ignore_index, entropy, is_top1,
+                                          tile_tokens, tile_vocab, budget, _checkmode.reads_data(labels), chosen)
+    if not (entropy or mean_logits or is_top1):
+        return values
+    outputs = [values]
     if entropy:
-        outputs.append(entropies.reshape(lead))
+        outputs.append(entropies)
     if mean_logits:
-        outputs.append(mean_logit(flat_hidden, weight, bias, temperature, flat_labels != ignore_index).reshape(lead))
+        flat_labels = labels.reshape(-1)
+        means = mean_logit(hidden.reshape(N, hidden.shape[-1]), weight, bias, temperature, flat_labels != ignore_index)
+        outputs.append(means.reshape(labels.shape))
     if is_top1:
-        outputs.append(top1.reshape(lead))
+        outputs.append(top1)
     return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -155,9 +157,11 @@ def _tiling(chunk_size, N: int, vocab: int) -> tuple[int, int, int]:
 @torch.library.register_fake("rlkernels::linear_logprobs")
 def _linear_logprobs_fake(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, with_top1,
                           tile_tokens, tile_vocab, budget, drop_ignored, backend):
-    N = hidden.shape[0]
-    return (hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N if with_entropy else 0, dtype=torch.float32),
-            hidden.new_empty((N, 2), dtype=torch.float32), hidden.new_empty(N if with_top1 else 0, dtype=torch.bool))
+    lead = labels.shape
+    return (hidden.new_empty(lead, dtype=torch.float32),
+            hidden.new_empty(lead if with_entropy else (0,), dtype=torch.float32),
+            hidden.new_empty((labels.numel(), 2), dtype=torch.float32),
+            hidden.new_empty(lead if with_top1 else (0,), dtype=torch.bool))
 
 
 @torch.library.register_fake("rlkernels::linear_logprobs_backward")
