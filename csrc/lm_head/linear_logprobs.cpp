@@ -107,9 +107,15 @@ void logits_into(const at::Tensor& buffer, const at::Tensor& hidden, const at::T
   }
 }
 
+// Rows [start, stop) of t: t itself when that is all of it (a view costs a microsecond
+// at the sizes where per-call cost matters).
+at::Tensor rows_of(const at::Tensor& t, int64_t start, int64_t stop) {
+  return start == 0 && stop == t.size(0) ? t : t.slice(0, start, stop);
+}
+
 std::optional<at::Tensor> slice(const std::optional<at::Tensor>& t, int64_t start, int64_t stop) {
   if (!t.has_value()) return std::nullopt;
-  return t->slice(0, start, stop);
+  return rows_of(*t, start, stop);
 }
 
 // The rows of `hidden` a token chunk's matmuls see: the largest multiple of kGemmRows
@@ -122,18 +128,18 @@ struct RowChunk {
 
   explicit RowChunk(const at::Tensor& hidden) : n(hidden.size(0)) {
     whole_rows = n - n % kGemmRows;
-    if (whole_rows) whole = hidden.slice(0, 0, whole_rows);
+    if (whole_rows) whole = rows_of(hidden, 0, whole_rows);
     if (whole_rows < n) {
       staged = at::zeros({kGemmRows, hidden.size(1)}, hidden.options());
-      staged.slice(0, 0, n - whole_rows).copy_(hidden.slice(0, whole_rows, n));
+      rows_of(staged, 0, n - whole_rows).copy_(rows_of(hidden, whole_rows, n));
     }
   }
 
   // hidden @ weight.T (+ bias) into buffer's first padded_rows(n) rows; returns the n rows.
   at::Tensor logits(const at::Tensor& buffer, const at::Tensor& weight, const std::optional<at::Tensor>& bias) const {
-    if (whole_rows) logits_into(buffer.slice(0, 0, whole_rows), whole, weight, bias);
-    if (whole_rows < n) logits_into(buffer.slice(0, whole_rows, whole_rows + kGemmRows), staged, weight, bias);
-    return buffer.slice(0, 0, n);
+    if (whole_rows) logits_into(rows_of(buffer, 0, whole_rows), whole, weight, bias);
+    if (whole_rows < n) logits_into(rows_of(buffer, whole_rows, whole_rows + kGemmRows), staged, weight, bias);
+    return rows_of(buffer, 0, n);
   }
 };
 
@@ -191,19 +197,19 @@ LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& lead_hidden, const 
     for (int64_t t0 = 0; t0 < n; t0 += chunk) {
       const int64_t t1 = std::min(t0 + chunk, n);
       const int64_t padded = padded_rows(t1 - t0);
-      const RowChunk chunk_rows(kept_hidden.slice(0, t0, t1));
-      const at::Tensor chunk_labels = kept_labels.slice(0, t0, t1);
-      const at::Tensor chunk_state = state.slice(0, t0, t1);
+      const RowChunk chunk_rows(rows_of(kept_hidden, t0, t1));
+      const at::Tensor chunk_labels = rows_of(kept_labels, t0, t1);
+      const at::Tensor chunk_state = rows_of(state, t0, t1);
       for (int64_t v0 = 0; v0 < vocab; v0 += block) {
         const int64_t v1 = std::min(v0 + block, vocab);
         at::Tensor tile;
         if (keep == nullptr) {
-          tile = buffer.slice(0, 0, padded * (v1 - v0)).view({padded, v1 - v0});
+          tile = rows_of(buffer, 0, padded * (v1 - v0)).view({padded, v1 - v0});
         } else {
           tile = at::empty({padded, v1 - v0}, hidden.options());
           keep->push_back(tile);
         }
-        const at::Tensor logits = chunk_rows.logits(tile, weight.slice(0, v0, v1), slice(bias, v0, v1));
+        const at::Tensor logits = chunk_rows.logits(tile, rows_of(weight, v0, v1), slice(bias, v0, v1));
         vocab_tile.call(logits, chunk_labels, chunk_state, temperature, ignore_index, v0, with_entropy, v1 == vocab);
       }
     }
@@ -270,11 +276,11 @@ LinearLogprobsGrads linear_logprobs_backward_body(
   const int64_t blocks = ceil_div(vocab, block);
   std::vector<RowChunk> chunks;  // each token chunk's rows for the matmuls, made once
   if (n > 0 && kept == nullptr) {
-    for (int64_t t0 = 0; t0 < n; t0 += chunk) chunks.emplace_back(kept_hidden.slice(0, t0, std::min(t0 + chunk, n)));
+    for (int64_t t0 = 0; t0 < n; t0 += chunk) chunks.emplace_back(rows_of(kept_hidden, t0, std::min(t0 + chunk, n)));
   }
   for (int64_t v0 = 0; n > 0 && v0 < vocab; v0 += block) {
     const int64_t v1 = std::min(v0 + block, vocab);
-    const at::Tensor weight_block = weight.slice(0, v0, v1);
+    const at::Tensor weight_block = rows_of(weight, v0, v1);
     const std::optional<at::Tensor> bias_block = slice(bias, v0, v1);
     if (block_sum.defined()) block_sum.zero_();
     for (int64_t t0 = 0; t0 < n; t0 += chunk) {
@@ -283,21 +289,21 @@ LinearLogprobsGrads linear_logprobs_backward_body(
       // describe exactly these logits
       at::Tensor dlogits;
       if (kept != nullptr) {
-        dlogits = (*kept)[(t0 / chunk) * blocks + v0 / block].slice(0, 0, t1 - t0);
+        dlogits = rows_of((*kept)[(t0 / chunk) * blocks + v0 / block], 0, t1 - t0);
       } else {
         const int64_t padded = padded_rows(t1 - t0);
-        dlogits = chunks[t0 / chunk].logits(buffer.slice(0, 0, padded * (v1 - v0)).view({padded, v1 - v0}),
+        dlogits = chunks[t0 / chunk].logits(rows_of(buffer, 0, padded * (v1 - v0)).view({padded, v1 - v0}),
                                             weight_block, bias_block);
       }
       std::optional<at::Tensor> chunk_grad_entropy;
-      if (kept_grad_entropy) chunk_grad_entropy = kept_grad_entropy->slice(0, t0, t1);
-      backward_inplace.call(kept_grad.slice(0, t0, t1), chunk_grad_entropy, dlogits, kept_labels.slice(0, t0, t1),
-                            kept_saved.slice(0, t0, t1),
-                            kept_grad_entropy ? kept_entropies.slice(0, t0, t1) : kept_entropies, temperature,
+      if (kept_grad_entropy) chunk_grad_entropy = rows_of(*kept_grad_entropy, t0, t1);
+      backward_inplace.call(rows_of(kept_grad, t0, t1), chunk_grad_entropy, dlogits, rows_of(kept_labels, t0, t1),
+                            rows_of(kept_saved, t0, t1),
+                            kept_grad_entropy ? rows_of(kept_entropies, t0, t1) : kept_entropies, temperature,
                             ignore_index, v0);
-      const at::Tensor chunk_hidden = kept_hidden.slice(0, t0, t1);
+      const at::Tensor chunk_hidden = rows_of(kept_hidden, t0, t1);
       if (needs_hidden) {
-        at::Tensor rows_grad = grad_hidden.slice(0, t0, t1);
+        at::Tensor rows_grad = rows_of(grad_hidden, t0, t1);
         if (narrow) {
           rows_grad.add_(at::mm(dlogits, weight_block));
         } else {
@@ -306,17 +312,17 @@ LinearLogprobsGrads linear_logprobs_backward_body(
       }
       if (needs_weight) {
         if (whole) {
-          at::Tensor out = grad_weight.slice(0, v0, v1);
+          at::Tensor out = rows_of(grad_weight, v0, v1);
           at::mm_out(out, dlogits.t(), chunk_hidden);
         } else if (narrow) {
-          block_sum.slice(0, 0, v1 - v0).add_(at::mm(dlogits.t(), chunk_hidden));
+          rows_of(block_sum, 0, v1 - v0).add_(at::mm(dlogits.t(), chunk_hidden));
         } else {
-          block_sum.slice(0, 0, v1 - v0).addmm_(dlogits.t(), chunk_hidden);
+          rows_of(block_sum, 0, v1 - v0).addmm_(dlogits.t(), chunk_hidden);
         }
       }
-      if (needs_bias) grad_bias.slice(0, v0, v1).add_(at::sum(dlogits, {0}, false, at::kFloat));
+      if (needs_bias) rows_of(grad_bias, v0, v1).add_(at::sum(dlogits, {0}, false, at::kFloat));
     }
-    if (block_sum.defined()) grad_weight.slice(0, v0, v1).copy_(block_sum.slice(0, 0, v1 - v0));
+    if (block_sum.defined()) rows_of(grad_weight, v0, v1).copy_(rows_of(block_sum, 0, v1 - v0));
   }
   if (needs_hidden && narrow) grad_hidden = grad_hidden.to(hidden.scalar_type());
   if (needs_hidden && rows) {
