@@ -6,10 +6,11 @@ a fake kernel for both, and an opcheck sample for both in tests/.  For each publ
 function (rlkernels.ops.__all__): a reference function, a benchmark case, a doc
 entry, and the same error, naming the bad argument, from every backend.
 
-Python compositions (linear_logprobs, linear_ppo_loss) own torch.library.custom_ops
-written in Python over kernel ops.  They have no C++ or Triton kernel of their own (the
-kernel ops they call carry those and are checked as kernel ops); their own ops need a
-fake kernel and an opcheck sample, and their reference is that of the parts."""
+Compositions (linear_logprobs, a C++ op over ATen ops and the tile kernels for every
+backend; linear_ppo_loss, a torch.library.custom_op written in Python) own ops over kernel
+ops.  They have no CUDA or Triton kernel of their own (the kernel ops they call carry those
+and are checked as kernel ops); their own ops need a fake kernel and an opcheck sample,
+and their reference is that of the parts."""
 from __future__ import annotations
 
 import ast

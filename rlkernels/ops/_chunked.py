@@ -202,8 +202,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager(*tensors: torch.Tensor | None) -> bool:
-    """True where the lm-head ops, defined in Python, may run their bodies under a
-    torch.autograd.Function instead of through their torch.library custom op: plain
+    """True where the lm-head op defined in Python (linear_policy_loss) may run its body
+    under a torch.autograd.Function instead of through its torch.library custom op: plain
     tensors, no torch.compile trace, no dispatch or torch-function mode (fake tensors,
     FlopCounterMode, a `with torch.device(...)` block) and no functorch transform.  The
     custom op's dispatch and Python autograd wrapper cost more than the whole fused
@@ -232,14 +232,10 @@ def eager_function(body: Callable, setup_context: Callable, backward: Callable) 
     return Eager
 
 
-def wants_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd would record a call on these inputs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows whose label is not ignore_index, or None when all are kept:
-    ignored rows (prompt, padding) need no logits at all.  Finding them reads the
+    ignored rows (prompt, padding) need no logits at all (the vocabulary-parallel ops;
+    linear_logprobs' C++ body has its own, kept_rows in csrc/lm_head/linear_logprobs.cpp).  Finding them reads the
     labels on the host, so on CUDA outside the checked mode every row is kept (None):
     the row kernels give ignored rows 0 and no gradient, at the cost of their matmuls."""
     if not _checkmode.reads_data(labels):

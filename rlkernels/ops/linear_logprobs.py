@@ -19,9 +19,11 @@ place by the fused backward kernel, and fed to the matmuls for hidden, weight
 and bias.  When all the tiles fit that budget at once (small problems, the
 default tile size, plain eager tensors), the forward keeps them for the backward
 instead of reusing one buffer, and the backward skips the recomputation (three
-matmuls instead of four; lm_head::keeps_tiles).  Rows whose label is ignore_index are dropped before any matmul, except
-on CUDA outside the checked mode (finding them would be a host sync): there they
-go through the matmuls and the kernels give them 0 and no gradient.
+matmuls instead of four; lm_head::keeps_tiles).  Rows whose label is ignore_index
+are dropped before any matmul, except on CUDA outside the checked mode (finding them
+would be a host sync): there they go through the matmuls and the kernels give them 0
+and no gradient.  The op's pass that finds them also checks the label range, so the
+front end does not read the labels a second time.
 
 The mean logit needs no pass over the logits: the mean over the vocabulary of
 hidden @ weight.T + bias is hidden @ mean(weight) + mean(bias), one [V, H]
