@@ -197,7 +197,7 @@ LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& lead_hidden, const 
     for (int64_t t0 = 0; t0 < n; t0 += chunk) {
       const int64_t t1 = std::min(t0 + chunk, n);
       const int64_t padded = padded_rows(t1 - t0);
-      const RowChunk chunk_rows(rows_of(kept_hidden, t0, t1));
+      const RowChunk token_chunk(rows_of(kept_hidden, t0, t1));
       const at::Tensor chunk_labels = rows_of(kept_labels, t0, t1);
       const at::Tensor chunk_state = rows_of(state, t0, t1);
       for (int64_t v0 = 0; v0 < vocab; v0 += block) {
@@ -209,7 +209,7 @@ LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& lead_hidden, const 
           tile = at::empty({padded, v1 - v0}, hidden.options());
           keep->push_back(tile);
         }
-        const at::Tensor logits = chunk_rows.logits(tile, rows_of(weight, v0, v1), slice(bias, v0, v1));
+        const at::Tensor logits = token_chunk.logits(tile, rows_of(weight, v0, v1), slice(bias, v0, v1));
         vocab_tile.call(logits, chunk_labels, chunk_state, temperature, ignore_index, v0, with_entropy, v1 == vocab);
       }
     }
