@@ -193,7 +193,9 @@ LinearLogprobsOutputs linear_logprobs_body(const at::Tensor& lead_hidden, const 
     // token chunks outside, vocabulary blocks inside: one reused buffer, or with `keep`
     // a buffer per tile (the padded tile: the logits the backward would recompute)
     at::Tensor buffer;
-    if (keep == nullptr) buffer = at::empty({padded_rows(std::min(chunk, n)) * std::min(block, vocab)}, hidden.options());
+    if (keep == nullptr) {
+      buffer = at::empty({padded_rows(std::min(chunk, n)) * std::min(block, vocab)}, hidden.options());
+    }
     for (int64_t t0 = 0; t0 < n; t0 += chunk) {
       const int64_t t1 = std::min(t0 + chunk, n);
       const int64_t padded = padded_rows(t1 - t0);
@@ -270,9 +272,13 @@ LinearLogprobsGrads linear_logprobs_backward_body(
   at::Tensor grad_bias = needs_bias ? at::zeros({vocab}, weight.options().dtype(at::kFloat)) : at::Tensor();
   const bool whole = chunk >= n;
   at::Tensor block_sum;
-  if (needs_weight && !whole) block_sum = at::empty({std::min(block, vocab), weight.size(1)}, weight.options().dtype(wide.dtype()));
+  if (needs_weight && !whole) {
+    block_sum = at::empty({std::min(block, vocab), weight.size(1)}, weight.options().dtype(wide.dtype()));
+  }
   at::Tensor buffer;
-  if (n > 0 && kept == nullptr) buffer = at::empty({padded_rows(std::min(chunk, n)) * std::min(block, vocab)}, hidden.options());
+  if (n > 0 && kept == nullptr) {
+    buffer = at::empty({padded_rows(std::min(chunk, n)) * std::min(block, vocab)}, hidden.options());
+  }
   const int64_t blocks = ceil_div(vocab, block);
   std::vector<RowChunk> chunks;  // each token chunk's rows for the matmuls, made once
   if (n > 0 && kept == nullptr) {
