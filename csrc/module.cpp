@@ -4,12 +4,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/python.h>
 #include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "core/lm_head.h"
 #include "core/logprobs.h"
 
 #ifndef RLK_CUDA_ARCHS
@@ -90,6 +92,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["threads"] = at::get_num_threads();
     info["vocab_chunk"] = static_cast<long>(rlk::kVocabChunk);  // the chunk rule's width (core/logprobs.h)
+    info["vocab_block"] = static_cast<long>(rlk::lm_head::kVocabBlock);
+    info["gemm_rows"] = static_cast<long>(rlk::lm_head::kGemmRows);
+    info["chunk_bytes"] = static_cast<long>(rlk::lm_head::kChunkBytes);
     return info;
   });
   // The token losses' stats dict {names[i]: stats[i]}: 0-dim tensors sharing the stats
@@ -108,4 +113,8 @@ PYBIND11_MODULE(_C, m) {
     }
     return out;
   });
+  // The lm-head tile rules (core/lm_head.h), for the Python compositions (ops/_chunked.py).
+  m.def("chunk_rows", &rlk::lm_head::chunk_rows, py::arg("n"), py::arg("vocab"), py::arg("chunk_size"),
+        py::arg("budget"));
+  m.def("lm_head_tiles", &rlk::lm_head::tiles, py::arg("n"), py::arg("vocab"), py::arg("budget"));
 }

@@ -61,6 +61,21 @@ TORCH_LIBRARY(rlkernels, m) {
   // statistics and holds (logprob, entropy, max, log-sum-exp) after the tile with finish.
   m.def("logprobs_vocab_tile(Tensor logits, Tensor labels, Tensor(a!) state, float temperature, int ignore_index, "
         "int vocab_start, bool with_entropy, bool finish) -> ()");
+  // Log-probs (and entropy) straight from hidden states and the lm-head, the [N, V] logits
+  // one tile at a time (csrc/lm_head/linear_logprobs.cpp).  hidden [..., H], labels [...]
+  // (N tokens); outputs of labels' shape: log-probs, entropies ([0] without with_entropy),
+  // the row statistics the backward keeps ([N, 2]) and is_top1 ([0] without with_top1).  tile_tokens/tile_vocab 0:
+  // from the budget (csrc/core/lm_head.h); drop_ignored: the op may read the labels on the
+  // host to drop ignored rows (rlkernels._checkmode.reads_data); backend: the tile kernels'
+  // ("cpu", "cuda" or "triton").  The backward recomputes the tiles (its autograd hands it
+  // the forward's where they fit the budget).
+  m.def("linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, float temperature, "
+        "int ignore_index, bool with_entropy, bool with_top1, int tile_tokens, int tile_vocab, int budget, "
+        "bool drop_ignored, str backend) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+        "Tensor labels, Tensor? bias, Tensor saved, Tensor entropies, float temperature, int ignore_index, "
+        "int tile_tokens, int tile_vocab, int budget, bool drop_ignored, str backend, bool needs_hidden, "
+        "bool needs_weight, bool needs_bias) -> (Tensor, Tensor, Tensor)");
   m.def("kl_from_logits(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "
         "-> (Tensor kl, Tensor saved)");
   m.def("kl_from_logits_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? mask, "

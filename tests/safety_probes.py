@@ -109,11 +109,11 @@ def _samples() -> dict[str, Sample]:
     token_labels = torch.randint(0, V, (B * T,), generator=g)
     for backend in _linear_backends():
         out[f"linear_logprobs/{backend}"] = Sample(
-            [hidden, weight, token_labels, torch.randn(V), 1.0, -100, True, 4, 4, 1024, backend],
+            [hidden, weight, token_labels, torch.randn(V), 1.0, -100, True, True, 4, 4, 1024, True, backend],
             free=("hidden", "weight"), ids={"labels": out_of_vocab}, matmul=("hidden", "weight"))
         out[f"linear_logprobs_backward/{backend}"] = Sample(
             [torch.randn(B * T), torch.randn(B * T), hidden, weight, token_labels, torch.randn(V),
-             torch.randn(B * T, 2), torch.rand(B * T), 1.0, -100, 4, 4, 1024, backend, True, True, True],
+             torch.randn(B * T, 2), torch.rand(B * T), 1.0, -100, 4, 4, 1024, True, backend, True, True, True],
             free=("hidden", "weight"), ids={"labels": (-5,)}, matmul=("hidden", "weight"))
         out[f"linear_policy_loss/{backend}"] = Sample(
             [hidden.reshape(B, T, 4), weight, token_labels.reshape(B, T), torch.randn(V), tokens[0], tokens[1],

@@ -6,11 +6,11 @@ a fake kernel for both, and an opcheck sample for both in tests/.  For each publ
 function (rlkernels.ops.__all__): a reference function, a benchmark case, a doc
 entry, and the same error, naming the bad argument, from every backend.
 
-Compositions (linear_logprobs, linear_ppo_loss) own ops written over kernel ops
-(linear_logprobs' custom_ops in Python, linear_policy_loss in C++, csrc/lm_head/).  They
-have no kernel or Triton twin of their own (the kernel ops they call carry those and are
-checked as kernel ops); their own ops need a fake kernel and an opcheck sample, and their
-reference is that of the parts."""
+Compositions (linear_logprobs and linear_ppo_loss, C++ ops over ATen ops and the kernel
+ops of every backend, csrc/lm_head/) own ops over kernel ops.  They have no CUDA or Triton
+kernel of their own (the kernel ops they call carry those and are checked as kernel ops);
+their own ops need a fake kernel and an opcheck sample, and their reference is that of
+the parts."""
 from __future__ import annotations
 
 import ast

@@ -9,8 +9,8 @@ A CPU-only torch needs a CUDA device guard for Python indexing of fake CUDA tens
 (tests/fake_cuda.py registers c10's fake one), and autograd's engine cannot run on
 them at all, so the backward is driven by hand: every torch.ops.rlkernels
 call of the forward is recorded, and its registered setup_context and backward run on
-fake gradients.  The bodies of the composite ops (linear_logprobs and its backward, Python;
-linear_policy_loss, C++ over ATen ops and the dispatcher) run as well, not only their fake
+fake gradients.  The bodies of the composite ops (linear_logprobs and its backward, and
+linear_policy_loss: C++ over ATen ops and the dispatcher) run as well, not only their fake
 kernels."""
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from rlkernels import _library
 from rlkernels.ops import _registry
 
 # (the package's attributes of these names are the functions: import the modules)
-_lin = importlib.import_module("rlkernels.ops.linear_logprobs")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,9 +48,28 @@ def _cuda_kernel(name):
 
 
 # The composite ops: their bodies, run on the fake tensors too.
-BODIES = {"linear_logprobs": _lin._linear_logprobs._init_fn,
-          "linear_logprobs_backward": _lin._linear_logprobs_backward._init_fn,
+BODIES = {"linear_logprobs": _cuda_kernel("linear_logprobs"),
+          "linear_logprobs_backward": _cuda_kernel("linear_logprobs_backward"),
           "linear_policy_loss": _cuda_kernel("linear_policy_loss")}
+
+
+class _LinearLogprobsAutograd:
+    """What linear_logprobs' C++ autograd (csrc/autograd/linear_logprobs.cpp) does, as a
+    setup_context and backward this test can drive: the backward op on the saved tensors."""
+
+    @staticmethod
+    def _setup_context(ctx, inputs, output):
+        ctx.inputs, ctx.outputs = inputs, output
+
+    @staticmethod
+    def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved, _grad_top1):
+        (hidden, weight, labels, bias, temperature, ignore_index, with_entropy, _, tile_tokens, tile_vocab, budget,
+         drop_ignored, backend) = ctx.inputs
+        _, entropies, saved, _ = ctx.outputs
+        return torch.ops.rlkernels.linear_logprobs_backward(
+            grad_logprobs, grad_entropy if with_entropy else None, hidden, weight, labels, bias, saved, entropies,
+            temperature, ignore_index, tile_tokens, tile_vocab, budget, drop_ignored, backend, True, True,
+            bias is not None)
 
 
 class _LinearPolicyLossAutograd:
@@ -68,7 +86,7 @@ class _LinearPolicyLossAutograd:
         return tuple(saved * grad_loss.to(saved.dtype) for saved in ctx.outputs[2:])
 
 
-CUSTOM_AUTOGRAD = {"linear_logprobs": _lin, "linear_policy_loss": _LinearPolicyLossAutograd}
+CUSTOM_AUTOGRAD = {"linear_logprobs": _LinearLogprobsAutograd, "linear_policy_loss": _LinearPolicyLossAutograd}
 SUFFIX = _registry.TWIN_SUFFIX
 
 

@@ -3,10 +3,11 @@ gradients of hidden, weight and bias), chunk sizes that divide neither N nor V,
 ignored rows, low precision, opcheck, torch.compile and bad input."""
 from __future__ import annotations
 
-import importlib
+import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlkernels
 from rlkernels import reference
@@ -164,14 +165,14 @@ def test_shared_chunking_helpers_compose(tiles, dtype):
 def test_opcheck_and_compile():
     hidden, weight, bias, labels = problem(N=11, V=29)
     args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels, bias.clone().requires_grad_(),
-            0.9, -100, True, True, 3, 10, 1 << 20, "cpu")
+            0.9, -100, True, True, 3, 10, 1 << 20, True, "cpu")
     torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
     if TRITON_ON_CPU:
         torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args[:-1] + ("triton",))
     lp, ent, saved, _ = torch.ops.rlkernels.linear_logprobs(*args[:-1], "cpu")
     torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
                           (torch.randn(11), torch.randn(11), hidden, weight, labels, bias, saved.detach(),
-                           ent.detach(), 0.9, -100, 3, 10, 1 << 20, "cpu", True, True, True))
+                           ent.detach(), 0.9, -100, 3, 10, 1 << 20, True, "cpu", True, True, True))
 
     @torch.compile(fullgraph=True, backend="eager")
     def step(h, w):
@@ -351,11 +352,25 @@ def test_is_top1_nan_row_is_false(backend_device):
     assert not bool(is_top1[0]) and bool(is_top1[3])
 
 
+class _Seen(TorchDispatchMode):
+    """Passes every op through, recording its name (a dispatch mode also sends the C++
+    autograd of linear_logprobs down the op path: the op itself, no kept tiles)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_logprobs_eager_path_equals_the_op(monkeypatch, dtype):
-    """Eager calls run the op's body and backward body under a torch.autograd.Function
-    (_chunked.eager); the custom op (what torch.compile and fake tensors get) gives the
-    same bits, with ignored rows, entropy, is_top1 and a bias, in several tiles."""
+def test_linear_logprobs_eager_path_equals_the_op(dtype):
+    """On plain eager tensors the C++ autograd runs the op's body itself (and may keep its
+    tiles); under a dispatch mode (what torch.compile and fake tensors get) it runs the op
+    and the backward op: the same bits, with ignored rows, entropy, is_top1 and a bias, in
+    several tiles."""
     torch.manual_seed(3)
     hidden = torch.randn(2, 9, 16).to(dtype)
     weight, bias = torch.randn(40, 16).to(dtype), torch.randn(40).to(dtype)
@@ -364,41 +379,45 @@ def test_linear_logprobs_eager_path_equals_the_op(monkeypatch, dtype):
     upstream = (torch.randn(2, 9), torch.randn(2, 9))
     results = []
     for eager in (True, False):
-        monkeypatch.setattr(_chunked, "eager", lambda *tensors, eager=eager: eager)
-        params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        lp, ent, top1 = rlkernels.linear_logprobs(params[0], params[1], labels, bias=params[2], entropy=True,
-                                                  is_top1=True, chunk_size=(5, 16))
-        grads = torch.autograd.grad((lp, ent), params, upstream)
+        with contextlib.nullcontext() if eager else _Seen() as seen:
+            params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+            lp, ent, top1 = rlkernels.linear_logprobs(params[0], params[1], labels, bias=params[2], entropy=True,
+                                                      is_top1=True, chunk_size=(5, 16))
+            grads = torch.autograd.grad((lp, ent), params, upstream)
+        if not eager:
+            assert {"rlkernels.linear_logprobs", "rlkernels.linear_logprobs_backward"} <= set(seen.names)
         results.append((lp, ent, top1, *grads))
     for eager, op in zip(*results):
         assert torch.equal(eager, op)
 
 
-def test_linear_logprobs_small_problem_keeps_its_tiles(monkeypatch):
+def test_linear_logprobs_small_problem_keeps_its_tiles():
     """When all tiles fit the budget, the eager forward keeps them and the backward
-    uses them instead of recomputing: the same bits as recomputing, and a second
-    backward through the same graph (retain_graph) recomputes, since the first one
-    turned the kept tiles into gradients in place."""
-    lin = importlib.import_module("rlkernels.ops.linear_logprobs")
+    uses them instead of recomputing (two matmuls a tile, no backward op): the same bits
+    as recomputing (the op path, under a dispatch mode), and a second backward through
+    the same graph (retain_graph) recomputes, since the first one turned the kept tiles
+    into gradients in place."""
     torch.manual_seed(5)
     V = 2 * _chunked.VOCAB_BLOCK + 808  # 3 vocabulary blocks, the last one short
     hidden, weight, bias = torch.randn(3, 7, 16), torch.randn(V, 16) * 0.3, torch.randn(V)
     labels = torch.randint(0, V, (3, 7))
     labels[0, :3] = -100
     upstream = (torch.randn(3, 7), torch.randn(3, 7))
-    recomputed = []
-    real_row_logits = _chunked.row_logits
-    monkeypatch.setattr(_chunked, "row_logits", lambda *a: recomputed.append(1) or real_row_logits(*a))
     results = []
     for keep in (True, False):
-        if not keep:
-            monkeypatch.setattr(lin, "_keeps_tiles", lambda *a: False)
         params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        lp, ent = rlkernels.linear_logprobs(params[0], params[1], labels, bias=params[2], entropy=True)
-        del recomputed[:]
-        first = torch.autograd.grad((lp, ent), params, upstream, retain_graph=True)
-        assert len(recomputed) == (0 if keep else 6)  # 2 token chunks (16 + 2 kept rows) x 3 vocabulary blocks
-        second = torch.autograd.grad((lp, ent), params, upstream)
+        with contextlib.nullcontext() if keep else _Seen():
+            lp, ent = rlkernels.linear_logprobs(params[0], params[1], labels, bias=params[2], entropy=True)
+        with _Seen() as seen:
+            first = torch.autograd.grad((lp, ent), params, upstream, retain_graph=True)
+        matmuls = [name for name in seen.names if name in ("aten.mm", "aten.addmm", "aten.addmm_")]
+        if keep:  # 2 token chunks (16 + 2 kept rows) x 3 vocabulary blocks, 2 matmuls each
+            assert "rlkernels.linear_logprobs_backward" not in seen.names and len(matmuls) == 12
+        else:
+            assert "rlkernels.linear_logprobs_backward" in seen.names
+        with _Seen() as seen:
+            second = torch.autograd.grad((lp, ent), params, upstream)
+        assert "rlkernels.linear_logprobs_backward" in seen.names
         for a, b in zip(first, second):
             assert torch.equal(a, b)
         results.append((lp, ent, *first))

@@ -1,7 +1,7 @@
 // The body of rlkernels::linear_policy_loss (rlkernels.linear_ppo_loss): one sweep over
 // pieces of the [B, T] token grid.  For each piece: the lm-head logits into one reused
-// buffer (every matmul on a multiple of kGemmRows rows, as rlkernels/ops/_chunked.py's
-// row_logits, so a token's logits are the bits linear_logprobs gives it), the fused
+// buffer (every matmul on a multiple of kGemmRows rows, tiles.h's RowChunk, as in
+// linear_logprobs, so a token's logits are the bits linear_logprobs gives it), the fused
 // log-softmax row kernel (rlkernels::logprobs), the fused policy op (rlkernels::policy_loss,
 // the piece's share of the loss, its statistics and d loss / d log-prob), the row kernel's
 // in-place backward (the logits become d loss / d logits) and the gradient matmuls.  The
@@ -30,6 +30,8 @@
 #include <tuple>
 #include <vector>
 
+#include "tiles.h"
+
 namespace rlk::lm_head {
 namespace {
 
@@ -43,10 +45,6 @@ using PolicySig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const Opt&,
     c10::ArrayRef<double>, c10::string_view, c10::string_view, bool);
 
-// Row granularity of the lm-head matmuls: rlkernels/ops/_chunked.py GEMM_ROWS (the logits
-// bit for bit whatever the batch; docs/numerics.md).  test_linear_ppo_loss.py checks the
-// log-probs against linear_logprobs' bits.
-constexpr int64_t kGemmRows = 16;
 // The policy op's statistics (rlkernels.reference.policy_loss.POLICY_STATS): ratio_max's
 // slot; the last slot is the token count.
 constexpr int64_t kRatioMaxSlot = 6;
@@ -78,31 +76,6 @@ const Kernels& kernels(c10::string_view backend) {
                                 find<RowBackwardInplaceSig>("rlkernels::logprobs_backward_inplace"),
                                 find<PolicySig>("rlkernels::policy_loss")};
   return compiled;
-}
-
-int64_t padded_rows(int64_t n) { return (n + kGemmRows - 1) / kGemmRows * kGemmRows; }
-
-void logits_into(const at::Tensor& buffer, const at::Tensor& hidden, const at::Tensor& weight, const Opt& bias) {
-  at::Tensor out = buffer;
-  if (bias.has_value()) {
-    at::addmm_out(out, *bias, hidden, weight.t());
-  } else {
-    at::mm_out(out, hidden, weight.t());
-  }
-}
-
-// _chunked.row_logits: the largest multiple of kGemmRows rows in place, the rest copied
-// into kGemmRows zero rows; returns the view of the n rows.
-at::Tensor row_logits(const at::Tensor& buffer, const at::Tensor& hidden, const at::Tensor& weight, const Opt& bias) {
-  const int64_t n = hidden.size(0);
-  const int64_t whole = n - n % kGemmRows;
-  if (whole) logits_into(buffer.slice(0, 0, whole), hidden.slice(0, 0, whole), weight, bias);
-  if (whole < n) {
-    at::Tensor staged = at::zeros({kGemmRows, hidden.size(1)}, hidden.options());
-    staged.slice(0, 0, n - whole).copy_(hidden.slice(0, whole, n));
-    logits_into(buffer.slice(0, whole, whole + kGemmRows), staged, weight, bias);
-  }
-  return buffer.slice(0, 0, n);
 }
 
 // A piece: rows [r0, r1) x columns [c0, c1), its aggregation and coefficients, and the
@@ -266,7 +239,7 @@ void check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Te
   TORCH_CHECK(needs.size() == 3, "linear_policy_loss: needs holds 3 flags (hidden, weight, bias)");
   TORCH_CHECK(coefficients.size() == kNumCoefficients, "linear_policy_loss: coefficients holds ", kNumCoefficients,
               " values, got ", coefficients.size());
-  TORCH_CHECK(chunk >= 1, "linear_policy_loss: chunk must be >= 1, got ", chunk);
+  TORCH_CHECK(chunk >= 0, "linear_policy_loss: chunk must be >= 0 (0: from the budget), got ", chunk);
   TORCH_CHECK(pieces == "counted" || pieces == "counted-valid" || pieces == "device",
               "linear_policy_loss: pieces must be 'counted', 'counted-valid' or 'device', got '", pieces, "'");
 }
@@ -293,6 +266,8 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
              chunk, needs, pieces);
   const Kernels& k = kernels(backend);
   const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2), vocab = weight.size(0);
+  // the caller's chunk_size, 0 for the default budget, balanced by the tile rule (core/lm_head.h)
+  chunk = chunk_rows(B * T, vocab, chunk, kChunkBytes);
   const bool needs_hidden = needs.get(0), needs_weight = needs.get(1), needs_bias = needs.get(2) && bias.has_value();
   const bool any_grad = needs_hidden || needs_weight || needs_bias;
   const bool with_entropy = entropy_coef != 0.0;
@@ -346,7 +321,7 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
         kept_labels = flat_labels.index_select(0, kept);
       }
       // the logits linear_logprobs gives these tokens, bit for bit (on-policy ratio 1)
-      logits = row_logits(buffer, kept_hidden, weight, bias);
+      logits = RowChunk(kept_hidden).logits(buffer, weight, bias);
       std::tie(lp, ent, saved) = k.row_forward.call(logits, kept_labels, temperature, ignore_index, with_entropy,
                                                     true);
       if (every_token) {  // ignored tokens: 0 from the row kernel

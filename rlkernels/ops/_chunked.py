@@ -16,8 +16,9 @@ and in float32 would cost twice the weight's memory.  The hidden gradient [N, H]
 (usually much smaller than [V, H]) accumulates over vocabulary blocks, in float32
 for 16-bit inputs, and is rounded once.
 
-linear_logprobs is built on these functions; other fused losses over the
-lm-head (e.g. a PPO loss from hidden states) reuse them as they are:
+linear_logprobs does the same in C++ (csrc/lm_head/linear_logprobs.cpp: the same tiles,
+order and row padding, so its logits are these functions' bit for bit); the other fused
+losses over the lm-head (linear_ppo_loss, the vocabulary-parallel ops) use them:
 
     tiles = lm_head_tiles(N, V, budget)
     for t0, t1, v0, v1, logits in tiled_logits(hidden, weight, bias, tiles):
@@ -35,10 +36,12 @@ from typing import Callable, Iterator
 import torch
 
 from .. import _checkmode
-from .._library import VOCAB_CHUNK
+from .._library import BUILD_INFO, VOCAB_CHUNK, _C
 
+# The tile rules and their constants are C++ (csrc/core/lm_head.h), written once for the
+# C++ op bodies and these helpers.
 # Default budget for one tile of logits, counted in float32.
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = int(BUILD_INFO.get("chunk_bytes", 64 << 20))
 # Vocabulary block of the lm-head tiles (linear_logprobs' forward and backward).  Fixed,
 # not sized from the batch: a token's logits then come from the same matmul shapes, and
 # its row statistics merge tile by tile in the same order, whatever the batch (and the
@@ -47,7 +50,7 @@ CHUNK_BYTES = 64 << 20
 # exactly (and vocabulary-parallel shards on chunk edges tile alike).  Vocabulary tiles
 # over all tokens also beat token chunks over the whole vocabulary on the CPU: MKL
 # repacks the whole weight for every chunk (figures in docs).
-VOCAB_BLOCK = VOCAB_CHUNK
+VOCAB_BLOCK = int(BUILD_INFO.get("vocab_block", VOCAB_CHUNK))
 # Row granularity of the lm-head matmuls.  A BLAS picks its code path, and so the
 # summation order, by the row count: with MKL the rows of a 1-3 row float32 matmul (or of
 # a thread's 1-3 row share of a larger one) round differently from the same rows in a
@@ -55,32 +58,22 @@ VOCAB_BLOCK = VOCAB_CHUNK
 # therefore runs on a multiple of GEMM_ROWS rows, which gives each token the same logits,
 # bit for bit, whatever the batch it is in (measured on MKL, 1-16 threads;
 # docs/numerics.md).
-GEMM_ROWS = 16
+GEMM_ROWS = int(BUILD_INFO.get("gemm_rows", 16))
 
 
 def chunk_rows(n: int, vocab: int, chunk_size: int | None = None, budget: int = CHUNK_BYTES) -> int:
     """Rows per forward chunk: `chunk_size` when given, else as many as fit `budget`
     bytes of float32 logits, balanced so that the last chunk is not a sliver, and then
     rounded down to a multiple of GEMM_ROWS: only the last chunk's matmul needs a padded
-    tail (row_logits)."""
-    if n <= 0:
-        return 1
-    from_budget = chunk_size is None
-    if from_budget:
-        chunk_size = max(1, budget // (4 * max(vocab, 1)))
-    chunk_size = max(1, min(int(chunk_size), n))
-    count = -(-n // chunk_size)
-    rows = -(-n // count)
-    return rows - rows % GEMM_ROWS if from_budget and rows > GEMM_ROWS else rows
+    tail (row_logits).  (lm_head::chunk_rows, csrc/core/lm_head.h.)"""
+    return _C.chunk_rows(n, vocab, 0 if chunk_size is None else max(1, int(chunk_size)), budget)
 
 
 def lm_head_tiles(n: int, vocab: int, budget: int = CHUNK_BYTES) -> tuple[int, int]:
     """(token chunk, vocabulary block) of the lm-head tiles within `budget` bytes of
     float32: blocks of VOCAB_BLOCK (or the whole vocabulary when smaller), and as many
-    tokens as fit, all of them when they do."""
-    n, vocab = max(n, 1), max(vocab, 1)
-    block = min(vocab, VOCAB_BLOCK)
-    return chunk_rows(n, block, budget=budget), block
+    tokens as fit, all of them when they do.  (lm_head::tiles, csrc/core/lm_head.h.)"""
+    return tuple(_C.lm_head_tiles(n, vocab, budget))
 
 
 def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -128,27 +121,21 @@ def chunked_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def tiled_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 tiles: tuple[int, int], keep: list | None = None) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+                 tiles: tuple[int, int]) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
     """Yields (t0, t1, v0, v1, logits) with logits = hidden[t0:t1] @ weight[v0:v1].T (+ bias):
     token chunks outside, vocabulary blocks inside (in order), each tile a view of one
-    buffer that the next tile overwrites.  The backward's tiles hold the same bits.
-    With a list `keep`, each tile gets a buffer of its own, appended to `keep` (the
-    padded tile: the logits chunked_linear_backward would recompute)."""
+    buffer that the next tile overwrites.  The backward's tiles hold the same bits."""
     chunk, block = tiles
     n, vocab = hidden.shape[0], weight.shape[0]
     if n == 0 or vocab == 0:
         return
-    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if keep is None else None
+    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab))
     for t0 in range(0, n, chunk):
         t1 = min(t0 + chunk, n)
         rows = padded_rows(t1 - t0)
         for v0 in range(0, vocab, block):
             v1 = min(v0 + block, vocab)
-            if keep is None:
-                tile = buffer[: rows * (v1 - v0)].view(rows, v1 - v0)
-            else:
-                tile = hidden.new_empty((rows, v1 - v0))
-                keep.append(tile)
+            tile = buffer[: rows * (v1 - v0)].view(rows, v1 - v0)
             yield t0, t1, v0, v1, row_logits(tile, hidden[t0:t1], weight[v0:v1],
                                              bias[v0:v1] if bias is not None else None)
 
@@ -156,12 +143,10 @@ def tiled_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             tiles: tuple[int, int],
                             grad_logits: Callable[[int, int, int, int, torch.Tensor], torch.Tensor],
-                            needs: tuple[bool, bool, bool] = (True, True, True),
-                            kept: list[torch.Tensor] | None = None):
+                            needs: tuple[bool, bool, bool] = (True, True, True)):
     """Recomputes the logits tile by tile, asks grad_logits(t0, t1, v0, v1, logits) for
     d loss / d logits of each tile, and returns (grad_hidden, grad_weight, grad_bias)
-    (None where `needs` is False).  `kept`: the forward's tiles (tiled_logits' `keep`,
-    same tiles), used instead of recomputing them, and overwritten."""
+    (None where `needs` is False)."""
     needs_hidden, needs_weight, needs_bias = needs
     chunk, block = tiles
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -174,7 +159,7 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     block_sum = None
     if needs_weight and not whole:
         block_sum = torch.empty((min(block, vocab), weight.shape[1]), dtype=wide, device=weight.device)
-    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if n > 0 and kept is None else None
+    buffer = hidden.new_empty(padded_rows(min(chunk, n)) * min(block, vocab)) if n > 0 else None
     for v0 in range(0, vocab if n > 0 else 0, block):
         v1 = min(v0 + block, vocab)
         weight_block = weight[v0:v1]
@@ -186,11 +171,8 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
             # the forward's logits, bit for bit when the tiles are the forward's (tiled_logits):
             # the saved row statistics then describe exactly these logits
             rows = padded_rows(t1 - t0)
-            if kept is not None:
-                tile = kept[(t0 // chunk) * -(-vocab // block) + v0 // block][: t1 - t0]  # tiled_logits' order
-            else:
-                tile = row_logits(buffer[: rows * (v1 - v0)].view(rows, v1 - v0), hidden[t0:t1], weight_block,
-                                  bias_block)
+            tile = row_logits(buffer[: rows * (v1 - v0)].view(rows, v1 - v0), hidden[t0:t1], weight_block,
+                              bias_block)
             dlogits = grad_logits(t0, t1, v0, v1, tile)
             if needs_hidden:
                 if narrow:
@@ -220,8 +202,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager(*tensors: torch.Tensor | None) -> bool:
-    """True where the lm-head ops, defined in Python, may run their bodies under a
-    torch.autograd.Function instead of through their torch.library custom op: plain
+    """True where the lm-head op defined in Python (linear_policy_loss) may run its body
+    under a torch.autograd.Function instead of through its torch.library custom op: plain
     tensors, no torch.compile trace, no dispatch or torch-function mode (fake tensors,
     FlopCounterMode, a `with torch.device(...)` block) and no functorch transform.  The
     custom op's dispatch and Python autograd wrapper cost more than the whole fused
@@ -250,14 +232,10 @@ def eager_function(body: Callable, setup_context: Callable, backward: Callable) 
     return Eager
 
 
-def wants_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd would record a call on these inputs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows whose label is not ignore_index, or None when all are kept:
-    ignored rows (prompt, padding) need no logits at all.  Finding them reads the
+    ignored rows (prompt, padding) need no logits at all (the vocabulary-parallel ops;
+    linear_logprobs' C++ body has its own, kept_rows in csrc/lm_head/linear_logprobs.cpp).  Finding them reads the
     labels on the host, so on CUDA outside the checked mode every row is kept (None):
     the row kernels give ignored rows 0 and no gradient, at the cost of their matmuls."""
     if not _checkmode.reads_data(labels):

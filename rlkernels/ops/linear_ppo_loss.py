@@ -7,7 +7,7 @@ path, the fake kernel); the sweep is the C++ op rlkernels::linear_policy_loss
 (csrc/lm_head/linear_policy_loss.cpp, one device-generic body over ATen ops and the
 dispatcher) with its autograd in C++ (csrc/autograd/linear_policy_loss.cpp).  For each
 piece: logits = hidden @ weight.T (+ bias) into one reused buffer, on the row blocks of
-_chunked.row_logits (so the log-probs are linear_logprobs' bits); the fused log-softmax
+csrc/lm_head/tiles.h (linear_logprobs' too: the log-probs are its bits); the fused log-softmax
 row kernel (rlkernels::logprobs) gives log-probs, entropies and softmax statistics; the
 fused policy op (rlkernels::policy_loss) gives the piece's share of the loss, its
 statistics and d loss / d log-prob (the aggregation only needs the batch's token and
@@ -25,7 +25,7 @@ from torch.library import register_fake
 from .. import _validate as V
 from ..reference._token_loss import aggregate
 from ..reference.policy_loss import KL_ESTIMATORS, POLICY_STATS
-from . import _chunked, _ppo_pieces, _token_loss
+from . import _ppo_pieces, _token_loss
 from . import _logits as L
 from .policy_loss import _policy
 
@@ -146,7 +146,9 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     B, T, H = hidden.shape
     vocab = weight.shape[0]
-    chunk = _chunked.chunk_rows(B * T, vocab, chunk_size)
+    # the op balances chunk_size (0: from the budget) by the tile rule (csrc/core/lm_head.h):
+    # a compiled call that torch.compile need not trace
+    chunk = chunk_size or 0
     pieces = _ppo_pieces.mode(valid, B * T * vocab * H <= _EVERY_TOKEN_MACS)
     try:
         loss, stats, _, _, _ = _SWEEP(
