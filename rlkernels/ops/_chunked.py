@@ -197,41 +197,6 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     return grad_hidden, grad_weight, grad_bias
 
 
-# Tensor classes the eager path takes (a Parameter is a plain tensor to dispatch).
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def eager(*tensors: torch.Tensor | None) -> bool:
-    """True where the lm-head op defined in Python (linear_policy_loss) may run its body
-    under a torch.autograd.Function instead of through its torch.library custom op: plain
-    tensors, no torch.compile trace, no dispatch or torch-function mode (fake tensors,
-    FlopCounterMode, a `with torch.device(...)` block) and no functorch transform.  The
-    custom op's dispatch and Python autograd wrapper cost more than the whole fused
-    forward and backward on small inputs."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
-
-
-def eager_function(body: Callable, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """The autograd.Function of an lm-head op's eager path: `body(*inputs)` with the op's
-    own setup_context and backward (what torch.library registers for the op)."""
-
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = body(*inputs)
-            setup_context(ctx, inputs, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    return Eager
-
-
 def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows whose label is not ignore_index, or None when all are kept:
     ignored rows (prompt, padding) need no logits at all (the vocabulary-parallel ops;
