@@ -107,16 +107,18 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
     num_tokens = _token_loss.optional_positive(op, "num_tokens", num_tokens)
     num_seqs = _token_loss.optional_positive(op, "num_seqs", num_seqs)
     V.float_tensor(op, "logprobs", logprobs, ndim=2)
-    _token_loss.unused_companion(op, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    use_kl = beta > 0
+    if not use_kl:  # (a used one is checked with the other token tensors)
+        _token_loss.unused_companion(op, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
     norm = grpo_aggregation(loss_type, logprobs.shape[0], logprobs.shape[1],
                             max_completion_length=max_completion_length, num_tokens=num_tokens, num_seqs=num_seqs)
-    use_kl = beta > 0
     return _policy(op, logprobs, old_logprobs, advantages, mask, weights=None,
                    ref_logprobs=ref_logprobs if use_kl else None, clip_low=clip_low, clip_high=clip_high,
                    dual_clip=None, log_ratio_clamp=log_ratio_clamp, kl_coef=beta, kl=kl if use_kl else "none",
-                   backend=backend, **{"num_tokens": None, "num_seqs": None, "norm_length": None, **norm})
+                   backend=backend, agg=norm["agg"], num_tokens=norm.get("num_tokens"),
+                   num_seqs=norm.get("num_seqs"), norm_length=norm.get("norm_length"))
 
 
 def _per_row_or_pad(pk, op: str, name: str, value):
