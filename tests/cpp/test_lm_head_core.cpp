@@ -4,18 +4,12 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "expect_int.h"
 #include "../../csrc/core/lm_head.h"
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const char* what, int64_t a, int64_t b) {
-  if (!ok) {
-    std::printf("FAIL %s (%lld, %lld)\n", what, static_cast<long long>(a), static_cast<long long>(b));
-    ++failures;
-  }
-}
+using rlk_test::expect;
 
 }  // namespace
 
@@ -44,6 +38,5 @@ int main() {
   expect(keeps_tiles(18, 1000, 16, false, 32 * 1000 * 4), "keeps what fits", 18, 1000);
   expect(!keeps_tiles(18, 1000, 16, false, 32 * 1000 * 4 - 1), "not beyond the budget", 18, 1000);
   expect(!keeps_tiles(18, 1000, 16, true, int64_t{1} << 40), "never with fixed tiles", 18, 1000);
-  if (failures == 0) std::printf("lm_head core: all passed\n");
-  return failures == 0 ? 0 : 1;
+  return rlk_test::finish("lm_head core");
 }

@@ -7,19 +7,13 @@
 #include <random>
 #include <vector>
 
+#include "expect_int.h"
 #include "../../csrc/core/masked.h"
 #include "../../csrc/core/multi_tensor.h"
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const char* what, int64_t a, int64_t b) {
-  if (!ok) {
-    std::printf("FAIL %s (%lld, %lld)\n", what, static_cast<long long>(a), static_cast<long long>(b));
-    ++failures;
-  }
-}
+using rlk_test::expect;
 
 // Tiles listed tensor by tensor, block by block: the truth tile_owner must find.
 void check_layout(const std::vector<int64_t>& numels, int64_t tile) {
@@ -76,10 +70,5 @@ void test_whiten_parts() {
 int main() {
   test_tile_owner();
   test_whiten_parts();
-  if (failures) {
-    std::printf("%d failure(s)\n", failures);
-    return 1;
-  }
-  std::printf("work split core: all passed\n");
-  return 0;
+  return rlk_test::finish("work split core");
 }
