@@ -153,5 +153,13 @@ def group_advantages_triton(scores: torch.Tensor, group_index: torch.Tensor | No
     _group_advantages_kernel[(num_groups,)](
         scores, order, starts, advantages, all_equal.view(torch.int8), batch, N, max(group_size, 1),
         coef_tensor(scores.device, out_dtype, eps),
-        HAS_INDEX=group_index is not None, LOO=baseline == 1, SCALE=scale, ACC=acc, BLOCK=block)
+        HAS_INDEX=group_index is not None, LOO=baseline == 1, SCALE=scale, ACC=acc, BLOCK=block,
+        num_warps=_warps(block))
     return advantages, all_equal
+
+
+def _warps(block: int) -> int:
+    # at most 4 members a thread: 8 (a 1024 block on 4 warps) spill the id path's registers
+    # on sm_80 and sm_90 (.ci/triton_aot.py); one rule for both paths, so ids in runs keep
+    # the group_size path's reduction order and bits
+    return max(4, min(8, block // 128))
