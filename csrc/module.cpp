@@ -29,7 +29,6 @@ namespace {
 // another.  False means "not shown": the caller runs the Python checks, which raise the
 // exact error (or pass a case this test is too coarse for).
 bool multi_tensor_clear(const at::Tensor& bucket, const py::sequence& tensors, bool distinct) {
-  const py::object tensor_type = py::module_::import("torch").attr("Tensor");
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
   const auto plain = [](const at::Tensor& t) {
     return t.defined() && t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) &&
@@ -42,7 +41,7 @@ bool multi_tensor_clear(const at::Tensor& bucket, const py::sequence& tensors, b
   std::optional<at::ScalarType> dtype;
   std::optional<c10::Device> device;
   for (const py::handle item : tensors) {
-    if (!py::isinstance(item, tensor_type)) return false;
+    if (!THPVariable_Check(item.ptr())) return false;
     const at::Tensor t = item.cast<at::Tensor>();
     if (!plain(t) || !at::isFloatingType(t.scalar_type())) return false;
     if (dtype.has_value() && (*dtype != t.scalar_type() || *device != t.device())) return false;

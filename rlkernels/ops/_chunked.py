@@ -5,7 +5,7 @@ The matmuls go to the platform's BLAS (torch.mm on tiles, cuBLAS on GPU) and
 write into one reused buffer; what happens to each tile is the caller's: a row
 kernel that reduces full rows (chunked_logits: token chunks of full rows), one
 that carries per-row statistics across the vocabulary blocks of a row
-(tiled_logits: linear_logprobs' forward), and one that turns a tile into
+(tiled_logits: the vocabulary-parallel forward), and one that turns a tile into
 d loss / d logits in place (backward).
 
 Backward tiling: vocabulary blocks outside, token chunks inside.  Each weight
@@ -16,9 +16,9 @@ and in float32 would cost twice the weight's memory.  The hidden gradient [N, H]
 (usually much smaller than [V, H]) accumulates over vocabulary blocks, in float32
 for 16-bit inputs, and is rounded once.
 
-linear_logprobs does the same in C++ (csrc/lm_head/linear_logprobs.cpp: the same tiles,
-order and row padding, so its logits are these functions' bit for bit); the other fused
-losses over the lm-head (linear_ppo_loss, the vocabulary-parallel ops) use them:
+linear_logprobs and linear_ppo_loss do the same in C++ (csrc/lm_head/: the same tiles,
+order and row padding, so their logits are these functions' bit for bit); the
+vocabulary-parallel ops use these:
 
     tiles = lm_head_tiles(N, V, budget)
     for t0, t1, v0, v1, logits in tiled_logits(hidden, weight, bias, tiles):
