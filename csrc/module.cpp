@@ -1,6 +1,6 @@
 // The rlkernels._C Python module: importing it registers every op with the
 // dispatcher (static initialisers of the TORCH_LIBRARY blocks) and exposes
-// build information, and the one Python helper the ops' front ends call per call.
+// build information, and the compiled helpers the ops' front ends call per call.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
@@ -13,6 +13,7 @@
 
 #include "core/lm_head.h"
 #include "core/logprobs.h"
+#include "usual_calls.h"
 
 #ifndef RLK_CUDA_ARCHS
 #define RLK_CUDA_ARCHS ""
@@ -96,22 +97,10 @@ PYBIND11_MODULE(_C, m) {
     info["chunk_bytes"] = static_cast<long>(rlk::lm_head::kChunkBytes);
     return info;
   });
-  // The token losses' stats dict {names[i]: stats[i]}: 0-dim tensors sharing the stats
-  // vector's storage, made below autograd (the stats take no gradient, and the vector
-  // itself never reaches the caller), which costs 2 us against 3.5 for Tensor.unbind's
-  // nine tracked views.  Eager, plain tensors only (_token_loss.stats_dict).
   m.def("multi_tensor_clear", &multi_tensor_clear);
-  m.def("stat_views", [](const py::tuple& names, const at::Tensor& stats) {
-    TORCH_CHECK(stats.dim() == 1 && stats.size(0) == static_cast<int64_t>(names.size()),
-                "stat_views: stats must be 1-D with one value per name");
-    at::AutoDispatchBelowADInplaceOrView below;
-    const int64_t stride = stats.stride(0), offset = stats.storage_offset();
-    py::dict out;
-    for (int64_t i = 0; i < static_cast<int64_t>(names.size()); ++i) {
-      out[names[i]] = py::cast(stats.as_strided({}, {}, offset + i * stride));
-    }
-    return out;
-  });
+  // The token losses' stats dict (eager, plain tensors only: _token_loss.stats_dict).
+  m.def("stat_views", &rlk::usual::stat_views);
+  rlk::usual::add_to(m);
   // The lm-head tile rules (core/lm_head.h), for the Python compositions (ops/_chunked.py).
   m.def("chunk_rows", &rlk::lm_head::chunk_rows, py::arg("n"), py::arg("vocab"), py::arg("chunk_size"),
         py::arg("budget"));

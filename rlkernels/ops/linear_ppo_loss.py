@@ -23,6 +23,7 @@ import torch
 from torch.library import register_fake
 
 from .. import _validate as V
+from .._library import _C
 from ..reference._token_loss import aggregate
 from ..reference.policy_loss import KL_ESTIMATORS, POLICY_STATS
 from . import _ppo_pieces, _token_loss
@@ -74,6 +75,26 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     rlkernels.distributed.vocab_parallel for the keywords that tune it); exact=True there
     gives the unsharded CPU op's log-probs bit for bit (CPU, shards on chunk edges).
     """
+    if group is None and not torch.compiler.is_compiling():
+        # The usual call, checked and run in one compiled call (csrc/usual_calls.cpp); None
+        # where any argument is of another kind, which the checks below handle.
+        done = _C.linear_ppo_loss_usual(
+            STATS, _EVERY_TOKEN_MACS, hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs, beta, kl,
+            entropy_coef, temperature, bias, clip_low, clip_high, dual_clip, log_ratio_clamp, agg, num_tokens,
+            num_seqs, norm_length, weights, ignore_index, chunk_size, exact, backend)
+        if done is not None:
+            return done
+    return _checked(hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, beta=beta,
+                    kl=kl, entropy_coef=entropy_coef, temperature=temperature, bias=bias, clip_low=clip_low,
+                    clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg,
+                    num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length, weights=weights,
+                    ignore_index=ignore_index, chunk_size=chunk_size, group=group, exact=exact, backend=backend)
+
+
+def _checked(hidden, weight, labels, old_logprobs, advantages, mask, *, ref_logprobs, beta, kl, entropy_coef,
+             temperature, bias, clip_low, clip_high, dual_clip, log_ratio_clamp, agg, num_tokens, num_seqs,
+             norm_length, weights, ignore_index, chunk_size, group, exact, backend):
+    """linear_ppo_loss with its checks in Python, for every kind of argument."""
     if group is not None:
         if chunk_size is not None:
             raise ValueError("linear_ppo_loss: chunk_size is not supported with group= (vocabulary-parallel)")
@@ -85,7 +106,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             exact=exact, backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
             log_ratio_clamp=log_ratio_clamp, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
             norm_length=norm_length, weights=weights)
-    op = linear_ppo_loss.__name__
+    op = _OP
     device = L.lm_head(op, hidden, weight, bias, hidden_ndim=3)
     beta = V.number(op, "beta", beta, low=0.0, finite=True)
     entropy_coef = V.number(op, "entropy_coef", entropy_coef, finite=True)

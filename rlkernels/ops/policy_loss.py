@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate as V, reference
+from .._library import _C
 from ..reference.policy_loss import GRPO_LOSS_TYPES, KL_ESTIMATORS, POLICY_STATS, grpo_aggregation
 from . import _packed, _registry, _token_loss
 from ._token_loss import count_or, off_or
@@ -131,6 +132,23 @@ def _per_row_or_pad(pk, op: str, name: str, value):
 
 def _policy(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logprobs, clip_low, clip_high, dual_clip,
             log_ratio_clamp, kl_coef, kl, agg, num_tokens, num_seqs, norm_length, backend):
+    # The usual call, checked and run in one compiled call (csrc/usual_calls.cpp); None
+    # where any argument is of another kind, which the checks below handle.
+    if not torch.compiler.is_compiling():
+        done = _C.policy_loss_usual(POLICY_STATS, logprobs, old_logprobs, advantages, mask, weights, ref_logprobs,
+                                    clip_low, clip_high, dual_clip, log_ratio_clamp, kl_coef, kl, agg, num_tokens,
+                                    num_seqs, norm_length, backend)
+        if done is not None:
+            return done
+    return _policy_checked(op, logprobs, old_logprobs, advantages, mask, weights=weights, ref_logprobs=ref_logprobs,
+                           clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                           log_ratio_clamp=log_ratio_clamp, kl_coef=kl_coef, kl=kl, agg=agg, num_tokens=num_tokens,
+                           num_seqs=num_seqs, norm_length=norm_length, backend=backend)
+
+
+def _policy_checked(op, logprobs, old_logprobs, advantages, mask, *, weights, ref_logprobs, clip_low, clip_high,
+                    dual_clip, log_ratio_clamp, kl_coef, kl, agg, num_tokens, num_seqs, norm_length, backend):
+    """_policy with its checks in Python, for every kind of argument."""
     clip_low = V.number(op, "clip_low", clip_low, low=0.0, high=1.0, low_open=True, high_open=True)
     clip_high = clip_low if clip_high is None else V.number(op, "clip_high", clip_high, low=0.0, low_open=True)
     if dual_clip is not None:
