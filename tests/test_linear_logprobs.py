@@ -129,14 +129,16 @@ def test_chunk_rows_and_tiles():
 @pytest.mark.parametrize("tiles", [(23, 50), (6, 50), (23, 7), (6, 7), (1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shared_chunking_helpers_compose(tiles, dtype):
-    """The helpers a fused loss builds on: forward chunks of full rows, and a tiled
-    backward that equals autograd through the full matmul."""
+    """The helpers the vocabulary-parallel ops build on: forward tiles in row order, and a
+    tiled backward that equals autograd through the full matmul."""
     hidden, weight, bias, _ = problem(N=23, V=50, dtype=dtype)
     seen = []
-    for start, stop, logits in _chunked.chunked_logits(hidden, weight, bias, 6):
-        torch.testing.assert_close(logits, torch.addmm(bias, hidden[start:stop], weight.t()))
-        seen.append((start, stop))
-    assert seen == [(0, 6), (6, 12), (12, 18), (18, 23)]
+    for t0, t1, v0, v1, logits in _chunked.tiled_logits(hidden, weight, bias, tiles):
+        torch.testing.assert_close(logits, torch.addmm(bias[v0:v1], hidden[t0:t1], weight[v0:v1].t()))
+        seen.append((t0, t1, v0, v1))
+    chunk, block = tiles
+    assert seen == [(t0, min(t0 + chunk, 23), v0, min(v0 + block, 50))
+                    for t0 in range(0, 23, chunk) for v0 in range(0, 50, block)]
     upstream = torch.randn(23, 50)
     visited = torch.zeros(23, 50, dtype=torch.int64)
 
