@@ -5,7 +5,6 @@
 // autograd of rlkernels/ops/_registry.py; docs/adding-an-op.md says where each piece lives.
 #pragma once
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/python.h>
@@ -14,16 +13,12 @@
 #include <utility>
 #include <vector>
 
+#include "../dispatcher.h"
+
 namespace rlk::autograd {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The op `rlkernels::<name>` with the C++ signature Sig, looked up once per call site.
-template <class Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
-}
 
 // Autograd runs a backward with grad mode on exactly when that backward is itself being
 // recorded (create_graph=True, or a torch.func transform): the double-backward paths.

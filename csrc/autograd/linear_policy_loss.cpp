@@ -32,15 +32,9 @@ Outputs forward_op(const at::Tensor& hidden, const at::Tensor& weight, const at:
                      coefficients, kl, agg, entropy_coef, temperature, ignore_index, chunk, backend, needs, pieces);
 }
 
-// A plain CPU tensor: its value may be read here at no cost (no device sync, no trace).
-bool readable(const at::Tensor& t) {
-  return t.is_cpu() && t.has_storage() && !t.unsafeGetTensorImpl()->is_python_dispatch() &&
-         !t.key_set().has_any(c10::functorch_transforms_ks) &&
-         !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-}
-
+// grad_loss == 1 is read only where that costs nothing (host_readable, csrc/dispatcher.h).
 at::Tensor scaled(const at::Tensor& saved, const at::Tensor& grad_loss) {
-  if (readable(grad_loss) && readable(saved) && grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0) {
+  if (host_readable(grad_loss) && host_readable(saved) && grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0) {
     return saved;
   }
   return saved * grad_loss.to(saved.scalar_type());

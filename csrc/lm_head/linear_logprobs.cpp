@@ -7,10 +7,10 @@
 // linear_ppo_loss (which stays on those Python helpers) gets the same logits bit for bit.
 #include "linear_logprobs.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "../core/lm_head.h"
+#include "../dispatcher.h"
 #include "tiles.h"
 
 namespace rlk::lm_head {
@@ -21,29 +21,18 @@ using VocabTileSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor
 using BackwardInplaceSig = void(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t);
 
-template <class Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
+// The tile kernels a backend runs: the compiled ops, or their Triton twins (per_backend,
+// csrc/dispatcher.h), each looked up on its first use.
+const c10::TypedOperatorHandle<VocabTileSig>& vocab_tile_op(c10::string_view backend) {
+  return per_backend(backend, [](bool twin) {
+    return op_or_twin<VocabTileSig>("rlkernels::logprobs_vocab_tile", twin);
+  });
 }
 
-// The tile kernels a backend runs: the compiled ops, or the Triton twins (registered from
-// Python, rlkernels/ops/_registry.py; looked up on first use, by then they exist).
-c10::TypedOperatorHandle<VocabTileSig> vocab_tile_op(c10::string_view backend) {
-  if (backend == "triton") {
-    static const auto twin = find<VocabTileSig>("rlkernels::logprobs_vocab_tile_triton");
-    return twin;
-  }
-  static const auto compiled = find<VocabTileSig>("rlkernels::logprobs_vocab_tile");
-  return compiled;
-}
-
-c10::TypedOperatorHandle<BackwardInplaceSig> backward_inplace_op(c10::string_view backend) {
-  if (backend == "triton") {
-    static const auto twin = find<BackwardInplaceSig>("rlkernels::logprobs_backward_inplace_triton");
-    return twin;
-  }
-  static const auto compiled = find<BackwardInplaceSig>("rlkernels::logprobs_backward_inplace");
-  return compiled;
+const c10::TypedOperatorHandle<BackwardInplaceSig>& backward_inplace_op(c10::string_view backend) {
+  return per_backend(backend, [](bool twin) {
+    return op_or_twin<BackwardInplaceSig>("rlkernels::logprobs_backward_inplace", twin);
+  });
 }
 
 // The ValueError of a label outside [0, vocab) that is not ignore_index, naming the first
@@ -61,8 +50,7 @@ c10::TypedOperatorHandle<BackwardInplaceSig> backward_inplace_op(c10::string_vie
 std::optional<at::Tensor> kept_rows(const at::Tensor& labels, int64_t ignore_index, int64_t vocab,
                                     bool drop_ignored) {
   if (!drop_ignored || labels.numel() == 0) return std::nullopt;
-  const bool direct = labels.is_cpu() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
-                      !labels.unsafeGetTensorImpl()->is_python_dispatch();
+  const bool direct = host_readable(labels) && labels.scalar_type() == at::kLong && labels.is_contiguous();
   if (!direct) {  // (fake tensors in the checked mode land here, and raise at the first read)
     const at::Tensor keep = labels.ne(ignore_index);
     const at::Tensor bad = keep.logical_and(labels.lt(0).logical_or(labels.ge(vocab)));

@@ -21,7 +21,6 @@
 //                    piece's loss and gradients (0 where a count is 0); every token and
 //                    row through the lm-head (ignored ones give 0 and no gradient).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../dispatcher.h"
 #include "tiles.h"
 
 namespace rlk::lm_head {
@@ -52,13 +52,8 @@ constexpr int64_t kRatioMaxSlot = 6;
 // log_ratio_clamp, kl_coef; csrc/args/policy_loss.h reads the list).
 constexpr size_t kTokens = 5, kSeqs = 6, kNorm = 7, kNumCoefficients = 8;
 
-template <class Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
-}
-
-// The kernels a backend runs: the compiled ops, or their Triton twins (registered from
-// Python, rlkernels/ops/_registry.py; looked up on first use, by then they exist).
+// The kernels a backend runs: the compiled ops, or their Triton twins (per_backend,
+// csrc/dispatcher.h), looked up together on the backend's first use.
 struct Kernels {
   c10::TypedOperatorHandle<RowForwardSig> row_forward;
   c10::TypedOperatorHandle<RowBackwardInplaceSig> row_backward_inplace;
@@ -66,16 +61,11 @@ struct Kernels {
 };
 
 const Kernels& kernels(c10::string_view backend) {
-  if (backend == "triton") {
-    static const Kernels twins{find<RowForwardSig>("rlkernels::logprobs_triton"),
-                               find<RowBackwardInplaceSig>("rlkernels::logprobs_backward_inplace_triton"),
-                               find<PolicySig>("rlkernels::policy_loss_triton")};
-    return twins;
-  }
-  static const Kernels compiled{find<RowForwardSig>("rlkernels::logprobs"),
-                                find<RowBackwardInplaceSig>("rlkernels::logprobs_backward_inplace"),
-                                find<PolicySig>("rlkernels::policy_loss")};
-  return compiled;
+  return per_backend(backend, [](bool twin) {
+    return Kernels{op_or_twin<RowForwardSig>("rlkernels::logprobs", twin),
+                   op_or_twin<RowBackwardInplaceSig>("rlkernels::logprobs_backward_inplace", twin),
+                   op_or_twin<PolicySig>("rlkernels::policy_loss", twin)};
+  });
 }
 
 // A piece: rows [r0, r1) x columns [c0, c1), its aggregation and coefficients, and the
@@ -100,7 +90,7 @@ std::vector<Piece> counted_pieces(const at::Tensor& valid, int64_t chunk, const 
   const int64_t B = valid.size(0), T = valid.size(1);
   // the row counts, read once: straight from the mask's bytes for a plain CPU tensor
   std::vector<int64_t> counts(B, 0);
-  const bool direct = valid.is_cpu() && valid.is_contiguous() && !valid.unsafeGetTensorImpl()->is_python_dispatch();
+  const bool direct = host_readable(valid) && valid.is_contiguous();
   if (direct) {
     const bool* v = valid.const_data_ptr<bool>();
     for (int64_t b = 0; b < B; ++b) {

@@ -2,8 +2,7 @@
 time, so extra memory is bounded by the tile instead of O(N x V).
 
 The matmuls go to the platform's BLAS (torch.mm on tiles, cuBLAS on GPU) and
-write into one reused buffer; what happens to each tile is the caller's: a row
-kernel that reduces full rows (chunked_logits: token chunks of full rows), one
+write into one reused buffer; what happens to each tile is the caller's: one
 that carries per-row statistics across the vocabulary blocks of a row
 (tiled_logits: the vocabulary-parallel forward), and one that turns a tile into
 d loss / d logits in place (backward).
@@ -104,20 +103,6 @@ def row_logits(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         staged[: n - whole] = hidden[whole:]
         _logits_into(buffer[whole: whole + GEMM_ROWS], staged, weight, bias)
     return buffer[:n]
-
-
-def chunked_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yields (start, stop, logits) with logits = hidden[start:stop] @ weight.T (+ bias),
-    full rows, a view of one buffer that the next chunk overwrites.  A token's logits do
-    not depend on the chunk or batch it is in (row_logits)."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    if n == 0:
-        return
-    buffer = hidden.new_empty((padded_rows(min(chunk, n)), vocab))
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        yield start, stop, row_logits(buffer, hidden[start:stop], weight, bias)
 
 
 def tiled_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
