@@ -11,6 +11,8 @@
 // raises its named error.  tests/test_usual_calls.py holds each function to its Python path.
 #include "usual_calls.h"
 
+#include "dispatcher.h"
+
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -31,34 +33,22 @@ namespace {
 
 using Opt = std::optional<at::Tensor>;
 
-template <class Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
-}
-
 // No Python mode would see (or change) the calls the Python path makes.
 bool no_python_modes() {
   return c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !at::impl::torch_function_mode_enabled();
 }
 
-// Keys a plain dense CPU tensor never has: tensor subclasses, functorch wrappers,
+// Keys a plain dense tensor never has besides those host_readable rules out:
 // functionalisation, lazy conjugation or negation.
-const c10::DispatchKeySet kUnusualKeys{c10::DispatchKey::Python,
-                                       c10::DispatchKey::PythonTLSSnapshot,
-                                       c10::DispatchKey::FuncTorchBatched,
-                                       c10::DispatchKey::FuncTorchGradWrapper,
-                                       c10::DispatchKey::Functionalize,
-                                       c10::DispatchKey::Conjugate,
-                                       c10::DispatchKey::Negative,
-                                       c10::DispatchKey::ZeroTensor};
+const c10::DispatchKeySet kUnusualKeys{c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate,
+                                       c10::DispatchKey::Negative, c10::DispatchKey::ZeroTensor};
 
-// `h` as a plain CPU tensor (exactly torch.Tensor or nn.Parameter, strided, with storage),
-// or nullptr.
+// `h` as a plain CPU tensor (exactly torch.Tensor or nn.Parameter, strided, readable on the
+// host: csrc/dispatcher.h), or nullptr.
 const at::Tensor* plain(py::handle h) {
   if (!THPVariable_CheckExact(h.ptr())) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(h.ptr());
-  if (!t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided || !t.has_storage() ||
-      t.key_set().has_any(kUnusualKeys)) {
+  if (!t.defined() || t.layout() != at::kStrided || !host_readable(t) || t.key_set().has_any(kUnusualKeys)) {
     return nullptr;
   }
   return &t;
@@ -223,11 +213,11 @@ py::object policy_loss(const py::tuple& names, py::handle logprobs, py::handle o
       policy_coefficients(clip_low, clip_high, dual_clip, log_ratio_clamp, *coef, num_tokens, num_seqs, norm_length);
   if (!coefficients) return py::none();
   const bool need_grad = at::GradMode::is_enabled() && x->requires_grad();
-  static const auto op = find<PolicySig>("rlkernels::policy_loss");
+  static const auto policy = op<PolicySig>("rlkernels::policy_loss");
   PolicyOutputs out;
   try {
     py::gil_scoped_release no_gil;
-    out = op.call(*x, *old, *adv, valid.tensor, w.tensor, ref.tensor, *coefficients, *kl_name, *agg_name, need_grad);
+    out = policy.call(*x, *old, *adv, valid.tensor, w.tensor, ref.tensor, *coefficients, *kl_name, *agg_name, need_grad);
   } catch (const c10::Error&) {
     return py::none();  // the Python path raises the named error
   }
@@ -305,7 +295,7 @@ py::object linear_ppo_loss(const py::tuple& names, int64_t every_token_macs, py:
                                grad_mode && b.has_value() && b->requires_grad()});
   // B * T * V * H in double: it only decides between two ways of the same result
   const bool small = static_cast<double>(B) * T * V * H <= static_cast<double>(every_token_macs);
-  static const auto op = find<LinearSig>("rlkernels::linear_policy_loss");
+  static const auto sweep = op<LinearSig>("rlkernels::linear_policy_loss");
   LinearOutputs out;
   try {
     py::gil_scoped_release no_gil;
@@ -327,7 +317,7 @@ py::object linear_ppo_loss(const py::tuple& names, int64_t every_token_macs, py:
         for (int64_t i = 0; i < n; ++i) is_valid[i] = in[i] != ignored;
       }
     }
-    out = op.call(h->contiguous(), w->contiguous(), kept_labels, b, *old, *adv, valid, w_tok.tensor,
+    out = sweep.call(h->contiguous(), w->contiguous(), kept_labels, b, *old, *adv, valid, w_tok.tensor,
                   use_kl ? ref.tensor : Opt(), *coefficients, use_kl ? *kl_name : c10::string_view("none"),
                   *agg_name, *entropy, *temp, *ignore, chunk, "cpu", needs, small ? "counted" : "counted-valid");
   } catch (const c10::Error&) {
