@@ -1,5 +1,5 @@
 // The usual call of the costliest front ends (rlkernels.ppo_loss / grpo_loss through
-// ops/policy_loss.py `_policy`, and rlkernels.linear_ppo_loss), checked and run in one
+// ops/policy_loss.py `_policy`, rlkernels.linear_ppo_loss and rlkernels.linear_logprobs), checked and run in one
 // compiled call.  Each function returns None unless every argument is of the usual kind
 // (plain CPU tensors of matching shapes, dtypes and layouts; numbers inside their ranges;
 // no tensor subclass, dispatch or torch-function mode), in which case the Python checks
@@ -20,6 +20,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -326,6 +327,66 @@ py::object linear_ppo_loss(const py::tuple& names, int64_t every_token_macs, py:
   return loss_and_stats(names, std::get<0>(out), std::get<1>(out));
 }
 
+using LogprobsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LogprobsSig = LogprobsOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, double,
+                                    int64_t, bool, bool, int64_t, int64_t, int64_t, bool, c10::string_view);
+
+// linear_logprobs' usual call (ops/linear_logprobs.py): hidden a plain CPU [..., H] tensor
+// of a kernel dtype, weight [V, H] and bias (None or [V]) of its dtype, labels int64 of
+// hidden's leading shape and contiguous, temperature and ignore_index in range, entropy and
+// is_top1 bools, mean_logits False, chunk_size None or an int >= 1, group None, backend
+// "auto" or "cpu" (exact is ignored without group, as in Python).  chunk_bytes: the
+// default budget (ops/_chunked.py CHUNK_BYTES).  The op checks the label range itself.
+py::object linear_logprobs(int64_t chunk_bytes, py::handle hidden, py::handle weight, py::handle labels,
+                           py::handle bias, py::handle temperature, py::handle ignore_index, py::handle entropy,
+                           py::handle mean_logits, py::handle is_top1, py::handle chunk_size, py::handle group,
+                           py::handle backend) {
+  if (!no_python_modes() || !cpu_backend(backend) || !group.is_none() || mean_logits.ptr() != Py_False ||
+      !PyBool_Check(entropy.ptr()) || !PyBool_Check(is_top1.ptr())) {
+    return py::none();
+  }
+  const at::Tensor* h = plain(hidden);
+  if (h == nullptr || h->dim() < 1) return py::none();
+  const at::ScalarType dtype = h->scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return py::none();
+  const at::Tensor* w = plain(weight);
+  if (w == nullptr || w->dim() != 2 || w->scalar_type() != dtype || w->size(1) != h->size(-1)) return py::none();
+  Opt b;
+  if (!bias.is_none()) {
+    const at::Tensor* t = plain(bias);
+    if (t == nullptr || t->dim() != 1 || t->scalar_type() != dtype || t->size(0) != w->size(0)) return py::none();
+    b = *t;
+  }
+  const at::Tensor* lab = plain_like(labels, at::kLong, h->sizes().slice(0, h->dim() - 1));
+  const auto temp = number(temperature);
+  const auto ignore = integer(ignore_index);
+  if (lab == nullptr || !temp || !std::isfinite(*temp) || !(*temp >= 0x1p-126) || !ignore) return py::none();
+  const int64_t vocab = w->size(0), n = lab->numel();
+  int64_t budget = chunk_bytes;
+  if (!chunk_size.is_none()) {
+    const auto tokens = integer(chunk_size);
+    if (!tokens || *tokens < 1) return py::none();
+    // ops/linear_logprobs.py _tiling: that many full rows of float32 logits
+    budget = std::max<int64_t>(1, std::min<int64_t>(*tokens, std::max<int64_t>(n, 1))) *
+             std::max<int64_t>(vocab, 1) * 4;
+  }
+  const bool with_entropy = entropy.ptr() == Py_True, with_top1 = is_top1.ptr() == Py_True;
+  static const auto forward = op<LogprobsSig>("rlkernels::linear_logprobs");
+  LogprobsOutputs out;
+  try {
+    py::gil_scoped_release no_gil;
+    out = forward.call(*h, *w, *lab, b, *temp, *ignore, with_entropy, with_top1, 0, 0, budget, true, "cpu");
+  } catch (const c10::Error&) {
+    return py::none();  // a label out of range: the Python path raises the named error
+  }
+  if (!with_entropy && !with_top1) return py::cast(std::get<0>(out));
+  py::list outputs;
+  outputs.append(py::cast(std::get<0>(out)));
+  if (with_entropy) outputs.append(py::cast(std::get<1>(out)));
+  if (with_top1) outputs.append(py::cast(std::get<3>(out)));
+  return py::tuple(outputs);
+}
+
 }  // namespace
 
 py::dict stat_views(const py::tuple& names, const at::Tensor& stats) {
@@ -343,6 +404,7 @@ py::dict stat_views(const py::tuple& names, const at::Tensor& stats) {
 void add_to(py::module_& m) {
   m.def("policy_loss_usual", &policy_loss);
   m.def("linear_ppo_loss_usual", &linear_ppo_loss);
+  m.def("linear_logprobs_usual", &linear_logprobs);
 }
 
 }  // namespace rlk::usual

@@ -18,6 +18,7 @@ from rlkernels.reference.policy_loss import POLICY_STATS
 
 # (the ops package exports the functions under their modules' names)
 lpl_module = importlib.import_module("rlkernels.ops.linear_ppo_loss")
+ll_module = importlib.import_module("rlkernels.ops.linear_logprobs")
 policy_module = importlib.import_module("rlkernels.ops.policy_loss")
 
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -276,6 +277,77 @@ def test_linear_ppo_usual_agrees_with_the_checked_path():
         assert kw["backend"] in ("auto", "cpu")
         answered += 1
         _same(_outputs_and_grads(lambda: _linear_usual(args, kw), leaves), expected)
+    assert answered > 80
+
+
+def _linear_logprobs_case(rng, g):
+    rate = rng.choice(RATES)
+    lead, H, V = rng.choice([((2, 8), 16, 64), ((5,), 3, 7), ((2, 3, 2), 8, 33), ((0,), 4, 9), ((), 4, 5)])
+    dtype = _either(rng, rate, [torch.float32, torch.bfloat16, torch.float16], [torch.float64])
+    hidden = _odd_tensor(rng, g, (*lead, H), dtype, rate)
+    weight = _odd_tensor(rng, g, (V, H), dtype, rate) if rng.random() >= rate else torch.randn(V, H + 1).to(dtype)
+    for t in (hidden, weight):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and rng.random() < 0.5:
+            t.requires_grad_()
+    labels = torch.randint(0, V, lead, generator=g)
+    if labels.numel() and rng.random() < 0.3:
+        labels.view(-1)[-1] = -100
+    if rng.random() < rate:
+        pick = rng.random()
+        if pick < 0.4 and labels.numel():
+            labels.view(-1)[0] = rng.choice([V, -1])
+        elif pick < 0.6:
+            labels = labels.int()
+        elif pick < 0.8:
+            labels = labels.float()
+        elif labels.dim():
+            labels = torch.stack([labels, labels], -1)[..., 0]
+    bias = _odd_tensor(rng, g, (V,), dtype, rate) if rng.random() < 0.3 else None
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point() and rng.random() < 0.5:
+        bias.requires_grad_()
+    kwargs = dict(
+        bias=bias, temperature=_either(rng, rate, [1.0, 0.7, 2], [0.0, 1e-40, -1.0, float("nan")]),
+        ignore_index=_either(rng, rate, [-100, 0], [True, 2 ** 70]),
+        entropy=_either(rng, rate, [False, True], [1, None]), mean_logits=_either(rng, rate, [False], [True, 0]),
+        is_top1=_either(rng, rate, [False, True], [1]), chunk_size=_either(rng, rate, [None, 1, 3, 1000], [0, (2, 4), True]),
+        exact=rng.choice([False, True]), backend=_either(rng, rate, ["auto", "cpu"], ["reference", "cuda"]))
+    return (hidden, weight, labels), kwargs
+
+
+class _NoUsualCall:
+    @staticmethod
+    def linear_logprobs_usual(*args):
+        return None
+
+
+def test_linear_logprobs_usual_agrees_with_the_checked_path(monkeypatch):
+    rng = random.Random(5)
+    g = torch.Generator().manual_seed(5)
+    answered = 0
+    for _ in range(400):
+        args, kw = _linear_logprobs_case(rng, g)
+        leaves = [t for t in (args[0], args[1], kw["bias"]) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def run():
+            out = rlkernels.linear_logprobs(*args, **kw)
+            first = out[0] if isinstance(out, tuple) else out
+            grads = torch.autograd.grad(first.sum(), leaves) if first.requires_grad and leaves else None
+            return out, grads
+
+        with monkeypatch.context() as m:
+            m.setattr(ll_module, "_C", _NoUsualCall)
+            try:
+                expected = run()
+            except (TypeError, ValueError):
+                expected = None
+        done = _C.linear_logprobs_usual(ll_module._chunked.CHUNK_BYTES, *args, kw["bias"], kw["temperature"],
+                                        kw["ignore_index"], kw["entropy"], kw["mean_logits"], kw["is_top1"],
+                                        kw["chunk_size"], None, kw["backend"])
+        if done is None:
+            continue
+        assert expected is not None, f"the compiled path answered a call the checks refuse: {kw}"
+        answered += 1
+        _same(run(), expected)
     assert answered > 80
 
 

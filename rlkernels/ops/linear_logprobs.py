@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checkmode, reference
+from .._library import _C
 from . import _chunked, _double_backward
 from . import _logits as L
 
@@ -72,6 +73,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     rlkernels.distributed.vocab_parallel for the keywords that tune it); exact=True there
     gives the unsharded CPU op's bits (CPU, shards on chunk edges; ignored without group).
     """
+    if group is None and not torch.compiler.is_compiling():
+        # The usual call, checked and run in one compiled call (csrc/usual_calls.cpp); None
+        # where any argument is of another kind, which the checks below handle.
+        done = _C.linear_logprobs_usual(_chunked.CHUNK_BYTES, hidden, weight, labels, bias, temperature, ignore_index,
+                                        entropy, mean_logits, is_top1, chunk_size, group, backend)
+        if done is not None:
+            return done
     if group is not None:
         unsupported = [name for name, on in (("mean_logits", mean_logits), ("is_top1", is_top1),
                                              ("chunk_size", chunk_size is not None)) if on]
