@@ -363,6 +363,26 @@ def test_dpo_sequence_forward_is_the_composition_bit_for_bit(average):
                 assert torch.equal(a, b), (dtype, m is None)
 
 
+def test_dpo_sequence_on_several_threads():
+    """Rows enough for the CPU kernel to split them over threads: the same bits as one
+    thread and as the composition, the same gradient."""
+    policy, ref, mask = token_pairs(64, 8192, torch.float32, "cpu", seed=13)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(threads, 2)):
+            torch.set_num_threads(n)
+            results.append(run_both(rlkernels.dpo_sequence_loss, policy, ref, mask, backend="cpu", average=True))
+        composed_outs = composed(policy, ref, mask, backend="cpu", average=True)
+    finally:
+        torch.set_num_threads(threads)
+    (one_outs, one_grads), (many_outs, many_grads) = results
+    for a, b, c in zip(one_outs, many_outs, composed_outs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(one_grads, many_grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind,ls", SEQUENCE_KINDS)
 def test_dpo_sequence_infinite_logprobs(backend_device, kind, ls):
     """-inf log-probs on valid tokens (a chosen row of pair 0, a rejected row of pair 1,

@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "parallel.h"
 #include "../core/preference.h"
 #include "../args/preference.h"
@@ -143,10 +145,10 @@ at::Tensor sequence_logprobs_backward_cpu(const at::Tensor& grad, const c10::opt
   return out;
 }
 
-// The whole DPO step's forward in one pass over the token tensors: per pair, the
-// masked sums (or means) of its chosen and rejected rows, policy and reference, then
-// the pair's loss, rewards and per-row gradient coefficients.  The threads split the
-// pairs by the same work rule as sequence_logprobs (four rows of T tokens a pair).
+// The whole DPO step's forward in one pass over the token tensors: the masked sums (or
+// means) of every row of policy and reference, row after row in memory order, then per
+// pair the loss, rewards and the per-row gradient coefficients.  The threads split the
+// rows by the same work rule as sequence_logprobs (two rows of T tokens a row).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_sequence_loss_cpu(
     const at::Tensor& policy_logprobs, const at::Tensor& ref_logprobs, const c10::optional<at::Tensor>& mask,
     double beta, c10::string_view kind, double label_smoothing, bool average) {
@@ -159,34 +161,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_sequence_loss_cpu
     using acc = acc_t<scalar_t>;
     const scalar_t* policy = static_cast<const scalar_t*>(p.policy_logprobs);
     const scalar_t* ref = static_cast<const scalar_t*>(p.ref_logprobs);
+    // Per row: the policy's value, the reference's, the count of valid tokens.
+    std::vector<acc> rows(static_cast<size_t>(2 * B) * 3);
+    rlk::cpu::parallel_for(0, 2 * B, cpu::row_grain(2 * T), [&](int64_t begin, int64_t end) {
+      alignas(64) acc staging[cpu::kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t at = r * T;
+        const uint8_t* m = p.mask == nullptr ? nullptr : p.mask + at;
+        int64_t count = 0, ref_count = 0;  // the same mask: the same count
+        const double policy_total = row_sum<acc>(policy + at, m, T, staging, &count);
+        const double ref_total = row_sum<acc>(ref + at, m, T, staging, &ref_count);
+        rows[3 * r] = row_value<acc>(policy_total, count, p.average);
+        rows[3 * r + 1] = row_value<acc>(ref_total, count, p.average);
+        rows[3 * r + 2] = acc(count);
+      }
+    });
     acc* out_loss = static_cast<acc*>(p.losses);
     acc* out_chosen = static_cast<acc*>(p.chosen_rewards);
     acc* out_rejected = static_cast<acc*>(p.rejected_rewards);
     acc* out_coef = static_cast<acc*>(p.coef);
-    rlk::cpu::parallel_for(0, B, cpu::row_grain(4 * T), [&](int64_t begin, int64_t end) {
-      alignas(64) acc staging[cpu::kChunk];
-      for (int64_t b = begin; b < end; ++b) {
-        acc values[4];  // policy chosen, policy rejected, ref chosen, ref rejected
-        acc counts[2];
-        for (int side = 0; side < 2; ++side) {
-          const int64_t at = (b + side * B) * T;
-          const uint8_t* m = p.mask == nullptr ? nullptr : p.mask + at;
-          int64_t count = 0, ref_count = 0;  // the same mask: the same count
-          const double policy_total = row_sum<acc>(policy + at, m, T, staging, &count);
-          const double ref_total = row_sum<acc>(ref + at, m, T, staging, &ref_count);
-          values[side] = row_value<acc>(policy_total, count, p.average);
-          values[2 + side] = row_value<acc>(ref_total, count, p.average);
-          counts[side] = acc(count);
-        }
-        const PreferencePair<acc> pair = preference_pair<acc>(p.kind, acc(p.beta), acc(p.label_smoothing), values[0],
-                                                              values[1], values[2], values[3]);
-        out_loss[b] = pair.loss;
-        out_chosen[b] = pair.chosen_reward;
-        out_rejected[b] = pair.rejected_reward;
-        out_coef[b] = sequence_coef<acc>(pair.dlogits, acc(1), p.average, counts[0]);
-        out_coef[B + b] = sequence_coef<acc>(pair.dlogits, acc(-1), p.average, counts[1]);
-      }
-    });
+    for (int64_t b = 0; b < B; ++b) {
+      const acc* chosen = rows.data() + 3 * b;
+      const acc* rejected = rows.data() + 3 * (B + b);
+      const PreferencePair<acc> pair = preference_pair<acc>(p.kind, acc(p.beta), acc(p.label_smoothing), chosen[0],
+                                                            rejected[0], chosen[1], rejected[1]);
+      out_loss[b] = pair.loss;
+      out_chosen[b] = pair.chosen_reward;
+      out_rejected[b] = pair.rejected_reward;
+      out_coef[b] = sequence_coef<acc>(pair.dlogits, acc(1), p.average, chosen[2]);
+      out_coef[B + b] = sequence_coef<acc>(pair.dlogits, acc(-1), p.average, rejected[2]);
+    }
   });
   return out.tuple();
 }
