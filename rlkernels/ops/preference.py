@@ -184,8 +184,8 @@ def dpo_sequence_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
         seq, ref = sequence_logprobs(policy_logprobs, mask), sequence_logprobs(ref_logprobs, mask)
         dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], ...)
 
-    in two passes over memory instead of five (the forward reads the token tensors
-    once, the backward writes the gradient once) and two op calls instead of four.
+    in two op calls instead of four: the forward reads each token tensor once, the
+    backward writes each gradient once.
     Returns (losses, chosen_rewards, rejected_rewards), `[B]` float32 (float64 for
     float64 input); gradients flow to policy_logprobs (and to ref_logprobs if it
     requires grad), in their dtypes.  Take `losses.mean()` for the batch loss."""
