@@ -168,7 +168,7 @@ def _token_rows(op: str, average, mask, **tensors: torch.Tensor):
         raise TypeError(f"{op}: average must be a bool, got {type(average).__name__}")
     device = V.same_device(op, **tensors, mask=mask)
     mask = V.binary_mask(op, "mask", mask, first.shape, device)
-    return (*(V.as_dtype(t, dtype).contiguous() for t in tensors.values()), mask, device)
+    return (*(V.as_dtype(t, dtype) for t in tensors.values()), mask, device)
 
 
 def dpo_sequence_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None,
