@@ -149,6 +149,12 @@ def cases(smoke: bool) -> list[Case]:
                                                 "mask": _mask(b, t, dev)},
         lambda token_logprobs, mask, backend: rlkernels.sequence_logprobs(token_logprobs, mask, average=True,
                                                                           backend=backend), ("token_logprobs",))
+    add("dpo_sequence_loss", lambda d, dev, s: {"policy_logprobs": (-torch.rand(2 * b, t) * 5).to(d).to(dev),
+                                                "ref_logprobs": (-torch.rand(2 * b, t) * 5).to(d).to(dev),
+                                                "mask": _mask(2 * b, t, dev)},
+        lambda policy_logprobs, ref_logprobs, mask, backend: rlkernels.dpo_sequence_loss(
+            policy_logprobs, ref_logprobs, mask, beta=0.1, label_smoothing=0.1, average=True, backend=backend),
+        ("policy_logprobs", "ref_logprobs"))
     add("gae", lambda d, dev, s: {"rewards": torch.randn(b, t, dtype=d, device=dev),
                                   "values": torch.randn(b, t, dtype=d, device=dev), "mask": _mask(b, t, dev)},
         lambda rewards, values, mask, backend: rlkernels.gae(rewards, values, mask, gamma=0.99, lam=0.95,

@@ -155,6 +155,26 @@ def cases(quick: bool):
                         lambda B=B, L=L, dtype=dtype, acc=acc, hm=has_mask, average=average:
                         preference.sequence_logprobs_backward_triton(
                             meta(B, dtype=acc), mask(B, L) if hm else None, meta(B, dtype=acc), average, L, dtype))
+                    # the fused step over [2B, L]: every kind once (mask, sums), sigmoid with each
+                    # mask/average combination
+                    for kind in preference._KINDS:
+                        if kind != "sigmoid" and (average or not has_mask):
+                            continue
+                        yield "dpo_sequence_loss_triton", f"{d} kind={kind} mask={has_mask} average={average}", (
+                            lambda B=B, L=L, dtype=dtype, hm=has_mask, average=average, kind=kind:
+                            preference.dpo_sequence_loss_triton(
+                                meta(2 * B, L, dtype=dtype), meta(2 * B, L, dtype=dtype),
+                                mask(2 * B, L) if hm else None, 0.1, kind, 0.0, average))
+                if has_mask:
+                    yield "dpo_sequence_loss_backward_triton", f"{d} mask={has_mask}", (
+                        lambda B=B, L=L, dtype=dtype, acc=acc:
+                        preference.dpo_sequence_loss_backward_triton(
+                            meta(B, dtype=acc), mask(2 * B, L), meta(2 * B, dtype=acc), -1.0, L, dtype))
+                else:
+                    yield "dpo_sequence_loss_backward_triton", f"{d} mask={has_mask}", (
+                        lambda B=B, L=L, dtype=dtype, acc=acc:
+                        preference.dpo_sequence_loss_backward_triton(
+                            meta(B, dtype=acc), None, meta(2 * B, dtype=acc), 1.0, L, dtype))
             for kind in sorted(set(kl_penalty.KIND_CODES.values())):
                 name = next(k for k, v in kl_penalty.KIND_CODES.items() if v == kind)
                 for clamp in (float("inf"), 10.0):

@@ -43,6 +43,15 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def("dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, "
         "float beta, str kind, float label_smoothing) "
         "-> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor dlogits)");
+  // The whole DPO step from token log-probs, [2B, T] chosen rows then rejected rows
+  // (TRL's concatenated layout): both masked sums, the pair loss and coef, the [2B]
+  // per-row d loss / d policy token (reference: its negative); the backward writes
+  // scale * grad_losses[r mod B] * coef[r] on valid tokens (scale -1: the reference's).
+  m.def("dpo_sequence_loss(Tensor policy_logprobs, Tensor ref_logprobs, Tensor? mask, float beta, str kind, "
+        "float label_smoothing, bool average) "
+        "-> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards, Tensor coef)");
+  m.def("dpo_sequence_loss_backward(Tensor grad_losses, Tensor? mask, Tensor coef, float scale, int T, "
+        "ScalarType dtype) -> Tensor");
   m.def("sequence_logprobs(Tensor token_logprobs, Tensor? mask, bool average) -> (Tensor logprobs, Tensor num_tokens)");
   m.def("sequence_logprobs_backward(Tensor grad, Tensor? mask, Tensor num_tokens, bool average, int T, "
         "ScalarType dtype) -> Tensor");

@@ -134,6 +134,12 @@ def _sequence_logprobs(x):
                             rlkernels.sequence_logprobs(logits, mask, labels=labels, backend=backend))
 
 
+def _dpo_sequence_loss(x):
+    policy, ref, mask = x.randn(2 * B, T, leaf=True), x.randn(2 * B, T, leaf=True), x.mask(2 * B, T)
+    return lambda backend: rlkernels.dpo_sequence_loss(policy, ref, mask, beta=0.1, label_smoothing=0.1, average=True,
+                                                       backend=backend)
+
+
 def _linear_ppo_loss(x):
     hidden, weight = x.randn(B, T, H, leaf=True), x.randn(V, H, leaf=True)
     labels, old, adv, mask, ref = x.labels(B, T), x.randn(B, T) - 2.0, x.randn(B), x.mask(B, T), x.randn(B, T)
@@ -172,13 +178,14 @@ CASES = {
     "masked_mean": _masked_mean, "masked_whiten": _masked_whiten, "logprobs": _logprobs,
     "linear_logprobs": _linear_logprobs, "kl_from_logits": _kl_from_logits, "kl_penalty": _kl_penalty,
     "ppo_loss": _ppo_loss, "grpo_loss": _grpo_loss, "value_loss": _value_loss, "dpo_loss": _dpo_loss,
-    "sequence_logprobs": _sequence_logprobs, "linear_ppo_loss": _linear_ppo_loss, "pack_tensors": _pack_tensors,
+    "sequence_logprobs": _sequence_logprobs, "dpo_sequence_loss": _dpo_sequence_loss, "linear_ppo_loss": _linear_ppo_loss, "pack_tensors": _pack_tensors,
     "unpack_tensors": _unpack_tensors, "gossip_mix": _gossip_mix,
 }
 
 # The cases whose inputs hold data that a check reads (float 0/1 masks, labels, group ids).
 CHECKED = ("gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten", "logprobs",
            "linear_logprobs", "kl_from_logits", "ppo_loss", "grpo_loss", "value_loss", "sequence_logprobs",
+           "dpo_sequence_loss",
            "linear_ppo_loss")
 
 

@@ -16,7 +16,7 @@ from support import TRITON_ON_CPU, assert_close
 
 # Ops with a backward: all have a C++ autograd kernel, their twins a Python one.
 WITH_BACKWARD = ("logprobs", "kl_from_logits", "kl_penalty", "masked_row_mean", "dpo_loss", "sequence_logprobs",
-                 "policy_loss", "value_loss")
+                 "dpo_sequence_loss", "policy_loss", "value_loss")
 
 
 def test_the_ops_with_a_backward_are_the_ones_given_cpp_autograd():
@@ -95,6 +95,27 @@ def test_dpo_gradients_only_where_needed_and_in_each_dtype(needed):
     # each input holds a gradient of its own (pc and rr get the same values, never one tensor)
     grads = [t.grad for t in ours if t.grad is not None]
     assert len({g.data_ptr() for g in grads}) == len(grads)
+
+
+@pytest.mark.parametrize("policy_grad, ref_grad", [(True, False), (False, True), (True, True)])
+def test_dpo_sequence_backward_runs_once_per_input_needing_it(policy_grad, ref_grad):
+    policy = torch.randn(4, 6, dtype=torch.float32, requires_grad=policy_grad)
+    ref = torch.randn(4, 6, dtype=torch.float32, requires_grad=ref_grad)
+    mask = torch.rand(4, 6) > 0.3
+    calls = _Calls()
+    with calls:
+        losses, _, _ = rlkernels.dpo_sequence_loss(policy, ref, mask, beta=0.2, average=True)
+        losses.mean().backward()
+    scales = [args[3] for op, args in calls.calls if op == "dpo_sequence_loss_backward"]
+    assert scales == [1.0] * policy_grad + [-1.0] * ref_grad
+    truth = [t.detach().double().requires_grad_() for t in (policy, ref)]
+    reference.dpo_sequence_loss(*truth, mask, beta=0.2, average=True)[0].mean().backward()
+    for t, want, needed in zip((policy, ref), truth, (policy_grad, ref_grad)):
+        if needed:
+            assert t.grad.dtype == t.dtype
+            assert_close(t.grad, want.grad, dtype=torch.float32)
+        else:
+            assert t.grad is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -191,6 +212,8 @@ def _samples():
         (op.dpo_loss.default, (torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True),
                                torch.randn(4), torch.randn(4), 0.1, "sigmoid", 0.0)),
         (op.sequence_logprobs.default, (lp, mask2, True)),
+        (op.dpo_sequence_loss.default, (lp, torch.randn(2, 5, requires_grad=True), mask2, 0.1, "sigmoid", 0.0,
+                                        False)),
         (op.policy_loss.default, (lp, f, torch.randn(2, 5), mask2, None, None,
                                   [0.2, 0.2, float("inf"), 20.0, 0.0, -1.0, -1.0, -1.0], "none", "token-mean",
                                   True)),
@@ -198,7 +221,7 @@ def _samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(len(WITH_BACKWARD)))
 def test_opcheck_with_gradients(index):
     fn, args = _samples()[index]
     assert fn._opname == WITH_BACKWARD[index]

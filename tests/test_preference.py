@@ -261,3 +261,254 @@ def test_sequence_logprobs_from_logits(average):
     assert torch.all(grad[2] == 0)
     with pytest.raises(ValueError, match="labels must have shape"):
         rlkernels.sequence_logprobs(logits, mask, labels=labels[:, :5])
+
+
+# ---- dpo_sequence_loss: the fused step against the composition --------------------------------
+
+SEQUENCE_KINDS = KINDS + [("robust", 0.0)]
+
+
+def token_pairs(B, T, dtype, device, *, poison=True, seed=0):
+    """[2B, T] policy and reference token log-probs and a mask with interior gaps, an
+    all-masked row (the rejected row of pair 0) and, with poison, NaN and -inf in masked
+    slots (which must not reach any result)."""
+    g = torch.Generator().manual_seed(seed)
+    policy = -torch.rand(2 * B, T, generator=g) * 4
+    ref = policy + torch.randn(2 * B, T, generator=g) * 0.3
+    mask = torch.rand(2 * B, T, generator=g) > 0.25
+    mask[B] = False
+    if T > 4:
+        mask[0, 1:3] = False  # an interior gap
+    if poison:
+        bad = torch.tensor([float("nan"), -float("inf")])[torch.randint(0, 2, (2 * B, T), generator=g)]
+        policy = torch.where(mask, policy, bad)
+        ref = torch.where(mask, ref, bad.flip(0))
+    return policy.to(dtype).to(device), ref.to(dtype).to(device), mask.to(device)
+
+
+def composed(policy, ref, mask, *, backend, average=False, **kw):
+    """The composition dpo_sequence_loss fuses, on one backend."""
+    B = policy.shape[0] // 2
+    seq = rlkernels.sequence_logprobs(policy, mask, average=average, backend=backend)
+    ref_seq = rlkernels.sequence_logprobs(ref, mask, average=average, backend=backend)
+    return rlkernels.dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], backend=backend, **kw)
+
+
+def run_both(fn, policy, ref, mask, ref_grad=True, **kw):
+    """fn's outputs and the gradients of a weighted loss sum w.r.t. policy (and ref)."""
+    x = policy.detach().clone().requires_grad_()
+    r = ref.detach().clone().requires_grad_(ref_grad)
+    losses, chosen, rejected = fn(x, r, mask, **kw)
+    weights = torch.linspace(0.5, 1.5, losses.numel(), device=losses.device, dtype=losses.dtype)
+    grads = torch.autograd.grad((losses * weights).sum(), [x, r] if ref_grad else [x])
+    return (losses, chosen, rejected), grads
+
+
+@pytest.mark.parametrize("kind,ls", SEQUENCE_KINDS)
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 37), (5, 1031)])
+def test_dpo_sequence_matches_composition(backend_device, kind, ls, average, B, T):
+    backend, device = backend_device
+    policy, ref, mask = token_pairs(B, T, torch.float64, device, seed=B * T)
+    kw = dict(beta=0.3, kind=kind, label_smoothing=ls, average=average)
+    outs, grads = run_both(rlkernels.dpo_sequence_loss, policy, ref, mask, backend=backend, **kw)
+    t_outs, t_grads = run_both(composed, policy, ref, mask, backend="reference", **kw)
+    for out, t_out, name in zip(outs, t_outs, ("losses", "chosen_rewards", "rejected_rewards")):
+        assert out.shape == (B,) and out.dtype == torch.float64, name
+        scaled_close(out, t_out, torch.float64, name)
+    for g, t_g, name in zip(grads, t_grads, ("policy_logprobs", "ref_logprobs")):
+        assert g.dtype == torch.float64 and torch.isfinite(g).all(), name
+        scaled_close(g, t_g, torch.float64, name)
+        assert (g[~mask] == 0).all(), name
+    assert not outs[1].requires_grad and not outs[2].requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("average", [False, True])
+def test_dpo_sequence_dtypes(backend_device, dtype, average):
+    backend, device = backend_device
+    policy, ref, mask = token_pairs(6, 129, dtype, device, seed=3)
+    kw = dict(beta=0.2, kind="sigmoid", label_smoothing=0.1, average=average)
+    outs, grads = run_both(rlkernels.dpo_sequence_loss, policy, ref, mask, backend=backend, **kw)
+    t_outs, t_grads = run_both(composed, policy.double(), ref.double(), mask, backend="reference", **kw)
+    assert all(o.dtype == torch.float32 for o in outs) and all(g.dtype == dtype for g in grads)
+    for out, t_out in zip(outs, t_outs):
+        scaled_close(out, t_out, torch.float32)
+    # the gradient is a float32 value rounded once to the dtype: within an ulp of the
+    # rounded truth (float32: within float32 accumulation's error)
+    tol = dict(rtol=max(2 * torch.finfo(dtype).eps, 1e-5), atol=1e-7)
+    for g, t_g in zip(grads, t_grads):
+        torch.testing.assert_close(g.double(), t_g.to(dtype).double(), **tol)
+    # and the composed ops of this backend in that dtype
+    c_outs, c_grads = run_both(composed, policy, ref, mask, backend=backend, **kw)
+    for out, c_out in zip(outs, c_outs):
+        scaled_close(out, c_out, torch.float32)
+    for g, c_g in zip(grads, c_grads):
+        torch.testing.assert_close(g.double(), c_g.double(), **tol)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_dpo_sequence_forward_is_the_composition_bit_for_bit(average):
+    """On the CPU the fused op sums each row exactly as sequence_logprobs does, so its
+    losses and rewards are the composed ops' to the last bit."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        policy, ref, mask = token_pairs(9, 1500, dtype, "cpu", seed=11)
+        for m in (mask, None):
+            if m is None:
+                policy, ref = policy.nan_to_num(neginf=-30.0), ref.nan_to_num(neginf=-30.0)
+            kw = dict(beta=0.1, kind="sigmoid", label_smoothing=0.0)
+            fused = rlkernels.dpo_sequence_loss(policy, ref, m, average=average, backend="cpu", **kw)
+            parts = composed(policy, ref, m, backend="cpu", average=average, **kw)
+            for a, b in zip(fused, parts):
+                assert torch.equal(a, b), (dtype, m is None)
+
+
+def test_dpo_sequence_on_several_threads():
+    """Rows enough for the CPU kernel to split them over threads: the same bits as one
+    thread and as the composition, the same gradient."""
+    policy, ref, mask = token_pairs(64, 8192, torch.float32, "cpu", seed=13)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(threads, 2)):
+            torch.set_num_threads(n)
+            results.append(run_both(rlkernels.dpo_sequence_loss, policy, ref, mask, backend="cpu", average=True))
+        composed_outs = composed(policy, ref, mask, backend="cpu", average=True)
+    finally:
+        torch.set_num_threads(threads)
+    (one_outs, one_grads), (many_outs, many_grads) = results
+    for a, b, c in zip(one_outs, many_outs, composed_outs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(one_grads, many_grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,ls", SEQUENCE_KINDS)
+def test_dpo_sequence_infinite_logprobs(backend_device, kind, ls):
+    """-inf log-probs on valid tokens (a chosen row of pair 0, a rejected row of pair 1,
+    both reference rows of pair 2): the same infinities, NaNs and gradients as the
+    composition of the same backend."""
+    backend, device = backend_device
+    policy, ref, mask = token_pairs(4, 17, torch.float32, device, seed=5)
+    mask[[0, 5, 2, 6], 3] = True
+    policy[0, 3] = -float("inf")
+    policy[5, 3] = -float("inf")
+    ref[2, 3] = ref[6, 3] = -float("inf")
+    kw = dict(beta=0.5, kind=kind, label_smoothing=ls)
+    outs, grads = run_both(rlkernels.dpo_sequence_loss, policy, ref, mask, backend=backend, **kw)
+    c_outs, c_grads = run_both(composed, policy, ref, mask, backend=backend, **kw)
+    for a, b in zip(outs + grads, c_outs + c_grads):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-6, atol=1e-6)
+    assert not torch.isfinite(outs[0][[0, 2]]).any()  # the cases are there: inf (pair 0), NaN (pair 2)
+
+
+def test_dpo_sequence_layouts_and_masks():
+    """Non-contiguous inputs, a 0/1 float mask, no mask, mixed dtypes, a reference without
+    gradient: each as the composition."""
+    policy, ref, mask = token_pairs(4, 23, torch.float32, "cpu", poison=False, seed=7)
+    policy_t = policy.t().contiguous().t()  # same values, column-major
+    assert not policy_t.is_contiguous()
+    kw = dict(beta=0.1, average=True)
+    ref_t = ref.t().contiguous().t()
+    for p, r, m in [(policy_t, ref_t, mask.float()), (policy, ref, None), (policy, ref.double(), mask),
+                    (policy, ref.bfloat16(), mask.to(torch.uint8))]:
+        outs, grads = run_both(rlkernels.dpo_sequence_loss, p, r, m, backend="cpu", **kw)
+        t_outs, t_grads = run_both(composed, p.double(), r.double(), None if m is None else m.bool(),
+                                   backend="reference", **kw)
+        for out, t_out in zip(outs, t_outs):
+            scaled_close(out, t_out, torch.float32)
+        assert grads[0].dtype == p.dtype and grads[1].dtype == r.dtype
+        for g, t_g in zip(grads, t_grads):
+            if g.dtype == torch.bfloat16:  # a float32 gradient rounded once: within an ulp of the rounded truth
+                torch.testing.assert_close(g.double(), t_g.to(g.dtype).double(), rtol=2 * torch.finfo(g.dtype).eps,
+                                           atol=1e-7)
+            else:
+                scaled_close(g, t_g, torch.float32)
+    (x_grad,) = run_both(rlkernels.dpo_sequence_loss, policy, ref, mask, ref_grad=False)[1]
+    (t_grad,) = run_both(composed, policy.double(), ref.double(), mask, ref_grad=False, backend="reference")[1]
+    scaled_close(x_grad, t_grad, torch.float32)
+
+
+def test_dpo_sequence_gradients_only_where_needed():
+    policy, ref, mask = token_pairs(3, 8, torch.float32, "cpu", poison=False)
+    r = ref.clone().requires_grad_()
+    losses, _, _ = rlkernels.dpo_sequence_loss(policy, r, mask, backend="cpu")
+    (g,) = torch.autograd.grad(losses.sum(), r)
+    (t,) = torch.autograd.grad(composed(policy, r, mask, backend="cpu")[0].sum(), r)
+    scaled_close(g, t)
+    with torch.no_grad():
+        out = rlkernels.dpo_sequence_loss(policy.requires_grad_(), ref, mask)
+    assert not out[0].requires_grad
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("kind,ls", [("sigmoid", 0.2), ("ipo", 0.0), ("robust", 0.1)])
+def test_dpo_sequence_gradcheck(backend, average, kind, ls):
+    policy, ref, mask = token_pairs(2, 5, torch.float64, "cpu", poison=False, seed=2)
+    inputs = (policy.requires_grad_(), ref.requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, r: rlkernels.dpo_sequence_loss(
+        x, r, mask, beta=0.4, kind=kind, label_smoothing=ls, average=average, backend=backend)[0], inputs)
+
+
+def test_dpo_sequence_opcheck():
+    policy, ref, mask = token_pairs(3, 7, torch.float32, "cpu", poison=False)
+    ops = [(torch.ops.rlkernels.dpo_sequence_loss.default, torch.ops.rlkernels.dpo_sequence_loss_backward.default)]
+    if TRITON_ON_CPU:
+        ops.append((torch.ops.rlkernels.dpo_sequence_loss_triton.default,
+                    torch.ops.rlkernels.dpo_sequence_loss_backward_triton.default))
+    for op, backward_op in ops:
+        torch.library.opcheck(op, (policy.clone().requires_grad_(), ref, mask, 0.1, "sigmoid", 0.1, False))
+        torch.library.opcheck(op, (policy.double().requires_grad_(), ref.double().requires_grad_(), None, 0.5,
+                                   "ipo", 0.0, True))
+        coef = torch.randn(6)
+        torch.library.opcheck(backward_op, (torch.randn(3), mask, coef, 1.0, 7, torch.bfloat16))
+        torch.library.opcheck(backward_op, (torch.randn(3, dtype=torch.float64), None, coef.double(), -1.0, 7,
+                                            torch.float64))
+        torch.library.opcheck(backward_op, (torch.randn(1).expand(3), mask, coef, -1.0, 7, torch.float32))
+
+
+def test_dpo_sequence_torch_compile_fullgraph():
+    policy, ref, mask = token_pairs(4, 12, torch.float32, "cpu", poison=False)
+    policy.requires_grad_()
+
+    def step(x):
+        losses, chosen, rejected = rlkernels.dpo_sequence_loss(x, ref, mask, beta=0.1)
+        return losses.mean(), (chosen > rejected).float().mean()
+
+    loss, _ = torch.compile(step, fullgraph=True, backend="eager")(policy)
+    (grad,) = torch.autograd.grad(loss, policy)
+    t_loss = composed(policy, ref, mask, backend="reference", beta=0.1)[0].mean()
+    (t_grad,) = torch.autograd.grad(t_loss, policy)
+    scaled_close(loss, t_loss)
+    scaled_close(grad, t_grad)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(policy_logprobs=torch.randn(3, 5), ref_logprobs=torch.randn(3, 5), mask=None), ValueError,
+     "even number of rows"),
+    (dict(policy_logprobs=torch.randn(4)), ValueError, "policy_logprobs must be 2-D"),
+    (dict(ref_logprobs=torch.randn(4, 6)), ValueError, "ref_logprobs must have the shape of policy_logprobs"),
+    (dict(ref_logprobs=torch.ones(4, 5, dtype=torch.int64)), TypeError, "ref_logprobs must have dtype"),
+    (dict(mask=torch.ones(4, 6, dtype=torch.bool)), ValueError, "mask must have shape"),
+    (dict(mask=torch.full((4, 5), 2.0)), ValueError, "mask must hold only 0 and 1"),
+    (dict(average=1), TypeError, "average must be a bool"),
+    (dict(beta=0.0), ValueError, "beta must be > 0.0"),
+    (dict(kind="kto"), ValueError, "kind must be one of"),
+    (dict(kind="ipo", label_smoothing=0.1), ValueError, "label_smoothing applies to kind 'sigmoid' and 'robust'"),
+    (dict(backend="cuda"), ValueError, "backend='cuda' is unavailable"),
+])
+def test_dpo_sequence_bad_input(kwargs, error, match):
+    args = dict(policy_logprobs=torch.randn(4, 5), ref_logprobs=torch.randn(4, 5), mask=None)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        rlkernels.dpo_sequence_loss(args.pop("policy_logprobs"), args.pop("ref_logprobs"), args.pop("mask"), **args)
+
+
+def test_dpo_sequence_empty_batch(backend_device):
+    backend, device = backend_device
+    x = torch.zeros(0, 5, device=device, requires_grad=True)
+    losses, chosen, rejected = rlkernels.dpo_sequence_loss(x, torch.zeros(0, 5, device=device), backend=backend)
+    assert losses.shape == chosen.shape == rejected.shape == (0,)
+    (g,) = torch.autograd.grad(losses.sum(), x)
+    assert g.shape == (0, 5)

@@ -1,4 +1,5 @@
-"""Property-based checks (hypothesis) of dpo_loss and sequence_logprobs: any batch,
+"""Property-based checks (hypothesis) of dpo_loss, sequence_logprobs and
+dpo_sequence_loss (the two fused): any batch,
 dtype, loss kind, label smoothing and mask against the float64 reference, values and
 gradients; inputs outside the contract raise ValueError/TypeError naming the
 argument.  Budgets: see tests/property_support.py."""
@@ -125,6 +126,48 @@ def test_sequence_logprobs_from_logits_property(backend_device):
             (grad,) = torch.autograd.grad((out * weights.to(device)).sum(), x)
             (t_grad,) = torch.autograd.grad((truth * weights.double()).sum(), xt)
             check_grad(grad, t_grad, dtype, "grad logits")
+
+    check()
+
+
+@backends
+def test_dpo_sequence_loss_property(backend_device):
+    """The fused step against the composition sequence_logprobs + dpo_loss in float64:
+    any [2B, T] batch and mask (empty rows, poisoned masked slots, float masks), dtype,
+    kind, smoothing, beta and average; values and both gradients."""
+    backend, device = backend_device
+
+    @budget(backend_device)
+    @given(token_batches(interpreted(backend_device)), st.sampled_from(PREFERENCE_KINDS), st.floats(1e-3, 10.0),
+           st.floats(0.0, 0.49), st.booleans(), st.sampled_from(["normal", "wide"]))
+    @counted
+    def check(batch, kind, beta, smoothing, average, regime):
+        B, T, dtype, mask, poison, g = batch
+        ls = smoothing if kind in ("sigmoid", "robust") else 0.0
+        if mask is not None:
+            mask = torch.cat([mask, mask.flip(0)])  # [2B, T]: the rejected rows' masks in another order
+        policy = (-fill((2 * B, T), g, regime, torch.float64).abs()).to(dtype)
+        ref = (policy.double() + 0.3 * torch.randn(2 * B, T, generator=g, dtype=torch.float64)).to(dtype)
+        policy, ref = masked_inputs([policy, ref], mask, poison)
+        kw = dict(beta=beta, kind=kind, label_smoothing=ls, average=average)
+        x, r = policy.to(device).requires_grad_(), ref.to(device).requires_grad_()
+        outs = rlkernels.dpo_sequence_loss(x, r, None if mask is None else mask.to(device), backend=backend, **kw)
+        xt, rt = policy.double().requires_grad_(), ref.double().requires_grad_()
+        truth = reference.dpo_sequence_loss(xt, rt, mask, **kw)
+        acc = computed_in(dtype)
+        xs, rs = policy.to(acc).requires_grad_(), ref.to(acc).requires_grad_()
+        same = reference.dpo_sequence_loss(xs, rs, mask, **kw)
+        for ours, want, s_want, name in zip(outs, truth, same, ("losses", "chosen_rewards", "rejected_rewards")):
+            assert ours.shape == (B,) and ours.dtype == acc, name
+            close(ours, want, computed_in=acc, what=name, elementwise=False, same_dtype=s_want)
+        if not (B and T):
+            return
+        weights = torch.randn(B, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad((outs[0] * weights.to(device, acc)).sum(), (x, r))
+        t_grads = torch.autograd.grad((truth[0] * weights).sum(), (xt, rt))
+        s_grads = torch.autograd.grad((same[0] * weights.to(acc)).sum(), (xs, rs))
+        for ours, want, s_want, name in zip(grads, t_grads, s_grads, ("grad policy", "grad ref")):
+            check_grad(ours, want, dtype, name, same_dtype=s_want.to(dtype))
 
     check()
 

@@ -136,6 +136,9 @@ COMPILE_CASES = {
                                   tuple(torch.randn(B * T) for _ in range(4))),
     "sequence_logprobs": lambda B, T, be: (lambda x, m: rlkernels.sequence_logprobs(x, m, average=True, backend=be),
                                            _rollout(B, T)[::2]),
+    "dpo_sequence_loss": lambda B, T, be: (
+        lambda x, r, m: rlkernels.dpo_sequence_loss(x, r, m, beta=0.1, average=True, backend=be),
+        (torch.randn(2 * B, T), torch.randn(2 * B, T), torch.rand(2 * B, T) > 0.3)),
     "linear_ppo_loss": lambda B, T, be: (
         lambda h, w, y, old, adv: rlkernels.linear_ppo_loss(h, w, y, old, adv, entropy_coef=0.01, backend=be),
         (torch.randn(B, T, 6), torch.randn(11, 6), torch.randint(0, 11, (B, T)), torch.randn(B, T) - 2,

@@ -55,6 +55,7 @@ def _mask(shape):
 LABELS = _labels()
 MASK_BT = _mask((3, 5))
 LP_MASK = _mask((3,))
+MASK_2BT = _mask((4, 5))
 LINEAR_LABELS = _labels(4, 6)
 
 # name -> (function of (backend, *differentiable inputs), maker of those inputs)
@@ -84,6 +85,8 @@ CASES = {
                    lambda: [torch.randn(3, 5) * 0.3]),
     "dpo_loss": (lambda b, a, c, d, e: rlkernels.dpo_loss(a, c, d, e, beta=0.5, backend=b),
                  lambda: [torch.randn(4) for _ in range(4)]),
+    "dpo_sequence_loss": (lambda b, x, r: rlkernels.dpo_sequence_loss(x, r, MASK_2BT, beta=0.5, backend=b),
+                          lambda: [torch.randn(4, 5), torch.randn(4, 5)]),
     "linear_ppo_loss": (lambda b, h, w: rlkernels.linear_ppo_loss(h, w, LINEAR_LABELS.reshape(2, 2), X0[:2, :2] - 2,
                                                                   ADV[:2, :2], backend=b),
                         lambda: [torch.randn(2, 2, 5), torch.randn(6, 5)]),
@@ -143,7 +146,7 @@ def test_double_backward_matches_reference_or_raises(case, backend):
 
 
 # The losses that raise: which ones, so that a silent change shows up.
-RAISES = {"ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "linear_ppo_loss"}
+RAISES = {"ppo_loss", "grpo_loss", "value_loss", "dpo_loss", "dpo_sequence_loss", "linear_ppo_loss"}
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])

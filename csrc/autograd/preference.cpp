@@ -1,5 +1,6 @@
-// Autograd of rlkernels::dpo_loss and rlkernels::sequence_logprobs (Python twins:
-// rlkernels/ops/preference.py, _dpo_backward and _sequence_backward).
+// Autograd of rlkernels::dpo_loss, rlkernels::sequence_logprobs and
+// rlkernels::dpo_sequence_loss (Python twins: rlkernels/ops/preference.py,
+// _dpo_backward, _sequence_backward and _dpo_sequence_backward).
 #include "common.h"
 
 namespace rlk::autograd {
@@ -113,10 +114,73 @@ SequenceOutputs sequence_logprobs_autograd(const at::Tensor& token_logprobs, con
   return {out[0], out[1]};
 }
 
+// ---- dpo_sequence_loss: the forward saves coef per row; the backward writes it per token ----
+
+using DpoSequenceSig = DpoOutputs(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double,
+                                  c10::string_view, double, bool);
+using DpoSequenceBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                          double, int64_t, at::ScalarType);
+
+DpoOutputs dpo_sequence_op(const at::Tensor& policy, const at::Tensor& ref, const std::optional<at::Tensor>& mask,
+                           double beta, c10::string_view kind, double label_smoothing, bool average) {
+  static const auto handle = op<DpoSequenceSig>("rlkernels::dpo_sequence_loss");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return handle.call(policy, ref, mask, beta, kind, label_smoothing, average);
+}
+
+struct DpoSequenceLoss : public torch::autograd::Function<DpoSequenceLoss> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& policy, const at::Tensor& ref,
+                               const std::optional<at::Tensor>& mask, double beta, c10::string_view kind,
+                               double label_smoothing, bool average) {
+    auto [losses, chosen_rewards, rejected_rewards, coef] =
+        dpo_sequence_op(policy, ref, mask, beta, kind, label_smoothing, average);
+    ctx->save_for_backward({coef, mask.value_or(at::Tensor()), policy, ref});  // the inputs for first_order_only
+    // The op takes a plain int: a symbolic T (torch.compile, dynamic shapes) is specialised in backward.
+    ctx->saved_data["T"] = policy.sym_size(1);
+    ctx->mark_non_differentiable({chosen_rewards, rejected_rewards, coef});
+    ctx->set_materialize_grads(false);
+    return {losses, chosen_rewards, rejected_rewards, coef};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);
+    if (!grads[0].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& coef = saved[0];
+    std::optional<at::Tensor> mask;
+    if (saved[1].defined()) mask = saved[1];
+    const int64_t T = ctx->saved_data["T"].toSymInt().guard_int(__FILE__, __LINE__);
+    const at::Tensor grad_losses = grads[0].to(coef.scalar_type());
+    static const auto backward_op = op<DpoSequenceBackwardSig>("rlkernels::dpo_sequence_loss_backward");
+    variable_list input_grads(2);
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      const double scales[2] = {1.0, -1.0};  // the reference rows enter z with the opposite sign
+      for (int i = 0; i < 2; ++i) {
+        if (!ctx->needs_input_grad(i)) continue;
+        input_grads[i] = backward_op.call(grad_losses, mask, coef, scales[i], T, saved[2 + i].scalar_type());
+      }
+    }
+    input_grads = first_order_only("dpo_sequence_loss", std::move(input_grads), {saved[2], saved[3]});
+    out[0] = input_grads[0];
+    out[1] = input_grads[1];
+    return out;
+  }
+};
+
+DpoOutputs dpo_sequence_loss_autograd(const at::Tensor& policy, const at::Tensor& ref,
+                                      const std::optional<at::Tensor>& mask, double beta, c10::string_view kind,
+                                      double label_smoothing, bool average) {
+  if (!wants_grad({&policy, &ref})) return dpo_sequence_op(policy, ref, mask, beta, kind, label_smoothing, average);
+  auto out = DpoSequenceLoss::apply(policy, ref, mask, beta, kind, label_smoothing, average);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 }  // namespace rlk::autograd
 
 TORCH_LIBRARY_IMPL(rlkernels, Autograd, m) {
+  m.impl("dpo_sequence_loss", &rlk::autograd::dpo_sequence_loss_autograd);
   m.impl("dpo_loss", &rlk::autograd::dpo_loss_autograd);
   m.impl("sequence_logprobs", &rlk::autograd::sequence_logprobs_autograd);
 }

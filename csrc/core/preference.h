@@ -109,7 +109,44 @@ struct SequenceLogprobsParams {
   void* grad_tokens = nullptr;
 };
 
+// d loss / d token_logprobs[r, t] on a valid token of a pair's chosen (sign +1) or
+// rejected (sign -1) row: the pair's dlogits through the row's sum (or mean: over
+// `count` tokens, 0 for a row without any).  The reference rows take its negative.
+template <typename acc>
+RLK_INLINE acc sequence_coef(acc dlogits, acc sign, bool average, acc count) {
+  if (!average) return sign * dlogits;
+  return count > acc(0) ? sign * dlogits / count : acc(0);
+}
+
+// The arguments of dpo_sequence_loss, the whole DPO step from token log-probs in
+// TRL's concatenated layout: policy and reference [2B, T] of `dtype` (rows
+// [0, B) chosen, [B, 2B) rejected) and one mask for both; [B] losses and rewards
+// and the [2B] per-row gradient coefficients (sequence_coef) out in its
+// accumulation type.  Its backward reads grad_losses ([B], element stride
+// grad_stride) and coef, and writes grad_tokens [2B, T] in `dtype`:
+// scale * grad_losses[r mod B] * coef[r] on valid tokens, 0 elsewhere.
+struct DpoSequenceParams {
+  int64_t B = 0, T = 0;  // B pairs: 2B rows
+  Dtype dtype = Dtype::f32;
+  const uint8_t* mask = nullptr;  // [2B, T], may be null
+  const void* policy_logprobs = nullptr;
+  const void* ref_logprobs = nullptr;
+  PreferenceKind kind = PreferenceKind::sigmoid;
+  double beta = 0, label_smoothing = 0;
+  bool average = false;
+  void* losses = nullptr;
+  void* chosen_rewards = nullptr;
+  void* rejected_rewards = nullptr;
+  void* coef = nullptr;
+  const void* grad_losses = nullptr;
+  int64_t grad_stride = 1;
+  double scale = 1;
+  void* grad_tokens = nullptr;
+};
+
 // The CUDA launchers (preference.cu).
+RLK_CUDA_LAUNCHER(launch_dpo_sequence_loss, DpoSequenceParams)
+RLK_CUDA_LAUNCHER(launch_dpo_sequence_loss_backward, DpoSequenceParams)
 RLK_CUDA_LAUNCHER(launch_dpo_loss, PreferenceParams)
 RLK_CUDA_LAUNCHER(launch_sequence_logprobs, SequenceLogprobsParams)
 RLK_CUDA_LAUNCHER(launch_sequence_logprobs_backward, SequenceLogprobsParams)

@@ -1,7 +1,10 @@
 // Preference losses on the CPU: dpo_loss over per-pair sequence log-probs,
-// and sequence_logprobs, the masked per-row sums (or means) that feed it.
+// sequence_logprobs, the masked per-row sums (or means) that feed it, and
+// dpo_sequence_loss, the two fused into one pass from token log-probs.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <vector>
 
 #include "parallel.h"
 #include "../core/preference.h"
@@ -56,6 +59,43 @@ RLK_CPU_CLONES double masked_lane_sum(const acc* __restrict__ x, const uint8_t* 
   return sum;
 }
 
+// The masked sum of one row of T token log-probs (in chunks: staged into `acc`, lane
+// sums in double across chunks) and its count of valid tokens; sequence_logprobs and
+// dpo_sequence_loss share it, so the fused op's sums are the composition's, bit for bit.
+template <typename acc, typename scalar_t>
+inline double row_sum(const scalar_t* x, const uint8_t* mask, int64_t T, acc* staging, int64_t* count) {
+  double total = 0;
+  for (int64_t t0 = 0; t0 < T; t0 += cpu::kChunk) {
+    const int64_t n = std::min(cpu::kChunk, T - t0);
+    cpu::prefetch_ahead(x + t0, n);
+    const acc* values = cpu::staged<acc>(x + t0, n, staging);
+    if (mask != nullptr) {
+      total += masked_lane_sum(values, mask + t0, n, count);
+    } else {
+      *count += n;
+      total += cpu::lane_sum(values, n);
+    }
+  }
+  return total;
+}
+
+// A row's sequence log-prob: its sum, or with average its mean (0 without valid tokens).
+template <typename acc>
+inline acc row_value(double total, int64_t count, bool average) {
+  return acc(average ? (count > 0 ? total / double(count) : 0.0) : total);
+}
+
+// A gradient row: `value` on valid tokens, 0 elsewhere.
+template <typename scalar_t>
+inline void fill_row(scalar_t* row, const uint8_t* mask, int64_t T, scalar_t value) {
+  if (mask == nullptr) {
+    std::fill(row, row + T, value);
+  } else {
+    const scalar_t zero = static_cast<scalar_t>(0);
+    for (int64_t t = 0; t < T; ++t) row[t] = mask[t] ? value : zero;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token_logprobs,
                                                          const c10::optional<at::Tensor>& mask, bool average) {
   at::Tensor sums, counts;
@@ -71,22 +111,10 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
     rlk::cpu::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
       alignas(64) acc staging[cpu::kChunk];
       for (int64_t b = begin; b < end; ++b) {
-        double total = 0;
         int64_t count = 0;
-        for (int64_t t0 = 0; t0 < T; t0 += cpu::kChunk) {
-          const int64_t n = std::min(cpu::kChunk, T - t0);
-          const int64_t at = b * T + t0;
-          cpu::prefetch_ahead(x + at, n);
-          const acc* values = cpu::staged<acc>(x + at, n, staging);
-          if (mask_p != nullptr) {
-            total += masked_lane_sum(values, mask_p + at, n, &count);
-          } else {
-            count += n;
-            total += cpu::lane_sum(values, n);
-          }
-        }
+        const double total = row_sum<acc>(x + b * T, mask_p == nullptr ? nullptr : mask_p + b * T, T, staging, &count);
         out_counts[b] = acc(count);
-        out[b] = acc(p.average ? (count > 0 ? total / double(count) : 0.0) : total);
+        out[b] = row_value<acc>(total, count, p.average);
       }
     });
   });
@@ -110,14 +138,79 @@ at::Tensor sequence_logprobs_backward_cpu(const at::Tensor& grad, const c10::opt
     rlk::cpu::parallel_for(0, B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const acc per_row = p.average ? (n[b] > acc(0) ? g[b] / n[b] : acc(0)) : g[b];
-        const scalar_t value = static_cast<scalar_t>(per_row), zero = static_cast<scalar_t>(0);
-        scalar_t* row = o + b * T;
-        if (mask_p == nullptr) {
-          std::fill(row, row + T, value);
-        } else {
-          const uint8_t* m = mask_p + b * T;
-          for (int64_t t = 0; t < T; ++t) row[t] = m[t] ? value : zero;
-        }
+        fill_row(o + b * T, mask_p == nullptr ? nullptr : mask_p + b * T, T, static_cast<scalar_t>(per_row));
+      }
+    });
+  });
+  return out;
+}
+
+// The whole DPO step's forward in one pass over the token tensors: the masked sums (or
+// means) of every row of policy and reference, row after row in memory order, then per
+// pair the loss, rewards and the per-row gradient coefficients.  The threads split the
+// rows by the same work rule as sequence_logprobs (two rows of T tokens a row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_sequence_loss_cpu(
+    const at::Tensor& policy_logprobs, const at::Tensor& ref_logprobs, const c10::optional<at::Tensor>& mask,
+    double beta, c10::string_view kind, double label_smoothing, bool average) {
+  PreferenceOutputs out;
+  const DpoSequenceParams p = dpo_sequence_loss_args(policy_logprobs, ref_logprobs, mask, beta, kind,
+                                                     label_smoothing, average, out);
+  const int64_t B = p.B, T = p.T;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, policy_logprobs.scalar_type(), "dpo_sequence_loss_cpu",
+                                  [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* policy = static_cast<const scalar_t*>(p.policy_logprobs);
+    const scalar_t* ref = static_cast<const scalar_t*>(p.ref_logprobs);
+    // Per row: the policy's value, the reference's, the count of valid tokens.
+    std::vector<acc> rows(static_cast<size_t>(2 * B) * 3);
+    rlk::cpu::parallel_for(0, 2 * B, cpu::row_grain(2 * T), [&](int64_t begin, int64_t end) {
+      alignas(64) acc staging[cpu::kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t at = r * T;
+        const uint8_t* m = p.mask == nullptr ? nullptr : p.mask + at;
+        int64_t count = 0, ref_count = 0;  // the same mask: the same count
+        const double policy_total = row_sum<acc>(policy + at, m, T, staging, &count);
+        const double ref_total = row_sum<acc>(ref + at, m, T, staging, &ref_count);
+        rows[3 * r] = row_value<acc>(policy_total, count, p.average);
+        rows[3 * r + 1] = row_value<acc>(ref_total, count, p.average);
+        rows[3 * r + 2] = acc(count);
+      }
+    });
+    acc* out_loss = static_cast<acc*>(p.losses);
+    acc* out_chosen = static_cast<acc*>(p.chosen_rewards);
+    acc* out_rejected = static_cast<acc*>(p.rejected_rewards);
+    acc* out_coef = static_cast<acc*>(p.coef);
+    for (int64_t b = 0; b < B; ++b) {
+      const acc* chosen = rows.data() + 3 * b;
+      const acc* rejected = rows.data() + 3 * (B + b);
+      const PreferencePair<acc> pair = preference_pair<acc>(p.kind, acc(p.beta), acc(p.label_smoothing), chosen[0],
+                                                            rejected[0], chosen[1], rejected[1]);
+      out_loss[b] = pair.loss;
+      out_chosen[b] = pair.chosen_reward;
+      out_rejected[b] = pair.rejected_reward;
+      out_coef[b] = sequence_coef<acc>(pair.dlogits, acc(1), p.average, chosen[2]);
+      out_coef[B + b] = sequence_coef<acc>(pair.dlogits, acc(-1), p.average, rejected[2]);
+    }
+  });
+  return out.tuple();
+}
+
+// Its backward in one pass over the gradient: scale * grad_losses[r mod B] * coef[r]
+// on valid tokens, in the input's dtype.
+at::Tensor dpo_sequence_loss_backward_cpu(const at::Tensor& grad_losses, const c10::optional<at::Tensor>& mask,
+                                         const at::Tensor& coef, double scale, int64_t T, at::ScalarType dtype) {
+  at::Tensor out;
+  const DpoSequenceParams p = dpo_sequence_loss_backward_args(grad_losses, mask, coef, scale, T, dtype, out);
+  const int64_t B = p.B;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dpo_sequence_loss_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* g = static_cast<const acc*>(p.grad_losses);
+    const acc* c = static_cast<const acc*>(p.coef);
+    scalar_t* o = static_cast<scalar_t*>(p.grad_tokens);
+    rlk::cpu::parallel_for(0, 2 * B, cpu::row_grain(T), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const acc value = acc(p.scale) * g[(r < B ? r : r - B) * p.grad_stride] * c[r];
+        fill_row(o + r * T, p.mask == nullptr ? nullptr : p.mask + r * T, T, static_cast<scalar_t>(value));
       }
     });
   });
@@ -128,6 +221,8 @@ at::Tensor sequence_logprobs_backward_cpu(const at::Tensor& grad, const c10::opt
 }  // namespace rlk
 
 TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("dpo_sequence_loss", &rlk::dpo_sequence_loss_cpu);
+  m.impl("dpo_sequence_loss_backward", &rlk::dpo_sequence_loss_backward_cpu);
   m.impl("sequence_logprobs_backward", &rlk::sequence_logprobs_backward_cpu);
   m.impl("dpo_loss", &rlk::dpo_loss_cpu);
   m.impl("sequence_logprobs", &rlk::sequence_logprobs_cpu);

@@ -75,6 +75,12 @@ def rlkernels_dpo(policy_logps, ref_logps, mask, B, backend, beta=0.1):
     return losses.mean(), chosen, rejected
 
 
+def rlkernels_dpo_fused(policy_logps, ref_logps, mask, backend, beta=0.1):
+    """The same step as one fused op (rlkernels.dpo_sequence_loss)."""
+    losses, chosen, rejected = rlkernels.dpo_sequence_loss(policy_logps, ref_logps, mask, beta=beta, backend=backend)
+    return losses.mean(), chosen, rejected
+
+
 def _backends(device):
     found = ["cpu"] if device == "cpu" else (["cuda"] if rlkernels._library.has_compiled("cuda") else [])
     if device == "cuda" and rlkernels.HAS_TRITON:
@@ -165,10 +171,13 @@ def _cases_for(device: str, B: int, T: int) -> list[Case]:
                                                 values), baseline=True))
     out.append(Case("losses", "value_loss", params, B * T * 17, impls))
 
-    # DPO from token log-probs: chosen and rejected rows stacked ([2B', T]).
+    # DPO from token log-probs: chosen and rejected rows stacked ([2B', T]); the composed
+    # rlkernels ops (sequence_logprobs twice, dpo_loss) and the fused dpo_sequence_loss.
     pairs = B // 2
     impls = [Impl(f"rlkernels-{b}", _fwd_bwd(lambda b=b: rlkernels_dpo(logprobs, ref, mask, pairs, b), logprobs))
              for b in _backends(device)]
+    impls += [Impl(f"rlkernels-fused-{b}", _fwd_bwd(lambda b=b: rlkernels_dpo_fused(logprobs, ref, mask, b), logprobs))
+              for b in _backends(device)]
     impls.append(Impl("trl-composed", _fwd_bwd(lambda: trl_dpo(logprobs, ref, maskf, pairs), logprobs),
                       baseline=True))
     out.append(Case("losses", "dpo_loss+sequence_logprobs", {**params, "pairs": pairs}, B * T * 13, impls))

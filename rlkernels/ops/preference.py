@@ -1,6 +1,7 @@
 """rlkernels.dpo_loss and rlkernels.sequence_logprobs: direct preference losses (DPO,
 IPO, hinge, robust DPO) on per-sequence log-probs, fused with their gradient, and the
-masked per-sequence sums (or means) of token log-probs they take as inputs."""
+masked per-sequence sums (or means) of token log-probs they take as inputs;
+rlkernels.dpo_sequence_loss, the two in one op from token log-probs."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,7 @@ from ..reference.preference import PREFERENCE_KINDS
 from .._dtypes import acc_dtype
 from . import _double_backward, _packed, _registry
 
-__all__ = ["dpo_loss", "sequence_logprobs"]
+__all__ = ["dpo_loss", "dpo_sequence_loss", "sequence_logprobs"]
 
 _NAMES = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 
@@ -36,12 +37,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     log-probs: use sequence_logprobs(..., average=True) for those.
     """
     op = dpo_loss.__name__
-    beta = V.number(op, "beta", beta, low=0.0, low_open=True, finite=True)
-    V.choice(op, "kind", kind, PREFERENCE_KINDS)
-    label_smoothing = V.number(op, "label_smoothing", label_smoothing, low=0.0,
-                               high=0.5, high_open=kind == "robust")
-    if kind in ("hinge", "ipo") and label_smoothing != 0.0:
-        raise ValueError(f"{op}: label_smoothing applies to kind 'sigmoid' and 'robust' only, got kind={kind!r}")
+    beta, label_smoothing = _pair_options(op, beta, kind, label_smoothing)
     tensors = dict(zip(_NAMES, (policy_chosen, policy_rejected, ref_chosen, ref_rejected)))
     V.float_tensor(op, "policy_chosen", policy_chosen, ndim=1)
     dtype = policy_chosen.dtype
@@ -58,6 +54,17 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     fn = _registry.kernel("dpo_loss", chosen)
     losses, chosen_rewards, rejected_rewards, _ = fn(pc, pr, rc, rr, beta, kind, label_smoothing)
     return losses, chosen_rewards, rejected_rewards
+
+
+def _pair_options(op: str, beta, kind, label_smoothing) -> tuple[float, float]:
+    """The checked beta and label_smoothing of a preference loss of `kind`."""
+    beta = V.number(op, "beta", beta, low=0.0, low_open=True, finite=True)
+    V.choice(op, "kind", kind, PREFERENCE_KINDS)
+    label_smoothing = V.number(op, "label_smoothing", label_smoothing, low=0.0,
+                               high=0.5, high_open=kind == "robust")
+    if kind in ("hinge", "ipo") and label_smoothing != 0.0:
+        raise ValueError(f"{op}: label_smoothing applies to kind 'sigmoid' and 'robust' only, got kind={kind!r}")
+    return beta, label_smoothing
 
 
 def _dpo_fake(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind, label_smoothing):
@@ -138,16 +145,99 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = 
         pk = _packed.packing(op, "token_logprobs", token_logprobs, cu_seqlens, position_ids, max_seqlen)
         return sequence_logprobs(pk.pad(op, "token_logprobs", token_logprobs), pk.mask(op, mask), average=average,
                                  backend=backend)
-    V.float_tensor(op, "token_logprobs", token_logprobs, ndim=2)
-    if not isinstance(average, bool):
-        raise TypeError(f"{op}: average must be a bool, got {type(average).__name__}")
-    device = V.same_device(op, token_logprobs=token_logprobs, mask=mask)
-    mask = V.binary_mask(op, "mask", mask, token_logprobs.shape, device)
-    token_logprobs = token_logprobs.contiguous()
+    token_logprobs, mask, device = _token_rows(op, average, mask, token_logprobs=token_logprobs)
     chosen = _backend.resolve(op, backend, device)
     if chosen == "reference":
         return reference.sequence_logprobs(token_logprobs, mask, average=average)
     return _registry.kernel("sequence_logprobs", chosen)(token_logprobs, mask, average)[0]
+
+
+def _token_rows(op: str, average, mask, **tensors: torch.Tensor):
+    """The checks of sequence_logprobs' [B, T] token log-probs (one or more tensors of
+    one shape, named by keyword), its `average` and its 0/1 mask: returns the tensors
+    contiguous (the first's dtype for the rest: one dtype for the kernels; the autograd
+    of a cast carries gradients back), the mask as bool or None, and the device."""
+    (first_name, first), *rest = tensors.items()
+    V.float_tensor(op, first_name, first, ndim=2)
+    dtype = first.dtype
+    for name, value in rest:
+        V.float_tensor(op, name, value)
+        V.same_shape(op, name, value, first_name, first)
+        dtype = torch.promote_types(dtype, value.dtype)
+    if not isinstance(average, bool):
+        raise TypeError(f"{op}: average must be a bool, got {type(average).__name__}")
+    device = V.same_device(op, **tensors, mask=mask)
+    mask = V.binary_mask(op, "mask", mask, first.shape, device)
+    return (*(V.as_dtype(t, dtype) for t in tensors.values()), mask, device)
+
+
+def dpo_sequence_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None,
+                      *, beta: float = 0.1, kind: str = "sigmoid", label_smoothing: float = 0.0,
+                      average: bool = False, backend: str = "auto"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole DPO step from token log-probs in one fused op: the masked per-sequence
+    sums (or means with average=True) of the policy's and the reference's `[2B, T]`
+    token log-probs, rows 0..B-1 the chosen completions and B..2B-1 the rejected ones
+    (TRL's concatenated layout; one `mask` for both), and the pair losses of
+    rlkernels.dpo_loss (`beta`, `kind`, `label_smoothing` as there).  Equal to::
+
+        seq, ref = sequence_logprobs(policy_logprobs, mask), sequence_logprobs(ref_logprobs, mask)
+        dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], ...)
+
+    in two op calls instead of four: the forward reads each token tensor once, the
+    backward writes each gradient once.
+    Returns (losses, chosen_rewards, rejected_rewards), `[B]` float32 (float64 for
+    float64 input); gradients flow to policy_logprobs (and to ref_logprobs if it
+    requires grad), in their dtypes.  Take `losses.mean()` for the batch loss."""
+    op = dpo_sequence_loss.__name__
+    beta, label_smoothing = _pair_options(op, beta, kind, label_smoothing)
+    policy_logprobs, ref_logprobs, mask, device = _token_rows(
+        op, average, mask, policy_logprobs=policy_logprobs, ref_logprobs=ref_logprobs)
+    if policy_logprobs.shape[0] % 2:
+        raise ValueError(f"{op}: policy_logprobs must have an even number of rows (chosen rows, then as many "
+                         f"rejected rows), got {policy_logprobs.shape[0]}")
+    chosen = _backend.resolve(op, backend, device)
+    if chosen == "reference":
+        return reference.dpo_sequence_loss(policy_logprobs, ref_logprobs, mask, beta=beta, kind=kind,
+                                           label_smoothing=label_smoothing, average=average)
+    fn = _registry.kernel("dpo_sequence_loss", chosen)
+    losses, chosen_rewards, rejected_rewards, _ = fn(policy_logprobs, ref_logprobs, mask, beta, kind,
+                                                     label_smoothing, average)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def _dpo_sequence_fake(policy_logprobs, ref_logprobs, mask, beta, kind, label_smoothing, average):
+    torch._check(policy_logprobs.dim() == 2, lambda: "policy_logprobs must be [2B, T]")
+    torch._check(policy_logprobs.shape[0] % 2 == 0, lambda: "policy_logprobs must have an even number of rows")
+    rows = policy_logprobs.shape[0]
+    dtype = acc_dtype(policy_logprobs.dtype)
+    pairs = tuple(policy_logprobs.new_empty((rows // 2,), dtype=dtype) for _ in range(3))
+    return (*pairs, policy_logprobs.new_empty((rows,), dtype=dtype))
+
+
+def _dpo_sequence_backward_fake(grad_losses, mask, coef, scale, T, dtype):
+    return grad_losses.new_empty((coef.shape[0], T), dtype=dtype)
+
+
+def _dpo_sequence_setup_context(ctx, inputs, output):
+    policy_logprobs, ref_logprobs, mask = inputs[:3]
+    coef = output[3]
+    ctx.save_for_backward(coef, mask, policy_logprobs, ref_logprobs)  # the inputs for first_order_only
+    ctx.T = policy_logprobs.shape[1]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+# The Triton twin's autograd; the compiled op's is csrc/autograd/preference.cpp, the same steps.
+def _dpo_sequence_backward(ctx, grad_losses, *unused):
+    if grad_losses is None:
+        return (None,) * 7
+    coef, mask, *inputs = ctx.saved_tensors
+    backward = _registry.kernel("dpo_sequence_loss_backward", ctx.backend)
+    grad_losses = grad_losses.to(coef.dtype)
+    grads = [backward(grad_losses, mask, coef, scale, ctx.T, t.dtype) if need else None
+             for scale, t, need in zip((1.0, -1.0), inputs, ctx.needs_input_grad[:2])]
+    return (*_double_backward.first_order_only("dpo_sequence_loss", grads, inputs), None, None, None, None, None)
 
 
 def _sequence_fake(token_logprobs, mask, average):
@@ -200,3 +290,6 @@ _registry.register("dpo_loss", fake=_dpo_fake, backward=_dpo_backward, setup_con
 _registry.register("sequence_logprobs", fake=_sequence_fake, backward=_sequence_backward,
                    setup_context=_sequence_setup_context)
 _registry.register("sequence_logprobs_backward", fake=_sequence_backward_fake)
+_registry.register("dpo_sequence_loss", fake=_dpo_sequence_fake, backward=_dpo_sequence_backward,
+                   setup_context=_dpo_sequence_setup_context)
+_registry.register("dpo_sequence_loss_backward", fake=_dpo_sequence_backward_fake)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .._dtypes import acc_dtype
 from ._token_loss import _valid
 
-__all__ = ["dpo_loss", "sequence_logprobs"]
+__all__ = ["dpo_loss", "dpo_sequence_loss", "sequence_logprobs"]
 
 PREFERENCE_KINDS = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -47,3 +47,14 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor | None = 
         return sums
     counts = valid.sum(-1).to(acc)
     return torch.where(counts > 0, sums / counts.clamp(min=1), 0)
+
+
+def dpo_sequence_loss(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None,
+                      *, beta: float = 0.1, kind: str = "sigmoid", label_smoothing: float = 0.0,
+                      average: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dpo_loss of the per-sequence log-probs of [2B, T] token log-probs, chosen rows
+    then rejected rows (TRL's concatenated layout)."""
+    B = policy_logprobs.shape[0] // 2
+    policy = sequence_logprobs(policy_logprobs, mask, average=average)
+    ref = sequence_logprobs(ref_logprobs, mask, average=average)
+    return dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta=beta, kind=kind, label_smoothing=label_smoothing)

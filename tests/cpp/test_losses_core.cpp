@@ -117,6 +117,18 @@ void test_preference_pair() {
   }
 }
 
+// dpo_sequence_loss' per-row coefficient: the pair's slope with the row's sign, over the
+// row's count with average (0 for a row without valid tokens).
+void test_sequence_coef() {
+  expect_near(rlk::sequence_coef<double>(-0.25, 1.0, false, 0.0), -0.25, 0, "coef sum chosen", 0);
+  expect_near(rlk::sequence_coef<double>(-0.25, -1.0, false, 7.0), 0.25, 0, "coef sum rejected", 1);
+  expect_near(rlk::sequence_coef<double>(-0.25, 1.0, true, 4.0), -0.0625, 0, "coef mean chosen", 2);
+  expect_near(rlk::sequence_coef<double>(-0.25, -1.0, true, 5.0), 0.05, 1e-15, "coef mean rejected", 3);
+  expect_near(rlk::sequence_coef<double>(-0.25, -1.0, true, 0.0), 0.0, 0, "coef empty row", 4);
+  expect_near(rlk::sequence_coef<float>(std::numeric_limits<float>::quiet_NaN(), 1.0f, true, 3.0f),
+              std::numeric_limits<double>::quiet_NaN(), 0, "coef NaN slope", 5);
+}
+
 // Each agg mode against its formula over a ragged batch, through finalize_rows.
 void test_aggregation() {
   const int K = 3;  // loss, tokens, one statistic
@@ -159,6 +171,7 @@ int main() {
   test_policy_token();
   test_value_token();
   test_preference_pair();
+  test_sequence_coef();
   test_aggregation();
   if (failures) {
     std::printf("%d failures\n", failures);
