@@ -166,6 +166,8 @@ def test_triton_sources_keep_nan_in_min_max():
         ("_token_loss.py", "tl.maximum(counted_tokens, 1.0)"): "a count",
         ("preference.py", "tl.minimum(x, 0.0)"): "log-sigmoid: the log1p(exp(-|x|)) term carries NaN",
         ("preference.py", "tl.maximum(n, 1.0)"): "a count",
+        ("preference.py", "tl.maximum(nc, 1.0)"): "a count (dpo_sequence_loss' chosen rows)",
+        ("preference.py", "tl.maximum(nr, 1.0)"): "a count (dpo_sequence_loss' rejected rows)",
         ("logprobs.py", "tl.maximum(found, tl.max(((x >= bound) & (cols < n)).to(tl.int32), axis=0))"):
             "integer flags of comparisons (is_top1's scan; a NaN logit compares false)",
     }

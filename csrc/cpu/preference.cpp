@@ -9,6 +9,7 @@
 #include "parallel.h"
 #include "../core/preference.h"
 #include "../args/preference.h"
+#include "masked_sum.h"
 #include "simd_loops.h"
 
 namespace rlk {
@@ -45,40 +46,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
   return out.tuple();
 }
 
-// lane_sum of x[i] where valid[i] (exact zeros elsewhere: NaN in a masked slot stays
-// out), and the count of valid entries, in one pass compiled per ISA level.
-template <typename acc>
-RLK_CPU_CLONES double masked_lane_sum(const acc* __restrict__ x, const uint8_t* __restrict__ valid, int64_t n,
-                                      int64_t* __restrict__ count) {
-  int64_t c = 0;
-  const double sum = cpu::lane_sum_by<acc>(n, [&](int64_t i) {
-    c += valid[i] != 0;
-    return keep_if(valid[i] != 0, x[i]);
-  });
-  *count += c;
-  return sum;
-}
-
-// The masked sum of one row of T token log-probs (in chunks: staged into `acc`, lane
-// sums in double across chunks) and its count of valid tokens; sequence_logprobs and
-// dpo_sequence_loss share it, so the fused op's sums are the composition's, bit for bit.
-template <typename acc, typename scalar_t>
-inline double row_sum(const scalar_t* x, const uint8_t* mask, int64_t T, acc* staging, int64_t* count) {
-  double total = 0;
-  for (int64_t t0 = 0; t0 < T; t0 += cpu::kChunk) {
-    const int64_t n = std::min(cpu::kChunk, T - t0);
-    cpu::prefetch_ahead(x + t0, n);
-    const acc* values = cpu::staged<acc>(x + t0, n, staging);
-    if (mask != nullptr) {
-      total += masked_lane_sum(values, mask + t0, n, count);
-    } else {
-      *count += n;
-      total += cpu::lane_sum(values, n);
-    }
-  }
-  return total;
-}
-
 // A row's sequence log-prob: its sum, or with average its mean (0 without valid tokens).
 template <typename acc>
 inline acc row_value(double total, int64_t count, bool average) {
@@ -112,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_cpu(const at::Tensor& token
       alignas(64) acc staging[cpu::kChunk];
       for (int64_t b = begin; b < end; ++b) {
         int64_t count = 0;
-        const double total = row_sum<acc>(x + b * T, mask_p == nullptr ? nullptr : mask_p + b * T, T, staging, &count);
+        const double total = cpu::row_sum<acc>(x + b * T, mask_p == nullptr ? nullptr : mask_p + b * T, T, staging, &count);
         out_counts[b] = acc(count);
         out[b] = row_value<acc>(total, count, p.average);
       }
@@ -169,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_sequence_loss_cpu
         const int64_t at = r * T;
         const uint8_t* m = p.mask == nullptr ? nullptr : p.mask + at;
         int64_t count = 0, ref_count = 0;  // the same mask: the same count
-        const double policy_total = row_sum<acc>(policy + at, m, T, staging, &count);
-        const double ref_total = row_sum<acc>(ref + at, m, T, staging, &ref_count);
+        const double policy_total = cpu::row_sum<acc>(policy + at, m, T, staging, &count);
+        const double ref_total = cpu::row_sum<acc>(ref + at, m, T, staging, &ref_count);
         rows[3 * r] = row_value<acc>(policy_total, count, p.average);
         rows[3 * r + 1] = row_value<acc>(ref_total, count, p.average);
         rows[3 * r + 2] = acc(count);
