@@ -1,9 +1,10 @@
 """DPO (direct preference optimisation) on (prompt, chosen, rejected) pairs against a
 frozen reference model.
 
-Each step scores a batch of pairs: summed response log-probs under the policy and
-the reference (`sequence_logprobs` over the fused per-token log-probs), then
-`dpo_loss` (sigmoid, IPO, hinge or robust).  The logged `reward` is the mean
+Each step scores a batch of pairs: per-token response log-probs under the policy and
+the reference (the fused lm-head log-probs), chosen rows then rejected rows, and
+`dpo_sequence_loss` takes the whole step from there (both sequence sums, the pair
+loss of `kind`: sigmoid, IPO, hinge or robust, and its gradient) in one op.  The logged `reward` is the mean
 implicit-reward margin beta * ((pi_c - ref_c) - (pi_r - ref_r)); `eval_accuracy`
 is the share of held-out pairs whose chosen response gets the larger implicit reward
 (0 at the start, when policy = reference, and 0.5 for a coin flip)."""
@@ -16,7 +17,8 @@ import torch
 
 from .base import TrainConfig, Trainer, optimize
 from .data import Pairs, Prompts
-from .lm import ModelConfig, RuleScorer, build_lm, encode_preferences, freeze, sample, sequence_logprobs
+from .lm import (IGNORE_INDEX, ModelConfig, RuleScorer, build_lm, encode_preferences, freeze, hidden_states, sample,
+                 sequence_logprobs, token_logprobs)
 
 DPO_KINDS = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -74,14 +76,21 @@ class DPOTrainer(Trainer):
         sums = sequence_logprobs(self.ops, model, ids, attention, labels, fused=self.config.model.fused_head)
         return sums[:len(rows)], sums[len(rows):]
 
+    def token_logprobs(self, model, ids, attention, labels) -> torch.Tensor:
+        """Response log-probs per token `[2B, T]` (0 off the responses)."""
+        hidden = hidden_states(model, ids, attention)[:, :-1]
+        return token_logprobs(self.ops, model, hidden, labels, fused=self.config.model.fused_head)
+
     def train_step(self) -> dict:
         cfg = self.config
         rows = self.pairs.batch(cfg.batch_size, self.rng)
-        policy_chosen, policy_rejected = self.logprobs(self.policy, rows)
+        ids, attention, labels = encode_preferences(self.tokenizer, rows, max_length=cfg.max_length,
+                                                    device=self.device)
+        policy_tokens = self.token_logprobs(self.policy, ids, attention, labels)
         with torch.no_grad():
-            ref_chosen, ref_rejected = self.logprobs(self.reference, rows)
-        losses, chosen_rewards, rejected_rewards = self.ops.dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.beta, kind=cfg.kind,
+            ref_tokens = self.token_logprobs(self.reference, ids, attention, labels)
+        losses, chosen_rewards, rejected_rewards = self.ops.dpo_sequence_loss(
+            policy_tokens, ref_tokens, labels != IGNORE_INDEX, beta=cfg.beta, kind=cfg.kind,
             label_smoothing=cfg.label_smoothing)
         loss = losses.mean()
         grad_norm = optimize(self.optimizer, loss, self.policy.parameters(), cfg.max_grad_norm)
