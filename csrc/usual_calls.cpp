@@ -75,20 +75,25 @@ Maybe optional_like(py::handle h, at::ScalarType dtype, at::IntArrayRef shape) {
   return {*t, true};
 }
 
+// A Python int (not a bool) that fits int64.
+std::optional<int64_t> integer(py::handle h) {
+  PyObject* o = h.ptr();
+  if (!PyLong_CheckExact(o)) return std::nullopt;
+  int overflow = 0;
+  const long long value = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow != 0 || (value == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  return static_cast<int64_t>(value);
+}
+
 // A Python float or int (not a bool) as a double, or nullopt (other types, huge ints).
 std::optional<double> number(py::handle h) {
-  PyObject* o = h.ptr();
-  if (PyFloat_CheckExact(o)) return PyFloat_AS_DOUBLE(o);
-  if (PyLong_CheckExact(o)) {
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(o, &overflow);
-    if (overflow != 0 || (value == -1 && PyErr_Occurred())) {
-      PyErr_Clear();
-      return std::nullopt;
-    }
-    return static_cast<double>(value);
-  }
-  return std::nullopt;
+  if (PyFloat_CheckExact(h.ptr())) return PyFloat_AS_DOUBLE(h.ptr());
+  const auto value = integer(h);
+  if (!value) return std::nullopt;
+  return static_cast<double>(*value);
 }
 
 // A finite number in (low, high) (open ends; NaN fails every comparison).
@@ -106,30 +111,6 @@ std::optional<double> optional_above(py::handle h, double low, double absent) {
   return finite_in(h, low, kInf);
 }
 
-// A Python int (not a bool) that fits int64.
-std::optional<int64_t> integer(py::handle h) {
-  PyObject* o = h.ptr();
-  if (!PyLong_CheckExact(o)) return std::nullopt;
-  int overflow = 0;
-  const long long value = PyLong_AsLongLongAndOverflow(o, &overflow);
-  if (overflow != 0 || (value == -1 && PyErr_Occurred())) {
-    PyErr_Clear();
-    return std::nullopt;
-  }
-  return static_cast<int64_t>(value);
-}
-
-bool is_str(py::handle h, const char* text) {
-  if (!PyUnicode_CheckExact(h.ptr())) return false;
-  Py_ssize_t size = 0;
-  const char* data = PyUnicode_AsUTF8AndSize(h.ptr(), &size);
-  if (data == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
-  return static_cast<size_t>(size) == std::strlen(text) && std::memcmp(data, text, size) == 0;
-}
-
 // The string of a Python str (its UTF-8 view lives as long as the object), or nullopt.
 std::optional<c10::string_view> str(py::handle h) {
   if (!PyUnicode_CheckExact(h.ptr())) return std::nullopt;
@@ -140,6 +121,11 @@ std::optional<c10::string_view> str(py::handle h) {
     return std::nullopt;
   }
   return c10::string_view(data, static_cast<size_t>(size));
+}
+
+bool is_str(py::handle h, c10::string_view text) {
+  const auto value = str(h);
+  return value.has_value() && *value == text;
 }
 
 bool cpu_backend(py::handle backend) { return is_str(backend, "auto") || is_str(backend, "cpu"); }
@@ -225,6 +211,31 @@ py::object policy_loss(const py::tuple& names, py::handle logprobs, py::handle o
   return loss_and_stats(names, std::get<0>(out), std::get<1>(out));
 }
 
+// The lm-head arguments of linear_ppo_loss and linear_logprobs: hidden a plain CPU
+// [..., H] tensor of a kernel dtype (float32, bfloat16, float16), weight [V, H] and bias
+// (None or [V]) plain and of its dtype; nullopt otherwise.
+struct LmHead {
+  const at::Tensor* hidden;
+  const at::Tensor* weight;
+  Opt bias;
+};
+
+std::optional<LmHead> lm_head(py::handle hidden, py::handle weight, py::handle bias) {
+  const at::Tensor* h = plain(hidden);
+  if (h == nullptr || h->dim() < 1) return std::nullopt;
+  const at::ScalarType dtype = h->scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return std::nullopt;
+  const at::Tensor* w = plain(weight);
+  if (w == nullptr || w->dim() != 2 || w->scalar_type() != dtype || w->size(1) != h->size(-1)) return std::nullopt;
+  LmHead head{h, w, std::nullopt};
+  if (!bias.is_none()) {
+    const at::Tensor* b = plain(bias);
+    if (b == nullptr || b->dim() != 1 || b->scalar_type() != dtype || b->size(0) != w->size(0)) return std::nullopt;
+    head.bias = *b;
+  }
+  return head;
+}
+
 // linear_ppo_loss' usual call (ops/linear_ppo_loss.py): hidden a plain CPU [B, T, H] tensor
 // of a kernel dtype (float32, bfloat16, float16), weight [V, H] and bias (None or [V]) of
 // its dtype; labels int64 [B, T], contiguous; mask None or bool [B, T]; old_logprobs,
@@ -243,18 +254,10 @@ py::object linear_ppo_loss(const py::tuple& names, int64_t every_token_macs, py:
   if (!no_python_modes() || !cpu_backend(backend) || exact.ptr() != Py_False || !kl_estimator(kl)) {
     return py::none();
   }
-  const at::Tensor* h = plain(hidden);
-  if (h == nullptr || h->dim() != 3) return py::none();
-  const at::ScalarType dtype = h->scalar_type();
-  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return py::none();
-  const at::Tensor* w = plain(weight);
-  if (w == nullptr || w->dim() != 2 || w->scalar_type() != dtype || w->size(1) != h->size(2)) return py::none();
-  Opt b;
-  if (!bias.is_none()) {
-    const at::Tensor* t = plain(bias);
-    if (t == nullptr || t->dim() != 1 || t->scalar_type() != dtype || t->size(0) != w->size(0)) return py::none();
-    b = *t;
-  }
+  const auto head = lm_head(hidden, weight, bias);
+  if (!head || head->hidden->dim() != 3) return py::none();
+  const at::Tensor *h = head->hidden, *w = head->weight;
+  const Opt& b = head->bias;
   const int64_t B = h->size(0), T = h->size(1), H = h->size(2), V = w->size(0);
   const std::vector<int64_t> grid{B, T};
   const at::Tensor* lab = plain_like(labels, at::kLong, grid);
@@ -345,18 +348,10 @@ py::object linear_logprobs(int64_t chunk_bytes, py::handle hidden, py::handle we
       !PyBool_Check(entropy.ptr()) || !PyBool_Check(is_top1.ptr())) {
     return py::none();
   }
-  const at::Tensor* h = plain(hidden);
-  if (h == nullptr || h->dim() < 1) return py::none();
-  const at::ScalarType dtype = h->scalar_type();
-  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return py::none();
-  const at::Tensor* w = plain(weight);
-  if (w == nullptr || w->dim() != 2 || w->scalar_type() != dtype || w->size(1) != h->size(-1)) return py::none();
-  Opt b;
-  if (!bias.is_none()) {
-    const at::Tensor* t = plain(bias);
-    if (t == nullptr || t->dim() != 1 || t->scalar_type() != dtype || t->size(0) != w->size(0)) return py::none();
-    b = *t;
-  }
+  const auto head = lm_head(hidden, weight, bias);
+  if (!head) return py::none();
+  const at::Tensor *h = head->hidden, *w = head->weight;
+  const Opt& b = head->bias;
   const at::Tensor* lab = plain_like(labels, at::kLong, h->sizes().slice(0, h->dim() - 1));
   const auto temp = number(temperature);
   const auto ignore = integer(ignore_index);
