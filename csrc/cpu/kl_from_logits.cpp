@@ -31,8 +31,8 @@ struct KlPass : LogitsPass<T> {
 };
 
 // The statistics of one chunk (n <= kVocabChunk pairs of logits) from an empty
-// state, in kBlock-wide blocks; element j of the chunk goes to lane j % W wherever
-// the chunk lies in memory.
+// state, in kBlock-wide blocks; element j of the chunk goes to a lane fixed by j % (2 W)
+// and the dtype (simd::load2) wherever the chunk lies in memory.
 template <int W, class T>
 RLK_ALWAYS_INLINE KlStats kl_chunk(const KlPass<W, T>& pass, const T* xa, const T* xb, int64_t V) {
   const vf<W> vscale = pass.vscale, vinv_t = pass.vinv_t, zero = pass.zero;
@@ -46,12 +46,7 @@ RLK_ALWAYS_INLINE KlStats kl_chunk(const KlPass<W, T>& pass, const T* xa, const 
     const vf<W> vma = splat<W>(kl_shift(st.ma));
     const vf<W> vmb = splat<W>(kl_shift(st.mb));
     vf<W> sa = zero, sb = zero, w = zero;
-    for (int64_t j = b0; j < b0 + n; j += W) {
-      prefetch_step<W>(xa + j, n);  // the next blocks, for their max passes
-      prefetch_step<W>(xb + j, n);
-      const int64_t left = b0 + n - j;
-      const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
-      const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
+    auto add = [&](vf<W> va, vf<W> vb) RLK_ALWAYS_INLINE_LAMBDA {
       const vf<W> ea = simd::exp2<W>((va - vma) * vscale);
       const vf<W> eb = simd::exp2<W>((vb - vmb) * vscale);
       sa += ea;
@@ -60,6 +55,21 @@ RLK_ALWAYS_INLINE KlStats kl_chunk(const KlPass<W, T>& pass, const T* xa, const 
       // (however small p_j) makes KL inf
       const vf<W> term = ea == 0.0f ? zero : ea * (((va - vma) - (vb - vmb)) * vinv_t);
       w += (vb == vminus_inf) & (va > vminus_inf) ? vinf : term;
+    };
+    int64_t j = b0;
+    for (; j + 2 * W <= b0 + n; j += 2 * W) {
+      prefetch_step<2 * W>(xa + j, n);  // the next blocks, for their max passes
+      prefetch_step<2 * W>(xb + j, n);
+      vf<W> va0, va1, vb0, vb1;
+      simd::load2<W>(xa + j, va0, va1);
+      simd::load2<W>(xb + j, vb0, vb1);
+      add(va0, vb0);
+      add(va1, vb1);
+    }
+    for (; j < b0 + n; j += W) {
+      const int64_t left = b0 + n - j;
+      add(left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY),
+          left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY));
     }
     st.sa += hsum<W>(sa);
     st.sb += hsum<W>(sb);
@@ -112,23 +122,37 @@ RLK_ALWAYS_INLINE void kl_grad_row(const KlFromLogitsParams& a, const KlPass<W, 
   const vf<W> vmb = splat<W>(saved[2]), vlb = splat<W>(saved[3] * kLog2e);
   const vf<W> va_shift = splat<W>(kl_shift(saved[0])), vb_shift = splat<W>(kl_shift(saved[2]));
   const vf<W> vmean = splat<W>(saved[4]), vg_t = splat<W>(g * pass.inv_t);
-  for (int64_t j = 0; j < V; j += W) {
-    prefetch_step<W>(xa + j, kStreamAheadBytes / int64_t(sizeof(T)));
-    prefetch_step<W>(xb + j, kStreamAheadBytes / int64_t(sizeof(T)));
+  // the gradients of one vector of logit pairs (p, and q where wanted, from the saved statistics)
+  auto grad_a = [&](vf<W> va, vf<W> vb, vf<W> p) RLK_ALWAYS_INLINE_LAMBDA {
+    return p == 0.0f ? zero : vg_t * p * (((va - va_shift) - (vb - vb_shift)) * vinv_t - vmean);
+  };
+  auto grad_b = [&](vf<W> vb, vf<W> p) RLK_ALWAYS_INLINE_LAMBDA {
+    return vg_t * (simd::exp2<W>((vb - vmb) * vscale - vlb) - p);
+  };
+  int64_t j = 0;
+  for (; j + 2 * W <= V; j += 2 * W) {
+    prefetch_step<2 * W>(xa + j, kStreamAheadBytes / int64_t(sizeof(T)));
+    prefetch_step<2 * W>(xb + j, kStreamAheadBytes / int64_t(sizeof(T)));
+    vf<W> va0, va1, vb0, vb1;
+    simd::load2<W>(xa + j, va0, va1);
+    simd::load2<W>(xb + j, vb0, vb1);
+    const vf<W> p0 = simd::exp2<W>((va0 - vma) * vscale - vla);
+    const vf<W> p1 = simd::exp2<W>((va1 - vma) * vscale - vla);
+    if (ga) simd::store2<W>(ga + j, grad_a(va0, vb0, p0), grad_a(va1, vb1, p1));
+    if (gb) simd::store2<W>(gb + j, grad_b(vb0, p0), grad_b(vb1, p1));
+  }
+  for (; j < V; j += W) {
     const int64_t left = V - j;
     const vf<W> va = left >= W ? load<W>(xa + j) : load_partial<W>(xa + j, left, -INFINITY);
     const vf<W> vb = left >= W ? load<W>(xb + j) : load_partial<W>(xb + j, left, -INFINITY);
     const vf<W> p = simd::exp2<W>((va - vma) * vscale - vla);
     if (ga) {
-      const vf<W> d = p == 0.0f ? zero : vg_t * p * (((va - va_shift) - (vb - vb_shift)) * vinv_t - vmean);
-      if (left >= W) store<W>(ga + j, d);
-      else store_partial<W>(ga + j, d, left);
+      if (left >= W) store<W>(ga + j, grad_a(va, vb, p));
+      else store_partial<W>(ga + j, grad_a(va, vb, p), left);
     }
     if (gb) {
-      const vf<W> q = simd::exp2<W>((vb - vmb) * vscale - vlb);
-      const vf<W> d = vg_t * (q - p);
-      if (left >= W) store<W>(gb + j, d);
-      else store_partial<W>(gb + j, d, left);
+      if (left >= W) store<W>(gb + j, grad_b(vb, p));
+      else store_partial<W>(gb + j, grad_b(vb, p), left);
     }
   }
 }

@@ -80,8 +80,10 @@ RLK_ALWAYS_INLINE float block_max(const T* xb, int64_t n) {
   vf<W> mx0 = splat<W>(-INFINITY), mx1 = mx0;
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
-    mx0 = vmax<W>(mx0, load<W>(xb + j));
-    mx1 = vmax<W>(mx1, load<W>(xb + j + W));
+    vf<W> a, b;
+    simd::load2<W>(xb + j, a, b);
+    mx0 = vmax<W>(mx0, a);
+    mx1 = vmax<W>(mx1, b);
   }
   for (; j + W <= n; j += W) mx0 = vmax<W>(mx0, load<W>(xb + j));
   if (j < n) mx1 = vmax<W>(mx1, load_partial<W>(xb + j, n - j, -INFINITY));

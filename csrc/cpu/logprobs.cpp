@@ -28,9 +28,9 @@ using namespace cpu;
 
 // The statistics of one chunk (n <= kVocabChunk elements) from an empty state, in
 // kBlock-wide blocks that stay in L1: the block's maximum, a rescale of the sums so
-// far when it grew, then the exp pass.  Element j of the chunk always goes to lane
-// j % (2 W), whatever the chunk's address (unaligned loads, no peeling), so the same
-// values give the same bits anywhere.
+// far when it grew, then the exp pass.  Element j of the chunk always goes to the same
+// lane, a function of j % (2 W) and the dtype (simd::load2), whatever the chunk's
+// address (unaligned loads, no peeling), so the same values give the same bits anywhere.
 template <int W, class T, bool kEntropy>
 RLK_ALWAYS_INLINE SoftmaxStats chunk_stats(const T* x, int64_t V, float scale) {
   const vf<W> vscale = splat<W>(scale);
@@ -46,9 +46,10 @@ RLK_ALWAYS_INLINE SoftmaxStats chunk_stats(const T* x, int64_t V, float scale) {
     int64_t j = 0;
     for (; j + 2 * W <= n; j += 2 * W) {
       prefetch_step<2 * W>(xb + j, n);  // the next block (or row), for its max pass
-      vf<W> y0, y1;  // the exponents, clamped where e underflows to 0
-      const vf<W> e0 = simd::exp2<W>((load<W>(xb + j) - vm) * vscale, y0);
-      const vf<W> e1 = simd::exp2<W>((load<W>(xb + j + W) - vm) * vscale, y1);
+      vf<W> x0, x1, y0, y1;  // y: the exponents, clamped where e underflows to 0
+      simd::load2<W>(xb + j, x0, x1);
+      const vf<W> e0 = simd::exp2<W>((x0 - vm) * vscale, y0);
+      const vf<W> e1 = simd::exp2<W>((x1 - vm) * vscale, y1);
       s0 += e0;
       s1 += e1;
       if (kEntropy) {
@@ -248,6 +249,15 @@ struct BackwardRows {
       for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
         const int64_t n = std::min(kBlock, V - b0);
         int64_t j = b0;
+        for (; j + 2 * W <= b0 + n; j += 2 * W) {
+          prefetch_step<2 * W>(x + j, kStreamAheadBytes / int64_t(sizeof(T)));
+          vf<W> x0, x1, y0, y1;
+          simd::load2<W>(x + j, x0, x1);
+          const vf<W> p0 = simd::exp2<W>((x0 - vm) * vscale - vlog2_s, y0);
+          const vf<W> p1 = simd::exp2<W>((x1 - vm) * vscale - vlog2_s, y1);
+          simd::store2<W>(out + j, kEntropyGrad ? p0 * (c0 + c1 * y0) : p0 * c0,
+                          kEntropyGrad ? p1 * (c0 + c1 * y1) : p1 * c0);
+        }
         for (; j < b0 + n; j += W) {
           prefetch_step<W>(x + j, kStreamAheadBytes / int64_t(sizeof(T)));
           const int64_t left = b0 + n - j;

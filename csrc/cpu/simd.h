@@ -19,6 +19,9 @@
 #endif
 
 #define RLK_ALWAYS_INLINE inline __attribute__((always_inline))
+// For a lambda inside a kernel: inlined into the per-ISA copy that calls it, so its body
+// is compiled for that ISA (a lambda does not inherit its enclosing function's target).
+#define RLK_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 // Wide vector values only cross always-inlined calls, so the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -106,32 +109,68 @@ template <int W> RLK_ALWAYS_INLINE vf<W> load(const bf16* p) {
   return bit_cast<vf<W>>(__builtin_convertvector(h, vu<W>) << 16);
 }
 
-template <int W> RLK_ALWAYS_INLINE vf<W> load(const fp16* p) {
+// Half-precision bits held in the low 16 bits of each 32-bit lane, as floats.
+template <int W> RLK_ALWAYS_INLINE vf<W> fp16_lanes(vu<W> bits) {
   typedef vu<W> u;
-  typename V<W>::h h;
-  std::memcpy(&h, p, sizeof h);
-  const u bits = __builtin_convertvector(h, u);
   const u sign = (bits & 0x8000u) << 16;
   const u em = bits & 0x7fffu;
   const u normal = (em << 13) + (112u << 23);
   const u special = (em << 13) + (224u << 23);
-  const u subnormal = bit_cast<u>(__builtin_convertvector(em, vf<W>) * 5.9604644775390625e-8f);
+  // em < 2^15: converted as signed, which every ISA has an instruction for
+  const u subnormal = bit_cast<u>(__builtin_convertvector(bit_cast<typename V<W>::i>(em), vf<W>) * 5.9604644775390625e-8f);
   const u mag = em >= 0x7c00u ? special : (em >= 0x0400u ? normal : subnormal);
   return bit_cast<vf<W>>(mag | sign);
 }
 
+template <int W> RLK_ALWAYS_INLINE vf<W> load(const fp16* p) {
+  typename V<W>::h h;
+  std::memcpy(&h, p, sizeof h);
+  return fp16_lanes<W>(__builtin_convertvector(h, vu<W>));
+}
+
+// 2 W consecutive elements as two vectors.  For float: the first W, then the next W.
+// For the 16-bit types: the even elements, then the odd ones.  Read as W 32-bit lanes,
+// element 2l sits in the low half of lane l and element 2l + 1 in the high half, so a
+// shift and a mask widen them: no shuffles, where widening W consecutive 16-bit values
+// (load above) takes four to six shuffle instructions a vector with GCC 12 on
+// AVX-512.  Reductions that take their lanes from here assign element j of a 2 W block
+// to a fixed lane (a function of j % 2 W and the type), wherever the block lies.
+template <int W> RLK_ALWAYS_INLINE void load2(const float* p, vf<W>& first, vf<W>& second) {
+  first = load<W>(p);
+  second = load<W>(p + W);
+}
+
+template <int W> RLK_ALWAYS_INLINE void load2(const bf16* p, vf<W>& even, vf<W>& odd) {
+  vu<W> bits;
+  std::memcpy(&bits, p, sizeof bits);
+  even = bit_cast<vf<W>>(bits << 16);
+  odd = bit_cast<vf<W>>(bits & 0xffff0000u);
+}
+
+template <int W> RLK_ALWAYS_INLINE void load2(const fp16* p, vf<W>& even, vf<W>& odd) {
+  vu<W> bits;
+  std::memcpy(&bits, p, sizeof bits);
+  even = fp16_lanes<W>(bits & 0xffffu);
+  odd = fp16_lanes<W>(bits >> 16);
+}
+
 template <int W> RLK_ALWAYS_INLINE void store(float* p, vf<W> v) { std::memcpy(p, &v, sizeof v); }
 
-template <int W> RLK_ALWAYS_INLINE void store(bf16* p, vf<W> v) {
+// Each lane rounded to nearest even, as bfloat16 bits in the low 16 bits of the lane.
+template <int W> RLK_ALWAYS_INLINE vu<W> bf16_lanes_of(vf<W> v) {
   typedef vu<W> u;
   const u bits = bit_cast<u>(v);
-  u out = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  out = v != v ? u{} + 0x7fc0u : out;
-  const typename V<W>::h h = __builtin_convertvector(out, typename V<W>::h);
+  const u out = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return v != v ? u{} + 0x7fc0u : out;
+}
+
+template <int W> RLK_ALWAYS_INLINE void store(bf16* p, vf<W> v) {
+  const typename V<W>::h h = __builtin_convertvector(bf16_lanes_of<W>(v), typename V<W>::h);
   std::memcpy(p, &h, sizeof h);
 }
 
-template <int W> RLK_ALWAYS_INLINE void store(fp16* p, vf<W> v) {
+// Each lane rounded to nearest even, as half-precision bits in the low 16 bits of the lane.
+template <int W> RLK_ALWAYS_INLINE vu<W> fp16_lanes_of(vf<W> v) {
   typedef vu<W> u;
   u bits = bit_cast<u>(v);
   const u sign = bits & 0x80000000u;
@@ -140,9 +179,28 @@ template <int W> RLK_ALWAYS_INLINE void store(fp16* p, vf<W> v) {
   const u small = bit_cast<u>(bit_cast<vf<W>>(bits) + 0.5f) - bit_cast<uint32_t>(0.5f);
   const u normal = (bits + (uint32_t(int32_t(15 - 127)) << 23) + 0xfffu + ((bits >> 13) & 1u)) >> 13;
   u out = bits >= (143u << 23) ? big : (bits < (113u << 23) ? small : normal);
-  out |= sign >> 16;
-  const typename V<W>::h h = __builtin_convertvector(out, typename V<W>::h);
+  return out | (sign >> 16);
+}
+
+template <int W> RLK_ALWAYS_INLINE void store(fp16* p, vf<W> v) {
+  const typename V<W>::h h = __builtin_convertvector(fp16_lanes_of<W>(v), typename V<W>::h);
   std::memcpy(p, &h, sizeof h);
+}
+
+// The inverse of load2: 2 W consecutive elements from the two vectors load2 gives.
+template <int W> RLK_ALWAYS_INLINE void store2(float* p, vf<W> first, vf<W> second) {
+  store<W>(p, first);
+  store<W>(p + W, second);
+}
+
+template <int W> RLK_ALWAYS_INLINE void store2(bf16* p, vf<W> even, vf<W> odd) {
+  const vu<W> bits = bf16_lanes_of<W>(even) | (bf16_lanes_of<W>(odd) << 16);
+  std::memcpy(p, &bits, sizeof bits);
+}
+
+template <int W> RLK_ALWAYS_INLINE void store2(fp16* p, vf<W> even, vf<W> odd) {
+  const vu<W> bits = fp16_lanes_of<W>(even) | (fp16_lanes_of<W>(odd) << 16);
+  std::memcpy(p, &bits, sizeof bits);
 }
 
 // Tails: the first n < W elements, the rest filled with `fill`.
