@@ -337,14 +337,13 @@ using LogprobsSig = LogprobsOutputs(const at::Tensor&, const at::Tensor&, const 
 // linear_logprobs' usual call (ops/linear_logprobs.py): hidden a plain CPU [..., H] tensor
 // of a kernel dtype, weight [V, H] and bias (None or [V]) of its dtype, labels int64 of
 // hidden's leading shape and contiguous, temperature and ignore_index in range, entropy and
-// is_top1 bools, mean_logits False, chunk_size None or an int >= 1, group None, backend
-// "auto" or "cpu" (exact is ignored without group, as in Python).  chunk_bytes: the
+// is_top1 bools, mean_logits False, chunk_size None or an int >= 1, backend "auto" or
+// "cpu"; the caller has seen group None (exact is ignored without group, as in Python).  chunk_bytes: the
 // default budget (ops/_chunked.py CHUNK_BYTES).  The op checks the label range itself.
 py::object linear_logprobs(int64_t chunk_bytes, py::handle hidden, py::handle weight, py::handle labels,
                            py::handle bias, py::handle temperature, py::handle ignore_index, py::handle entropy,
-                           py::handle mean_logits, py::handle is_top1, py::handle chunk_size, py::handle group,
-                           py::handle backend) {
-  if (!no_python_modes() || !cpu_backend(backend) || !group.is_none() || mean_logits.ptr() != Py_False ||
+                           py::handle mean_logits, py::handle is_top1, py::handle chunk_size, py::handle backend) {
+  if (!no_python_modes() || !cpu_backend(backend) || mean_logits.ptr() != Py_False ||
       !PyBool_Check(entropy.ptr()) || !PyBool_Check(is_top1.ptr())) {
     return py::none();
   }

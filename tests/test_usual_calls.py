@@ -342,7 +342,7 @@ def test_linear_logprobs_usual_agrees_with_the_checked_path(monkeypatch):
                 expected = None
         done = _C.linear_logprobs_usual(ll_module._chunked.CHUNK_BYTES, *args, kw["bias"], kw["temperature"],
                                         kw["ignore_index"], kw["entropy"], kw["mean_logits"], kw["is_top1"],
-                                        kw["chunk_size"], None, kw["backend"])
+                                        kw["chunk_size"], kw["backend"])
         if done is None:
             continue
         assert expected is not None, f"the compiled path answered a call the checks refuse: {kw}"

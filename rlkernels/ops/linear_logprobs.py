@@ -77,7 +77,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         # The usual call, checked and run in one compiled call (csrc/usual_calls.cpp); None
         # where any argument is of another kind, which the checks below handle.
         done = _C.linear_logprobs_usual(_chunked.CHUNK_BYTES, hidden, weight, labels, bias, temperature, ignore_index,
-                                        entropy, mean_logits, is_top1, chunk_size, group, backend)
+                                        entropy, mean_logits, is_top1, chunk_size, backend)
         if done is not None:
             return done
     if group is not None:
