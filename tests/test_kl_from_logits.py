@@ -86,7 +86,7 @@ def test_kl_from_logits_only_logits_grad(backend_device):
 def test_kl_from_logits_extremes(backend_device):
     backend, device = backend_device
     V = 300
-    a, b = pair(5, V, device=device)
+    a, b = pair(6, V, device=device)
     a[0] = torch.randn(V, device=device) * 1e4
     b[0] = a[0] + torch.randn(V, device=device)
     b[1] = a[1]  # identical rows: KL 0
@@ -95,10 +95,13 @@ def test_kl_from_logits_extremes(backend_device):
     b[3, 5] = float("-inf")  # q = 0 where p > 0: KL = inf
     a[4] = float("-inf")
     a[4, 7] = 3.0  # one-hot policy: KL = -log q_7
+    a[5, 9] = a[5].max() - 500  # p_9 > 0 underflows to 0 (also in float64) ...
+    b[5, 9] = float("-inf")  # ... and q_9 = 0: KL = inf all the same
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
     kl = rlkernels.kl_from_logits(x, y, backend=backend)
     truth = reference.kl_from_logits(a.double(), b.double())
     assert kl[3] == float("inf") and truth[3] == float("inf")
+    assert kl[5] == float("inf") and truth[5] == float("inf")
     rows = [0, 1, 2, 4]
     assert_close(kl[rows], truth[rows])
     assert abs(kl[1].item()) < 1e-6

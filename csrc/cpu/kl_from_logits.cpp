@@ -54,7 +54,14 @@ RLK_ALWAYS_INLINE KlStats kl_chunk(const KlPass<W, T>& pass, const T* xa, const 
       // p_j = 0 adds nothing (also where a_j = -inf makes the log-ratio NaN); q_j = 0 < p_j
       // (however small p_j) makes KL inf
       const vf<W> term = ea == 0.0f ? zero : ea * (((va - vma) - (vb - vmb)) * vinv_t);
-      w += (vb == vminus_inf) & (va > vminus_inf) ? vinf : term;
+      // That is b_j == -inf and a_j > -inf, found with one mask at a time: key is -inf where
+      // a_j > -inf and +inf elsewhere; (key > b_j ? key : b_j) is b_j where key is -inf, and
+      // +inf, or b_j = +inf or NaN, where it is +inf, so it is -inf exactly where KL is inf.
+      // (GCC 12 turns two vector masks combined, m1 & m2 or selects nested on two masks, in
+      // these per-ISA copies into one scalar compare an element.)
+      const vf<W> key = va > vminus_inf ? vminus_inf : vinf;
+      const vf<W> kl_inf = key > vb ? key : vb;
+      w += kl_inf == vminus_inf ? vinf : term;
     };
     int64_t j = b0;
     for (; j + 2 * W <= b0 + n; j += 2 * W) {
