@@ -172,3 +172,32 @@ def test_linear_ppo_loss_grad_mode_keeps_the_bits(entropy_coef, chunk_size):
         plain, plain_stats = rlkernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, **kw)
     assert torch.equal(loss, plain)
     assert torch.equal(torch.stack(list(stats.values())), torch.stack(list(plain_stats.values())))
+
+
+@pytest.mark.parametrize("wants", ["none", "hidden", "weight", "both"])
+@pytest.mark.parametrize("drop_masked", [False, True], ids=["every-token", "drop-masked"])
+def test_linear_ppo_loss_masked_hidden_states_never_leak(wants, drop_masked, monkeypatch):
+    """A masked token's hidden state (NaN, inf, anything) changes no bit of the loss, the
+    stats or the gradients, whichever gradients are asked for: masked rows reach the
+    lm-head matmul in the every-token mode, and grad weight must not see 0 * NaN."""
+    if drop_masked:
+        monkeypatch.setattr(_lpl, "_EVERY_TOKEN_MACS", -1)
+    hidden, weight, _, labels, old, adv, mask, _ = problem(3, 7, 16, 50, torch.float32, "cpu")
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        h = hidden.clone()
+        h[~mask] = fill
+        params = [h.requires_grad_(wants in ("hidden", "both")), weight.clone().requires_grad_(wants in ("weight", "both"))]
+        with torch.set_grad_enabled(wants != "none"):
+            loss, stats = rlkernels.linear_ppo_loss(params[0], params[1], labels, old, adv, mask)
+            grads = torch.autograd.grad(loss, [p for p in params if p.requires_grad]) if wants != "none" else ()
+        results.append((loss, stats, grads))
+    (loss0, stats0, grads0) = results[0]
+    assert torch.isfinite(loss0)
+    for loss, stats, grads in results[1:]:
+        torch.testing.assert_close(loss, loss0, rtol=0, atol=0)
+        for name, value in stats0.items():
+            torch.testing.assert_close(stats[name], value, rtol=0, atol=0, equal_nan=True)
+        assert len(grads) == len(grads0)
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g, g0, rtol=0, atol=0)

@@ -264,7 +264,18 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
   const at::ScalarType acc = old_logprobs.scalar_type();
   const bool wide = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
   const auto f64 = hidden.options().dtype(at::kDouble);
-  at::Tensor grad_hidden = needs_hidden ? at::zeros(hidden.sizes(), hidden.options()) : hidden.new_empty({0});
+  const bool on_device = pieces == "device";
+  const bool every_token = pieces != "counted-valid";
+  const std::string agg_name(agg);
+  const std::vector<double> coefficient_list(coefficients.begin(), coefficients.end());
+  const std::vector<Piece> plan = on_device ? device_pieces(valid, chunk, agg_name, coefficient_list)
+                                            : counted_pieces(valid, chunk, agg_name, coefficient_list);
+  // One piece of every token writes every row of grad hidden (mm_out below): no zero fill.
+  const bool writes_all_rows = every_token && B * T > 0 && plan.size() == 1 && plan[0].r0 == 0 &&
+                               plan[0].r1 == B && plan[0].c0 == 0 && plan[0].c1 == T;
+  at::Tensor grad_hidden = !needs_hidden    ? hidden.new_empty({0})
+                           : writes_all_rows ? at::empty(hidden.sizes(), hidden.options())
+                                             : at::zeros(hidden.sizes(), hidden.options());
   at::Tensor grad_weight = needs_weight ? at::Tensor() : weight.new_empty({0});  // the first piece's product, then sums
   at::Tensor grad_bias = needs_bias ? at::zeros({vocab}, weight.options().dtype(at::kFloat)) : weight.new_empty({0});
   const at::Tensor flat_hidden = hidden.reshape({B * T, H});
@@ -272,12 +283,6 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
   const at::Tensor flat_grad_hidden = needs_hidden ? grad_hidden.view({B * T, H}) : at::Tensor();
   const at::Tensor buffer =
       B * T > 0 ? hidden.new_empty({padded_rows(std::min(chunk, B * T)), vocab}) : at::Tensor();
-  const bool on_device = pieces == "device";
-  const bool every_token = pieces != "counted-valid";
-  const std::string agg_name(agg);
-  const std::vector<double> coefficient_list(coefficients.begin(), coefficients.end());
-  const std::vector<Piece> plan = on_device ? device_pieces(valid, chunk, agg_name, coefficient_list)
-                                            : counted_pieces(valid, chunk, agg_name, coefficient_list);
   // float64 totals from the first piece on: loss, tokens, stats x tokens, ratio max, entropy sum
   at::Tensor loss, tokens, sums, ratio_max, entropy_sum;
   // One float32 piece needs no totals: they would give its own loss and stats back, bit for
@@ -295,8 +300,9 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
     if (every_token) {
       kept_hidden = flat_hidden.slice(0, span_start, span_stop);
       kept_labels = flat_labels.slice(0, span_start, span_stop);
-      // a masked token's hidden state (NaN, inf) must not reach grad weight as 0 * NaN
-      if (!on_device && !piece.all_valid) {
+      // a masked token's hidden state (NaN, inf) must not reach grad weight as 0 * NaN (its
+      // logits row is never read otherwise: the row kernels skip ignored labels)
+      if (!on_device && !piece.all_valid && needs_weight) {
         kept_hidden = at::where(piece_valid.reshape({-1, 1}), kept_hidden, 0);
       }
     } else {
@@ -396,7 +402,10 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
   }
   at::Tensor stats;
   if (one_piece) {
-    stats = at::constant_pad_nd(piece_stats_f32, {0, 1}, 0);  // the entropy slot
+    const int64_t n_stats = piece_stats_f32.size(0);
+    stats = at::empty({n_stats + 1}, piece_stats_f32.options());
+    stats.narrow(0, 0, n_stats).copy_(piece_stats_f32);
+    stats.select(0, n_stats).fill_(0);  // the entropy slot
     if (with_entropy) {
       const at::Tensor count = piece_stats_f32.select(0, -1).to(at::kDouble);
       stats.select(0, -1).copy_(at::where(count.gt(0), entropy_sum / count.clamp_min(1), 0));
