@@ -130,8 +130,8 @@ template <int W> RLK_ALWAYS_INLINE vf<W> load(const fp16* p) {
 
 // 2 W consecutive elements as two vectors.  For float: the first W, then the next W.
 // For the 16-bit types: the even elements, then the odd ones.  Read as W 32-bit lanes,
-// element 2l sits in the low half of lane l and element 2l + 1 in the high half, so a
-// shift and a mask widen them: no shuffles, where widening W consecutive 16-bit values
+// elements 2l and 2l + 1 share lane l (element 2l in the low half on little-endian
+// machines), so a shift and a mask widen them: no shuffles, where widening W consecutive 16-bit values
 // (load above) takes four to six shuffle instructions a vector with GCC 12 on
 // AVX-512.  Reductions that take their lanes from here assign element j of a 2 W block
 // to a fixed lane (a function of j % 2 W and the type), wherever the block lies.
@@ -140,18 +140,23 @@ template <int W> RLK_ALWAYS_INLINE void load2(const float* p, vf<W>& first, vf<W
   second = load<W>(p + W);
 }
 
+// Which half of a 32-bit lane holds the first (even) of its two 16-bit elements.
+constexpr bool kEvenInLowHalf = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
+
 template <int W> RLK_ALWAYS_INLINE void load2(const bf16* p, vf<W>& even, vf<W>& odd) {
   vu<W> bits;
   std::memcpy(&bits, p, sizeof bits);
-  even = bit_cast<vf<W>>(bits << 16);
-  odd = bit_cast<vf<W>>(bits & 0xffff0000u);
+  const vf<W> low = bit_cast<vf<W>>(bits << 16), high = bit_cast<vf<W>>(bits & 0xffff0000u);
+  even = kEvenInLowHalf ? low : high;
+  odd = kEvenInLowHalf ? high : low;
 }
 
 template <int W> RLK_ALWAYS_INLINE void load2(const fp16* p, vf<W>& even, vf<W>& odd) {
   vu<W> bits;
   std::memcpy(&bits, p, sizeof bits);
-  even = fp16_lanes<W>(bits & 0xffffu);
-  odd = fp16_lanes<W>(bits >> 16);
+  const vf<W> low = fp16_lanes<W>(bits & 0xffffu), high = fp16_lanes<W>(bits >> 16);
+  even = kEvenInLowHalf ? low : high;
+  odd = kEvenInLowHalf ? high : low;
 }
 
 template <int W> RLK_ALWAYS_INLINE void store(float* p, vf<W> v) { std::memcpy(p, &v, sizeof v); }
@@ -194,12 +199,14 @@ template <int W> RLK_ALWAYS_INLINE void store2(float* p, vf<W> first, vf<W> seco
 }
 
 template <int W> RLK_ALWAYS_INLINE void store2(bf16* p, vf<W> even, vf<W> odd) {
-  const vu<W> bits = bf16_lanes_of<W>(even) | (bf16_lanes_of<W>(odd) << 16);
+  const vu<W> bits = kEvenInLowHalf ? bf16_lanes_of<W>(even) | (bf16_lanes_of<W>(odd) << 16)
+                                    : bf16_lanes_of<W>(odd) | (bf16_lanes_of<W>(even) << 16);
   std::memcpy(p, &bits, sizeof bits);
 }
 
 template <int W> RLK_ALWAYS_INLINE void store2(fp16* p, vf<W> even, vf<W> odd) {
-  const vu<W> bits = fp16_lanes_of<W>(even) | (fp16_lanes_of<W>(odd) << 16);
+  const vu<W> bits = kEvenInLowHalf ? fp16_lanes_of<W>(even) | (fp16_lanes_of<W>(odd) << 16)
+                                    : fp16_lanes_of<W>(odd) | (fp16_lanes_of<W>(even) << 16);
   std::memcpy(p, &bits, sizeof bits);
 }
 
