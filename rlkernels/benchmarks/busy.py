@@ -56,6 +56,14 @@ def _cases(quick: bool) -> list[tuple[str, dict, Callable[[], object]]]:
     ref_logits = torch.randn(N, V, generator=g)
     labels = torch.randint(0, V, (N,), generator=g)
     flat = torch.randn(2**20, generator=g)
+    # the lm-head ops: their matmuls are torch's (an OpenMP region each, per tile)
+    M, H, W = (64, 64, 8192) if quick else (512, 256, 16384)
+    hidden = (torch.randn(1, M, H, generator=g) * H ** -0.5).requires_grad_(True)
+    weight = torch.randn(W, H, generator=g).requires_grad_(True)
+    tokens = torch.randint(0, W, (1, M), generator=g)
+    with torch.no_grad():
+        rollout = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, tokens[..., None])[..., 0]
+    token_adv, token_mask = torch.randn(1, M, generator=g), torch.rand(1, M, generator=g) > 0.1
 
     def ppo():
         loss, _ = rlkernels.ppo_loss(lp, old, adv, mask)
@@ -68,7 +76,18 @@ def _cases(quick: bool) -> list[tuple[str, dict, Callable[[], object]]]:
         out = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).sum()
         return torch.autograd.grad(out, logits)
 
-    bt, nv = {"B": B, "T": T}, {"N": N, "V": V}
+    def linear_logprobs():
+        return torch.autograd.grad(rlkernels.linear_logprobs(hidden, weight, tokens).sum(), (hidden, weight))
+
+    def linear_ppo():
+        loss, _ = rlkernels.linear_ppo_loss(hidden, weight, tokens, rollout, token_adv, token_mask)
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    def torch_linear_logprobs():
+        out = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, tokens[..., None]).sum()
+        return torch.autograd.grad(out, (hidden, weight))
+
+    bt, nv, nhv = {"B": B, "T": T}, {"N": N, "V": V}, {"N": M, "H": H, "V": W}
     return [
         ("gae", bt, lambda: rlkernels.gae(r, v, mask, gamma=0.99, lam=0.95)),
         ("discounted_returns", bt, lambda: rlkernels.discounted_returns(r, mask, gamma=0.99)),
@@ -77,6 +96,9 @@ def _cases(quick: bool) -> list[tuple[str, dict, Callable[[], object]]]:
         ("logprobs fwd+bwd", nv, logprobs),
         ("kl_from_logits fwd", nv, lambda: rlkernels.kl_from_logits(logits.detach(), ref_logits)),
         ("torch log_softmax+gather fwd+bwd", nv, torch_logprobs),
+        ("linear_logprobs fwd+bwd", nhv, linear_logprobs),
+        ("linear_ppo_loss fwd+bwd", nhv, linear_ppo),
+        ("torch hidden@W.T + log_softmax+gather fwd+bwd", nhv, torch_linear_logprobs),
         ("torch softmax", {"numel": flat.numel()}, lambda: torch.softmax(flat, 0)),
     ]
 
