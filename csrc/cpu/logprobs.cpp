@@ -246,25 +246,25 @@ struct BackwardRows {
       // d_j = -p_j (g + gh (log p_j + H)) / T = p_j (c0 + c1 y_j), y_j = log2 p_j
       const float c0 = -(g + gh * entropy) * pass.inv_t, c1 = -gh * kLn2 * pass.inv_t;
       const vf<W> vm = splat<W>(m), vscale = splat<W>(pass.scale), vlog2_s = splat<W>(log2_s);
+      // the gradient of one vector of logits
+      auto grad = [&](vf<W> xv) RLK_ALWAYS_INLINE_LAMBDA {
+        vf<W> y;
+        const vf<W> p = simd::exp2<W>((xv - vm) * vscale - vlog2_s, y);
+        return kEntropyGrad ? p * (c0 + c1 * y) : p * c0;
+      };
       for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
         const int64_t n = std::min(kBlock, V - b0);
         int64_t j = b0;
         for (; j + 2 * W <= b0 + n; j += 2 * W) {
           prefetch_step<2 * W>(x + j, kStreamAheadBytes / int64_t(sizeof(T)));
-          vf<W> x0, x1, y0, y1;
+          vf<W> x0, x1;
           simd::load2<W>(x + j, x0, x1);
-          const vf<W> p0 = simd::exp2<W>((x0 - vm) * vscale - vlog2_s, y0);
-          const vf<W> p1 = simd::exp2<W>((x1 - vm) * vscale - vlog2_s, y1);
-          simd::store2<W>(out + j, kEntropyGrad ? p0 * (c0 + c1 * y0) : p0 * c0,
-                          kEntropyGrad ? p1 * (c0 + c1 * y1) : p1 * c0);
+          simd::store2<W>(out + j, grad(x0), grad(x1));
         }
         for (; j < b0 + n; j += W) {
           prefetch_step<W>(x + j, kStreamAheadBytes / int64_t(sizeof(T)));
           const int64_t left = b0 + n - j;
-          const vf<W> xv = left >= W ? load<W>(x + j) : load_partial<W>(x + j, left, -INFINITY);
-          vf<W> y;
-          const vf<W> p = simd::exp2<W>((xv - vm) * vscale - vlog2_s, y);
-          const vf<W> d = kEntropyGrad ? p * (c0 + c1 * y) : p * c0;
+          const vf<W> d = grad(left >= W ? load<W>(x + j) : load_partial<W>(x + j, left, -INFINITY));
           if (left >= W) store<W>(out + j, d);
           else store_partial<W>(out + j, d, left);
         }

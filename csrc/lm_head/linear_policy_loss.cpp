@@ -77,6 +77,9 @@ struct Piece {
   bool all_valid = false;     // known to have no masked token (counted pieces)
   at::Tensor scale;           // undefined: none, or see `number`
   std::optional<double> number;
+
+  // the whole [B, T] grid (no slicing)
+  bool whole(int64_t B, int64_t T) const { return r0 == 0 && r1 == B && c0 == 0 && c1 == T; }
 };
 
 // 1 / count, 0 where count is 0 (a given count is > 0, checked by the public function).
@@ -271,8 +274,7 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
   const std::vector<Piece> plan = on_device ? device_pieces(valid, chunk, agg_name, coefficient_list)
                                             : counted_pieces(valid, chunk, agg_name, coefficient_list);
   // One piece of every token writes every row of grad hidden (mm_out below): no zero fill.
-  const bool writes_all_rows = every_token && B * T > 0 && plan.size() == 1 && plan[0].r0 == 0 &&
-                               plan[0].r1 == B && plan[0].c0 == 0 && plan[0].c1 == T;
+  const bool writes_all_rows = every_token && B * T > 0 && plan.size() == 1 && plan[0].whole(B, T);
   at::Tensor grad_hidden = !needs_hidden    ? hidden.new_empty({0})
                            : writes_all_rows ? at::empty(hidden.sizes(), hidden.options())
                                              : at::zeros(hidden.sizes(), hidden.options());
@@ -291,7 +293,7 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
   const bool one_piece = plan.size() == 1 && acc == at::kFloat;
   at::Tensor piece_loss_f32, piece_stats_f32;
   for (const Piece& piece : plan) {
-    const bool whole = piece.r0 == 0 && piece.r1 == B && piece.c0 == 0 && piece.c1 == T;  // no slicing
+    const bool whole = piece.whole(B, T);
     const at::Tensor piece_valid = whole ? valid : valid.slice(0, piece.r0, piece.r1).slice(1, piece.c0, piece.c1);
     const auto zeros = [&]() { return at::zeros(piece_valid.sizes(), hidden.options().dtype(acc)); };
     // the flat token range of the piece: whole rows, or a segment of one row
@@ -405,10 +407,11 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
     const int64_t n_stats = piece_stats_f32.size(0);
     stats = at::empty({n_stats + 1}, piece_stats_f32.options());
     stats.narrow(0, 0, n_stats).copy_(piece_stats_f32);
-    stats.select(0, n_stats).fill_(0);  // the entropy slot
-    if (with_entropy) {
+    if (with_entropy) {  // the entropy slot
       const at::Tensor count = piece_stats_f32.select(0, -1).to(at::kDouble);
-      stats.select(0, -1).copy_(at::where(count.gt(0), entropy_sum / count.clamp_min(1), 0));
+      stats.select(0, n_stats).copy_(at::where(count.gt(0), entropy_sum / count.clamp_min(1), 0));
+    } else {
+      stats.select(0, n_stats).fill_(0);
     }
     if (!loss.defined()) loss = piece_loss_f32;
   } else {
