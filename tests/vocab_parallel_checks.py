@@ -340,6 +340,9 @@ def fault_worker(rank: int, world: int, fault: str) -> dict:
     call; the others must raise VocabParallelError within their timeout."""
     shard = torch.randn(4, 10)
     labels = torch.tensor([0, 1, 2, 3])
+    # every rank's gloo mesh is connected before rank 1 fails (a rank that dies while the
+    # others still connect to it fails their init, not the call under test)
+    dist.barrier()
     if rank == 1:
         if fault == "kill":
             os._exit(3)
