@@ -13,6 +13,7 @@
 
 #include "core/lm_head.h"
 #include "core/logprobs.h"
+#include "lm_head/gemm.h"
 #include "usual_calls.h"
 
 #ifndef RLK_CUDA_ARCHS
@@ -105,4 +106,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("chunk_rows", &rlk::lm_head::chunk_rows, py::arg("n"), py::arg("vocab"), py::arg("chunk_size"),
         py::arg("budget"));
   m.def("lm_head_tiles", &rlk::lm_head::tiles, py::arg("n"), py::arg("vocab"), py::arg("budget"));
+  // The lm-head matmuls' thread rule (lm_head/gemm.h), for tests and benchmarks: the
+  // threads a CPU matmul [m, k] x [k, n] gets (16-bit or not) out of `available`, and
+  // what the calling thread's OpenMP setting reads inside such a call and after it
+  // (None where torch's OpenMP runtime was not found).
+  m.def("gemm_threads", [](int64_t m, int64_t n, int64_t k, bool narrow, int available) {
+    return rlk::lm_head::gemm_threads(m, n, k, narrow ? at::kBFloat16 : at::kFloat, available);
+  }, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("narrow"), py::arg("available"));
+  m.def("gemm_threads_probe", [](int64_t m, int64_t n, int64_t k, bool narrow) -> py::object {
+    const auto& knobs = rlk::lm_head::thread_knobs();
+    if (knobs.omp_get_max_threads == nullptr) return py::none();
+    const at::Tensor a = at::empty({0}, at::TensorOptions().dtype(narrow ? at::kBFloat16 : at::kFloat));
+    int inside = 0;
+    {
+      rlk::lm_head::GemmThreads threads(a, m, n, k);
+      inside = knobs.omp_get_max_threads();
+    }
+    return py::make_tuple(inside, knobs.omp_get_max_threads());
+  }, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("narrow"));
 }

@@ -9,7 +9,7 @@
 namespace rlk {
 namespace {
 
-int64_t row_grain(int64_t T) { return cpu::row_grain(T, cpu::kElementsPerTask); }
+int64_t row_grain(int64_t T) { return cpu::row_grain(T, cpu::kScanElementsPerTask); }
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const c10::optional<at::Tensor>& mask,

@@ -60,7 +60,7 @@ __attribute__((noinline)) SoftmaxStats fold_chunk(SoftmaxStats acc, SoftmaxStats
   return stats_merge<kEntropy>(acc, chunk, scale);
 }
 
-inline int64_t logits_row_grain(int64_t V) { return row_grain(V, kElementsPerTask); }
+inline int64_t logits_row_grain(int64_t V) { return row_grain(V, kLogitsPerTask); }
 
 // What every pass over rows of logits reads first: the logits as storage type
 // T and softmax's scales (core/logprobs.h).

@@ -29,16 +29,21 @@ namespace cpu {
 constexpr int64_t kChunk = 512;
 constexpr int64_t kPrefetchBytes = 8192;  // the hardware prefetcher stops at 4 KB pages
 
-// Keep small problems on one thread: splitting sub-millisecond work across
-// cores costs more in wake-ups than it saves, and when the other core is busy
-// an OpenMP barrier can wait a whole scheduler slice (~7 ms).  The loss
-// kernels take about 2 ns a token, so half a million tokens is ~1 ms.
+// Keep small problems on one thread: a task (the work that wakes a thread) is about
+// half a millisecond of one thread's work or more (issue 13, goal 3).  Splitting less
+// across cores costs more in wake-ups than it saves, and when the other core is busy
+// the caller can wait a whole scheduler slice (~4-7 ms) for a chunk that a descheduled
+// thread holds.  One-thread rates measured on the 2-core development machine (session
+// 10, [256, 2048] and [256, 32000]) set each size:
+// the loss kernels take 0.85-2 ns a token, so half a million tokens is 0.45-1 ms;
 constexpr int64_t kTokensPerTask = int64_t(1) << 19;
-// Scans and single-pass reductions do far less work per element, so they use a
-// smaller task (kElementsPerTask) for the same cost.
-constexpr int64_t kElementsPerTask = int64_t(1) << 16;
-// Vectorised single passes over values (masked sums, elementwise maps: ~0.1 ns a
-// value from cache) need far more values for the same cost.
+// the advantage scans (GAE, discounted returns) ~1.5 ns an element: 0.8 ms;
+constexpr int64_t kScanElementsPerTask = int64_t(1) << 19;
+// a pass over rows of logits (log-softmax forward or backward, KL) 0.16-0.22 ns a
+// logit: 0.35-0.45 ms;
+constexpr int64_t kLogitsPerTask = int64_t(1) << 21;
+// vectorised single passes over values (masked sums, elementwise maps: ~0.1 ns a
+// value from cache): ~0.4 ms.
 constexpr int64_t kValuesPerTask = int64_t(1) << 22;
 inline int64_t row_grain(int64_t T, int64_t tokens_per_task = kTokensPerTask) {
   return std::max<int64_t>(1, tokens_per_task / std::max<int64_t>(T, 1));

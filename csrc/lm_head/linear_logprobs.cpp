@@ -260,19 +260,19 @@ LinearLogprobsGrads linear_logprobs_backward_body(
       if (needs_hidden) {
         at::Tensor rows_grad = rows_of(grad_hidden, t0, t1);
         if (narrow) {
-          rows_grad.add_(at::mm(dlogits, weight_block));
+          rows_grad.add_(gemm(dlogits, weight_block));
         } else {
-          rows_grad.addmm_(dlogits, weight_block);
+          gemm_add(rows_grad, dlogits, weight_block);
         }
       }
       if (needs_weight) {
         if (whole) {
           at::Tensor out = rows_of(grad_weight, v0, v1);
-          at::mm_out(out, dlogits.t(), chunk_hidden);
+          gemm_out(out, dlogits.t(), chunk_hidden);
         } else if (narrow) {
-          rows_of(block_sum, 0, v1 - v0).add_(at::mm(dlogits.t(), chunk_hidden));
+          rows_of(block_sum, 0, v1 - v0).add_(gemm(dlogits.t(), chunk_hidden));
         } else {
-          rows_of(block_sum, 0, v1 - v0).addmm_(dlogits.t(), chunk_hidden);
+          gemm_add(rows_of(block_sum, 0, v1 - v0), dlogits.t(), chunk_hidden);
         }
       }
       if (needs_bias) rows_of(grad_bias, v0, v1).add_(at::sum(dlogits, {0}, false, at::kFloat));

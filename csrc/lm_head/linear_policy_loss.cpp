@@ -389,16 +389,16 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
                                 ignore_index, 0);
     if (needs_hidden && every_token) {
       at::Tensor out = flat_grad_hidden.slice(0, span_start, span_stop);
-      at::mm_out(out, logits, weight);
+      gemm_out(out, logits, weight);
     } else if (needs_hidden) {
-      flat_grad_hidden.index_copy_(0, kept, at::mm(logits, weight));
+      flat_grad_hidden.index_copy_(0, kept, gemm(logits, weight));
     }
     if (needs_weight && !grad_weight.defined()) {  // no [V, H] zero fill and read-back for one piece
-      grad_weight = at::mm(logits.t(), kept_hidden).to(wide ? at::kFloat : weight.scalar_type());
+      grad_weight = gemm(logits.t(), kept_hidden).to(wide ? at::kFloat : weight.scalar_type());
     } else if (needs_weight && wide) {
-      grad_weight.add_(at::mm(logits.t(), kept_hidden));
+      grad_weight.add_(gemm(logits.t(), kept_hidden));
     } else if (needs_weight) {
-      grad_weight.addmm_(logits.t(), kept_hidden);
+      gemm_add(grad_weight, logits.t(), kept_hidden);
     }
     if (needs_bias) grad_bias.add_(logits.sum(0, false, at::kFloat));
   }

@@ -9,15 +9,16 @@
 #include <optional>
 
 #include "../core/lm_head.h"
+#include "gemm.h"
 
 namespace rlk::lm_head {
 
 inline void logits_into(const at::Tensor& buffer, const at::Tensor& hidden, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias) {
   if (bias.has_value()) {
-    at::addmm_out(const_cast<at::Tensor&>(buffer), *bias, hidden, weight.t());
+    gemm_bias_out(buffer, *bias, hidden, weight.t());
   } else {
-    at::mm_out(const_cast<at::Tensor&>(buffer), hidden, weight.t());
+    gemm_out(buffer, hidden, weight.t());
   }
 }
 

@@ -117,7 +117,7 @@ def run(device: str, quick: bool) -> list[dict]:
     cores = os.cpu_count() or 1
     threads = torch.get_num_threads()
     many = max(threads, 2)
-    warmup, repeats = (1, 5) if quick else (2, 11)
+    warmup, repeats = (1, 15) if quick else (2, 11)
     rows = []
     try:
         with busy_cores(cores, seconds=120 if quick else 600):
