@@ -55,7 +55,7 @@ def op_runs(device: str, backend: str, large: bool):
     runs = {}
     g0 = generator(0)
     if large:
-        N, V, T_long, B_long, H = 16, 32768, 300_000, 4, 64
+        N, V, T_long, B_long, H = 128, 32768, 300_000, 16, 64
     else:
         N, V, T_long, B_long, H = 3, 17, 9, 2, 4
 
