@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -245,6 +246,30 @@ Opt cut(const Opt& t, const Piece& piece, bool whole) {
   return t->slice(0, piece.r0, piece.r1).slice(1, piece.c0, piece.c1).contiguous();
 }
 
+// rows [n, H] with the rows where `keep` [n] is false set to zero: at::where, or on plain
+// contiguous CPU tensors a copy row by row (a per-call cost of the small problems: where
+// with a scalar is three aten ops, ~3 us).  The zero is +0 either way.
+at::Tensor zero_masked_rows(const at::Tensor& rows, const at::Tensor& keep) {
+  if (!(host_readable(rows) && host_readable(keep) && rows.is_contiguous() && keep.is_contiguous() &&
+        keep.scalar_type() == at::kBool && rows.dim() == 2)) {
+    return at::where(keep.reshape({-1, 1}), rows, 0);
+  }
+  at::Tensor out = at::empty_like(rows);
+  const int64_t n = rows.size(0);
+  const size_t row_bytes = static_cast<size_t>(rows.size(1)) * rows.element_size();
+  const bool* k = keep.const_data_ptr<bool>();
+  const char* in = static_cast<const char*>(rows.const_data_ptr());
+  char* o = static_cast<char*>(out.mutable_data_ptr());
+  for (int64_t i = 0; i < n; ++i) {
+    if (k[i]) {
+      std::memcpy(o + i * row_bytes, in + i * row_bytes, row_bytes);
+    } else {
+      std::memset(o + i * row_bytes, 0, row_bytes);
+    }
+  }
+  return out;
+}
+
 at::Tensor accumulate(const at::Tensor& total, const at::Tensor& value) {
   return total.defined() ? total + value : value;
 }
@@ -305,7 +330,7 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
       // a masked token's hidden state (NaN, inf) must not reach grad weight as 0 * NaN (its
       // logits row is never read otherwise: the row kernels skip ignored labels)
       if (!on_device && !piece.all_valid && needs_weight) {
-        kept_hidden = at::where(piece_valid.reshape({-1, 1}), kept_hidden, 0);
+        kept_hidden = zero_masked_rows(kept_hidden, piece_valid.reshape({-1}));
       }
     } else {
       kept = at::arange(B * T, labels.options()).view({B, T})
@@ -406,12 +431,19 @@ Outputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight, c
   if (one_piece) {
     const int64_t n_stats = piece_stats_f32.size(0);
     stats = at::empty({n_stats + 1}, piece_stats_f32.options());
-    stats.narrow(0, 0, n_stats).copy_(piece_stats_f32);
-    if (with_entropy) {  // the entropy slot
-      const at::Tensor count = piece_stats_f32.select(0, -1).to(at::kDouble);
-      stats.select(0, n_stats).copy_(at::where(count.gt(0), entropy_sum / count.clamp_min(1), 0));
+    if (!with_entropy && host_readable(piece_stats_f32) && piece_stats_f32.is_contiguous()) {
+      // plain CPU float32 (one_piece): the copy and the 0 by hand, not three aten ops
+      float* out = stats.mutable_data_ptr<float>();
+      std::memcpy(out, piece_stats_f32.const_data_ptr<float>(), n_stats * sizeof(float));
+      out[n_stats] = 0.0f;
     } else {
-      stats.select(0, n_stats).fill_(0);
+      stats.narrow(0, 0, n_stats).copy_(piece_stats_f32);
+      if (with_entropy) {  // the entropy slot
+        const at::Tensor count = piece_stats_f32.select(0, -1).to(at::kDouble);
+        stats.select(0, n_stats).copy_(at::where(count.gt(0), entropy_sum / count.clamp_min(1), 0));
+      } else {
+        stats.select(0, n_stats).fill_(0);
+      }
     }
     if (!loss.defined()) loss = piece_loss_f32;
   } else {
