@@ -1,5 +1,6 @@
 // The usual call of the costliest front ends (rlkernels.ppo_loss / grpo_loss through
-// ops/policy_loss.py `_policy`, rlkernels.linear_ppo_loss and rlkernels.linear_logprobs), checked and run in one
+// ops/policy_loss.py `_policy`, rlkernels.linear_ppo_loss, rlkernels.linear_logprobs and
+// rlkernels.gossip_mix), checked and run in one
 // compiled call.  Each function returns None unless every argument is of the usual kind
 // (plain CPU tensors of matching shapes, dtypes and layouts; numbers inside their ranges;
 // no tensor subclass, dispatch or torch-function mode), in which case the Python checks
@@ -18,6 +19,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cmath>
 #include <algorithm>
@@ -395,7 +397,58 @@ py::dict stat_views(const py::tuple& names, const at::Tensor& stats) {
   return out;
 }
 
+// gossip_mix's usual call (ops/multi_tensor.py): x, left and right (and out, when given)
+// plain contiguous CPU tensors of one floating dtype and one shape; out sharing no memory
+// with them other than being exactly one of them (in place); weights a tuple or list of
+// three finite numbers >= 0 whose sum, taken in the Python check's order, is within 1e-6
+// of 1; backend "auto" or "cpu".  Returns out (the caller's object) or a new tensor, its
+// version counter bumped as the Python path's _written does.
+py::object gossip_mix(py::handle x, py::handle left, py::handle right, py::handle weights, py::handle out,
+                      py::handle backend) {
+  if (!no_python_modes() || !cpu_backend(backend)) return py::none();
+  const at::Tensor* xs = plain(x);
+  if (xs == nullptr || !xs->is_contiguous()) return py::none();
+  const at::ScalarType dtype = xs->scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf && dtype != at::kBFloat16) {
+    return py::none();
+  }
+  const at::Tensor* l = plain_like(left, dtype, xs->sizes());
+  const at::Tensor* r = plain_like(right, dtype, xs->sizes());
+  const at::Tensor* o = out.is_none() ? nullptr : plain_like(out, dtype, xs->sizes());
+  if (l == nullptr || r == nullptr || (!out.is_none() && o == nullptr)) return py::none();
+  const bool sequence = PyTuple_CheckExact(weights.ptr()) || PyList_CheckExact(weights.ptr());
+  if (!sequence || PySequence_Fast_GET_SIZE(weights.ptr()) != 3) return py::none();
+  double w[3];
+  for (int i = 0; i < 3; ++i) {
+    const auto value = number(PySequence_Fast_GET_ITEM(weights.ptr(), i));
+    if (!value || !std::isfinite(*value) || !(*value >= 0.0)) return py::none();
+    w[i] = *value;
+  }
+  if (std::abs(w[0] + w[1] + w[2] - 1.0) > 1e-6) return py::none();
+  if (o != nullptr && xs->numel() > 0) {
+    // contiguous, one shape and dtype: shared memory is the same elements only when the
+    // starts match; any other overlap is the Python path's error
+    const auto begin = [](const at::Tensor* t) { return reinterpret_cast<uintptr_t>(t->const_data_ptr()); };
+    const uintptr_t bytes = static_cast<uintptr_t>(xs->numel()) * xs->element_size();
+    for (const at::Tensor* t : {xs, l, r}) {
+      const bool apart = begin(o) + bytes <= begin(t) || begin(t) + bytes <= begin(o);
+      if (!apart && begin(o) != begin(t)) return py::none();
+    }
+  }
+  using MixSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
+                      const at::Tensor&);
+  static const auto mix = op<MixSig>("rlkernels::gossip_mix");
+  const at::Tensor target = o != nullptr ? *o : at::empty_like(*xs, at::MemoryFormat::Contiguous);
+  {
+    py::gil_scoped_release no_gil;
+    mix.call(*xs, *l, *r, w[0], w[1], w[2], target);
+  }
+  if (!target.is_inference()) torch::autograd::impl::bump_version(target);
+  return o != nullptr ? py::reinterpret_borrow<py::object>(out) : py::cast(target);
+}
+
 void add_to(py::module_& m) {
+  m.def("gossip_mix_usual", &gossip_mix);
   m.def("policy_loss_usual", &policy_loss);
   m.def("linear_ppo_loss_usual", &linear_ppo_loss);
   m.def("linear_logprobs_usual", &linear_logprobs);

@@ -12,7 +12,8 @@ namespace rlk::usual {
 // which costs 2 us against 3.5 for Tensor.unbind's nine tracked views.
 pybind11::dict stat_views(const pybind11::tuple& names, const at::Tensor& stats);
 
-// Binds policy_loss_usual, linear_ppo_loss_usual and linear_logprobs_usual into `m`.
+// Binds policy_loss_usual, linear_ppo_loss_usual, linear_logprobs_usual and gossip_mix_usual
+// into `m`.
 void add_to(pybind11::module_& m);
 
 }  // namespace rlk::usual

@@ -386,3 +386,83 @@ def test_usual_calls_decline_tensor_subclasses():
     lp = torch.randn(2, 8).as_subclass(Sub)
     assert _C.policy_loss_usual(POLICY_STATS, lp, torch.randn(2, 8), torch.randn(2, 8), None, None, None, 0.2, None,
                                 None, 20.0, 0.0, "none", "token-mean", None, None, None, "auto") is None
+
+
+mt_module = importlib.import_module("rlkernels.ops.multi_tensor")
+
+
+class _NoGossipUsualCall:
+    @staticmethod
+    def gossip_mix_usual(*args):
+        return None
+
+
+def _gossip_case(rng, g):
+    """x, left, right, weights, out (None, a fresh tensor, one of the inputs, or a view
+    overlapping them), backend; each now and then of another kind."""
+    rate = rng.choice(RATES)
+    shape = rng.choice([(0,), (1,), (7,), (33,), (3, 5), (2, 3, 4)])
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    store = torch.randn(3 * 64 + 8, generator=g).to(dtype)
+    numel = int(torch.Size(shape).numel())
+    # x, left and right inside one storage, apart; out possibly overlapping one of them
+    x, left, right = (store[i * 64: i * 64 + numel].view(shape) for i in range(3))
+    x, left, right = (_odd_tensor(rng, g, shape, dtype, rate) if rng.random() < rate else t
+                      for t in (x, left, right))
+    choice = rng.random()
+    if choice < 0.3:
+        out = None
+    elif choice < 0.5:
+        out = torch.empty(shape, dtype=dtype)
+    elif choice < 0.7:
+        out = rng.choice([x, left, right])
+    elif choice < 0.8 and numel > 1:
+        out = store[1: 1 + numel].view(shape)  # x shifted by one element: a partial overlap
+    else:
+        out = _odd_tensor(rng, g, shape, dtype, max(rate, 0.3))
+    weights = _either(rng, rate, [(1 / 3, 1 / 3, 1 / 3), (0.5, 0.25, 0.25), [0.2, 0.3, 0.5], (1, 0, 0)],
+                      [(0.5, 0.5), (0.5, 0.6, -0.1), (float("nan"), 0.5, 0.5), (0.4, 0.3, 0.3 + 2e-6),
+                       (0.4, 0.3, 0.3 + 5e-7), (True, 0, 0), ("0.3", 0.3, 0.4), (float("inf"), 0, 0),
+                       torch.tensor([0.3, 0.3, 0.4]), {0.3, 0.7}])
+    backend = _either(rng, rate, ["auto", "cpu"], ["reference", "triton", "cuda", "bogus"])
+    return x, left, right, weights, out, backend
+
+
+def test_gossip_mix_usual_call_takes_the_compiled_path():
+    g = torch.Generator().manual_seed(8)
+    x, left, right = (torch.randn(33, generator=g) for _ in range(3))
+    done = _C.gossip_mix_usual(x, left, right, (0.5, 0.25, 0.25), None, "auto")
+    assert done is not None
+    torch.testing.assert_close(done, 0.5 * x + 0.25 * left + 0.25 * right)
+    before = x._version
+    assert _C.gossip_mix_usual(x, left, right, (0.5, 0.25, 0.25), x, "auto") is x  # in place
+    assert x._version > before
+
+
+def test_gossip_mix_usual_agrees_with_the_checked_path(monkeypatch):
+    rng = random.Random(9)
+    g = torch.Generator().manual_seed(9)
+    answered = 0
+    for _ in range(600):
+        x, left, right, weights, out, backend = _gossip_case(rng, g)
+        snapshot = [t.clone() if isinstance(t, torch.Tensor) else t for t in (x, left, right, out)]
+        with monkeypatch.context() as m:
+            m.setattr(mt_module, "_C", _NoGossipUsualCall)
+            try:
+                expected = rlkernels.gossip_mix(x, left, right, weights, out=out, backend=backend).clone()
+                expected_version = None if out is None else out._version
+            except (TypeError, ValueError):
+                expected = None
+        if isinstance(out, torch.Tensor):  # put every input back as it was, out included
+            for t, s in zip((x, left, right, out), snapshot):
+                if isinstance(t, torch.Tensor):
+                    t.copy_(s)
+        done = _C.gossip_mix_usual(x, left, right, weights, out, backend)
+        if done is None:
+            continue
+        assert expected is not None, f"the compiled path answered a call the checks refuse: {weights}, {backend}"
+        answered += 1
+        if out is not None:
+            assert done is out and out._version > expected_version
+        _same(done, expected)
+    assert answered > 100

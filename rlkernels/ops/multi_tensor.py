@@ -180,6 +180,12 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     `weights = (w_self, w_left, w_right)` (non-negative, summing to 1), computed in
     float32 (float64 stays float64) and rounded once to x's dtype.  `out` may be x
     itself (in place).  x, left, right and out share shape, dtype and device."""
+    if not torch.compiler.is_compiling() and _C is not None:
+        # The usual call, checked and run in one compiled call (csrc/usual_calls.cpp); None
+        # where any argument is of another kind, which the checks below handle.
+        done = _C.gossip_mix_usual(x, left, right, weights, out, backend)
+        if done is not None:
+            return done
     V.float_tensor(_MIX, "x", x)
     for name, t in (("left", left), ("right", right)) + ((("out", out),) if out is not None else ()):
         V.tensor(_MIX, name, t)
