@@ -441,6 +441,7 @@ py::object gossip_mix(py::handle x, py::handle left, py::handle right, py::handl
   const at::Tensor target = o != nullptr ? *o : at::empty_like(*xs, at::MemoryFormat::Contiguous);
   {
     py::gil_scoped_release no_gil;
+    at::NoGradGuard no_grad;  // as the Python path's torch.no_grad(): parameters mix in place
     mix.call(*xs, *l, *r, w[0], w[1], w[2], target);
   }
   if (!target.is_inference()) torch::autograd::impl::bump_version(target);

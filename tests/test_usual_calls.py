@@ -437,6 +437,12 @@ def test_gossip_mix_usual_call_takes_the_compiled_path():
     before = x._version
     assert _C.gossip_mix_usual(x, left, right, (0.5, 0.25, 0.25), x, "auto") is x  # in place
     assert x._version > before
+    # parameters mix in place under grad mode, as the Python path's torch.no_grad() lets them
+    p = torch.nn.Parameter(left.clone())
+    expected = 0.5 * left + 0.25 * right + 0.25 * x
+    assert _C.gossip_mix_usual(p, right, x, (0.5, 0.25, 0.25), p, "auto") is p
+    torch.testing.assert_close(p.detach(), expected)
+    assert p.requires_grad and p.grad_fn is None
 
 
 def test_gossip_mix_usual_agrees_with_the_checked_path(monkeypatch):

@@ -85,6 +85,9 @@ class GemmThreads {
     if (!a.device().is_cpu()) return;
     const ThreadKnobs& knobs = thread_knobs();
     if (knobs.omp_set_num_threads == nullptr) return;
+    // (torch sets a thread's OpenMP count on the thread's first parallel call: make that
+    // happen now, or it would overwrite the lowered count inside at::mm)
+    at::get_num_threads();
     const int available = knobs.omp_get_max_threads();
     const int want = gemm_threads(m, n, k, a.scalar_type(), available);
     if (want >= available) return;
