@@ -26,7 +26,8 @@ namespace {
 
 // pack_tensors' / unpack_tensors' front-end checks, when they all pass, in one call:
 // True only where the Python checks (rlkernels/ops/multi_tensor.py) would pass too:
-// plain tensors of one floating dtype on one device, each contiguous, none sharing a byte
+// plain tensors of one floating dtype on one device, each contiguous (and not a negated or
+// conjugate view), none sharing a byte
 // with `bucket` other than as its own slice of it, and (for unpack's targets) none with
 // another.  False means "not shown": the caller runs the Python checks, which raise the
 // exact error (or pass a case this test is too coarse for).
@@ -34,7 +35,7 @@ bool multi_tensor_clear(const at::Tensor& bucket, const py::sequence& tensors, b
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
   const auto plain = [](const at::Tensor& t) {
     return t.defined() && t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) &&
-           !t.is_meta() && t.is_contiguous();
+           !t.is_meta() && t.is_contiguous() && !t.is_neg() && !t.is_conj();
   };
   if (!plain(bucket)) return false;
   const auto bucket_begin = reinterpret_cast<uintptr_t>(bucket.data_ptr());

@@ -432,7 +432,9 @@ py::object gossip_mix(py::handle x, py::handle left, py::handle right, py::handl
     const uintptr_t bytes = static_cast<uintptr_t>(xs->numel()) * xs->element_size();
     for (const at::Tensor* t : {xs, l, r}) {
       const bool apart = begin(o) + bytes <= begin(t) || begin(t) + bytes <= begin(o);
-      if (!apart && begin(o) != begin(t)) return py::none();
+      // (the same elements: the same start and strides; contiguity says nothing of the
+      // strides of size-1 dimensions, and the Python check compares them)
+      if (!apart && (begin(o) != begin(t) || o->strides() != t->strides())) return py::none();
     }
   }
   using MixSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,

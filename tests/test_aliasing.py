@@ -180,3 +180,49 @@ def test_ops_writing_in_place_bump_the_version(backend, op):
     assert buffer._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ---- negated views (torch._neg_view; the real view of a conjugated complex tensor is the
+# other kind): their bytes are not their values, so a kernel must not write them directly
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("op", ["unpack_tensors", "pack_tensors", "gossip_mix"])
+def test_ops_writing_into_a_negated_view_write_its_values(backend, op):
+    g = torch.Generator().manual_seed(3)
+    x, left, right = (torch.randn(6, generator=g) for _ in range(3))
+    target = torch._neg_view(torch.zeros(6))
+    if op == "unpack_tensors":
+        rlkernels.unpack_tensors(x, [target], scale=0.5, backend=backend)
+        expected = x * 0.5
+    elif op == "pack_tensors":
+        assert rlkernels.pack_tensors([x[:2], x[2:]], out=target, backend=backend) is target
+        expected = x
+    else:
+        assert rlkernels.gossip_mix(x, left, right, MIX, out=target, backend=backend) is target
+        expected = reference.gossip_mix(x, left, right, *MIX)
+    assert target.is_neg()
+    assert torch.equal(target.resolve_neg(), expected)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_inplace_backward_into_a_negated_view_is_right(backend):
+    """A negated view cannot hold the gradient in its bytes: the gradient is computed out
+    of place there (it had tripped an internal assert of torch's negation fallback)."""
+    labels = _labels(4, 6)
+    source = torch.randn(4, 6)
+    ours = source.clone().requires_grad_()
+    rlkernels.logprobs(torch._neg_view(ours * 1.0), labels, inplace_backward=True, backend=backend).sum().backward()
+    truth = source.double().requires_grad_()
+    reference.logprobs(-truth, labels).sum().backward()
+    assert_close(ours.grad, truth.grad, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_gossip_mix_out_on_the_same_bytes_with_other_strides_raises(backend):
+    """out and x start at the same address, both contiguous, but their strides differ on a
+    size-1 dimension: not the same elements to the overlap rule, on every path."""
+    p = torch.randn(3)
+    x = p.view(3, 1).t()  # (1, 3), strides (1, 1)
+    out = p.view(1, 3)  # (1, 3), strides (3, 1)
+    with pytest.raises(ValueError, match="out partially overlaps x"):
+        rlkernels.gossip_mix(x, torch.randn(1, 3), torch.randn(1, 3), MIX, out=out, backend=backend)

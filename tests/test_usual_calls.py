@@ -472,3 +472,21 @@ def test_gossip_mix_usual_agrees_with_the_checked_path(monkeypatch):
             assert done is out and out._version > expected_version
         _same(done, expected)
     assert answered > 100
+
+
+def test_gossip_weights_sum_is_the_same_on_both_paths_at_the_boundary(monkeypatch):
+    """The weights' sum is taken left to right on both paths: (0.2, 0.5, 0.300001) sums to
+    exactly 1.000001 that way, which is accepted (Python 3.12's compensated sum() gives
+    1.0000010000000001, which would not be)."""
+    x, left, right = (torch.randn(5) for _ in range(3))
+    for weights in [(0.2, 0.5, 0.300001), (0.2, 0.5, 0.3000011), (0.2, 0.5, 0.299999)]:
+        done = _C.gossip_mix_usual(x, left, right, weights, None, "auto")
+        with monkeypatch.context() as m:
+            m.setattr(mt_module, "_C", _NoGossipUsualCall)
+            try:
+                checked = rlkernels.gossip_mix(x, left, right, weights)
+            except ValueError:
+                checked = None
+        assert (done is None) == (checked is None), weights
+        if done is not None:
+            _same(done, checked)

@@ -22,10 +22,13 @@ Outputs forward_op(const at::Tensor& logits, const at::Tensor& labels, double te
   return handle.call(logits, labels, temperature, ignore_index, with_entropy, inplace_backward);
 }
 
-// Elements sharing memory (expanded, stride 0) cannot each hold their own gradient, so the
-// in-place backward falls back to a fresh gradient there ("too hard to tell" included).
-// Symbolic strides (torch.compile, dynamic shapes) count as distinct, as the Python twin does.
-bool overlapping(const at::Tensor& t) {
+// Where the logits' buffer cannot hold the gradient, the in-place backward falls back to a
+// fresh gradient: elements sharing memory (expanded, stride 0) cannot each hold their own
+// ("too hard to tell" included), and a negated or conjugate view's bytes are not its values
+// (torch's fallback for such views cannot write through them either).  Symbolic strides
+// (torch.compile, dynamic shapes) count as distinct, as the Python twin does.
+bool no_room_in_place(const at::Tensor& t) {
+  if (t.is_neg() || t.is_conj()) return true;
   if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   return at::has_internal_overlap(t) != at::MemOverlap::No;
 }
@@ -63,7 +66,7 @@ struct Logprobs : public torch::autograd::Function<Logprobs> {
     std::optional<at::Tensor> grad_entropy;
     if (with_entropy && grads[1].defined()) grad_entropy = grads[1].to(at::kFloat).contiguous();
     at::AutoDispatchBelowADInplaceOrView below;
-    if (ctx->saved_data["inplace_backward"].toBool() && !overlapping(logits)) {
+    if (ctx->saved_data["inplace_backward"].toBool() && !no_room_in_place(logits)) {
       static const auto inplace = op<InplaceSig>("rlkernels::logprobs_backward_inplace");
       inplace.call(grad_logprobs, grad_entropy, logits, labels, saved, entropies, temperature, ignore_index, 0);
       // The logits now hold the gradient: a new version makes autograd raise where anything

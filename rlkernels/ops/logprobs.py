@@ -96,12 +96,14 @@ def _setup_context(ctx, inputs, output):
     ctx.temperature, ctx.ignore_index, ctx.inplace_backward = temperature, ignore_index, inplace_backward
 
 
-def overlapping(t: torch.Tensor) -> bool:
-    """True where elements of `t` may share memory (expanded, stride 0): one buffer
-    cannot hold a different gradient for each of them, so the in-place backward falls
-    back to a fresh gradient there."""
+def no_room_in_place(t: torch.Tensor) -> bool:
+    """True where `t`'s buffer cannot hold the gradient, so the in-place backward falls
+    back to a fresh gradient: elements that may share memory (expanded, stride 0) cannot
+    each hold their own, and a negated or conjugate view's bytes are not its values."""
     if torch.compiler.is_compiling():
         return False
+    if t.is_neg() or t.is_conj():
+        return True
     return torch._debug_has_internal_overlap(t) != 0  # 0: no overlap, 1: overlap, 2: too hard to tell
 
 
@@ -134,7 +136,7 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_saved):
     with_entropy = entropies.shape == labels.shape and grad_entropy is not None
     grad_entropy = _row_grad(grad_entropy, labels) if with_entropy else None
     args = (grad_logprobs, grad_entropy, logits, labels, saved, entropies, ctx.temperature, ctx.ignore_index)
-    if ctx.inplace_backward and not overlapping(logits):
+    if ctx.inplace_backward and not no_room_in_place(logits):
         _registry.kernel("logprobs_backward_inplace", ctx.backend)(*args)
         # The logits now hold the gradient: bump their version so that autograd raises
         # where anything (another op's backward, a second backward through this one)

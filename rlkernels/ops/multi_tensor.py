@@ -34,6 +34,16 @@ def _written(*tensors: torch.Tensor) -> None:
         torch.autograd.graph.increment_version(tensors)
 
 
+def _writable(t: torch.Tensor) -> bool:
+    """Whether a kernel can write `t`'s values straight into its memory: contiguous, and
+    not a negated or conjugate view (whose bytes are not its values).  Other tensors are
+    written through a plain copy, then copied in.  (torch.compile cannot trace is_neg:
+    its graphs hold no such views.)"""
+    if torch.compiler.is_compiling():
+        return t.is_contiguous()
+    return t.is_contiguous() and not t.is_neg() and not t.is_conj()
+
+
 def _tensor_list(op: str, tensors) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{op}: tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
@@ -115,12 +125,15 @@ def pack_tensors(tensors: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
         for i, t in _sharing_bucket(out, contiguous):
             _overlap.check_output(_PACK, "out", out, f"tensors[{i}]", t, allow_full=False)
     chosen = _backend.resolve(_PACK, backend, out.device)
+    bucket = out if _writable(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     with torch.no_grad():
         if chosen == "reference":
-            reference.pack_tensors(contiguous, out, scale)
+            reference.pack_tensors(contiguous, bucket, scale)
         else:
-            _registry.kernel("pack_tensors", chosen)(contiguous, out, scale)
-            _written(out)
+            _registry.kernel("pack_tensors", chosen)(contiguous, bucket, scale)
+            _written(bucket)
+        if bucket is not out:
+            out.copy_(bucket)
     return out
 
 
@@ -140,8 +153,7 @@ def unpack_tensors(bucket: torch.Tensor, tensors: Sequence[torch.Tensor], *, sca
     if clear:
         targets = tensors
     else:
-        targets = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
-                   for t in tensors]
+        targets = [t if _writable(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         for i, t in _sharing_bucket(bucket, targets):
             _overlap.check_output(_UNPACK, f"tensors[{i}]", t, "bucket", bucket, allow_full=False)
         shared = _overlap.first_shared(targets)
@@ -168,8 +180,11 @@ def gossip_weights(op: str, weights) -> tuple[float, float, float]:
         raise TypeError(f"{op}: weights must be a tuple (w_self, w_left, w_right), got {weights!r}")
     names = ("w_self", "w_left", "w_right")
     values = tuple(V.number(op, f"weights.{n}", w, low=0.0) for n, w in zip(names, weights))
-    if abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"{op}: weights must sum to 1 (so the mixing keeps the mean), got {sum(values)!r}")
+    # added left to right, as the compiled usual call does (built-in sum() compensates its
+    # rounding from Python 3.12 on, which would move the boundary by an ulp)
+    total = (values[0] + values[1]) + values[2]
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"{op}: weights must sum to 1 (so the mixing keeps the mean), got {total!r}")
     return values
 
 
@@ -195,7 +210,7 @@ def gossip_mix(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     w_self, w_left, w_right = gossip_weights(_MIX, weights)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    target = out if _writable(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     for name, t in (("x", x), ("left", left), ("right", right)):
         # the kernel reads t.contiguous(): a copy (no sharing) unless t already is contiguous
         _overlap.check_output(_MIX, "out", target, name, t.contiguous(), allow_full=True)
