@@ -86,3 +86,38 @@ def test_a_tokens_bits_do_not_depend_on_its_batchs_matmul_threads(dtype, big):
         assert torch.equal(grad_small, grad_big[:, :small])
     finally:
         torch.set_num_threads(before)
+
+
+def _mkl():
+    """torch's MKL thread calls through ctypes, or None."""
+    import ctypes
+    import os
+
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    try:
+        lib = ctypes.CDLL(os.path.join(lib_dir, "libtorch_cpu.so"), mode=getattr(os, "RTLD_NOLOAD", 0))
+        return lib.MKL_Set_Num_Threads_Local, lib.MKL_Get_Max_Threads
+    except (OSError, AttributeError):
+        return None
+
+
+def test_an_mkl_count_below_openmps_is_never_raised():
+    """Where MKL's own thread count (set through MKL's API) is below OpenMP's, the rule
+    takes the lower one as what the caller has: it leaves both counts alone rather than
+    raise MKL's for the call."""
+    mkl = _mkl()
+    if mkl is None or _C.gemm_threads_probe(16, 16, 16, False) is None:
+        pytest.skip("needs torch's MKL and OpenMP")
+    set_local, get_max = mkl
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        previous = set_local(1)
+        assert get_max() == 1
+        m, n, k = 128, 8192, 64  # worth 2 threads (checked below)
+        assert _C.gemm_threads(m, n, k, False, 4) == 2
+        assert _C.gemm_threads_probe(m, n, k, False) == (4, 4)  # nothing lowered, nothing raised
+        assert get_max() == 1
+        set_local(previous)
+    finally:
+        torch.set_num_threads(before)

@@ -53,6 +53,7 @@ struct ThreadKnobs {
   int (*omp_get_max_threads)() = nullptr;
   void (*omp_set_num_threads)(int) = nullptr;
   int (*mkl_set_num_threads_local)(int) = nullptr;  // returns the previous local setting
+  int (*mkl_get_max_threads)() = nullptr;
 };
 
 inline const ThreadKnobs& thread_knobs() {
@@ -68,6 +69,7 @@ inline const ThreadKnobs& thread_knobs() {
         k.omp_set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(lib, "omp_set_num_threads"));
         // (MKL's C entry; the lower-case names are its Fortran ones, which take a pointer)
         k.mkl_set_num_threads_local = reinterpret_cast<int (*)(int)>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
+        k.mkl_get_max_threads = reinterpret_cast<int (*)()>(dlsym(lib, "MKL_Get_Max_Threads"));
         dlclose(lib);  // the NOLOAD reference only: torch keeps the library loaded
       }
     }
@@ -88,10 +90,13 @@ class GemmThreads {
     // (torch sets a thread's OpenMP count on the thread's first parallel call: make that
     // happen now, or it would overwrite the lowered count inside at::mm)
     at::get_num_threads();
-    const int available = knobs.omp_get_max_threads();
+    // (MKL's own count can be lower than OpenMP's where MKL's API set it: never raise it)
+    const int omp = knobs.omp_get_max_threads();
+    const int mkl = knobs.mkl_get_max_threads != nullptr ? knobs.mkl_get_max_threads() : omp;
+    const int available = std::min(omp, mkl);
     const int want = gemm_threads(m, n, k, a.scalar_type(), available);
     if (want >= available) return;
-    saved_omp_ = available;
+    saved_omp_ = omp;
     knobs.omp_set_num_threads(want);
     if (knobs.mkl_set_num_threads_local != nullptr) {
       saved_mkl_ = knobs.mkl_set_num_threads_local(want);
