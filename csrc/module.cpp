@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <torch/python.h>
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -114,6 +115,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm_threads", [](int64_t m, int64_t n, int64_t k, bool narrow, int available) {
     return rlk::lm_head::gemm_threads(m, n, k, narrow ? at::kBFloat16 : at::kFloat, available);
   }, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("narrow"), py::arg("available"));
+  // A `with` block whose CPU matmuls get gemm_threads(...) threads on the calling thread
+  // (lm_head/gemm.h), for the Python compositions' matmuls (ops/_chunked.py).
+  struct GemmThreadsScope {
+    at::Tensor a;
+    int64_t m, n, k;
+    std::unique_ptr<rlk::lm_head::GemmThreads> held;
+  };
+  py::class_<GemmThreadsScope>(m, "GemmThreadsScope")
+      .def(py::init([](const at::Tensor& a, int64_t m, int64_t n, int64_t k) {
+             return GemmThreadsScope{a, m, n, k, nullptr};
+           }),
+           py::arg("a"), py::arg("m"), py::arg("n"), py::arg("k"))
+      .def("__enter__", [](GemmThreadsScope& self) {
+        self.held = std::make_unique<rlk::lm_head::GemmThreads>(self.a, self.m, self.n, self.k);
+      })
+      .def("__exit__", [](GemmThreadsScope& self, py::args) { self.held.reset(); });
   m.def("gemm_threads_probe", [](int64_t m, int64_t n, int64_t k, bool narrow) -> py::object {
     const auto& knobs = rlk::lm_head::thread_knobs();
     if (knobs.omp_get_max_threads == nullptr) return py::none();

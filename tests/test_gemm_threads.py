@@ -121,3 +121,24 @@ def test_an_mkl_count_below_openmps_is_never_raised():
         set_local(previous)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_python_scope_lowers_the_count_inside_and_puts_it_back():
+    """ops/_chunked.py's matmuls (the vocabulary-parallel lm-head) run inside this scope."""
+    if _C.gemm_threads_probe(16, 16, 16, False) is None:
+        pytest.skip("torch without an OpenMP runtime")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = torch.empty(64, 64)
+        with _C.GemmThreadsScope(a, 64, 8192, 64):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with _C.GemmThreadsScope(a, 4096, 8192, 4096):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(ZeroDivisionError):  # put back on the way out of an error too
+            with _C.GemmThreadsScope(a, 64, 8192, 64):
+                1 / 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -30,6 +30,7 @@ rlkernels.ops.logprobs' backward ops take `vocab_start=v0` for exactly this).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import torch
@@ -75,11 +76,20 @@ def lm_head_tiles(n: int, vocab: int, budget: int = CHUNK_BYTES) -> tuple[int, i
     return tuple(_C.lm_head_tiles(n, vocab, budget))
 
 
+def _threads(a: torch.Tensor, b: torch.Tensor):
+    """A `with` block in which the CPU matmul a @ b runs on as many threads as its work is
+    worth, on the calling thread (csrc/lm_head/gemm.h, as the C++ bodies' matmuls)."""
+    if _C is None or a.device.type != "cpu" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _C.GemmThreadsScope(a, a.shape[0], b.shape[1], a.shape[1])
+
+
 def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    if bias is None:
-        return torch.mm(hidden, weight.t(), out=buffer)
-    return torch.addmm(bias, hidden, weight.t(), out=buffer)
+    with _threads(hidden, weight.t()):
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=buffer)
+        return torch.addmm(bias, hidden, weight.t(), out=buffer)
 
 
 def padded_rows(n: int) -> int:
@@ -160,17 +170,19 @@ def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
                               bias_block)
             dlogits = grad_logits(t0, t1, v0, v1, tile)
             if needs_hidden:
-                if narrow:
-                    grad_hidden[t0:t1].add_(torch.mm(dlogits, weight_block))
-                else:
-                    grad_hidden[t0:t1].addmm_(dlogits, weight_block)
+                with _threads(dlogits, weight_block):
+                    if narrow:
+                        grad_hidden[t0:t1].add_(torch.mm(dlogits, weight_block))
+                    else:
+                        grad_hidden[t0:t1].addmm_(dlogits, weight_block)
             if needs_weight:
-                if whole:
-                    torch.mm(dlogits.t(), hidden[t0:t1], out=grad_weight[v0:v1])
-                elif narrow:
-                    block_sum[: v1 - v0].add_(torch.mm(dlogits.t(), hidden[t0:t1]))
-                else:
-                    block_sum[: v1 - v0].addmm_(dlogits.t(), hidden[t0:t1])
+                with _threads(dlogits.t(), hidden[t0:t1]):
+                    if whole:
+                        torch.mm(dlogits.t(), hidden[t0:t1], out=grad_weight[v0:v1])
+                    elif narrow:
+                        block_sum[: v1 - v0].add_(torch.mm(dlogits.t(), hidden[t0:t1]))
+                    else:
+                        block_sum[: v1 - v0].addmm_(dlogits.t(), hidden[t0:t1])
             if needs_bias:
                 grad_bias[v0:v1].add_(dlogits.sum(0, dtype=torch.float32))
         if block_sum is not None:
