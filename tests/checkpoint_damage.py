@@ -172,6 +172,21 @@ JSON_EDITS = {
     "group_key_missing": lambda meta: meta["optimizers"]["optimizer"]["param_groups"][0].pop("eps"),
     "optimizer_state_for_no_param": _optimizer_entry(lambda state, pid: state.__setitem__("999", state[pid])),
     "optimizer_state_spec_bad": _optimizer_entry(lambda state, pid: state[pid].__setitem__("exp_avg", {"tensor": 1})),
+    "optimizer_state_value_string": _optimizer_entry(
+        lambda state, pid: state[pid].__setitem__("exp_avg", {"value": "abc"})),
+    "optimizer_state_value_number": _optimizer_entry(
+        lambda state, pid: state[pid].__setitem__("exp_avg", {"value": 1e30})),
+    "optimizer_state_step_string": _optimizer_entry(
+        lambda state, pid: state[pid].__setitem__("step", {"value": "abc"})),
+    "optimizer_state_step_negative": _optimizer_entry(
+        lambda state, pid: state[pid].__setitem__("step", {"value": -3})),
+    "capturable_true": _group("capturable", True),
+    "amsgrad_true": _group("amsgrad", True),
+    "maximize_true": _group("maximize", True),
+    "betas_out_of_range": _group("betas", [5.0, -3.0]),
+    "eps_negative": _group("eps", -1.0),
+    "lr_negative": _group("lr", -1.0),
+    "lr_huge_int": _group("lr", 10 ** 400),
     "python_rng_short": _set("python_rng", [3, [1, 2, 3], None]),
     "python_rng_index": _python_rng_index(10 ** 6),
     "python_rng_negative": _python_rng_index(-1),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -228,3 +229,77 @@ def test_resume_of_two_agents_with_one_damaged_checkpoint(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and damaged in lines[0], lines
     assert folder_state(out) == before
+
+
+def _refused(run, tmp_path, edit, file_name, match):
+    """A copy of the run's checkpoint with `edit(folder)` applied: load_checkpoint raises
+    CheckpointError naming `file_name` and matching `match`, and changes nothing."""
+    folder = str(tmp_path / "copy")
+    shutil.copytree(run.folder, folder)
+    edit(os.path.join(folder, "checkpoint"))
+    before = trainer_state(run.trainer)
+    saved_out = run.trainer.out
+    run.trainer.out = folder
+    try:
+        with pytest.raises(CheckpointError, match=match) as info:
+            run.trainer.load_checkpoint()
+    finally:
+        run.trainer.out = saved_out
+    assert file_name in str(info.value)
+    assert_same(before, trainer_state(run.trainer))
+
+
+def _first_optim_key(tensors, suffix):
+    keys = sorted(k for k in tensors if k.startswith("optim/") and k.endswith(suffix))
+    if not keys:
+        pytest.skip(f"no optimiser tensor */{suffix} in this checkpoint")
+    return keys[0]
+
+
+def test_negative_second_moment_is_refused(run, tmp_path):
+    """Adam's exp_avg_sq is >= 0: a negative one made the next step NaN, silently."""
+    def edit(folder):
+        def negate(tensors):
+            key = _first_optim_key(tensors, "/exp_avg_sq")
+            tensors[key] = -tensors[key].abs() - 1.0
+        edit_tensors(os.path.join(folder, STATE_TENSORS), negate)
+    _refused(run, tmp_path, edit, STATE_TENSORS, "negative values")
+
+
+def test_an_adam_entry_missing_from_a_parameter_is_refused(run, tmp_path):
+    """A parameter's state without exp_avg_sq (JSON entry and tensor both gone) had ended
+    in a KeyError inside Adam's step."""
+    def edit(folder):
+        removed = []
+
+        def drop(tensors):
+            key = _first_optim_key(tensors, "/exp_avg_sq")
+            removed.append(key)
+            del tensors[key]
+        edit_tensors(os.path.join(folder, STATE_TENSORS), drop)
+        _, name, pid, _ = removed[0].split("/")
+        path = os.path.join(folder, STATE_JSON)
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+        del meta["optimizers"][name]["state"][pid]["exp_avg_sq"]
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(meta, fh)
+    _refused(run, tmp_path, edit, STATE_JSON, "lacks 'exp_avg_sq'")
+
+
+@pytest.mark.parametrize("damage", ["generator", "episode_length"])
+def test_bad_environment_state_is_refused_before_anything_loads(run, tmp_path, damage):
+    """The environment's RNG state and episode lengths are checked with the rest: a bad
+    one had been found only after the modules and optimisers were loaded (a half-loaded
+    trainer), or (a negative length) not at all."""
+    if run.name not in ("ppo", "decentralized"):
+        pytest.skip("no environment state")
+
+    def edit(folder):
+        def spoil(tensors):
+            key = next((k for k in tensors if k.endswith(f"env/{damage}")), None)
+            if key is None:
+                pytest.skip(f"no extra/env/{damage}")
+            tensors[key] = torch.full_like(tensors[key], 255 if damage == "generator" else -1000000)
+        edit_tensors(os.path.join(folder, STATE_TENSORS), spoil)
+    _refused(run, tmp_path, edit, STATE_TENSORS, "generator state" if damage == "generator" else "episode_length")

@@ -130,12 +130,43 @@ def check_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     _check_finite(state, path, "weight")
 
 
+def _finite(value) -> bool:
+    """A finite int or float (not a bool); False for an int too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+# The optimiser settings a checkpoint may not change (how the optimiser runs, not where it
+# is), and the ranges of the numeric ones (torch.optim's own checks, made before loading).
+_FIXED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "foreach", "fused",
+                "decoupled_weight_decay", "nesterov")
+_AT_LEAST_0 = ("lr", "eps", "weight_decay", "momentum", "dampening")
+# Per-parameter optimiser entries that are tensors shaped like the parameter, and those of
+# them that are second moments (>= 0: a negative one makes Adam's step NaN).
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def _setting_problem(key: str, saved, own) -> str | None:
+    if key in _FIXED_FLAGS and saved != own:
+        return f"is {saved!r}; this trainer's optimiser runs with {own!r}"
+    if key in _AT_LEAST_0 and _finite(saved) and saved < 0:
+        return f"is {saved!r}, below 0"
+    if key == "betas" and isinstance(saved, list) and not all(_finite(b) and 0 <= b < 1 for b in saved):
+        return f"is {saved!r}; each must be in [0, 1)"
+    return None
+
+
 def _same_kind(saved, current) -> bool:
     """Whether a JSON value can stand where `current` (an optimiser setting) stands."""
     if isinstance(current, bool):
         return isinstance(saved, bool)
     if isinstance(current, (int, float)):
-        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+        return _finite(saved)
     if isinstance(current, (tuple, list)):
         return isinstance(saved, list) and len(saved) == len(current) and all(
             _same_kind(s, c) for s, c in zip(saved, current))
@@ -164,8 +195,11 @@ def optimizer_state(name: str, optimizer: torch.optim.Optimizer, meta, tensors: 
                                              f"optimiser has {own['params']!r}")
         for key, value in own.items():
             if key != "params" and not _same_kind(saved[key], value):
-                raise CheckpointError(json_path, f"{where}.param_groups[{i}].{key} is {saved[key]!r}, which cannot "
-                                                 f"stand for {value!r}")
+                raise CheckpointError(json_path, f"{where}.param_groups[{i}].{key} is {saved[key]!r:.80}, which "
+                                                 f"cannot stand for {value!r}")
+            problem = None if key == "params" else _setting_problem(key, saved[key], value)
+            if problem:
+                raise CheckpointError(json_path, f"{where}.param_groups[{i}].{key} {problem}")
         groups.append({k: tuple(v) if isinstance(own[k], tuple) else v for k, v in saved.items()})
     params = {}
     for group, pids in zip(optimizer.param_groups, (g["params"] for g in current["param_groups"])):
@@ -181,7 +215,16 @@ def optimizer_state(name: str, optimizer: torch.optim.Optimizer, meta, tensors: 
                 raise CheckpointError(json_path, f"{where}.state.{pid}.{key} must be {{\"tensor\": true}} or "
                                                  "{\"value\": ...}")
             if "value" in spec:
-                restored[key] = spec["value"]
+                # a number kept as JSON (a step counter, a None momentum buffer); the moments
+                # are tensors
+                value = spec["value"]
+                if key == "momentum_buffer" and value is None:
+                    restored[key] = None
+                    continue
+                if key in _MOMENTS or not _finite(value) or value < 0:
+                    raise CheckpointError(json_path, f"{where}.state.{pid}.{key} is {value!r:.80}; expected "
+                                                     + ("a tensor" if key in _MOMENTS else "a finite number >= 0"))
+                restored[key] = value
                 continue
             tensor_key = f"optim/{name}/{pid}/{key}"
             if tensor_key not in tensors:
@@ -196,9 +239,27 @@ def optimizer_state(name: str, optimizer: torch.optim.Optimizer, meta, tensors: 
             _check_finite({tensor_key: value}, tensor_path, "optimiser tensor")
             if key == "step" and float(value.reshape(-1)[0]) < 0:
                 raise CheckpointError(tensor_path, f"{tensor_key} is negative")
+            if key in _SECOND_MOMENTS and value.numel() and bool((value < 0).any()):
+                raise CheckpointError(tensor_path, f"{tensor_key} holds negative values (a second moment is >= 0)")
             restored[key] = value
+        needed = _needed_entries(optimizer, int(pid), groups, current)
+        missing = [k for k in needed if k not in restored]
+        if restored and missing:
+            raise CheckpointError(json_path, f"{where}.state.{pid} lacks {missing[0]!r} (Adam keeps "
+                                             f"{', '.join(needed)} for each parameter it has stepped)")
         state[int(pid)] = restored
     return {"state": state, "param_groups": groups}
+
+
+def _needed_entries(optimizer, pid: int, groups: list, current: dict) -> tuple[str, ...]:
+    """The per-parameter entries torch's Adam and AdamW keep once they have stepped a
+    parameter (other optimisers: none demanded)."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return ()
+    for group, own in zip(groups, current["param_groups"]):
+        if pid in own["params"]:
+            return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+    return ()
 
 
 def python_rng_state(value: list, file: str) -> tuple:
@@ -258,7 +319,7 @@ def _check_json_like(saved, current, file: str, where: str) -> None:
         if not isinstance(saved, list):
             raise CheckpointError(file, f"{where} must be a list, got {saved!r:.80}")
         for i, item in enumerate(saved):  # the lists trainers keep are of numbers (recent returns)
-            if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+            if not _finite(item):
                 raise CheckpointError(file, f"{where}[{i}] is {item!r:.80}, expected a finite number")
     elif isinstance(current, bool) or current is None or isinstance(current, str):
         if type(saved) is not type(current):
@@ -267,5 +328,5 @@ def _check_json_like(saved, current, file: str, where: str) -> None:
         if isinstance(saved, bool) or not isinstance(saved, int) or saved < 0:
             raise CheckpointError(file, f"{where} must be an integer >= 0, got {saved!r:.80}")
     elif isinstance(current, float):
-        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not math.isfinite(saved):
+        if not _finite(saved):
             raise CheckpointError(file, f"{where} must be a finite number, got {saved!r:.80}")

@@ -39,6 +39,10 @@ class VecEnv:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def check_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Raises ValueError (naming the entry) unless load_state_dict can take `state`,
+        whose names, shapes and dtypes are those of state_dict(); changes nothing."""
+
 
 class _TorchEnv(VecEnv):
     """Episode bookkeeping and RNG shared by the torch environments."""
@@ -83,6 +87,16 @@ class _TorchEnv(VecEnv):
         for name in self._state_names():
             getattr(self, name).copy_(state[name])
         self.generator.set_state(state["generator"])
+
+    def check_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            torch.Generator().set_state(state["generator"])
+        except RuntimeError as exc:
+            raise ValueError(f"generator is not a valid generator state ({str(exc).splitlines()[0]})") from None
+        length = state["episode_length"]
+        if length.numel() and not (0 <= int(length.min()) and int(length.max()) <= self.max_steps):
+            raise ValueError(f"episode_length must be in [0, {self.max_steps}] (max_steps), got values from "
+                             f"{int(length.min())} to {int(length.max())}")
 
 
 class CartPole(_TorchEnv):

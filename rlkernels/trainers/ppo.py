@@ -110,6 +110,15 @@ class PPOTrainer(Trainer):
         tensors["obs"] = self.obs
         return tensors, {"recent_returns": list(self.recent_returns)}
 
+    def check_extra_state(self, tensors, values, tensor_file, json_file):
+        from .checkpoint import CheckpointError
+
+        super().check_extra_state(tensors, values, tensor_file, json_file)
+        try:
+            self.env.check_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("env/")})
+        except ValueError as exc:
+            raise CheckpointError(tensor_file, f"extra/env/{exc}") from None
+
     def load_extra_state(self, tensors, values):
         self.env.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("env/")})
         self.obs = tensors["obs"].to(self.device)
