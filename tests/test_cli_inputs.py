@@ -268,3 +268,39 @@ def test_command_line_prints_one_line(argv, needle, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert os.listdir(tmp_path) == []  # no runs/ folder appeared
+
+
+def _data_file(tmp_path, kind):
+    path = str(tmp_path / f"{kind}.jsonl")
+    if kind == "missing":
+        return path
+    if kind == "directory":
+        os.mkdir(path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        content = {"empty": b"", "binary": b"\xff\xfe\x00garbage\n", "bad_json": b"{not json\n",
+                   "no_key": b'{"prompt": "a"}\n', "not_string": b'{"prompt": 1, "chosen": "b", "rejected": "c"}\n'}
+        with open(path, "wb") as fh:
+            fh.write(content[kind])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "fifo", "empty", "binary", "bad_json", "no_key",
+                                  "not_string"])
+@pytest.mark.parametrize("trainer,key", [("dpo", "data"), ("grpo", "prompts")])
+def test_bad_data_files_are_refused_before_the_run(trainer, key, kind, tmp_path, capsys):
+    """A data file the config names is read and checked before the run starts: one line
+    naming the config key and the file, exit 2, nothing written; a FIFO never blocks."""
+    os.makedirs(tmp_path / "in")
+    path = _data_file(tmp_path / "in", kind)
+    if trainer == "grpo" and kind in ("no_key", "not_string"):
+        with open(path, "wb") as fh:  # grpo needs only "prompt"
+            fh.write(b'{"chosen": "a"}\n' if kind == "no_key" else b'{"prompt": 3}\n')
+    out = str(tmp_path / "out")
+    code, _, err = call(["train", trainer, "--steps", "1", "--out", out, "--no-progress", "--set", f"{key}={path}"],
+                        capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert f"config key '{key}'" in lines[0] and path in lines[0], lines[0]
+    assert not os.path.exists(out)

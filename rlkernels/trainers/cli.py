@@ -135,6 +135,25 @@ def check_device(device: str) -> None:
     resolve_device(device)
 
 
+# The config keys naming data files, and the keys each row of them needs (trainers/data.py).
+DATA_FILE_KEYS = {"data": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
+
+
+def check_data_files(config) -> None:
+    """ConfigError naming the key unless each data file the config names can be read
+    whole (a regular UTF-8 file of JSON rows with the needed string keys), before the run
+    starts."""
+    from . import toy
+
+    for key, row_keys in DATA_FILE_KEYS.items():
+        path = getattr(config, key, None)
+        if path:
+            try:
+                toy.load_jsonl(path, keys=row_keys)
+            except (ValueError, OSError) as exc:
+                raise ConfigError(key, str(exc)) from None
+
+
 def fail(command: str, exc: BaseException) -> int:
     """Prints one line naming the command and the problem; returns exit code 2."""
     print(f"{command}: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -168,6 +187,7 @@ def run_train(args) -> int:
         sources.append({k: v for k, v in command_line.items() if v is not None and not (args.compare and k == "steps")})
         config = make_config(name, *sources)
         check_device(config.device)
+        check_data_files(config)
         check_extras(name, config.replace(plot=False) if args.compare else config, out)
     except (ConfigError, ConfigFileError, FlagError, MissingExtra) as exc:
         return fail(command, exc)

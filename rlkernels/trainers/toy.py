@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import stat
 from typing import Iterable, Sequence
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -204,23 +205,32 @@ def load_jsonl(path: str, keys: Iterable[str] = ("prompt", "chosen", "rejected")
     keys = tuple(keys)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
+    # (a FIFO would block open() until something writes to it; a directory or device is no file)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path}: not a regular file")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: each line must be a JSON object")
-            for key in keys:
-                if key not in row:
-                    raise ValueError(f"{path}:{number}: missing key '{key}' (need {', '.join(keys)})")
-                if not isinstance(row[key], str):
-                    raise ValueError(f"{path}:{number}: '{key}' must be a string")
-            rows.append({key: row[key] for key in keys})
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = list(enumerate(fh, 1))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror})") from None
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object")
+        for key in keys:
+            if key not in row:
+                raise ValueError(f"{path}:{number}: missing key '{key}' (need {', '.join(keys)})")
+            if not isinstance(row[key], str):
+                raise ValueError(f"{path}:{number}: '{key}' must be a string")
+        rows.append({key: row[key] for key in keys})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
