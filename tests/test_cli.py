@@ -194,3 +194,27 @@ def test_train_without_matplotlib_runs_with_plot_off(tmp_path):
                                          *TINY_PPO], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert read_steps(out / "metrics.jsonl") == [1] and not (out / "curves.png").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--device", "tpu"], "--device 'tpu': must be cpu, cuda or cuda:N"),
+    (["--device", ""], "--device '': must be cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "must be cpu, cuda or cuda:N"),
+    (["--device", "cuda:7"], "GPU"),
+    (["--out", "FILE"], "exists and is not a directory"),
+    (["--out", "FILE/sub"], "cannot be written"),
+])
+def test_bench_refuses_bad_flags_before_running(flags, needle, tmp_path, monkeypatch, capsys):
+    """One line naming the flag, exit 2, before any benchmark runs (a bad --out had been
+    found only when the results were written, after every case)."""
+    from rlkernels.benchmarks.__main__ import main as bench_main
+
+    monkeypatch.setenv("RLK_BENCH_CHILD", "1")  # no re-execution under the allocator settings
+    (tmp_path / "FILE").write_text("x")
+    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
+    capsys.readouterr()
+    assert bench_main(["--ops", "advantages", "--quick", *flags]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], captured.err
+    assert "advantages/" not in captured.out  # nothing ran

@@ -35,6 +35,34 @@ def _ensure_allocator_env(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "rlkernels.benchmarks", *argv], env)
 
 
+def _device_problem(device: str, torch) -> str | None:
+    """Why the benchmarks cannot run on `device` ("cpu", "cuda" or "cuda:N"), or None."""
+    if device == "cpu":
+        return None
+    index = device[len("cuda:"):] if device.startswith("cuda:") else "0" if device == "cuda" else None
+    if index is None or not index.isdigit():
+        return "must be cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return "no GPU is visible"
+    if int(index) >= torch.cuda.device_count():
+        return f"only {torch.cuda.device_count()} GPU(s) are visible"
+    return None
+
+
+def _out_problem(out: str) -> str | None:
+    """Why results cannot be written under directory `out`, or None."""
+    if not out:
+        return "must name a directory"
+    if os.path.exists(out) and not os.path.isdir(out):
+        return "exists and is not a directory"
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent if not os.path.isdir(out) else out, os.W_OK):
+        return "cannot be written"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -47,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
     set_allocator_phase("timing")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("rlkernels bench: --device cuda but no GPU is visible", file=sys.stderr)
+    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    problem = _device_problem(device, torch)
+    if problem:
+        print(f"rlkernels bench: --device {device!r}: {problem}", file=sys.stderr)
+        return 2
+    problem = _out_problem(args.out)
+    if problem:  # found now, not after every benchmark has run
+        print(f"rlkernels bench: --out {args.out!r}: {problem}", file=sys.stderr)
         return 2
     families = args.ops or sorted(FAMILIES)
     unknown = [f for f in families if f not in FAMILIES]
