@@ -303,3 +303,49 @@ def test_bad_environment_state_is_refused_before_anything_loads(run, tmp_path, d
             tensors[key] = torch.full_like(tensors[key], 255 if damage == "generator" else -1000000)
         edit_tensors(os.path.join(folder, STATE_TENSORS), spoil)
     _refused(run, tmp_path, edit, STATE_TENSORS, "generator state" if damage == "generator" else "episode_length")
+
+
+@pytest.mark.parametrize("stray", ["checkpoint.tmp", "checkpoint.old"])
+def test_a_stray_file_on_a_save_scratch_name_does_not_break_the_save(run, tmp_path, stray):
+    """A file (not a folder) named checkpoint.tmp or checkpoint.old in the run folder had
+    made the save at the end of a run fail (FileExistsError / NotADirectoryError)."""
+    folder = str(tmp_path / "copy")
+    shutil.copytree(run.folder, folder)
+    with open(os.path.join(folder, stray), "w") as fh:
+        fh.write("x")
+    path = run.trainer.save_checkpoint(os.path.join(folder, "checkpoint"))
+    assert os.path.isfile(os.path.join(path, STATE_JSON))
+    assert not os.path.lexists(os.path.join(folder, "checkpoint.tmp"))
+    assert not os.path.lexists(os.path.join(folder, "checkpoint.old"))
+
+
+def test_resume_after_an_interrupted_save_points_at_the_previous_checkpoint(ppo_run, tmp_path, capsys):
+    """A save stopped between its two renames leaves only checkpoint.old (whole) and
+    checkpoint.tmp: resume says so and names checkpoint.old, rather than saying there is
+    no checkpoint and to start again."""
+    folder = str(tmp_path / "run")
+    shutil.copytree(ppo_run.folder, folder)
+    os.replace(os.path.join(folder, "checkpoint"), os.path.join(folder, "checkpoint.old"))
+    capsys.readouterr()
+    assert main(["train", "ppo", "--resume", "--steps", "3", "--out", folder, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.old holds the previous one" in err and "run without --resume" not in err, err
+
+
+def test_a_metrics_value_that_is_not_a_number_is_refused_on_resume(ppo_run, tmp_path, capsys):
+    """The final summary adds up 'reward': a string there had crashed the CLI after the
+    run and its save; it is now refused with the other checks, before anything runs."""
+    folder = str(tmp_path / "run")
+    shutil.copytree(ppo_run.folder, folder)
+    metrics = os.path.join(folder, "metrics.jsonl")
+    with open(metrics, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    records[0]["reward"] = "abc"
+    with open(metrics, "w", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+    before = folder_state(folder)
+    capsys.readouterr()
+    assert main(["train", "ppo", "--resume", "--steps", "3", "--out", folder, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'reward'" in err[0] and "metrics.jsonl" in err[0], err
+    assert folder_state(folder) == before

@@ -308,6 +308,10 @@ class Trainer:
             self.metrics = kept
 
 
+# The metrics that summary() and the CLI's final line compute with.
+SUMMARY_KEYS = ("reward", "eval_accuracy", "eval_return")
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics log (none when it does not exist); CheckpointError
     naming the file and line when it is not one JSON object with an integer step per line."""
@@ -329,6 +333,10 @@ def read_metrics(path: str) -> list[dict]:
         step = record.get("step") if isinstance(record, dict) else None
         if isinstance(step, bool) or not isinstance(step, int):
             raise CheckpointError(path, f"line {number} is not a JSON object with an integer 'step'")
+        for key in SUMMARY_KEYS:  # the values the run's summary adds up
+            value = record.get(key)
+            if key in record and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise CheckpointError(path, f"line {number}: '{key}' is {value!r:.40}, not a number")
         records.append(record)
     return records
 

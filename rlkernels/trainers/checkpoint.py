@@ -108,7 +108,7 @@ def _split_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dict)
 def save(path: str, *, trainer: str, step: int, config: dict, modules: dict, optimizers: dict,
          extra_tensors: dict, extra_values: dict, python_rng, generator: torch.Generator | None) -> None:
     tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     os.makedirs(tmp)
     for name, module in modules.items():
         save_module(module, os.path.join(tmp, f"{name}.safetensors"))
@@ -128,11 +128,20 @@ def save(path: str, *, trainer: str, step: int, config: dict, modules: dict, opt
     with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as fh:
         json.dump(meta, fh)
     old = path.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: str) -> None:
+    """Removes what stands at `path` (a save's own scratch name): a folder, or a file or
+    link left there (which made os.makedirs / os.replace fail after a whole run)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def _reject_constant(name: str):
@@ -143,6 +152,12 @@ def read_state(path: str, *, trainer: str | None = None) -> dict:
     """trainer_state.json of the checkpoint in directory `path`, with its types checked
     (and, given `trainer`, that this trainer wrote it)."""
     if not os.path.isdir(path):
+        old = path.rstrip("/") + ".old"
+        if os.path.isdir(old) and os.path.isfile(os.path.join(old, STATE_JSON)):
+            # a save stopped between its two renames: the previous checkpoint is whole there
+            raise MissingCheckpointError(path, f"no checkpoint here, but {old} holds the previous one (a save was "
+                                               f"interrupted): rename it to {os.path.basename(path.rstrip('/'))} "
+                                               "to resume from it")
         raise MissingCheckpointError(path, f"no checkpoint here (not a directory holding {STATE_JSON}); "
                                            "run without --resume first")
     file = os.path.join(path, STATE_JSON)
