@@ -349,3 +349,24 @@ def test_a_metrics_value_that_is_not_a_number_is_refused_on_resume(ppo_run, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'reward'" in err[0] and "metrics.jsonl" in err[0], err
     assert folder_state(folder) == before
+
+
+def test_resume_of_two_agents_with_another_agent_count_is_refused(tmp_path, capsys):
+    """A 2-agent run resumed with agents=1 had silently dropped agent 1; with agents=3 it
+    had said there was no checkpoint and to start again.  Both now name the saved count,
+    exit 2, and change nothing."""
+    out = str(tmp_path / "run")
+    argv = ["train", "decentralized", "--steps", "1", "--out", out, "--no-progress", "--set", "plot=false",
+            "--set", "average_every=1", "--set", "timeout=120", "--set", "agents=2"]
+    for key, value in TINY_PPO.items():
+        if key not in ("progress", "plot"):
+            argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0
+    before = folder_state(out)
+    for agents in (1, 3):
+        capsys.readouterr()
+        assert main(["train", "decentralized", "--resume", "--steps", "2", "--out", out, "--no-progress",
+                     "--set", f"agents={agents}"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "checkpoints of 2 agents" in lines[0] and "agents=2" in lines[0], lines
+        assert folder_state(out) == before

@@ -304,3 +304,13 @@ def test_bad_data_files_are_refused_before_the_run(trainer, key, kind, tmp_path,
     assert code == 2 and len(lines) == 1, err[-2000:]
     assert f"config key '{key}'" in lines[0] and path in lines[0], lines[0]
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("item", ["timeout=0.001", "timeout=9.5"])
+def test_decentralized_timeout_too_short_to_start_the_agents(item, tmp_path, capsys):
+    """A timeout under MIN_TIMEOUT had passed the checks and ended in every agent being
+    killed with a traceback; it is refused up front."""
+    out = tmp_path / "run"
+    code, stdout, err = call(["train", "decentralized", "--out", str(out), "--set", item], capsys)
+    assert_one_line_refusal(code, stdout, err, "'timeout'")
+    assert not out.exists()

@@ -53,12 +53,19 @@ class DecentralizedConfig(PPOConfig):
     def check(self) -> None:
         super().check()
         self._positive("agents", "average_every", "alpha", "timeout")
+        if self.timeout < MIN_TIMEOUT:
+            raise ConfigError("timeout", f"must be at least {MIN_TIMEOUT:g} seconds (starting the agent processes "
+                                         f"alone takes seconds), got {self.timeout!r}")
         self._one_of("mode", MODES)
         self._one_of("dist_backend", ("gloo", "nccl"))
         if self.mode == "gossip" and self.alpha > 1:
             raise ConfigError("alpha", f"gossip mode needs 0 < alpha <= 1, got {self.alpha}")
         if self.env.startswith("gym:"):
             raise ConfigError("env", "the decentralized trainer checkpoints its environments: use cartpole or gridworld")
+
+
+# The shortest run timeout accepted: below it a run could only end killed.
+MIN_TIMEOUT = 10.0
 
 
 class DecentralizedPPOTrainer(PPOTrainer):
@@ -221,6 +228,21 @@ def _agent(rank: int, world_size: int, config: dict, out: str | None, resume: bo
     return {"metrics": trainer.metrics, "summary": trainer.summary()}
 
 
+def _check_agent_count(agents: int, out: str) -> None:
+    """CheckpointError unless the run in `out` holds checkpoints of exactly `agents`
+    agents (agent0 .. agent{agents-1}): resuming with fewer had silently dropped agents,
+    with more had said there was no checkpoint and to start again."""
+    from .checkpoint import STATE_JSON, CheckpointError
+
+    saved = 0
+    while os.path.isfile(os.path.join(out, f"agent{saved}", "checkpoint", STATE_JSON)):
+        saved += 1
+    if saved and saved != agents:
+        raise CheckpointError(os.path.join(out, f"agent{min(saved, agents)}", "checkpoint"),
+                              f"the run holds the checkpoints of {saved} agents, and this resume asks for {agents}: "
+                              f"resume with agents={saved}")
+
+
 def train_decentralized(config: DecentralizedConfig, out: str | None = None, *, resume: bool = False,
                         steps: int | None = None) -> list[dict]:
     """Runs the agents and returns agent 0's metrics.  Under torchrun (RANK and
@@ -238,6 +260,8 @@ def train_decentralized(config: DecentralizedConfig, out: str | None = None, *, 
         finally:
             if created:  # ours to close (a caller's process group stays as it was)
                 dist.destroy_process_group()
+    if resume:
+        _check_agent_count(config.agents, out)
     from ..distributed._launch import run_ranks
 
     results = run_ranks(_agent, config.agents, args=(config.to_dict(), out, resume, steps),
