@@ -314,3 +314,15 @@ def test_decentralized_timeout_too_short_to_start_the_agents(item, tmp_path, cap
     code, stdout, err = call(["train", "decentralized", "--out", str(out), "--set", item], capsys)
     assert_one_line_refusal(code, stdout, err, "'timeout'")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("env", ["gym:CartPole-v1", "gym:Nope-v0"])
+def test_gym_environments_are_refused_by_the_command_line(env, tmp_path, capsys):
+    """A command-line run saves a checkpoint, which a gymnasium environment cannot give:
+    refused up front (it had trained, then failed at the save, or raised an ImportError
+    traceback without gymnasium)."""
+    out = tmp_path / "run"
+    code, stdout, err = call(["train", "ppo", "--out", str(out), "--steps", "1", "--set", f"env={env}"], capsys)
+    assert_one_line_refusal(code, stdout, err, "'env'")
+    assert "cannot be checkpointed" in err
+    assert not out.exists()

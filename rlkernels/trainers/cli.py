@@ -154,6 +154,18 @@ def check_data_files(config) -> None:
                 raise ConfigError(key, str(exc)) from None
 
 
+def check_checkpointable(config) -> None:
+    """ConfigError naming env for a gymnasium environment: a command-line run always
+    saves a checkpoint into its output folder, and those environments cannot be saved
+    (the run had trained, then failed at the save).  The Python API runs them without an
+    output folder."""
+    env = getattr(config, "env", None)
+    if isinstance(env, str) and env.startswith("gym:"):
+        raise ConfigError("env", f"{env} cannot be checkpointed, and every `rlkernels train` run saves one: run "
+                                 "gymnasium environments through the Python API without an output folder "
+                                 "(docs/trainers.md), or use cartpole or gridworld here")
+
+
 def fail(command: str, exc: BaseException) -> int:
     """Prints one line naming the command and the problem; returns exit code 2."""
     print(f"{command}: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -188,6 +200,7 @@ def run_train(args) -> int:
         config = make_config(name, *sources)
         check_device(config.device)
         check_data_files(config)
+        check_checkpointable(config)
         check_extras(name, config.replace(plot=False) if args.compare else config, out)
     except (ConfigError, ConfigFileError, FlagError, MissingExtra) as exc:
         return fail(command, exc)
