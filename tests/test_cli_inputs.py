@@ -113,6 +113,9 @@ RANGE_CASES = [
     ("kernels=fast", "kernels"), ("device=tpu", "device"), ("device=cuda:x", "device"), ("device=", "device"),
     ("minibatches=3", "minibatches"), ("env=pong", "env"), ("1=2", "1"), ("model.n_layer=2", "model"),
     ("stepz=3", "stepz"), ("STEPS=3", "STEPS"),
+    ("num_envs=1000000000000", "num_envs"), ("hidden=100000", "hidden"), ("rollout_steps=10000000", "rollout_steps"),
+    ("num_envs=1000000", "num_envs"),  # times rollout_steps 256: over the slots' limit
+    ("grid_size=10000000", "grid_size"),
 ]
 
 
@@ -325,4 +328,21 @@ def test_gym_environments_are_refused_by_the_command_line(env, tmp_path, capsys)
     code, stdout, err = call(["train", "ppo", "--out", str(out), "--steps", "1", "--set", f"env={env}"], capsys)
     assert_one_line_refusal(code, stdout, err, "'env'")
     assert "cannot be checkpointed" in err
+    assert not out.exists()
+
+
+
+@pytest.mark.parametrize("trainer,item,key", [
+    ("dpo", "num_pairs=1000000000000", "num_pairs"), ("dpo", "eval_pairs=100000000", "eval_pairs"),
+    ("dpo", "model.vocab_size=1000000000000", "model.vocab_size"), ("dpo", "model.n_positions=1000000000",
+                                                                   "model.n_positions"),
+    ("decentralized", "agents=100000", "agents"),
+])
+def test_sizes_a_typo_makes_huge_are_refused(trainer, item, key, tmp_path, capsys):
+    """num_pairs=10**12 had hung (pairs generated one by one), vocab_size=10**12 filled
+    memory, the others ended in allocation tracebacks or (agents) would start 10**5
+    processes."""
+    out = tmp_path / "run"
+    code, stdout, err = call(["train", trainer, "--out", str(out), "--set", item], capsys)
+    assert_one_line_refusal(code, stdout, err, key.split(".")[-1])
     assert not out.exists()

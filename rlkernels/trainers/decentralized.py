@@ -53,6 +53,7 @@ class DecentralizedConfig(PPOConfig):
     def check(self) -> None:
         super().check()
         self._positive("agents", "average_every", "alpha", "timeout")
+        self._at_most("agents", MAX_LOCAL_AGENTS)
         if self.timeout < MIN_TIMEOUT:
             raise ConfigError("timeout", f"must be at least {MIN_TIMEOUT:g} seconds (starting the agent processes "
                                          f"alone takes seconds), got {self.timeout!r}")
@@ -66,6 +67,9 @@ class DecentralizedConfig(PPOConfig):
 
 # The shortest run timeout accepted: below it a run could only end killed.
 MIN_TIMEOUT = 10.0
+# The most agent processes one command starts on this machine (a typo must not start
+# thousands); larger runs launch one agent a process under torchrun.
+MAX_LOCAL_AGENTS = 256
 
 
 class DecentralizedPPOTrainer(PPOTrainer):

@@ -47,6 +47,9 @@ class DPOConfig(TrainConfig):
         super().check()
         self._positive("num_pairs", "batch_size", "lr", "max_grad_norm", "beta", "max_length", "max_new_tokens")
         self._non_negative("eval_pairs", "annotator_noise", "eval_every", "sample_eval")
+        # the toy pairs are generated in memory, in Python (a few microseconds each)
+        self._at_most("num_pairs", 1 << 22)
+        self._at_most("eval_pairs", 1 << 22)
         self._in_unit("label_smoothing", "negative_prompts")
         self._one_of("kind", DPO_KINDS)
 

@@ -33,6 +33,12 @@ class ModelConfig(Config):
         super().check()
         self._positive("n_layer", "n_embd", "n_head", "n_positions")
         self._non_negative("pretrain_steps", "vocab_size")
+        # a tiny model built from this config (a typo of a few zeros: a refusal, not an
+        # allocation traceback or minutes of building a vocabulary)
+        self._at_most("vocab_size", 1 << 20)
+        self._at_most("n_positions", 1 << 16)
+        self._at_most("n_embd", 1 << 14)
+        self._at_most("n_layer", 1 << 10)
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd", f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
 

@@ -20,6 +20,12 @@ from .config import ConfigError
 from .envs import make_env
 
 
+# Upper bounds of the sizes a classic-PPO run builds in memory (see PPOConfig.check).
+SIZE_LIMITS = {"num_envs": 1 << 20, "rollout_steps": 1 << 20, "hidden": 1 << 13, "grid_size": 1 << 12,
+               "epochs": 1 << 16}
+MAX_ROLLOUT_SLOTS = 1 << 27
+
+
 @dataclass
 class PPOConfig(TrainConfig):
     steps: int = 30              # updates; each collects num_envs * rollout_steps transitions
@@ -43,6 +49,14 @@ class PPOConfig(TrainConfig):
     normalize_advantages: bool = True
     eval_episodes: int = 0       # >0: evaluate this many episodes at the end
 
+    def _at_most_product(self, names, limit) -> None:
+        product = 1
+        for name in names:
+            product *= getattr(self, name)
+        if product > limit:
+            raise ConfigError(names[0], f"{' * '.join(names)} = {product} is more than {limit} (each rollout slot "
+                                        "holds an observation, action, reward and value in memory)")
+
     def check(self) -> None:
         super().check()
         self._positive("num_envs", "rollout_steps", "epochs", "minibatches", "hidden", "lr", "max_grad_norm")
@@ -56,6 +70,11 @@ class PPOConfig(TrainConfig):
             raise ConfigError("env", f"must be 'cartpole', 'gridworld' or 'gym:<EnvId>', got {self.env!r}")
         if self.env == "gridworld" and self.grid_size < 3:
             raise ConfigError("grid_size", f"must be >= 3, got {self.grid_size}")
+        # sizes of the small networks and vectorised environments these trainers build in
+        # memory: a typo of a few zeros ends in a refusal, not an allocation traceback
+        for name, limit in SIZE_LIMITS.items():
+            self._at_most(name, limit)
+        self._at_most_product(("num_envs", "rollout_steps"), MAX_ROLLOUT_SLOTS)
 
 
 def mlp(inputs: int, hidden: int, outputs: int, out_gain: float) -> nn.Sequential:
